@@ -1,1 +1,281 @@
-//! placeholder
+//! `cluster.toml`: the one configuration format shared by every daemon and client.
+//!
+//! Owns parsing, defaults and validation of the file; nothing here does IO
+//! beyond reading it. Durations are plain integers with their unit in the key
+//! name (`lease_ms`, `down_out_interval_secs`) so the file needs no duration grammar.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for basalt: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// A whole `cluster.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub cluster: ClusterSection,
+    /// The initial monmap: one entry per monitor, ranks 0..n.
+    #[serde(rename = "mon")]
+    pub mons: Vec<MonEntry>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub paxos: PaxosTuning,
+    #[serde(default)]
+    pub client: ClientSection,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Cluster identity; daemons drop messages carrying another fsid.
+    pub fsid: String,
+}
+
+fn default_name() -> String {
+    "basalt".to_string()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MonEntry {
+    /// Rank: lower ranks are preferred as leader.
+    pub rank: u32,
+    /// Address other monitors, OSDs and clients dial.
+    pub addr: SocketAddr,
+    /// Monitor store directory; `basalt-mon --data` overrides it.
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+}
+
+/// Failure-detection and consensus timing. Defaults follow Ceph; tests shrink them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// `mon_election_timeout`: how long an election collects acks before a majority wins.
+    pub election_timeout_ms: u64,
+    /// `mon_lease`: how long a peon may serve reads after a lease.
+    pub lease_ms: u64,
+    /// How often the leader batches pending map changes into one proposal.
+    pub propose_interval_ms: u64,
+    /// How often an OSD sends a beacon to the monitors.
+    pub osd_beacon_interval_ms: u64,
+    /// An OSD whose beacons stop for this long is marked down.
+    pub osd_beacon_grace_ms: u64,
+    /// Peer heartbeat grace between OSDs before they report each other.
+    pub osd_heartbeat_grace_ms: u64,
+    /// Distinct reporters (on distinct hosts) needed to mark an OSD down.
+    pub min_down_reporters: u32,
+    /// `mon_osd_down_out_interval`: a down OSD is marked out after this long.
+    pub down_out_interval_secs: u64,
+    /// How long a client operation may wait (e.g. for quorum) before it fails.
+    pub client_op_timeout_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            election_timeout_ms: 5_000,
+            lease_ms: 5_000,
+            propose_interval_ms: 100,
+            osd_beacon_interval_ms: 2_000,
+            osd_beacon_grace_ms: 20_000,
+            osd_heartbeat_grace_ms: 20_000,
+            min_down_reporters: 2,
+            down_out_interval_secs: 600,
+            client_op_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// History kept by the monitors (Ceph's paxos_min, paxos_trim_min/max, full map interval).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaxosTuning {
+    pub keep_versions: u64,
+    pub trim_min: u64,
+    pub trim_max: u64,
+    /// A full OSDMap is stored every this many epochs beside the incrementals.
+    pub full_map_interval: u64,
+    /// OSDMap epochs kept for subscribers before older ones are trimmed.
+    pub keep_epochs: u64,
+}
+
+impl Default for PaxosTuning {
+    fn default() -> Self {
+        PaxosTuning {
+            keep_versions: 500,
+            trim_min: 250,
+            trim_max: 500,
+            full_map_interval: 25,
+            keep_epochs: 500,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientSection {
+    /// Name clients report; blocklisting names it.
+    pub name: Option<String>,
+}
+
+impl ClusterConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: ClusterConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.cluster.fsid.trim().is_empty() {
+            return Err("[cluster] fsid must not be empty".into());
+        }
+        if self.mons.is_empty() {
+            return Err("at least one [[mon]] entry is needed".into());
+        }
+        let ranks: BTreeSet<u32> = self.mons.iter().map(|m| m.rank).collect();
+        if ranks.len() != self.mons.len() {
+            return Err("two [[mon]] entries share a rank; ranks must be unique".into());
+        }
+        if ranks.iter().copied().ne(0..self.mons.len() as u32) {
+            return Err(format!(
+                "[[mon]] ranks must be 0..{} without gaps, found {:?}",
+                self.mons.len(),
+                ranks
+            ));
+        }
+        let addrs: BTreeSet<SocketAddr> = self.mons.iter().map(|m| m.addr).collect();
+        if addrs.len() != self.mons.len() {
+            return Err("two [[mon]] entries share an address".into());
+        }
+        let t = &self.timeouts;
+        for (name, v) in [
+            ("election_timeout_ms", t.election_timeout_ms),
+            ("lease_ms", t.lease_ms),
+            ("propose_interval_ms", t.propose_interval_ms),
+            ("osd_beacon_interval_ms", t.osd_beacon_interval_ms),
+            ("osd_beacon_grace_ms", t.osd_beacon_grace_ms),
+            ("client_op_timeout_ms", t.client_op_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(format!("[timeouts] {name} must be greater than 0"));
+            }
+        }
+        if t.osd_beacon_grace_ms <= t.osd_beacon_interval_ms {
+            return Err("[timeouts] osd_beacon_grace_ms must exceed osd_beacon_interval_ms".into());
+        }
+        if self.paxos.full_map_interval == 0 || self.paxos.keep_epochs == 0 {
+            return Err("[paxos] full_map_interval and keep_epochs must be greater than 0".into());
+        }
+        Ok(())
+    }
+
+    /// The monitor entry with this rank.
+    pub fn mon(&self, rank: u32) -> Option<&MonEntry> {
+        self.mons.iter().find(|m| m.rank == rank)
+    }
+
+    /// Renders the config back to TOML (used by `basalt cluster up` to write one).
+    pub fn to_toml(&self) -> String {
+        // Serializing plain data structs into TOML cannot fail.
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[cluster]
+fsid = "6f1c1f2e-0000-4000-8000-000000000001"
+
+[[mon]]
+rank = 0
+addr = "127.0.0.1:6789"
+
+[[mon]]
+rank = 1
+addr = "127.0.0.1:6790"
+
+[[mon]]
+rank = 2
+addr = "127.0.0.1:6791"
+
+[timeouts]
+lease_ms = 1000
+"#;
+
+    fn parse(text: &str) -> Result<ClusterConfig, ConfigError> {
+        ClusterConfig::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = parse(GOOD).expect("valid config");
+        assert_eq!(c.mons.len(), 3);
+        assert_eq!(c.timeouts.lease_ms, 1000);
+        assert_eq!(c.timeouts.down_out_interval_secs, 600);
+        assert_eq!(c.cluster.name, "basalt");
+        let again = parse(&c.to_toml()).expect("round trip");
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn rejects_bad_files_with_clear_messages() {
+        let cases = [
+            ("[cluster\nfsid=1", "not valid TOML"),
+            (&GOOD.replace("rank = 2", "rank = 1"), "share a rank"),
+            (&GOOD.replace("rank = 2", "rank = 7"), "without gaps"),
+            (&GOOD.replace("6791", "6790"), "share an address"),
+            (
+                &GOOD.replace("lease_ms = 1000", "lease_ms = 0"),
+                "lease_ms must be",
+            ),
+            (&GOOD.replace("lease_ms", "leese_ms"), "unknown field"),
+            ("[cluster]\nfsid = \"x\"\n", "mon"),
+            (
+                &GOOD.replace("127.0.0.1:6789", "not-an-addr"),
+                "not valid TOML",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = parse(text).expect_err(needle).to_string();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+            assert!(err.contains("test.toml"), "{err:?} should name the file");
+        }
+    }
+}

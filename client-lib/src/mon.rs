@@ -1,0 +1,421 @@
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_config::ClusterConfig;
+use basalt_maps::{decode, Epoch, Incremental, MonMap, OsdMap};
+use basalt_proto::mon::{
+    command_request::Command, map_update, monitor_client::MonitorClient, BlocklistAdd, BlocklistRm,
+    CommandReply, CommandRequest, GetMapRequest, MapKind, OsdBeaconRequest, OsdBootRequest,
+    OsdFailureRequest, OsdId, OsdReweight, PoolCreate, PoolRm, PoolSet, StatusReply, StatusRequest,
+    SubscribeRequest,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::ClientError;
+
+const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// A handle on the monitors. Cheap to clone; all clones share connections.
+#[derive(Clone)]
+pub struct MonClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    mons: Vec<(u32, MonitorClient<Channel>)>,
+    /// Index of the monitor that answered last: asked first next time.
+    preferred: AtomicUsize,
+    op_timeout: Duration,
+}
+
+impl MonClient {
+    /// A client for the monitors in `config`. Connections are made lazily.
+    pub fn new(config: ClusterConfig) -> Result<Self, ClientError> {
+        let op_timeout = Duration::from_millis(config.timeouts.client_op_timeout_ms);
+        Self::with_timeout(config, op_timeout)
+    }
+
+    /// As [`MonClient::new`], with an explicit bound on each operation.
+    pub fn with_timeout(config: ClusterConfig, op_timeout: Duration) -> Result<Self, ClientError> {
+        let mut mons = Vec::new();
+        for m in &config.mons {
+            let channel = Endpoint::from_shared(format!("http://{}", m.addr))
+                .map_err(|e| {
+                    ClientError::Config(format!("mon.{} address {}: {e}", m.rank, m.addr))
+                })?
+                .connect_timeout(Duration::from_millis(500))
+                .tcp_nodelay(true)
+                .connect_lazy();
+            let client = MonitorClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            mons.push((m.rank, client));
+        }
+        if mons.is_empty() {
+            return Err(ClientError::Config("the config lists no monitors".into()));
+        }
+        Ok(MonClient {
+            inner: Arc::new(Inner {
+                mons,
+                preferred: AtomicUsize::new(0),
+                op_timeout,
+            }),
+        })
+    }
+
+    pub fn op_timeout(&self) -> Duration {
+        self.inner.op_timeout
+    }
+
+    /// Runs `op` against monitors in turn until one answers with something
+    /// other than "no quorum / unreachable", or the op timeout passes.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
+    where
+        F: Fn(MonitorClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.inner.op_timeout;
+        let n = self.inner.mons.len();
+        let mut last = None;
+        loop {
+            let start = self.inner.preferred.load(Ordering::Relaxed);
+            for i in 0..n {
+                let idx = (start + i) % n;
+                let client = self.inner.mons[idx].1.clone();
+                match tokio::time::timeout_at(deadline, op(client)).await {
+                    Err(_) => return Err(self.exhausted(last)),
+                    Ok(Ok(v)) => {
+                        self.inner.preferred.store(idx, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    Ok(Err(status)) => {
+                        let err = ClientError::from(status);
+                        if !err.is_retryable() {
+                            return Err(err);
+                        }
+                        tracing::debug!(mon = self.inner.mons[idx].0, error = %err, "monitor cannot answer; trying the next");
+                        last = Some(err);
+                    }
+                }
+            }
+            if Instant::now() + Duration::from_millis(100) >= deadline {
+                return Err(self.exhausted(last));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn exhausted(&self, last: Option<ClientError>) -> ClientError {
+        let why = match last {
+            Some(ClientError::NoQuorum(m)) => m,
+            Some(e) => e.to_string(),
+            None => "no monitor answered".into(),
+        };
+        ClientError::NoQuorum(format!(
+            "no monitor could serve the request within {:?} ({why})",
+            self.inner.op_timeout
+        ))
+    }
+
+    pub async fn status(&self) -> Result<StatusReply, ClientError> {
+        self.call(|mut c| async move { Ok(c.status(StatusRequest {}).await?.into_inner()) })
+            .await
+    }
+
+    /// The latest committed OSDMap.
+    pub async fn osdmap(&self) -> Result<OsdMap, ClientError> {
+        self.osdmap_at(0).await
+    }
+
+    /// The OSDMap at `epoch` (0 = latest).
+    pub async fn osdmap_at(&self, epoch: Epoch) -> Result<OsdMap, ClientError> {
+        let reply = self
+            .call(|mut c| async move {
+                Ok(c.get_map(GetMapRequest {
+                    kind: MapKind::Osdmap as i32,
+                    epoch,
+                })
+                .await?
+                .into_inner())
+            })
+            .await?;
+        Ok(decode(&reply.full, "osdmap")?)
+    }
+
+    pub async fn monmap(&self) -> Result<MonMap, ClientError> {
+        let reply = self
+            .call(|mut c| async move {
+                Ok(c.get_map(GetMapRequest {
+                    kind: MapKind::Monmap as i32,
+                    epoch: 0,
+                })
+                .await?
+                .into_inner())
+            })
+            .await?;
+        Ok(decode(&reply.full, "monmap")?)
+    }
+
+    /// Sends one operator command; returns the epoch holding the change and a message.
+    pub async fn command(&self, command: Command) -> Result<CommandReply, ClientError> {
+        let req = CommandRequest {
+            command: Some(command),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { Ok(c.command(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn pool_create(
+        &self,
+        name: &str,
+        size: u32,
+        min_size: u32,
+        pg_num: u32,
+    ) -> Result<CommandReply, ClientError> {
+        self.command(Command::PoolCreate(PoolCreate {
+            name: name.into(),
+            size,
+            min_size,
+            pg_num,
+        }))
+        .await
+    }
+
+    pub async fn pool_rm(&self, name: &str) -> Result<CommandReply, ClientError> {
+        self.command(Command::PoolRm(PoolRm { name: name.into() }))
+            .await
+    }
+
+    pub async fn pool_set(
+        &self,
+        name: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<CommandReply, ClientError> {
+        self.command(Command::PoolSet(PoolSet {
+            name: name.into(),
+            key: key.into(),
+            value: value.into(),
+        }))
+        .await
+    }
+
+    pub async fn osd_out(&self, id: u32) -> Result<CommandReply, ClientError> {
+        self.command(Command::OsdOut(OsdId { id })).await
+    }
+
+    pub async fn osd_in(&self, id: u32) -> Result<CommandReply, ClientError> {
+        self.command(Command::OsdIn(OsdId { id })).await
+    }
+
+    pub async fn osd_down(&self, id: u32) -> Result<CommandReply, ClientError> {
+        self.command(Command::OsdDown(OsdId { id })).await
+    }
+
+    pub async fn osd_rm(&self, id: u32) -> Result<CommandReply, ClientError> {
+        self.command(Command::OsdRm(OsdId { id })).await
+    }
+
+    /// Sets an OSD's in-weight (16.16 fixed point, 0..=0x10000).
+    pub async fn osd_reweight(&self, id: u32, weight: u32) -> Result<CommandReply, ClientError> {
+        self.command(Command::OsdReweight(OsdReweight { id, weight }))
+            .await
+    }
+
+    /// Fences `entity` for `expire_secs` (0 = one hour).
+    pub async fn blocklist_add(
+        &self,
+        entity: &str,
+        expire_secs: u64,
+    ) -> Result<CommandReply, ClientError> {
+        self.command(Command::BlocklistAdd(BlocklistAdd {
+            entity: entity.into(),
+            expire_secs,
+        }))
+        .await
+    }
+
+    pub async fn blocklist_rm(&self, entity: &str) -> Result<CommandReply, ClientError> {
+        self.command(Command::BlocklistRm(BlocklistRm {
+            entity: entity.into(),
+        }))
+        .await
+    }
+
+    pub async fn set_flag(&self, flag: &str) -> Result<CommandReply, ClientError> {
+        self.command(Command::SetFlag(flag.into())).await
+    }
+
+    pub async fn unset_flag(&self, flag: &str) -> Result<CommandReply, ClientError> {
+        self.command(Command::UnsetFlag(flag.into())).await
+    }
+
+    /// Registers an OSD daemon (by its data directory's uuid); returns its id and the epoch it is up in.
+    pub async fn osd_boot(
+        &self,
+        uuid: &str,
+        addr: &str,
+        host: &str,
+        crush_weight: u32,
+    ) -> Result<(u32, Epoch), ClientError> {
+        let req = OsdBootRequest {
+            uuid: uuid.into(),
+            addr: addr.into(),
+            host: host.into(),
+            crush_weight,
+        };
+        let reply = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { Ok(c.osd_boot(req).await?.into_inner()) }
+            })
+            .await?;
+        Ok((reply.osd_id, reply.epoch))
+    }
+
+    pub async fn osd_beacon(&self, osd_id: u32, epoch: Epoch) -> Result<Epoch, ClientError> {
+        self.call(|mut c| async move {
+            Ok(c.osd_beacon(OsdBeaconRequest { osd_id, epoch })
+                .await?
+                .into_inner()
+                .epoch)
+        })
+        .await
+    }
+
+    /// Reports that `reporter` cannot reach `target` (or, with `still_failed` false, can again).
+    pub async fn osd_failure(
+        &self,
+        reporter: u32,
+        target: u32,
+        failed_for_ms: u64,
+        still_failed: bool,
+    ) -> Result<Epoch, ClientError> {
+        self.call(|mut c| async move {
+            Ok(c.osd_failure(OsdFailureRequest {
+                reporter,
+                target,
+                failed_for_ms,
+                epoch: 0,
+                still_failed,
+            })
+            .await?
+            .into_inner()
+            .epoch)
+        })
+        .await
+    }
+
+    /// Keeps an always-current OSDMap: the first map is fetched before this
+    /// returns; then a background task applies incrementals in order,
+    /// re-subscribing to another monitor when a stream breaks.
+    pub async fn subscribe(&self) -> Result<MapSubscription, ClientError> {
+        let first = self.osdmap().await?;
+        let (tx, rx) = watch::channel(Arc::new(first));
+        let client = self.clone();
+        let task = tokio::spawn(async move { client.follow(tx).await });
+        Ok(MapSubscription {
+            rx,
+            _task: Arc::new(AbortOnDrop(task)),
+        })
+    }
+
+    async fn follow(&self, tx: watch::Sender<Arc<OsdMap>>) {
+        let n = self.inner.mons.len();
+        let mut idx = self.inner.preferred.load(Ordering::Relaxed);
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            let start = tx.borrow().epoch + 1;
+            let mut client = self.inner.mons[idx % n].1.clone();
+            match client
+                .subscribe(SubscribeRequest { start_epoch: start })
+                .await
+            {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(update)) => {
+                                if let Err(e) = apply_update(&tx, update) {
+                                    tracing::warn!(error = %e, "bad map update; re-subscribing");
+                                    break;
+                                }
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "subscribe failed; trying another monitor"),
+            }
+            idx += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn apply_update(
+    tx: &watch::Sender<Arc<OsdMap>>,
+    update: basalt_proto::mon::MapUpdate,
+) -> Result<(), ClientError> {
+    let current = tx.borrow().clone();
+    let next = match update.update {
+        Some(map_update::Update::Full(b)) => decode::<OsdMap>(&b, "osdmap")?,
+        Some(map_update::Update::Incremental(b)) => {
+            let inc: Incremental = decode(&b, "incremental")?;
+            if inc.epoch <= current.epoch {
+                return Ok(());
+            }
+            let mut map = (*current).clone();
+            map.apply(&inc)?;
+            map
+        }
+        None => return Err(ClientError::Decode("empty map update".into())),
+    };
+    if next.epoch > current.epoch {
+        tx.send_replace(Arc::new(next));
+    }
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The latest OSDMap, kept current in the background while held.
+#[derive(Clone)]
+pub struct MapSubscription {
+    rx: watch::Receiver<Arc<OsdMap>>,
+    _task: Arc<AbortOnDrop>,
+}
+
+impl MapSubscription {
+    pub fn current(&self) -> Arc<OsdMap> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits (bounded) until the map reaches `epoch`.
+    pub async fn wait_for_epoch(
+        &mut self,
+        epoch: Epoch,
+        timeout: Duration,
+    ) -> Result<Arc<OsdMap>, ClientError> {
+        match tokio::time::timeout(timeout, self.rx.wait_for(|m| m.epoch >= epoch)).await {
+            Ok(Ok(m)) => Ok(m.clone()),
+            Ok(Err(_)) => Err(ClientError::Internal("map subscription ended".into())),
+            Err(_) => Err(ClientError::Timeout(timeout)),
+        }
+    }
+}
