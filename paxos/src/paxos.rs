@@ -83,6 +83,8 @@ pub struct Paxos {
     /// monitors outside our quorum may still be valid until then.
     write_allowed_at: u64,
     last_lease_sent_at: u64,
+    /// Last retransmission of an unanswered Propose/Collect/Begin.
+    last_retry_at: u64,
 
     // --- peon ---
     last_leader_contact: u64,
@@ -143,6 +145,7 @@ impl Paxos {
             peers: BTreeMap::new(),
             write_allowed_at: 0,
             last_lease_sent_at: 0,
+            last_retry_at: 0,
             last_leader_contact: 0,
             lease_expiry: 0,
             lease_lc: 0,
@@ -413,6 +416,14 @@ impl Paxos {
                         debug!(rank = self.cfg.rank, "election timed out, restarting");
                         self.start_election(cx);
                     }
+                } else if self.electing_me && self.retry_due(now) {
+                    // Ceph's sessions retransmit; our driver may simply drop.
+                    let epoch = self.ps.election_epoch;
+                    for r in 0..self.cfg.num_mons {
+                        if !self.acked_me.contains(&r) {
+                            cx.send(r, Message::Propose { epoch });
+                        }
+                    }
                 }
             }
             Role::Peon => {
@@ -428,14 +439,46 @@ impl Paxos {
         }
     }
 
+    /// Retransmission interval: a quarter of the shorter timeout.
+    fn retry_due(&mut self, now: u64) -> bool {
+        let every = (self.cfg.lease_ms.min(self.cfg.election_timeout_ms) / 4).max(1);
+        if now >= self.last_retry_at + every {
+            self.last_retry_at = now;
+            true
+        } else {
+            false
+        }
+    }
+
     fn leader_tick<L: CommittedLog>(&mut self, cx: &mut Cx<L>) {
         let now = cx.now;
         let lease = self.cfg.lease_ms;
+        let epoch = self.ps.election_epoch;
         match &self.phase {
             Phase::Collecting(c) => {
                 if now > c.sent_at + 2 * lease {
                     debug!(rank = self.cfg.rank, "collect timed out");
                     self.start_election(cx);
+                } else if self.retry_due(now) {
+                    let Phase::Collecting(c) = &self.phase else {
+                        return;
+                    };
+                    let msg = Message::Collect {
+                        epoch,
+                        pn: c.pn,
+                        quorum: self.quorum.clone(),
+                        first_committed: self.ps.first_committed,
+                        last_committed: self.ps.last_committed,
+                    };
+                    let missing: Vec<Rank> = self
+                        .peers
+                        .keys()
+                        .filter(|r| !c.responded.contains(r))
+                        .copied()
+                        .collect();
+                    for r in missing {
+                        cx.send(r, msg.clone());
+                    }
                 }
                 return;
             }
@@ -445,6 +488,26 @@ impl Paxos {
                         debug!(rank = self.cfg.rank, "accept timed out");
                         self.start_election(cx);
                         return;
+                    }
+                    if self.retry_due(now) {
+                        let Phase::Updating(u) = &self.phase else {
+                            return;
+                        };
+                        let msg = Message::Begin {
+                            epoch,
+                            pn: self.pn,
+                            version: u.version,
+                            value: u.value.clone(),
+                        };
+                        let missing: Vec<Rank> = self
+                            .peers
+                            .keys()
+                            .filter(|r| !u.accepted.contains(r))
+                            .copied()
+                            .collect();
+                        for r in missing {
+                            cx.send(r, msg.clone());
+                        }
                     }
                 } else if now >= self.write_allowed_at {
                     self.do_begin(cx);
@@ -564,7 +627,8 @@ impl Paxos {
                 epoch,
                 granted_at,
                 expires_at,
-            } => self.on_lease_ack(cx, from, epoch, granted_at, expires_at),
+                last_committed,
+            } => self.on_lease_ack(cx, from, epoch, granted_at, expires_at, last_committed),
         }
     }
 
@@ -664,18 +728,21 @@ impl Paxos {
         }
         if from < self.cfg.rank {
             match self.leader_acked {
-                None => {
-                    // Defer (also withdraws our own candidacy; our self-ack
-                    // is never counted by anyone else, so each monitor backs at
-                    // most one candidate per epoch → at most one victory).
+                Some(l) if l == from => cx.send(from, Message::Ack { epoch }),
+                Some(l) if l < from => debug!(rank = self.cfg.rank, from, "backing a better rank"),
+                _ => {
+                    // Defer, withdrawing our own candidacy or switching to a
+                    // better candidate (as Ceph does: the one we backed will
+                    // defer to it too). Two candidates may thus both count our
+                    // ack, but we follow only the one we back last, and a
+                    // leader needs every quorum member to follow it (collect),
+                    // so at most one leader per epoch ever gets a working term.
                     self.electing_me = false;
                     self.acked_me.clear();
                     self.leader_acked = Some(from);
                     self.election_deadline = cx.now + self.cfg.election_timeout_ms;
                     cx.send(from, Message::Ack { epoch });
                 }
-                Some(l) if l == from => cx.send(from, Message::Ack { epoch }),
-                Some(_) => debug!(rank = self.cfg.rank, from, "already deferred in this epoch"),
             }
         } else if self.leader_acked.is_none() && !self.electing_me {
             // We outrank the proposer: run ourselves in the same epoch.
@@ -1266,6 +1333,7 @@ impl Paxos {
                 epoch,
                 granted_at,
                 expires_at: if held { expires_at } else { granted_at },
+                last_committed: self.ps.last_committed,
             },
         );
     }
@@ -1277,6 +1345,7 @@ impl Paxos {
         epoch: u64,
         granted_at: u64,
         expires_at: u64,
+        peer_lc: Version,
     ) {
         if self.role != Role::Leader || epoch != self.ps.election_epoch {
             debug!(
@@ -1293,9 +1362,16 @@ impl Paxos {
             debug!(rank = self.cfg.rank, from, "implausible lease ack ignored");
             return;
         }
-        if let Some(p) = self.peers.get_mut(&from) {
-            p.confirmed_at = p.confirmed_at.max(granted_at);
-            p.acked_expiry = p.acked_expiry.max(expires_at);
+        let Some(p) = self.peers.get_mut(&from) else {
+            return;
+        };
+        p.confirmed_at = p.confirmed_at.max(granted_at);
+        p.acked_expiry = p.acked_expiry.max(expires_at);
+        // Back-fill a lagging peon, at most once per lease renewal (the ack of
+        // an old lease may report an old state).
+        if peer_lc < self.ps.last_committed && granted_at == self.last_lease_sent_at {
+            p.last_committed = self.ps.last_committed;
+            self.send_catch_up(cx, from, peer_lc);
         }
     }
 }

@@ -562,6 +562,7 @@ fn garbage_messages_never_panic() {
             epoch: 2,
             granted_at: u64::MAX,
             expires_at: u64::MAX,
+            last_committed: u64::MAX,
         },
         Message::Snapshot {
             epoch: 2,

@@ -221,11 +221,13 @@ pub enum Message {
         expires_at: u64,
     },
     /// Echoes the lease it acknowledges; `expires_at == granted_at` when the
-    /// peon only confirms it still follows the leader but holds no read lease.
+    /// peon only confirms it still follows the leader but holds no read lease
+    /// (e.g. it lacks commits: `last_committed` lets the leader back-fill it).
     LeaseAck {
         epoch: u64,
         granted_at: u64,
         expires_at: u64,
+        last_committed: Version,
     },
     /// Full state machine at `version` for a peer behind our first_committed.
     Snapshot {
