@@ -94,8 +94,14 @@
 //!   reordering network still starts the term (Ceph relies on ordered TCP).
 //! * Committed values (COMMIT, SNAPSHOT, values in LAST) are learned from any
 //!   monitor in any epoch: a committed value is a fact.
-//! * No retransmission: a lost message stalls the round until a timeout starts
-//!   a new election, as in Ceph (whose sessions retransmit for it).
+//! * The core retransmits what Ceph's lossless sessions would: unanswered
+//!   PROPOSE, COLLECT and BEGIN every quarter of the shorter timeout (all are
+//!   idempotent), and a peon behind a lease reports its `last_committed` in
+//!   LEASE_ACK so the leader back-fills it; otherwise one lost message would
+//!   cost a 2 × lease timeout and an election.
+//! * A monitor re-defers to a better candidate within an epoch (as Ceph
+//!   does), so two candidates may both count its ack; it follows only the one
+//!   it backed last, so at most one leader per epoch completes collect.
 #![forbid(unsafe_code)]
 
 mod paxos;

@@ -163,8 +163,9 @@ pub enum PersistOp {
 /// Messages exchanged between monitors. Every message after the election
 /// carries the sender's election epoch; receivers drop those that do not match
 /// their own (with a debug line) except for committed values, which are facts
-/// and may be learned from anyone.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// and may be learned from anyone. (`Ord` only so model checkers can keep
+/// messages in ordered sets.)
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Message {
     /// Elector: "elect me" in odd epoch `epoch`.
     Propose { epoch: u64 },
