@@ -33,7 +33,8 @@ struct Inner {
 }
 
 impl MonClient {
-    /// A client for the monitors in `config`. Connections are made lazily.
+    /// A client for the monitors in `config`. Connections are made lazily and
+    /// driven by the tokio runtime, so call this inside one.
     pub fn new(config: ClusterConfig) -> Result<Self, ClientError> {
         let op_timeout = Duration::from_millis(config.timeouts.client_op_timeout_ms);
         Self::with_timeout(config, op_timeout)

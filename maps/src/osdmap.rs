@@ -11,7 +11,7 @@ use crate::{Epoch, MapError, OsdId, PoolId};
 /// Flags an operator can set on the OSDMap, each enforced by monitor policy.
 pub const KNOWN_FLAGS: &[&str] = &[
     // Down OSDs are not marked out (maintenance, reboots).
-    "noout", // Beacon loss and failure reports do not mark OSDs down.
+    "noout",  // Beacon loss and failure reports do not mark OSDs down.
     "nodown", // Booting OSDs are not marked in.
     "noin",
 ];
@@ -372,27 +372,26 @@ impl OsdMap {
     /// A copy of pool `name` with `key` set to `value` (`size`, `min_size`, `pg_num`, `pgp_num`).
     pub fn pool_with(&self, name: &str, key: &str, value: &str) -> Result<Pool, MapError> {
         let mut pool = self.pool_named(name)?.clone();
-        let n: u32 = value.parse().map_err(|_| {
-            MapError::InvalidPool(format!("{key} needs a whole number, got '{value}'"))
-        })?;
-        match key {
-            "size" => pool.size = n,
-            "min_size" => pool.min_size = n,
-            "pg_num" => {
-                if n < pool.pg_num {
-                    return Err(MapError::InvalidPool(
-                        "pg_num cannot shrink (PG merging is not supported)".into(),
-                    ));
-                }
-                pool.pg_num = n;
-            }
-            "pgp_num" => pool.pgp_num = n,
+        let field = match key {
+            "size" => &mut pool.size,
+            "min_size" => &mut pool.min_size,
+            "pg_num" => &mut pool.pg_num,
+            "pgp_num" => &mut pool.pgp_num,
             other => {
                 return Err(MapError::InvalidPool(format!(
                     "unknown pool setting '{other}'; settable: size, min_size, pg_num, pgp_num"
                 )))
             }
+        };
+        let n: u32 = value.parse().map_err(|_| {
+            MapError::InvalidPool(format!("{key} needs a whole number, got '{value}'"))
+        })?;
+        if key == "pg_num" && n < *field {
+            return Err(MapError::InvalidPool(
+                "pg_num cannot shrink (PG merging is not supported)".into(),
+            ));
         }
+        *field = n;
         pool.validate(&self.crush)?;
         Ok(pool)
     }

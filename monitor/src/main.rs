@@ -1,1 +1,130 @@
-fn main() {}
+//! The `basalt-mon` daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use basalt_config::ClusterConfig;
+use basalt_mon::node::Node;
+use basalt_mon::server::MonServer;
+use basalt_mon::service::{OsdMapService, Policy};
+use basalt_mon::store::{MonStore, Retention, RocksStore};
+use basalt_paxos::Paxos;
+use basalt_proto::mon::{mon_peer_server::MonPeerServer, monitor_server::MonitorServer};
+use clap::Parser;
+
+/// A basalt monitor: keeps the cluster map by Paxos with its peers.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Cluster configuration file.
+    #[arg(long, short = 'c')]
+    config: PathBuf,
+    /// This monitor's rank in the config's [[mon]] list.
+    #[arg(long)]
+    id: u32,
+    /// Store directory (default: the [[mon]] entry's `data`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    telemetry: basalt_telemetry::TelemetryArgs,
+}
+
+const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    basalt_telemetry::init(&args.telemetry, "info")?;
+    let config = Arc::new(ClusterConfig::load(&args.config)?);
+    let Some(me) = config.mon(args.id).cloned() else {
+        bail!(
+            "--id {} is not a rank in {} (ranks 0..{})",
+            args.id,
+            args.config.display(),
+            config.mons.len()
+        );
+    };
+    let data = args.data.or(me.data.clone()).with_context(|| {
+        format!(
+            "no store directory for mon.{}: pass --data DIR or set `data` in its [[mon]] entry",
+            args.id
+        )
+    })?;
+    std::fs::create_dir_all(&data)
+        .with_context(|| format!("cannot create store directory {}", data.display()))?;
+    let kv = Arc::new(RocksStore::open(&data)?);
+    let retention = Retention {
+        full_map_interval: config.paxos.full_map_interval,
+        keep_epochs: config.paxos.keep_epochs,
+    };
+    let store = MonStore::load(kv, &config.cluster.fsid, retention)?;
+    let t = &config.timeouts;
+    let mut pcfg = basalt_paxos::Config::new(me.rank, config.mons.len() as u32);
+    pcfg.election_timeout_ms = t.election_timeout_ms;
+    pcfg.lease_ms = t.lease_ms;
+    pcfg.keep_versions = config.paxos.keep_versions;
+    pcfg.trim_min = config.paxos.trim_min;
+    pcfg.trim_max = config.paxos.trim_max;
+    let paxos = Paxos::new(pcfg, store.paxos_state().clone());
+    let policy = Policy {
+        beacon_grace_ms: t.osd_beacon_grace_ms,
+        heartbeat_grace_ms: t.osd_heartbeat_grace_ms,
+        min_down_reporters: t.min_down_reporters,
+        down_out_interval_ms: t.down_out_interval_secs.saturating_mul(1000),
+    };
+    let service = OsdMapService::new(store.osdmap().clone(), policy);
+    let history = store.reader();
+    let outbox = basalt_mon::peers::spawn_peer_senders(&config, me.rank);
+    let (node, view) = Node::new(
+        me.rank,
+        paxos,
+        store,
+        service,
+        outbox,
+        Duration::from_millis(t.propose_interval_ms),
+    );
+    let (req_tx, req_rx) = tokio::sync::mpsc::channel(4096);
+    let server = Arc::new(MonServer::new(
+        me.rank,
+        config.clone(),
+        req_tx,
+        view,
+        history,
+    ));
+    tracing::info!(rank = me.rank, addr = %me.addr, data = %data.display(), "monitor starting");
+    let listener = tokio::net::TcpListener::bind(me.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}; is another monitor using it?", me.addr))?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let grpc = tonic::transport::Server::builder()
+        .add_service(
+            MonitorServer::from_arc(server.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            MonPeerServer::from_arc(server)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown_signal());
+    tokio::select! {
+        r = node.run(req_rx) => r.context("monitor state owner stopped")?,
+        r = grpc => r.context("gRPC server failed")?,
+    }
+    tracing::info!("monitor stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}

@@ -740,7 +740,13 @@ impl Paxos {
                     self.electing_me = false;
                     self.acked_me.clear();
                     self.leader_acked = Some(from);
-                    self.election_deadline = cx.now + self.cfg.election_timeout_ms;
+                    // The candidate may take a whole election timeout to declare
+                    // victory. A backer whose timer equalled it would restart the
+                    // election just as the VICTORY arrives; with equal timeouts on
+                    // every monitor two restarted peers did exactly that in lock
+                    // step, forever (seen in the process tests). Backers wait twice
+                    // as long: they only need to act if the candidate died.
+                    self.election_deadline = cx.now + 2 * self.cfg.election_timeout_ms;
                     cx.send(from, Message::Ack { epoch });
                 }
             }

@@ -1,0 +1,475 @@
+//! gRPC front of a monitor: the `Monitor` service for clients and OSDs, and
+//! the `MonPeer` service for consensus traffic. Handlers never touch state
+//! directly: reads come from the published [`NodeView`] and map history,
+//! mutations go to the leader's state owner (forwarded over gRPC when this
+//! monitor is a peon). Every wait is bounded, so a monitor without quorum
+//! answers "no quorum" instead of hanging.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_config::ClusterConfig;
+use basalt_maps::{decode, encode, MapError, MonInfo, MonMap};
+use basalt_paxos::{Rank, Role};
+use basalt_proto::mon::{
+    command_request, map_update, mon_peer_server::MonPeer, monitor_client::MonitorClient,
+    monitor_server::Monitor, Ack, CommandReply, CommandRequest, EpochReply, GetMapRequest, MapKind,
+    MapReply, MapUpdate, MonMember, OsdBeaconRequest, OsdBootReply, OsdBootRequest,
+    OsdFailureRequest, PeerEnvelope, StatusReply, StatusRequest, SubscribeRequest,
+};
+use futures::Stream;
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request as GrpcRequest, Response, Status};
+
+use crate::node::{MonError, NodeView, Request};
+use crate::service::{Boot, Command};
+use crate::store::MapHistory;
+
+/// Marks a request already forwarded once, so monitors never forward in a loop.
+const FORWARDED: &str = "x-basalt-forwarded";
+
+pub struct MonServer {
+    rank: Rank,
+    config: Arc<ClusterConfig>,
+    requests: mpsc::Sender<Request>,
+    view: watch::Receiver<NodeView>,
+    history: MapHistory,
+    /// Upper bound on how long one request waits for quorum or a commit.
+    wait: Duration,
+    leaders: Mutex<HashMap<Rank, MonitorClient<Channel>>>,
+}
+
+impl MonServer {
+    pub fn new(
+        rank: Rank,
+        config: Arc<ClusterConfig>,
+        requests: mpsc::Sender<Request>,
+        view: watch::Receiver<NodeView>,
+        history: MapHistory,
+    ) -> Self {
+        let t = &config.timeouts;
+        // Long enough for a whole leader change: lease loss noticed (2 × lease),
+        // an election (up to 3 × its timeout with retries) and a new leader's
+        // wait for old leases to lapse (2 × lease). Beyond it there is no quorum.
+        let wait = Duration::from_millis(
+            (4 * t.lease_ms + 3 * t.election_timeout_ms).min(t.client_op_timeout_ms),
+        );
+        MonServer {
+            rank,
+            config,
+            requests,
+            view,
+            history,
+            wait,
+            leaders: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn monmap(&self) -> MonMap {
+        MonMap {
+            epoch: 1,
+            fsid: self.config.cluster.fsid.clone(),
+            mons: self
+                .config
+                .mons
+                .iter()
+                .map(|m| MonInfo {
+                    rank: m.rank,
+                    addr: m.addr.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Waits (bounded) until this monitor may serve reads.
+    async fn readable_view(&self) -> Result<NodeView, Status> {
+        let mut view = self.view.clone();
+        let wait = async move { view.wait_for(|v| v.readable).await.map(|v| v.clone()) };
+        match tokio::time::timeout(self.wait, wait).await {
+            Ok(Ok(v)) => Ok(v),
+            _ => Err(no_quorum()),
+        }
+    }
+
+    /// Waits (bounded) until some monitor is known to lead; returns its rank.
+    async fn leader(&self, deadline: Instant) -> Result<Rank, Status> {
+        let mut view = self.view.clone();
+        let wait = async move {
+            view.wait_for(|v| v.leader.is_some() && (v.role != Role::Leader || v.readable))
+                .await
+                .map(|v| v.leader)
+        };
+        match tokio::time::timeout_at(deadline, wait).await {
+            Ok(Ok(leader)) => leader.ok_or_else(no_quorum),
+            _ => Err(no_quorum()),
+        }
+    }
+
+    async fn leader_client(&self, rank: Rank) -> Result<MonitorClient<Channel>, Status> {
+        let mut leaders = self.leaders.lock().await;
+        if let Some(c) = leaders.get(&rank) {
+            return Ok(c.clone());
+        }
+        let mon = self
+            .config
+            .mon(rank)
+            .ok_or_else(|| Status::internal(format!("mon.{rank} is not in the monmap")))?;
+        let channel = Endpoint::from_shared(format!("http://{}", mon.addr))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(self.wait)
+            .connect_lazy();
+        let client = MonitorClient::new(channel);
+        leaders.insert(rank, client.clone());
+        Ok(client)
+    }
+
+    /// Runs a mutation on the leader: locally if this monitor leads, else
+    /// forwarded once. Retries (bounded) while the leader is unknown or unreachable.
+    async fn on_leader<Req, T, Local, Fwd, FwdFut>(
+        &self,
+        request: GrpcRequest<Req>,
+        local: Local,
+        forward: Fwd,
+    ) -> Result<T, Status>
+    where
+        Req: Clone,
+        Local: Fn(Req, oneshot::Sender<Result<T, MonError>>) -> Request,
+        Fwd: Fn(MonitorClient<Channel>, GrpcRequest<Req>) -> FwdFut,
+        FwdFut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let body = request.into_inner();
+        let deadline = Instant::now() + self.wait;
+        loop {
+            let leader = self.leader(deadline).await?;
+            let result = if leader == self.rank {
+                let (tx, rx) = oneshot::channel();
+                self.requests
+                    .send(local(body.clone(), tx))
+                    .await
+                    .map_err(|_| Status::unavailable("monitor is shutting down"))?;
+                match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(r)) => r.map_err(to_status),
+                    Ok(Err(_)) => Err(Status::unavailable("monitor is shutting down")),
+                    Err(_) => Err(Status::aborted(
+                        "timed out waiting for the change to commit; it may or may not have been applied — check, then retry",
+                    )),
+                }
+            } else if forwarded {
+                Err(Status::unavailable(format!(
+                    "mon.{} is not the leader (mon.{leader} is); retry there",
+                    self.rank
+                )))
+            } else {
+                let client = self.leader_client(leader).await?;
+                let mut req = GrpcRequest::new(body.clone());
+                req.metadata_mut()
+                    .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+                forward(client, req).await
+            };
+            match result {
+                Err(s)
+                    if s.code() == Code::Unavailable && !forwarded && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+fn no_quorum() -> Status {
+    Status::unavailable(
+        "no quorum: too few monitors are up and talking to each other; start the stopped monitors",
+    )
+}
+
+pub fn to_status(e: MonError) -> Status {
+    match e {
+        MonError::Unavailable(m) => Status::unavailable(m),
+        MonError::Ambiguous => Status::aborted(e.to_string()),
+        MonError::Store(m) => Status::internal(m),
+        MonError::Map(m) => {
+            let code = match &m {
+                MapError::PoolExists(_) => Code::AlreadyExists,
+                MapError::PoolNotFound(_) | MapError::OsdNotFound(_) => Code::NotFound,
+                MapError::OsdStillUp(_) => Code::FailedPrecondition,
+                _ => Code::InvalidArgument,
+            };
+            Status::new(code, m.to_string())
+        }
+    }
+}
+
+fn command_from(req: CommandRequest) -> Result<Command, Status> {
+    use command_request::Command as C;
+    let cmd = req
+        .command
+        .ok_or_else(|| Status::invalid_argument("empty command"))?;
+    Ok(match cmd {
+        C::PoolCreate(p) => Command::PoolCreate {
+            name: p.name,
+            size: p.size,
+            min_size: p.min_size,
+            pg_num: p.pg_num,
+        },
+        C::PoolRm(p) => Command::PoolRm { name: p.name },
+        C::PoolSet(p) => Command::PoolSet {
+            name: p.name,
+            key: p.key,
+            value: p.value,
+        },
+        C::OsdOut(o) => Command::OsdOut(o.id),
+        C::OsdIn(o) => Command::OsdIn(o.id),
+        C::OsdDown(o) => Command::OsdDown(o.id),
+        C::OsdReweight(o) => Command::OsdReweight {
+            id: o.id,
+            weight: o.weight,
+        },
+        C::OsdRm(o) => Command::OsdRm(o.id),
+        C::BlocklistAdd(b) => Command::BlocklistAdd {
+            entity: b.entity,
+            expire_secs: b.expire_secs,
+        },
+        C::BlocklistRm(b) => Command::BlocklistRm { entity: b.entity },
+        C::SetFlag(f) => Command::SetFlag(f),
+        C::UnsetFlag(f) => Command::UnsetFlag(f),
+    })
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<MapUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Monitor for MonServer {
+    async fn get_map(
+        &self,
+        request: GrpcRequest<GetMapRequest>,
+    ) -> Result<Response<MapReply>, Status> {
+        let req = request.into_inner();
+        if req.kind == MapKind::Monmap as i32 {
+            let monmap = self.monmap();
+            return Ok(Response::new(MapReply {
+                epoch: monmap.epoch,
+                full: encode(&monmap).into(),
+            }));
+        }
+        let view = self.readable_view().await?;
+        if req.epoch == 0 || req.epoch == view.osdmap.epoch {
+            return Ok(Response::new(MapReply {
+                epoch: view.osdmap.epoch,
+                full: encode(&*view.osdmap).into(),
+            }));
+        }
+        if req.epoch > view.osdmap.epoch {
+            return Err(Status::not_found(format!(
+                "osdmap epoch {} does not exist yet (latest is {})",
+                req.epoch, view.osdmap.epoch
+            )));
+        }
+        match self.history.full_map(req.epoch) {
+            Ok(Some(map)) => Ok(Response::new(MapReply {
+                epoch: map.epoch,
+                full: encode(&map).into(),
+            })),
+            Ok(None) => Err(Status::not_found(format!(
+                "osdmap epoch {} was trimmed (oldest kept is {})",
+                req.epoch, view.first_epoch
+            ))),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+
+    type SubscribeStream = UpdateStream;
+
+    async fn subscribe(
+        &self,
+        request: GrpcRequest<SubscribeRequest>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        let start = request.into_inner().start_epoch;
+        let view = self.readable_view().await?;
+        let (tx, rx) = mpsc::channel(64);
+        let mut watch = self.view.clone();
+        let history = self.history.clone();
+        tokio::spawn(async move {
+            let full = |map: &basalt_maps::OsdMap| MapUpdate {
+                epoch: map.epoch,
+                update: Some(map_update::Update::Full(encode(map).into())),
+            };
+            let mut sent =
+                if start == 0 || start < view.first_epoch.max(1) || start > view.osdmap.epoch + 1 {
+                    if tx.send(Ok(full(&view.osdmap))).await.is_err() {
+                        return;
+                    }
+                    view.osdmap.epoch
+                } else {
+                    start - 1
+                };
+            loop {
+                let latest = watch.borrow_and_update().osdmap.clone();
+                while sent < latest.epoch {
+                    let next = match history.incremental(sent + 1) {
+                        Ok(Some(inc)) => MapUpdate {
+                            epoch: inc.epoch,
+                            update: Some(map_update::Update::Incremental(encode(&inc).into())),
+                        },
+                        // Trimmed under us: jump to the latest full map.
+                        _ => full(&latest),
+                    };
+                    sent = next.epoch;
+                    if tx.send(Ok(next)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    changed = watch.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn osd_boot(
+        &self,
+        request: GrpcRequest<OsdBootRequest>,
+    ) -> Result<Response<OsdBootReply>, Status> {
+        let (osd_id, epoch) = self
+            .on_leader(
+                request,
+                |r: OsdBootRequest, reply| Request::Boot {
+                    boot: Boot {
+                        uuid: r.uuid,
+                        addr: r.addr,
+                        host: r.host,
+                        crush_weight: r.crush_weight,
+                    },
+                    reply,
+                },
+                |mut c, r| async move {
+                    let rep = c.osd_boot(r).await?.into_inner();
+                    Ok((rep.osd_id, rep.epoch))
+                },
+            )
+            .await?;
+        Ok(Response::new(OsdBootReply { osd_id, epoch }))
+    }
+
+    async fn osd_beacon(
+        &self,
+        request: GrpcRequest<OsdBeaconRequest>,
+    ) -> Result<Response<EpochReply>, Status> {
+        let epoch = self
+            .on_leader(
+                request,
+                |r: OsdBeaconRequest, reply| Request::Beacon {
+                    id: r.osd_id,
+                    reply,
+                },
+                |mut c, r| async move { Ok(c.osd_beacon(r).await?.into_inner().epoch) },
+            )
+            .await?;
+        Ok(Response::new(EpochReply { epoch }))
+    }
+
+    async fn osd_failure(
+        &self,
+        request: GrpcRequest<OsdFailureRequest>,
+    ) -> Result<Response<EpochReply>, Status> {
+        let epoch = self
+            .on_leader(
+                request,
+                |r: OsdFailureRequest, reply| Request::Failure {
+                    reporter: r.reporter,
+                    target: r.target,
+                    still_failed: r.still_failed,
+                    reply,
+                },
+                |mut c, r| async move { Ok(c.osd_failure(r).await?.into_inner().epoch) },
+            )
+            .await?;
+        Ok(Response::new(EpochReply { epoch }))
+    }
+
+    async fn command(
+        &self,
+        request: GrpcRequest<CommandRequest>,
+    ) -> Result<Response<CommandReply>, Status> {
+        // Decode before any waiting, so malformed commands fail fast.
+        let cmd = command_from(request.get_ref().clone())?;
+        let (epoch, message) = self
+            .on_leader(
+                request,
+                |_: CommandRequest, reply| Request::Command {
+                    cmd: cmd.clone(),
+                    reply,
+                },
+                |mut c, r| async move {
+                    let rep = c.command(r).await?.into_inner();
+                    Ok((rep.epoch, rep.message))
+                },
+            )
+            .await?;
+        Ok(Response::new(CommandReply { epoch, message }))
+    }
+
+    async fn status(
+        &self,
+        _request: GrpcRequest<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        let view = self.readable_view().await?;
+        Ok(Response::new(StatusReply {
+            fsid: self.config.cluster.fsid.clone(),
+            leader: view.leader.unwrap_or(u32::MAX),
+            mons: self
+                .config
+                .mons
+                .iter()
+                .map(|m| MonMember {
+                    rank: m.rank,
+                    addr: m.addr.to_string(),
+                    in_quorum: view.quorum.contains(&m.rank),
+                })
+                .collect(),
+            election_epoch: view.election_epoch,
+            first_committed: view.first_committed,
+            last_committed: view.last_committed,
+            osdmap_epoch: view.osdmap.epoch,
+            answered_by: self.rank,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl MonPeer for MonServer {
+    async fn deliver(&self, request: GrpcRequest<PeerEnvelope>) -> Result<Response<Ack>, Status> {
+        let env = request.into_inner();
+        if env.fsid != self.config.cluster.fsid {
+            return Err(Status::permission_denied(format!(
+                "message from cluster {} dropped: this is cluster {}",
+                env.fsid, self.config.cluster.fsid
+            )));
+        }
+        if env.from as usize >= self.config.mons.len() || env.from == self.rank {
+            return Err(Status::invalid_argument(format!(
+                "mon.{} is not a peer of mon.{}",
+                env.from, self.rank
+            )));
+        }
+        let msg = decode(&env.message, "paxos message")
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // A full queue means the state owner is behind; dropping is what the network would do.
+        let _ = self.requests.try_send(Request::Peer {
+            from: env.from,
+            msg,
+        });
+        Ok(Response::new(Ack {}))
+    }
+}

@@ -1,0 +1,683 @@
+//! OSDMap service: turns commands, OSD boots, beacons and failure reports
+//! into pending [`Change`]s, and runs the down/out policy. Pure: the node
+//! calls it with the time and executes what it returns.
+//!
+//! Only the leader has pending changes. Commands are validated against the
+//! *pending* map (committed map + pending changes) so two creations of one
+//! pool in the same batch are caught; the committed incremental is then
+//! applied on every monitor with the total `OsdMap::apply`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use basalt_maps::{
+    Change, Incremental, MapError, OsdId, OsdMap, DEFAULT_BLOCKLIST_SECS, KNOWN_FLAGS,
+};
+use basalt_placement::WEIGHT_ONE;
+
+/// An operator command, decoded from the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    PoolCreate {
+        name: String,
+        size: u32,
+        min_size: u32,
+        pg_num: u32,
+    },
+    PoolRm {
+        name: String,
+    },
+    PoolSet {
+        name: String,
+        key: String,
+        value: String,
+    },
+    OsdOut(OsdId),
+    OsdIn(OsdId),
+    OsdDown(OsdId),
+    OsdReweight {
+        id: OsdId,
+        weight: u32,
+    },
+    OsdRm(OsdId),
+    BlocklistAdd {
+        entity: String,
+        expire_secs: u64,
+    },
+    BlocklistRm {
+        entity: String,
+    },
+    SetFlag(String),
+    UnsetFlag(String),
+}
+
+/// Policy knobs from `cluster.toml`.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub beacon_grace_ms: u64,
+    pub heartbeat_grace_ms: u64,
+    pub min_down_reporters: u32,
+    pub down_out_interval_ms: u64,
+}
+
+pub struct OsdMapService {
+    committed: Arc<OsdMap>,
+    /// The incremental proposed and not yet committed (one value in flight).
+    in_flight: Option<Incremental>,
+    pending: Vec<Change>,
+    /// committed + in_flight + pending: what commands are validated against.
+    pending_map: OsdMap,
+    policy: Policy,
+    /// Leader-local soft state: monotonic ms of each OSD's last beacon.
+    last_beacon: HashMap<OsdId, u64>,
+    /// target → reporter → monotonic ms of the report.
+    failure_reports: BTreeMap<OsdId, BTreeMap<OsdId, u64>>,
+    /// Monotonic ms this monitor became leader: beacons are measured from then.
+    leader_since_ms: u64,
+}
+
+/// Boot of an OSD daemon.
+#[derive(Clone, Debug)]
+pub struct Boot {
+    pub uuid: String,
+    pub addr: String,
+    pub host: String,
+    pub crush_weight: u32,
+}
+
+impl OsdMapService {
+    pub fn new(committed: Arc<OsdMap>, policy: Policy) -> Self {
+        OsdMapService {
+            pending_map: (*committed).clone(),
+            committed,
+            in_flight: None,
+            pending: Vec::new(),
+            policy,
+            last_beacon: HashMap::new(),
+            failure_reports: BTreeMap::new(),
+            leader_since_ms: 0,
+        }
+    }
+
+    pub fn committed(&self) -> &Arc<OsdMap> {
+        &self.committed
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// A new committed map arrived: rebase pending changes on it.
+    pub fn on_commit(&mut self, map: Arc<OsdMap>) {
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|i| i.epoch <= map.epoch)
+        {
+            self.in_flight = None;
+        }
+        self.committed = map;
+        self.rebuild_pending_map();
+    }
+
+    fn rebuild_pending_map(&mut self) {
+        let mut m = (*self.committed).clone();
+        let changes: Vec<Change> = self
+            .in_flight
+            .iter()
+            .flat_map(|i| i.changes.iter())
+            .chain(self.pending.iter())
+            .cloned()
+            .collect();
+        apply_unnumbered(&mut m, changes);
+        self.pending_map = m;
+    }
+
+    /// This monitor became leader (or stopped being it): reset soft state.
+    pub fn reset(&mut self, now_ms: u64) {
+        self.in_flight = None;
+        self.pending.clear();
+        self.last_beacon.clear();
+        self.failure_reports.clear();
+        self.leader_since_ms = now_ms;
+        self.rebuild_pending_map();
+    }
+
+    /// Takes the pending changes as the next incremental to propose.
+    pub fn take_incremental(&mut self, wall_ms: u64) -> Option<Incremental> {
+        if self.pending.is_empty() || self.in_flight.is_some() {
+            return None;
+        }
+        let inc = Incremental {
+            epoch: self.committed.epoch + 1,
+            stamp_ms: wall_ms.max(self.committed.modified_ms),
+            changes: std::mem::take(&mut self.pending),
+        };
+        self.in_flight = Some(inc.clone());
+        Some(inc)
+    }
+
+    /// The proposal failed (leadership lost): its changes are no longer ours to track.
+    pub fn abandon_in_flight(&mut self) {
+        self.in_flight = None;
+        self.rebuild_pending_map();
+    }
+
+    fn push(&mut self, changes: Vec<Change>) {
+        apply_unnumbered(&mut self.pending_map, changes.clone());
+        self.pending.extend(changes);
+    }
+
+    /// Validates a command and queues its changes; the message describes the outcome.
+    pub fn command(&mut self, cmd: Command, wall_ms: u64) -> Result<String, MapError> {
+        let map = &self.pending_map;
+        let (changes, message) = match cmd {
+            Command::PoolCreate {
+                name,
+                size,
+                min_size,
+                pg_num,
+            } => {
+                let pool = map.new_pool(&name, size, min_size, pg_num)?;
+                (
+                    vec![Change::CreatePool(pool)],
+                    format!("pool '{name}' created"),
+                )
+            }
+            Command::PoolRm { name } => {
+                let id = map.pool_named(&name)?.id;
+                (
+                    vec![Change::RemovePool { id }],
+                    format!("pool '{name}' removed"),
+                )
+            }
+            Command::PoolSet { name, key, value } => {
+                let pool = map.pool_with(&name, &key, &value)?;
+                (
+                    vec![Change::UpdatePool(pool)],
+                    format!("set pool '{name}' {key} to {value}"),
+                )
+            }
+            Command::OsdOut(id) => {
+                map.osd(id)?;
+                (
+                    vec![Change::Reweight {
+                        id,
+                        weight: 0,
+                        auto: false,
+                    }],
+                    format!("marked out osd.{id}"),
+                )
+            }
+            Command::OsdIn(id) => {
+                map.osd(id)?;
+                (
+                    vec![Change::Reweight {
+                        id,
+                        weight: WEIGHT_ONE,
+                        auto: false,
+                    }],
+                    format!("marked in osd.{id}"),
+                )
+            }
+            Command::OsdDown(id) => {
+                map.osd(id)?;
+                (
+                    vec![Change::OsdDown { id }],
+                    format!("marked down osd.{id}"),
+                )
+            }
+            Command::OsdReweight { id, weight } => {
+                map.osd(id)?;
+                if weight > WEIGHT_ONE {
+                    return Err(MapError::InvalidArgument(format!(
+                        "reweight must be between 0.0 and 1.0, got {:.4}",
+                        weight as f64 / WEIGHT_ONE as f64
+                    )));
+                }
+                (
+                    vec![Change::Reweight {
+                        id,
+                        weight,
+                        auto: false,
+                    }],
+                    format!(
+                        "reweighted osd.{id} to {:.4}",
+                        weight as f64 / WEIGHT_ONE as f64
+                    ),
+                )
+            }
+            Command::OsdRm(id) => {
+                if map.osd(id)?.up {
+                    return Err(MapError::OsdStillUp(id));
+                }
+                (vec![Change::RemoveOsd { id }], format!("removed osd.{id}"))
+            }
+            Command::BlocklistAdd {
+                entity,
+                expire_secs,
+            } => {
+                if entity.trim().is_empty() {
+                    return Err(MapError::InvalidArgument(
+                        "blocklist entity must not be empty".into(),
+                    ));
+                }
+                let secs = if expire_secs == 0 {
+                    DEFAULT_BLOCKLIST_SECS
+                } else {
+                    expire_secs
+                };
+                let expires_ms = wall_ms.saturating_add(secs.saturating_mul(1000));
+                (
+                    vec![Change::BlocklistAdd {
+                        entity: entity.clone(),
+                        expires_ms,
+                    }],
+                    format!("blocklisting {entity} for {secs} s"),
+                )
+            }
+            Command::BlocklistRm { entity } => {
+                if !map.blocklist.contains_key(&entity) {
+                    return Err(MapError::InvalidArgument(format!(
+                        "{entity} is not blocklisted"
+                    )));
+                }
+                (
+                    vec![Change::BlocklistRemove {
+                        entity: entity.clone(),
+                    }],
+                    format!("un-blocklisted {entity}"),
+                )
+            }
+            Command::SetFlag(flag) => {
+                check_flag(&flag)?;
+                (
+                    vec![Change::SetFlag(flag.clone())],
+                    format!("{flag} is set"),
+                )
+            }
+            Command::UnsetFlag(flag) => {
+                check_flag(&flag)?;
+                (
+                    vec![Change::UnsetFlag(flag.clone())],
+                    format!("{flag} is unset"),
+                )
+            }
+        };
+        self.push(changes);
+        Ok(message)
+    }
+
+    /// An OSD daemon booted: find or allocate its id and mark it up (and in).
+    pub fn boot(&mut self, boot: Boot, now_ms: u64) -> Result<OsdId, MapError> {
+        if boot.addr.is_empty() || boot.host.is_empty() || boot.uuid.is_empty() {
+            return Err(MapError::InvalidArgument(
+                "osd boot needs a uuid, an address and a host".into(),
+            ));
+        }
+        let map = &self.pending_map;
+        let existing = map
+            .osds
+            .iter()
+            .find(|(_, o)| o.uuid == boot.uuid)
+            .map(|(id, o)| (*id, o.clone()));
+        let mut changes = Vec::new();
+        let id = match existing {
+            Some((id, info)) => {
+                if info.host != boot.host {
+                    let weight = if boot.crush_weight > 0 {
+                        boot.crush_weight
+                    } else {
+                        map.crush.osd_weight(id).unwrap_or(WEIGHT_ONE)
+                    };
+                    changes.push(Change::NewOsd {
+                        id,
+                        uuid: boot.uuid.clone(),
+                        host: boot.host.clone(),
+                        crush_weight: weight,
+                    });
+                } else if boot.crush_weight > 0
+                    && map.crush.osd_weight(id) != Some(boot.crush_weight)
+                {
+                    changes.push(Change::CrushWeight {
+                        id,
+                        weight: boot.crush_weight,
+                    });
+                }
+                if info.auto_out && !map.has_flag("noin") {
+                    changes.push(Change::Reweight {
+                        id,
+                        weight: WEIGHT_ONE,
+                        auto: false,
+                    });
+                }
+                id
+            }
+            None => {
+                let id = (0..).find(|i| !map.osds.contains_key(i)).unwrap_or(0);
+                changes.push(Change::NewOsd {
+                    id,
+                    uuid: boot.uuid.clone(),
+                    host: boot.host.clone(),
+                    crush_weight: if boot.crush_weight > 0 {
+                        boot.crush_weight
+                    } else {
+                        WEIGHT_ONE
+                    },
+                });
+                if map.has_flag("noin") {
+                    changes.push(Change::Reweight {
+                        id,
+                        weight: 0,
+                        auto: false,
+                    });
+                }
+                id
+            }
+        };
+        changes.push(Change::OsdUp {
+            id,
+            addr: boot.addr,
+        });
+        self.push(changes);
+        self.last_beacon.insert(id, now_ms);
+        self.failure_reports.remove(&id);
+        Ok(id)
+    }
+
+    pub fn beacon(&mut self, id: OsdId, now_ms: u64) -> Result<(), MapError> {
+        self.pending_map.osd(id)?;
+        self.last_beacon.insert(id, now_ms);
+        Ok(())
+    }
+
+    pub fn failure_report(
+        &mut self,
+        reporter: OsdId,
+        target: OsdId,
+        still_failed: bool,
+        now_ms: u64,
+    ) -> Result<(), MapError> {
+        self.pending_map.osd(reporter)?;
+        self.pending_map.osd(target)?;
+        let reports = self.failure_reports.entry(target).or_default();
+        if still_failed {
+            reports.insert(reporter, now_ms);
+        } else {
+            reports.remove(&reporter);
+        }
+        Ok(())
+    }
+
+    /// Periodic leader policy: beacon timeouts and failure reports mark OSDs
+    /// down; long-down OSDs are marked out; expired blocklist entries go.
+    pub fn tick(&mut self, now_ms: u64, wall_ms: u64) {
+        let map = &self.pending_map;
+        let mut changes = Vec::new();
+        let nodown = map.has_flag("nodown");
+        for (&id, osd) in &map.osds {
+            if !osd.up || nodown {
+                continue;
+            }
+            let last = self
+                .last_beacon
+                .get(&id)
+                .copied()
+                .unwrap_or(self.leader_since_ms)
+                .max(self.leader_since_ms);
+            let beacon_lost = now_ms.saturating_sub(last) > self.policy.beacon_grace_ms;
+            let reporter_hosts: std::collections::BTreeSet<&str> = self
+                .failure_reports
+                .get(&id)
+                .into_iter()
+                .flatten()
+                .filter(|(_, &at)| now_ms.saturating_sub(at) <= self.policy.heartbeat_grace_ms * 2)
+                .filter_map(|(r, _)| map.osds.get(r).filter(|o| o.up).map(|o| o.host.as_str()))
+                .filter(|h| *h != osd.host)
+                .collect();
+            let reported = reporter_hosts.len() as u32 >= self.policy.min_down_reporters.max(1);
+            if beacon_lost || reported {
+                changes.push(Change::OsdDown { id });
+            }
+        }
+        if !map.has_flag("noout") {
+            for (&id, osd) in &map.osds {
+                if !osd.up
+                    && osd.is_in()
+                    && osd.down_stamp_ms > 0
+                    && wall_ms.saturating_sub(osd.down_stamp_ms) >= self.policy.down_out_interval_ms
+                {
+                    changes.push(Change::Reweight {
+                        id,
+                        weight: 0,
+                        auto: true,
+                    });
+                }
+            }
+        }
+        for (entity, &expires) in &map.blocklist {
+            if expires <= wall_ms {
+                changes.push(Change::BlocklistRemove {
+                    entity: entity.clone(),
+                });
+            }
+        }
+        for change in &changes {
+            if let Change::OsdDown { id } = change {
+                self.failure_reports.remove(id);
+            }
+        }
+        self.push(changes);
+    }
+}
+
+/// Applies changes to a scratch map without advancing its epoch: the pending
+/// map stays "committed epoch" so ids and epochs derived from it are right.
+fn apply_unnumbered(map: &mut OsdMap, changes: Vec<Change>) {
+    if changes.is_empty() {
+        return;
+    }
+    let epoch = map.epoch;
+    let inc = Incremental {
+        epoch: epoch + 1,
+        stamp_ms: map.modified_ms,
+        changes,
+    };
+    // The epoch is right by construction, so apply cannot fail.
+    let _ = map.apply(&inc);
+    map.epoch = epoch;
+}
+
+fn check_flag(flag: &str) -> Result<(), MapError> {
+    if KNOWN_FLAGS.contains(&flag) {
+        Ok(())
+    } else {
+        Err(MapError::UnknownFlag(flag.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            beacon_grace_ms: 1_000,
+            heartbeat_grace_ms: 1_000,
+            min_down_reporters: 2,
+            down_out_interval_ms: 10_000,
+        }
+    }
+
+    /// Commits whatever is pending, as the node does after Paxos agrees.
+    fn commit(svc: &mut OsdMapService, wall_ms: u64) {
+        if let Some(inc) = svc.take_incremental(wall_ms) {
+            let mut map = (**svc.committed()).clone();
+            map.apply(&inc).expect("apply");
+            svc.on_commit(Arc::new(map));
+        }
+    }
+
+    fn booted(n: u32) -> OsdMapService {
+        let mut svc = OsdMapService::new(Arc::new(OsdMap::new("fsid")), policy());
+        svc.reset(0);
+        for i in 0..n {
+            let boot = Boot {
+                uuid: format!("u{i}"),
+                addr: format!("a{i}"),
+                host: format!("h{}", i / 2),
+                crush_weight: 0,
+            };
+            assert_eq!(svc.boot(boot, 0), Ok(i));
+        }
+        commit(&mut svc, 1);
+        svc
+    }
+
+    #[test]
+    fn duplicate_pool_in_flight_or_pending_is_refused() {
+        let mut svc = booted(0);
+        let create = || Command::PoolCreate {
+            name: "rbd".into(),
+            size: 3,
+            min_size: 2,
+            pg_num: 8,
+        };
+        svc.command(create(), 0).expect("first");
+        assert_eq!(
+            svc.command(create(), 0),
+            Err(MapError::PoolExists("rbd".into()))
+        );
+        let inc = svc.take_incremental(0).expect("proposal");
+        // In flight, not committed: still a duplicate.
+        assert_eq!(
+            svc.command(create(), 0),
+            Err(MapError::PoolExists("rbd".into()))
+        );
+        // A second pool gets the next id even before the first commits.
+        svc.command(
+            Command::PoolCreate {
+                name: "two".into(),
+                size: 3,
+                min_size: 2,
+                pg_num: 8,
+            },
+            0,
+        )
+        .expect("second");
+        let mut map = (**svc.committed()).clone();
+        map.apply(&inc).expect("apply");
+        svc.on_commit(Arc::new(map));
+        commit(&mut svc, 0);
+        let map = svc.committed();
+        assert_eq!(map.pool_named("rbd").map(|p| p.id), Ok(1));
+        assert_eq!(map.pool_named("two").map(|p| p.id), Ok(2));
+    }
+
+    #[test]
+    fn boot_reuses_ids_by_uuid() {
+        let mut svc = booted(4);
+        let again = Boot {
+            uuid: "u2".into(),
+            addr: "new".into(),
+            host: "h1".into(),
+            crush_weight: 0,
+        };
+        assert_eq!(svc.boot(again, 5), Ok(2));
+        let fresh = Boot {
+            uuid: "u9".into(),
+            addr: "x".into(),
+            host: "h9".into(),
+            crush_weight: 0,
+        };
+        assert_eq!(svc.boot(fresh, 5), Ok(4));
+        commit(&mut svc, 2);
+        let map = svc.committed();
+        assert_eq!(map.osds[&2].addr, "new");
+        assert_eq!(map.osds[&4].host, "h9");
+        assert_eq!(map.crush.osd_host(4), Some("h9"));
+    }
+
+    #[test]
+    fn silent_osds_go_down_then_out_unless_noout() {
+        let mut svc = booted(4);
+        for t in (0..=1_500).step_by(100) {
+            for id in 0..3 {
+                svc.beacon(id, t).expect("beacon");
+            }
+            svc.tick(t, 1_000 + t);
+        }
+        commit(&mut svc, 2_500);
+        let map = svc.committed().clone();
+        assert!(!map.osds[&3].up, "silent osd.3 is down");
+        assert!((0..3).all(|id| map.osds[&id].up));
+        assert!(map.osds[&3].is_in(), "not out before the interval");
+        svc.tick(1_600, 2_500 + 9_000);
+        assert!(!svc.has_pending());
+        svc.command(Command::SetFlag("noout".into()), 0)
+            .expect("noout");
+        commit(&mut svc, 3_000);
+        svc.tick(1_700, 2_500 + 20_000);
+        assert!(!svc.has_pending(), "noout keeps it in");
+        svc.command(Command::UnsetFlag("noout".into()), 0)
+            .expect("unset");
+        svc.tick(1_800, 2_500 + 20_000);
+        commit(&mut svc, 3_000);
+        let map = svc.committed();
+        assert!(!map.osds[&3].is_in() && map.osds[&3].auto_out);
+        // It comes back: marked in again.
+        let boot = Boot {
+            uuid: "u3".into(),
+            addr: "a3".into(),
+            host: "h1".into(),
+            crush_weight: 0,
+        };
+        svc.boot(boot, 1_900).expect("boot");
+        commit(&mut svc, 4_000);
+        assert!(svc.committed().osds[&3].up && svc.committed().osds[&3].is_in());
+    }
+
+    #[test]
+    fn failure_reports_need_distinct_other_hosts() {
+        let mut svc = booted(6);
+        let beat = |svc: &mut OsdMapService, t| {
+            for id in 0..6 {
+                svc.beacon(id, t).expect("beacon");
+            }
+        };
+        beat(&mut svc, 100);
+        // osd.1 shares osd.0's host: its report does not count.
+        svc.failure_report(1, 0, true, 100).expect("report");
+        svc.failure_report(2, 0, true, 100).expect("report");
+        svc.tick(200, 0);
+        assert!(!svc.has_pending(), "one other host is not enough");
+        svc.failure_report(4, 0, true, 150).expect("report");
+        svc.tick(200, 0);
+        commit(&mut svc, 1);
+        assert!(!svc.committed().osds[&0].up);
+        assert_eq!(
+            svc.failure_report(9, 0, true, 0),
+            Err(MapError::OsdNotFound(9))
+        );
+    }
+
+    #[test]
+    fn blocklist_entries_expire() {
+        let mut svc = booted(0);
+        svc.command(
+            Command::BlocklistAdd {
+                entity: "client.a".into(),
+                expire_secs: 10,
+            },
+            1_000,
+        )
+        .expect("add");
+        commit(&mut svc, 1_000);
+        assert!(svc.committed().is_blocklisted("client.a", 5_000));
+        svc.tick(0, 10_999);
+        assert!(!svc.has_pending());
+        svc.tick(0, 11_000);
+        commit(&mut svc, 11_000);
+        assert!(svc.committed().blocklist.is_empty());
+    }
+}
