@@ -2,7 +2,7 @@
 # Installs the system packages basalt builds and tests with (Debian 12).
 # Idempotent; needs root (or sudo) only when something is missing.
 set -euo pipefail
-pkgs=(libclang-dev clang pkg-config libnbd-bin fio prometheus iproute2 python3)
+pkgs=(libclang-dev pkg-config libnbd-bin fio prometheus iproute2 python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/basalt-target}"
 echo "building (the first build compiles RocksDB: about 20 minutes on 2 cores)..."
-cargo build --release --locked --bins
+# The same target set as scripts/test.sh, so RocksDB compiles once for both.
+cargo build --release --locked --workspace --all-targets
 bin="$CARGO_TARGET_DIR/release"
 dir="$PWD/var/cluster"
 mkdir -p "$dir"

@@ -37,6 +37,7 @@ const MAX_MESSAGE_BYTES: usize = 256 << 20;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     basalt_telemetry::init(&args.telemetry, "info")?;
+    basalt_mon::node::describe_metrics();
     let config = Arc::new(ClusterConfig::load(&args.config)?);
     let Some(me) = config.mon(args.id).cloned() else {
         bail!(

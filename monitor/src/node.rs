@@ -132,6 +132,32 @@ fn paxos_clock_ms() -> u64 {
     wall_ms()
 }
 
+/// Registers help text for every monitor metric (Prometheus tooling expects it).
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!("basalt_mon_in_quorum", "1 if this monitor is in the quorum");
+    describe_gauge!("basalt_mon_quorum_size", "Monitors in the current quorum");
+    describe_gauge!("basalt_mon_is_leader", "1 if this monitor leads the quorum");
+    describe_gauge!("basalt_mon_osdmap_epoch", "Latest committed OSDMap epoch");
+    describe_counter!(
+        "basalt_mon_elections_total",
+        "Elections this monitor took part in"
+    );
+    describe_counter!(
+        "basalt_mon_paxos_commits_total",
+        "Proposals this monitor committed as leader"
+    );
+    describe_histogram!(
+        "basalt_mon_paxos_commit_seconds",
+        Unit::Seconds,
+        "Time from proposing a value to its commit, on the leader"
+    );
+    describe_counter!(
+        "basalt_mon_peer_messages_dropped_total",
+        "Consensus messages dropped because a peer was unreachable or slow"
+    );
+}
+
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -269,7 +295,9 @@ impl Node {
             epoch = self.paxos.election_epoch(),
             "monitor state changed"
         );
-        metrics::counter!("basalt_mon_elections_total").increment(1);
+        if self.paxos.role() == Role::Electing {
+            metrics::counter!("basalt_mon_elections_total").increment(1);
+        }
         if is_leader != self.was_leader {
             // Queued changes were never proposed: failing them is unambiguous.
             let reason =

@@ -82,6 +82,7 @@ struct Daemon {
     child: Option<Child>,
     args: Vec<String>,
     log: PathBuf,
+    metrics: SocketAddr,
 }
 
 /// A local cluster of real processes in a temporary directory.
@@ -122,11 +123,14 @@ impl TestCluster {
             mons: Vec::new(),
         };
         for rank in 0..n {
+            let metrics = free_addr();
             let args = vec![
                 "--config".to_string(),
                 cluster.config_path.display().to_string(),
                 "--id".to_string(),
                 rank.to_string(),
+                "--metrics".to_string(),
+                metrics.to_string(),
             ];
             let log = cluster.dir.path().join(format!("mon{rank}.log"));
             cluster.mons.push(Daemon {
@@ -134,6 +138,7 @@ impl TestCluster {
                 child: None,
                 args,
                 log,
+                metrics,
             });
             cluster.start_mon(rank)?;
         }
@@ -186,6 +191,11 @@ impl TestCluster {
             Some(c) => matches!(c.try_wait(), Ok(None)),
             None => false,
         }
+    }
+
+    /// The Prometheus text monitor `rank` serves at /metrics.
+    pub fn mon_metrics(&self, rank: u32) -> anyhow::Result<String> {
+        http_get(self.mons[rank as usize].metrics, "/metrics")
     }
 
     pub fn mon_log(&self, rank: u32) -> String {
@@ -257,6 +267,26 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+/// A minimal HTTP/1.0 GET (bounded by 10 s), enough to scrape /metrics.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let Some((head, body)) = body.split_once("\r\n\r\n") else {
+        bail!("malformed HTTP reply from {addr}");
+    };
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!(
+            "GET {path} from {addr}: {}",
+            head.lines().next().unwrap_or("")
+        );
+    }
+    Ok(body.to_string())
 }
 
 /// Runs a command to completion, killing it after `limit`.

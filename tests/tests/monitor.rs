@@ -399,3 +399,51 @@ fn subscribers_see_every_new_epoch() {
     let old = rt.block_on(mon.osdmap_at(start + 1)).expect("old epoch");
     assert_eq!(old.epoch, start + 1);
 }
+
+#[test]
+fn monitor_metrics_pass_promtool() {
+    let cluster = TestCluster::start_mons(3, test_timeouts()).expect("start monitors");
+    wait_for("quorum", Duration::from_secs(30), || {
+        cluster.cli_json(&["mon", "stat"]).ok()
+    })
+    .expect("quorum");
+    cluster.cli_ok(&["pool", "create", "rbd"]).expect("create");
+    let text = wait_for("metrics", Duration::from_secs(30), || {
+        cluster
+            .mon_metrics(0)
+            .ok()
+            .filter(|t| t.contains("basalt_mon_paxos_commit_seconds_bucket"))
+    })
+    .expect("mon.0 metrics");
+    for needle in [
+        "basalt_mon_in_quorum 1",
+        "basalt_mon_quorum_size 3",
+        "basalt_mon_osdmap_epoch",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    for rank in 0..3 {
+        let text = cluster.mon_metrics(rank).expect("metrics");
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus; scripts/setup.sh installs it)");
+        use std::io::Write;
+        promtool
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write");
+        let out = promtool.wait_with_output().expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool rejects mon.{rank}'s metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
