@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use basalt_osd::store::*;
 use basalt_placement::PgId;
+use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -82,19 +83,33 @@ fn obj(name: String) -> ObjectId {
     ObjectId::new(PG, name)
 }
 
+/// Random buffers made up front so the measured loop does not include generating data.
+fn buffers(n: usize, len: usize) -> Arc<Vec<Bytes>> {
+    Arc::new(
+        (0..n)
+            .map(|i| {
+                let mut v = vec![0u8; len];
+                StdRng::seed_from_u64(i as u64).fill_bytes(&mut v);
+                Bytes::from(v)
+            })
+            .collect(),
+    )
+}
+
 async fn randwrite(store: &Store, qd: u64, secs: f64, version: Arc<AtomicU64>) -> Result {
     let s = store.clone();
+    let bufs = buffers(1024, 4096);
     drive(qd, secs, move |task, i| {
         let s = s.clone();
         let version = version.clone();
+        let bufs = bufs.clone();
         async move {
             let mut rng = StdRng::seed_from_u64(task << 32 | i);
             // Task t owns objects t, t+qd, t+2qd, ...: no two tasks touch one object at once.
             let n = (NOBJ - task).div_ceil(qd);
             let o = obj(format!("rbd_data.{}", task + qd * rng.random_range(0..n)));
             let off = rng.random_range(0..OBJ_SIZE / 4096) * 4096;
-            let mut data = vec![0u8; 4096];
-            rng.fill_bytes(&mut data);
+            let data = bufs[rng.random_range(0..bufs.len())].clone();
             let v = version.fetch_add(1, Ordering::Relaxed);
             let mut t = Transaction::new();
             t.write(&o, off, data)
@@ -115,12 +130,13 @@ async fn randwrite(store: &Store, qd: u64, secs: f64, version: Arc<AtomicU64>) -
 
 async fn seqwrite(store: &Store, qd: u64, secs: f64, run: u64) -> Result {
     let s = store.clone();
+    let bufs = buffers(16, 1 << 20);
     drive(qd, secs, move |task, i| {
         let s = s.clone();
+        let bufs = bufs.clone();
         async move {
             let o = obj(format!("seq.{run}.{task}.{}", i / 4));
-            let mut data = vec![0u8; 1 << 20];
-            StdRng::seed_from_u64(i).fill_bytes(&mut data);
+            let data = bufs[(i % 16) as usize].clone();
             let mut t = Transaction::new();
             t.write(&o, (i % 4) << 20, data);
             s.submit(t).await.unwrap();
@@ -157,6 +173,8 @@ fn main() {
             Superblock::new("bench", "bench"),
             StoreConfig {
                 commit_mode,
+                sync: std::env::var("BENCH_NOSYNC").is_err(),
+                blob_files: std::env::var("BENCH_NOBLOB").is_err(),
                 ..StoreConfig::default()
             },
         )

@@ -1052,3 +1052,45 @@ fn rocksdb_crash_keeps_acknowledged_writes() {
         assert!(s.deep_scrub_object(&o).unwrap().is_clean());
     }
 }
+
+#[test]
+fn rocksdb_both_commit_modes_agree() {
+    for mode in [CommitMode::ConcurrentWriters, CommitMode::CommitterThread] {
+        let d = tempfile::tempdir().unwrap();
+        let s = rocks_store(
+            &d,
+            StoreConfig {
+                commit_mode: mode,
+                ..cfg()
+            },
+        );
+        with_pg(&s);
+        run_model(&s, 7, 20);
+        let threads: Vec<_> = (0..8u64)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for j in 0..20u64 {
+                        submit(&s, |t| {
+                            t.write(&oid(&format!("w{i}")), j * 100, pattern(i * 1000 + j, 100))
+                                .pg_log_append(PG, 1000 + i * 100 + j, &b"e"[..]);
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for i in 0..8u64 {
+            let got = s.read(&oid(&format!("w{i}")), 0, u64::MAX).unwrap();
+            assert_eq!(got.len(), 2000, "{mode:?}");
+        }
+        assert_eq!(
+            s.pg_log_scan(PG, 1000, 1000).unwrap().len(),
+            160,
+            "{mode:?}"
+        );
+    }
+}

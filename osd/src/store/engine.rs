@@ -252,7 +252,7 @@ impl RocksEngine {
         // file also commits file-size metadata through the filesystem journal, which DESIGN §C
         // measured as far more expensive than the write itself.
         db_opts.set_recycle_log_file_num(4);
-        db_opts.set_max_total_wal_size(512 << 20);
+        db_opts.set_max_total_wal_size(128 << 20);
         db_opts.set_bytes_per_sync(1 << 20);
         let cache = Cache::new_lru_cache(cfg.block_cache_bytes);
 
@@ -268,7 +268,7 @@ impl RocksEngine {
                     // Chunk data is mostly incompressible (or already sparse-trimmed); big values
                     // go to blob files so compaction does not rewrite them (DESIGN §6.1).
                     o.set_compression_type(DBCompressionType::None);
-                    o.set_enable_blob_files(true);
+                    o.set_enable_blob_files(cfg.blob_files);
                     o.set_min_blob_size(4096);
                     o.set_blob_file_size(256 << 20);
                     o.set_blob_compression_type(DBCompressionType::None);

@@ -212,6 +212,8 @@ pub struct StoreConfig {
     pub sync: bool,
     /// RocksDB block cache shared by all column families.
     pub block_cache_bytes: usize,
+    /// Keep chunk values in RocksDB blob files (BlobDB) instead of the LSM tree.
+    pub blob_files: bool,
 }
 
 impl Default for StoreConfig {
@@ -219,9 +221,10 @@ impl Default for StoreConfig {
         StoreConfig {
             capacity_bytes: None,
             max_object_size: DEFAULT_MAX_OBJECT_SIZE,
-            commit_mode: CommitMode::ConcurrentWriters,
+            commit_mode: CommitMode::CommitterThread,
             sync: true,
             block_cache_bytes: 64 * 1024 * 1024,
+            blob_files: true,
         }
     }
 }
