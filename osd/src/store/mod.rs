@@ -72,7 +72,8 @@
 //!   must serialise transactions that touch the same object** (the PG layer orders a PG's writes
 //!   anyway) and must not submit a transaction touching an object until the previous one touching
 //!   it has returned. PG-level records (info, log entries at distinct versions) follow the same
-//!   rule per PG.
+//!   rule per PG, and `pg_create` / `pg_remove` must not overlap any other transaction on that PG
+//!   (a transaction built while a removal is in flight would see the PG still present).
 //! - The in-memory store gives the same atomicity and visibility; it is "durable" only for the
 //!   life of the value.
 //!
