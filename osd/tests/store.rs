@@ -1094,3 +1094,56 @@ fn rocksdb_both_commit_modes_agree() {
         );
     }
 }
+
+/// Real ENOSPC: needs a small filesystem, so it is opt-in. Run as
+/// `mount -t tmpfs -o size=24m tmpfs /tmp/basalt-enospc &&
+///  BASALT_ENOSPC_DIR=/tmp/basalt-enospc cargo test --release -p basalt-osd --test store -- --ignored enospc --nocapture`
+#[test]
+#[ignore = "needs a small filesystem in BASALT_ENOSPC_DIR"]
+fn rocksdb_enospc_is_full_and_store_stays_readable() {
+    let dir = std::env::var("BASALT_ENOSPC_DIR").expect("set BASALT_ENOSPC_DIR");
+    let d = tempfile::tempdir_in(dir).unwrap();
+    let s = Store::mkfs(
+        d.path(),
+        Superblock::new("f", "o"),
+        StoreConfig {
+            sync: true,
+            ..StoreConfig::default()
+        },
+    )
+    .unwrap();
+    with_pg(&s);
+    let mut written = 0u64;
+    let err = loop {
+        match submit(&s, |t| {
+            t.write_full(&oid(&format!("fill{written}")), pattern(written, 1 << 20));
+        }) {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+        assert!(written < 10_000, "filesystem never filled");
+    };
+    println!("after {written} MiB: {err}");
+    assert!(matches!(err, StoreError::Full { .. }), "{err:?}");
+    for i in 0..written {
+        assert!(s.read(&oid(&format!("fill{i}")), 0, u64::MAX).unwrap() == pattern(i, 1 << 20)[..]);
+    }
+    let again = submit(&s, |t| {
+        t.remove(&oid("fill0"));
+    });
+    println!("remove after ENOSPC: {again:?}");
+    assert!(s.read(&oid("fill1"), 0, 10).is_ok(), "still readable");
+    // RocksDB latches the error until reopened; reopening replays the WAL into new files, which
+    // itself needs free space, so on a still-full disk open fails with the same clear `Full`.
+    drop(s);
+    match Store::open(d.path(), StoreConfig::default()) {
+        Err(e) => {
+            println!("reopen on the full disk: {e}");
+            assert!(matches!(e, StoreError::Full { .. }), "{e:?}");
+        }
+        Ok(s) => {
+            assert!(s.read(&oid("fill1"), 0, 10).is_ok());
+            println!("reopened on the full disk");
+        }
+    }
+}

@@ -29,9 +29,10 @@ pub enum StoreError {
     CorruptMetadata { what: String, detail: String },
 
     /// The configured capacity would be exceeded, or the disk itself is full (ENOSPC). The store
-    /// stays readable; removals and other shrinking transactions are still accepted under a
-    /// capacity limit.
-    #[error("store full: {reason}; free space by removing objects or raise the capacity limit")]
+    /// stays readable. Under a capacity limit, removals and other shrinking transactions are still
+    /// accepted; after a real ENOSPC RocksDB refuses every write until the store is reopened
+    /// with free disk space. `reason` says which, and what to do.
+    #[error("store full: {reason}")]
     Full { reason: String },
 
     /// Bad input from the caller: oversize names/keys/values, offset overflow, bad ids.
@@ -75,7 +76,10 @@ impl From<rocksdb::Error> for StoreError {
         let lower = msg.to_ascii_lowercase();
         if lower.contains("no space") || lower.contains("nospace") || lower.contains("enospc") {
             return StoreError::Full {
-                reason: format!("disk full: {msg}"),
+                reason: format!(
+                    "the disk is full ({msg}); free disk space, then restart the OSD \
+                     (writes stay refused until the store is reopened)"
+                ),
             };
         }
         match e.kind() {

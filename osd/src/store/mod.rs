@@ -106,8 +106,15 @@
 //! bytes past it fails with [`StoreError::Full`]; transactions that shrink usage (removes,
 //! truncates) always pass, so a full store can be emptied. Omap, onodes and PG logs are not
 //! charged: they are small next to data, and charging them exactly would need a read of every
-//! overwritten omap value. A real ENOSPC from RocksDB also maps to `Full`; RocksDB then refuses
-//! further writes until the store is reopened with space available, while reads keep working.
+//! overwritten omap value.
+//!
+//! A real ENOSPC from RocksDB also maps to `Full` (tested on a 24 MiB tmpfs by the opt-in
+//! `rocksdb_enospc_is_full_and_store_stays_readable`). Reads keep working, but RocksDB latches
+//! the error: every later write, removals included, fails with `Full` until the store is
+//! reopened, and reopening replays the WAL into new files, which itself needs free space (on a
+//! still-full disk `open` fails with `Full`). So the capacity limit is the real guard: the OSD
+//! should set `capacity_bytes` comfortably below the disk's size (Ceph's full ratio is 95%),
+//! leaving room for RocksDB's own overhead (WAL, compaction, blob garbage).
 
 mod engine;
 mod error;
@@ -308,7 +315,8 @@ impl Store {
                     inner.used.fetch_sub(delta, Ordering::SeqCst);
                     return Err(StoreError::Full {
                         reason: format!(
-                            "transaction needs {delta} more bytes; {before} of {cap} used"
+                            "transaction needs {delta} more bytes but {before} of the \
+                             {cap}-byte capacity are used; remove objects or raise capacity_bytes"
                         ),
                     });
                 }
