@@ -7,7 +7,7 @@
 //!
 //! Run: `CARGO_TARGET_DIR=$HOME/.cache/basalt-target cargo bench -p basalt-osd --bench store`
 //! (`BENCH_SECS=N` per measurement, default 5; `BENCH_DIR` for the temp dir's parent;
-//! `BENCH_MODES=concurrent,committer` to choose commit modes). Not run by `cargo test`.
+//! `BENCH_MODES=concurrent,committer,memory` to choose commit modes or the in-memory engine). Not run by `cargo test`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -163,22 +163,24 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     for mode in modes.split(',') {
         let commit_mode = match mode {
-            "concurrent" => CommitMode::ConcurrentWriters,
+            "concurrent" | "memory" => CommitMode::ConcurrentWriters,
             "committer" => CommitMode::CommitterThread,
             other => panic!("unknown mode {other}"),
         };
+        let cfg = StoreConfig {
+            commit_mode,
+            sync: std::env::var("BENCH_NOSYNC").is_err(),
+            blob_files: std::env::var("BENCH_NOBLOB").is_err(),
+            ..StoreConfig::default()
+        };
         let dir = tempfile::tempdir_in(&parent).unwrap();
-        let store = Store::mkfs(
-            dir.path(),
-            Superblock::new("bench", "bench"),
-            StoreConfig {
-                commit_mode,
-                sync: std::env::var("BENCH_NOSYNC").is_err(),
-                blob_files: std::env::var("BENCH_NOBLOB").is_err(),
-                ..StoreConfig::default()
-            },
-        )
-        .unwrap();
+        // "memory": the in-memory engine, i.e. the cost of the shared store layer alone
+        // (chunk read-modify-write, blake3, onode encoding) without RocksDB or fsync.
+        let store = if mode == "memory" {
+            Store::in_memory(cfg).unwrap()
+        } else {
+            Store::mkfs(dir.path(), Superblock::new("bench", "bench"), cfg).unwrap()
+        };
         rt.block_on(async {
             let mut t = Transaction::new();
             t.pg_create(PG);
