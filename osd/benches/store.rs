@@ -5,9 +5,11 @@
 //!   honouring the per-object ordering contract): ops/s, p50/p99 latency.
 //! - 1 MiB sequential writes into fresh 4 MiB objects at concurrency 1 and 4: MiB/s.
 //!
-//! Run: `CARGO_TARGET_DIR=$HOME/.cache/basalt-target cargo bench -p basalt-osd --bench store`
-//! (`BENCH_SECS=N` per measurement, default 5; `BENCH_DIR` for the temp dir's parent;
-//! `BENCH_MODES=concurrent,committer,memory` to choose commit modes or the in-memory engine). Not run by `cargo test`.
+//! Run: `CARGO_TARGET_DIR=$HOME/.cache/basalt-target cargo test --release -p basalt-osd --bench store`
+//! (release profile on purpose: `cargo bench` uses the bench profile, which would recompile
+//! RocksDB). `BENCH_SECS=N` per measurement, default 5; `BENCH_DIR` for the temp dir's parent;
+//! `BENCH_MODES=concurrent,committer,memory` picks commit modes or the in-memory engine;
+//! `BENCH_NOSYNC=1`, `BENCH_NOBLOB=1` for comparisons. Plain `cargo test` does not run it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
