@@ -218,17 +218,20 @@ fn health_checks(map: &OsdMap, status: &basalt_proto::mon::StatusReply) -> Vec<H
     checks
 }
 
+fn quorum_ranks(st: &basalt_proto::mon::StatusReply) -> Vec<u32> {
+    st.mons
+        .iter()
+        .filter(|m| m.in_quorum)
+        .map(|m| m.rank)
+        .collect()
+}
+
 async fn status(mon: &MonClient, json: bool) -> anyhow::Result<()> {
     let st = mon.status().await?;
     let map = mon.osdmap().await?;
     let checks = health_checks(&map, &st);
     let health = HealthStatus::of(&checks);
-    let quorum: Vec<u32> = st
-        .mons
-        .iter()
-        .filter(|m| m.in_quorum)
-        .map(|m| m.rank)
-        .collect();
+    let quorum = quorum_ranks(&st);
     if json {
         print_json(json!({
             "fsid": st.fsid,
@@ -304,12 +307,7 @@ async fn health(mon: &MonClient, json: bool, detail: bool) -> anyhow::Result<()>
 
 async fn mon_stat(mon: &MonClient, json: bool) -> anyhow::Result<()> {
     let st = mon.status().await?;
-    let quorum: Vec<u32> = st
-        .mons
-        .iter()
-        .filter(|m| m.in_quorum)
-        .map(|m| m.rank)
-        .collect();
+    let quorum = quorum_ranks(&st);
     if json {
         let mons: Vec<_> = st
             .mons
