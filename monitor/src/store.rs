@@ -232,23 +232,15 @@ impl MonStore {
         let mut first_epoch = self.first_epoch;
         let mut map_changed = false;
         for op in ops {
+            if matches!(op, PersistOp::Commit { version, .. } if *version <= paxos.last_committed) {
+                // Already applied; applying an incremental twice would fail.
+                continue;
+            }
+            let old_first = paxos.first_committed;
+            paxos.apply(op);
             match op {
-                PersistOp::ElectionEpoch(e) => paxos.election_epoch = *e,
-                PersistOp::LastPn(pn) => paxos.last_pn = *pn,
-                PersistOp::AcceptedPn(pn) => paxos.accepted_pn = *pn,
-                PersistOp::Uncommitted { version, pn, value } => {
-                    paxos.uncommitted = Some((*version, *pn, value.clone()))
-                }
-                PersistOp::ClearUncommitted => paxos.uncommitted = None,
                 PersistOp::Commit { version, value } => {
-                    if *version <= paxos.last_committed {
-                        continue;
-                    }
                     batch.put(key(PREFIX_PAXOS_VALUE, *version), value.to_vec());
-                    paxos.last_committed = *version;
-                    if paxos.first_committed == 0 {
-                        paxos.first_committed = *version;
-                    }
                     let value: MonValue = decode(value, "paxos value")
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                     if let Some(inc) = value.osdmap {
@@ -261,7 +253,7 @@ impl MonStore {
                         map_changed = true;
                     }
                 }
-                PersistOp::InstallSnapshot { version, data } => {
+                PersistOp::InstallSnapshot { data, .. } => {
                     let snap: MonSnapshot = decode(data, "monitor snapshot")
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                     batch.delete_range(
@@ -276,19 +268,17 @@ impl MonStore {
                     map = snap.osdmap;
                     batch.put(key(PREFIX_OSDMAP_FULL, map.epoch), encode(&map));
                     first_epoch = map.epoch;
-                    paxos.first_committed = *version;
-                    paxos.last_committed = *version;
                     map_changed = true;
                 }
                 PersistOp::Trim { first_committed } => {
-                    if *first_committed > paxos.first_committed {
+                    if *first_committed > old_first {
                         batch.delete_range(
                             key(PREFIX_PAXOS_VALUE, 0),
                             key(PREFIX_PAXOS_VALUE, *first_committed),
                         );
-                        paxos.first_committed = *first_committed;
                     }
                 }
+                _ => {}
             }
         }
         // Keep `keep_epochs` of OSDMap history and a full map at the new oldest epoch,

@@ -250,30 +250,16 @@ impl Paxos {
             return;
         }
         for op in &ops {
+            self.ps.apply(op);
             match op {
-                PersistOp::ElectionEpoch(e) => self.ps.election_epoch = *e,
-                PersistOp::LastPn(pn) => self.ps.last_pn = *pn,
-                PersistOp::AcceptedPn(pn) => self.ps.accepted_pn = *pn,
-                PersistOp::Uncommitted { version, pn, value } => {
-                    self.ps.uncommitted = Some((*version, *pn, value.clone()))
-                }
-                PersistOp::ClearUncommitted => self.ps.uncommitted = None,
                 PersistOp::Commit { version, value } => {
-                    self.ps.last_committed = *version;
-                    if self.ps.first_committed == 0 {
-                        self.ps.first_committed = *version;
-                    }
                     cx.fresh.insert(*version, value.clone());
                 }
                 PersistOp::InstallSnapshot { version, data } => {
-                    self.ps.first_committed = *version;
-                    self.ps.last_committed = *version;
                     cx.fresh.clear();
                     cx.fresh_snapshot = Some((*version, data.clone()));
                 }
-                PersistOp::Trim { first_committed } => {
-                    self.ps.first_committed = *first_committed;
-                }
+                _ => {}
             }
         }
         cx.out.push(Output::Persist(ops));

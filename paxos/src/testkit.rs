@@ -168,23 +168,7 @@ pub fn check_persist_before_send(durable: &PersistentState, out: &[Output]) -> R
         match o {
             Output::Persist(ops) => {
                 for op in ops {
-                    match op {
-                        PersistOp::ElectionEpoch(e) => st.election_epoch = *e,
-                        PersistOp::LastPn(p) => st.last_pn = *p,
-                        PersistOp::AcceptedPn(p) => st.accepted_pn = *p,
-                        PersistOp::Uncommitted { version, pn, value } => {
-                            st.uncommitted = Some((*version, *pn, value.clone()))
-                        }
-                        PersistOp::ClearUncommitted => st.uncommitted = None,
-                        PersistOp::Commit { version, .. } => st.last_committed = *version,
-                        PersistOp::InstallSnapshot { version, .. } => {
-                            st.last_committed = *version;
-                            st.first_committed = *version;
-                        }
-                        PersistOp::Trim { first_committed } => {
-                            st.first_committed = *first_committed
-                        }
-                    }
+                    st.apply(op);
                 }
             }
             Output::Send { msg, .. } => {

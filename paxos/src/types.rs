@@ -70,6 +70,34 @@ pub struct PersistentState {
     pub uncommitted: Option<(Version, u64, Bytes)>,
 }
 
+impl PersistentState {
+    /// How one persisted op changes this state. The core, the monitor's store
+    /// and the test kit all go through here, so a restarted monitor resumes
+    /// from exactly the state the core had in memory.
+    pub fn apply(&mut self, op: &PersistOp) {
+        match op {
+            PersistOp::ElectionEpoch(e) => self.election_epoch = *e,
+            PersistOp::LastPn(pn) => self.last_pn = *pn,
+            PersistOp::AcceptedPn(pn) => self.accepted_pn = *pn,
+            PersistOp::Uncommitted { version, pn, value } => {
+                self.uncommitted = Some((*version, *pn, value.clone()))
+            }
+            PersistOp::ClearUncommitted => self.uncommitted = None,
+            PersistOp::Commit { version, .. } => {
+                self.last_committed = *version;
+                if self.first_committed == 0 {
+                    self.first_committed = *version;
+                }
+            }
+            PersistOp::InstallSnapshot { version, .. } => {
+                self.first_committed = *version;
+                self.last_committed = *version;
+            }
+            PersistOp::Trim { first_committed } => self.first_committed = *first_committed,
+        }
+    }
+}
+
 /// Read access to what this monitor has durably committed (the driver's store).
 pub trait CommittedLog {
     /// The value committed at `v`, if still kept (`first_committed..=last_committed`).

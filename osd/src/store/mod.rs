@@ -179,14 +179,24 @@ impl Store {
     pub fn in_memory(cfg: StoreConfig) -> Result<Store> {
         check_config(&cfg)?;
         let superblock = Superblock::new("memory", "memory");
-        let engine = Engine::Memory(MemEngine::default());
+        Self::format(Engine::Memory(MemEngine::default()), superblock, cfg, None)
+    }
+
+    /// Writes the superblock into a fresh engine and wraps it.
+    fn format(
+        engine: Engine,
+        superblock: Superblock,
+        cfg: StoreConfig,
+        path: Option<&Path>,
+    ) -> Result<Store> {
+        let durable = path.is_some();
         engine.write(
             vec![KvOp::Put(
                 Cf::Meta,
                 keys::META_SUPERBLOCK.to_vec(),
                 Bytes::from(encode_superblock(&superblock)),
             )],
-            false,
+            durable,
         )?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -194,7 +204,7 @@ impl Store {
                 cfg,
                 superblock,
                 used: AtomicI64::new(0),
-                path: None,
+                path: path.map(Path::to_path_buf),
             }),
         })
     }
@@ -215,23 +225,7 @@ impl Store {
             format_version: FORMAT_VERSION,
             ..superblock
         };
-        engine.write(
-            vec![KvOp::Put(
-                Cf::Meta,
-                keys::META_SUPERBLOCK.to_vec(),
-                Bytes::from(encode_superblock(&superblock)),
-            )],
-            true,
-        )?;
-        Ok(Store {
-            inner: Arc::new(Inner {
-                engine,
-                cfg,
-                superblock,
-                used: AtomicI64::new(0),
-                path: Some(path.to_path_buf()),
-            }),
-        })
+        Self::format(engine, superblock, cfg, Some(path))
     }
 
     /// Opens a store made by [`Store::mkfs`]. Recovery after a crash is RocksDB's WAL replay:
