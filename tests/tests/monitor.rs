@@ -454,24 +454,34 @@ fn five_monitors_survive_losing_two() {
     // Clients are built outside block_on; they need the runtime entered.
     let _guard = rt.enter();
     let mut cluster = TestCluster::start_mons(5, test_timeouts()).expect("start monitors");
-    let mon = MonClient::with_timeout(cluster.config.clone(), Duration::from_secs(20)).expect("client");
-    let leader = wait_for("a leader", Duration::from_secs(30), || leader_of(&rt, &mon)).expect("leader");
-    rt.block_on(mon.pool_create("a", 3, 2, 8)).expect("create with 5");
+    let mon =
+        MonClient::with_timeout(cluster.config.clone(), Duration::from_secs(20)).expect("client");
+    let leader =
+        wait_for("a leader", Duration::from_secs(30), || leader_of(&rt, &mon)).expect("leader");
+    rt.block_on(mon.pool_create("a", 3, 2, 8))
+        .expect("create with 5");
 
     // Lose the leader and one more: 3 of 5 is still a majority.
     let other = (leader + 1) % 5;
     cluster.kill_mon(leader);
     cluster.kill_mon(other);
-    rt.block_on(mon.pool_create("b", 3, 2, 8)).expect("create with 3 of 5");
+    rt.block_on(mon.pool_create("b", 3, 2, 8))
+        .expect("create with 3 of 5");
     let st = rt.block_on(mon.status()).expect("status");
-    let quorum: Vec<u32> = st.mons.iter().filter(|m| m.in_quorum).map(|m| m.rank).collect();
+    let quorum: Vec<u32> = st
+        .mons
+        .iter()
+        .filter(|m| m.in_quorum)
+        .map(|m| m.rank)
+        .collect();
     assert_eq!(quorum.len(), 3, "{quorum:?}");
     assert!(!quorum.contains(&leader) && !quorum.contains(&other));
 
     // A third loss leaves a minority: a clear error, not a hang.
     let third = (leader + 2) % 5;
     cluster.kill_mon(third);
-    let short = MonClient::with_timeout(cluster.config.clone(), Duration::from_secs(5)).expect("client");
+    let short =
+        MonClient::with_timeout(cluster.config.clone(), Duration::from_secs(5)).expect("client");
     // If the leader had already proposed it when its quorum broke, the outcome
     // is honestly unknown (and a later leader may finish it); otherwise it
     // must never appear.
@@ -485,14 +495,20 @@ fn five_monitors_survive_losing_two() {
         cluster.start_mon(r).expect("restart");
     }
     for rank in 0..5 {
-        let direct = MonClient::with_timeout(cluster.config_for_mon(rank), Duration::from_secs(5)).expect("client");
+        let direct = MonClient::with_timeout(cluster.config_for_mon(rank), Duration::from_secs(5))
+            .expect("client");
         let map = wait_for("every monitor caught up", Duration::from_secs(60), || {
-            rt.block_on(direct.osdmap()).ok().filter(|m| m.pool_by_name("b").is_some())
+            rt.block_on(direct.osdmap())
+                .ok()
+                .filter(|m| m.pool_by_name("b").is_some())
         })
         .expect("caught up");
         assert!(map.pool_by_name("a").is_some());
         if definitely_not_applied {
-            assert!(map.pool_by_name("c").is_none(), "a refused creation appeared");
+            assert!(
+                map.pool_by_name("c").is_none(),
+                "a refused creation appeared"
+            );
         }
     }
 }
