@@ -240,6 +240,8 @@ pub struct Daemon {
     /// Some once booted: our id and the epoch the boot landed in.
     booted: Option<(OsdId, Epoch)>,
     booting: bool,
+    /// The last boot got a definite refusal; the next tick tries again.
+    boot_refused: bool,
     sub: Option<MapSubscription>,
     subscribing: bool,
     map: Option<Arc<OsdMap>>,
@@ -280,6 +282,7 @@ impl Daemon {
             events,
             booted: None,
             booting: false,
+            boot_refused: false,
             sub: None,
             subscribing: false,
             map: None,
@@ -446,6 +449,7 @@ impl Daemon {
                 // A definite "no" (bad address, unknown cluster…): keep serving pings, log
                 // loudly and try again later in case an operator fixes the cluster side.
                 self.booting = false;
+                self.boot_refused = true;
                 tracing::error!(error = %DaemonError::Refused(e), "boot refused; retrying on the next tick");
             }
             Event::Subscribed(sub) => {
@@ -533,6 +537,10 @@ impl Daemon {
 
     fn on_tick(&mut self) {
         self.update_store_metric();
+        if self.boot_refused && !self.booting {
+            self.boot_refused = false;
+            self.start_boot(self.map.as_ref().map_or(0, |m| m.epoch));
+        }
         let Some((id, _)) = self.booted else {
             return;
         };
