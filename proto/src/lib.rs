@@ -7,3 +7,8 @@
 pub mod mon {
     tonic::include_proto!("basalt.mon");
 }
+
+#[allow(clippy::all, missing_docs)]
+pub mod osd {
+    tonic::include_proto!("basalt.osd");
+}

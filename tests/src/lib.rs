@@ -91,11 +91,25 @@ pub struct TestCluster {
     pub config: ClusterConfig,
     pub config_path: PathBuf,
     mons: Vec<Daemon>,
+    osds: Vec<Daemon>,
 }
 
 impl TestCluster {
     /// Writes a config for `n` monitors and starts them.
     pub fn start_mons(n: u32, timeouts: Timeouts) -> anyhow::Result<Self> {
+        let mut cluster = Self::config_only(n, timeouts)?;
+        cluster.spawn_mons(n)?;
+        Ok(cluster)
+    }
+
+    /// Writes a config naming `n` monitors on free ports but starts none (a cluster whose
+    /// monitors are all unreachable).
+    pub fn config_only(n: u32, timeouts: Timeouts) -> anyhow::Result<Self> {
+        Self::config_only_with_fsid(n, timeouts, &format!("test-{}", std::process::id()))
+    }
+
+    /// As [`TestCluster::config_only`], with a chosen cluster fsid.
+    pub fn config_only_with_fsid(n: u32, timeouts: Timeouts, fsid: &str) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("basalt-test-").tempdir()?;
         let mons: Vec<MonEntry> = (0..n)
             .map(|rank| MonEntry {
@@ -107,7 +121,7 @@ impl TestCluster {
         let config = ClusterConfig {
             cluster: ClusterSection {
                 name: "basalt".into(),
-                fsid: format!("test-{}", std::process::id()),
+                fsid: fsid.into(),
             },
             mons,
             timeouts,
@@ -116,12 +130,17 @@ impl TestCluster {
         };
         let config_path = dir.path().join("cluster.toml");
         std::fs::write(&config_path, config.to_toml())?;
-        let mut cluster = TestCluster {
+        Ok(TestCluster {
             dir,
             config,
             config_path,
             mons: Vec::new(),
-        };
+            osds: Vec::new(),
+        })
+    }
+
+    fn spawn_mons(&mut self, n: u32) -> anyhow::Result<()> {
+        let cluster = self;
         for rank in 0..n {
             let metrics = free_addr();
             let args = vec![
@@ -142,7 +161,7 @@ impl TestCluster {
             });
             cluster.start_mon(rank)?;
         }
-        Ok(cluster)
+        Ok(())
     }
 
     pub fn start_mon(&mut self, rank: u32) -> anyhow::Result<()> {
@@ -244,8 +263,140 @@ impl TestCluster {
             .with_context(|| format!("basalt {args:?} printed invalid JSON: {out}"))
     }
 
+    /// Starts a new `basalt-osd` in CRUSH host `host` with its own empty data directory;
+    /// returns its harness index (not its OSD id: the monitors assign that).
+    pub fn start_osd(&mut self, host: &str) -> anyhow::Result<usize> {
+        let i = self.osds.len();
+        let data = self.dir.path().join(format!("osd{i}"));
+        let args = vec![
+            "--host".to_string(),
+            host.to_string(),
+            "--data".to_string(),
+            data.display().to_string(),
+        ];
+        self.start_osd_with(args)
+    }
+
+    /// Starts a `basalt-osd` with this cluster's config, a metrics address and `args`.
+    pub fn start_osd_with(&mut self, args: Vec<String>) -> anyhow::Result<usize> {
+        let i = self.osds.len();
+        let metrics = free_addr();
+        let mut all = vec![
+            "--config".to_string(),
+            self.config_path.display().to_string(),
+            "--metrics".to_string(),
+            metrics.to_string(),
+        ];
+        all.extend(args);
+        self.osds.push(Daemon {
+            name: format!("osd#{i}"),
+            child: None,
+            args: all,
+            log: self.dir.path().join(format!("osd{i}.log")),
+            metrics,
+        });
+        self.restart_osd(i)?;
+        Ok(i)
+    }
+
+    /// Starts OSD `i` again with the same arguments (and so the same data directory).
+    pub fn restart_osd(&mut self, i: usize) -> anyhow::Result<()> {
+        let d = &mut self.osds[i];
+        if d.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&d.log)?;
+        let child = Command::new(bin("basalt-osd"))
+            .args(&d.args)
+            .env("RUST_LOG", "info")
+            // Plain `key=value` log lines, so tests can look for them.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {}", d.name))?;
+        d.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILLs OSD `i` (power-cut semantics).
+    pub fn kill_osd(&mut self, i: usize) {
+        if let Some(mut c) = self.osds[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERMs OSD `i` and waits (bounded by `limit`, then SIGKILL) for it to exit; returns
+    /// its exit status, or `None` if it had to be killed.
+    pub fn stop_osd(&mut self, i: usize, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.osds[i].child.take()?;
+        // SAFETY: kill(2) on a pid we spawned and have not reaped.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        loop {
+            match c.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if start.elapsed() < limit => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Waits (bounded) for OSD `i` to exit on its own; returns its status.
+    pub fn wait_osd_exit(&mut self, i: usize, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            let c = self.osds[i].child.as_mut()?;
+            match c.try_wait() {
+                Ok(Some(status)) => {
+                    self.osds[i].child = None;
+                    return Some(status);
+                }
+                Ok(None) if start.elapsed() < limit => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Whether OSD `i`'s process is still running.
+    pub fn osd_alive(&mut self, i: usize) -> bool {
+        match self.osds[i].child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The Prometheus text OSD `i` serves at /metrics.
+    pub fn osd_metrics(&self, i: usize) -> anyhow::Result<String> {
+        http_get(self.osds[i].metrics, "/metrics")
+    }
+
+    pub fn osd_log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.osds[i].log).unwrap_or_default()
+    }
+
+    /// The data directory `start_osd` gave OSD `i`.
+    pub fn osd_data(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("osd{i}"))
+    }
+
     pub fn dump_logs(&self) {
-        for d in &self.mons {
+        for d in self.mons.iter().chain(&self.osds) {
             eprintln!(
                 "===== {} log =====\n{}",
                 d.name,
@@ -260,7 +411,7 @@ impl Drop for TestCluster {
         if std::thread::panicking() {
             self.dump_logs();
         }
-        for d in &mut self.mons {
+        for d in self.mons.iter_mut().chain(self.osds.iter_mut()) {
             if let Some(mut c) = d.child.take() {
                 let _ = c.kill();
                 let _ = c.wait();

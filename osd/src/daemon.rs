@@ -1,0 +1,695 @@
+//! The `basalt-osd` daemon's life cycle with the monitors (no data path yet).
+//!
+//! ```text
+//!  gRPC Osd::Ping ◀── peers            state owner (one task, `Daemon::run`)
+//!  (reads Shared: id, epoch)           select {
+//!                                        shutdown signal        → mark me down (best effort), stop
+//!  MonClient::subscribe ──watch──▶       new OSDMap             → persist epoch, metrics, re-boot if
+//!                                                                  the map says we are down / moved
+//!                                        tick (beacon interval) → beacon, ping peers, report the
+//!                                                                  silent ones past the grace
+//!  spawned mon calls / pings ──mpsc──▶   Event (boot result, pong, beacon done)
+//!                                      }
+//! ```
+//!
+//! Everything that talks to the network (monitor calls, pings) runs in spawned tasks that send
+//! an [`Event`] back, so a slow or absent monitor never stalls the loop: heartbeats keep
+//! flowing while a beacon waits for quorum, and SIGTERM is handled at once.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_client::{ClientError, MapSubscription, MonClient};
+use basalt_config::ClusterConfig;
+use basalt_maps::{Epoch, OsdId, OsdMap};
+use basalt_proto::osd::osd_client::OsdClient;
+use basalt_proto::osd::osd_server::{Osd, OsdServer};
+use basalt_proto::osd::{PingReply, PingRequest};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::store::{Store, StoreConfig, StoreError, Superblock, Transaction};
+
+/// Meta key (see [`Transaction::meta_set`]) holding the newest OSDMap epoch this OSD has seen,
+/// big-endian u64, so a restarted OSD knows how old its view is.
+pub const META_LAST_MAP_EPOCH: &[u8] = b"last_map_epoch";
+/// Meta key holding the id the monitors gave this OSD (big-endian u32), for logs and tools.
+pub const META_WHOAMI: &[u8] = b"whoami";
+
+/// Why the daemon cannot start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(
+        "{path} holds a store of cluster fsid {found}, but the config is for fsid {expected}; \
+         use an empty directory for this cluster"
+    )]
+    WrongCluster {
+        path: String,
+        found: String,
+        expected: String,
+    },
+    #[error("{path} is not empty and holds no basalt OSD store; pass an empty or new directory")]
+    NotAStore { path: String },
+    #[error("cannot read data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("monitors refused this OSD: {0}")]
+    Refused(ClientError),
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Opens the store in `dir`, or formats it with a new OSD uuid when `dir` is missing or empty.
+/// A store made for another cluster is refused: its objects and OSD identity belong there.
+pub fn open_or_mkfs(dir: &Path, fsid: &str) -> Result<Store, DaemonError> {
+    let cfg = StoreConfig::default();
+    let has_store = dir.join("CURRENT").exists();
+    if !has_store {
+        let empty = match std::fs::read_dir(dir) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(source) => {
+                return Err(DaemonError::DataDir {
+                    path: dir.display().to_string(),
+                    source,
+                })
+            }
+        };
+        if !empty {
+            // Formatting here would bury someone's files inside a RocksDB directory.
+            return Err(DaemonError::NotAStore {
+                path: dir.display().to_string(),
+            });
+        }
+        let uuid = new_uuid();
+        let store = Store::mkfs(dir, Superblock::new(fsid, uuid.clone()), cfg)?;
+        tracing::info!(data = %dir.display(), %uuid, %fsid, "formatted a new OSD store");
+        return Ok(store);
+    }
+    let store = Store::open(dir, cfg)?;
+    let sb = store.superblock();
+    if sb.fsid != fsid {
+        return Err(DaemonError::WrongCluster {
+            path: dir.display().to_string(),
+            found: sb.fsid.clone(),
+            expected: fsid.to_string(),
+        });
+    }
+    Ok(store)
+}
+
+/// A random (version 4) UUID. The monitors map it to an OSD id, so it only has to be unique.
+fn new_uuid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The newest OSDMap epoch recorded in the store (0 if none yet).
+pub fn last_map_epoch(store: &Store) -> Result<Epoch, StoreError> {
+    Ok(match store.meta_get(META_LAST_MAP_EPOCH)? {
+        Some(v) if v.len() == 8 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v);
+            u64::from_be_bytes(b)
+        }
+        Some(_) => return Err(StoreError::corrupt_meta("last_map_epoch", "not 8 bytes")),
+        None => 0,
+    })
+}
+
+/// Registers the metrics' help text (promtool wants HELP and TYPE for every family).
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        "basalt_osd_up",
+        "1 if the latest OSDMap this OSD has seen shows it up, else 0"
+    );
+    metrics::describe_gauge!(
+        "basalt_osd_map_epoch",
+        "Newest OSDMap epoch this OSD has seen"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_beacons_total",
+        "Beacons the monitors acknowledged"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_heartbeat_failures_reported_total",
+        "Peer failure reports (still failed) sent to the monitors"
+    );
+    metrics::describe_gauge!(
+        "basalt_osd_store_used_bytes",
+        "Bytes of object data and xattrs charged in the object store"
+    );
+}
+
+/// What the daemon needs besides its store.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub cluster: ClusterConfig,
+    pub data: PathBuf,
+    pub host: String,
+    /// Address served and advertised in the OSDMap (already bound: no port 0).
+    pub addr: SocketAddr,
+    /// CRUSH weight, 16.16 fixed point.
+    pub crush_weight: u32,
+}
+
+/// State the gRPC handlers read; only the state owner writes it.
+#[derive(Default)]
+struct Shared {
+    /// `u32::MAX` until the first boot succeeds.
+    osd_id: AtomicU32,
+    epoch: AtomicU64,
+}
+
+struct OsdService {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl Osd for OsdService {
+    async fn ping(
+        &self,
+        _req: tonic::Request<PingRequest>,
+    ) -> Result<tonic::Response<PingReply>, tonic::Status> {
+        let osd_id = self.shared.osd_id.load(Ordering::Relaxed);
+        if osd_id == u32::MAX {
+            return Err(tonic::Status::unavailable("this OSD has not booted yet"));
+        }
+        Ok(tonic::Response::new(PingReply {
+            osd_id,
+            epoch: self.shared.epoch.load(Ordering::Relaxed),
+        }))
+    }
+}
+
+/// Results of spawned network work, handed back to the state owner.
+enum Event {
+    Booted(Result<(OsdId, Epoch), ClientError>),
+    Subscribed(MapSubscription),
+    BeaconDone(bool),
+    Pong {
+        target: OsdId,
+        addr: String,
+        ok: bool,
+    },
+}
+
+/// What this OSD knows about one peer it heartbeats.
+struct Peer {
+    addr: String,
+    client: OsdClient<Channel>,
+    /// Last answer, or when we started watching it (a new peer gets a full grace).
+    last_ok: Instant,
+    /// When we last told the monitors it failed (None = not reported).
+    reported_at: Option<Instant>,
+    ping_in_flight: bool,
+}
+
+/// The state owner.
+pub struct Daemon {
+    cfg: DaemonConfig,
+    store: Store,
+    mon: MonClient,
+    shared: Arc<Shared>,
+    events_tx: mpsc::Sender<Event>,
+    events: mpsc::Receiver<Event>,
+    /// Some once booted: our id and the epoch the boot landed in.
+    booted: Option<(OsdId, Epoch)>,
+    booting: bool,
+    /// The last boot got a definite refusal; the next tick tries again.
+    boot_refused: bool,
+    sub: Option<MapSubscription>,
+    subscribing: bool,
+    map: Option<Arc<OsdMap>>,
+    persisted_epoch: Epoch,
+    beacon_in_flight: bool,
+    peers: BTreeMap<OsdId, Peer>,
+    beacon_interval: Duration,
+    heartbeat_grace: Duration,
+}
+
+impl Daemon {
+    pub fn new(cfg: DaemonConfig, store: Store) -> Result<Self, DaemonError> {
+        let t = &cfg.cluster.timeouts;
+        let beacon_interval = Duration::from_millis(t.osd_beacon_interval_ms.max(1));
+        let heartbeat_grace = Duration::from_millis(t.osd_heartbeat_grace_ms.max(1));
+        // Bound each monitor call by half the beacon grace: a beacon that takes longer is
+        // useless anyway, and a dead monitor set then shows up as retries in the log rather
+        // than one long silent wait.
+        let op_timeout = Duration::from_millis(
+            t.client_op_timeout_ms
+                .min(t.osd_beacon_grace_ms / 2)
+                .max(1_000),
+        );
+        let mon = MonClient::with_timeout(cfg.cluster.clone(), op_timeout)
+            .map_err(|e| DaemonError::Config(e.to_string()))?;
+        let persisted_epoch = last_map_epoch(&store)?;
+        let (events_tx, events) = mpsc::channel(1024);
+        let shared = Arc::new(Shared {
+            osd_id: AtomicU32::new(u32::MAX),
+            epoch: AtomicU64::new(persisted_epoch),
+        });
+        Ok(Daemon {
+            cfg,
+            store,
+            mon,
+            shared,
+            events_tx,
+            events,
+            booted: None,
+            booting: false,
+            boot_refused: false,
+            sub: None,
+            subscribing: false,
+            map: None,
+            persisted_epoch,
+            beacon_interval,
+            heartbeat_grace,
+            beacon_in_flight: false,
+            peers: BTreeMap::new(),
+        })
+    }
+
+    /// Serves `listener` and runs the life cycle until `shutdown` resolves.
+    pub async fn run(
+        mut self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let service = OsdServer::new(OsdService {
+            shared: self.shared.clone(),
+        });
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let grpc = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                }),
+        );
+        let uuid = self.store.superblock().osd_uuid.clone();
+        tracing::info!(
+            %uuid,
+            addr = %self.cfg.addr,
+            host = %self.cfg.host,
+            last_map_epoch = self.persisted_epoch,
+            "osd starting"
+        );
+        metrics::gauge!("basalt_osd_up").set(0.0);
+        metrics::gauge!("basalt_osd_map_epoch").set(self.persisted_epoch as f64);
+        metrics::counter!("basalt_osd_beacons_total").increment(0);
+        metrics::counter!("basalt_osd_heartbeat_failures_reported_total").increment(0);
+        self.update_store_metric();
+
+        self.start_boot(0);
+        let mut tick = tokio::time::interval(self.beacon_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            let next_epoch = self.map.as_ref().map_or(1, |m| m.epoch + 1);
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(ev) = self.events.recv() => self.handle_event(ev).await,
+                m = wait_map(&mut self.sub, next_epoch) => match m {
+                    Some(map) => self.handle_map(map).await,
+                    // The subscription task ended; take a new one.
+                    None => { self.sub = None; self.start_subscribe(); }
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+        tracing::info!("shutting down");
+        if let Some((id, _)) = self.booted {
+            // Ceph's OSD asks to be marked down on a clean stop so clients do not wait out the
+            // grace; best effort and bounded, since the monitors may be gone.
+            match tokio::time::timeout(Duration::from_secs(2), self.mon.osd_down(id)).await {
+                Ok(Ok(_)) => tracing::info!(osd = id, "monitors marked this OSD down"),
+                Ok(Err(e)) => tracing::warn!(osd = id, error = %e, "could not mark myself down"),
+                Err(_) => tracing::warn!(osd = id, "no monitor answered the mark-down in time"),
+            }
+        }
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(Duration::from_secs(5), grpc).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server stopped with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+            Err(_) => tracing::warn!("gRPC server did not stop within 5 s"),
+        }
+        tracing::info!("osd stopped");
+        Ok(())
+    }
+
+    /// Boots (again) in the background, retrying with bounded backoff while the monitors lack
+    /// quorum; only a definite refusal ends the retries (and the daemon).
+    fn start_boot(&mut self, attempt_epoch: Epoch) {
+        if self.booting {
+            return;
+        }
+        self.booting = true;
+        let mon = self.mon.clone();
+        let tx = self.events_tx.clone();
+        let uuid = self.store.superblock().osd_uuid.clone();
+        let addr = self.cfg.addr.to_string();
+        let host = self.cfg.host.clone();
+        let weight = self.cfg.crush_weight;
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match mon.osd_boot(&uuid, &addr, &host, weight).await {
+                    Ok(r) => {
+                        let _ = tx.send(Event::Booted(Ok(r))).await;
+                        return;
+                    }
+                    Err(e) if retryable(&e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, seen_epoch = attempt_epoch, "boot not acknowledged; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Event::Booted(Err(e))).await;
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    fn start_subscribe(&mut self) {
+        if self.subscribing || self.sub.is_some() {
+            return;
+        }
+        self.subscribing = true;
+        let mon = self.mon.clone();
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match mon.subscribe().await {
+                    Ok(sub) => {
+                        let _ = tx.send(Event::Subscribed(sub)).await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "cannot subscribe to the OSDMap; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+    }
+
+    async fn handle_event(&mut self, ev: Event) {
+        match ev {
+            Event::Booted(Ok((id, epoch))) => {
+                self.booting = false;
+                let first = self.booted.is_none();
+                self.booted = Some((id, epoch));
+                self.shared.osd_id.store(id, Ordering::Relaxed);
+                tracing::info!(
+                    osd = id,
+                    epoch,
+                    "booted: the monitors know this OSD as osd.{id}"
+                );
+                if first {
+                    let mut txn = Transaction::new();
+                    txn.meta_set(META_WHOAMI, id.to_be_bytes().to_vec());
+                    if let Err(e) = self.store.submit(txn).await {
+                        tracing::error!(error = %e, "cannot record the OSD id in the store");
+                    }
+                }
+                self.start_subscribe();
+            }
+            Event::Booted(Err(e)) => {
+                // A definite "no" (bad address, unknown cluster…): keep serving pings, log
+                // loudly and try again later in case an operator fixes the cluster side.
+                self.booting = false;
+                self.boot_refused = true;
+                tracing::error!(error = %DaemonError::Refused(e), "boot refused; retrying on the next tick");
+            }
+            Event::Subscribed(sub) => {
+                self.subscribing = false;
+                let map = sub.current();
+                self.sub = Some(sub);
+                self.handle_map(map).await;
+            }
+            Event::BeaconDone(ok) => {
+                self.beacon_in_flight = false;
+                if ok {
+                    metrics::counter!("basalt_osd_beacons_total").increment(1);
+                }
+            }
+            Event::Pong { target, addr, ok } => self.handle_pong(target, addr, ok),
+        }
+    }
+
+    async fn handle_map(&mut self, map: Arc<OsdMap>) {
+        if self.map.as_ref().is_some_and(|m| m.epoch >= map.epoch) {
+            return;
+        }
+        // Persisted before it is shown (peers, metrics), so whatever epoch this OSD has
+        // advertised survives a crash.
+        if map.epoch > self.persisted_epoch {
+            let mut txn = Transaction::new();
+            txn.meta_set(META_LAST_MAP_EPOCH, map.epoch.to_be_bytes().to_vec());
+            match self.store.submit(txn).await {
+                Ok(()) => self.persisted_epoch = map.epoch,
+                Err(e) => tracing::error!(error = %e, "cannot persist the map epoch"),
+            }
+        }
+        self.shared.epoch.store(map.epoch, Ordering::Relaxed);
+        metrics::gauge!("basalt_osd_map_epoch").set(map.epoch as f64);
+        if let Some((id, boot_epoch)) = self.booted {
+            let me = map.osds.get(&id);
+            let up_here = me.is_some_and(|o| o.up && o.addr == self.cfg.addr.to_string());
+            metrics::gauge!("basalt_osd_up").set(if up_here { 1.0 } else { 0.0 });
+            // A map older than our boot may still show the previous incarnation down: only a
+            // map that includes the boot can say we were marked down since.
+            if !up_here && map.epoch >= boot_epoch && !self.booting {
+                tracing::warn!(
+                    osd = id,
+                    epoch = map.epoch,
+                    "the OSDMap shows this OSD down or at another address while it runs (wrongly marked down); booting again"
+                );
+                self.start_boot(map.epoch);
+            }
+            self.update_peers(&map, id);
+        }
+        self.map = Some(map);
+    }
+
+    /// Tracks every other up OSD. Ceph heartbeats only the OSDs sharing a PG with it (plus a
+    /// few neighbours); basalt has no PGs on OSDs yet, so each OSD watches all up OSDs. That is
+    /// O(n²) pings, fine for the small clusters this slice runs; narrow it once PGs exist.
+    fn update_peers(&mut self, map: &OsdMap, me: OsdId) {
+        let now = Instant::now();
+        self.peers
+            .retain(|id, p| map.osds.get(id).is_some_and(|o| o.up && o.addr == p.addr));
+        for (&id, o) in &map.osds {
+            if id == me || !o.up || self.peers.contains_key(&id) {
+                continue;
+            }
+            let Ok(endpoint) = Endpoint::from_shared(format!("http://{}", o.addr)) else {
+                tracing::warn!(osd = id, addr = %o.addr, "peer has an unusable address; not watching it");
+                continue;
+            };
+            let channel = endpoint
+                .connect_timeout(self.heartbeat_grace / 2)
+                .tcp_nodelay(true)
+                .connect_lazy();
+            self.peers.insert(
+                id,
+                Peer {
+                    addr: o.addr.clone(),
+                    client: OsdClient::new(channel),
+                    last_ok: now,
+                    reported_at: None,
+                    ping_in_flight: false,
+                },
+            );
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.update_store_metric();
+        if self.boot_refused && !self.booting {
+            self.boot_refused = false;
+            self.start_boot(self.map.as_ref().map_or(0, |m| m.epoch));
+        }
+        let Some((id, _)) = self.booted else {
+            return;
+        };
+        if !self.beacon_in_flight {
+            self.beacon_in_flight = true;
+            let mon = self.mon.clone();
+            let tx = self.events_tx.clone();
+            let epoch = self.map.as_ref().map_or(0, |m| m.epoch);
+            tokio::spawn(async move {
+                let ok = match mon.osd_beacon(id, epoch).await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "beacon not acknowledged");
+                        false
+                    }
+                };
+                let _ = tx.send(Event::BeaconDone(ok)).await;
+            });
+        }
+        let epoch = self.map.as_ref().map_or(0, |m| m.epoch);
+        let now = Instant::now();
+        let timeout = self.beacon_interval.max(Duration::from_millis(500));
+        for (&target, peer) in &mut self.peers {
+            if !peer.ping_in_flight {
+                peer.ping_in_flight = true;
+                let mut client = peer.client.clone();
+                let tx = self.events_tx.clone();
+                let addr = peer.addr.clone();
+                tokio::spawn(async move {
+                    let ok = matches!(
+                        tokio::time::timeout(timeout, client.ping(PingRequest { epoch })).await,
+                        Ok(Ok(r)) if r.get_ref().osd_id == target
+                    );
+                    let _ = tx.send(Event::Pong { target, addr, ok }).await;
+                });
+            }
+            let silent = now.saturating_duration_since(peer.last_ok);
+            let due = peer
+                .reported_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= self.heartbeat_grace);
+            if silent >= self.heartbeat_grace && due {
+                // Re-sent every grace period while it stays silent: the monitors only count
+                // recent reports.
+                peer.reported_at = Some(now);
+                tracing::warn!(
+                    osd = target,
+                    silent_ms = silent.as_millis() as u64,
+                    "peer missed heartbeats; reporting it"
+                );
+                metrics::counter!("basalt_osd_heartbeat_failures_reported_total").increment(1);
+                let mon = self.mon.clone();
+                let failed_for_ms = silent.as_millis() as u64;
+                tokio::spawn(async move {
+                    if let Err(e) = mon.osd_failure(id, target, failed_for_ms, true).await {
+                        tracing::warn!(osd = target, error = %e, "failure report not delivered");
+                    }
+                });
+            }
+        }
+    }
+
+    fn handle_pong(&mut self, target: OsdId, addr: String, ok: bool) {
+        let Some(peer) = self.peers.get_mut(&target) else {
+            return;
+        };
+        if peer.addr != addr {
+            return; // an answer from a previous incarnation's address
+        }
+        peer.ping_in_flight = false;
+        if !ok {
+            return;
+        }
+        peer.last_ok = Instant::now();
+        if peer.reported_at.take().is_some() {
+            if let Some((id, _)) = self.booted {
+                tracing::info!(
+                    osd = target,
+                    "peer answers again; withdrawing the failure report"
+                );
+                let mon = self.mon.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = mon.osd_failure(id, target, 0, false).await {
+                        tracing::warn!(osd = target, error = %e, "cannot withdraw failure report");
+                    }
+                });
+            }
+        }
+    }
+
+    fn update_store_metric(&self) {
+        metrics::gauge!("basalt_osd_store_used_bytes").set(self.store.stats().used_bytes as f64);
+    }
+}
+
+/// The next map at or after `epoch`, or pending forever without a subscription (the select
+/// then waits on the other branches). `None` means the subscription ended.
+async fn wait_map(sub: &mut Option<MapSubscription>, epoch: Epoch) -> Option<Arc<OsdMap>> {
+    match sub {
+        Some(s) => loop {
+            match s.wait_for_epoch(epoch, Duration::from_secs(3600)).await {
+                Ok(m) => return Some(m),
+                Err(ClientError::Timeout(_)) => continue,
+                Err(_) => return None,
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Errors worth another try: the cluster may recover (quorum, partitions); anything else is
+/// an answer.
+fn retryable(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::NoQuorum(_) | ClientError::Timeout(_) | ClientError::Ambiguous(_)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_are_v4_shaped_and_distinct() {
+        let a = new_uuid();
+        let b = new_uuid();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.as_bytes()[14], b'4');
+    }
+
+    #[test]
+    fn store_of_another_cluster_is_refused_and_epoch_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("osd");
+        let store = open_or_mkfs(&path, "fsid-a").expect("mkfs");
+        let uuid = store.superblock().osd_uuid.clone();
+        let mut txn = Transaction::new();
+        txn.meta_set(META_LAST_MAP_EPOCH, 42u64.to_be_bytes().to_vec());
+        store.submit_blocking(&txn).expect("submit");
+        drop(store);
+        let again = open_or_mkfs(&path, "fsid-a").expect("reopen");
+        assert_eq!(again.superblock().osd_uuid, uuid);
+        assert_eq!(last_map_epoch(&again).expect("epoch"), 42);
+        drop(again);
+        let err = open_or_mkfs(&path, "fsid-b").expect_err("other cluster");
+        assert!(err.to_string().contains("fsid-a"), "{err}");
+        std::fs::write(dir.path().join("x"), b"x").expect("write");
+        let err = open_or_mkfs(dir.path(), "fsid-a").expect_err("non-empty");
+        assert!(matches!(err, DaemonError::NotAStore { .. }), "{err}");
+    }
+}

@@ -1,0 +1,117 @@
+//! The `basalt-osd` daemon: one OSD per data directory (see `basalt_osd::daemon`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use basalt_config::ClusterConfig;
+use basalt_osd::daemon::{open_or_mkfs, Daemon, DaemonConfig};
+use clap::Parser;
+
+/// A basalt OSD: stores objects in DIR and reports to the monitors.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Cluster configuration file.
+    #[arg(long, short = 'c')]
+    config: PathBuf,
+    /// Store directory: formatted on first start (must then be empty or missing).
+    #[arg(long)]
+    data: PathBuf,
+    /// CRUSH host bucket of this OSD (default: this machine's hostname).
+    #[arg(long)]
+    host: Option<String>,
+    /// Address to serve peers and clients on; port 0 picks a free port, which is advertised.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// CRUSH weight (conventionally the capacity in TiB; 1.0 by default).
+    #[arg(long, default_value_t = 1.0)]
+    crush_weight: f64,
+    #[command(flatten)]
+    telemetry: basalt_telemetry::TelemetryArgs,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("basalt-osd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the operator sees what failed and why, not a backtrace-shaped list.
+            eprintln!("basalt-osd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    basalt_telemetry::init(&args.telemetry, "info")?;
+    basalt_osd::daemon::describe_metrics();
+    let cluster = ClusterConfig::load(&args.config)?;
+    let host = match args.host {
+        Some(h) => h,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .context("cannot read the hostname from /proc/sys/kernel/hostname; pass --host NAME")?,
+    };
+    if host.is_empty() {
+        bail!("--host must not be empty");
+    }
+    if !(args.crush_weight.is_finite() && args.crush_weight > 0.0 && args.crush_weight < 65536.0) {
+        bail!(
+            "--crush-weight {} must be a positive number below 65536",
+            args.crush_weight
+        );
+    }
+    let crush_weight = ((args.crush_weight * 65536.0).round() as u32).max(1);
+    if args.listen.ip().is_unspecified() {
+        // The address goes into the OSDMap for peers to dial: it must name this machine.
+        bail!(
+            "--listen {} is a wildcard address; pass the address peers should connect to",
+            args.listen
+        );
+    }
+    let data = args.data.clone();
+    let fsid = cluster.cluster.fsid.clone();
+    // RocksDB open/mkfs blocks; keep it off the runtime threads.
+    let store = tokio::task::spawn_blocking(move || open_or_mkfs(&data, &fsid))
+        .await
+        .context("store open task failed")??;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}; is the address free?", args.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    let daemon = Daemon::new(
+        DaemonConfig {
+            cluster,
+            data: args.data,
+            host,
+            addr,
+            crush_weight,
+        },
+        store,
+    )?;
+    daemon.run(listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
