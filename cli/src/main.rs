@@ -9,12 +9,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use basalt_client::MonClient;
+use basalt_client::{MonClient, Rados};
 use basalt_config::ClusterConfig;
 use basalt_maps::{HealthCheck, HealthStatus, OsdMap, Severity};
 use basalt_placement::{pg_distribution, NodeKind, WEIGHT_ONE};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
+
+mod obj;
 
 #[derive(Parser, Debug)]
 #[command(name = "basalt", version, about = "Administer a basalt cluster")]
@@ -56,6 +58,9 @@ enum Cmd {
     /// Pool commands.
     #[command(subcommand)]
     Pool(PoolCmd),
+    /// Object commands (rados-like).
+    #[command(subcommand)]
+    Obj(obj::ObjCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,14 +180,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .timeout
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_millis(config.timeouts.client_op_timeout_ms));
-    let mon = MonClient::with_timeout(config, timeout)?;
+    let mut config = config;
+    config.timeouts.client_op_timeout_ms = timeout.as_millis() as u64;
     let json = cli.format == Format::Json;
+    let mon = MonClient::with_timeout(config.clone(), timeout)?;
     match cli.command {
         Cmd::Status => status(&mon, json).await,
         Cmd::Health { detail } => health(&mon, json, detail.is_some()).await,
         Cmd::Mon(MonCmd::Stat) => mon_stat(&mon, json).await,
         Cmd::Osd(cmd) => osd(&mon, json, cmd).await,
         Cmd::Pool(cmd) => pool(&mon, json, cmd).await,
+        Cmd::Obj(cmd) => {
+            let rados = Rados::connect(config).await?;
+            obj::run(&rados, json, cmd).await
+        }
     }
 }
 

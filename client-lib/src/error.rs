@@ -23,6 +23,16 @@ pub enum ClientError {
     PermissionDenied(String),
     #[error("refused: {0}")]
     FailedPrecondition(String),
+    /// A lock or resource is held by someone else.
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("no space left: {0}")]
+    NoSpace(String),
+    /// The data is temporarily unservable (PG inactive, no primary); retrying later may work.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("I/O error: {0}")]
+    Io(String),
     #[error("cannot decode a reply: {0}")]
     Decode(String),
     #[error("bad client configuration: {0}")]

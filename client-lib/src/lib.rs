@@ -19,6 +19,9 @@
 
 mod error;
 mod mon;
+mod rados;
 
+pub use basalt_ops as ops;
 pub use error::ClientError;
 pub use mon::{MapSubscription, MonClient};
+pub use rados::{IoCtx, ObjectStat, Rados, Watch, WatchEvent, DEFAULT_WATCH_TIMEOUT};

@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,12 +27,13 @@ use basalt_client::{ClientError, MapSubscription, MonClient};
 use basalt_config::ClusterConfig;
 use basalt_maps::{Epoch, OsdId, OsdMap};
 use basalt_proto::osd::osd_client::OsdClient;
-use basalt_proto::osd::osd_server::{Osd, OsdServer};
-use basalt_proto::osd::{PingReply, PingRequest};
+use basalt_proto::osd::osd_server::OsdServer;
+use basalt_proto::osd::PingRequest;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::service::{OsdCore, OsdService};
 use crate::store::{Store, StoreConfig, StoreError, Superblock, Transaction};
 
 /// Meta key (see [`Transaction::meta_set`]) holding the newest OSDMap epoch this OSD has seen,
@@ -163,6 +164,39 @@ pub fn describe_metrics() {
         "basalt_osd_store_used_bytes",
         "Bytes of object data and xattrs charged in the object store"
     );
+    metrics::describe_gauge!(
+        "basalt_osd_pgs",
+        "PG instances on this OSD by state (primary: peering/active/inactive; replica; stray)"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_client_ops_total",
+        "Client requests handled as primary, by kind (read/write) and result"
+    );
+    metrics::describe_histogram!(
+        "basalt_osd_client_op_seconds",
+        "Client request latency at the primary, including replication"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_client_bytes_total",
+        "Encoded client request/reply bytes, by direction"
+    );
+    metrics::describe_histogram!(
+        "basalt_osd_sub_op_seconds",
+        "Replica sub-op latency (apply and commit on this OSD)"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_dup_replies_total",
+        "Resent requests answered from the PG log instead of being applied again"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_recovered_objects_total",
+        "Objects copied by peering/recovery (pulled or pushed)"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_read_repairs_total",
+        "Corrupt local copies replaced from a replica during a read"
+    );
+    metrics::describe_gauge!("basalt_osd_watches", "Watches held on this OSD's objects");
 }
 
 /// What the daemon needs besides its store.
@@ -175,35 +209,6 @@ pub struct DaemonConfig {
     pub addr: SocketAddr,
     /// CRUSH weight, 16.16 fixed point.
     pub crush_weight: u32,
-}
-
-/// State the gRPC handlers read; only the state owner writes it.
-#[derive(Default)]
-struct Shared {
-    /// `u32::MAX` until the first boot succeeds.
-    osd_id: AtomicU32,
-    epoch: AtomicU64,
-}
-
-struct OsdService {
-    shared: Arc<Shared>,
-}
-
-#[tonic::async_trait]
-impl Osd for OsdService {
-    async fn ping(
-        &self,
-        _req: tonic::Request<PingRequest>,
-    ) -> Result<tonic::Response<PingReply>, tonic::Status> {
-        let osd_id = self.shared.osd_id.load(Ordering::Relaxed);
-        if osd_id == u32::MAX {
-            return Err(tonic::Status::unavailable("this OSD has not booted yet"));
-        }
-        Ok(tonic::Response::new(PingReply {
-            osd_id,
-            epoch: self.shared.epoch.load(Ordering::Relaxed),
-        }))
-    }
 }
 
 /// Results of spawned network work, handed back to the state owner.
@@ -234,7 +239,9 @@ pub struct Daemon {
     cfg: DaemonConfig,
     store: Store,
     mon: MonClient,
-    shared: Arc<Shared>,
+    core: Arc<OsdCore>,
+    /// The newest map epoch, as the heartbeat reports it.
+    epoch: Arc<AtomicU64>,
     events_tx: mpsc::Sender<Event>,
     events: mpsc::Receiver<Event>,
     /// Some once booted: our id and the epoch the boot landed in.
@@ -269,15 +276,14 @@ impl Daemon {
             .map_err(|e| DaemonError::Config(e.to_string()))?;
         let persisted_epoch = last_map_epoch(&store)?;
         let (events_tx, events) = mpsc::channel(1024);
-        let shared = Arc::new(Shared {
-            osd_id: AtomicU32::new(u32::MAX),
-            epoch: AtomicU64::new(persisted_epoch),
-        });
+        let core = OsdCore::new(store.clone());
+        let epoch = Arc::new(AtomicU64::new(persisted_epoch));
         Ok(Daemon {
             cfg,
             store,
             mon,
-            shared,
+            core,
+            epoch,
             events_tx,
             events,
             booted: None,
@@ -302,8 +308,11 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let service = OsdServer::new(OsdService {
-            shared: self.shared.clone(),
-        });
+            core: self.core.clone(),
+            epoch: self.epoch.clone(),
+        })
+        .max_decoding_message_size(basalt_ops::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(basalt_ops::MAX_MESSAGE_BYTES);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let grpc = tokio::spawn(
             tonic::transport::Server::builder()
@@ -430,7 +439,6 @@ impl Daemon {
                 self.booting = false;
                 let first = self.booted.is_none();
                 self.booted = Some((id, epoch));
-                self.shared.osd_id.store(id, Ordering::Relaxed);
                 tracing::info!(
                     osd = id,
                     epoch,
@@ -482,7 +490,7 @@ impl Daemon {
                 Err(e) => tracing::error!(error = %e, "cannot persist the map epoch"),
             }
         }
-        self.shared.epoch.store(map.epoch, Ordering::Relaxed);
+        self.epoch.store(map.epoch, Ordering::Relaxed);
         metrics::gauge!("basalt_osd_map_epoch").set(map.epoch as f64);
         if let Some((id, boot_epoch)) = self.booted {
             let me = map.osds.get(&id);
@@ -499,6 +507,7 @@ impl Daemon {
                 self.start_boot(map.epoch);
             }
             self.update_peers(&map, id);
+            self.core.on_map(id, map.clone()).await;
         }
         self.map = Some(map);
     }
@@ -632,6 +641,22 @@ impl Daemon {
 
     fn update_store_metric(&self) {
         metrics::gauge!("basalt_osd_store_used_bytes").set(self.store.stats().used_bytes as f64);
+        let mut by_state: BTreeMap<&'static str, u64> =
+            ["peering", "active", "inactive", "replica", "stray"]
+                .into_iter()
+                .map(|s| (s, 0))
+                .collect();
+        for (_, state, _) in self.core.pg_summary() {
+            let key = by_state
+                .keys()
+                .copied()
+                .find(|k| state.starts_with(k))
+                .unwrap_or("stray");
+            *by_state.entry(key).or_default() += 1;
+        }
+        for (state, n) in by_state {
+            metrics::gauge!("basalt_osd_pgs", "state" => state).set(n as f64);
+        }
     }
 }
 

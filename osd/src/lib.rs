@@ -19,6 +19,8 @@
 //! instances will be driven from map changes.
 
 pub mod daemon;
+pub mod pg;
+pub mod service;
 pub mod store;
 
 pub use store::{ObjectId, Store, StoreConfig, StoreError, Transaction};

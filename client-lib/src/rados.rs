@@ -1,0 +1,942 @@
+//! The object side of the client: [`Rados`] (a connected cluster handle following the
+//! OSDMap) and [`IoCtx`] (one pool's objects), librados-style.
+//!
+//! Every op is routed by placement to its PG's acting primary in the client's newest map.
+//! When the OSD answers "not primary" or "interval changed", or cannot be reached, the client
+//! waits for a newer map and resends *with the same request id*, so an op that did land is
+//! answered from the PG log instead of being applied twice. Every op is bounded by the op
+//! timeout (`client_op_timeout_ms`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use basalt_config::ClusterConfig;
+use basalt_maps::{Epoch, OsdMap, PoolId};
+use basalt_ops::{
+    decode, encode, LockKind, LockState, NotifyResult, ObjOp, OpError, OpOutput, OpResult,
+    WatcherInfo, MAX_MESSAGE_BYTES,
+};
+use basalt_placement::{object_to_pg_ns, PgId};
+use basalt_proto::osd as pb;
+use basalt_proto::osd::osd_client::OsdClient;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{ClientError, MapSubscription, MonClient};
+
+/// Default watch timeout (Ceph's `osd_client_watch_timeout`).
+pub const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection to a cluster: monitors, the subscribed OSDMap and OSD connections. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct Rados {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    mon: MonClient,
+    sub: MapSubscription,
+    entity: String,
+    incarnation: u64,
+    next_tid: AtomicU64,
+    osds: Mutex<HashMap<String, OsdClient<Channel>>>,
+    op_timeout: Duration,
+}
+
+/// Object stat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectStat {
+    pub size: u64,
+    pub mtime_ns: u64,
+    pub version: basalt_ops::Eversion,
+}
+
+impl Rados {
+    /// Connects to the cluster in `config` and subscribes to the OSDMap. The client's entity
+    /// name is random per process (`client.<16 hex>`), as each librados instance has its own
+    /// global id.
+    pub async fn connect(config: ClusterConfig) -> Result<Rados, ClientError> {
+        let entity = format!("client.{:016x}", rand_u64());
+        Self::connect_as(config, &entity).await
+    }
+
+    /// As [`Rados::connect`] with a chosen entity name (what the blocklist and locks show).
+    pub async fn connect_as(config: ClusterConfig, entity: &str) -> Result<Rados, ClientError> {
+        if entity.is_empty() || entity.len() > 256 {
+            return Err(ClientError::InvalidArgument(
+                "a client entity name is 1..=256 bytes".into(),
+            ));
+        }
+        let op_timeout = Duration::from_millis(config.timeouts.client_op_timeout_ms.max(100));
+        let mon = MonClient::new(config)?;
+        let sub = mon.subscribe().await?;
+        Ok(Rados {
+            inner: Arc::new(Inner {
+                mon,
+                sub,
+                entity: entity.to_string(),
+                incarnation: rand_u64(),
+                next_tid: AtomicU64::new(1),
+                osds: Mutex::new(HashMap::new()),
+                op_timeout,
+            }),
+        })
+    }
+
+    /// This client's entity name.
+    pub fn entity(&self) -> &str {
+        &self.inner.entity
+    }
+
+    pub fn mon(&self) -> &MonClient {
+        &self.inner.mon
+    }
+
+    /// The newest OSDMap this client has.
+    pub fn osdmap(&self) -> Arc<OsdMap> {
+        self.inner.sub.current()
+    }
+
+    pub fn op_timeout(&self) -> Duration {
+        self.inner.op_timeout
+    }
+
+    /// An I/O context on pool `pool` (default namespace).
+    pub fn ioctx(&self, pool: &str) -> Result<IoCtx, ClientError> {
+        let map = self.osdmap();
+        let p = map.pool_by_name(pool).ok_or_else(|| {
+            ClientError::NotFound(format!(
+                "pool {pool} does not exist (basalt pool ls lists the pools)"
+            ))
+        })?;
+        Ok(IoCtx {
+            inner: self.inner.clone(),
+            pool: p.id,
+            pool_name: pool.to_string(),
+            namespace: String::new(),
+        })
+    }
+
+    /// Blocklists `entity` for `expire` and returns once this client's map carries the
+    /// blocklist, so every op it sends afterwards makes OSDs refuse `entity` first.
+    pub async fn blocklist_add(
+        &self,
+        entity: &str,
+        expire: Duration,
+    ) -> Result<Epoch, ClientError> {
+        let reply = self
+            .inner
+            .mon
+            .blocklist_add(entity, expire.as_secs().max(1))
+            .await?;
+        let mut sub = self.inner.sub.clone();
+        sub.wait_for_epoch(reply.epoch, self.inner.op_timeout)
+            .await?;
+        Ok(reply.epoch)
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS; two of them in one process differ too.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+impl Inner {
+    fn osd(&self, addr: &str) -> Result<OsdClient<Channel>, ClientError> {
+        let mut m = self.osds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = m.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ClientError::Internal(format!("bad OSD address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let c = OsdClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        m.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// The acting primary of `pg` in `map` and its address, if any.
+    fn primary(&self, map: &OsdMap, pool: PoolId, pg: PgId) -> Option<String> {
+        let p = map.pools.get(&pool)?;
+        let mapping = map.map_pg(p, pg).ok()?;
+        let primary = mapping.acting_primary?;
+        map.osds.get(&primary).map(|o| o.addr.clone())
+    }
+
+    /// Waits (bounded by `deadline`, and by `cap`) for a map newer than `than`.
+    async fn newer_map(&self, than: Epoch, deadline: Instant, cap: Duration) {
+        let mut sub = self.sub.clone();
+        let limit = deadline.saturating_duration_since(Instant::now()).min(cap);
+        let _ = sub.wait_for_epoch(than + 1, limit).await;
+    }
+}
+
+fn op_error(e: OpError, what: &str) -> ClientError {
+    match e {
+        OpError::NotFound => ClientError::NotFound(what.to_string()),
+        OpError::Exists => ClientError::Exists(what.to_string()),
+        OpError::Busy(m) => ClientError::Busy(format!("{what}: {m}")),
+        OpError::CmpFailed(m) => ClientError::FailedPrecondition(format!("{what}: {m}")),
+        OpError::InvalidArgument(m) => ClientError::InvalidArgument(format!("{what}: {m}")),
+        OpError::NoSpace(m) => ClientError::NoSpace(format!("{what}: {m}")),
+        OpError::Blocklisted(m) => ClientError::Blocklisted(m),
+        OpError::NoSuchPool(p) => ClientError::NotFound(format!("pool {p}")),
+        OpError::Corrupt(m) => ClientError::Io(format!("{what}: {m}")),
+        OpError::Io(m) => ClientError::Io(format!("{what}: {m}")),
+        e @ (OpError::Inactive { .. }
+        | OpError::NotPrimary { .. }
+        | OpError::IntervalChanged { .. }) => ClientError::Unavailable(format!("{what}: {e}")),
+    }
+}
+
+/// One pool's objects (in one namespace). Cheap to clone.
+#[derive(Clone)]
+pub struct IoCtx {
+    inner: Arc<Inner>,
+    pool: PoolId,
+    pool_name: String,
+    namespace: String,
+}
+
+/// An event on a [`Watch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// Somebody notified the object; answer with [`IoCtx::notify_ack`].
+    Notify {
+        notify_id: u64,
+        notifier: String,
+        payload: Bytes,
+    },
+    /// The watch is gone (timed out, blocklisted, object removed); no more events follow.
+    Lost(ClientError),
+}
+
+/// A live watch. Dropping it (or [`Watch::unwatch`]) ends it.
+pub struct Watch {
+    pub cookie: u64,
+    pub events: mpsc::Receiver<WatchEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watch {
+    pub fn unwatch(self) {}
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl IoCtx {
+    pub fn pool_name(&self) -> &str {
+        &self.pool_name
+    }
+
+    pub fn pool_id(&self) -> PoolId {
+        self.pool
+    }
+
+    /// The same pool in namespace `ns`.
+    pub fn with_namespace(&self, ns: &str) -> IoCtx {
+        IoCtx {
+            namespace: ns.to_string(),
+            ..self.clone()
+        }
+    }
+
+    fn what(&self, oid: &str) -> String {
+        if self.namespace.is_empty() {
+            format!("object {}/{oid}", self.pool_name)
+        } else {
+            format!("object {}/{}/{oid}", self.pool_name, self.namespace)
+        }
+    }
+
+    fn pg_of(&self, map: &OsdMap, oid: &str) -> Result<PgId, ClientError> {
+        let p = map.pools.get(&self.pool).ok_or_else(|| {
+            ClientError::NotFound(format!("pool {} no longer exists", self.pool_name))
+        })?;
+        Ok(object_to_pg_ns(&p.placement(), &self.namespace, oid))
+    }
+
+    /// Runs a compound request on one object, atomically; resends across map changes.
+    pub async fn operate(&self, oid: &str, ops: Vec<ObjOp>) -> Result<OpResult, ClientError> {
+        if oid.is_empty() {
+            return Err(ClientError::InvalidArgument("empty object name".into()));
+        }
+        for op in &ops {
+            op.validate().map_err(|e| op_error(e, &self.what(oid)))?;
+        }
+        let inner = &self.inner;
+        let tid = inner.next_tid.fetch_add(1, Ordering::Relaxed);
+        let ops_bytes = encode(&ops);
+        let deadline = Instant::now() + inner.op_timeout;
+        let mut last_err: Option<String> = None;
+        loop {
+            let map = inner.sub.current();
+            let pg = self.pg_of(&map, oid)?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(self.timed_out(oid, last_err));
+            }
+            let Some(addr) = inner.primary(&map, self.pool, pg) else {
+                last_err = Some(format!("PG {pg} has no primary at epoch {}", map.epoch));
+                inner.newer_map(map.epoch, deadline, remaining).await;
+                continue;
+            };
+            let mut client = inner.osd(&addr)?;
+            let req = pb::OpRequest {
+                pool: self.pool,
+                pg_seed: pg.seed,
+                namespace: self.namespace.clone(),
+                object: oid.to_string(),
+                epoch: map.epoch,
+                reqid: Some(pb::ReqId {
+                    client: inner.entity.clone(),
+                    incarnation: inner.incarnation,
+                    tid,
+                }),
+                ops: ops_bytes.clone(),
+                timeout_ms: remaining.as_millis().min(u32::MAX as u128) as u32,
+            };
+            match tokio::time::timeout(remaining, client.op(req)).await {
+                Err(_) => return Err(self.timed_out(oid, last_err)),
+                Ok(Err(status)) => {
+                    // The primary is unreachable (dead, restarting): the monitors will mark
+                    // it down; resend to whoever the next map names.
+                    last_err = Some(format!("OSD {addr}: {}", status.message()));
+                    inner
+                        .newer_map(map.epoch, deadline, Duration::from_millis(500))
+                        .await;
+                }
+                Ok(Ok(reply)) => {
+                    let r: Result<OpResult, OpError> = decode(&reply.get_ref().result, "OSD reply")
+                        .map_err(|e| ClientError::Decode(e.to_string()))?;
+                    match r {
+                        Ok(res) => return Ok(res),
+                        Err(e)
+                            if e.is_resend()
+                                || matches!(e, OpError::Io(ref m) if m.contains("has not seen OSDMap")) =>
+                        {
+                            let wanted = match &e {
+                                OpError::NotPrimary { epoch, .. }
+                                | OpError::IntervalChanged { epoch, .. } => *epoch,
+                                _ => 0,
+                            }
+                            .max(reply.get_ref().epoch);
+                            last_err = Some(e.to_string());
+                            if wanted > map.epoch {
+                                let mut sub = inner.sub.clone();
+                                let _ = sub.wait_for_epoch(wanted, remaining).await;
+                            } else {
+                                inner
+                                    .newer_map(map.epoch, deadline, Duration::from_millis(200))
+                                    .await;
+                            }
+                        }
+                        Err(e) => return Err(op_error(e, &self.what(oid))),
+                    }
+                }
+            }
+        }
+    }
+
+    fn timed_out(&self, oid: &str, last: Option<String>) -> ClientError {
+        match last {
+            Some(why) => ClientError::Unavailable(format!(
+                "{} not served within {:?}: {why}",
+                self.what(oid),
+                self.inner.op_timeout
+            )),
+            None => ClientError::Timeout(self.inner.op_timeout),
+        }
+    }
+
+    async fn one(&self, oid: &str, op: ObjOp) -> Result<OpOutput, ClientError> {
+        let mut r = self.operate(oid, vec![op]).await?;
+        Ok(r.outputs.pop().unwrap_or(OpOutput::None))
+    }
+
+    async fn write_op(&self, oid: &str, op: ObjOp) -> Result<(), ClientError> {
+        self.operate(oid, vec![op]).await.map(|_| ())
+    }
+
+    /// Up to `len` bytes from `offset` (short at the end of the object).
+    pub async fn read(&self, oid: &str, offset: u64, len: u64) -> Result<Bytes, ClientError> {
+        match self.one(oid, ObjOp::Read { offset, len }).await? {
+            OpOutput::Data(d) => Ok(d),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    pub async fn write(&self, oid: &str, offset: u64, data: Bytes) -> Result<(), ClientError> {
+        self.write_op(oid, ObjOp::Write { offset, data }).await
+    }
+
+    pub async fn write_full(&self, oid: &str, data: Bytes) -> Result<(), ClientError> {
+        self.write_op(oid, ObjOp::WriteFull { data }).await
+    }
+
+    pub async fn append(&self, oid: &str, data: Bytes) -> Result<(), ClientError> {
+        self.write_op(oid, ObjOp::Append { data }).await
+    }
+
+    pub async fn truncate(&self, oid: &str, size: u64) -> Result<(), ClientError> {
+        self.write_op(oid, ObjOp::Truncate { size }).await
+    }
+
+    /// Zeroes a range (a no-op on a missing object).
+    pub async fn zero(&self, oid: &str, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.write_op(oid, ObjOp::Zero { offset, len }).await
+    }
+
+    pub async fn create(&self, oid: &str, exclusive: bool) -> Result<(), ClientError> {
+        self.write_op(oid, ObjOp::Create { exclusive }).await
+    }
+
+    pub async fn remove(&self, oid: &str) -> Result<(), ClientError> {
+        self.write_op(oid, ObjOp::Remove).await
+    }
+
+    pub async fn stat(&self, oid: &str) -> Result<ObjectStat, ClientError> {
+        match self.one(oid, ObjOp::Stat).await? {
+            OpOutput::Stat {
+                size,
+                mtime_ns,
+                version,
+            } => Ok(ObjectStat {
+                size,
+                mtime_ns,
+                version,
+            }),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    pub async fn getxattr(&self, oid: &str, name: &str) -> Result<Option<Bytes>, ClientError> {
+        match self.one(oid, ObjOp::GetXattr { name: name.into() }).await? {
+            OpOutput::Xattr(v) => Ok(v),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    pub async fn getxattrs(&self, oid: &str) -> Result<BTreeMap<String, Bytes>, ClientError> {
+        match self.one(oid, ObjOp::GetXattrs).await? {
+            OpOutput::Xattrs(v) => Ok(v),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    pub async fn setxattr(&self, oid: &str, name: &str, value: Bytes) -> Result<(), ClientError> {
+        self.write_op(
+            oid,
+            ObjOp::SetXattr {
+                name: name.into(),
+                value,
+            },
+        )
+        .await
+    }
+
+    pub async fn rmxattr(&self, oid: &str, name: &str) -> Result<(), ClientError> {
+        self.write_op(oid, ObjOp::RmXattr { name: name.into() })
+            .await
+    }
+
+    /// One page of omap entries after `start_after`; the bool says whether more follow.
+    pub async fn omap_get_vals(
+        &self,
+        oid: &str,
+        start_after: Option<&[u8]>,
+        max: u32,
+    ) -> Result<(Vec<(Bytes, Bytes)>, bool), ClientError> {
+        let op = ObjOp::OmapGetVals {
+            start_after: start_after.map(Bytes::copy_from_slice),
+            max,
+        };
+        match self.one(oid, op).await? {
+            OpOutput::Omap { entries, more } => Ok((entries, more)),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    pub async fn omap_get_vals_by_keys(
+        &self,
+        oid: &str,
+        keys: &[&[u8]],
+    ) -> Result<Vec<(Bytes, Bytes)>, ClientError> {
+        let op = ObjOp::OmapGetValsByKeys {
+            keys: keys.iter().map(|k| Bytes::copy_from_slice(k)).collect(),
+        };
+        match self.one(oid, op).await? {
+            OpOutput::Omap { entries, .. } => Ok(entries),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    pub async fn omap_get_header(&self, oid: &str) -> Result<Option<Bytes>, ClientError> {
+        match self.one(oid, ObjOp::OmapGetHeader).await? {
+            OpOutput::OmapHeader(h) => Ok(h),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    pub async fn omap_set(
+        &self,
+        oid: &str,
+        entries: Vec<(Bytes, Bytes)>,
+    ) -> Result<(), ClientError> {
+        self.write_op(oid, ObjOp::OmapSet { entries }).await
+    }
+
+    pub async fn omap_set_header(&self, oid: &str, header: Bytes) -> Result<(), ClientError> {
+        self.write_op(oid, ObjOp::OmapSetHeader { header }).await
+    }
+
+    pub async fn omap_rm_keys(&self, oid: &str, keys: Vec<Bytes>) -> Result<(), ClientError> {
+        self.write_op(oid, ObjOp::OmapRmKeys { keys }).await
+    }
+
+    pub async fn omap_clear(&self, oid: &str) -> Result<(), ClientError> {
+        self.write_op(oid, ObjOp::OmapClear).await
+    }
+
+    /// Takes advisory lock `name` (cls_lock semantics, enforced by the OSD); `Busy` if held.
+    pub async fn lock(
+        &self,
+        oid: &str,
+        name: &str,
+        kind: LockKind,
+        cookie: &str,
+        tag: &str,
+        description: &str,
+    ) -> Result<(), ClientError> {
+        self.write_op(
+            oid,
+            ObjOp::Lock {
+                name: name.into(),
+                kind,
+                cookie: cookie.into(),
+                tag: tag.into(),
+                description: description.into(),
+            },
+        )
+        .await
+    }
+
+    pub async fn unlock(&self, oid: &str, name: &str, cookie: &str) -> Result<(), ClientError> {
+        self.write_op(
+            oid,
+            ObjOp::Unlock {
+                name: name.into(),
+                cookie: cookie.into(),
+            },
+        )
+        .await
+    }
+
+    /// Removes another client's hold on a lock (after fencing it).
+    pub async fn break_lock(
+        &self,
+        oid: &str,
+        name: &str,
+        client: &str,
+        cookie: &str,
+    ) -> Result<(), ClientError> {
+        self.write_op(
+            oid,
+            ObjOp::BreakLock {
+                name: name.into(),
+                client: client.into(),
+                cookie: cookie.into(),
+            },
+        )
+        .await
+    }
+
+    pub async fn lock_info(&self, oid: &str, name: &str) -> Result<LockState, ClientError> {
+        match self.one(oid, ObjOp::LockInfo { name: name.into() }).await? {
+            OpOutput::Lock(l) => Ok(l),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    pub async fn list_watchers(&self, oid: &str) -> Result<Vec<WatcherInfo>, ClientError> {
+        match self.one(oid, ObjOp::ListWatchers).await? {
+            OpOutput::Watchers(w) => Ok(w),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    /// Every object name in the pool (this namespace), PG by PG.
+    pub async fn list_objects(&self) -> Result<Vec<String>, ClientError> {
+        let mut out = Vec::new();
+        let pg_num = {
+            let map = self.inner.sub.current();
+            map.pools
+                .get(&self.pool)
+                .ok_or_else(|| ClientError::NotFound(format!("pool {}", self.pool_name)))?
+                .pg_num
+        };
+        for seed in 0..pg_num {
+            let mut after: Option<(String, String)> = None;
+            loop {
+                let page = self.list_page(seed, after.as_ref()).await?;
+                out.extend(
+                    page.objects
+                        .into_iter()
+                        .filter(|(ns, _)| *ns == self.namespace)
+                        .map(|(_, n)| n),
+                );
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_page(
+        &self,
+        seed: u32,
+        after: Option<&(String, String)>,
+    ) -> Result<ListPage, ClientError> {
+        let inner = &self.inner;
+        let deadline = Instant::now() + inner.op_timeout;
+        let pg = PgId {
+            pool: self.pool,
+            seed,
+        };
+        loop {
+            let map = inner.sub.current();
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(ClientError::Timeout(inner.op_timeout));
+            }
+            let Some(addr) = inner.primary(&map, self.pool, pg) else {
+                inner.newer_map(map.epoch, deadline, remaining).await;
+                continue;
+            };
+            let mut client = inner.osd(&addr)?;
+            let req = pb::ListRequest {
+                pool: self.pool,
+                pg_seed: seed,
+                epoch: map.epoch,
+                client: inner.entity.clone(),
+                start_after: after.map(|a| encode(&Some(a.clone()))).unwrap_or_default(),
+                max: 1000,
+                timeout_ms: remaining.as_millis().min(u32::MAX as u128) as u32,
+            };
+            match tokio::time::timeout(remaining, client.list_objects(req)).await {
+                Err(_) => return Err(ClientError::Timeout(inner.op_timeout)),
+                Ok(Err(_)) => {
+                    inner
+                        .newer_map(map.epoch, deadline, Duration::from_millis(500))
+                        .await
+                }
+                Ok(Ok(reply)) => {
+                    let r: Result<ListPage, OpError> =
+                        decode(&reply.get_ref().result, "listing")
+                            .map_err(|e| ClientError::Decode(e.to_string()))?;
+                    match r {
+                        Ok(p) => return Ok(p),
+                        Err(e) if e.is_resend() => {
+                            inner
+                                .newer_map(map.epoch, deadline, Duration::from_millis(200))
+                                .await
+                        }
+                        Err(e) => return Err(op_error(e, &format!("PG {pg}"))),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Watches `oid` (which must exist). Notifications arrive on [`Watch::events`]; the watch
+    /// follows the object's primary across map changes and ends if this client stops pinging
+    /// for `timeout` (frozen, partitioned) or is blocklisted.
+    pub async fn watch(&self, oid: &str, timeout: Duration) -> Result<Watch, ClientError> {
+        let cookie = rand_u64() >> 1;
+        let (tx, rx) = mpsc::channel(64);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let ioctx = self.clone();
+        let oid = oid.to_string();
+        let task = tokio::spawn(async move {
+            ioctx
+                .run_watch(oid, cookie, timeout, tx, Some(ready_tx))
+                .await;
+        });
+        let watch = Watch {
+            cookie,
+            events: rx,
+            task,
+        };
+        match tokio::time::timeout(self.inner.op_timeout, ready_rx).await {
+            Ok(Ok(Ok(()))) => Ok(watch),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(ClientError::Internal("watch task ended".into())),
+            Err(_) => Err(ClientError::Timeout(self.inner.op_timeout)),
+        }
+    }
+
+    async fn run_watch(
+        &self,
+        oid: String,
+        cookie: u64,
+        timeout: Duration,
+        events: mpsc::Sender<WatchEvent>,
+        mut ready: Option<tokio::sync::oneshot::Sender<Result<(), ClientError>>>,
+    ) {
+        let inner = &self.inner;
+        let what = self.what(&oid);
+        let fail = |ready: &mut Option<tokio::sync::oneshot::Sender<Result<(), ClientError>>>,
+                    e: ClientError| {
+            match ready.take() {
+                Some(r) => {
+                    let _ = r.send(Err(e));
+                }
+                None => {
+                    let _ = events.try_send(WatchEvent::Lost(e));
+                }
+            }
+        };
+        let mut attempt_deadline = Instant::now() + inner.op_timeout;
+        loop {
+            let map = inner.sub.current();
+            let pg = match self.pg_of(&map, &oid) {
+                Ok(pg) => pg,
+                Err(e) => return fail(&mut ready, e),
+            };
+            if Instant::now() > attempt_deadline {
+                return fail(&mut ready, ClientError::Timeout(inner.op_timeout));
+            }
+            let Some(addr) = inner.primary(&map, self.pool, pg) else {
+                inner
+                    .newer_map(map.epoch, attempt_deadline, Duration::from_secs(1))
+                    .await;
+                continue;
+            };
+            let mut client = match inner.osd(&addr) {
+                Ok(c) => c,
+                Err(e) => return fail(&mut ready, e),
+            };
+            let first = pb::WatchPing {
+                pool: self.pool,
+                pg_seed: pg.seed,
+                namespace: self.namespace.clone(),
+                object: oid.clone(),
+                client: inner.entity.clone(),
+                cookie,
+                epoch: map.epoch,
+                timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
+            };
+            let interval = (timeout / 4).max(Duration::from_millis(100));
+            let pings = async_stream(first, interval);
+            let stream = match client.watch(pings).await {
+                Ok(s) => s.into_inner(),
+                Err(_) => {
+                    inner
+                        .newer_map(map.epoch, attempt_deadline, Duration::from_millis(500))
+                        .await;
+                    continue;
+                }
+            };
+            let mut stream = stream;
+            let mut registered = false;
+            let outcome: Option<OpError> = loop {
+                match stream.message().await {
+                    Ok(Some(ev)) if !ev.error.is_empty() => {
+                        break Some(
+                            decode::<OpError>(&ev.error, "watch error").unwrap_or_else(|e| e),
+                        )
+                    }
+                    Ok(Some(ev)) if ev.notify_id == 0 => {
+                        registered = true;
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(Ok(()));
+                        }
+                    }
+                    Ok(Some(ev)) => {
+                        let _ = events
+                            .send(WatchEvent::Notify {
+                                notify_id: ev.notify_id,
+                                notifier: ev.notifier,
+                                payload: ev.payload,
+                            })
+                            .await;
+                    }
+                    // Stream broken: the OSD died or the connection dropped.
+                    Ok(None) | Err(_) => break None,
+                }
+            };
+            match outcome {
+                Some(e) if e.is_resend() => {
+                    inner
+                        .newer_map(
+                            map.epoch,
+                            Instant::now() + inner.op_timeout,
+                            Duration::from_secs(1),
+                        )
+                        .await;
+                }
+                Some(OpError::Io(m)) if m.contains("has not seen OSDMap") => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Some(e) => return fail(&mut ready, op_error(e, &what)),
+                None => {
+                    inner
+                        .newer_map(
+                            map.epoch,
+                            Instant::now() + inner.op_timeout,
+                            Duration::from_millis(500),
+                        )
+                        .await;
+                }
+            }
+            if registered {
+                attempt_deadline = Instant::now() + inner.op_timeout;
+            }
+        }
+    }
+
+    /// Notifies every watcher of `oid` and waits (up to `timeout`) for their acks.
+    pub async fn notify(
+        &self,
+        oid: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<NotifyResult, ClientError> {
+        let inner = &self.inner;
+        let deadline = Instant::now() + inner.op_timeout.max(timeout + Duration::from_secs(5));
+        loop {
+            let map = inner.sub.current();
+            let pg = self.pg_of(&map, oid)?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(ClientError::Timeout(inner.op_timeout));
+            }
+            let Some(addr) = inner.primary(&map, self.pool, pg) else {
+                inner.newer_map(map.epoch, deadline, remaining).await;
+                continue;
+            };
+            let mut client = inner.osd(&addr)?;
+            let req = pb::NotifyRequest {
+                pool: self.pool,
+                pg_seed: pg.seed,
+                namespace: self.namespace.clone(),
+                object: oid.to_string(),
+                client: inner.entity.clone(),
+                epoch: map.epoch,
+                payload: payload.clone(),
+                timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
+            };
+            match tokio::time::timeout(remaining, client.notify(req)).await {
+                Err(_) => return Err(ClientError::Timeout(inner.op_timeout)),
+                Ok(Err(_)) => {
+                    inner
+                        .newer_map(map.epoch, deadline, Duration::from_millis(500))
+                        .await
+                }
+                Ok(Ok(reply)) => {
+                    let r: Result<NotifyResult, OpError> =
+                        decode(&reply.get_ref().result, "notify reply")
+                            .map_err(|e| ClientError::Decode(e.to_string()))?;
+                    match r {
+                        Ok(n) => return Ok(n),
+                        Err(e) if e.is_resend() => {
+                            inner
+                                .newer_map(map.epoch, deadline, Duration::from_millis(200))
+                                .await
+                        }
+                        Err(e) => return Err(op_error(e, &self.what(oid))),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers notification `notify_id` received on watch `cookie`.
+    pub async fn notify_ack(
+        &self,
+        oid: &str,
+        notify_id: u64,
+        cookie: u64,
+        reply: Bytes,
+    ) -> Result<(), ClientError> {
+        let inner = &self.inner;
+        let map = inner.sub.current();
+        let pg = self.pg_of(&map, oid)?;
+        let addr = inner
+            .primary(&map, self.pool, pg)
+            .ok_or_else(|| ClientError::Unavailable(format!("PG {pg} has no primary")))?;
+        let mut client = inner.osd(&addr)?;
+        let req = pb::NotifyAckRequest {
+            pool: self.pool,
+            pg_seed: pg.seed,
+            client: inner.entity.clone(),
+            notify_id,
+            cookie,
+            reply,
+        };
+        tokio::time::timeout(inner.op_timeout, client.notify_ack(req))
+            .await
+            .map_err(|_| ClientError::Timeout(inner.op_timeout))?
+            .map_err(ClientError::from)?;
+        Ok(())
+    }
+}
+
+/// One page of a PG listing (mirrors the OSD's `pg::Listing`).
+#[derive(serde::Deserialize)]
+struct ListPage {
+    objects: Vec<(String, String)>,
+    next: Option<(String, String)>,
+}
+
+fn unexpected(o: OpOutput) -> ClientError {
+    ClientError::Decode(format!("unexpected op output {o:?}"))
+}
+
+/// The watch request followed by a ping every `interval`, as a stream for tonic.
+fn async_stream(
+    first: pb::WatchPing,
+    interval: Duration,
+) -> impl tokio_stream::Stream<Item = pb::WatchPing> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let ping = pb::WatchPing {
+            cookie: first.cookie,
+            ..Default::default()
+        };
+        if tx.send(first).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::time::sleep(interval).await;
+            if tx.send(ping.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -1,0 +1,501 @@
+//! # basalt-ops: what a client can ask of an object, and what it gets back
+//!
+//! Owns the vocabulary the client library and the OSD share: the ops of a compound object
+//! request ([`ObjOp`]), their outputs ([`OpOutput`]), the typed refusal ([`OpError`]), request
+//! ids that make resends idempotent ([`ReqId`]), the PG log entry ([`LogEntry`]) and versions
+//! ([`Eversion`]). They travel inside the gRPC messages of `basalt-proto` as postcard bytes,
+//! the same way the cluster maps do: one Rust definition instead of a second, hand-kept
+//! protobuf copy of every enum.
+//!
+//! Pure data and validation; no IO.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Largest payload of one op (a write or a read): big enough for a 64 MiB object in one
+/// `write_full`, small enough that a malformed length cannot make an OSD allocate gigabytes.
+pub const MAX_OP_DATA: u64 = 96 * 1024 * 1024;
+/// Largest encoded request/reply the OSD's gRPC server and the client accept.
+pub const MAX_MESSAGE_BYTES: usize = 160 * 1024 * 1024;
+/// Most ops in one compound request.
+pub const MAX_OPS_PER_REQUEST: usize = 64;
+/// The lock name RBD's exclusive lock uses; any name works for the OSD.
+pub const MAX_LOCK_NAME: usize = 256;
+
+/// Identity of one client request across resends: `(client, incarnation, tid)`. A client
+/// resends an op with the same id after a map change; the primary finds it in the PG log (or
+/// its dups) and returns the recorded result instead of applying the op twice.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReqId {
+    /// The client's entity name (what the blocklist lists), e.g. `client.7f3a…`.
+    pub client: String,
+    /// Changes every time the client process starts: a restarted client never collides with
+    /// its previous life's tids.
+    pub incarnation: u64,
+    pub tid: u64,
+}
+
+impl ReqId {
+    /// The key under which the store records the request's result.
+    pub fn key(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.client.len() + 17);
+        k.extend_from_slice(self.client.as_bytes());
+        k.push(0);
+        k.extend_from_slice(&self.incarnation.to_be_bytes());
+        k.extend_from_slice(&self.tid.to_be_bytes());
+        k
+    }
+}
+
+impl fmt::Display for ReqId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.client, self.incarnation, self.tid)
+    }
+}
+
+/// A PG's version of an object or log entry: the epoch of the interval whose primary wrote it,
+/// then a sequence number that grows across the PG's whole history (a new primary continues
+/// from the authoritative log's head). Ordered by (epoch, seq), as Ceph's eversion_t.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Eversion {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+impl Eversion {
+    pub const ZERO: Eversion = Eversion { epoch: 0, seq: 0 };
+
+    pub fn encode(&self) -> Bytes {
+        let mut b = Vec::with_capacity(16);
+        b.extend_from_slice(&self.epoch.to_be_bytes());
+        b.extend_from_slice(&self.seq.to_be_bytes());
+        Bytes::from(b)
+    }
+
+    /// Decodes [`Eversion::encode`]'s output; an empty value (an object written before versions
+    /// were recorded) is version zero.
+    pub fn decode(b: &[u8]) -> Option<Eversion> {
+        match b.len() {
+            0 => Some(Eversion::ZERO),
+            16 => {
+                let mut e = [0u8; 8];
+                let mut s = [0u8; 8];
+                e.copy_from_slice(&b[..8]);
+                s.copy_from_slice(&b[8..]);
+                Some(Eversion {
+                    epoch: u64::from_be_bytes(e),
+                    seq: u64::from_be_bytes(s),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Eversion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}'{}", self.epoch, self.seq)
+    }
+}
+
+/// Lock kinds, as cls_lock's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockKind {
+    Exclusive,
+    Shared,
+}
+
+/// One holder of an advisory lock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Locker {
+    pub client: String,
+    pub cookie: String,
+    pub description: String,
+}
+
+/// The state of one named lock on an object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockState {
+    pub kind: Option<LockKind>,
+    /// Shared lockers must agree on the tag (cls_lock semantics).
+    pub tag: String,
+    pub lockers: Vec<Locker>,
+}
+
+/// A client watching an object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatcherInfo {
+    pub client: String,
+    pub cookie: u64,
+}
+
+/// One step of a compound request on one object. Read steps see the object as it was before
+/// the request; a request with any mutating step is a write, applied atomically (all steps or
+/// none) on every acting replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ObjOp {
+    // ---- guards (fail the whole request) ----
+    AssertExists,
+    /// Fails with `CmpFailed` unless the xattr holds exactly `value` (`None`: is absent).
+    CmpXattr {
+        name: String,
+        value: Option<Bytes>,
+    },
+    // ---- reads ----
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Stat,
+    GetXattr {
+        name: String,
+    },
+    GetXattrs,
+    OmapGetHeader,
+    OmapGetVals {
+        start_after: Option<Bytes>,
+        max: u32,
+    },
+    OmapGetValsByKeys {
+        keys: Vec<Bytes>,
+    },
+    LockInfo {
+        name: String,
+    },
+    ListWatchers,
+    // ---- writes ----
+    Create {
+        exclusive: bool,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+    },
+    WriteFull {
+        data: Bytes,
+    },
+    Append {
+        data: Bytes,
+    },
+    Truncate {
+        size: u64,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    Remove,
+    SetXattr {
+        name: String,
+        value: Bytes,
+    },
+    RmXattr {
+        name: String,
+    },
+    OmapSet {
+        entries: Vec<(Bytes, Bytes)>,
+    },
+    OmapRmKeys {
+        keys: Vec<Bytes>,
+    },
+    OmapClear,
+    OmapSetHeader {
+        header: Bytes,
+    },
+    Lock {
+        name: String,
+        kind: LockKind,
+        cookie: String,
+        tag: String,
+        description: String,
+    },
+    Unlock {
+        name: String,
+        cookie: String,
+    },
+    BreakLock {
+        name: String,
+        client: String,
+        cookie: String,
+    },
+}
+
+impl ObjOp {
+    /// Whether the op changes the object (and so needs a version, a log entry and replication).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            ObjOp::Create { .. }
+                | ObjOp::Write { .. }
+                | ObjOp::WriteFull { .. }
+                | ObjOp::Append { .. }
+                | ObjOp::Truncate { .. }
+                | ObjOp::Zero { .. }
+                | ObjOp::Remove
+                | ObjOp::SetXattr { .. }
+                | ObjOp::RmXattr { .. }
+                | ObjOp::OmapSet { .. }
+                | ObjOp::OmapRmKeys { .. }
+                | ObjOp::OmapClear
+                | ObjOp::OmapSetHeader { .. }
+                | ObjOp::Lock { .. }
+                | ObjOp::Unlock { .. }
+                | ObjOp::BreakLock { .. }
+        )
+    }
+
+    /// Short name for metrics and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ObjOp::AssertExists => "assert_exists",
+            ObjOp::CmpXattr { .. } => "cmpxattr",
+            ObjOp::Read { .. } => "read",
+            ObjOp::Stat => "stat",
+            ObjOp::GetXattr { .. } => "getxattr",
+            ObjOp::GetXattrs => "getxattrs",
+            ObjOp::OmapGetHeader => "omap_get_header",
+            ObjOp::OmapGetVals { .. } => "omap_get_vals",
+            ObjOp::OmapGetValsByKeys { .. } => "omap_get_vals_by_keys",
+            ObjOp::LockInfo { .. } => "lock_info",
+            ObjOp::ListWatchers => "list_watchers",
+            ObjOp::Create { .. } => "create",
+            ObjOp::Write { .. } => "write",
+            ObjOp::WriteFull { .. } => "write_full",
+            ObjOp::Append { .. } => "append",
+            ObjOp::Truncate { .. } => "truncate",
+            ObjOp::Zero { .. } => "zero",
+            ObjOp::Remove => "remove",
+            ObjOp::SetXattr { .. } => "setxattr",
+            ObjOp::RmXattr { .. } => "rmxattr",
+            ObjOp::OmapSet { .. } => "omap_set",
+            ObjOp::OmapRmKeys { .. } => "omap_rm_keys",
+            ObjOp::OmapClear => "omap_clear",
+            ObjOp::OmapSetHeader { .. } => "omap_set_header",
+            ObjOp::Lock { .. } => "lock",
+            ObjOp::Unlock { .. } => "unlock",
+            ObjOp::BreakLock { .. } => "break_lock",
+        }
+    }
+
+    /// Checks sizes a malformed or hostile request could abuse before anything is allocated
+    /// for it or any state is touched.
+    pub fn validate(&self) -> Result<(), OpError> {
+        let too_big = |what: &str, n: u64| {
+            if n > MAX_OP_DATA {
+                Err(OpError::InvalidArgument(format!(
+                    "{what} of {n} bytes exceeds the {MAX_OP_DATA}-byte limit per op; split it"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            ObjOp::Read { len, .. } => too_big("read", *len),
+            ObjOp::Write { offset, data } => {
+                offset.checked_add(data.len() as u64).ok_or_else(|| {
+                    OpError::InvalidArgument("write offset + length overflows".into())
+                })?;
+                too_big("write", data.len() as u64)
+            }
+            ObjOp::WriteFull { data } | ObjOp::Append { data } => {
+                too_big("write", data.len() as u64)
+            }
+            ObjOp::Zero { offset, len } => offset
+                .checked_add(*len)
+                .map(|_| ())
+                .ok_or_else(|| OpError::InvalidArgument("zero offset + length overflows".into())),
+            ObjOp::Lock { name, cookie, .. } => {
+                if name.is_empty() || name.len() > MAX_LOCK_NAME || cookie.len() > MAX_LOCK_NAME {
+                    Err(OpError::InvalidArgument(format!(
+                        "lock name must be 1..={MAX_LOCK_NAME} bytes and the cookie at most that"
+                    )))
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What one step returned, in request order (writes return `None`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpOutput {
+    None,
+    Data(Bytes),
+    Stat {
+        size: u64,
+        mtime_ns: u64,
+        version: Eversion,
+    },
+    Xattr(Option<Bytes>),
+    Xattrs(BTreeMap<String, Bytes>),
+    OmapHeader(Option<Bytes>),
+    Omap {
+        entries: Vec<(Bytes, Bytes)>,
+        more: bool,
+    },
+    Lock(LockState),
+    Watchers(Vec<WatcherInfo>),
+}
+
+/// The reply to a successful request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpResult {
+    /// The version the request wrote (writes), or the object's version (reads).
+    pub version: Eversion,
+    pub outputs: Vec<OpOutput>,
+}
+
+/// Why an OSD refused or failed a request. Carried inside a successful gRPC reply so the
+/// transport's own failures (connection refused, timeouts) stay distinguishable from answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum OpError {
+    #[error("object not found")]
+    NotFound,
+    #[error("object already exists")]
+    Exists,
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("comparison failed: {0}")]
+    CmpFailed(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("no space: {0}")]
+    NoSpace(String),
+    #[error("client {0} is blocklisted; it may no longer change or read anything")]
+    Blocklisted(String),
+    #[error("pool {0} does not exist")]
+    NoSuchPool(u32),
+    /// The OSD is not this PG's acting primary in its map (epoch given): refresh the map and
+    /// resend.
+    #[error("not the primary of PG {pg} at epoch {epoch}")]
+    NotPrimary { pg: String, epoch: u64 },
+    /// The PG's acting set changed while the request was queued or in flight: resend (with the
+    /// same request id) once the client's map is at least `epoch`.
+    #[error("PG {pg} changed interval at epoch {epoch}; resend")]
+    IntervalChanged { pg: String, epoch: u64 },
+    /// The PG cannot serve: fewer acting replicas than the pool's min_size, or peering is stuck.
+    #[error("PG {pg} is inactive ({state}); waited {waited_ms} ms")]
+    Inactive {
+        pg: String,
+        state: String,
+        waited_ms: u64,
+    },
+    #[error("stored data is corrupt on every reachable replica: {0}")]
+    Corrupt(String),
+    #[error("OSD error: {0}")]
+    Io(String),
+}
+
+impl OpError {
+    /// Whether the client should refresh its map and resend (same request id).
+    pub fn is_resend(&self) -> bool {
+        matches!(
+            self,
+            OpError::NotPrimary { .. } | OpError::IntervalChanged { .. }
+        )
+    }
+}
+
+/// What a PG log entry records about a write: enough to deduplicate a resend and to know which
+/// object a version touched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub version: Eversion,
+    pub namespace: String,
+    pub object: String,
+    /// True when the write removed the object.
+    pub removed: bool,
+    pub reqid: ReqId,
+    /// The encoded [`OpResult`] returned to the client (replayed for a resend).
+    pub result: Bytes,
+}
+
+/// Encodes a value for the wire (postcard). Encoding our own types cannot fail short of
+/// memory exhaustion, which aborts anyway.
+pub fn encode<T: Serialize>(v: &T) -> Bytes {
+    Bytes::from(postcard::to_allocvec(v).unwrap_or_default())
+}
+
+/// Decodes bytes received from the network; `what` names them in the error.
+pub fn decode<T: for<'de> Deserialize<'de>>(b: &[u8], what: &str) -> Result<T, OpError> {
+    postcard::from_bytes(b)
+        .map_err(|e| OpError::InvalidArgument(format!("cannot decode {what}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eversion_round_trips_and_orders() {
+        let a = Eversion { epoch: 3, seq: 10 };
+        let b = Eversion { epoch: 4, seq: 2 };
+        assert!(a < b);
+        assert_eq!(Eversion::decode(&a.encode()), Some(a));
+        assert_eq!(Eversion::decode(&[]), Some(Eversion::ZERO));
+        assert_eq!(Eversion::decode(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn oversized_ops_are_refused_before_allocation() {
+        assert!(ObjOp::Read {
+            offset: 0,
+            len: u64::MAX
+        }
+        .validate()
+        .is_err());
+        assert!(ObjOp::Zero {
+            offset: u64::MAX,
+            len: 2
+        }
+        .validate()
+        .is_err());
+        assert!(ObjOp::Write {
+            offset: u64::MAX,
+            data: Bytes::from_static(b"x")
+        }
+        .validate()
+        .is_err());
+        assert!(ObjOp::Read {
+            offset: 0,
+            len: 4096
+        }
+        .validate()
+        .is_ok());
+    }
+
+    #[test]
+    fn reqid_keys_differ_by_each_part() {
+        let r = |c: &str, i, t| {
+            ReqId {
+                client: c.into(),
+                incarnation: i,
+                tid: t,
+            }
+            .key()
+        };
+        assert_ne!(r("a", 1, 2), r("a", 1, 3));
+        assert_ne!(r("a", 1, 2), r("a", 2, 2));
+        assert_ne!(r("a", 1, 2), r("b", 1, 2));
+    }
+
+    #[test]
+    fn garbage_decodes_to_an_error() {
+        let e = decode::<Vec<ObjOp>>(&[0xff, 0xff, 0xff], "ops").unwrap_err();
+        assert!(matches!(e, OpError::InvalidArgument(_)));
+    }
+}
+
+/// What a notify returns: every watcher's reply, and the watchers that did not answer in time.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyResult {
+    pub acks: Vec<(WatcherInfo, Bytes)>,
+    pub timed_out: Vec<WatcherInfo>,
+}

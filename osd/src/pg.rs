@@ -1,0 +1,836 @@
+//! The PG layer's pure core: turning a client's compound op into one store transaction, and
+//! deciding how peering makes a PG's replicas equal. No IO, no clock: the daemon's service
+//! ([`crate::service`]) feeds it store reads and peer answers and carries out what it returns.
+//!
+//! # Recovery model (and where it departs from Ceph)
+//!
+//! Peering picks the **authoritative peer** as Ceph's `find_best_info` does (newest
+//! `last_update`, then the current primary), and then makes every acting replica *equal to
+//! it*: objects whose version differs are copied from it, objects it lacks are removed, and
+//! its PG log replaces theirs. That one rule covers log-based recovery (a replica that missed
+//! writes), backfill (one that missed more than the log) and divergent entries (writes applied
+//! on a replica but never acknowledged, rolled back by being overwritten). Ceph narrows the
+//! comparison to the objects named in the logs when they overlap; basalt compares the whole
+//! object-version list of the PG, which is simple and exact but costs a scan per peering —
+//! the log-based shortcut is issue 5's work.
+//!
+//! Acknowledged writes are safe under this rule because a write is acknowledged only after
+//! every acting member committed it, so any member of the last active interval has all of
+//! them and the newest `last_update` belongs to such a member. The past-interval analysis that
+//! stops a PG from going active from members of an *older* interval (Ceph's `up_thru` check)
+//! is not here yet: today a PG with at least `min_size` acting members goes active.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use basalt_ops::{
+    Eversion, LockKind, LockState, Locker, LogEntry, ObjOp, OpError, OpOutput, ReqId,
+};
+use basalt_placement::{OsdId, PgId};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{ObjectId, ObjectMeta, Store, StoreError, Transaction};
+
+/// Prefix of the xattrs holding advisory locks (`lock.<name>`); hidden from `GetXattrs`.
+pub const LOCK_XATTR_PREFIX: &str = "lock.";
+/// Entries kept in a PG's log (and so the window in which a resent request is recognised).
+pub const LOG_KEEP: u64 = 3000;
+
+/// An object's name within its PG.
+pub type ObjectName = (String, String);
+
+/// What a peer tells the primary during peering.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerState {
+    /// The newest version in the peer's log.
+    pub last_update: Eversion,
+    pub log: Vec<LogEntry>,
+    /// Every object of the PG with its version.
+    pub objects: BTreeMap<ObjectName, Eversion>,
+}
+
+/// Everything about one object, as recovery copies it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectState {
+    pub namespace: String,
+    pub name: String,
+    pub data: Bytes,
+    pub xattrs: BTreeMap<String, Bytes>,
+    pub omap_header: Option<Bytes>,
+    pub omap: Vec<(Bytes, Bytes)>,
+    pub meta: ObjectMeta,
+}
+
+/// What the primary sends a peer to make it equal to the authoritative copy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Push {
+    pub objects: Vec<ObjectState>,
+    pub remove: Vec<ObjectName>,
+    /// When set, the peer's PG log becomes exactly this.
+    pub log: Option<Vec<LogEntry>>,
+}
+
+/// One page of a PG listing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    pub objects: Vec<ObjectName>,
+    /// Pass back as `start_after` for the next page; `None` when the PG is exhausted.
+    pub next: Option<ObjectName>,
+}
+
+/// What one peer needs to become equal to the authority.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerPlan {
+    pub copy: Vec<ObjectName>,
+    pub remove: Vec<ObjectName>,
+    pub replace_log: bool,
+}
+
+impl PeerPlan {
+    pub fn is_empty(&self) -> bool {
+        self.copy.is_empty() && self.remove.is_empty() && !self.replace_log
+    }
+}
+
+/// The outcome of peering's comparison.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryPlan {
+    pub authority: OsdId,
+    /// Per acting member (the authority has an empty plan).
+    pub peers: BTreeMap<OsdId, PeerPlan>,
+    /// The authority's head: the new primary continues its sequence after it.
+    pub last_update: Eversion,
+}
+
+/// Chooses the authoritative peer (newest `last_update`; on a tie the primary, then the lowest
+/// id, so the choice is deterministic) and lists what every other peer must copy or remove.
+pub fn plan_recovery(primary: OsdId, states: &BTreeMap<OsdId, PeerState>) -> Option<RecoveryPlan> {
+    let (&authority, auth) = states.iter().max_by(|(a, sa), (b, sb)| {
+        sa.last_update
+            .cmp(&sb.last_update)
+            .then_with(|| (**a == primary).cmp(&(**b == primary)))
+            .then_with(|| b.cmp(a))
+    })?;
+    let mut peers = BTreeMap::new();
+    for (&osd, st) in states {
+        let mut plan = PeerPlan::default();
+        if osd != authority {
+            for (name, v) in &auth.objects {
+                if st.objects.get(name) != Some(v) {
+                    plan.copy.push(name.clone());
+                }
+            }
+            for name in st.objects.keys() {
+                if !auth.objects.contains_key(name) {
+                    plan.remove.push(name.clone());
+                }
+            }
+            plan.replace_log = st.log != auth.log;
+        }
+        peers.insert(osd, plan);
+    }
+    Some(RecoveryPlan {
+        authority,
+        peers,
+        last_update: auth.last_update,
+    })
+}
+
+/// Maps a store failure to what the client is told.
+pub fn store_error(e: StoreError) -> OpError {
+    match e {
+        StoreError::NotFound { .. } => OpError::NotFound,
+        StoreError::AlreadyExists { .. } => OpError::Exists,
+        StoreError::Full { reason } => OpError::NoSpace(reason),
+        StoreError::InvalidArgument(m) => OpError::InvalidArgument(m),
+        StoreError::TooLarge { .. } => OpError::InvalidArgument(e.to_string()),
+        StoreError::Corrupt { .. } => OpError::Corrupt(e.to_string()),
+        other => OpError::Io(other.to_string()),
+    }
+}
+
+/// The result of executing a request's ops against the current object state.
+pub struct Executed {
+    pub txn: Transaction,
+    pub outputs: Vec<OpOutput>,
+    /// The request removed an object that existed.
+    pub removed: bool,
+    /// The object exists after the request.
+    pub exists_after: bool,
+    /// The request changes something (needs a version, log entry and replication).
+    pub is_write: bool,
+}
+
+/// Executes `ops` against `obj`'s current state. Reads and guards see the object as it is
+/// before the request; writes are collected into one transaction (which the store applies
+/// atomically). Lock ops are read-modify-writes of the lock xattr, safe because the caller
+/// holds the object's op lock.
+pub fn execute(
+    store: &Store,
+    obj: &ObjectId,
+    client: &str,
+    ops: &[ObjOp],
+    watchers: &dyn Fn() -> Vec<basalt_ops::WatcherInfo>,
+) -> Result<Executed, OpError> {
+    let exists_before = store.exists(obj).map_err(store_error)?;
+    let mut exists = exists_before;
+    let mut txn = Transaction::new();
+    let mut outputs = Vec::with_capacity(ops.len());
+    let mut is_write = false;
+    // Lock states changed earlier in this request (a later op must see them).
+    let mut locks: BTreeMap<String, LockState> = BTreeMap::new();
+    let need = |exists: bool| {
+        if exists {
+            Ok(())
+        } else {
+            Err(OpError::NotFound)
+        }
+    };
+    for op in ops {
+        op.validate()?;
+        let mut out = OpOutput::None;
+        match op {
+            ObjOp::AssertExists => need(exists)?,
+            ObjOp::CmpXattr { name, value } => {
+                need(exists_before)?;
+                let cur = store.getxattr(obj, name).map_err(store_error)?;
+                if &cur != value {
+                    return Err(OpError::CmpFailed(format!("xattr {name} differs")));
+                }
+            }
+            ObjOp::Read { offset, len } => {
+                need(exists_before)?;
+                out = OpOutput::Data(store.read(obj, *offset, *len).map_err(store_error)?);
+            }
+            ObjOp::Stat => {
+                need(exists_before)?;
+                let st = store.stat(obj).map_err(store_error)?;
+                out = OpOutput::Stat {
+                    size: st.size,
+                    mtime_ns: st.meta.mtime_ns,
+                    version: Eversion::decode(&st.meta.version).unwrap_or_default(),
+                };
+            }
+            ObjOp::GetXattr { name } => {
+                need(exists_before)?;
+                out = OpOutput::Xattr(store.getxattr(obj, name).map_err(store_error)?);
+            }
+            ObjOp::GetXattrs => {
+                need(exists_before)?;
+                let mut all = store.xattrs(obj).map_err(store_error)?;
+                all.retain(|k, _| !k.starts_with(LOCK_XATTR_PREFIX));
+                out = OpOutput::Xattrs(all);
+            }
+            ObjOp::OmapGetHeader => {
+                need(exists_before)?;
+                out = OpOutput::OmapHeader(store.omap_get_header(obj).map_err(store_error)?);
+            }
+            ObjOp::OmapGetVals { start_after, max } => {
+                need(exists_before)?;
+                let max = (*max).clamp(1, 10_000) as usize;
+                let l = store
+                    .omap_list(obj, start_after.as_deref(), max)
+                    .map_err(store_error)?;
+                out = OpOutput::Omap {
+                    entries: l.entries,
+                    more: l.more,
+                };
+            }
+            ObjOp::OmapGetValsByKeys { keys } => {
+                need(exists_before)?;
+                let wanted: Vec<&[u8]> = keys.iter().map(|k| k.as_ref()).collect();
+                out = OpOutput::Omap {
+                    entries: store.omap_get(obj, &wanted).map_err(store_error)?,
+                    more: false,
+                };
+            }
+            ObjOp::LockInfo { name } => {
+                out = OpOutput::Lock(if exists_before {
+                    read_lock(store, obj, name)?
+                } else {
+                    LockState::default()
+                });
+            }
+            ObjOp::ListWatchers => {
+                need(exists_before)?;
+                out = OpOutput::Watchers(watchers());
+            }
+            ObjOp::Create { exclusive } => {
+                if *exclusive && exists {
+                    return Err(OpError::Exists);
+                }
+                txn.create(obj, false);
+                exists = true;
+            }
+            ObjOp::Write { offset, data } => {
+                txn.write(obj, *offset, data.clone());
+                exists = true;
+            }
+            ObjOp::WriteFull { data } => {
+                txn.write_full(obj, data.clone());
+                exists = true;
+            }
+            ObjOp::Append { data } => {
+                txn.append(obj, data.clone());
+                exists = true;
+            }
+            ObjOp::Zero { offset, len } => {
+                // Ceph's zero on a missing object is a no-op success; creating it would turn
+                // a discard of a hole into an allocation.
+                if exists {
+                    txn.zero(obj, *offset, *len);
+                }
+            }
+            ObjOp::Truncate { size } => {
+                need(exists)?;
+                txn.truncate(obj, *size);
+            }
+            ObjOp::Remove => {
+                need(exists)?;
+                txn.remove(obj);
+                exists = false;
+                locks.clear();
+            }
+            ObjOp::SetXattr { name, value } => {
+                need(exists)?;
+                if name.starts_with(LOCK_XATTR_PREFIX) {
+                    return Err(OpError::InvalidArgument(format!(
+                        "xattr names starting with {LOCK_XATTR_PREFIX:?} are reserved for locks"
+                    )));
+                }
+                txn.setxattr(obj, name.clone(), value.clone());
+            }
+            ObjOp::RmXattr { name } => {
+                need(exists)?;
+                txn.rmxattr(obj, name.clone());
+            }
+            ObjOp::OmapSet { entries } => {
+                need(exists)?;
+                txn.omap_set(obj, entries.iter().cloned());
+            }
+            ObjOp::OmapRmKeys { keys } => {
+                need(exists)?;
+                txn.omap_rm_keys(obj, keys.iter().cloned());
+            }
+            ObjOp::OmapClear => {
+                need(exists)?;
+                txn.omap_clear(obj);
+            }
+            ObjOp::OmapSetHeader { header } => {
+                need(exists)?;
+                txn.omap_set_header(obj, header.clone());
+            }
+            ObjOp::Lock {
+                name,
+                kind,
+                cookie,
+                tag,
+                description,
+            } => {
+                // cls_lock creates the object it locks.
+                if !exists {
+                    txn.create(obj, false);
+                    exists = true;
+                }
+                let mut st = current_lock(store, obj, exists_before, &locks, name)?;
+                lock(&mut st, client, *kind, cookie, tag, description)?;
+                txn.setxattr(obj, lock_xattr(name), basalt_ops::encode(&st));
+                locks.insert(name.clone(), st);
+            }
+            ObjOp::Unlock { name, cookie } => {
+                need(exists)?;
+                let mut st = current_lock(store, obj, exists_before, &locks, name)?;
+                unlock(&mut st, client, cookie)?;
+                txn.setxattr(obj, lock_xattr(name), basalt_ops::encode(&st));
+                locks.insert(name.clone(), st);
+            }
+            ObjOp::BreakLock {
+                name,
+                client: holder,
+                cookie,
+            } => {
+                need(exists)?;
+                let mut st = current_lock(store, obj, exists_before, &locks, name)?;
+                unlock(&mut st, holder, cookie)?;
+                txn.setxattr(obj, lock_xattr(name), basalt_ops::encode(&st));
+                locks.insert(name.clone(), st);
+            }
+        }
+        is_write |= op.is_write();
+        outputs.push(out);
+    }
+    Ok(Executed {
+        txn,
+        outputs,
+        removed: exists_before && !exists,
+        exists_after: exists,
+        is_write,
+    })
+}
+
+fn lock_xattr(name: &str) -> String {
+    format!("{LOCK_XATTR_PREFIX}{name}")
+}
+
+fn read_lock(store: &Store, obj: &ObjectId, name: &str) -> Result<LockState, OpError> {
+    match store
+        .getxattr(obj, &lock_xattr(name))
+        .map_err(store_error)?
+    {
+        Some(b) => basalt_ops::decode(&b, "lock state"),
+        None => Ok(LockState::default()),
+    }
+}
+
+fn current_lock(
+    store: &Store,
+    obj: &ObjectId,
+    exists_before: bool,
+    changed: &BTreeMap<String, LockState>,
+    name: &str,
+) -> Result<LockState, OpError> {
+    if let Some(st) = changed.get(name) {
+        return Ok(st.clone());
+    }
+    if exists_before {
+        read_lock(store, obj, name)
+    } else {
+        Ok(LockState::default())
+    }
+}
+
+/// cls_lock's `lock`: exclusive excludes everyone else; shared lockers must share the tag.
+/// Re-locking with the same (client, cookie) succeeds (idempotent), as in Ceph.
+pub fn lock(
+    st: &mut LockState,
+    client: &str,
+    kind: LockKind,
+    cookie: &str,
+    tag: &str,
+    description: &str,
+) -> Result<(), OpError> {
+    let mine = |l: &Locker| l.client == client && l.cookie == cookie;
+    if st.lockers.iter().any(mine) {
+        if st.kind == Some(kind) {
+            return Ok(());
+        }
+        return Err(OpError::Busy("already locked with another type".into()));
+    }
+    if let Some(holder) = st.lockers.first() {
+        if kind == LockKind::Exclusive || st.kind == Some(LockKind::Exclusive) {
+            return Err(OpError::Busy(format!(
+                "locked by {} (cookie {})",
+                holder.client, holder.cookie
+            )));
+        }
+        if st.tag != tag {
+            return Err(OpError::Busy(format!(
+                "shared lock has tag {:?}, not {tag:?}",
+                st.tag
+            )));
+        }
+    }
+    st.kind = Some(kind);
+    st.tag = tag.to_string();
+    st.lockers.push(Locker {
+        client: client.to_string(),
+        cookie: cookie.to_string(),
+        description: description.to_string(),
+    });
+    Ok(())
+}
+
+/// Removes `(client, cookie)` from the lock (unlock, or break by someone else).
+pub fn unlock(st: &mut LockState, client: &str, cookie: &str) -> Result<(), OpError> {
+    let before = st.lockers.len();
+    st.lockers
+        .retain(|l| !(l.client == client && l.cookie == cookie));
+    if st.lockers.len() == before {
+        return Err(OpError::NotFound);
+    }
+    if st.lockers.is_empty() {
+        st.kind = None;
+        st.tag.clear();
+    }
+    Ok(())
+}
+
+/// Adds the version bookkeeping of a write to its transaction: object metadata, the PG log
+/// entry and the request's dup record (all in the same atomic batch), plus log trimming.
+#[allow(clippy::too_many_arguments)]
+pub fn finish_write(
+    txn: &mut Transaction,
+    obj: &ObjectId,
+    exists_after: bool,
+    removed: bool,
+    version: Eversion,
+    reqid: &ReqId,
+    result: Bytes,
+    mtime_ns: u64,
+) -> LogEntry {
+    if exists_after {
+        txn.set_meta(
+            obj,
+            ObjectMeta {
+                version: version.encode(),
+                user_version: version.seq,
+                mtime_ns,
+            },
+        );
+    }
+    let entry = LogEntry {
+        version,
+        namespace: obj.namespace().to_string(),
+        object: obj.name().to_string(),
+        removed,
+        reqid: reqid.clone(),
+        result: result.clone(),
+    };
+    let pg = obj.pg();
+    txn.pg_log_append(pg, version.seq, basalt_ops::encode(&entry));
+    txn.dup_record(pg, reqid.key(), version.seq, result);
+    if version.seq > LOG_KEEP && version.seq.is_multiple_of(256) {
+        // Trimming in steps keeps the per-write cost flat; the log holds LOG_KEEP to
+        // LOG_KEEP + 256 entries.
+        txn.pg_log_trim(pg, version.seq - LOG_KEEP);
+        txn.dup_trim(pg, version.seq - LOG_KEEP);
+    }
+    entry
+}
+
+/// Reads everything about an object for recovery.
+pub fn object_state(store: &Store, obj: &ObjectId) -> Result<ObjectState, StoreError> {
+    let st = store.stat(obj)?;
+    let data = store.read(obj, 0, st.size)?;
+    let xattrs = store.xattrs(obj)?;
+    let omap_header = store.omap_get_header(obj)?;
+    let mut omap = Vec::new();
+    let mut after: Option<Bytes> = None;
+    loop {
+        let page = store.omap_list(obj, after.as_deref(), 1024)?;
+        after = page.entries.last().map(|(k, _)| k.clone());
+        omap.extend(page.entries);
+        if !page.more || after.is_none() {
+            break;
+        }
+    }
+    Ok(ObjectState {
+        namespace: obj.namespace().to_string(),
+        name: obj.name().to_string(),
+        data,
+        xattrs,
+        omap_header,
+        omap,
+        meta: st.meta,
+    })
+}
+
+/// Adds to `txn` what replaces `obj` (whose current existence is `exists`) with `state`.
+pub fn install_object(txn: &mut Transaction, obj: &ObjectId, exists: bool, state: &ObjectState) {
+    if exists {
+        txn.remove(obj);
+    }
+    txn.create(obj, false);
+    txn.write_full(obj, state.data.clone());
+    for (k, v) in &state.xattrs {
+        txn.setxattr(obj, k.clone(), v.clone());
+    }
+    if let Some(h) = &state.omap_header {
+        txn.omap_set_header(obj, h.clone());
+    }
+    if !state.omap.is_empty() {
+        txn.omap_set(obj, state.omap.iter().cloned());
+    }
+    txn.set_meta(obj, state.meta.clone());
+}
+
+/// Adds to `txn` what makes `pg`'s log exactly `log` (and its dups the log's requests).
+pub fn replace_log(txn: &mut Transaction, pg: PgId, log: &[LogEntry]) {
+    txn.pg_log_remove_from(pg, 0);
+    txn.dup_trim(pg, u64::MAX);
+    for e in log {
+        txn.pg_log_append(pg, e.version.seq, basalt_ops::encode(e));
+        txn.dup_record(pg, e.reqid.key(), e.version.seq, e.result.clone());
+    }
+}
+
+/// The PG's log as stored (oldest first); undecodable entries are reported, not skipped.
+pub fn read_log(store: &Store, pg: PgId) -> Result<Vec<LogEntry>, OpError> {
+    let mut out = Vec::new();
+    let mut from = 0u64;
+    loop {
+        let page = store.pg_log_scan(pg, from, 1024).map_err(store_error)?;
+        let Some(&(last, _)) = page.last() else { break };
+        for (_, b) in &page {
+            out.push(basalt_ops::decode::<LogEntry>(b, "PG log entry")?);
+        }
+        if page.len() < 1024 {
+            break;
+        }
+        from = last + 1;
+    }
+    Ok(out)
+}
+
+/// What this OSD holds of `pg`, for peering.
+pub fn peer_state(store: &Store, pg: PgId) -> Result<PeerState, OpError> {
+    if !store.pg_exists(pg).map_err(store_error)? {
+        return Ok(PeerState::default());
+    }
+    let log = read_log(store, pg)?;
+    let mut objects = BTreeMap::new();
+    let mut after: Option<ObjectId> = None;
+    loop {
+        let page = store
+            .list_objects(pg, after.as_ref(), 1024)
+            .map_err(store_error)?;
+        for o in &page.objects {
+            if o.snap() != crate::store::SNAP_HEAD {
+                continue;
+            }
+            let st = store.stat(o).map_err(store_error)?;
+            objects.insert(
+                (o.namespace().to_string(), o.name().to_string()),
+                Eversion::decode(&st.meta.version).unwrap_or_default(),
+            );
+        }
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    // The newest of the log and the objects: a log trimmed empty still leaves versions.
+    let last_update = log
+        .iter()
+        .map(|e| e.version)
+        .chain(objects.values().copied())
+        .max()
+        .unwrap_or_default();
+    Ok(PeerState {
+        last_update,
+        log,
+        objects,
+    })
+}
+
+/// Builds the transaction that applies `push` to this OSD's copy of `pg`.
+pub fn apply_push(store: &Store, pg: PgId, push: &Push) -> Result<Transaction, OpError> {
+    let mut txn = Transaction::new();
+    if !store.pg_exists(pg).map_err(store_error)? {
+        txn.pg_create(pg);
+    }
+    let mut seen = BTreeSet::new();
+    for st in &push.objects {
+        let obj = ObjectId::with_namespace(pg, st.namespace.clone(), st.name.clone());
+        if !seen.insert((st.namespace.clone(), st.name.clone())) {
+            return Err(OpError::InvalidArgument(format!(
+                "object {obj} pushed twice"
+            )));
+        }
+        let exists = store.exists(&obj).map_err(store_error)?;
+        install_object(&mut txn, &obj, exists, st);
+    }
+    for (ns, name) in &push.remove {
+        let obj = ObjectId::with_namespace(pg, ns.clone(), name.clone());
+        if store.exists(&obj).map_err(store_error)? {
+            txn.remove(&obj);
+        }
+    }
+    if let Some(log) = &push.log {
+        replace_log(&mut txn, pg, log);
+    }
+    Ok(txn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreConfig;
+
+    fn ev(epoch: u64, seq: u64) -> Eversion {
+        Eversion { epoch, seq }
+    }
+
+    fn name(n: &str) -> ObjectName {
+        (String::new(), n.to_string())
+    }
+
+    fn state(last: Eversion, objs: &[(&str, Eversion)]) -> PeerState {
+        PeerState {
+            last_update: last,
+            log: vec![],
+            objects: objs.iter().map(|(n, v)| (name(n), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn authority_is_newest_then_primary() {
+        let mut s = BTreeMap::new();
+        s.insert(1, state(ev(5, 10), &[("a", ev(5, 10))]));
+        s.insert(2, state(ev(5, 12), &[("a", ev(5, 10)), ("b", ev(5, 12))]));
+        s.insert(3, state(ev(5, 12), &[("a", ev(5, 10)), ("b", ev(5, 12))]));
+        let p = plan_recovery(3, &s).expect("plan");
+        assert_eq!(p.authority, 3, "tie on last_update goes to the primary");
+        assert_eq!(p.peers[&1].copy, vec![name("b")]);
+        assert!(p.peers[&2].is_empty());
+        assert_eq!(p.last_update, ev(5, 12));
+    }
+
+    #[test]
+    fn divergent_objects_are_rolled_back_and_extras_removed() {
+        let mut s = BTreeMap::new();
+        // osd.1 applied an unacknowledged write to "a" and created "x" in an older epoch.
+        s.insert(1, state(ev(4, 9), &[("a", ev(4, 9)), ("x", ev(4, 8))]));
+        s.insert(2, state(ev(6, 20), &[("a", ev(3, 2))]));
+        let p = plan_recovery(1, &s).expect("plan");
+        assert_eq!(p.authority, 2);
+        assert_eq!(p.peers[&1].copy, vec![name("a")]);
+        assert_eq!(p.peers[&1].remove, vec![name("x")]);
+    }
+
+    #[test]
+    fn locks_follow_cls_lock_rules() {
+        let mut st = LockState::default();
+        lock(&mut st, "c1", LockKind::Exclusive, "k1", "", "d").expect("first");
+        lock(&mut st, "c1", LockKind::Exclusive, "k1", "", "d").expect("idempotent");
+        assert!(matches!(
+            lock(&mut st, "c2", LockKind::Exclusive, "k2", "", "d"),
+            Err(OpError::Busy(_))
+        ));
+        assert!(matches!(
+            unlock(&mut st, "c2", "k2"),
+            Err(OpError::NotFound)
+        ));
+        unlock(&mut st, "c1", "k1").expect("unlock");
+        lock(&mut st, "a", LockKind::Shared, "1", "t", "").expect("shared");
+        lock(&mut st, "b", LockKind::Shared, "2", "t", "").expect("shared 2");
+        assert!(lock(&mut st, "c", LockKind::Shared, "3", "other", "").is_err());
+        assert!(lock(&mut st, "c", LockKind::Exclusive, "3", "t", "").is_err());
+    }
+
+    #[test]
+    fn execute_builds_atomic_writes_and_reads_see_the_old_state() {
+        let store = Store::in_memory(StoreConfig::default()).expect("store");
+        let pg = PgId { pool: 1, seed: 0 };
+        let mut t = Transaction::new();
+        t.pg_create(pg);
+        store.submit_blocking(&t).expect("pg");
+        let obj = ObjectId::new(pg, "o");
+        let none = || vec![];
+        let ops = vec![
+            ObjOp::WriteFull {
+                data: Bytes::from_static(b"hello"),
+            },
+            ObjOp::SetXattr {
+                name: "k".into(),
+                value: Bytes::from_static(b"v"),
+            },
+        ];
+        let ex = execute(&store, &obj, "c", &ops, &none).expect("exec");
+        assert!(ex.is_write && !ex.removed);
+        store.submit_blocking(&ex.txn).expect("apply");
+        let ops = vec![
+            ObjOp::Read {
+                offset: 0,
+                len: 100,
+            },
+            ObjOp::Remove,
+        ];
+        let ex = execute(&store, &obj, "c", &ops, &none).expect("exec");
+        assert_eq!(ex.outputs[0], OpOutput::Data(Bytes::from_static(b"hello")));
+        assert!(ex.removed);
+        // A failing guard fails the whole request.
+        let ops = vec![
+            ObjOp::WriteFull {
+                data: Bytes::from_static(b"x"),
+            },
+            ObjOp::CmpXattr {
+                name: "k".into(),
+                value: Some(Bytes::from_static(b"no")),
+            },
+        ];
+        assert!(matches!(
+            execute(&store, &obj, "c", &ops, &none),
+            Err(OpError::CmpFailed(_))
+        ));
+        // Reserved names are refused.
+        let ops = vec![ObjOp::SetXattr {
+            name: "lock.x".into(),
+            value: Bytes::new(),
+        }];
+        assert!(execute(&store, &obj, "c", &ops, &none).is_err());
+    }
+
+    #[test]
+    fn push_makes_a_peer_equal_to_the_authority() {
+        let pg = PgId { pool: 2, seed: 1 };
+        let auth = Store::in_memory(StoreConfig::default()).expect("store");
+        let peer = Store::in_memory(StoreConfig::default()).expect("store");
+        for s in [&auth, &peer] {
+            let mut t = Transaction::new();
+            t.pg_create(pg);
+            s.submit_blocking(&t).expect("pg");
+        }
+        let write = |s: &Store, n: &str, data: &'static [u8], v: Eversion| {
+            let obj = ObjectId::new(pg, n);
+            let ops = vec![ObjOp::WriteFull {
+                data: Bytes::from_static(data),
+            }];
+            let mut ex = execute(s, &obj, "c", &ops, &|| vec![]).expect("exec");
+            let reqid = ReqId {
+                client: "c".into(),
+                incarnation: 1,
+                tid: v.seq,
+            };
+            let (exists, removed) = (ex.exists_after, ex.removed);
+            finish_write(
+                &mut ex.txn,
+                &obj,
+                exists,
+                removed,
+                v,
+                &reqid,
+                Bytes::new(),
+                0,
+            );
+            s.submit_blocking(&ex.txn).expect("apply");
+        };
+        write(&auth, "a", b"new", ev(2, 2));
+        write(&auth, "b", b"bb", ev(2, 3));
+        write(&peer, "a", b"old", ev(1, 1));
+        write(&peer, "z", b"zz", ev(1, 2));
+        let states: BTreeMap<_, _> = [
+            (1, peer_state(&auth, pg).expect("s")),
+            (2, peer_state(&peer, pg).expect("s")),
+        ]
+        .into();
+        let plan = plan_recovery(2, &states).expect("plan");
+        assert_eq!(plan.authority, 1);
+        let pp = &plan.peers[&2];
+        let push = Push {
+            objects: pp
+                .copy
+                .iter()
+                .map(|(ns, n)| {
+                    object_state(&auth, &ObjectId::with_namespace(pg, ns.clone(), n.clone()))
+                        .expect("state")
+                })
+                .collect(),
+            remove: pp.remove.clone(),
+            log: pp.replace_log.then(|| states[&1].log.clone()),
+        };
+        let txn = apply_push(&peer, pg, &push).expect("push");
+        peer.submit_blocking(&txn).expect("apply");
+        assert_eq!(peer_state(&peer, pg).expect("s"), states[&1]);
+        assert_eq!(
+            peer.read(&ObjectId::new(pg, "a"), 0, 10).expect("read"),
+            Bytes::from_static(b"new")
+        );
+        let reqid = ReqId {
+            client: "c".into(),
+            incarnation: 1,
+            tid: 3,
+        };
+        assert!(peer.dup_lookup(pg, &reqid.key()).expect("dup").is_some());
+    }
+}

@@ -1,0 +1,1464 @@
+//! The OSD's data path at run time: PG instances driven by OSDMap changes, the client op
+//! path (primary-copy replication), peering and recovery, and watch/notify. The decisions
+//! (what an op changes, who is authoritative, what a peer must copy) are the pure functions of
+//! [`crate::pg`]; this module owns the concurrency and the network.
+//!
+//! # Ordering and durability
+//!
+//! - Ops on one object are serialised by a per-object async lock held from execution to the
+//!   reply (reads too, so a read never sees a write that is not yet on every replica).
+//!   Ops on different objects of a PG run concurrently; each write gets the PG's next
+//!   sequence number under the PG's state lock.
+//! - A write is committed locally and on every acting replica in parallel; the client gets
+//!   its reply only after all of them returned (every store submit is fsynced).
+//! - A replica that does not answer is retried until the PG's interval changes (the monitors
+//!   mark it down on heartbeat reports); the op then fails with `IntervalChanged` and the
+//!   client resends it with the same request id, which the new interval's primary answers
+//!   from its log after peering made every member equal.
+//!
+//! # Fencing
+//!
+//! Every client request is checked against the blocklist of an OSDMap at least as new as the
+//! client's (the OSD waits for that map first), so once a client has seen the map that
+//! blocklists another, no OSD applies the other's ops. Replicas accept sub-ops only from the
+//! primary that peered them in the current interval, so a deposed primary cannot write.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use basalt_maps::{Epoch, OsdMap};
+use basalt_ops::{
+    decode, encode, Eversion, NotifyResult, ObjOp, OpError, OpResult, ReqId, WatcherInfo,
+    MAX_MESSAGE_BYTES, MAX_OPS_PER_REQUEST,
+};
+use basalt_placement::{object_to_pg_ns, OsdId, PgId};
+use basalt_proto::osd as pb;
+use basalt_proto::osd::osd_client::OsdClient;
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::pg::{self, ObjectName, Push};
+use crate::store::{ObjectId, Store, Transaction};
+
+/// How long a peer RPC may take before the caller retries.
+const PEER_RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between attempts at a failed sub-op or peering round.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Largest total object bytes in one recovery push or pull.
+const RECOVERY_BATCH_BYTES: u64 = 32 * 1024 * 1024;
+/// Longest a request waits for the OSD to catch up with the sender's map.
+const MAP_WAIT: Duration = Duration::from_secs(10);
+
+/// Where a PG instance on this OSD stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PgStatus {
+    /// Primary, comparing and repairing replicas.
+    Peering,
+    /// Primary, serving I/O.
+    Active,
+    /// Primary that cannot serve (the reason says why, e.g. below min_size).
+    Inactive(String),
+    /// Acting replica.
+    Replica,
+    /// Holds data but is no longer in the acting set.
+    Stray,
+}
+
+impl PgStatus {
+    pub fn name(&self) -> String {
+        match self {
+            PgStatus::Peering => "peering".into(),
+            PgStatus::Active => "active".into(),
+            PgStatus::Inactive(why) => format!("inactive ({why})"),
+            PgStatus::Replica => "replica".into(),
+            PgStatus::Stray => "stray".into(),
+        }
+    }
+}
+
+struct PgState {
+    /// Epoch of the first map (seen here) with the current acting set and primary.
+    interval_epoch: Epoch,
+    acting: Vec<OsdId>,
+    primary: Option<OsdId>,
+    min_size: u32,
+    status: PgStatus,
+    /// Bumped at every interval change; tasks of an older generation stop.
+    generation: u64,
+    /// Next write's sequence number (primary, once active).
+    next_seq: u64,
+    /// Replica: the interval epoch of the primary that last peered us; sub-ops must match it.
+    peered_interval: Epoch,
+}
+
+struct Pg {
+    id: PgId,
+    state: Mutex<PgState>,
+    changed: watch::Sender<u64>,
+    objects: Mutex<HashMap<ObjectName, Arc<tokio::sync::Mutex<()>>>>,
+    /// Writes (primary: from version assignment to the last commit; replica: from the
+    /// interval check to the commit) hold it shared; peering holds it exclusively while it
+    /// reads a member's state, so no write of an older interval lands behind its back.
+    gate: tokio::sync::RwLock<()>,
+}
+
+impl Pg {
+    fn snapshot(&self) -> (u64, PgStatus, Epoch) {
+        let s = lock(&self.state);
+        (s.generation, s.status.clone(), s.interval_epoch)
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// The async lock serialising ops on one object.
+    fn object_lock(&self, name: &ObjectName) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = lock(&self.objects);
+        if m.len() > 4096 {
+            m.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        m.entry(name.clone()).or_default().clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind, still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct WatchEntry {
+    client: String,
+    cookie: u64,
+    events: mpsc::Sender<Result<pb::WatchEvent, Status>>,
+}
+
+struct PendingNotify {
+    waiting: BTreeSet<(String, u64)>,
+    acks: Vec<(WatcherInfo, Bytes)>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+type WatchKey = (PgId, String, String);
+
+/// Everything the data path shares: the store, the newest map, the PG instances, peer
+/// connections, watches.
+pub struct OsdCore {
+    store: Store,
+    whoami: AtomicU32,
+    map_tx: watch::Sender<Option<Arc<OsdMap>>>,
+    pgs: Mutex<HashMap<PgId, Arc<Pg>>>,
+    peers: Mutex<HashMap<String, OsdClient<Channel>>>,
+    watches: Mutex<HashMap<WatchKey, Vec<WatchEntry>>>,
+    notifies: Mutex<HashMap<u64, PendingNotify>>,
+    next_notify: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A gRPC client for another OSD with the data path's message limits.
+pub fn osd_client(addr: &str) -> Result<OsdClient<Channel>, OpError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| OpError::Io(format!("bad OSD address {addr}: {e}")))?;
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(OsdClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+impl OsdCore {
+    pub fn new(store: Store) -> Arc<Self> {
+        let (map_tx, _) = watch::channel(None);
+        Arc::new(OsdCore {
+            store,
+            whoami: AtomicU32::new(u32::MAX),
+            map_tx,
+            pgs: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
+            notifies: Mutex::new(HashMap::new()),
+            next_notify: AtomicU64::new(1),
+        })
+    }
+
+    fn me(&self) -> Option<OsdId> {
+        let id = self.whoami.load(Ordering::Relaxed);
+        (id != u32::MAX).then_some(id)
+    }
+
+    fn current_map(&self) -> Option<Arc<OsdMap>> {
+        self.map_tx.borrow().clone()
+    }
+
+    /// PG states for metrics and status: (pg, status name, acting).
+    pub fn pg_summary(&self) -> Vec<(PgId, String, Vec<OsdId>)> {
+        let pgs = lock(&self.pgs);
+        let mut v: Vec<_> = pgs
+            .values()
+            .map(|pg| {
+                let s = lock(&pg.state);
+                (pg.id, s.status.name(), s.acting.clone())
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Applies a new OSDMap: new intervals for PGs whose acting set or primary changed
+    /// (starting peering where this OSD is primary), creation of PGs newly mapped here.
+    pub async fn on_map(self: &Arc<Self>, me: OsdId, map: Arc<OsdMap>) {
+        self.whoami.store(me, Ordering::Relaxed);
+        let mut to_create = Vec::new();
+        let mut to_peer = Vec::new();
+        {
+            let mut pgs = lock(&self.pgs);
+            for pool in map.pools.values() {
+                for seed in 0..pool.pg_num {
+                    let id = PgId {
+                        pool: pool.id,
+                        seed,
+                    };
+                    let Ok(mapping) = map.map_pg(pool, id) else {
+                        continue;
+                    };
+                    let in_acting = mapping.acting.contains(&me);
+                    if !in_acting && !pgs.contains_key(&id) {
+                        continue;
+                    }
+                    let pg = pgs
+                        .entry(id)
+                        .or_insert_with(|| {
+                            if in_acting {
+                                to_create.push(id);
+                            }
+                            Arc::new(Pg {
+                                id,
+                                state: Mutex::new(PgState {
+                                    interval_epoch: 0,
+                                    acting: vec![],
+                                    primary: None,
+                                    min_size: 0,
+                                    status: PgStatus::Stray,
+                                    generation: 0,
+                                    next_seq: 1,
+                                    peered_interval: 0,
+                                }),
+                                changed: watch::channel(0).0,
+                                objects: Mutex::new(HashMap::new()),
+                                gate: tokio::sync::RwLock::new(()),
+                            })
+                        })
+                        .clone();
+                    let mut s = lock(&pg.state);
+                    if s.acting == mapping.acting
+                        && s.primary == mapping.acting_primary
+                        && s.min_size == pool.min_size
+                        && s.generation > 0
+                    {
+                        continue;
+                    }
+                    s.interval_epoch = map.epoch;
+                    s.acting = mapping.acting.clone();
+                    s.primary = mapping.acting_primary;
+                    s.min_size = pool.min_size;
+                    s.generation += 1;
+                    s.status = if s.primary == Some(me) {
+                        to_peer.push((pg.clone(), s.generation));
+                        PgStatus::Peering
+                    } else if in_acting {
+                        PgStatus::Replica
+                    } else {
+                        PgStatus::Stray
+                    };
+                    drop(s);
+                    pg.bump();
+                }
+            }
+            // PGs of deleted pools: nothing will be asked of them any more.
+            for pg in pgs.values() {
+                if !map.pools.contains_key(&pg.id.pool) {
+                    let mut s = lock(&pg.state);
+                    if s.status != PgStatus::Stray {
+                        s.status = PgStatus::Stray;
+                        s.generation += 1;
+                        drop(s);
+                        pg.bump();
+                    }
+                }
+            }
+        }
+        if !to_create.is_empty() {
+            let mut txn = Transaction::new();
+            for id in &to_create {
+                if !self.store.pg_exists(*id).unwrap_or(true) {
+                    txn.pg_create(*id);
+                }
+            }
+            if !txn.is_empty() {
+                if let Err(e) = self.store.submit(txn).await {
+                    tracing::error!(error = %e, "cannot create PGs mapped to this OSD");
+                }
+            }
+        }
+        self.map_tx.send_replace(Some(map.clone()));
+        self.expire_blocklisted_watches(&map);
+        for (pg, generation) in to_peer {
+            let core = self.clone();
+            tokio::spawn(async move { core.peer(pg, generation).await });
+        }
+    }
+
+    /// Waits (bounded) until this OSD has a map at least `epoch`.
+    async fn map_at_least(&self, epoch: Epoch) -> Result<Arc<OsdMap>, OpError> {
+        let mut rx = self.map_tx.subscribe();
+        let found = tokio::time::timeout(MAP_WAIT, async {
+            rx.wait_for(|m| m.as_ref().is_some_and(|m| m.epoch >= epoch))
+                .await
+                .ok()
+                .and_then(|m| m.clone())
+        })
+        .await;
+        match found {
+            Ok(Some(m)) => Ok(m),
+            _ => Err(OpError::Io(format!(
+                "this OSD has not seen OSDMap epoch {epoch} yet; retry"
+            ))),
+        }
+    }
+
+    fn pg(&self, id: PgId) -> Option<Arc<Pg>> {
+        lock(&self.pgs).get(&id).cloned()
+    }
+
+    fn peer_client(&self, osd: OsdId) -> Result<OsdClient<Channel>, OpError> {
+        let map = self
+            .current_map()
+            .ok_or_else(|| OpError::Io("no OSDMap yet".into()))?;
+        let info = map
+            .osds
+            .get(&osd)
+            .ok_or_else(|| OpError::Io(format!("osd.{osd} is not in the map")))?;
+        let mut peers = lock(&self.peers);
+        if let Some(c) = peers.get(&info.addr) {
+            return Ok(c.clone());
+        }
+        let c = osd_client(&info.addr)?;
+        peers.insert(info.addr.clone(), c.clone());
+        Ok(c)
+    }
+
+    /// Finds the PG `object` maps to and checks that this OSD is its primary, waiting first
+    /// for the client's map and refusing blocklisted clients.
+    async fn primary_pg(
+        &self,
+        epoch: Epoch,
+        pool: u32,
+        seed: u32,
+        namespace: &str,
+        name: Option<&str>,
+        client: &str,
+    ) -> Result<(Arc<OsdMap>, Arc<Pg>), OpError> {
+        let map = self.map_at_least(epoch).await?;
+        let Some(p) = map.pools.get(&pool) else {
+            return Err(OpError::NoSuchPool(pool));
+        };
+        if map.is_blocklisted(client, now_ms()) {
+            return Err(OpError::Blocklisted(client.to_string()));
+        }
+        let id = match name {
+            Some(n) => object_to_pg_ns(&p.placement(), namespace, n),
+            None if seed < p.pg_num => PgId { pool, seed },
+            None => {
+                return Err(OpError::InvalidArgument(format!(
+                    "pool {pool} has {} PGs, not {seed}",
+                    p.pg_num
+                )))
+            }
+        };
+        let not_primary = || OpError::NotPrimary {
+            pg: id.to_string(),
+            epoch: map.epoch,
+        };
+        if id.seed != seed {
+            return Err(not_primary());
+        }
+        let pg = self.pg(id).ok_or_else(not_primary)?;
+        if lock(&pg.state).primary != self.me() {
+            return Err(not_primary());
+        }
+        Ok((map, pg))
+    }
+
+    /// Waits until `pg` is active (bounded by `deadline`); returns its generation.
+    async fn wait_active(&self, pg: &Pg, deadline: Instant) -> Result<u64, OpError> {
+        let mut rx = pg.changed.subscribe();
+        let start_generation = lock(&pg.state).generation;
+        let started = Instant::now();
+        loop {
+            let (generation, status, epoch) = pg.snapshot();
+            if generation != start_generation {
+                return Err(OpError::IntervalChanged {
+                    pg: pg.id.to_string(),
+                    epoch,
+                });
+            }
+            match status {
+                PgStatus::Active => return Ok(generation),
+                PgStatus::Peering | PgStatus::Inactive(_) => {}
+                PgStatus::Replica | PgStatus::Stray => {
+                    return Err(OpError::NotPrimary {
+                        pg: pg.id.to_string(),
+                        epoch,
+                    })
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(OpError::Inactive {
+                    pg: pg.id.to_string(),
+                    state: status.name(),
+                    waited_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+        }
+    }
+
+    /// A client's compound request on one object.
+    pub async fn handle_op(self: &Arc<Self>, req: pb::OpRequest) -> Result<OpResult, OpError> {
+        let reqid = req
+            .reqid
+            .as_ref()
+            .map(|r| ReqId {
+                client: r.client.clone(),
+                incarnation: r.incarnation,
+                tid: r.tid,
+            })
+            .ok_or_else(|| OpError::InvalidArgument("request id missing".into()))?;
+        let ops: Vec<ObjOp> = decode(&req.ops, "ops")?;
+        if ops.is_empty() || ops.len() > MAX_OPS_PER_REQUEST {
+            return Err(OpError::InvalidArgument(format!(
+                "a request carries 1..={MAX_OPS_PER_REQUEST} ops, not {}",
+                ops.len()
+            )));
+        }
+        for op in &ops {
+            op.validate()?;
+        }
+        if req.object.is_empty() {
+            return Err(OpError::InvalidArgument("empty object name".into()));
+        }
+        let deadline =
+            Instant::now() + Duration::from_millis(u64::from(req.timeout_ms.clamp(100, 600_000)));
+        let (_, pg) = self
+            .primary_pg(
+                req.epoch,
+                req.pool,
+                req.pg_seed,
+                &req.namespace,
+                Some(&req.object),
+                &reqid.client,
+            )
+            .await?;
+        self.wait_active(&pg, deadline).await?;
+        let name: ObjectName = (req.namespace.clone(), req.object.clone());
+        let object_lock = pg.object_lock(&name);
+        let _guard = object_lock.lock().await;
+        // The interval may have changed while we queued behind another op.
+        let generation = self.wait_active(&pg, deadline).await?;
+        let obj = ObjectId::with_namespace(pg.id, req.namespace.clone(), req.object.clone());
+        let is_write = ops.iter().any(ObjOp::is_write);
+        if is_write {
+            if let Some((_, result)) = self
+                .store
+                .dup_lookup(pg.id, &reqid.key())
+                .map_err(pg::store_error)?
+            {
+                metrics::counter!("basalt_osd_dup_replies_total").increment(1);
+                return decode::<Result<OpResult, OpError>>(&result, "recorded result")?;
+            }
+        }
+        let watchers = self.watchers_of(&(pg.id, req.namespace.clone(), req.object.clone()));
+        let store = self.store.clone();
+        let client = reqid.client.clone();
+        let ops2 = ops.clone();
+        let obj2 = obj.clone();
+        let executed = tokio::task::spawn_blocking(move || {
+            pg::execute(&store, &obj2, &client, &ops2, &|| watchers.clone())
+        })
+        .await
+        .map_err(|e| OpError::Io(format!("op task failed: {e}")));
+        let mut ex = match executed? {
+            Ok(ex) => ex,
+            Err(OpError::Corrupt(what)) if !is_write => {
+                // Never return corrupt bytes: repair from a replica, then read again.
+                self.repair_object(&pg, generation, &obj, &what).await?;
+                let store = self.store.clone();
+                let client = reqid.client.clone();
+                let watchers = self.watchers_of(&(pg.id, req.namespace.clone(), req.object));
+                let obj2 = obj.clone();
+                tokio::task::spawn_blocking(move || {
+                    pg::execute(&store, &obj2, &client, &ops, &|| watchers.clone())
+                })
+                .await
+                .map_err(|e| OpError::Io(format!("op task failed: {e}")))??
+            }
+            Err(e) => return Err(e),
+        };
+        if !ex.is_write {
+            let version = self
+                .store
+                .stat(&obj)
+                .ok()
+                .and_then(|s| Eversion::decode(&s.meta.version))
+                .unwrap_or_default();
+            return Ok(OpResult {
+                version,
+                outputs: ex.outputs,
+            });
+        }
+        let _write = pg.gate.read().await;
+        // Version assignment and the generation check happen together, so a write is never
+        // numbered in one interval and replicated in the next.
+        let (version, replicas) = {
+            let mut s = lock(&pg.state);
+            if s.generation != generation || s.status != PgStatus::Active {
+                return Err(OpError::IntervalChanged {
+                    pg: pg.id.to_string(),
+                    epoch: s.interval_epoch,
+                });
+            }
+            let v = Eversion {
+                epoch: s.interval_epoch,
+                seq: s.next_seq,
+            };
+            s.next_seq += 1;
+            let me = self.me();
+            let replicas: Vec<OsdId> = s
+                .acting
+                .iter()
+                .copied()
+                .filter(|o| Some(*o) != me)
+                .collect();
+            (v, (replicas, s.interval_epoch))
+        };
+        let result = OpResult {
+            version,
+            outputs: std::mem::take(&mut ex.outputs),
+        };
+        let recorded = encode(&Ok::<_, OpError>(result.clone()));
+        let mut txn = std::mem::take(&mut ex.txn);
+        pg::finish_write(
+            &mut txn,
+            &obj,
+            ex.exists_after,
+            ex.removed,
+            version,
+            &reqid,
+            recorded,
+            now_ns(),
+        );
+        self.replicate(&pg, generation, replicas, txn).await?;
+        Ok(result)
+    }
+
+    /// Commits `txn` locally and on every replica; returns once all have it durably.
+    async fn replicate(
+        self: &Arc<Self>,
+        pg: &Arc<Pg>,
+        generation: u64,
+        (replicas, interval_epoch): (Vec<OsdId>, Epoch),
+        txn: Transaction,
+    ) -> Result<(), OpError> {
+        let bytes = encode(&txn);
+        let mut tasks = Vec::with_capacity(replicas.len());
+        for osd in replicas {
+            let core = self.clone();
+            let pg = pg.clone();
+            let bytes = bytes.clone();
+            tasks.push(tokio::spawn(async move {
+                core.sub_op_until_done(&pg, generation, interval_epoch, osd, bytes)
+                    .await
+            }));
+        }
+        let local = self.store.submit(txn).await.map_err(pg::store_error);
+        let mut first_err = local.as_ref().err().cloned();
+        for t in tasks {
+            let r = t
+                .await
+                .unwrap_or_else(|e| Err(OpError::Io(format!("replication task failed: {e}"))));
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Err(e) = local {
+            // Replicas may hold a write the primary could not commit: re-peer so the PG
+            // converges on one copy before it serves again.
+            tracing::error!(pg = %pg.id, error = %e, "local commit failed; re-peering");
+            self.restart_peering(pg, generation);
+            return Err(OpError::Io(format!(
+                "write failed on the primary ({e}); it may or may not have been applied"
+            )));
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn restart_peering(self: &Arc<Self>, pg: &Arc<Pg>, generation: u64) {
+        let mut s = lock(&pg.state);
+        if s.generation != generation {
+            return;
+        }
+        s.generation += 1;
+        s.status = PgStatus::Peering;
+        let g = s.generation;
+        drop(s);
+        pg.bump();
+        let core = self.clone();
+        let pg = pg.clone();
+        tokio::spawn(async move { core.peer(pg, g).await });
+    }
+
+    async fn sub_op_until_done(
+        &self,
+        pg: &Pg,
+        generation: u64,
+        interval_epoch: Epoch,
+        osd: OsdId,
+        txn: Bytes,
+    ) -> Result<(), OpError> {
+        let me = self.me().unwrap_or(u32::MAX);
+        loop {
+            let (g, _, epoch) = pg.snapshot();
+            if g != generation {
+                return Err(OpError::IntervalChanged {
+                    pg: pg.id.to_string(),
+                    epoch,
+                });
+            }
+            let attempt = async {
+                let mut c = self.peer_client(osd)?;
+                let reply = c
+                    .sub_op(pb::SubOpRequest {
+                        pool: pg.id.pool,
+                        pg_seed: pg.id.seed,
+                        interval_epoch,
+                        from: me,
+                        txn: txn.clone(),
+                    })
+                    .await
+                    .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
+                decode::<Result<(), OpError>>(&reply.get_ref().result, "sub-op reply")?
+            };
+            match tokio::time::timeout(PEER_RPC_TIMEOUT, attempt).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(OpError::NoSpace(m))) => return Err(OpError::NoSpace(m)),
+                Ok(Err(e)) => {
+                    tracing::debug!(pg = %pg.id, osd, error = %e, "sub-op failed; retrying")
+                }
+                Err(_) => tracing::debug!(pg = %pg.id, osd, "sub-op timed out; retrying"),
+            }
+            let mut rx = pg.changed.subscribe();
+            let _ = tokio::time::timeout(RETRY_PAUSE, rx.changed()).await;
+        }
+    }
+
+    /// Replaces a corrupt local copy of `obj` with a replica's good one.
+    async fn repair_object(
+        self: &Arc<Self>,
+        pg: &Arc<Pg>,
+        generation: u64,
+        obj: &ObjectId,
+        what: &str,
+    ) -> Result<(), OpError> {
+        tracing::warn!(pg = %pg.id, object = %obj, error = what, "corrupt local copy; repairing from a replica");
+        metrics::counter!("basalt_osd_read_repairs_total").increment(1);
+        let (replicas, interval_epoch) = {
+            let s = lock(&pg.state);
+            let me = self.me();
+            let r: Vec<OsdId> = s
+                .acting
+                .iter()
+                .copied()
+                .filter(|o| Some(*o) != me)
+                .collect();
+            (r, s.interval_epoch)
+        };
+        let name = (obj.namespace().to_string(), obj.name().to_string());
+        for osd in replicas {
+            let Ok(states) = self
+                .pull(pg, interval_epoch, osd, std::slice::from_ref(&name))
+                .await
+            else {
+                continue;
+            };
+            let Some(state) = states.into_iter().next() else {
+                continue;
+            };
+            let push = Push {
+                objects: vec![state],
+                remove: vec![],
+                log: None,
+            };
+            let txn = pg::apply_push(&self.store, pg.id, &push)?;
+            if lock(&pg.state).generation != generation {
+                return Err(OpError::IntervalChanged {
+                    pg: pg.id.to_string(),
+                    epoch: interval_epoch,
+                });
+            }
+            self.store.submit(txn).await.map_err(pg::store_error)?;
+            return Ok(());
+        }
+        Err(OpError::Corrupt(format!(
+            "{obj}: {what}; no replica could supply a good copy"
+        )))
+    }
+
+    async fn pull(
+        &self,
+        pg: &Pg,
+        interval_epoch: Epoch,
+        osd: OsdId,
+        names: &[ObjectName],
+    ) -> Result<Vec<pg::ObjectState>, OpError> {
+        let mut c = self.peer_client(osd)?;
+        let reply = tokio::time::timeout(
+            PEER_RPC_TIMEOUT,
+            c.pg_pull(pb::PgPullRequest {
+                pool: pg.id.pool,
+                pg_seed: pg.id.seed,
+                interval_epoch,
+                from: self.me().unwrap_or(u32::MAX),
+                objects: encode(&names.to_vec()),
+            }),
+        )
+        .await
+        .map_err(|_| OpError::Io(format!("osd.{osd} did not answer a pull")))?
+        .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
+        decode::<Result<Vec<pg::ObjectState>, OpError>>(&reply.get_ref().result, "pull reply")?
+    }
+
+    /// Peering for an interval in which this OSD is primary: repeat until the PG is active,
+    /// inactive for a reason only a new map can change, or the interval is over.
+    async fn peer(self: Arc<Self>, pg: Arc<Pg>, generation: u64) {
+        loop {
+            match self.peer_once(&pg, generation).await {
+                Ok(true) => return,
+                Ok(false) => return,
+                Err(e) => {
+                    if lock(&pg.state).generation != generation {
+                        return;
+                    }
+                    tracing::info!(pg = %pg.id, error = %e, "peering round failed; retrying");
+                    let mut rx = pg.changed.subscribe();
+                    let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+                }
+            }
+        }
+    }
+
+    /// One peering round. `Ok(true)`: active; `Ok(false)`: stopped (new interval or too few
+    /// members).
+    async fn peer_once(&self, pg: &Arc<Pg>, generation: u64) -> Result<bool, OpError> {
+        let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
+        let (acting, interval_epoch) = {
+            let mut s = lock(&pg.state);
+            if s.generation != generation {
+                return Ok(false);
+            }
+            if (s.acting.len() as u32) < s.min_size {
+                s.status = PgStatus::Inactive(format!(
+                    "undersized: {} acting, min_size {}",
+                    s.acting.len(),
+                    s.min_size
+                ));
+                drop(s);
+                pg.bump();
+                return Ok(false);
+            }
+            (s.acting.clone(), s.interval_epoch)
+        };
+        // In-flight writes of the previous interval finish (their replicas refuse them now)
+        // before our own state is read.
+        let _quiesced = pg.gate.write().await;
+        let mut states = BTreeMap::new();
+        let store = self.store.clone();
+        let id = pg.id;
+        let own = tokio::task::spawn_blocking(move || pg::peer_state(&store, id))
+            .await
+            .map_err(|e| OpError::Io(e.to_string()))??;
+        states.insert(me, own);
+        for &osd in acting.iter().filter(|o| **o != me) {
+            let mut c = self.peer_client(osd)?;
+            let reply = tokio::time::timeout(
+                PEER_RPC_TIMEOUT,
+                c.pg_query(pb::PgQueryRequest {
+                    pool: id.pool,
+                    pg_seed: id.seed,
+                    interval_epoch,
+                    from: me,
+                }),
+            )
+            .await
+            .map_err(|_| OpError::Io(format!("osd.{osd} did not answer the query")))?
+            .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
+            let st = decode::<Result<pg::PeerState, OpError>>(&reply.get_ref().result, "query")??;
+            states.insert(osd, st);
+        }
+        let plan =
+            pg::plan_recovery(me, &states).ok_or_else(|| OpError::Io("no peer states".into()))?;
+        if plan.authority != me {
+            let mine = &plan.peers[&me];
+            let names = mine.copy.clone();
+            let mut first = true;
+            // One object per pull: sizes are unknown here and one object may be as large
+            // as the message limit allows.
+            for name in &names {
+                let objects = self
+                    .pull(
+                        pg,
+                        interval_epoch,
+                        plan.authority,
+                        std::slice::from_ref(name),
+                    )
+                    .await?;
+                let push = Push {
+                    objects,
+                    remove: if first { mine.remove.clone() } else { vec![] },
+                    log: None,
+                };
+                first = false;
+                let txn = pg::apply_push(&self.store, id, &push)?;
+                self.store.submit(txn).await.map_err(pg::store_error)?;
+            }
+            let push = Push {
+                objects: vec![],
+                remove: if first { mine.remove.clone() } else { vec![] },
+                log: Some(states[&plan.authority].log.clone()),
+            };
+            let txn = pg::apply_push(&self.store, id, &push)?;
+            self.store.submit(txn).await.map_err(pg::store_error)?;
+            metrics::counter!("basalt_osd_recovered_objects_total").increment(names.len() as u64);
+        }
+        let auth_log = states[&plan.authority].log.clone();
+        for (&osd, peer_plan) in &plan.peers {
+            // We now equal the authority, and the authority's own plan is empty.
+            if osd == me || peer_plan.is_empty() {
+                continue;
+            }
+            self.push_to(pg, interval_epoch, osd, peer_plan, &auth_log)
+                .await?;
+            metrics::counter!("basalt_osd_recovered_objects_total")
+                .increment(peer_plan.copy.len() as u64);
+        }
+        let mut s = lock(&pg.state);
+        if s.generation != generation {
+            return Ok(false);
+        }
+        s.next_seq = plan.last_update.seq + 1;
+        s.status = PgStatus::Active;
+        drop(s);
+        pg.bump();
+        tracing::debug!(pg = %id, epoch = interval_epoch, last_update = %plan.last_update, "active");
+        Ok(true)
+    }
+
+    async fn push_to(
+        &self,
+        pg: &Pg,
+        interval_epoch: Epoch,
+        osd: OsdId,
+        plan: &pg::PeerPlan,
+        log: &[basalt_ops::LogEntry],
+    ) -> Result<(), OpError> {
+        let me = self.me().unwrap_or(u32::MAX);
+        let mut pending = plan.copy.iter().peekable();
+        let mut first = true;
+        loop {
+            // Objects are read until the batch reaches RECOVERY_BATCH_BYTES, so a push
+            // stays well inside the message limit whatever the object sizes.
+            let mut objects = Vec::new();
+            let mut bytes = 0u64;
+            while bytes < RECOVERY_BATCH_BYTES {
+                let Some((ns, n)) = pending.next() else { break };
+                let store = self.store.clone();
+                let obj = ObjectId::with_namespace(pg.id, ns.clone(), n.clone());
+                let st = tokio::task::spawn_blocking(move || pg::object_state(&store, &obj))
+                    .await
+                    .map_err(|e| OpError::Io(e.to_string()))?
+                    .map_err(pg::store_error)?;
+                bytes += st.data.len() as u64 + 1;
+                objects.push(st);
+            }
+            let last = pending.peek().is_none();
+            let push = Push {
+                objects,
+                remove: if first { plan.remove.clone() } else { vec![] },
+                log: last.then(|| log.to_vec()),
+            };
+            first = false;
+            let mut c = self.peer_client(osd)?;
+            let reply = tokio::time::timeout(
+                PEER_RPC_TIMEOUT,
+                c.pg_push(pb::PgPushRequest {
+                    pool: pg.id.pool,
+                    pg_seed: pg.id.seed,
+                    interval_epoch,
+                    from: me,
+                    push: encode(&push),
+                }),
+            )
+            .await
+            .map_err(|_| OpError::Io(format!("osd.{osd} did not answer a push")))?
+            .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
+            decode::<Result<(), OpError>>(&reply.get_ref().result, "push reply")??;
+            if last {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Checks a peering/replication request from `from` for `pg` at `interval_epoch`: this
+    /// OSD's map must be at least that new and show `from` as the PG's primary.
+    async fn check_peer_request(
+        &self,
+        pool: u32,
+        seed: u32,
+        interval_epoch: Epoch,
+        from: OsdId,
+    ) -> Result<Arc<Pg>, OpError> {
+        let map = self.map_at_least(interval_epoch).await?;
+        let id = PgId { pool, seed };
+        let stale = || OpError::IntervalChanged {
+            pg: id.to_string(),
+            epoch: map.epoch,
+        };
+        let pg = self.pg(id).ok_or_else(stale)?;
+        if lock(&pg.state).primary != Some(from) {
+            return Err(stale());
+        }
+        Ok(pg)
+    }
+
+    pub async fn handle_pg_query(&self, req: pb::PgQueryRequest) -> Result<pg::PeerState, OpError> {
+        let pg = self
+            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
+            .await?;
+        // From here on sub-ops of older intervals are refused, and those already admitted
+        // have committed before the state below is read.
+        {
+            let mut s = lock(&pg.state);
+            s.peered_interval = s.peered_interval.max(req.interval_epoch);
+        }
+        let _quiesced = pg.gate.write().await;
+        let store = self.store.clone();
+        let id = pg.id;
+        tokio::task::spawn_blocking(move || pg::peer_state(&store, id))
+            .await
+            .map_err(|e| OpError::Io(e.to_string()))?
+    }
+
+    pub async fn handle_pg_pull(
+        &self,
+        req: pb::PgPullRequest,
+    ) -> Result<Vec<pg::ObjectState>, OpError> {
+        let pg = self
+            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
+            .await?;
+        let names: Vec<ObjectName> = decode(&req.objects, "object names")?;
+        let store = self.store.clone();
+        let id = pg.id;
+        tokio::task::spawn_blocking(move || {
+            names
+                .iter()
+                .map(|(ns, n)| {
+                    pg::object_state(&store, &ObjectId::with_namespace(id, ns.clone(), n.clone()))
+                        .map_err(pg::store_error)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| OpError::Io(e.to_string()))?
+    }
+
+    pub async fn handle_pg_push(&self, req: pb::PgPushRequest) -> Result<(), OpError> {
+        let pg = self
+            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
+            .await?;
+        if lock(&pg.state).peered_interval != req.interval_epoch {
+            return Err(OpError::IntervalChanged {
+                pg: pg.id.to_string(),
+                epoch: req.interval_epoch,
+            });
+        }
+        let push: Push = decode(&req.push, "push")?;
+        let store = self.store.clone();
+        let id = pg.id;
+        let txn = tokio::task::spawn_blocking(move || pg::apply_push(&store, id, &push))
+            .await
+            .map_err(|e| OpError::Io(e.to_string()))??;
+        self.store.submit(txn).await.map_err(pg::store_error)
+    }
+
+    pub async fn handle_sub_op(&self, req: pb::SubOpRequest) -> Result<(), OpError> {
+        let pg = self
+            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
+            .await?;
+        let _write = pg.gate.read().await;
+        if lock(&pg.state).peered_interval != req.interval_epoch {
+            return Err(OpError::IntervalChanged {
+                pg: pg.id.to_string(),
+                epoch: req.interval_epoch,
+            });
+        }
+        let txn: Transaction = decode(&req.txn, "transaction")?;
+        // A resent sub-op must not apply twice (appends are not idempotent): its log entry
+        // tells whether it already landed.
+        let seq = txn.ops().iter().find_map(|op| match op {
+            crate::store::Op::PgLogAppend { pg: p, version, .. } if *p == pg.id => Some(*version),
+            _ => None,
+        });
+        let Some(seq) = seq else {
+            return Err(OpError::InvalidArgument(
+                "sub-op without a log entry".into(),
+            ));
+        };
+        let applied = self
+            .store
+            .pg_log_scan(pg.id, seq, 1)
+            .map_err(pg::store_error)?
+            .first()
+            .is_some_and(|(v, _)| *v == seq);
+        if applied {
+            return Ok(());
+        }
+        self.store.submit(txn).await.map_err(pg::store_error)
+    }
+
+    pub async fn handle_list(&self, req: pb::ListRequest) -> Result<pg::Listing, OpError> {
+        let (_, pg) = self
+            .primary_pg(req.epoch, req.pool, req.pg_seed, "", None, &req.client)
+            .await?;
+        let deadline =
+            Instant::now() + Duration::from_millis(u64::from(req.timeout_ms.clamp(100, 600_000)));
+        self.wait_active(&pg, deadline).await?;
+        let after: Option<ObjectName> = if req.start_after.is_empty() {
+            None
+        } else {
+            decode(&req.start_after, "listing cursor")?
+        };
+        let max = req.max.clamp(1, 10_000) as usize;
+        let store = self.store.clone();
+        let id = pg.id;
+        tokio::task::spawn_blocking(move || {
+            let start = after.map(|(ns, n)| ObjectId::with_namespace(id, ns, n));
+            let page = store
+                .list_objects(id, start.as_ref(), max)
+                .map_err(pg::store_error)?;
+            Ok(pg::Listing {
+                objects: page
+                    .objects
+                    .iter()
+                    .filter(|o| o.snap() == crate::store::SNAP_HEAD)
+                    .map(|o| (o.namespace().to_string(), o.name().to_string()))
+                    .collect(),
+                next: page
+                    .next
+                    .map(|o| (o.namespace().to_string(), o.name().to_string())),
+            })
+        })
+        .await
+        .map_err(|e| OpError::Io(e.to_string()))?
+    }
+
+    fn watchers_of(&self, key: &WatchKey) -> Vec<WatcherInfo> {
+        lock(&self.watches)
+            .get(key)
+            .map(|v| {
+                v.iter()
+                    .map(|w| WatcherInfo {
+                        client: w.client.clone(),
+                        cookie: w.cookie,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn unwatch(&self, key: &WatchKey, client: &str, cookie: u64) {
+        let mut w = lock(&self.watches);
+        if let Some(v) = w.get_mut(key) {
+            v.retain(|e| !(e.client == client && e.cookie == cookie));
+            if v.is_empty() {
+                w.remove(key);
+            }
+        }
+        // A notify waiting for this watcher gives up on it now.
+        let mut n = lock(&self.notifies);
+        for p in n.values_mut() {
+            if p.waiting.remove(&(client.to_string(), cookie)) && p.waiting.is_empty() {
+                if let Some(done) = p.done.take() {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    fn expire_blocklisted_watches(&self, map: &OsdMap) {
+        let now = now_ms();
+        let mut w = lock(&self.watches);
+        for v in w.values_mut() {
+            v.retain(|e| {
+                let fenced = map.is_blocklisted(&e.client, now);
+                if fenced {
+                    let err = encode(&OpError::Blocklisted(e.client.clone()));
+                    let _ = e.events.try_send(Ok(pb::WatchEvent {
+                        error: err,
+                        ..Default::default()
+                    }));
+                }
+                !fenced
+            });
+        }
+        w.retain(|_, v| !v.is_empty());
+    }
+
+    /// Serves one watch: registers it, then keeps it while pings arrive within the timeout and
+    /// the PG keeps this OSD as primary.
+    pub async fn handle_watch(
+        self: &Arc<Self>,
+        mut pings: Streaming<pb::WatchPing>,
+    ) -> Result<mpsc::Receiver<Result<pb::WatchEvent, Status>>, Status> {
+        let first = tokio::time::timeout(Duration::from_secs(10), pings.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no watch request within 10 s"))??
+            .ok_or_else(|| Status::invalid_argument("watch stream closed before its request"))?;
+        let (tx, rx) = mpsc::channel(64);
+        let refuse = |e: OpError| {
+            let _ = tx.try_send(Ok(pb::WatchEvent {
+                error: encode(&e),
+                ..Default::default()
+            }));
+        };
+        if first.object.is_empty() {
+            refuse(OpError::InvalidArgument("empty object name".into()));
+            return Ok(rx);
+        }
+        let (_, pg) = match self
+            .primary_pg(
+                first.epoch,
+                first.pool,
+                first.pg_seed,
+                &first.namespace,
+                Some(&first.object),
+                &first.client,
+            )
+            .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                refuse(e);
+                return Ok(rx);
+            }
+        };
+        let generation = match self
+            .wait_active(&pg, Instant::now() + Duration::from_secs(10))
+            .await
+        {
+            Ok(g) => g,
+            Err(e) => {
+                refuse(e);
+                return Ok(rx);
+            }
+        };
+        // Watches need the object (as in Ceph).
+        let obj = ObjectId::with_namespace(pg.id, first.namespace.clone(), first.object.clone());
+        if !self.store.exists(&obj).unwrap_or(false) {
+            refuse(OpError::NotFound);
+            return Ok(rx);
+        }
+        let key: WatchKey = (pg.id, first.namespace.clone(), first.object.clone());
+        let client = first.client.clone();
+        let cookie = first.cookie;
+        let timeout = Duration::from_millis(u64::from(first.timeout_ms.clamp(1_000, 3_600_000)));
+        {
+            let mut w = lock(&self.watches);
+            let v = w.entry(key.clone()).or_default();
+            v.retain(|e| !(e.client == client && e.cookie == cookie));
+            v.push(WatchEntry {
+                client: client.clone(),
+                cookie,
+                events: tx.clone(),
+            });
+        }
+        let _ = tx.try_send(Ok(pb::WatchEvent::default()));
+        metrics::gauge!("basalt_osd_watches").increment(1.0);
+        let core = self.clone();
+        tokio::spawn(async move {
+            let mut changed = pg.changed.subscribe();
+            let end = loop {
+                tokio::select! {
+                    m = tokio::time::timeout(timeout, pings.message()) => match m {
+                        Ok(Ok(Some(_))) => continue,
+                        Ok(_) => break None, // the client closed the stream
+                        Err(_) => break Some(OpError::Io(format!(
+                            "watch timed out: no ping for {} ms", timeout.as_millis()))),
+                    },
+                    _ = changed.changed() => {
+                        let (g, _, epoch) = pg.snapshot();
+                        if g != generation {
+                            break Some(OpError::IntervalChanged { pg: pg.id.to_string(), epoch });
+                        }
+                    }
+                    _ = tx.closed() => break None,
+                }
+            };
+            core.unwatch(&key, &client, cookie);
+            metrics::gauge!("basalt_osd_watches").decrement(1.0);
+            if let Some(e) = end {
+                tracing::info!(client = %client, cookie, object = %key.2, error = %e, "watch ended");
+                let _ = tx
+                    .send(Ok(pb::WatchEvent {
+                        error: encode(&e),
+                        ..Default::default()
+                    }))
+                    .await;
+            }
+        });
+        Ok(rx)
+    }
+
+    pub async fn handle_notify(&self, req: pb::NotifyRequest) -> Result<NotifyResult, OpError> {
+        let (_, pg) = self
+            .primary_pg(
+                req.epoch,
+                req.pool,
+                req.pg_seed,
+                &req.namespace,
+                Some(&req.object),
+                &req.client,
+            )
+            .await?;
+        let timeout = Duration::from_millis(u64::from(req.timeout_ms.clamp(100, 600_000)));
+        self.wait_active(&pg, Instant::now() + timeout).await?;
+        let key: WatchKey = (pg.id, req.namespace.clone(), req.object.clone());
+        let id = self.next_notify.fetch_add(1, Ordering::Relaxed);
+        let (done_tx, done_rx) = oneshot::channel();
+        let targets: Vec<(String, u64, mpsc::Sender<_>)> = lock(&self.watches)
+            .get(&key)
+            .map(|v| {
+                v.iter()
+                    .map(|w| (w.client.clone(), w.cookie, w.events.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if targets.is_empty() {
+            return Ok(NotifyResult::default());
+        }
+        lock(&self.notifies).insert(
+            id,
+            PendingNotify {
+                waiting: targets.iter().map(|(c, k, _)| (c.clone(), *k)).collect(),
+                acks: vec![],
+                done: Some(done_tx),
+            },
+        );
+        for (_, _, events) in &targets {
+            let _ = events.try_send(Ok(pb::WatchEvent {
+                notify_id: id,
+                notifier: req.client.clone(),
+                payload: req.payload.clone(),
+                error: Bytes::new(),
+            }));
+        }
+        let _ = tokio::time::timeout(timeout, done_rx).await;
+        let p = lock(&self.notifies).remove(&id);
+        let Some(p) = p else {
+            return Ok(NotifyResult::default());
+        };
+        Ok(NotifyResult {
+            acks: p.acks,
+            timed_out: p
+                .waiting
+                .into_iter()
+                .map(|(client, cookie)| WatcherInfo { client, cookie })
+                .collect(),
+        })
+    }
+
+    pub fn handle_notify_ack(&self, req: pb::NotifyAckRequest) {
+        let mut n = lock(&self.notifies);
+        if let Some(p) = n.get_mut(&req.notify_id) {
+            if p.waiting.remove(&(req.client.clone(), req.cookie)) {
+                p.acks.push((
+                    WatcherInfo {
+                        client: req.client,
+                        cookie: req.cookie,
+                    },
+                    req.reply,
+                ));
+            }
+            if p.waiting.is_empty() {
+                if let Some(done) = p.done.take() {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+}
+
+/// The gRPC face of [`OsdCore`] plus the heartbeat.
+pub struct OsdService {
+    pub core: Arc<OsdCore>,
+    pub epoch: Arc<AtomicU64>,
+}
+
+fn reply_epoch(core: &OsdCore) -> u64 {
+    core.current_map().map_or(0, |m| m.epoch)
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::osd_server::Osd for OsdService {
+    async fn ping(
+        &self,
+        _req: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingReply>, Status> {
+        let Some(osd_id) = self.core.me() else {
+            return Err(Status::unavailable("this OSD has not booted yet"));
+        };
+        Ok(Response::new(pb::PingReply {
+            osd_id,
+            epoch: self.epoch.load(Ordering::Relaxed),
+        }))
+    }
+
+    async fn op(&self, req: Request<pb::OpRequest>) -> Result<Response<pb::OpReply>, Status> {
+        let req = req.into_inner();
+        let started = std::time::Instant::now();
+        let kind = if decode::<Vec<ObjOp>>(&req.ops, "ops")
+            .map(|o| o.iter().any(ObjOp::is_write))
+            .unwrap_or(false)
+        {
+            "write"
+        } else {
+            "read"
+        };
+        let bytes_in = req.ops.len() as u64;
+        let r = self.core.handle_op(req).await;
+        metrics::counter!("basalt_osd_client_ops_total", "kind" => kind, "result" => if r.is_ok() { "ok" } else { "error" }).increment(1);
+        metrics::histogram!("basalt_osd_client_op_seconds", "kind" => kind)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("basalt_osd_client_bytes_total", "direction" => "in").increment(bytes_in);
+        let result = encode(&r);
+        metrics::counter!("basalt_osd_client_bytes_total", "direction" => "out")
+            .increment(result.len() as u64);
+        Ok(Response::new(pb::OpReply {
+            epoch: reply_epoch(&self.core),
+            result,
+        }))
+    }
+
+    async fn list_objects(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListReply>, Status> {
+        let r = self.core.handle_list(req.into_inner()).await;
+        Ok(Response::new(pb::ListReply {
+            epoch: reply_epoch(&self.core),
+            result: encode(&r),
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<Streaming<pb::WatchPing>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let rx = self.core.handle_watch(req.into_inner()).await?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn notify(
+        &self,
+        req: Request<pb::NotifyRequest>,
+    ) -> Result<Response<pb::NotifyReply>, Status> {
+        let r = self.core.handle_notify(req.into_inner()).await;
+        Ok(Response::new(pb::NotifyReply {
+            epoch: reply_epoch(&self.core),
+            result: encode(&r),
+        }))
+    }
+
+    async fn notify_ack(
+        &self,
+        req: Request<pb::NotifyAckRequest>,
+    ) -> Result<Response<pb::NotifyAckReply>, Status> {
+        self.core.handle_notify_ack(req.into_inner());
+        Ok(Response::new(pb::NotifyAckReply {}))
+    }
+
+    async fn sub_op(
+        &self,
+        req: Request<pb::SubOpRequest>,
+    ) -> Result<Response<pb::SubOpReply>, Status> {
+        let started = std::time::Instant::now();
+        let r = self.core.handle_sub_op(req.into_inner()).await;
+        metrics::histogram!("basalt_osd_sub_op_seconds").record(started.elapsed().as_secs_f64());
+        Ok(Response::new(pb::SubOpReply { result: encode(&r) }))
+    }
+
+    async fn pg_query(
+        &self,
+        req: Request<pb::PgQueryRequest>,
+    ) -> Result<Response<pb::PgQueryReply>, Status> {
+        let r = self.core.handle_pg_query(req.into_inner()).await;
+        Ok(Response::new(pb::PgQueryReply { result: encode(&r) }))
+    }
+
+    async fn pg_pull(
+        &self,
+        req: Request<pb::PgPullRequest>,
+    ) -> Result<Response<pb::PgPullReply>, Status> {
+        let r = self.core.handle_pg_pull(req.into_inner()).await;
+        Ok(Response::new(pb::PgPullReply { result: encode(&r) }))
+    }
+
+    async fn pg_push(
+        &self,
+        req: Request<pb::PgPushRequest>,
+    ) -> Result<Response<pb::PgPushReply>, Status> {
+        let r = self.core.handle_pg_push(req.into_inner()).await;
+        Ok(Response::new(pb::PgPushReply { result: encode(&r) }))
+    }
+}
