@@ -416,10 +416,10 @@ impl Image {
             sh.size.store(new_size, Ordering::SeqCst);
             let first_gone = layout::num_objects(new_size, sh.order);
             let last = layout::num_objects(old, sh.order);
-            let total = last - first_gone + u64::from(new_size % os != 0);
+            let total = last - first_gone + u64::from(!new_size.is_multiple_of(os));
             let done = AtomicU64::new(0);
             let tick = || progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
-            if new_size % os != 0 {
+            if !new_size.is_multiple_of(os) {
                 let oid = sh.oid(new_size >> sh.order);
                 match sh.backend.zero(&oid, new_size % os, os).await {
                     Ok(()) | Err(BackendError::NotFound(_)) => {}
@@ -629,7 +629,11 @@ impl Driver {
                 closed |= self.perform(a, &int_tx);
             }
             if self.core.is_failed() && !self.core.is_closed() {
-                let mut f = self.shared.failure.lock().unwrap_or_else(|e| e.into_inner());
+                let mut f = self
+                    .shared
+                    .failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 if f.is_none() {
                     *f = Some(RbdError::Blocklisted(self.shared.backend.client_id()));
                 }
@@ -697,7 +701,12 @@ impl Driver {
             Action::TryLock { cookie } => spawn(Box::pin(async move {
                 let b = &sh.backend;
                 match b
-                    .lock_exclusive(&sh.header_oid, layout::LOCK_NAME, &cookie, "basalt-rbd auto")
+                    .lock_exclusive(
+                        &sh.header_oid,
+                        layout::LOCK_NAME,
+                        &cookie,
+                        "basalt-rbd auto",
+                    )
                     .await
                 {
                     Ok(()) => Event::LockAcquired,
@@ -747,7 +756,11 @@ impl Driver {
                 }
             })),
             Action::GetLocker => spawn(Box::pin(async move {
-                match sh.backend.lock_info(&sh.header_oid, layout::LOCK_NAME).await {
+                match sh
+                    .backend
+                    .lock_info(&sh.header_oid, layout::LOCK_NAME)
+                    .await
+                {
                     Ok(l) => Event::LockInfo(l.into_iter().next().map(|l| LockOwner {
                         client: l.client,
                         cookie: l.cookie,
@@ -758,7 +771,11 @@ impl Driver {
             Action::Blocklist { client } => spawn(Box::pin(async move {
                 tracing::warn!(image = %sh.name, %client, "lock holder is gone: blocklisting it");
                 metrics::counter!("basalt_rbd_blocklists_total").increment(1);
-                match sh.backend.blocklist_add(&client, opts.blocklist_expire).await {
+                match sh
+                    .backend
+                    .blocklist_add(&client, opts.blocklist_expire)
+                    .await
+                {
                     Ok(()) => Event::BlocklistDone,
                     Err(e) => failed(e),
                 }
@@ -766,7 +783,12 @@ impl Driver {
             Action::BreakLock { owner } => spawn(Box::pin(async move {
                 match sh
                     .backend
-                    .break_lock(&sh.header_oid, layout::LOCK_NAME, &owner.client, &owner.cookie)
+                    .break_lock(
+                        &sh.header_oid,
+                        layout::LOCK_NAME,
+                        &owner.client,
+                        &owner.cookie,
+                    )
                     .await
                 {
                     Ok(()) => Event::BreakDone,
@@ -795,7 +817,10 @@ impl Driver {
                 }
             })),
             Action::AckNotify { notify_id } => {
-                let cookie = self.notify_cookies.remove(&notify_id).unwrap_or(self.cookie);
+                let cookie = self
+                    .notify_cookies
+                    .remove(&notify_id)
+                    .unwrap_or(self.cookie);
                 self.ack(notify_id, cookie, int_tx);
             }
             Action::Rewatch => {

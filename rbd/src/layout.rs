@@ -55,10 +55,15 @@ pub fn num_objects(size: u64, order: u8) -> u64 {
 /// printable, and short enough for an object name.
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 200 {
-        return Err(format!("image name must be 1..=200 bytes, got {}", name.len()));
+        return Err(format!(
+            "image name must be 1..=200 bytes, got {}",
+            name.len()
+        ));
     }
     if name.contains(['/', '@']) || name.chars().any(char::is_control) {
-        return Err(format!("image name {name:?} may not contain '/', '@' or control characters"));
+        return Err(format!(
+            "image name {name:?} may not contain '/', '@' or control characters"
+        ));
     }
     Ok(())
 }
@@ -67,7 +72,9 @@ pub fn check_order(order: u8) -> Result<(), String> {
     if (MIN_ORDER..=MAX_ORDER).contains(&order) {
         Ok(())
     } else {
-        Err(format!("order {order} outside [{MIN_ORDER}, {MAX_ORDER}] (object size 4 KiB..32 MiB)"))
+        Err(format!(
+            "order {order} outside [{MIN_ORDER}, {MAX_ORDER}] (object size 4 KiB..32 MiB)"
+        ))
     }
 }
 
@@ -200,12 +207,30 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                ObjectExtent { objectno: 0, offset: 4000, len: 96, buf_offset: 0 },
-                ObjectExtent { objectno: 1, offset: 0, len: 4096, buf_offset: 96 },
-                ObjectExtent { objectno: 2, offset: 0, len: 808, buf_offset: 4192 },
+                ObjectExtent {
+                    objectno: 0,
+                    offset: 4000,
+                    len: 96,
+                    buf_offset: 0
+                },
+                ObjectExtent {
+                    objectno: 1,
+                    offset: 0,
+                    len: 4096,
+                    buf_offset: 96
+                },
+                ObjectExtent {
+                    objectno: 2,
+                    offset: 0,
+                    len: 808,
+                    buf_offset: 4192
+                },
             ]
         );
-        assert_eq!(data_oid("rbd_data.abc", 0x2a), "rbd_data.abc.000000000000002a");
+        assert_eq!(
+            data_oid("rbd_data.abc", 0x2a),
+            "rbd_data.abc.000000000000002a"
+        );
         assert_eq!(num_objects(0, 22), 0);
         assert_eq!(num_objects(1, 22), 1);
         assert_eq!(num_objects(4 << 20, 22), 1);

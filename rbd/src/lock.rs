@@ -108,9 +108,13 @@ pub enum Event {
     /// `TryLock` succeeded.
     LockAcquired,
     /// `TryLock` found the lock held (holder `None` if it vanished meanwhile).
-    LockBusy { holder: Option<LockOwner> },
+    LockBusy {
+        holder: Option<LockOwner>,
+    },
     /// Another client's notify asks us to release the lock.
-    RequestLockNotified { notify_id: u64 },
+    RequestLockNotified {
+        notify_id: u64,
+    },
     /// Our `NotifyRequestLock` completed: who acked, who timed out.
     NotifyDone {
         acked: Vec<Watcher>,
@@ -131,7 +135,9 @@ pub enum Event {
     OpFailed(BackendError),
     /// Our header watch is gone.
     WatchLost,
-    WatchRestored { cookie: u64 },
+    WatchRestored {
+        cookie: u64,
+    },
     RewatchFailed(BackendError),
     /// Some operation of this client was refused with `Blocklisted`.
     Blocklisted(String),
@@ -145,22 +151,34 @@ pub enum Event {
 /// back as the matching event (or `OpFailed`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    TryLock { cookie: String },
+    TryLock {
+        cookie: String,
+    },
     /// Notify the header with a RequestLock; report `NotifyDone`.
-    NotifyRequestLock { holder: LockOwner },
+    NotifyRequestLock {
+        holder: LockOwner,
+    },
     ListWatchers,
     GetLocker,
-    Blocklist { client: String },
-    BreakLock { owner: LockOwner },
+    Blocklist {
+        client: String,
+    },
+    BreakLock {
+        owner: LockOwner,
+    },
     /// Drop read caches and re-read the header; report `Refreshed`.
     Refresh,
     AdmitWrite(WriteId),
     FailWrite(WriteId, Refusal),
     /// All admitted writes have completed: make them durable; report `Flushed`.
     Flush,
-    Unlock { cookie: String },
+    Unlock {
+        cookie: String,
+    },
     /// Answer a RequestLock notify (fire and forget; report only `Blocklisted`).
-    AckNotify { notify_id: u64 },
+    AckNotify {
+        notify_id: u64,
+    },
     /// Watch the header again; report `WatchRestored` or `RewatchFailed`.
     Rewatch,
     /// We took the lock from another holder (count it).

@@ -549,11 +549,14 @@ impl ObjectBackend for MemBackend {
         st.next_cookie += 1;
         let cookie = st.next_cookie;
         let (tx, rx) = mpsc::channel(WATCH_CHANNEL);
-        st.watches.entry(oid.to_string()).or_default().push(WatchEntry {
-            client: self.id.clone(),
-            cookie,
-            tx,
-        });
+        st.watches
+            .entry(oid.to_string())
+            .or_default()
+            .push(WatchEntry {
+                client: self.id.clone(),
+                cookie,
+                tx,
+            });
         Ok((cookie, rx))
     }
 

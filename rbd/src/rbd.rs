@@ -124,7 +124,10 @@ impl Rbd {
         let mut names = Vec::new();
         let mut after = "name_".to_string();
         loop {
-            let (page, more) = match self.backend.omap_list(layout::DIRECTORY, &after, 1024).await
+            let (page, more) = match self
+                .backend
+                .omap_list(layout::DIRECTORY, &after, 1024)
+                .await
             {
                 Ok(p) => p,
                 Err(BackendError::NotFound(_)) => return Ok(names),
@@ -357,7 +360,8 @@ async fn import_into<R: AsyncRead + Unpin + Send>(
         let chunk = Bytes::copy_from_slice(&buf[..want]);
         // Write maximal runs of non-zero blocks; zero blocks stay holes.
         for (start, end) in nonzero_runs(&chunk) {
-            img.write(off + start as u64, chunk.slice(start..end)).await?;
+            img.write(off + start as u64, chunk.slice(start..end))
+                .await?;
             stats.data_bytes += (end - start) as u64;
         }
         off += want as u64;

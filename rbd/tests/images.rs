@@ -105,7 +105,9 @@ async fn writes_and_reads_cross_objects() {
             RbdError::InvalidArgument(_)
         ));
         assert!(matches!(
-            img.write(off, Bytes::from(vec![1u8; len as usize])).await.unwrap_err(),
+            img.write(off, Bytes::from(vec![1u8; len as usize]))
+                .await
+                .unwrap_err(),
             RbdError::InvalidArgument(_)
         ));
     }
@@ -117,8 +119,16 @@ async fn writes_and_reads_cross_objects() {
     assert_eq!(
         st,
         vec![
-            Extent { offset: 0, len: 13_000, state: ExtentState::Data },
-            Extent { offset: 13_000, len: 64 * 1024 - 13_000, state: ExtentState::Hole },
+            Extent {
+                offset: 0,
+                len: 13_000,
+                state: ExtentState::Data
+            },
+            Extent {
+                offset: 13_000,
+                len: 64 * 1024 - 13_000,
+                state: ExtentState::Hole
+            },
         ]
     );
 
@@ -142,13 +152,17 @@ async fn resize_grow_and_shrink() {
     let (cluster, rbd) = setup();
     let info = rbd.create("r", 4 * 4096, 12).await.unwrap();
     let img = rbd.open("r").await.unwrap();
-    img.write(0, Bytes::from(pattern(1, 4 * 4096))).await.unwrap();
+    img.write(0, Bytes::from(pattern(1, 4 * 4096)))
+        .await
+        .unwrap();
     img.close().await.unwrap();
 
     rbd.resize("r", 10 * 4096, &no_progress).await.unwrap();
     assert_eq!(rbd.info("r").await.unwrap().size, 10 * 4096);
     let img = rbd.open("r").await.unwrap();
-    img.write(9 * 4096, Bytes::from(vec![9u8; 4096])).await.unwrap();
+    img.write(9 * 4096, Bytes::from(vec![9u8; 4096]))
+        .await
+        .unwrap();
     img.close().await.unwrap();
     assert_eq!(cluster.object_names(&info.object_prefix).len(), 5);
 
@@ -162,8 +176,14 @@ async fn resize_grow_and_shrink() {
     assert_eq!(cluster.object_names(&info.object_prefix).len(), 2);
     let img = rbd.open("r").await.unwrap();
     assert_eq!(img.size(), 4096 + 100);
-    assert_eq!(&img.read(0, 4096 + 100).await.unwrap()[..], &pattern(1, 4 * 4096)[..4196]);
-    assert!(img.write(4096 + 100, Bytes::from_static(b"x")).await.is_err());
+    assert_eq!(
+        &img.read(0, 4096 + 100).await.unwrap()[..],
+        &pattern(1, 4 * 4096)[..4196]
+    );
+    assert!(img
+        .write(4096 + 100, Bytes::from_static(b"x"))
+        .await
+        .is_err());
     // Grow again: the old tail must read as zeros, not stale data.
     img.resize(3 * 4096, &no_progress).await.unwrap();
     let r = img.read(4096, 2 * 4096).await.unwrap();
@@ -189,7 +209,9 @@ async fn resize_is_seen_by_other_open_images() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(img1.size(), 16384);
-    img1.write(12288, Bytes::from_static(b"tail")).await.unwrap();
+    img1.write(12288, Bytes::from_static(b"tail"))
+        .await
+        .unwrap();
     assert_eq!(&img1.read(0, 5).await.unwrap()[..], b"hello");
     img1.close().await.unwrap();
 }
@@ -200,7 +222,9 @@ async fn rename_and_remove() {
     let info = rbd.create("old", 3 * 4096, 12).await.unwrap();
     rbd.create("taken", 4096, 12).await.unwrap();
     let img = rbd.open("old").await.unwrap();
-    img.write(0, Bytes::from(pattern(3, 3 * 4096))).await.unwrap();
+    img.write(0, Bytes::from(pattern(3, 3 * 4096)))
+        .await
+        .unwrap();
 
     assert_eq!(
         rbd.rename("old", "taken").await.unwrap_err(),
@@ -208,7 +232,10 @@ async fn rename_and_remove() {
     );
     rbd.rename("old", "new").await.unwrap();
     assert_eq!(rbd.list().await.unwrap(), vec!["new", "taken"]);
-    assert!(matches!(rbd.info("old").await.unwrap_err(), RbdError::NotFound(_)));
+    assert!(matches!(
+        rbd.info("old").await.unwrap_err(),
+        RbdError::NotFound(_)
+    ));
     assert_eq!(rbd.info("new").await.unwrap().id, info.id);
     // The open image keeps working across the rename.
     img.write(0, Bytes::from_static(b"still")).await.unwrap();
@@ -227,7 +254,9 @@ async fn rename_and_remove() {
     assert_eq!(*done.lock().unwrap(), (3, 3));
     assert_eq!(rbd.list().await.unwrap(), vec!["taken"]);
     assert!(cluster.object_names(&info.object_prefix).is_empty());
-    assert!(cluster.object_names(&format!("rbd_header.{}", info.id)).is_empty());
+    assert!(cluster
+        .object_names(&format!("rbd_header.{}", info.id))
+        .is_empty());
     assert!(cluster.object_names("rbd_id.new").is_empty());
     assert!(matches!(
         rbd.remove("new", &no_progress).await.unwrap_err(),
@@ -253,9 +282,13 @@ async fn import_export_round_trip_is_sparse() {
     let last = Arc::new(Mutex::new((0, 0)));
     let l2 = last.clone();
     let st = rbd
-        .import(Cursor::new(input.clone()), size as u64, "imp", 22, &move |d, t| {
-            *l2.lock().unwrap() = (d, t)
-        })
+        .import(
+            Cursor::new(input.clone()),
+            size as u64,
+            "imp",
+            22,
+            &move |d, t| *l2.lock().unwrap() = (d, t),
+        )
         .await
         .unwrap();
     assert_eq!(*last.lock().unwrap(), (size as u64, size as u64));

@@ -55,7 +55,10 @@ fn first_write_takes_the_lock_lazily() {
         c.handle(MS, Event::Refreshed),
         vec![Action::AdmitWrite(1), Action::AdmitWrite(2)]
     );
-    assert_eq!(c.handle(MS, Event::WriteWanted(3)), vec![Action::AdmitWrite(3)]);
+    assert_eq!(
+        c.handle(MS, Event::WriteWanted(3)),
+        vec![Action::AdmitWrite(3)]
+    );
     assert_eq!(c.in_flight(), 3);
 }
 
@@ -88,7 +91,10 @@ fn busy_lock_is_requested_and_retried_when_the_holder_answers() {
         c.handle(3 * MS, Event::LockAcquired),
         vec![Action::RecordHandover, Action::Refresh]
     );
-    assert_eq!(c.handle(3 * MS, Event::Refreshed), vec![Action::AdmitWrite(1)]);
+    assert_eq!(
+        c.handle(3 * MS, Event::Refreshed),
+        vec![Action::AdmitWrite(1)]
+    );
 }
 
 #[test]
@@ -96,7 +102,12 @@ fn holder_that_answers_but_keeps_the_lock_is_not_hammered() {
     let mut c = LockCore::new(cfg(), "me", 7);
     c.handle(MS, Event::WriteWanted(1));
     let h = owner("other", 3);
-    c.handle(MS, Event::LockBusy { holder: Some(h.clone()) });
+    c.handle(
+        MS,
+        Event::LockBusy {
+            holder: Some(h.clone()),
+        },
+    );
     c.handle(
         MS,
         Event::NotifyDone {
@@ -105,7 +116,15 @@ fn holder_that_answers_but_keeps_the_lock_is_not_hammered() {
         },
     );
     // Busy again by the same holder right after its answer: back off.
-    assert_eq!(c.handle(MS, Event::LockBusy { holder: Some(h.clone()) }), vec![]);
+    assert_eq!(
+        c.handle(
+            MS,
+            Event::LockBusy {
+                holder: Some(h.clone())
+            }
+        ),
+        vec![]
+    );
     assert_eq!(c.next_deadline(), Some(101 * MS));
     assert_eq!(c.handle(50 * MS, Event::Tick), vec![]);
     assert_eq!(
@@ -116,7 +135,12 @@ fn holder_that_answers_but_keeps_the_lock_is_not_hammered() {
     );
     // This time it asks again.
     assert_eq!(
-        c.handle(102 * MS, Event::LockBusy { holder: Some(h.clone()) }),
+        c.handle(
+            102 * MS,
+            Event::LockBusy {
+                holder: Some(h.clone())
+            }
+        ),
         vec![Action::NotifyRequestLock { holder: h }]
     );
 }
@@ -152,7 +176,12 @@ fn dead_holder_is_blocklisted_before_its_lock_is_broken() {
     let mut c = LockCore::new(cfg(), "me", 7);
     c.handle(MS, Event::WriteWanted(1));
     let h = owner("other", 3);
-    c.handle(MS, Event::LockBusy { holder: Some(h.clone()) });
+    c.handle(
+        MS,
+        Event::LockBusy {
+            holder: Some(h.clone()),
+        },
+    );
     c.handle(
         500 * MS,
         Event::NotifyDone {
@@ -189,8 +218,19 @@ fn dead_holder_is_blocklisted_before_its_lock_is_broken() {
 fn holder_that_released_meanwhile_is_not_blocklisted() {
     let mut c = LockCore::new(cfg(), "me", 7);
     c.handle(MS, Event::WriteWanted(1));
-    c.handle(MS, Event::LockBusy { holder: Some(owner("other", 3)) });
-    c.handle(MS, Event::NotifyDone { acked: vec![], timed_out: vec![] });
+    c.handle(
+        MS,
+        Event::LockBusy {
+            holder: Some(owner("other", 3)),
+        },
+    );
+    c.handle(
+        MS,
+        Event::NotifyDone {
+            acked: vec![],
+            timed_out: vec![],
+        },
+    );
     c.handle(MS, Event::Watchers(vec![]));
     let a = c.handle(MS, Event::LockInfo(None));
     assert_eq!(
@@ -202,8 +242,19 @@ fn holder_that_released_meanwhile_is_not_blocklisted() {
     // A new holder took it meanwhile: start over with that one.
     let mut c = LockCore::new(cfg(), "me", 7);
     c.handle(MS, Event::WriteWanted(1));
-    c.handle(MS, Event::LockBusy { holder: Some(owner("other", 3)) });
-    c.handle(MS, Event::NotifyDone { acked: vec![], timed_out: vec![] });
+    c.handle(
+        MS,
+        Event::LockBusy {
+            holder: Some(owner("other", 3)),
+        },
+    );
+    c.handle(
+        MS,
+        Event::NotifyDone {
+            acked: vec![],
+            timed_out: vec![],
+        },
+    );
     c.handle(MS, Event::Watchers(vec![]));
     let a = c.handle(MS, Event::LockInfo(Some(owner("third", 9))));
     assert!(matches!(a[..], [Action::TryLock { .. }]));
@@ -219,14 +270,31 @@ fn external_locker_and_own_stale_lock() {
         cookie: "manual".into(),
     };
     c.handle(MS, Event::LockBusy { holder: Some(ext) });
-    c.handle(MS, Event::NotifyDone { acked: vec![], timed_out: vec![] });
+    c.handle(
+        MS,
+        Event::NotifyDone {
+            acked: vec![],
+            timed_out: vec![],
+        },
+    );
     assert_eq!(c.handle(MS, Event::Watchers(vec![])), vec![]);
     // Our own earlier incarnation: break without blocklisting ourselves.
     let mut c = LockCore::new(cfg(), "me", 7);
     c.handle(MS, Event::WriteWanted(1));
     let stale = owner("me", 2);
-    c.handle(MS, Event::LockBusy { holder: Some(stale.clone()) });
-    c.handle(MS, Event::NotifyDone { acked: vec![], timed_out: vec![] });
+    c.handle(
+        MS,
+        Event::LockBusy {
+            holder: Some(stale.clone()),
+        },
+    );
+    c.handle(
+        MS,
+        Event::NotifyDone {
+            acked: vec![],
+            timed_out: vec![],
+        },
+    );
     c.handle(MS, Event::Watchers(vec![w("me", 7)]));
     assert_eq!(
         c.handle(MS, Event::LockInfo(Some(stale.clone()))),
@@ -242,16 +310,28 @@ fn external_locker_and_own_stale_lock() {
 #[test]
 fn holder_drains_flushes_unlocks_then_acks() {
     let mut c = locked();
-    assert_eq!(c.handle(MS, Event::WriteWanted(2)), vec![Action::AdmitWrite(2)]);
+    assert_eq!(
+        c.handle(MS, Event::WriteWanted(2)),
+        vec![Action::AdmitWrite(2)]
+    );
     // Asked to release with two writes in flight: nothing yet.
-    assert_eq!(c.handle(2 * MS, Event::RequestLockNotified { notify_id: 40 }), vec![]);
+    assert_eq!(
+        c.handle(2 * MS, Event::RequestLockNotified { notify_id: 40 }),
+        vec![]
+    );
     assert!(!c.is_locked());
     // New writes are no longer admitted.
     assert_eq!(c.handle(2 * MS, Event::WriteWanted(3)), vec![]);
     // A second requester queues its ack too.
-    assert_eq!(c.handle(2 * MS, Event::RequestLockNotified { notify_id: 41 }), vec![]);
+    assert_eq!(
+        c.handle(2 * MS, Event::RequestLockNotified { notify_id: 41 }),
+        vec![]
+    );
     assert_eq!(c.handle(3 * MS, Event::WriteFinished(1)), vec![]);
-    assert_eq!(c.handle(4 * MS, Event::WriteFinished(2)), vec![Action::Flush]);
+    assert_eq!(
+        c.handle(4 * MS, Event::WriteFinished(2)),
+        vec![Action::Flush]
+    );
     assert_eq!(
         c.handle(5 * MS, Event::Flushed),
         vec![Action::Unlock {
@@ -284,7 +364,10 @@ fn request_when_not_holding_is_acked_at_once() {
     // While refreshing after acquisition we hold it: admit what waits, then hand over.
     c.handle(MS, Event::WriteWanted(1));
     c.handle(MS, Event::LockAcquired);
-    assert_eq!(c.handle(MS, Event::RequestLockNotified { notify_id: 6 }), vec![]);
+    assert_eq!(
+        c.handle(MS, Event::RequestLockNotified { notify_id: 6 }),
+        vec![]
+    );
     assert_eq!(c.handle(MS, Event::Refreshed), vec![Action::AdmitWrite(1)]);
     assert_eq!(c.handle(MS, Event::WriteFinished(1)), vec![Action::Flush]);
     c.handle(MS, Event::Flushed);
@@ -333,8 +416,19 @@ fn transient_errors_back_off_and_writes_time_out() {
         c.handle(101 * MS, Event::Tick)[..],
         [Action::TryLock { .. }]
     ));
-    c.handle(102 * MS, Event::LockBusy { holder: Some(owner("o", 1)) });
-    c.handle(600 * MS, Event::NotifyDone { acked: vec![], timed_out: vec![] });
+    c.handle(
+        102 * MS,
+        Event::LockBusy {
+            holder: Some(owner("o", 1)),
+        },
+    );
+    c.handle(
+        600 * MS,
+        Event::NotifyDone {
+            acked: vec![],
+            timed_out: vec![],
+        },
+    );
     c.handle(601 * MS, Event::Watchers(vec![w("o", 1)]));
     assert_eq!(c.next_deadline(), Some(701 * MS));
     // Past acquire_timeout the write gives up (the core keeps trying for later writes).
@@ -361,10 +455,7 @@ fn losing_the_watch_releases_and_relocks_with_the_new_cookie() {
     );
     // Watch lost again while the lock request is in flight: don't keep a stale lock.
     c.handle(MS, Event::WatchLost);
-    assert_eq!(
-        c.handle(MS, Event::LockAcquired),
-        vec![Action::Flush]
-    );
+    assert_eq!(c.handle(MS, Event::LockAcquired), vec![Action::Flush]);
     assert_eq!(
         c.handle(MS, Event::Flushed),
         vec![Action::Unlock {
@@ -392,7 +483,12 @@ fn close_releases_and_refuses() {
     // Close while asking a holder: give up at once.
     let mut c = LockCore::new(cfg(), "me", 7);
     c.handle(MS, Event::WriteWanted(1));
-    c.handle(MS, Event::LockBusy { holder: Some(owner("o", 1)) });
+    c.handle(
+        MS,
+        Event::LockBusy {
+            holder: Some(owner("o", 1)),
+        },
+    );
     assert_eq!(
         c.handle(MS, Event::Close),
         vec![Action::FailWrite(1, Refusal::Closed), Action::Closed]

@@ -240,8 +240,10 @@ impl Sim {
                     match r {
                         Refusal::Blocklisted(_) => {
                             if !self.blocklist.contains(&c) {
-                                self.violations
-                                    .push(format!("{} refused a write as blocklisted but is not", name(c)));
+                                self.violations.push(format!(
+                                    "{} refused a write as blocklisted but is not",
+                                    name(c)
+                                ));
                             }
                         }
                         other => self.violations.push(format!(
@@ -292,10 +294,7 @@ impl Sim {
             }
             Op::Act(a) => match a {
                 Action::TryLock { cookie } => {
-                    let mine = LockOwner {
-                        client: me,
-                        cookie,
-                    };
+                    let mine = LockOwner { client: me, cookie };
                     match &self.lock {
                         None => {
                             self.lock = Some(mine);
@@ -314,7 +313,10 @@ impl Sim {
                     let waiting: BTreeSet<(usize, u64)> = self.watches.iter().copied().collect();
                     for (w, _) in &waiting {
                         let t = self.now + self.rng.range(1, 20);
-                        self.at(t, Ev::Deliver(*w, Event::RequestLockNotified { notify_id: id }));
+                        self.at(
+                            t,
+                            Ev::Deliver(*w, Event::RequestLockNotified { notify_id: id }),
+                        );
                     }
                     self.notifies.insert(
                         id,
@@ -360,8 +362,12 @@ impl Sim {
                     }
                     self.stats.blocklists += 1;
                     self.blocklist.insert(victim);
-                    let ws: Vec<(usize, u64)> =
-                        self.watches.iter().copied().filter(|(w, _)| *w == victim).collect();
+                    let ws: Vec<(usize, u64)> = self
+                        .watches
+                        .iter()
+                        .copied()
+                        .filter(|(w, _)| *w == victim)
+                        .collect();
                     for (w, k) in ws {
                         self.drop_watch(w, k);
                     }
@@ -378,10 +384,7 @@ impl Sim {
                 Action::Refresh => self.reply(c, Event::Refreshed),
                 Action::Flush => self.reply(c, Event::Flushed),
                 Action::Unlock { cookie } => {
-                    let mine = LockOwner {
-                        client: me,
-                        cookie,
-                    };
+                    let mine = LockOwner { client: me, cookie };
                     if self.lock.as_ref() == Some(&mine) {
                         self.lock = None;
                         self.reply(c, Event::Unlocked);
