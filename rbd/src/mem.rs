@@ -702,3 +702,160 @@ impl ObjectBackend for MemBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn objects_omap_and_errors() {
+        let c = MemCluster::new();
+        let b = c.client();
+        assert!(matches!(
+            b.read("o", 0, 1).await,
+            Err(BackendError::NotFound(_))
+        ));
+        b.write("o", 4, Bytes::from_static(b"abcd")).await.unwrap();
+        assert_eq!(b.stat("o").await.unwrap(), 8);
+        assert_eq!(&b.read("o", 2, 100).await.unwrap()[..], b"\0\0abcd");
+        b.zero("o", 6, 100).await.unwrap();
+        assert_eq!(b.stat("o").await.unwrap(), 8, "zero never extends");
+        assert!(matches!(
+            b.zero("x", 0, 1).await,
+            Err(BackendError::NotFound(_))
+        ));
+        assert!(matches!(
+            b.create("o", true).await,
+            Err(BackendError::Exists(_))
+        ));
+        b.create("o", false).await.unwrap();
+        let kv: BTreeMap<String, Bytes> = (0..5)
+            .map(|i| (format!("k{i}"), Bytes::from(vec![i as u8])))
+            .collect();
+        b.omap_set("m", kv).await.unwrap();
+        let (page, more) = b.omap_list("m", "k1", 2).await.unwrap();
+        assert_eq!(
+            page.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(),
+            ["k2", "k3"]
+        );
+        assert!(more);
+        let (_, more) = b.omap_list("m", "k2", 2).await.unwrap();
+        assert!(!more);
+        b.omap_rm("m", &["k0".into()]).await.unwrap();
+        assert!(b.omap_get("m", &["k0".into()]).await.unwrap().is_empty());
+        b.remove("o").await.unwrap();
+        assert!(matches!(
+            b.remove("o").await,
+            Err(BackendError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn locks_are_exclusive_and_breakable() {
+        let c = MemCluster::new();
+        let (a, b) = (c.client(), c.client());
+        a.lock_exclusive("h", "l", "c1", "d").await.unwrap();
+        a.lock_exclusive("h", "l", "c1", "d").await.unwrap();
+        assert!(matches!(
+            a.lock_exclusive("h", "l", "c2", "d").await,
+            Err(BackendError::Busy(_))
+        ));
+        assert!(matches!(
+            b.lock_exclusive("h", "l", "c1", "d").await,
+            Err(BackendError::Busy(_))
+        ));
+        assert!(matches!(
+            b.unlock("h", "l", "c1").await,
+            Err(BackendError::NotFound(_))
+        ));
+        let l = b.lock_info("h", "l").await.unwrap();
+        assert_eq!(l[0].client, a.client_id());
+        b.break_lock("h", "l", &a.client_id(), "c1").await.unwrap();
+        b.lock_exclusive("h", "l", "c9", "d").await.unwrap();
+        assert!(matches!(
+            a.unlock("h", "l", "c1").await,
+            Err(BackendError::NotFound(_))
+        ));
+        b.unlock("h", "l", "c9").await.unwrap();
+        assert!(b.lock_info("h", "l").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn notify_collects_acks_and_times_out_frozen_watchers() {
+        let c = MemCluster::with_watch_timeout(Duration::from_millis(100));
+        let (a, b, n) = (c.client(), c.client(), c.client());
+        n.create("h", false).await.unwrap();
+        let (ka, mut ra) = a.watch("h").await.unwrap();
+        let (kb, mut rb) = b.watch("h").await.unwrap();
+        let a2 = a.clone();
+        tokio::spawn(async move {
+            while let Some(WatchEvent::Notify(e)) = ra.recv().await {
+                a2.notify_ack("h", e.notify_id, e.cookie, Bytes::from_static(b"hi"))
+                    .await
+                    .unwrap();
+            }
+        });
+        c.freeze(&b.client_id());
+        let r = n
+            .notify("h", Bytes::from_static(b"p"), Duration::from_millis(50))
+            .await
+            .unwrap();
+        assert_eq!(r.acks.len(), 1);
+        assert_eq!((r.acks[0].cookie, &r.acks[0].reply[..]), (ka, &b"hi"[..]));
+        assert_eq!(
+            r.timed_out,
+            vec![Watcher {
+                client: b.client_id(),
+                cookie: kb
+            }]
+        );
+        // Past the watch timeout the frozen client's watch is gone...
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(n.list_watchers("h").await.unwrap().len(), 1);
+        assert!(rb.try_recv().is_err(), "a frozen client hears nothing");
+        // ...and it learns so when it thaws.
+        c.unfreeze(&b.client_id());
+        assert_eq!(rb.recv().await, Some(WatchEvent::Disconnected));
+    }
+
+    #[tokio::test]
+    async fn blocklist_fences_every_op_including_ones_in_flight() {
+        let c = MemCluster::new();
+        let (a, b) = (c.client(), c.client());
+        a.create("h", false).await.unwrap();
+        let (_k, mut rx) = a.watch("h").await.unwrap();
+        c.freeze(&a.client_id());
+        let a2 = a.clone();
+        let stuck = tokio::spawn(async move { a2.write("d", 0, Bytes::from_static(b"x")).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(matches!(
+            b.blocklist_add(&b.client_id(), Duration::from_secs(1))
+                .await,
+            Err(BackendError::InvalidArgument(_))
+        ));
+        b.blocklist_add(&a.client_id(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(b.list_watchers("h").await.unwrap().is_empty());
+        c.unfreeze(&a.client_id());
+        assert!(matches!(
+            stuck.await.unwrap(),
+            Err(BackendError::Blocklisted(_))
+        ));
+        assert!(
+            c.object_data("d").is_none(),
+            "the fenced write never landed"
+        );
+        assert!(matches!(
+            a.stat("h").await,
+            Err(BackendError::Blocklisted(_))
+        ));
+        assert_eq!(rx.recv().await, Some(WatchEvent::Disconnected));
+        // Expiry lifts it.
+        b.blocklist_add(&a.client_id(), Duration::from_millis(1))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        a.stat("h").await.unwrap();
+    }
+}

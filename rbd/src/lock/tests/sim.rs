@@ -13,7 +13,8 @@
 //!   from a holder that cooperated or died. No write timed out.
 //!
 //! A failing seed prints itself; replay it alone with
-//! `BASALT_RBD_LOCK_SEED=<seed> cargo test --release -p basalt-rbd lock_sim`.
+//! `BASALT_RBD_LOCK_SEED=<seed> cargo test --release -p basalt-rbd lock_sim`;
+//! soak with `BASALT_RBD_LOCK_SEEDS=<count>`.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -535,7 +536,14 @@ fn run_seed(seed: u64) -> Result<Stats, String> {
 fn lock_sim_random_schedules() {
     let seeds: Vec<u64> = match std::env::var("BASALT_RBD_LOCK_SEED") {
         Ok(s) => vec![s.parse().expect("BASALT_RBD_LOCK_SEED must be a u64")],
-        Err(_) => (0..300).collect(),
+        // BASALT_RBD_LOCK_SEEDS=<n> runs n seeds (soak); default 1000.
+        Err(_) => {
+            let n = std::env::var("BASALT_RBD_LOCK_SEEDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1000);
+            (0..n).collect()
+        }
     };
     let mut total = Stats::default();
     for seed in seeds.iter().copied() {
