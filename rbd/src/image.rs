@@ -1,0 +1,858 @@
+//! An open image: data IO over the objects, and the async driver that runs
+//! the [`LockCore`] against the backend.
+//!
+//! ```text
+//!  Image::write ──Want(id)──▶ driver task (one state owner) ◀── header watch events
+//!        ▲                     core.handle(now, Event) → [Action]
+//!        └──── admitted ───────  each IO action runs in a spawned task and
+//!  (guard drop → Finished(id))   reports back as an Event (the loop never blocks)
+//! ```
+//!
+//! Reads take no lock. Writes, discards, zeroes and resizes are admitted by
+//! the core (which takes the lock lazily) and report completion when their
+//! guard drops, so a hand-over drains them before unlocking.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::try_join_all;
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::backend::{BackendError, ObjectBackend, WatchEvent, Watcher};
+use crate::error::{RbdError, Result};
+use crate::layout::{self, Header};
+use crate::lock::{Action, Event, LockConfig, LockCore, LockOwner, Refusal, WriteId};
+
+/// How many object operations one request keeps in flight.
+pub(crate) const OBJECT_CONCURRENCY: usize = 16;
+
+/// Knobs for an open image.
+#[derive(Debug, Clone)]
+pub struct ImageOptions {
+    pub lock: LockConfig,
+    /// How long a RequestLock notify waits for the holder's answer.
+    pub notify_timeout: Duration,
+    /// How long a broken holder stays blocklisted (Ceph: 1 h by default here).
+    pub blocklist_expire: Duration,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        ImageOptions {
+            lock: LockConfig::default(),
+            notify_timeout: Duration::from_secs(5),
+            blocklist_expire: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Messages on the header watch, postcard-encoded.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum NotifyMsg {
+    /// "Please release the exclusive lock" from `client`.
+    RequestLock { client: String },
+    /// The header changed (resize): re-read it.
+    HeaderUpdate,
+}
+
+/// Allocation state of an extent, as `block_status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentState {
+    /// Backed by an existing object (may still contain zeros).
+    Data,
+    /// No object backs it: reads return zeros.
+    Hole,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub state: ExtentState,
+}
+
+/// State shared by an image handle, its write guards and its driver.
+pub(crate) struct Shared {
+    pub(crate) backend: Arc<dyn ObjectBackend>,
+    pub(crate) name: String,
+    pub(crate) id: String,
+    pub(crate) header_oid: String,
+    pub(crate) prefix: String,
+    pub(crate) order: u8,
+    size: AtomicU64,
+    handovers: AtomicU64,
+    /// Set once the lock core failed for good (blocklisted).
+    failure: Mutex<Option<RbdError>>,
+}
+
+impl Shared {
+    fn object_size(&self) -> u64 {
+        1 << self.order
+    }
+
+    fn oid(&self, objectno: u64) -> String {
+        layout::data_oid(&self.prefix, objectno)
+    }
+
+    async fn refresh_size(&self) -> std::result::Result<u64, BackendError> {
+        let m = self
+            .backend
+            .omap_get(&self.header_oid, &["size".to_string()])
+            .await?;
+        let v = m
+            .get("size")
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| BackendError::Io(format!("{}: bad size in header", self.header_oid)))?;
+        self.size.store(v, Ordering::SeqCst);
+        Ok(v)
+    }
+}
+
+enum Cmd {
+    Want(WriteId, oneshot::Sender<std::result::Result<(), Refusal>>),
+    Finished(WriteId),
+    Blocklisted(String),
+    Close(Option<oneshot::Sender<()>>),
+}
+
+/// An admitted write; dropping it tells the driver the write is over.
+struct WriteGuard {
+    id: WriteId,
+    cmd: mpsc::UnboundedSender<Cmd>,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        let _ = self.cmd.send(Cmd::Finished(self.id));
+    }
+}
+
+/// An open image. Dropping it releases the lock in the background; call
+/// [`Image::close`] to wait for that.
+pub struct Image {
+    shared: Arc<Shared>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    next_write: AtomicU64,
+}
+
+impl Image {
+    /// Open `name`: read its header and watch it. Takes no lock.
+    pub async fn open(backend: Arc<dyn ObjectBackend>, name: &str) -> Result<Image> {
+        Self::open_with(backend, name, ImageOptions::default()).await
+    }
+
+    pub async fn open_with(
+        backend: Arc<dyn ObjectBackend>,
+        name: &str,
+        opts: ImageOptions,
+    ) -> Result<Image> {
+        let id = read_id(backend.as_ref(), name).await?;
+        let header_oid = layout::header_oid(&id);
+        let header = read_header(backend.as_ref(), name, &header_oid).await?;
+        let (cookie, watch_rx) = backend.watch(&header_oid).await.map_err(|e| match e {
+            BackendError::NotFound(_) => RbdError::NotFound(name.to_string()),
+            e => e.into(),
+        })?;
+        let shared = Arc::new(Shared {
+            backend: backend.clone(),
+            name: name.to_string(),
+            id,
+            header_oid,
+            prefix: header.object_prefix,
+            order: header.order,
+            size: AtomicU64::new(header.size),
+            handovers: AtomicU64::new(0),
+            failure: Mutex::new(None),
+        });
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let core = LockCore::new(opts.lock.clone(), backend.client_id(), cookie);
+        let driver = Driver {
+            shared: shared.clone(),
+            opts,
+            core,
+            origin: Instant::now(),
+            cookie,
+            watch_rx: Some(watch_rx),
+            waiters: HashMap::new(),
+            notify_cookies: HashMap::new(),
+            closers: Vec::new(),
+        };
+        tokio::spawn(driver.run(cmd_rx));
+        Ok(Image {
+            shared,
+            cmd: cmd_tx,
+            next_write: AtomicU64::new(1),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// The image size as of the last header read (refreshed on lock
+    /// acquisition and on HeaderUpdate notifies).
+    pub fn size(&self) -> u64 {
+        self.shared.size.load(Ordering::SeqCst)
+    }
+
+    pub fn object_size(&self) -> u64 {
+        self.shared.object_size()
+    }
+
+    pub fn order(&self) -> u8 {
+        self.shared.order
+    }
+
+    /// How many times this image took the lock from another holder.
+    pub fn lock_handovers(&self) -> u64 {
+        self.shared.handovers.load(Ordering::Relaxed)
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match off.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(RbdError::InvalidArgument(format!(
+                "extent {off}+{len} past the end of image {} ({size} bytes)",
+                self.shared.name
+            ))),
+        }
+    }
+
+    fn failure(&self) -> Option<RbdError> {
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Wait for the exclusive lock (taken lazily) and admission.
+    async fn admit(&self) -> Result<WriteGuard> {
+        let id = self.next_write.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let closed = || RbdError::Closed(self.shared.name.clone());
+        self.cmd.send(Cmd::Want(id, tx)).map_err(|_| closed())?;
+        // Created before waiting: if the caller gives up, the drop withdraws the request.
+        let guard = WriteGuard {
+            id,
+            cmd: self.cmd.clone(),
+        };
+        match rx.await {
+            Ok(Ok(())) => Ok(guard),
+            Ok(Err(Refusal::Blocklisted(who))) => Err(RbdError::Blocklisted(who)),
+            Ok(Err(Refusal::TimedOut)) => Err(RbdError::LockTimeout(self.shared.name.clone())),
+            Ok(Err(Refusal::Closed)) | Err(_) => Err(closed()),
+        }
+    }
+
+    /// Map a backend error of an admitted write; a blocklist is reported to
+    /// the core so every later write fails too.
+    fn write_error(&self, e: BackendError) -> RbdError {
+        if let BackendError::Blocklisted(who) = &e {
+            let _ = self.cmd.send(Cmd::Blocklisted(who.clone()));
+        }
+        e.into()
+    }
+
+    /// Read `len` bytes at `off`. Holes and short objects read as zeros.
+    pub async fn read(&self, off: u64, len: u64) -> Result<Bytes> {
+        self.check_range(off, len)?;
+        let n = usize::try_from(len)
+            .map_err(|_| RbdError::InvalidArgument(format!("read of {len} bytes")))?;
+        let sh = &self.shared;
+        let parts = try_join_all(layout::object_extents(off, len, sh.order).into_iter().map(
+            |e| async move {
+                match sh.backend.read(&sh.oid(e.objectno), e.offset, e.len).await {
+                    Ok(b) => Ok((e, b)),
+                    Err(BackendError::NotFound(_)) => Ok((e, Bytes::new())),
+                    Err(err) => Err(RbdError::from(err)),
+                }
+            },
+        ))
+        .await?;
+        let mut buf = BytesMut::zeroed(n);
+        for (e, b) in parts {
+            let at = e.buf_offset as usize;
+            let k = b.len().min(e.len as usize);
+            buf[at..at + k].copy_from_slice(&b[..k]);
+        }
+        Ok(buf.freeze())
+    }
+
+    /// Write `data` at `off` (taking the exclusive lock if needed).
+    pub async fn write(&self, off: u64, data: Bytes) -> Result<()> {
+        let len = data.len() as u64;
+        self.check_range(off, len)?;
+        let _guard = self.admit().await?;
+        // The size may have changed while another client held the lock.
+        self.check_range(off, len)?;
+        let sh = &self.shared;
+        try_join_all(
+            layout::object_extents(off, len, sh.order)
+                .into_iter()
+                .map(|e| {
+                    let piece = data.slice(e.buf_offset as usize..(e.buf_offset + e.len) as usize);
+                    async move {
+                        sh.backend
+                            .write(&sh.oid(e.objectno), e.offset, piece)
+                            .await
+                            .map_err(|err| self.write_error(err))
+                    }
+                }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Deallocate `[off, off+len)`; it reads back as zeros. Whole objects are
+    /// removed, partial ranges zeroed (never by stat-then-decide: a
+    /// concurrent write to the same object elsewhere must not be lost).
+    pub async fn discard(&self, off: u64, len: u64) -> Result<()> {
+        self.check_range(off, len)?;
+        let _guard = self.admit().await?;
+        self.check_range(off, len)?;
+        let sh = &self.shared;
+        let os = sh.object_size();
+        try_join_all(
+            layout::object_extents(off, len, sh.order)
+                .into_iter()
+                .map(|e| async move {
+                    let oid = sh.oid(e.objectno);
+                    let r = if e.offset == 0 && e.len == os {
+                        sh.backend.remove(&oid).await
+                    } else {
+                        sh.backend.zero(&oid, e.offset, e.len).await
+                    };
+                    match r {
+                        Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
+                        Err(err) => Err(self.write_error(err)),
+                    }
+                }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Make `[off, off+len)` read as zeros. Same as [`Image::discard`] here
+    /// (holes read as zeros); kept apart for NBD's WRITE_ZEROES, which may
+    /// later honour NO_HOLE by allocating.
+    pub async fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        self.discard(off, len).await
+    }
+
+    /// Every write acknowledged so far is durable once the backend acked it
+    /// (there is no write-back cache), so flush only reports whether this
+    /// image was fenced.
+    pub async fn flush(&self) -> Result<()> {
+        match self.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Allocation map of `[off, off+len)`: holes are ranges no object backs.
+    /// One `stat` per object; adjacent extents of the same state are merged.
+    pub async fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(off, len)?;
+        let sh = &self.shared;
+        let exts = layout::object_extents(off, len, sh.order);
+        let sizes: Vec<Option<u64>> = futures::stream::iter(exts.iter().map(|e| async move {
+            match sh.backend.stat(&sh.oid(e.objectno)).await {
+                Ok(s) => Ok(Some(s)),
+                Err(BackendError::NotFound(_)) => Ok(None),
+                Err(err) => Err(RbdError::from(err)),
+            }
+        }))
+        .buffered(OBJECT_CONCURRENCY)
+        .try_collect()
+        .await?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |offset: u64, len: u64, state: ExtentState| {
+            if len == 0 {
+                return;
+            }
+            match out.last_mut() {
+                Some(l) if l.state == state && l.offset + l.len == offset => l.len += len,
+                _ => out.push(Extent { offset, len, state }),
+            }
+        };
+        for (e, size) in exts.iter().zip(sizes) {
+            let start = off + e.buf_offset;
+            // Bytes of this piece below the object's end are data, the rest hole.
+            let data = size.map_or(0, |s| s.saturating_sub(e.offset).min(e.len));
+            push(start, data, ExtentState::Data);
+            push(start + data, e.len - data, ExtentState::Hole);
+        }
+        Ok(out)
+    }
+
+    /// Resize under the exclusive lock (so no other client writes meanwhile).
+    /// Shrinking first lowers the size seen here (later writes past it fail),
+    /// then removes/zeroes data past the end, then updates the header — a
+    /// crash midway leaves a larger image whose tail reads as zeros, never
+    /// stale data inside a smaller one.
+    pub async fn resize(
+        &self,
+        new_size: u64,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<()> {
+        let _guard = self.admit().await?;
+        let sh = &self.shared;
+        let old = self.size();
+        let os = sh.object_size();
+        if new_size < old {
+            sh.size.store(new_size, Ordering::SeqCst);
+            let first_gone = layout::num_objects(new_size, sh.order);
+            let last = layout::num_objects(old, sh.order);
+            let total = last - first_gone + u64::from(!new_size.is_multiple_of(os));
+            let done = AtomicU64::new(0);
+            let tick = || progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+            if !new_size.is_multiple_of(os) {
+                let oid = sh.oid(new_size >> sh.order);
+                match sh.backend.zero(&oid, new_size % os, os).await {
+                    Ok(()) | Err(BackendError::NotFound(_)) => {}
+                    Err(e) => return Err(self.write_error(e)),
+                }
+                tick();
+            }
+            futures::stream::iter((first_gone..last).map(|n| {
+                let oid = sh.oid(n);
+                async move {
+                    match sh.backend.remove(&oid).await {
+                        Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
+                        Err(e) => Err(self.write_error(e)),
+                    }
+                }
+            }))
+            .buffer_unordered(OBJECT_CONCURRENCY)
+            .try_for_each(|()| async {
+                tick();
+                Ok(())
+            })
+            .await?;
+        }
+        let mut kv = std::collections::BTreeMap::new();
+        kv.insert("size".to_string(), layout::u64_bytes(new_size));
+        sh.backend
+            .omap_set(&sh.header_oid, kv)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        sh.size.store(new_size, Ordering::SeqCst);
+        if new_size >= old {
+            progress(1, 1);
+        }
+        // Tell other open images; a silent one refreshes when it next takes the lock.
+        if let Ok(payload) = postcard::to_allocvec(&NotifyMsg::HeaderUpdate) {
+            let _ = sh
+                .backend
+                .notify(&sh.header_oid, payload.into(), Duration::from_secs(5))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Release the lock (draining writes first) and unwatch; waits for it.
+    pub async fn close(self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Close(Some(tx))).is_ok() {
+            let _ = rx.await;
+        }
+        Ok(())
+    }
+
+    /// Read one object's bytes in `[off, off+len)`; `None` if it does not exist.
+    pub(crate) async fn read_object(
+        &self,
+        objectno: u64,
+        off: u64,
+        len: u64,
+    ) -> Result<Option<Bytes>> {
+        match self
+            .shared
+            .backend
+            .read(&self.shared.oid(objectno), off, len)
+            .await
+        {
+            Ok(b) => Ok(Some(b)),
+            Err(BackendError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = self.cmd.send(Cmd::Close(None));
+    }
+}
+
+pub(crate) async fn read_id(backend: &dyn ObjectBackend, name: &str) -> Result<String> {
+    layout::check_name(name).map_err(RbdError::InvalidArgument)?;
+    let b = match backend.read(&layout::id_oid(name), 0, 1024).await {
+        Ok(b) => b,
+        Err(BackendError::NotFound(_)) => return Err(RbdError::NotFound(name.to_string())),
+        Err(e) => return Err(e.into()),
+    };
+    String::from_utf8(b.to_vec())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| RbdError::Corrupt(name.to_string(), "id object is not a UTF-8 id".into()))
+}
+
+pub(crate) async fn read_header(
+    backend: &dyn ObjectBackend,
+    name: &str,
+    header_oid: &str,
+) -> Result<Header> {
+    let keys: Vec<String> = layout::HEADER_KEYS.iter().map(|k| k.to_string()).collect();
+    let m = match backend.omap_get(header_oid, &keys).await {
+        Ok(m) => m,
+        Err(BackendError::NotFound(_)) => {
+            return Err(RbdError::Corrupt(
+                name.to_string(),
+                format!("{header_oid} is missing"),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Header::decode(&m).map_err(|why| RbdError::Corrupt(name.to_string(), why))
+}
+
+// ---------------------------------------------------------------------------
+// The driver: runs the lock core against the backend.
+
+enum Internal {
+    Core(Event),
+    Watch(u64, mpsc::Receiver<WatchEvent>),
+    /// A HeaderUpdate was handled; ack it.
+    Ack(u64, u64),
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    opts: ImageOptions,
+    core: LockCore,
+    origin: Instant,
+    /// Current header watch cookie.
+    cookie: u64,
+    watch_rx: Option<mpsc::Receiver<WatchEvent>>,
+    waiters: HashMap<WriteId, oneshot::Sender<std::result::Result<(), Refusal>>>,
+    /// notify id → the watch cookie it arrived on (acks must name it).
+    notify_cookies: HashMap<u64, u64>,
+    closers: Vec<oneshot::Sender<()>>,
+}
+
+impl Driver {
+    async fn run(mut self, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
+        let (int_tx, mut int_rx) = mpsc::unbounded_channel::<Internal>();
+        let mut cmd_open = true;
+        loop {
+            let deadline = self.core.next_deadline().map(|d| self.origin + d);
+            let ev = tokio::select! {
+                cmd = cmd_rx.recv(), if cmd_open => match cmd {
+                    Some(Cmd::Want(id, tx)) => {
+                        self.waiters.insert(id, tx);
+                        Event::WriteWanted(id)
+                    }
+                    Some(Cmd::Finished(id)) => {
+                        self.waiters.remove(&id);
+                        Event::WriteFinished(id)
+                    }
+                    Some(Cmd::Blocklisted(who)) => Event::Blocklisted(who),
+                    Some(Cmd::Close(tx)) => {
+                        self.closers.extend(tx);
+                        Event::Close
+                    }
+                    // Every handle and guard is gone.
+                    None => {
+                        cmd_open = false;
+                        Event::Close
+                    }
+                },
+                we = recv_watch(&mut self.watch_rx) => match we {
+                    Some(WatchEvent::Notify(n)) => match postcard::from_bytes::<NotifyMsg>(&n.payload) {
+                        Ok(NotifyMsg::RequestLock { client }) => {
+                            tracing::debug!(image = %self.shared.name, from = %client, "lock requested");
+                            self.notify_cookies.insert(n.notify_id, n.cookie);
+                            Event::RequestLockNotified { notify_id: n.notify_id }
+                        }
+                        Ok(NotifyMsg::HeaderUpdate) => {
+                            let sh = self.shared.clone();
+                            let tx = int_tx.clone();
+                            tokio::spawn(async move {
+                                let _ = sh.refresh_size().await;
+                                let _ = tx.send(Internal::Ack(n.notify_id, n.cookie));
+                            });
+                            continue;
+                        }
+                        Err(_) => {
+                            // Unknown message (a newer peer?): answer so it doesn't wait.
+                            self.ack(n.notify_id, n.cookie, &int_tx);
+                            continue;
+                        }
+                    },
+                    Some(WatchEvent::Disconnected) | None => {
+                        self.watch_rx = None;
+                        Event::WatchLost
+                    }
+                },
+                Some(int) = int_rx.recv() => match int {
+                    Internal::Core(ev) => ev,
+                    Internal::Watch(cookie, rx) => {
+                        self.cookie = cookie;
+                        self.watch_rx = Some(rx);
+                        Event::WatchRestored { cookie }
+                    }
+                    Internal::Ack(notify_id, cookie) => {
+                        self.ack(notify_id, cookie, &int_tx);
+                        continue;
+                    }
+                },
+                _ = sleep_until(deadline) => Event::Tick,
+            };
+            let now = self.origin.elapsed();
+            let actions = self.core.handle(now, ev);
+            let mut closed = false;
+            for a in actions {
+                closed |= self.perform(a, &int_tx);
+            }
+            if self.core.is_failed() && !self.core.is_closed() {
+                let mut f = self
+                    .shared
+                    .failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if f.is_none() {
+                    *f = Some(RbdError::Blocklisted(self.shared.backend.client_id()));
+                }
+            }
+            if closed {
+                break;
+            }
+        }
+        // Best effort: a blocklisted client cannot unwatch, and the OSD drops
+        // the watch anyway when it times out.
+        if self.watch_rx.is_some() {
+            let _ = self
+                .shared
+                .backend
+                .unwatch(&self.shared.header_oid, self.cookie)
+                .await;
+        }
+        for tx in self.closers.drain(..) {
+            let _ = tx.send(());
+        }
+    }
+
+    fn ack(&mut self, notify_id: u64, cookie: u64, int_tx: &mpsc::UnboundedSender<Internal>) {
+        let sh = self.shared.clone();
+        let tx = int_tx.clone();
+        tokio::spawn(async move {
+            let r = sh
+                .backend
+                .notify_ack(&sh.header_oid, notify_id, cookie, Bytes::new())
+                .await;
+            if let Err(BackendError::Blocklisted(who)) = r {
+                let _ = tx.send(Internal::Core(Event::Blocklisted(who)));
+            }
+        });
+    }
+
+    /// Perform one action; true once the core has closed.
+    fn perform(&mut self, a: Action, int_tx: &mpsc::UnboundedSender<Internal>) -> bool {
+        let sh = self.shared.clone();
+        let tx = int_tx.clone();
+        let opts = self.opts.clone();
+        let me = sh.backend.client_id();
+        // Run `f` in a task and feed its result back to the core.
+        let spawn = |f: futures::future::BoxFuture<'static, Event>| {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let ev = f.await;
+                let _ = tx.send(Internal::Core(ev));
+            });
+        };
+        let failed = |e: BackendError| Event::OpFailed(e);
+        match a {
+            Action::AdmitWrite(id) => {
+                if let Some(w) = self.waiters.remove(&id) {
+                    if w.send(Ok(())).is_err() {
+                        // The caller gave up meanwhile; its guard already sent Finished.
+                    }
+                }
+            }
+            Action::FailWrite(id, r) => {
+                if let Some(w) = self.waiters.remove(&id) {
+                    let _ = w.send(Err(r));
+                }
+            }
+            Action::TryLock { cookie } => spawn(Box::pin(async move {
+                let b = &sh.backend;
+                match b
+                    .lock_exclusive(
+                        &sh.header_oid,
+                        layout::LOCK_NAME,
+                        &cookie,
+                        "basalt-rbd auto",
+                    )
+                    .await
+                {
+                    Ok(()) => Event::LockAcquired,
+                    Err(BackendError::Busy(_)) => {
+                        match b.lock_info(&sh.header_oid, layout::LOCK_NAME).await {
+                            Ok(l) => Event::LockBusy {
+                                holder: l.into_iter().next().map(|l| LockOwner {
+                                    client: l.client,
+                                    cookie: l.cookie,
+                                }),
+                            },
+                            Err(e) => failed(e),
+                        }
+                    }
+                    Err(e) => failed(e),
+                }
+            })),
+            Action::NotifyRequestLock { holder } => spawn(Box::pin(async move {
+                tracing::info!(image = %sh.name, holder = %holder.client, "asking the lock holder to release");
+                let payload = match postcard::to_allocvec(&NotifyMsg::RequestLock { client: me }) {
+                    Ok(p) => p,
+                    Err(e) => return failed(BackendError::Io(e.to_string())),
+                };
+                match sh
+                    .backend
+                    .notify(&sh.header_oid, payload.into(), opts.notify_timeout)
+                    .await
+                {
+                    Ok(r) => Event::NotifyDone {
+                        acked: r
+                            .acks
+                            .into_iter()
+                            .map(|a| Watcher {
+                                client: a.client,
+                                cookie: a.cookie,
+                            })
+                            .collect(),
+                        timed_out: r.timed_out,
+                    },
+                    Err(e) => failed(e),
+                }
+            })),
+            Action::ListWatchers => spawn(Box::pin(async move {
+                match sh.backend.list_watchers(&sh.header_oid).await {
+                    Ok(w) => Event::Watchers(w),
+                    Err(e) => failed(e),
+                }
+            })),
+            Action::GetLocker => spawn(Box::pin(async move {
+                match sh
+                    .backend
+                    .lock_info(&sh.header_oid, layout::LOCK_NAME)
+                    .await
+                {
+                    Ok(l) => Event::LockInfo(l.into_iter().next().map(|l| LockOwner {
+                        client: l.client,
+                        cookie: l.cookie,
+                    })),
+                    Err(e) => failed(e),
+                }
+            })),
+            Action::Blocklist { client } => spawn(Box::pin(async move {
+                tracing::warn!(image = %sh.name, %client, "lock holder is gone: blocklisting it");
+                metrics::counter!("basalt_rbd_blocklists_total").increment(1);
+                match sh
+                    .backend
+                    .blocklist_add(&client, opts.blocklist_expire)
+                    .await
+                {
+                    Ok(()) => Event::BlocklistDone,
+                    Err(e) => failed(e),
+                }
+            })),
+            Action::BreakLock { owner } => spawn(Box::pin(async move {
+                match sh
+                    .backend
+                    .break_lock(
+                        &sh.header_oid,
+                        layout::LOCK_NAME,
+                        &owner.client,
+                        &owner.cookie,
+                    )
+                    .await
+                {
+                    Ok(()) => Event::BreakDone,
+                    Err(e) => failed(e),
+                }
+            })),
+            Action::Refresh => spawn(Box::pin(async move {
+                // No read cache to drop yet; the header may have changed.
+                match sh.refresh_size().await {
+                    Ok(_) => Event::Refreshed,
+                    Err(e) => failed(e),
+                }
+            })),
+            // Writes are durable when the backend acks them: nothing buffered.
+            Action::Flush => {
+                let _ = int_tx.send(Internal::Core(Event::Flushed));
+            }
+            Action::Unlock { cookie } => spawn(Box::pin(async move {
+                match sh
+                    .backend
+                    .unlock(&sh.header_oid, layout::LOCK_NAME, &cookie)
+                    .await
+                {
+                    Ok(()) => Event::Unlocked,
+                    Err(e) => failed(e),
+                }
+            })),
+            Action::AckNotify { notify_id } => {
+                let cookie = self
+                    .notify_cookies
+                    .remove(&notify_id)
+                    .unwrap_or(self.cookie);
+                self.ack(notify_id, cookie, int_tx);
+            }
+            Action::Rewatch => {
+                tokio::spawn(async move {
+                    let msg = match sh.backend.watch(&sh.header_oid).await {
+                        Ok((cookie, rx)) => Internal::Watch(cookie, rx),
+                        Err(e) => Internal::Core(Event::RewatchFailed(e)),
+                    };
+                    let _ = tx.send(msg);
+                });
+            }
+            Action::RecordHandover => {
+                tracing::info!(image = %sh.name, "took over the exclusive lock");
+                sh.handovers.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("basalt_rbd_lock_handovers_total").increment(1);
+            }
+            Action::Closed => return true,
+        }
+        false
+    }
+}
+
+async fn recv_watch(rx: &mut Option<mpsc::Receiver<WatchEvent>>) -> Option<WatchEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
