@@ -16,6 +16,7 @@ use basalt_placement::{pg_distribution, NodeKind, WEIGHT_ONE};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+mod cluster;
 mod obj;
 
 #[derive(Parser, Debug)]
@@ -61,6 +62,9 @@ enum Cmd {
     /// Object commands (rados-like).
     #[command(subcommand)]
     Obj(obj::ObjCmd),
+    /// A local cluster on this machine: up, down, status.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,6 +176,13 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.format == Format::Json;
+    // A local cluster writes its own config, so it is handled before any config is loaded.
+    let command = match cli.command {
+        Cmd::Cluster(cmd) => return cluster::run(cmd, json).await,
+        other => other,
+    };
+    let cli = Cli { command, ..cli };
     let path = config_path(&cli);
     let config = ClusterConfig::load(&path).with_context(|| {
         "cannot load the cluster config (pass -c FILE or set BASALT_CONFIG)".to_string()
@@ -182,7 +193,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or(Duration::from_millis(config.timeouts.client_op_timeout_ms));
     let mut config = config;
     config.timeouts.client_op_timeout_ms = timeout.as_millis() as u64;
-    let json = cli.format == Format::Json;
     let mon = MonClient::with_timeout(config.clone(), timeout)?;
     match cli.command {
         Cmd::Status => status(&mon, json).await,
@@ -194,6 +204,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let rados = Rados::connect(config).await?;
             obj::run(&rados, json, cmd).await
         }
+        Cmd::Cluster(cmd) => cluster::run(cmd, json).await,
     }
 }
 

@@ -92,6 +92,8 @@ pub struct TestCluster {
     pub config_path: PathBuf,
     mons: Vec<Daemon>,
     osds: Vec<Daemon>,
+    /// NBD gateways and the address each serves.
+    gws: Vec<(Daemon, SocketAddr)>,
 }
 
 impl TestCluster {
@@ -136,6 +138,7 @@ impl TestCluster {
             config_path,
             mons: Vec::new(),
             osds: Vec::new(),
+            gws: Vec::new(),
         })
     }
 
@@ -395,8 +398,87 @@ impl TestCluster {
         self.dir.path().join(format!("osd{i}"))
     }
 
+    /// Starts a `basalt-gw` named `client.<name>` on a free port with `extra` arguments;
+    /// returns its harness index.
+    pub fn start_gateway(&mut self, name: &str, extra: &[&str]) -> anyhow::Result<usize> {
+        let i = self.gws.len();
+        let addr = free_addr();
+        let metrics = free_addr();
+        let mut args = vec![
+            "--config".to_string(),
+            self.config_path.display().to_string(),
+            "--listen".to_string(),
+            addr.to_string(),
+            "--metrics".to_string(),
+            metrics.to_string(),
+            "--name".to_string(),
+            format!("client.{name}"),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let log = self.dir.path().join(format!("gw{i}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(bin("basalt-gw"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("spawn basalt-gw")?;
+        self.gws.push((
+            Daemon {
+                name: format!("gw.{name}"),
+                child: Some(child),
+                args,
+                log,
+                metrics,
+            },
+            addr,
+        ));
+        wait_for("the gateway to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .ok()
+                .map(|_| ())
+        })?;
+        Ok(i)
+    }
+
+    /// The NBD address of gateway `i`.
+    pub fn gateway_addr(&self, i: usize) -> SocketAddr {
+        self.gws[i].1
+    }
+
+    /// The Prometheus text gateway `i` serves at /metrics.
+    pub fn gateway_metrics(&self, i: usize) -> anyhow::Result<String> {
+        http_get(self.gws[i].0.metrics, "/metrics")
+    }
+
+    /// SIGSTOP / SIGCONT a gateway (a hung hypervisor).
+    pub fn pause_gateway(&self, i: usize, paused: bool) {
+        if let Some(c) = &self.gws[i].0.child {
+            let sig = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: kill(2) on a pid we spawned and have not reaped.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    pub fn gateway_log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.gws[i].0.log).unwrap_or_default()
+    }
+
     pub fn dump_logs(&self) {
-        for d in self.mons.iter().chain(&self.osds) {
+        for d in self
+            .mons
+            .iter()
+            .chain(&self.osds)
+            .chain(self.gws.iter().map(|(d, _)| d))
+        {
             eprintln!(
                 "===== {} log =====\n{}",
                 d.name,
@@ -411,7 +493,21 @@ impl Drop for TestCluster {
         if std::thread::panicking() {
             self.dump_logs();
         }
-        for d in self.mons.iter_mut().chain(self.osds.iter_mut()) {
+        for (d, _) in &self.gws {
+            if let Some(c) = &d.child {
+                // A stopped process only dies of SIGKILL once continued on some kernels.
+                // SAFETY: kill(2) on a pid we spawned and have not reaped.
+                unsafe {
+                    libc::kill(c.id() as i32, libc::SIGCONT);
+                }
+            }
+        }
+        for d in self
+            .mons
+            .iter_mut()
+            .chain(self.osds.iter_mut())
+            .chain(self.gws.iter_mut().map(|(d, _)| d))
+        {
             if let Some(mut c) = d.child.take() {
                 let _ = c.kill();
                 let _ = c.wait();

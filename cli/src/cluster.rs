@@ -1,0 +1,446 @@
+//! `basalt cluster up|down|status`: a whole cluster on this machine, in the background.
+//!
+//! `up` writes `DIR/cluster.toml` and `DIR/local.toml` (the shape: monitors, hosts, OSDs per
+//! host, gateways) on first use and starts every daemon detached from the terminal, with a pid
+//! file and a log per daemon; on an existing DIR it starts whatever is not running with the
+//! same data (the power-loss path). It then waits for quorum, every OSD up, pool `rbd`, every
+//! PG serving, and a demo image, and prints how to use them. `down` stops only the processes
+//! named by DIR's pid files (checking that each pid still runs a basalt daemon of DIR).
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use basalt_client::{ClientError, MonClient, Rados};
+use basalt_config::{ClusterConfig, ClusterSection, MonEntry};
+use basalt_placement::object_to_pg_ns;
+use clap::Subcommand;
+use serde::{Deserialize, Serialize};
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Start (or restart) a local cluster under DIR and wait until it serves.
+    Up {
+        #[arg(long, default_value = "var/cluster")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        mons: u32,
+        #[arg(long, default_value_t = 3)]
+        hosts: u32,
+        #[arg(long, default_value_t = 2)]
+        osds_per_host: u32,
+        #[arg(long, default_value_t = 1)]
+        gateways: u32,
+    },
+    /// Stop the daemons DIR's pid files name.
+    Down {
+        #[arg(long, default_value = "var/cluster")]
+        dir: PathBuf,
+    },
+    /// Which of DIR's daemons run, and the cluster's status.
+    Status {
+        #[arg(long, default_value = "var/cluster")]
+        dir: PathBuf,
+    },
+}
+
+/// The shape of a local cluster, fixed when DIR is first created.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Layout {
+    mons: u32,
+    hosts: u32,
+    osds_per_host: u32,
+    gateways: u32,
+    /// First monitor port; monitors use consecutive ports.
+    mon_port: u16,
+    /// First NBD port; gateways use consecutive ports.
+    nbd_port: u16,
+    /// First metrics port: monitors, then OSDs, then gateways.
+    metrics_port: u16,
+}
+
+struct DaemonSpec {
+    name: String,
+    bin: &'static str,
+    args: Vec<String>,
+}
+
+impl Layout {
+    fn daemons(&self, dir: &Path, conf: &Path) -> Vec<DaemonSpec> {
+        let conf = conf.display().to_string();
+        let mut out = Vec::new();
+        let mut metrics = self.metrics_port;
+        let mut next_metrics = || {
+            let m = format!("127.0.0.1:{metrics}");
+            metrics += 1;
+            m
+        };
+        for rank in 0..self.mons {
+            out.push(DaemonSpec {
+                name: format!("mon{rank}"),
+                bin: "basalt-mon",
+                args: vec![
+                    "--config".into(),
+                    conf.clone(),
+                    "--id".into(),
+                    rank.to_string(),
+                    "--metrics".into(),
+                    next_metrics(),
+                ],
+            });
+        }
+        for h in 0..self.hosts {
+            for k in 0..self.osds_per_host {
+                let i = h * self.osds_per_host + k;
+                out.push(DaemonSpec {
+                    name: format!("osd{i}"),
+                    bin: "basalt-osd",
+                    args: vec![
+                        "--config".into(),
+                        conf.clone(),
+                        "--data".into(),
+                        dir.join(format!("osd{i}")).display().to_string(),
+                        "--host".into(),
+                        format!("host{h}"),
+                        "--metrics".into(),
+                        next_metrics(),
+                    ],
+                });
+            }
+        }
+        for g in 0..self.gateways {
+            out.push(DaemonSpec {
+                name: format!("gw{g}"),
+                bin: "basalt-gw",
+                args: vec![
+                    "--config".into(),
+                    conf.clone(),
+                    "--listen".into(),
+                    format!("127.0.0.1:{}", self.nbd_port + g as u16),
+                    "--name".into(),
+                    format!("client.gw{g}"),
+                    "--metrics".into(),
+                    next_metrics(),
+                ],
+            });
+        }
+        out
+    }
+}
+
+fn pid_of(dir: &Path, name: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(dir.join(format!("{name}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // Only a live process that is one of ours (its command line names DIR) counts: pids are
+    // reused after a reboot.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    (cmdline.contains("basalt-") && cmdline.contains(&*dir.display().to_string())).then_some(pid)
+}
+
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the basalt executable's directory")?;
+    exe.parent()
+        .map(Path::to_path_buf)
+        .context("the basalt executable has no parent directory")
+}
+
+pub async fn run(cmd: ClusterCmd, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Up {
+            dir,
+            mons,
+            hosts,
+            osds_per_host,
+            gateways,
+        } => {
+            let layout = Layout {
+                mons,
+                hosts,
+                osds_per_host,
+                gateways,
+                mon_port: 6789,
+                nbd_port: 10809,
+                metrics_port: 9280,
+            };
+            up(&absolute(&dir)?, layout).await
+        }
+        ClusterCmd::Down { dir } => down(&absolute(&dir)?),
+        ClusterCmd::Status { dir } => status(&absolute(&dir)?, json).await,
+    }
+}
+
+fn absolute(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(dir).with_context(|| format!("cannot resolve {}", dir.display()))
+}
+
+fn load_layout(dir: &Path) -> anyhow::Result<Option<Layout>> {
+    let path = dir.join("local.toml");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            Ok(Some(toml::from_str(&text).with_context(|| {
+                format!("{} is malformed", path.display())
+            })?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+async fn up(dir: &Path, wanted: Layout) -> anyhow::Result<()> {
+    if wanted.mons == 0 || wanted.hosts == 0 || wanted.osds_per_host == 0 {
+        bail!("a cluster needs at least one monitor, one host and one OSD per host");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let conf = dir.join("cluster.toml");
+    let layout = match load_layout(dir)? {
+        Some(l) => {
+            eprintln!("restarting the cluster in {} with its data", dir.display());
+            l
+        }
+        None => {
+            let fsid = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+                .map(|s| s.trim().to_string())
+                .context("cannot read a random uuid for the fsid")?;
+            let config = ClusterConfig {
+                cluster: ClusterSection {
+                    name: "basalt".into(),
+                    fsid,
+                },
+                mons: (0..wanted.mons)
+                    .map(|rank| MonEntry {
+                        rank,
+                        addr: SocketAddr::from(([127, 0, 0, 1], wanted.mon_port + rank as u16)),
+                        data: Some(dir.join(format!("mon{rank}"))),
+                    })
+                    .collect(),
+                timeouts: Default::default(),
+                paxos: Default::default(),
+                client: Default::default(),
+            };
+            std::fs::write(&conf, config.to_toml()).context("cannot write cluster.toml")?;
+            std::fs::write(
+                dir.join("local.toml"),
+                toml::to_string_pretty(&wanted).context("cannot encode the layout")?,
+            )
+            .context("cannot write local.toml")?;
+            wanted
+        }
+    };
+    let bins = bin_dir()?;
+    for d in layout.daemons(dir, &conf) {
+        if pid_of(dir, &d.name).is_some() {
+            continue;
+        }
+        let exe = bins.join(d.bin);
+        if !exe.exists() {
+            bail!(
+                "{} is missing; build the workspace first (cargo build --release)",
+                exe.display()
+            );
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{}.log", d.name)))
+            .with_context(|| format!("cannot open the log of {}", d.name))?;
+        let child = Command::new(&exe)
+            .args(&d.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("log handle")?)
+            .stderr(log)
+            .env("NO_COLOR", "1")
+            // Its own process group: a Ctrl-C in this terminal does not reach the daemons.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start {}", d.name))?;
+        std::fs::write(dir.join(format!("{}.pid", d.name)), child.id().to_string())
+            .with_context(|| format!("cannot write the pid file of {}", d.name))?;
+        eprintln!("started {} (pid {})", d.name, child.id());
+    }
+    let config = ClusterConfig::load(&conf)?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let step = |what: &str| eprintln!("waiting for {what}...");
+    let mon = MonClient::with_timeout(config.clone(), Duration::from_secs(10))?;
+    step("monitor quorum");
+    retry(deadline, "monitor quorum", || async {
+        mon.status().await.map(|_| ())
+    })
+    .await?;
+    let n_osds = (layout.hosts * layout.osds_per_host) as usize;
+    step(&format!("{n_osds} OSDs up"));
+    retry(deadline, "OSDs up", || async {
+        let m = mon.osdmap().await?;
+        if m.osds.values().filter(|o| o.up).count() >= n_osds {
+            Ok(())
+        } else {
+            Err(ClientError::Unavailable(format!(
+                "{} of {n_osds} OSDs up",
+                m.num_up()
+            )))
+        }
+    })
+    .await?;
+    let size = layout.hosts.min(3);
+    if mon.osdmap().await?.pool_by_name("rbd").is_none() {
+        step("pool rbd");
+        mon.pool_create("rbd", size, size - size / 2, 64).await?;
+    }
+    let rados = Rados::connect(config).await?;
+    let io = retry(deadline, "pool rbd", || async { rados.ioctx("rbd") }).await?;
+    step("every PG of pool rbd to serve");
+    wait_pgs_serving(&rados, &io, deadline).await?;
+    let backend = Arc::new(basalt_rbd::RadosBackend::new(
+        rados.clone(),
+        io,
+        basalt_client::DEFAULT_WATCH_TIMEOUT,
+    ));
+    let rbd = basalt_rbd::Rbd::new(backend);
+    if !rbd.list().await?.iter().any(|n| n == "demo") {
+        rbd.create("demo", 1 << 30, basalt_rbd::DEFAULT_ORDER)
+            .await?;
+        eprintln!("created image rbd/demo (1 GiB, thin)");
+    }
+    println!("cluster is up in {}", dir.display());
+    println!(
+        "  client config: {}   (export BASALT_CONFIG={})",
+        conf.display(),
+        conf.display()
+    );
+    println!("  logs and pids: {}/*.log, *.pid", dir.display());
+    if layout.gateways > 0 {
+        let url = format!("nbd://127.0.0.1:{}/rbd/demo", layout.nbd_port);
+        println!("  demo image:    {url}");
+        println!("    qemu-img info {url}");
+        println!("    qemu-system-x86_64 -drive file={url},format=raw,if=virtio ...");
+    }
+    println!(
+        "  stop it with:  basalt cluster down --dir {}",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Reads one object name in every PG of the pool: an op is served only by an active PG, so
+/// this returns once every PG peered.
+async fn wait_pgs_serving(
+    rados: &Rados,
+    io: &basalt_client::IoCtx,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    let map = rados.osdmap();
+    let pool = map
+        .pool_by_name(io.pool_name())
+        .context("pool vanished")?
+        .clone();
+    let mut names = vec![None; pool.pg_num as usize];
+    let mut missing = pool.pg_num as usize;
+    let mut i = 0u64;
+    while missing > 0 {
+        let name = format!("pgprobe.{i}");
+        let pg = object_to_pg_ns(&pool.placement(), "", &name);
+        if names[pg.seed as usize].is_none() {
+            names[pg.seed as usize] = Some(name);
+            missing -= 1;
+        }
+        i += 1;
+    }
+    for name in names.into_iter().flatten() {
+        retry(deadline, "PGs active", || async {
+            match io.stat(&name).await {
+                Ok(_) | Err(ClientError::NotFound(_)) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn retry<T, F, Fut>(deadline: Instant, what: &str, f: F) -> anyhow::Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "{what}: not yet");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => bail!("gave up waiting for {what}: {e} (see the logs in the cluster dir)"),
+        }
+    }
+}
+
+fn down(dir: &Path) -> anyhow::Result<()> {
+    let Some(layout) = load_layout(dir)? else {
+        bail!("{} holds no local cluster (no local.toml)", dir.display());
+    };
+    let conf = dir.join("cluster.toml");
+    // Gateways first, monitors last: clients and OSDs still find a quorum while they stop.
+    let mut daemons = layout.daemons(dir, &conf);
+    daemons.reverse();
+    let mut running = Vec::new();
+    for d in &daemons {
+        if let Some(pid) = pid_of(dir, &d.name) {
+            // SAFETY: kill(2) on a pid verified above to run one of this DIR's daemons.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+            running.push((d.name.clone(), pid));
+        }
+        let _ = std::fs::remove_file(dir.join(format!("{}.pid", d.name)));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for (name, pid) in running {
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            // SAFETY: as above; it ignored SIGTERM for 15 s.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            eprintln!("{name} (pid {pid}) did not stop in time; killed");
+        } else {
+            eprintln!("stopped {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn status(dir: &Path, json: bool) -> anyhow::Result<()> {
+    let Some(layout) = load_layout(dir)? else {
+        bail!("{} holds no local cluster (no local.toml)", dir.display());
+    };
+    let conf = dir.join("cluster.toml");
+    let daemons: Vec<(String, Option<i32>)> = layout
+        .daemons(dir, &conf)
+        .iter()
+        .map(|d| (d.name.clone(), pid_of(dir, &d.name)))
+        .collect();
+    if json {
+        let list: Vec<_> = daemons
+            .iter()
+            .map(|(n, p)| serde_json::json!({"name": n, "running": p.is_some(), "pid": p}))
+            .collect();
+        crate::print_json(serde_json::json!({"dir": dir, "daemons": list}));
+        return Ok(());
+    }
+    for (name, pid) in &daemons {
+        match pid {
+            Some(p) => println!("{name:6} running (pid {p})"),
+            None => println!("{name:6} stopped"),
+        }
+    }
+    Ok(())
+}

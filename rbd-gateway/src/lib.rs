@@ -1,0 +1,227 @@
+//! # basalt-gw: block images over NBD
+//!
+//! Owns the glue between the NBD server (`basalt-nbd`) and block images (`basalt-rbd`) on a
+//! real cluster (`basalt-client`): the export name `POOL/IMAGE` resolves to an open
+//! [`basalt_rbd::Image`], shared by every connection to that image on this gateway, so a
+//! gateway is one client of the image and takes its exclusive lock once (several connections
+//! from one QEMU, or nbdcopy's four, never fight over it).
+//!
+//! The gateway holds no write-back cache: an image write returns once every acting replica
+//! has it durably, so FLUSH and FUA have nothing left to do and a FLUSH on one connection
+//! covers writes completed on all of them — hence `CAN_MULTI_CONN`. Reads are not cached
+//! either, so the "drop caches when the lock is (re)acquired" rule holds trivially.
+//!
+//! Images opened here stay open for the gateway's life (their watch and lock with them); a
+//! gateway serving many short-lived images would want to close idle ones — not needed for
+//! VM disks, which stay attached.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use basalt_client::Rados;
+use basalt_nbd::{Export, ExportRegistry, Extent, NbdError};
+use basalt_rbd::{ExtentState, Image, ImageOptions, RadosBackend, Rbd, RbdError};
+use bytes::Bytes;
+use tokio::sync::Mutex;
+
+/// Resolves `POOL/IMAGE` export names against a cluster.
+pub struct ImageRegistry {
+    rados: Rados,
+    watch_timeout: Duration,
+    options: ImageOptions,
+    /// Open images by export name; an entry being opened holds the lock so two connections
+    /// racing to the same image get the same instance.
+    images: Mutex<HashMap<String, Arc<ImageExport>>>,
+    pools: Mutex<HashMap<String, Rbd>>,
+}
+
+impl ImageRegistry {
+    pub fn new(rados: Rados, watch_timeout: Duration, options: ImageOptions) -> Self {
+        ImageRegistry {
+            rados,
+            watch_timeout,
+            options,
+            images: Mutex::new(HashMap::new()),
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn rbd(&self, pool: &str) -> Result<Rbd, NbdError> {
+        let mut pools = self.pools.lock().await;
+        if let Some(r) = pools.get(pool) {
+            return Ok(r.clone());
+        }
+        let io = self
+            .rados
+            .ioctx(pool)
+            .map_err(|e| NbdError::NotFound(format!("pool {pool}: {e}")))?;
+        let backend = Arc::new(RadosBackend::new(self.rados.clone(), io, self.watch_timeout));
+        let rbd = Rbd::with_options(backend, self.options.clone());
+        pools.insert(pool.to_string(), rbd.clone());
+        Ok(rbd)
+    }
+}
+
+fn split_name(name: &str) -> Result<(&str, &str), NbdError> {
+    match name.split_once('/') {
+        Some((pool, image)) if !pool.is_empty() && !image.is_empty() && !image.contains('/') => {
+            Ok((pool, image))
+        }
+        _ => Err(NbdError::NotFound(format!(
+            "export {name:?} is not POOL/IMAGE (e.g. nbd://HOST:PORT/rbd/vm1)"
+        ))),
+    }
+}
+
+fn nbd_error(e: RbdError) -> NbdError {
+    match e {
+        RbdError::NotFound(m) => NbdError::NotFound(m),
+        RbdError::InvalidArgument(m) => NbdError::Invalid(m),
+        e @ RbdError::Blocklisted(_) => NbdError::PermissionDenied(e.to_string()),
+        RbdError::Backend(basalt_rbd::BackendError::NoSpace(m)) => NbdError::NoSpace(m),
+        RbdError::Closed(m) => NbdError::Shutdown(m),
+        other => NbdError::Io(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl ExportRegistry for ImageRegistry {
+    async fn open(&self, name: &str) -> Result<Arc<dyn Export>, NbdError> {
+        let (pool, image) = split_name(name)?;
+        let mut images = self.images.lock().await;
+        // A blocklisted gateway keeps handing out its fenced instance: its writes fail
+        // (EPERM) until the gateway restarts under a new client identity.
+        if let Some(e) = images.get(name) {
+            return Ok(e.clone());
+        }
+        let rbd = self.rbd(pool).await?;
+        let img = rbd.open(image).await.map_err(nbd_error)?;
+        tracing::info!(export = name, size = img.size(), "image opened");
+        let export = Arc::new(ImageExport {
+            name: name.to_string(),
+            image: img,
+        });
+        images.insert(name.to_string(), export.clone());
+        Ok(export)
+    }
+
+    async fn list(&self) -> Result<Vec<String>, NbdError> {
+        let map = self.rados.osdmap();
+        let mut out = Vec::new();
+        for pool in map.pools.values() {
+            let Ok(rbd) = self.rbd(&pool.name).await else {
+                continue;
+            };
+            match rbd.list().await {
+                Ok(names) => out.extend(names.into_iter().map(|n| format!("{}/{n}", pool.name))),
+                Err(e) => tracing::warn!(pool = %pool.name, error = %e, "cannot list images"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One open image served to NBD connections.
+pub struct ImageExport {
+    name: String,
+    image: Image,
+}
+
+#[async_trait]
+impl Export for ImageExport {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+
+    fn description(&self) -> String {
+        format!("basalt image {}", self.name)
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, NbdError> {
+        self.image
+            .read(offset, u64::from(len))
+            .await
+            .map_err(nbd_error)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), NbdError> {
+        // Acknowledged image writes are already durable on every acting replica: FUA needs
+        // nothing more.
+        self.image.write(offset, data).await.map_err(nbd_error)
+    }
+
+    async fn flush(&self) -> Result<(), NbdError> {
+        self.image.flush().await.map_err(nbd_error)
+    }
+
+    async fn trim(&self, offset: u64, len: u32, _fua: bool) -> Result<(), NbdError> {
+        self.image
+            .discard(offset, u64::from(len))
+            .await
+            .map_err(nbd_error)
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        _fua: bool,
+        _may_trim: bool,
+        _fast_zero: bool,
+    ) -> Result<(), NbdError> {
+        // Zeroing frees whole objects and zeroes partial ones (no data is written), which is
+        // as fast as zeroing gets here, so FAST_ZERO is honoured. NO_HOLE would want the
+        // range allocated; reads return zeros either way.
+        self.image
+            .write_zeroes(offset, u64::from(len))
+            .await
+            .map_err(nbd_error)
+    }
+
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, NbdError> {
+        let extents = self
+            .image
+            .block_status(offset, u64::from(len))
+            .await
+            .map_err(nbd_error)?;
+        let mut out = Vec::with_capacity(extents.len());
+        for e in extents {
+            // Extents never exceed the u32 request length, so this cannot truncate.
+            let length = u32::try_from(e.len).unwrap_or(u32::MAX);
+            if length == 0 {
+                continue;
+            }
+            out.push(match e.state {
+                ExtentState::Data => Extent::data(length),
+                ExtentState::Hole => Extent::hole(length),
+            });
+        }
+        if out.is_empty() {
+            out.push(Extent::data(len));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_names_are_pool_slash_image() {
+        assert_eq!(split_name("rbd/vm1").ok(), Some(("rbd", "vm1")));
+        for bad in ["rbd", "/vm", "rbd/", "a/b/c", ""] {
+            assert!(split_name(bad).is_err(), "{bad}");
+        }
+    }
+}

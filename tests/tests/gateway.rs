@@ -1,0 +1,291 @@
+//! Process-level tests of the NBD gateway with real clients (qemu-img, qemu-io, nbdinfo,
+//! nbdcopy, fio) on a real cluster, and the exclusive-lock hand-over between gateways that a
+//! live migration relies on (issue 7).
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_client::{MonClient, Rados};
+use basalt_rbd::{RadosBackend, Rbd};
+use basalt_tests::{run_bounded, test_timeouts, wait_for, TestCluster};
+use bytes::Bytes;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Runs a client tool (bounded at 120 s); returns (success, stdout + stderr).
+fn run(tool: &str, args: &[&str]) -> (bool, String) {
+    let out = run_bounded(
+        Command::new(tool)
+            .args(args)
+            // nbdsh/nbdcopy's python bits need Debian's python, not pyenv's.
+            .env(
+                "PATH",
+                format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+            ),
+        Duration::from_secs(120),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// qemu-io commands against an NBD URL; fails the test if any command fails.
+fn qemu_io_ok(url: &str, cmds: &[&str]) -> String {
+    let (ok, text) = qemu_io(url, cmds);
+    assert!(ok, "qemu-io {cmds:?} on {url} failed:\n{text}");
+    text
+}
+
+/// qemu-io exits 0 even when a command fails, so failures are read from its output.
+fn qemu_io(url: &str, cmds: &[&str]) -> (bool, String) {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(url);
+    let (ok, text) = run("qemu-io", &args);
+    let failed = text.contains("failed") || text.contains("error") || text.contains("Error");
+    (ok && !failed, text)
+}
+
+struct Fixture {
+    rt: tokio::runtime::Runtime,
+    cluster: TestCluster,
+    rbd: Rbd,
+}
+
+/// 3 monitors, 6 OSDs on 3 hosts, pool `rbd` serving, and an image layer on it.
+fn fixture() -> Fixture {
+    let rt = runtime();
+    let mut cluster = TestCluster::start_mons(3, test_timeouts()).expect("start monitors");
+    for i in 0..6 {
+        cluster
+            .start_osd(&format!("host{}", i / 2))
+            .expect("start osd");
+    }
+    let mon = rt
+        .block_on(async {
+            MonClient::with_timeout(cluster.config.clone(), Duration::from_secs(10))
+        })
+        .expect("client");
+    wait_for("6 OSDs up", Duration::from_secs(60), || {
+        rt.block_on(mon.osdmap())
+            .ok()
+            .filter(|m| m.osds.len() == 6 && m.osds.values().all(|o| o.up))
+    })
+    .expect("OSDs up");
+    cluster
+        .cli_ok(&[
+            "pool",
+            "create",
+            "rbd",
+            "--size",
+            "3",
+            "--min-size",
+            "2",
+            "--pg-num",
+            "16",
+        ])
+        .expect("pool create");
+    let rados = rt
+        .block_on(Rados::connect(cluster.config.clone()))
+        .expect("connect");
+    let io = wait_for("pool visible", Duration::from_secs(30), || {
+        rados.ioctx("rbd").ok()
+    })
+    .expect("ioctx");
+    rt.block_on(async {
+        for i in 0..64 {
+            io.write_full(&format!("probe{i}"), Bytes::from_static(b"p"))
+                .await
+                .expect("probe write");
+        }
+    });
+    let backend = Arc::new(RadosBackend::new(rados, io, Duration::from_secs(30)));
+    Fixture {
+        rt,
+        cluster,
+        rbd: Rbd::new(backend),
+    }
+}
+
+#[test]
+fn real_nbd_clients_use_an_image() {
+    if !have("qemu-io") || !have("qemu-img") {
+        eprintln!("SKIP: qemu-utils not installed");
+        return;
+    }
+    let mut f = fixture();
+    f.rt.block_on(f.rbd.create("vm1", 64 << 20, 22))
+        .expect("create image");
+    let gw = f.cluster.start_gateway("gw0", &[]).expect("gateway");
+    let url = format!("nbd://{}/rbd/vm1", f.cluster.gateway_addr(gw));
+
+    let (ok, text) = run("qemu-img", &["info", &url]);
+    assert!(ok && text.contains("64 MiB"), "qemu-img info:\n{text}");
+
+    qemu_io_ok(
+        &url,
+        &[
+            "write -P 0xab 0 1M",
+            "read -P 0xab 0 1M",
+            "write -z 1M 64k",
+            "read -P 0 1M 64k",
+            "write -P 0x5a 4M 8M",
+            "discard 4M 4M",
+            "read -P 0 4M 4M",
+            "read -P 0x5a 8M 4M",
+            "write -f -P 0xcd 20M 64k",
+            "flush",
+            "read -P 0xcd 20M 64k",
+            "read -P 0 40M 1M",
+        ],
+    );
+    // The image layer agrees with what the NBD clients wrote.
+    let img = f.rt.block_on(f.rbd.open("vm1")).expect("open");
+    let head = f.rt.block_on(img.read(0, 4096)).expect("read");
+    assert!(head.iter().all(|&b| b == 0xab));
+
+    // Reads past the end and unknown exports are refused; the gateway serves on.
+    let (ok, text) = qemu_io(&url, &["read 63M 2M"]);
+    assert!(!ok, "read past the end succeeded:\n{text}");
+    let bad = format!("nbd://{}/rbd/no-such-image", f.cluster.gateway_addr(gw));
+    let (ok, text) = run("qemu-img", &["info", &bad]);
+    assert!(!ok, "unknown export opened:\n{text}");
+    qemu_io_ok(&url, &["read -P 0xab 0 64k"]);
+
+    if have("nbdinfo") {
+        let (ok, text) = run("nbdinfo", &["--map", &url]);
+        assert!(ok, "nbdinfo --map:\n{text}");
+        assert!(text.contains("hole"), "no holes in a thin image:\n{text}");
+        assert!(text.contains("data"), "no data extents:\n{text}");
+        let (ok, text) = run("nbdinfo", &["--can", "multi-conn", &url]);
+        assert!(ok, "CAN_MULTI_CONN not advertised:\n{text}");
+    } else {
+        eprintln!("SKIP nbdinfo: libnbd-bin not installed");
+    }
+
+    if have("nbdcopy") {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src.raw");
+        let back = dir.path().join("back.raw");
+        let mut data = vec![0u8; 64 << 20];
+        for (i, chunk) in data.chunks_mut(1 << 20).enumerate() {
+            // Every third MiB is a hole; the rest carries its index.
+            if i % 3 != 0 {
+                chunk.fill(i as u8 + 1);
+            }
+        }
+        std::fs::write(&src, &data).expect("write src");
+        let (ok, text) = run("nbdcopy", &[src.to_str().expect("path"), &url]);
+        assert!(ok, "nbdcopy in:\n{text}");
+        let (ok, text) = run("nbdcopy", &[&url, back.to_str().expect("path")]);
+        assert!(ok, "nbdcopy out:\n{text}");
+        assert!(
+            std::fs::read(&back).expect("read back") == data,
+            "nbdcopy round trip differs"
+        );
+    } else {
+        eprintln!("SKIP nbdcopy: libnbd-bin not installed");
+    }
+
+    if have("fio") {
+        let (ok, text) = run(
+            "fio",
+            &[
+                "--name=verify",
+                "--ioengine=nbd",
+                &format!("--uri={url}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--size=8M",
+                "--iodepth=16",
+                "--verify=crc32c",
+                "--do_verify=1",
+            ],
+        );
+        assert!(ok && !text.contains("verify: bad"), "fio verify:\n{text}");
+    } else {
+        eprintln!("SKIP fio: not installed");
+    }
+}
+
+#[test]
+fn live_migration_moves_the_lock_and_fences_a_frozen_gateway() {
+    if !have("qemu-io") {
+        eprintln!("SKIP: qemu-utils not installed");
+        return;
+    }
+    let mut f = fixture();
+    f.rt.block_on(f.rbd.create("mig", 16 << 20, 22))
+        .expect("create image");
+    let opts = ["--watch-timeout-ms", "3000", "--notify-timeout-ms", "1000"];
+    let gws: Vec<usize> = ["gw1", "gw2", "gw3"]
+        .iter()
+        .map(|n| f.cluster.start_gateway(n, &opts).expect("gateway"))
+        .collect();
+    let url = |i: usize| format!("nbd://{}/rbd/mig", f.cluster.gateway_addr(gws[i]));
+
+    // Hypervisor 1 writes; then the VM moves to hypervisor 2, whose first write takes the lock.
+    qemu_io_ok(&url(0), &["write -P 0x11 0 1M"]);
+    qemu_io_ok(&url(1), &["write -P 0x22 1M 1M", "read -P 0x11 0 1M"]);
+    // Hypervisor 2 hangs while holding the lock; hypervisor 3 takes over once its watch
+    // has timed out, fencing it first.
+    f.cluster.pause_gateway(gws[1], true);
+    qemu_io_ok(
+        &url(2),
+        &[
+            "write -P 0x33 2M 1M",
+            "read -P 0x11 0 1M",
+            "read -P 0x22 1M 1M",
+        ],
+    );
+    let list = f
+        .cluster
+        .cli_ok(&["osd", "blocklist", "ls"])
+        .expect("blocklist ls");
+    assert!(
+        list.contains("client.gw2"),
+        "gw2 was not blocklisted:\n{list}"
+    );
+    // Hypervisor 2 wakes up: nothing it sends lands.
+    f.cluster.pause_gateway(gws[1], false);
+    let (ok, text) = qemu_io(&url(1), &["write -P 0x44 3M 1M"]);
+    assert!(!ok, "the fenced gateway's write succeeded:\n{text}");
+    let (ok, text) = qemu_io(&url(1), &["write -P 0x44 0 4k"]);
+    assert!(!ok, "the fenced gateway's write succeeded:\n{text}");
+    // The final image: gw3's write on top of gw1's and gw2's acknowledged writes.
+    qemu_io_ok(
+        &url(2),
+        &[
+            "read -P 0x11 0 1M",
+            "read -P 0x22 1M 1M",
+            "read -P 0x33 2M 1M",
+            "read -P 0 3M 1M",
+        ],
+    );
+    let metrics = f.cluster.gateway_metrics(gws[2]).expect("metrics");
+    assert!(
+        metrics.contains("basalt_rbd_lock_handovers_total"),
+        "{metrics}"
+    );
+}
