@@ -156,6 +156,17 @@ impl MemExport {
         out
     }
 
+    /// Synchronous write helper for tests (ignores read-only).
+    pub fn write_sync(&self, offset: u64, data: &[u8]) {
+        let mut blocks = self.blocks.write().unwrap_or_else(|p| p.into_inner());
+        for_each_piece(offset, data.len() as u64, |blk, in_blk, pos, n| {
+            let b = blocks
+                .entry(blk)
+                .or_insert_with(|| vec![0u8; MEM_BLOCK as usize].into_boxed_slice());
+            b[in_blk..in_blk + n].copy_from_slice(&data[pos..pos + n]);
+        });
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<(), NbdError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
