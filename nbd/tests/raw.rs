@@ -175,6 +175,21 @@ async fn negotiation_options_body() {
     assert_eq!(r[0].typ, REP_META_CONTEXT);
     assert_eq!(&r[0].data[4..], b"base:allocation");
     assert_eq!(r[1].typ, REP_ACK);
+    // "base:" lists every base context.
+    c.send_option(OPT_LIST_META_CONTEXT, &meta_payload("rbd/vm1", &["base:"]))
+        .await;
+    let r = c.read_opt_replies().await;
+    assert_eq!(
+        (r[0].typ, &r[0].data[4..]),
+        (REP_META_CONTEXT, &b"base:allocation"[..])
+    );
+    // A query without a namespace is invalid.
+    c.send_option(
+        OPT_LIST_META_CONTEXT,
+        &meta_payload("rbd/vm1", &["allocation"]),
+    )
+    .await;
+    assert_eq!(c.read_opt_replies().await[0].typ, REP_ERR_INVALID);
     // Unknown namespaces are ignored.
     let r = c.set_meta("rbd/vm1", &["qemu:dirty-bitmap:x"]).await;
     assert_eq!(r.len(), 1);
@@ -486,7 +501,69 @@ async fn memory_is_bounded_by_limits_body() {
     srv.stop().await;
 }
 
+async fn handshake_timeout_and_old_clients_body() {
+    let (reg, _) = registry();
+    let limits = Limits {
+        handshake_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let srv = TestServer::start_with(reg, limits).await;
+    // A client that never finishes negotiating is dropped.
+    let mut idle = Raw::negotiating(srv.addr).await;
+    assert!(idle.closed().await);
+
+    // A client without fixed newstyle or NO_ZEROES: EXPORT_NAME works and
+    // the 124 zero bytes follow.
+    let mut c = Raw::connect(srv.addr).await;
+    c.s.write_all(&0u32.to_be_bytes()).await.unwrap();
+    c.send_option(OPT_EXPORT_NAME, b"rbd/vm1").await;
+    let mut b = [0u8; 134];
+    tokio::io::AsyncReadExt::read_exact(&mut c.s, &mut b)
+        .await
+        .unwrap();
+    assert_eq!(&b[..8], &SIZE.to_be_bytes());
+    assert!(b[10..].iter().all(|&x| x == 0));
+    c.request(CMD_READ, 0, 1, 0, 512, &[]).await;
+    assert_eq!(c.simple(512).await.unwrap().1, 0);
+    // ...but any other option from it closes (no way to send an error).
+    let mut c = Raw::connect(srv.addr).await;
+    c.s.write_all(&0u32.to_be_bytes()).await.unwrap();
+    c.send_option(OPT_LIST, &[]).await;
+    assert!(c.closed().await);
+    // Unknown client flags close too.
+    let mut c = Raw::connect(srv.addr).await;
+    c.s.write_all(&0x10u32.to_be_bytes()).await.unwrap();
+    assert!(c.closed().await);
+    srv.stop().await;
+}
+
+async fn connection_limit_body() {
+    let (reg, _) = registry();
+    let limits = Limits {
+        max_connections: 1,
+        ..Limits::default()
+    };
+    let srv = TestServer::start_with(reg, limits).await;
+    let (mut first, _) = Raw::open(srv.addr, "rbd/vm1", false).await;
+    // The second is closed right after accept (before any greeting).
+    let mut second = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(T, tokio::io::AsyncReadExt::read(&mut second, &mut b))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    first.request(CMD_DISC, 0, 1, 0, 0, &[]).await;
+    assert!(first.closed().await);
+    // Once the first is gone a new one is served.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    still_serves(&srv).await;
+    srv.stop().await;
+}
+
 bounded_tests! {
+    handshake_timeout_and_old_clients => handshake_timeout_and_old_clients_body,
+    connection_limit => connection_limit_body,
     garbage_instead_of_client_flags_closes_and_server_serves_on => garbage_instead_of_client_flags_closes_and_server_serves_on_body,
     bad_option_magic_closes => bad_option_magic_closes_body,
     oversized_option_closes => oversized_option_closes_body,
