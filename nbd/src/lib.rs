@@ -205,7 +205,8 @@ impl NbdServer {
         let _ = stream.set_nodelay(true);
         let (r, w) = stream.into_split();
         let mut reader = BufReader::with_capacity(256 << 10, r);
-        let mut writer = BufWriter::with_capacity(256 << 10, w);
+        let mut writer: BufWriter<transmission::BoxWriter> =
+            BufWriter::with_capacity(256 << 10, Box::new(w));
         let limits = &self.inner.limits;
         let mut shutdown = self.inner.shutdown.subscribe();
         if *shutdown.borrow() {

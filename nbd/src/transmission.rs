@@ -1,25 +1,29 @@
-//! The transmission phase: one reader loop, one task per request, one
-//! writer task.
+//! The transmission phase: one reader loop, one task per request, and a
+//! combining reply sink.
 //!
 //! ```text
-//!  socket ─▶ reader loop ──spawn──▶ request task ─┐   (≤ max_in_flight at once)
-//!            (headers, WRITE        (Export call)  ├─mpsc─▶ writer task ─▶ socket
-//!             payloads, limits)     request task ─┘         (batches, flushes when idle)
+//!  socket ─▶ reader loop ──spawn──▶ request task ─┐  (≤ max_in_flight at once)
+//!            (headers, WRITE        (Export call)  ├─▶ ReplySink ─▶ socket
+//!             payloads, limits)     request task ─┘   (queue + writer lock)
 //! ```
 //!
 //! Replies leave in completion order (NBD allows any order; the cookie
-//! matches them up). Memory is bounded per connection by two semaphores:
+//! matches them up). A finished request queues its reply and, if the
+//! socket's writer is free, writes it itself together with whatever else
+//! is queued, then flushes once: no hand-off to a writer task at low queue
+//! depth, one syscall for many replies at high queue depth. Memory is bounded per connection by two semaphores:
 //! requests in flight, and payload bytes buffered (WRITE data read but not
 //! yet applied, READ data not yet sent).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, warn};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::debug;
 
 use crate::handshake::Negotiated;
 use crate::metrics::ConnMetrics;
@@ -139,16 +143,15 @@ enum Success {
 /// Drives the transmission phase until DISC, EOF, a protocol error, the
 /// writer failing, or server shutdown; in every case requests already
 /// read are completed and answered before the connection is closed.
-pub(crate) async fn run<R, W>(
+pub(crate) async fn run<R>(
     reader: &mut BufReader<R>,
-    writer: BufWriter<W>,
+    writer: BufWriter<BoxWriter>,
     neg: Negotiated,
     limits: &Limits,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), NbdError>
 where
     R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(Conn {
         read_only: neg.export.read_only(),
@@ -169,9 +172,7 @@ where
     let budget = limits.max_buffered_bytes.max(limits.max_payload);
     let bytes = Arc::new(Semaphore::new(budget as usize));
 
-    let (tx, rx) = mpsc::channel::<Reply>(limits.max_in_flight.max(1) + 1);
-    let writer_dead = Arc::new(Notify::new());
-    let writer_task = tokio::spawn(write_replies(writer, rx, writer_dead.clone()));
+    let sink = Arc::new(ReplySink::new(writer));
 
     let result: Result<(), NbdError> = loop {
         let stop = async {
@@ -180,7 +181,7 @@ where
         let next = next_request(reader, &conn, &requests, &bytes, limits);
         let item = tokio::select! {
             biased;
-            _ = writer_dead.notified() => break Ok(()),
+            _ = sink.dead_notify.notified() => break Ok(()),
             _ = stop => {
                 debug!(export = %conn.name, "server shutting down: no new requests");
                 break Ok(());
@@ -193,7 +194,7 @@ where
                 // Answered without touching the export (e.g. an oversized
                 // WRITE whose payload was discarded).
                 let received = Instant::now();
-                send_reply(&conn, &tx, req, Err(err), permit, None, received).await;
+                send_reply(&conn, &sink, req, Err(err), permit, None, received).await;
             }
             Ok(Next::Request(req, payload, permits)) => {
                 let ticket = match req.typ {
@@ -202,27 +203,24 @@ where
                     _ => Ticket::None,
                 };
                 let conn = conn.clone();
-                let tx = tx.clone();
+                let sink = sink.clone();
                 let received = Instant::now();
                 tokio::spawn(async move {
                     let result = execute(&conn, &req, payload, ticket).await;
                     let (request, bytes) = permits;
-                    send_reply(&conn, &tx, req, result, request, bytes, received).await;
+                    send_reply(&conn, &sink, req, result, request, bytes, received).await;
                 });
             }
             Err(e) => break Err(e),
         }
     };
 
-    // Tasks hold clones of `tx`; the writer ends once they all replied.
-    drop(tx);
-    match writer_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            debug!(export = %conn.name, error = %e, "reply writer stopped");
-        }
-        Err(e) => warn!(export = %conn.name, error = %e, "reply writer panicked"),
-    }
+    // Every request permit back means every reply was written (or
+    // dropped because the socket failed).
+    let _all = requests
+        .acquire_many(limits.max_in_flight.max(1) as u32)
+        .await;
+    sink.close().await;
     result
 }
 
@@ -472,7 +470,7 @@ async fn execute(
 
 async fn send_reply(
     conn: &Conn,
-    tx: &mpsc::Sender<Reply>,
+    sink: &ReplySink,
     req: Request,
     result: Result<Success, NbdError>,
     request_permit: OwnedSemaphorePermit,
@@ -546,43 +544,101 @@ async fn send_reply(
             _bytes: byte_permit,
         },
     };
-    // Fails only if the writer is gone (connection broken): nothing to do.
-    let _ = tx.send(reply).await;
+    sink.submit(reply).await;
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut w: BufWriter<W>,
-    mut rx: mpsc::Receiver<Reply>,
-    dead: Arc<Notify>,
-) -> std::io::Result<()> {
-    let res = async {
-        while let Some(reply) = rx.recv().await {
-            write_one(&mut w, reply).await?;
-            // Batch whatever else is ready before paying for a syscall.
-            while let Ok(reply) = rx.try_recv() {
-                write_one(&mut w, reply).await?;
-            }
-            w.flush().await?;
+/// The socket's write side, shared by the request tasks.
+///
+/// Whoever submits a reply queues it, then tries to take the writer: the
+/// holder writes everything queued, flushes, releases, and looks at the
+/// queue once more. A submitter that finds the writer busy just returns,
+/// and the holder's final look picks its reply up (it queued before its
+/// `try_lock` failed, and the holder looks after releasing), so no reply is
+/// stranded. Each reply keeps its permits until it is written, so the
+/// request semaphore also counts replies not yet on the wire.
+struct ReplySink {
+    queue: Mutex<VecDeque<Reply>>,
+    writer: tokio::sync::Mutex<BufWriter<BoxWriter>>,
+    dead: AtomicBool,
+    dead_notify: Notify,
+}
+
+pub(crate) type BoxWriter = Box<dyn AsyncWrite + Unpin + Send>;
+
+impl ReplySink {
+    fn new(w: BufWriter<BoxWriter>) -> Self {
+        ReplySink {
+            queue: Mutex::new(VecDeque::new()),
+            writer: tokio::sync::Mutex::new(w),
+            dead: AtomicBool::new(false),
+            dead_notify: Notify::new(),
         }
-        w.shutdown().await
     }
-    .await;
-    if res.is_err() {
-        // Stop the reader; pending replies are dropped with `rx`.
-        dead.notify_one();
-    }
-    res
-}
 
-async fn write_one<W: AsyncWrite + Unpin>(
-    w: &mut BufWriter<W>,
-    reply: Reply,
-) -> std::io::Result<()> {
-    w.write_all(&reply.header).await?;
-    if let Some(d) = &reply.data {
-        w.write_all(d).await?;
+    fn take_queued(&self) -> VecDeque<Reply> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
     }
-    Ok(())
+
+    async fn submit(&self, reply: Reply) {
+        if self.dead.load(Ordering::Acquire) {
+            return; // dropping the reply releases its permits
+        }
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(reply);
+        loop {
+            let Ok(mut w) = self.writer.try_lock() else {
+                return;
+            };
+            if let Err(e) = Self::drain(&mut w, || self.take_queued()).await {
+                debug!(error = %e, "writing replies failed");
+                self.dead.store(true, Ordering::Release);
+                drop(self.take_queued());
+                self.dead_notify.notify_one();
+                return;
+            }
+            drop(w);
+            if self
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            {
+                return;
+            }
+        }
+    }
+
+    async fn drain(
+        w: &mut BufWriter<BoxWriter>,
+        mut take: impl FnMut() -> VecDeque<Reply>,
+    ) -> std::io::Result<()> {
+        loop {
+            let batch = take();
+            if batch.is_empty() {
+                break;
+            }
+            for reply in batch {
+                w.write_all(&reply.header).await?;
+                if let Some(d) = &reply.data {
+                    w.write_all(d).await?;
+                }
+            }
+        }
+        w.flush().await
+    }
+
+    /// After every reply has been submitted: flush and half-close.
+    async fn close(&self) {
+        let mut w = self.writer.lock().await;
+        let queued = self.take_queued();
+        if !self.dead.load(Ordering::Acquire) {
+            let mut once = Some(queued);
+            let _ = Self::drain(&mut w, || once.take().unwrap_or_default()).await;
+            let _ = w.shutdown().await;
+        }
+    }
 }
 
 #[cfg(test)]
