@@ -78,6 +78,9 @@ pub struct Limits {
     /// Connections served at once by [`NbdServer::serve`]; more are closed
     /// on accept. Default 1024.
     pub max_connections: usize,
+    /// On shutdown, how long [`NbdServer::serve`] waits for connections to
+    /// finish their in-flight requests before dropping them. Default 30 s.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Limits {
@@ -93,6 +96,7 @@ impl Default for Limits {
             max_extents: 65536,
             handshake_timeout: Duration::from_secs(30),
             max_connections: 1024,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -145,7 +149,8 @@ impl NbdServer {
 
     /// Accepts connections until `shutdown` completes, then stops
     /// accepting, lets every connection finish the requests it already
-    /// read (replying to them), closes them, and returns.
+    /// read (replying to them, for up to `shutdown_grace`), closes them,
+    /// and returns.
     pub async fn serve(
         &self,
         listener: TcpListener,
@@ -184,7 +189,18 @@ impl NbdServer {
         }
         drop(listener);
         self.shutdown();
-        while conns.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(self.inner.limits.shutdown_grace, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                connections = conns.len(),
+                grace = ?self.inner.limits.shutdown_grace,
+                "NBD connections still busy after the grace period; dropping them"
+            );
+            conns.shutdown().await;
+        }
         info!("NBD server stopped");
         Ok(())
     }

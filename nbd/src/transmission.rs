@@ -15,15 +15,21 @@
 //! requests in flight, and payload bytes buffered (WRITE data read but not
 //! yet applied, READ data not yet sent).
 
+use std::any::Any;
 use std::collections::{BTreeSet, VecDeque};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
-use tracing::debug;
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
 
 use crate::handshake::Negotiated;
 use crate::metrics::ConnMetrics;
@@ -173,6 +179,10 @@ where
     let bytes = Arc::new(Semaphore::new(budget as usize));
 
     let sink = Arc::new(ReplySink::new(writer));
+    // Request tasks belong to the connection: if the connection task is
+    // dropped (server shutdown grace expired), they are aborted with it and
+    // release the socket.
+    let mut tasks = JoinSet::new();
 
     let result: Result<(), NbdError> = loop {
         let stop = async {
@@ -205,14 +215,24 @@ where
                 let conn = conn.clone();
                 let sink = sink.clone();
                 let received = Instant::now();
-                tokio::spawn(async move {
-                    let result = execute(&conn, &req, payload, ticket).await;
+                tasks.spawn(async move {
+                    // An Export that panics fails its request with EIO;
+                    // the connection and the server go on.
+                    let result = CatchUnwind(Box::pin(execute(&conn, &req, payload, ticket)))
+                        .await
+                        .unwrap_or_else(|panic| {
+                            let msg = panic_message(&panic);
+                            warn!(export = %conn.name, op = command_name(req.typ), %msg, "export panicked");
+                            Err(NbdError::Io(format!("export panicked: {msg}")))
+                        });
                     let (request, bytes) = permits;
                     send_reply(&conn, &sink, req, result, request, bytes, received).await;
                 });
             }
             Err(e) => break Err(e),
         }
+        // Forget finished tasks (their results are unit).
+        while tasks.try_join_next().is_some() {}
     };
 
     // Every request permit back means every reply was written (or
@@ -545,6 +565,31 @@ async fn send_reply(
         },
     };
     sink.submit(reply).await;
+}
+
+/// Turns a panic while polling the inner future into an `Err`.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.get_mut().0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+fn panic_message(p: &Box<dyn Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
 }
 
 /// The socket's write side, shared by the request tasks.

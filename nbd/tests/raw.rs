@@ -67,11 +67,66 @@ impl Export for SlowExport {
     }
 }
 
+/// Reads at offset 0 panic, at 4096 fail with EIO, at 8192 never finish.
+struct FaultyExport(MemExport);
+
+#[async_trait]
+impl Export for FaultyExport {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn can_multi_conn(&self) -> bool {
+        false
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, NbdError> {
+        match offset {
+            0 => panic!("boom at offset 0"),
+            4096 => Err(NbdError::Io("osd.3 timed out".into())),
+            8192 => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                unreachable!()
+            }
+            _ => self.0.read(offset, len).await,
+        }
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), NbdError> {
+        self.0.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<(), NbdError> {
+        Err(NbdError::Io("journal full".into()))
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), NbdError> {
+        self.0.trim(offset, len, fua).await
+    }
+    async fn write_zeroes(
+        &self,
+        o: u64,
+        l: u32,
+        fua: bool,
+        _t: bool,
+        fast: bool,
+    ) -> Result<(), NbdError> {
+        if fast {
+            return Err(NbdError::NotSupported(
+                "zeroing is not faster than writing".into(),
+            ));
+        }
+        self.0.write_zeroes(o, l, fua, false, false).await
+    }
+    async fn block_status(&self, _offset: u64, _len: u32) -> Result<Vec<Extent>, NbdError> {
+        Ok(vec![])
+    }
+}
+
 fn registry() -> (Arc<MemRegistry>, Arc<MemExport>) {
     let reg = Arc::new(MemRegistry::new());
     let mem = Arc::new(MemExport::new(SIZE));
     reg.insert("rbd/vm1", mem.clone());
     reg.insert("ro", Arc::new(MemExport::new(SIZE).with_read_only(true)));
+    reg.insert("faulty", Arc::new(FaultyExport(MemExport::new(SIZE))));
     reg.insert(
         "slow",
         Arc::new(SlowExport {
@@ -151,7 +206,7 @@ async fn negotiation_options_body() {
         .filter(|r| r.typ == REP_SERVER)
         .map(|r| String::from_utf8(r.data[4..].to_vec()).unwrap())
         .collect();
-    assert_eq!(names, vec!["rbd/vm1", "ro", "slow"]);
+    assert_eq!(names, vec!["faulty", "rbd/vm1", "ro", "slow"]);
     assert_eq!(r.last().unwrap().typ, REP_ACK);
 
     // LIST with data is invalid; the session goes on.
@@ -661,7 +716,53 @@ async fn replies_never_interleave_under_load_body() {
     srv.stop().await;
 }
 
+async fn export_errors_and_panics_fail_only_their_request_body() {
+    let (reg, _) = registry();
+    let limits = Limits {
+        shutdown_grace: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let srv = TestServer::start_with(reg, limits).await;
+    let (mut c, flags) = Raw::open(srv.addr, "faulty", false).await;
+    assert_eq!(flags & TFLAG_CAN_MULTI_CONN, 0);
+    c.request(CMD_READ, 0, 1, 0, 512, &[]).await;
+    assert_eq!(c.simple(512).await.unwrap(), (1, EIO, vec![]));
+    c.request(CMD_READ, 0, 2, 4096, 512, &[]).await;
+    assert_eq!(c.simple(512).await.unwrap(), (2, EIO, vec![]));
+    c.request(CMD_FLUSH, 0, 3, 0, 0, &[]).await;
+    assert_eq!(c.simple(0).await.unwrap(), (3, EIO, vec![]));
+    c.request(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 4, 0, 4096, &[])
+        .await;
+    assert_eq!(c.simple(0).await.unwrap(), (4, ENOTSUP, vec![]));
+    c.request(CMD_WRITE_ZEROES, 0, 5, 0, 4096, &[]).await;
+    assert_eq!(c.simple(0).await.unwrap(), (5, 0, vec![]));
+    c.request(CMD_READ, 0, 6, 16384, 512, &[]).await;
+    assert_eq!(c.simple(512).await.unwrap().1, 0);
+
+    // With structured replies the export's message reaches the client.
+    let (mut c, _) = Raw::open(srv.addr, "faulty", true).await;
+    c.request(CMD_READ, 0, 7, 4096, 512, &[]).await;
+    let r = c.any_reply(0).await.unwrap();
+    assert_eq!((r.cookie, r.error), (7, EIO));
+    assert!(String::from_utf8_lossy(&r.payload).contains("osd.3 timed out"));
+    c.request(CMD_READ, 0, 8, 0, 512, &[]).await;
+    let r = c.any_reply(0).await.unwrap();
+    assert!(String::from_utf8_lossy(&r.payload).contains("panicked"));
+    // An export answering no extents is an I/O error, not a bad reply.
+    c.request(CMD_BLOCK_STATUS, 0, 9, 0, 4096, &[]).await;
+    assert_eq!(c.any_reply(0).await.unwrap().error, EIO);
+
+    // A request that never finishes does not hold shutdown forever.
+    c.request(CMD_READ, 0, 10, 8192, 512, &[]).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t0 = Instant::now();
+    srv.stop().await;
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(c.closed().await);
+}
+
 bounded_tests! {
+    export_errors_and_panics_fail_only_their_request => export_errors_and_panics_fail_only_their_request_body,
     replies_never_interleave_under_load => replies_never_interleave_under_load_body,
     handshake_timeout_and_old_clients => handshake_timeout_and_old_clients_body,
     connection_limit => connection_limit_body,
