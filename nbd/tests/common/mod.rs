@@ -187,6 +187,19 @@ impl Raw {
         }
     }
 
+    /// Like `read_opt_replies`, but `None` if the server closed instead.
+    pub async fn read_opt_replies_or_eof(&mut self) -> Option<Vec<OptReply>> {
+        let mut v = Vec::new();
+        loop {
+            let r = self.read_opt_reply().await.ok()?;
+            let end = r.typ == REP_ACK || r.typ & (1 << 31) != 0;
+            v.push(r);
+            if end {
+                return Some(v);
+            }
+        }
+    }
+
     pub async fn structured(&mut self) {
         self.send_option(OPT_STRUCTURED_REPLY, &[]).await;
         let r = self.read_opt_replies().await;
