@@ -540,8 +540,15 @@ async fn send_reply(
             encode_block_status(&mut header, req.cookie, META_BASE_ALLOCATION_ID, &ext);
         }
         Err(e) => {
-            debug!(export = %conn.name, op = command_name(req.typ), offset = req.offset,
-                   length = req.length, error = %e, "request failed");
+            // Backend failures matter to an operator; bad requests are the
+            // client's business (both are counted in the metrics).
+            if matches!(e, NbdError::Io(_) | NbdError::NoMemory(_)) {
+                warn!(export = %conn.name, op = command_name(req.typ), offset = req.offset,
+                      length = req.length, error = %e, "request failed");
+            } else {
+                debug!(export = %conn.name, op = command_name(req.typ), offset = req.offset,
+                       length = req.length, error = %e, "request failed");
+            }
             if conn.structured {
                 encode_error_chunk(&mut header, req.cookie, e.errno(), &e.to_string());
             } else {

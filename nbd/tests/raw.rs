@@ -372,6 +372,13 @@ async fn error_replies_simple_body() {
     assert_eq!(c.simple(0).await.unwrap(), (11, 0, vec![]));
     c.request(CMD_READ, 0, 12, 4096, 4, &[]).await;
     assert_eq!(c.simple(4).await.unwrap(), (12, 0, b"abcd".to_vec()));
+    // TRIM and WRITE_ZEROES carry no payload: larger than 32 MiB is fine.
+    c.request(CMD_WRITE_ZEROES, 0, 20, 0, 48 << 20, &[]).await;
+    assert_eq!(c.simple(0).await.unwrap(), (20, 0, vec![]));
+    c.request(CMD_TRIM, 0, 21, 0, 48 << 20, &[]).await;
+    assert_eq!(c.simple(0).await.unwrap(), (21, 0, vec![]));
+    c.request(CMD_READ, 0, 22, 4096, 4, &[]).await;
+    assert_eq!(c.simple(4).await.unwrap(), (22, 0, vec![0; 4]));
     // Zero-length requests succeed without touching the export.
     c.request(CMD_READ, 0, 13, 0, 0, &[]).await;
     assert_eq!(c.simple(0).await.unwrap(), (13, 0, vec![]));
