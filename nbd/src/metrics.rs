@@ -27,7 +27,7 @@ pub fn describe_metrics() {
     describe_histogram!(
         REQUEST_SECONDS,
         Unit::Seconds,
-        "Time from receiving an NBD request to queueing its reply, by export and op"
+        "Time from having read an NBD request (and its payload) to its reply being queued, by export and op"
     );
     describe_counter!(
         BYTES_TOTAL,

@@ -535,7 +535,9 @@ async fn disc_and_shutdown_finish_in_flight_requests_body() {
     // Server shutdown with a slow request in flight: answered, then closed.
     let (mut c, _) = Raw::open(srv.addr, "slow", false).await;
     c.request(CMD_WRITE, 0, 7, 0, 4, b"wxyz").await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The fast read's reply proves the server has read the slow write too.
+    c.request(CMD_READ, 0, 8, 2 << 20, 512, &[]).await;
+    assert_eq!(c.simple(512).await.unwrap().0, 8);
     let stop = tokio::spawn(srv.stop());
     assert_eq!(c.simple(0).await.unwrap(), (7, 0, vec![]));
     assert!(c.closed().await);
@@ -761,7 +763,8 @@ async fn export_errors_and_panics_fail_only_their_request_body() {
 
     // A request that never finishes does not hold shutdown forever.
     c.request(CMD_READ, 0, 10, 8192, 512, &[]).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.request(CMD_READ, 0, 11, 16384, 512, &[]).await;
+    assert_eq!(c.any_reply(0).await.unwrap().cookie, 11);
     let t0 = Instant::now();
     srv.stop().await;
     assert!(t0.elapsed() < Duration::from_secs(10));
