@@ -101,6 +101,32 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Makes the limits consistent (the server applies this): block sizes
+    /// powers of two with min ≤ preferred ≤ max payload, at least one
+    /// request in flight, a byte budget that fits one maximal request.
+    pub fn normalized(mut self) -> Self {
+        fn pow2(x: u32, lo: u32, hi: u32) -> u32 {
+            x.clamp(lo, hi).next_power_of_two().min(hi)
+        }
+        self.min_block_size = pow2(self.min_block_size, 1, 64 << 10);
+        self.max_payload = self.max_payload.max(self.min_block_size).max(64 << 10);
+        self.preferred_block_size = pow2(
+            self.preferred_block_size,
+            self.min_block_size.max(512),
+            32 << 20,
+        )
+        .min(self.max_payload);
+        self.max_in_flight = self.max_in_flight.clamp(1, u32::MAX as usize >> 4);
+        self.max_buffered_bytes = self.max_buffered_bytes.max(self.max_payload);
+        self.max_discard = self.max_discard.max(self.max_payload);
+        self.max_option_len = self.max_option_len.max(4 << 10);
+        self.max_extents = self.max_extents.max(1);
+        self.max_connections = self.max_connections.max(1);
+        self
+    }
+}
+
 /// The NBD server. Cheap to clone; clones share the registry and the
 /// shutdown signal.
 #[derive(Clone)]
@@ -137,7 +163,7 @@ impl NbdServer {
         NbdServer {
             inner: Arc::new(Inner {
                 registry,
-                limits,
+                limits: limits.normalized(),
                 shutdown,
             }),
         }
@@ -267,4 +293,36 @@ impl NbdServer {
 
 fn count_protocol_error() {
     ::metrics::counter!(metrics::PROTOCOL_ERRORS_TOTAL).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_normalize() {
+        let d = Limits::default();
+        let n = d.clone().normalized();
+        assert_eq!(
+            (n.min_block_size, n.preferred_block_size, n.max_payload),
+            (512, 4096, 32 << 20)
+        );
+        assert_eq!(n.max_in_flight, d.max_in_flight);
+        let odd = Limits {
+            min_block_size: 1000,
+            preferred_block_size: 3,
+            max_payload: 100,
+            max_in_flight: 0,
+            max_buffered_bytes: 0,
+            max_discard: 0,
+            ..Limits::default()
+        }
+        .normalized();
+        assert_eq!(odd.min_block_size, 1024);
+        assert_eq!(odd.max_payload, 64 << 10);
+        assert_eq!(odd.preferred_block_size, 1024);
+        assert_eq!(odd.max_in_flight, 1);
+        assert_eq!(odd.max_buffered_bytes, 64 << 10);
+        assert_eq!(odd.max_discard, 64 << 10);
+    }
 }
