@@ -337,6 +337,8 @@ async fn fio_random_write_verify_body() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // No *-verify.state file left in the working directory.
+            "--verify_state_save=0",
             "--runtime=20",
             "--output-format=terse",
         ],
