@@ -57,7 +57,11 @@ impl ImageRegistry {
             .rados
             .ioctx(pool)
             .map_err(|e| NbdError::NotFound(format!("pool {pool}: {e}")))?;
-        let backend = Arc::new(RadosBackend::new(self.rados.clone(), io, self.watch_timeout));
+        let backend = Arc::new(RadosBackend::new(
+            self.rados.clone(),
+            io,
+            self.watch_timeout,
+        ));
         let rbd = Rbd::with_options(backend, self.options.clone());
         pools.insert(pool.to_string(), rbd.clone());
         Ok(rbd)

@@ -87,7 +87,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}; is the address free?", args.listen))?;
-    let addr = listener.local_addr().context("cannot read the bound address")?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
     tracing::info!(%addr, client = %name, "gateway serving NBD; exports are POOL/IMAGE");
     let server = NbdServer::new(registry, Limits::default());
     server

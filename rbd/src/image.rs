@@ -368,16 +368,20 @@ impl Image {
         self.check_range(off, len)?;
         let sh = &self.shared;
         let exts = layout::object_extents(off, len, sh.order);
-        let sizes: Vec<Option<u64>> = futures::stream::iter(exts.iter().map(|e| async move {
-            match sh.backend.stat(&sh.oid(e.objectno)).await {
-                Ok(s) => Ok(Some(s)),
-                Err(BackendError::NotFound(_)) => Ok(None),
-                Err(err) => Err(RbdError::from(err)),
-            }
-        }))
-        .buffered(OBJECT_CONCURRENCY)
-        .try_collect()
-        .await?;
+        // Owned object names: a future borrowing the extent would not be Send for every
+        // lifetime, which callers holding it across awaits (the NBD server) need.
+        let oids: Vec<String> = exts.iter().map(|e| sh.oid(e.objectno)).collect();
+        let sizes: Vec<Option<u64>> =
+            futures::stream::iter(oids.into_iter().map(|oid| async move {
+                match sh.backend.stat(&oid).await {
+                    Ok(s) => Ok(Some(s)),
+                    Err(BackendError::NotFound(_)) => Ok(None),
+                    Err(err) => Err(RbdError::from(err)),
+                }
+            }))
+            .buffered(OBJECT_CONCURRENCY)
+            .try_collect()
+            .await?;
         let mut out: Vec<Extent> = Vec::new();
         let mut push = |offset: u64, len: u64, state: ExtentState| {
             if len == 0 {
