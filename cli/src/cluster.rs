@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use basalt_client::{ClientError, MonClient, Rados};
 use basalt_config::{ClusterConfig, ClusterSection, MonEntry};
-use basalt_placement::object_to_pg_ns;
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
@@ -295,8 +294,8 @@ async fn up(dir: &Path, wanted: Layout) -> anyhow::Result<()> {
     }
     let rados = Rados::connect(config).await?;
     let io = retry(deadline, "pool rbd", || async { rados.ioctx("rbd") }).await?;
-    step("every PG of pool rbd to serve");
-    wait_pgs_serving(&rados, &io, deadline).await?;
+    step("every PG active+clean");
+    wait_active_clean(&rados, deadline).await?;
     let backend = Arc::new(basalt_rbd::RadosBackend::new(
         rados.clone(),
         io,
@@ -328,40 +327,18 @@ async fn up(dir: &Path, wanted: Layout) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads one object name in every PG of the pool: an op is served only by an active PG, so
-/// this returns once every PG peered.
-async fn wait_pgs_serving(
-    rados: &Rados,
-    io: &basalt_client::IoCtx,
-    deadline: Instant,
-) -> anyhow::Result<()> {
-    let map = rados.osdmap();
-    let pool = map
-        .pool_by_name(io.pool_name())
-        .context("pool vanished")?
-        .clone();
-    let mut names = vec![None; pool.pg_num as usize];
-    let mut missing = pool.pg_num as usize;
-    let mut i = 0u64;
-    while missing > 0 {
-        let name = format!("pgprobe.{i}");
-        let pg = object_to_pg_ns(&pool.placement(), "", &name);
-        if names[pg.seed as usize].is_none() {
-            names[pg.seed as usize] = Some(name);
-            missing -= 1;
+/// Waits until the primaries report every PG active+clean.
+async fn wait_active_clean(rados: &Rados, deadline: Instant) -> anyhow::Result<()> {
+    retry(deadline, "every PG active+clean", || async {
+        let stats = rados.pg_stats().await?;
+        let (states, line) = crate::pg::summary(&stats);
+        if states.keys().all(|s| s == "active+clean") {
+            Ok(())
+        } else {
+            Err(ClientError::Unavailable(line))
         }
-        i += 1;
-    }
-    for name in names.into_iter().flatten() {
-        retry(deadline, "PGs active", || async {
-            match io.stat(&name).await {
-                Ok(_) | Err(ClientError::NotFound(_)) => Ok(()),
-                Err(e) => Err(e),
-            }
-        })
-        .await?;
-    }
-    Ok(())
+    })
+    .await
 }
 
 async fn retry<T, F, Fut>(deadline: Instant, what: &str, f: F) -> anyhow::Result<T>

@@ -18,6 +18,7 @@ use serde_json::json;
 
 mod cluster;
 mod obj;
+mod pg;
 
 #[derive(Parser, Debug)]
 #[command(name = "basalt", version, about = "Administer a basalt cluster")]
@@ -62,6 +63,9 @@ enum Cmd {
     /// Object commands (rados-like).
     #[command(subcommand)]
     Obj(obj::ObjCmd),
+    /// Placement groups: ls, query.
+    #[command(subcommand)]
+    Pg(pg::PgCmd),
     /// A local cluster on this machine: up, down, status.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
@@ -195,7 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     config.timeouts.client_op_timeout_ms = timeout.as_millis() as u64;
     let mon = MonClient::with_timeout(config.clone(), timeout)?;
     match cli.command {
-        Cmd::Status => status(&mon, json).await,
+        Cmd::Status => status(&mon, config, json).await,
         Cmd::Health { detail } => health(&mon, json, detail.is_some()).await,
         Cmd::Mon(MonCmd::Stat) => mon_stat(&mon, json).await,
         Cmd::Osd(cmd) => osd(&mon, json, cmd).await,
@@ -203,6 +207,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Obj(cmd) => {
             let rados = Rados::connect(config).await?;
             obj::run(&rados, json, cmd).await
+        }
+        Cmd::Pg(cmd) => {
+            let rados = Rados::connect(config).await?;
+            pg::run(&rados, json, cmd).await
         }
         Cmd::Cluster(cmd) => cluster::run(cmd, json).await,
     }
@@ -248,10 +256,52 @@ fn quorum_ranks(st: &basalt_proto::mon::StatusReply) -> Vec<u32> {
         .collect()
 }
 
-async fn status(mon: &MonClient, json: bool) -> anyhow::Result<()> {
+/// PG states from the primaries (best effort: `None` when no OSD can be asked).
+async fn pg_stats(config: ClusterConfig) -> Option<Vec<basalt_client::ops::PgStat>> {
+    let rados = Rados::connect(config).await.ok()?;
+    rados.pg_stats().await.ok()
+}
+
+/// Health checks derived from PG states, as Ceph's PG_AVAILABILITY / PG_DEGRADED.
+fn pg_checks(stats: &[basalt_client::ops::PgStat]) -> Vec<HealthCheck> {
+    let mut checks = Vec::new();
+    let inactive: Vec<String> = stats
+        .iter()
+        .filter(|s| !s.state.starts_with("active"))
+        .map(|s| format!("pg {} is {}", s.pgid, s.state))
+        .collect();
+    if !inactive.is_empty() {
+        checks.push(HealthCheck::new(
+            "PG_AVAILABILITY",
+            Severity::Warn,
+            format!("Reduced data availability: {} pgs inactive", inactive.len()),
+            inactive,
+        ));
+    }
+    let degraded: Vec<String> = stats
+        .iter()
+        .filter(|s| s.state.contains("degraded"))
+        .map(|s| format!("pg {} is {}", s.pgid, s.state))
+        .collect();
+    if !degraded.is_empty() {
+        checks.push(HealthCheck::new(
+            "PG_DEGRADED",
+            Severity::Warn,
+            format!("Degraded data redundancy: {} pgs degraded", degraded.len()),
+            degraded,
+        ));
+    }
+    checks
+}
+
+async fn status(mon: &MonClient, config: ClusterConfig, json: bool) -> anyhow::Result<()> {
     let st = mon.status().await?;
     let map = mon.osdmap().await?;
-    let checks = health_checks(&map, &st);
+    let pgs = pg_stats(config).await;
+    let mut checks = health_checks(&map, &st);
+    if let Some(p) = &pgs {
+        checks.extend(pg_checks(p));
+    }
     let health = HealthStatus::of(&checks);
     let quorum = quorum_ranks(&st);
     if json {
@@ -261,6 +311,10 @@ async fn status(mon: &MonClient, json: bool) -> anyhow::Result<()> {
             "mon": { "num_mons": st.mons.len(), "quorum": quorum, "leader": st.leader, "election_epoch": st.election_epoch },
             "osdmap": { "epoch": map.epoch, "num_osds": map.osds.len(), "num_up_osds": map.num_up(), "num_in_osds": map.num_in() },
             "pools": map.pools.len(),
+            "pgmap": pgs.as_ref().map(|p| json!({
+                "num_pgs": p.len(),
+                "states": pg::summary(p).0,
+            })),
         }));
         return Ok(());
     }
@@ -289,6 +343,10 @@ async fn status(mon: &MonClient, json: bool) -> anyhow::Result<()> {
     println!();
     println!("  data:");
     println!("    pools: {}", map.pools.len());
+    match &pgs {
+        Some(p) => println!("    {}", pg::summary(p).1),
+        None => println!("    pgs: unknown (no OSD answered)"),
+    }
     Ok(())
 }
 

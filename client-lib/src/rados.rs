@@ -122,6 +122,58 @@ impl Rados {
         })
     }
 
+    /// Every PG of every pool with its state, as the primaries report it. A PG whose primary
+    /// does not answer is `unknown`; one without a primary in the map is `down`.
+    pub async fn pg_stats(&self) -> Result<Vec<basalt_ops::PgStat>, ClientError> {
+        let map = self.osdmap();
+        let mut reported: BTreeMap<(u32, u32), basalt_ops::PgStat> = BTreeMap::new();
+        let mut asks = Vec::new();
+        for info in map.osds.values().filter(|o| o.up) {
+            let mut c = self.inner.osd(&info.addr)?;
+            asks.push(async move {
+                tokio::time::timeout(Duration::from_secs(5), c.pg_stats(pb::PgStatsRequest {}))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .and_then(|r| {
+                        decode::<Vec<basalt_ops::PgStat>>(&r.get_ref().stats, "PG stats").ok()
+                    })
+                    .unwrap_or_default()
+            });
+        }
+        for stats in futures::future::join_all(asks).await {
+            for s in stats {
+                reported.insert((s.pool, s.seed), s);
+            }
+        }
+        let mut out = Vec::new();
+        for pool in map.pools.values() {
+            for seed in 0..pool.pg_num {
+                let pg = PgId {
+                    pool: pool.id,
+                    seed,
+                };
+                if let Some(s) = reported.remove(&(pool.id, seed)) {
+                    out.push(s);
+                    continue;
+                }
+                let mapping = map.map_pg(pool, pg).ok();
+                let primary = mapping.as_ref().and_then(|m| m.acting_primary);
+                out.push(basalt_ops::PgStat {
+                    pgid: pg.to_string(),
+                    pool: pool.id,
+                    seed,
+                    state: if primary.is_some() { "unknown" } else { "down" }.into(),
+                    acting: mapping.map(|m| m.acting).unwrap_or_default(),
+                    primary: primary.unwrap_or(u32::MAX),
+                    interval_epoch: 0,
+                    last_seq: 0,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Blocklists `entity` for `expire` and returns once this client's map carries the
     /// blocklist, so every op it sends afterwards makes OSDs refuse `entity` first.
     pub async fn blocklist_add(

@@ -499,3 +499,21 @@ pub struct NotifyResult {
     pub acks: Vec<(WatcherInfo, Bytes)>,
     pub timed_out: Vec<WatcherInfo>,
 }
+
+/// One PG as its primary reports it (`basalt pg ls`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgStat {
+    /// `pool.seed` in hex, as Ceph spells PG ids.
+    pub pgid: String,
+    pub pool: u32,
+    pub seed: u32,
+    /// Ceph-style state: `active+clean`, `active+undersized+degraded`, `peering`,
+    /// `undersized+peered` (below min_size), ...
+    pub state: String,
+    pub acting: Vec<u32>,
+    pub primary: u32,
+    /// Epoch at which the current interval began (as the primary saw it).
+    pub interval_epoch: u64,
+    /// Sequence number of the newest write (0: none since the PG was created).
+    pub last_seq: u64,
+}

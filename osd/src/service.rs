@@ -226,6 +226,44 @@ impl OsdCore {
         v
     }
 
+    /// The PGs this OSD is primary of, Ceph-style state names included.
+    pub fn primary_pg_stats(&self) -> Vec<basalt_ops::PgStat> {
+        let me = self.me();
+        let map = self.current_map();
+        let pgs: Vec<Arc<Pg>> = lock(&self.pgs).values().cloned().collect();
+        let mut out = Vec::new();
+        for pg in pgs {
+            let s = lock(&pg.state);
+            if s.primary.is_none() || s.primary != me {
+                continue;
+            }
+            let size = map
+                .as_ref()
+                .and_then(|m| m.pools.get(&pg.id.pool))
+                .map_or(0, |p| p.size as usize);
+            let short = s.acting.len() < size;
+            let state = match &s.status {
+                PgStatus::Active if short => "active+undersized+degraded".to_string(),
+                PgStatus::Active => "active+clean".to_string(),
+                PgStatus::Peering => "peering".to_string(),
+                PgStatus::Inactive(_) => "undersized+peered".to_string(),
+                other => other.name(),
+            };
+            out.push(basalt_ops::PgStat {
+                pgid: pg.id.to_string(),
+                pool: pg.id.pool,
+                seed: pg.id.seed,
+                state,
+                acting: s.acting.clone(),
+                primary: s.primary.unwrap_or(u32::MAX),
+                interval_epoch: s.interval_epoch,
+                last_seq: s.next_seq.saturating_sub(1),
+            });
+        }
+        out.sort_by_key(|p| (p.pool, p.seed));
+        out
+    }
+
     /// Applies a new OSDMap: new intervals for PGs whose acting set or primary changed
     /// (starting peering where this OSD is primary), creation of PGs newly mapped here.
     pub async fn on_map(self: &Arc<Self>, me: OsdId, map: Arc<OsdMap>) {
@@ -1460,5 +1498,15 @@ impl pb::osd_server::Osd for OsdService {
     ) -> Result<Response<pb::PgPushReply>, Status> {
         let r = self.core.handle_pg_push(req.into_inner()).await;
         Ok(Response::new(pb::PgPushReply { result: encode(&r) }))
+    }
+
+    async fn pg_stats(
+        &self,
+        _req: Request<pb::PgStatsRequest>,
+    ) -> Result<Response<pb::PgStatsReply>, Status> {
+        Ok(Response::new(pb::PgStatsReply {
+            epoch: reply_epoch(&self.core),
+            stats: encode(&self.core.primary_pg_stats()),
+        }))
     }
 }
