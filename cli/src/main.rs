@@ -16,7 +16,9 @@ use basalt_placement::{pg_distribution, NodeKind, WEIGHT_ONE};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+mod bench;
 mod obj;
+mod rbd;
 
 #[derive(Parser, Debug)]
 #[command(name = "basalt", version, about = "Administer a basalt cluster")]
@@ -61,6 +63,12 @@ enum Cmd {
     /// Object commands (rados-like).
     #[command(subcommand)]
     Obj(obj::ObjCmd),
+    /// Block image commands (rbd-like).
+    #[command(subcommand)]
+    Rbd(rbd::RbdCmd),
+    /// Load generator (rados bench-like): write, read, rand, cleanup.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,6 +202,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let rados = Rados::connect(config).await?;
             obj::run(&rados, json, cmd).await
         }
+        Cmd::Rbd(cmd) => rbd::run(config, json, cmd).await,
+        Cmd::Bench(cmd) => bench::run(config, json, cmd).await,
     }
 }
 
