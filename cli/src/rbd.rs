@@ -396,11 +396,15 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
                 .create_new(true)
                 .open(&file)
                 .await
-                .with_context(|| {
-                    format!(
-                        "creating {} (export writes a new file; remove an old one first)",
-                        file.display()
-                    )
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        anyhow::anyhow!(
+                            "{} already exists: export writes a new file, so remove it or pick another path",
+                            file.display()
+                        )
+                    } else {
+                        anyhow::Error::new(e).context(format!("creating {}", file.display()))
+                    }
                 })?;
             let pb = progress_bar("Exporting image", true);
             let cb = |done: u64, total: u64| {
