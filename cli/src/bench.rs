@@ -189,12 +189,15 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: BenchCmd) -> anyhow::Re
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
             let mut last_ops = 0;
-            eprintln!(
-                "{:>5} {:>10} {:>10} {:>10} {:>10}",
-                "sec", "ops", "cur ops", "avg MiB/s", "cur MiB/s"
-            );
+            let mut header = true;
             loop {
                 tick.tick().await;
+                if std::mem::take(&mut header) {
+                    eprintln!(
+                        "{:>5} {:>10} {:>10} {:>10} {:>10}",
+                        "sec", "ops", "cur ops", "avg MiB/s", "cur MiB/s"
+                    );
+                }
                 let ops = stats.ops.load(Ordering::Relaxed);
                 let bytes = stats.bytes.load(Ordering::Relaxed);
                 let secs = start.elapsed().as_secs_f64();
