@@ -16,9 +16,11 @@ use basalt_placement::{pg_distribution, NodeKind, WEIGHT_ONE};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+mod bench;
 mod cluster;
 mod obj;
 mod pg;
+mod rbd;
 
 #[derive(Parser, Debug)]
 #[command(name = "basalt", version, about = "Administer a basalt cluster")]
@@ -69,6 +71,12 @@ enum Cmd {
     /// A local cluster on this machine: up, down, status.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// Block image commands (rbd-like).
+    #[command(subcommand)]
+    Rbd(rbd::RbdCmd),
+    /// Load generator (rados bench-like): write, read, rand, cleanup.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -213,6 +221,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pg::run(&rados, json, cmd).await
         }
         Cmd::Cluster(cmd) => cluster::run(cmd, json).await,
+        Cmd::Rbd(cmd) => rbd::run(config, json, cmd).await,
+        Cmd::Bench(cmd) => bench::run(config, json, cmd).await,
     }
 }
 

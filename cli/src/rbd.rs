@@ -1,0 +1,494 @@
+//! `basalt rbd ...`: rbd-tool-like image commands over `basalt_rbd::Rbd`.
+//!
+//! Arguments are checked before the cluster is contacted, so a typo fails at once. Sizes take
+//! binary suffixes (`512K`, `4M`, `10G`, `1T`; `4MiB` too) or plain bytes — note that, unlike
+//! Ceph's `rbd`, a bare number is bytes, not MiB.
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use basalt_client::{Rados, DEFAULT_WATCH_TIMEOUT};
+use basalt_config::ClusterConfig;
+use basalt_rbd::{ImageInfo, RadosBackend, Rbd, RbdError};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+
+/// Object sizes an image may have: 2^12 (4 KiB) ..= 2^25 (32 MiB).
+const MIN_ORDER: u8 = 12;
+const MAX_ORDER: u8 = 25;
+
+#[derive(Subcommand, Debug)]
+pub enum RbdCmd {
+    /// Create a thin image (no data objects until written).
+    Create {
+        /// POOL/IMAGE
+        spec: String,
+        /// Image size: 10G, 512M, 4096K or bytes.
+        #[arg(long)]
+        size: String,
+        /// Object size, a power of two from 4K to 32M (default 4M).
+        #[arg(long)]
+        object_size: Option<String>,
+    },
+    /// List a pool's images.
+    Ls { pool: String },
+    /// Size, object size and layout of an image.
+    Info {
+        /// POOL/IMAGE
+        spec: String,
+    },
+    /// Grow or shrink an image (shrinking needs --allow-shrink: it discards data).
+    Resize {
+        /// POOL/IMAGE
+        spec: String,
+        #[arg(long)]
+        size: String,
+        /// Permit making the image smaller (the data past the new end is lost).
+        #[arg(long)]
+        allow_shrink: bool,
+    },
+    /// Remove an image and its data.
+    Rm {
+        /// POOL/IMAGE
+        spec: String,
+    },
+    /// Rename an image within its pool.
+    Rename {
+        /// POOL/IMAGE
+        spec: String,
+        /// The new name (NAME or POOL/NAME with the same pool).
+        new_name: String,
+    },
+    /// Create POOL/IMAGE from FILE (`-` = stdin, read into memory first); zero blocks stay holes.
+    Import {
+        file: PathBuf,
+        /// POOL/IMAGE
+        spec: String,
+        /// Object size, a power of two from 4K to 32M (default 4M).
+        #[arg(long)]
+        object_size: Option<String>,
+    },
+    /// Write an image to FILE (a new file; holes stay sparse).
+    Export {
+        /// POOL/IMAGE
+        spec: String,
+        file: PathBuf,
+    },
+}
+
+/// Parses a size like `10G`, `4M`, `512K`, `4MiB` or `1024` (bytes); binary units.
+pub fn parse_size(what: &str, s: &str) -> anyhow::Result<u64> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
+        .map_err(|e| {
+            anyhow::anyhow!("bad {what} '{s}' ({e}); use a number with an optional K, M, G or T suffix, e.g. 10G")
+        })
+}
+
+/// The order (log2) of an object size given as a size string.
+fn parse_order(s: Option<&str>) -> anyhow::Result<u8> {
+    let Some(s) = s else {
+        return Ok(basalt_rbd::DEFAULT_ORDER);
+    };
+    let size = parse_size("object size", s)?;
+    if !size.is_power_of_two() || !(1u64 << MIN_ORDER..=1u64 << MAX_ORDER).contains(&size) {
+        bail!("bad object size '{s}' ({size} bytes): it must be a power of two from 4K to 32M");
+    }
+    Ok(size.trailing_zeros() as u8)
+}
+
+/// Splits `POOL/IMAGE`.
+fn parse_spec(spec: &str) -> anyhow::Result<(String, String)> {
+    match spec.split_once('/') {
+        Some((pool, image)) if !pool.is_empty() && !image.is_empty() && !image.contains('/') => {
+            Ok((pool.to_string(), image.to_string()))
+        }
+        _ => bail!("bad image spec '{spec}': write it as POOL/IMAGE, e.g. rbd/vm1"),
+    }
+}
+
+/// The command with every argument checked, ready to run.
+enum Plan {
+    Create { size: u64, order: u8 },
+    Ls,
+    Info,
+    Resize { size: u64, allow_shrink: bool },
+    Rm,
+    Rename { new: String },
+    Import { file: PathBuf, order: u8 },
+    Export { file: PathBuf },
+}
+
+fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
+    let with_image = |spec: &str, p: Plan| -> anyhow::Result<(String, Option<String>, Plan)> {
+        let (pool, image) = parse_spec(spec)?;
+        Ok((pool, Some(image), p))
+    };
+    match cmd {
+        RbdCmd::Create {
+            spec,
+            size,
+            object_size,
+        } => with_image(
+            &spec,
+            Plan::Create {
+                size: parse_size("size", &size)?,
+                order: parse_order(object_size.as_deref())?,
+            },
+        ),
+        RbdCmd::Ls { pool } => {
+            if pool.is_empty() || pool.contains('/') {
+                bail!("bad pool name '{pool}': rbd ls takes a pool name");
+            }
+            Ok((pool, None, Plan::Ls))
+        }
+        RbdCmd::Info { spec } => with_image(&spec, Plan::Info),
+        RbdCmd::Resize {
+            spec,
+            size,
+            allow_shrink,
+        } => with_image(
+            &spec,
+            Plan::Resize {
+                size: parse_size("size", &size)?,
+                allow_shrink,
+            },
+        ),
+        RbdCmd::Rm { spec } => with_image(&spec, Plan::Rm),
+        RbdCmd::Rename { spec, new_name } => {
+            let (pool, image) = parse_spec(&spec)?;
+            let new = match new_name.split_once('/') {
+                Some((p, n)) if p == pool => n.to_string(),
+                Some((p, _)) => {
+                    bail!("cannot rename {spec} into pool {p}: an image stays in its pool")
+                }
+                None => new_name,
+            };
+            if new.is_empty() {
+                bail!("the new image name is empty");
+            }
+            Ok((pool, Some(image), Plan::Rename { new }))
+        }
+        RbdCmd::Import {
+            file,
+            spec,
+            object_size,
+        } => with_image(
+            &spec,
+            Plan::Import {
+                order: parse_order(object_size.as_deref())?,
+                file,
+            },
+        ),
+        RbdCmd::Export { spec, file } => {
+            if file.as_os_str() == "-" {
+                bail!("export to stdout is not supported (the output is written sparse): give a file path");
+            }
+            with_image(&spec, Plan::Export { file })
+        }
+    }
+}
+
+/// Turns the image layer's errors into one line saying what to do.
+fn explain(e: RbdError, pool: &str) -> anyhow::Error {
+    match e {
+        RbdError::NotFound(img) => anyhow::anyhow!(
+            "image {pool}/{img} does not exist (basalt rbd ls {pool} lists the images)"
+        ),
+        RbdError::Exists(img) => anyhow::anyhow!(
+            "image {pool}/{img} already exists (pick another name, or basalt rbd rm {pool}/{img} first)"
+        ),
+        RbdError::Busy(img, who) => anyhow::anyhow!(
+            "image {pool}/{img} is in use ({who}); close it there first, or wait {}s for a dead client's watch to time out",
+            DEFAULT_WATCH_TIMEOUT.as_secs()
+        ),
+        other => anyhow::Error::new(other),
+    }
+}
+
+/// A progress bar on stderr, hidden when stderr is not a terminal.
+fn progress_bar(what: &str, bytes: bool) -> ProgressBar {
+    let target = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let pb = ProgressBar::with_draw_target(Some(0), target);
+    let template = if bytes {
+        "{msg}: [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+    } else {
+        "{msg}: [{bar:40}] {pos}/{len} objects eta {eta}"
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn info_json(pool: &str, i: &ImageInfo) -> serde_json::Value {
+    let mut features = Vec::new();
+    if i.features & (1 << 2) != 0 {
+        features.push("exclusive-lock");
+    }
+    json!({
+        "pool": pool, "name": i.name, "id": i.id, "size": i.size, "objects": i.num_objs,
+        "order": i.order, "object_size": i.object_size, "block_name_prefix": i.object_prefix,
+        "format": 2, "features": features,
+    })
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else if v.fract() == 0.0 {
+        format!("{v} {}", UNITS[u])
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Result<()> {
+    let (pool, image, plan) = plan(cmd)?;
+    let rados = Rados::connect(config).await?;
+    let io = rados.ioctx(&pool)?;
+    let rbd = Rbd::new(Arc::new(RadosBackend::new(
+        rados.clone(),
+        io,
+        DEFAULT_WATCH_TIMEOUT,
+    )));
+    let image = image.unwrap_or_default();
+    let ex = |e: RbdError| explain(e, &pool);
+    match plan {
+        Plan::Create { size, order } => {
+            let info = rbd.create(&image, size, order).await.map_err(ex)?;
+            if json {
+                crate::print_json(info_json(&pool, &info));
+            } else {
+                eprintln!("created image {pool}/{image} ({})", human(size));
+            }
+        }
+        Plan::Ls => {
+            let names = rbd.list().await.map_err(ex)?;
+            if json {
+                crate::print_json(json!(names));
+            } else {
+                for n in names {
+                    println!("{n}");
+                }
+            }
+        }
+        Plan::Info => {
+            let i = rbd.info(&image).await.map_err(ex)?;
+            if json {
+                crate::print_json(info_json(&pool, &i));
+            } else {
+                println!("rbd image '{}':", i.name);
+                println!("\tsize {} in {} objects", human(i.size), i.num_objs);
+                println!("\torder {} ({} objects)", i.order, human(i.object_size));
+                println!("\tid: {}", i.id);
+                println!("\tblock_name_prefix: {}", i.object_prefix);
+                println!("\tformat: 2");
+                println!(
+                    "\tfeatures: {}",
+                    info_json(&pool, &i)["features"]
+                        .as_array()
+                        .map(|f| f
+                            .iter()
+                            .filter_map(|v| v.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        Plan::Resize { size, allow_shrink } => {
+            let cur = rbd.info(&image).await.map_err(ex)?;
+            if size < cur.size && !allow_shrink {
+                bail!(
+                    "shrinking {pool}/{image} from {} to {} discards the data past the new end; pass --allow-shrink to do it",
+                    human(cur.size),
+                    human(size)
+                );
+            }
+            let pb = progress_bar("Resizing image", false);
+            let cb = |done: u64, total: u64| {
+                pb.set_length(total);
+                pb.set_position(done);
+            };
+            rbd.resize(&image, size, &cb).await.map_err(ex)?;
+            pb.finish_and_clear();
+            eprintln!(
+                "resized {pool}/{image} from {} to {}",
+                human(cur.size),
+                human(size)
+            );
+        }
+        Plan::Rm => {
+            let pb = progress_bar("Removing image", false);
+            let cb = |done: u64, total: u64| {
+                pb.set_length(total);
+                pb.set_position(done);
+            };
+            rbd.remove(&image, &cb).await.map_err(ex)?;
+            pb.finish_and_clear();
+            eprintln!("removed image {pool}/{image}");
+        }
+        Plan::Rename { new } => {
+            rbd.rename(&image, &new).await.map_err(ex)?;
+            eprintln!("renamed {pool}/{image} to {pool}/{new}");
+        }
+        Plan::Import { file, order } => {
+            let pb = progress_bar("Importing image", true);
+            let cb = |done: u64, total: u64| {
+                pb.set_length(total);
+                pb.set_position(done);
+            };
+            let stats = if file.as_os_str() == "-" {
+                let mut data = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut data)
+                    .context("reading stdin")?;
+                let size = data.len() as u64;
+                rbd.import(&data[..], size, &image, order, &cb)
+                    .await
+                    .map_err(ex)?
+            } else {
+                let f = open_input(&file).await?;
+                let size = f
+                    .metadata()
+                    .await
+                    .with_context(|| format!("reading {}", file.display()))?
+                    .len();
+                rbd.import(tokio::io::BufReader::new(f), size, &image, order, &cb)
+                    .await
+                    .map_err(ex)?
+            };
+            pb.finish_and_clear();
+            if json {
+                crate::print_json(json!({
+                    "pool": pool, "image": image, "bytes": stats.bytes, "data_bytes": stats.data_bytes,
+                }));
+            } else {
+                eprintln!(
+                    "imported {} into {pool}/{image} ({} of data, the rest left as holes)",
+                    human(stats.bytes),
+                    human(stats.data_bytes)
+                );
+            }
+        }
+        Plan::Export { file } => {
+            // Fail on a missing image before creating the output file.
+            rbd.info(&image).await.map_err(ex)?;
+            let f = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&file)
+                .await
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        anyhow::anyhow!(
+                            "{} already exists: export writes a new file, so remove it or pick another path",
+                            file.display()
+                        )
+                    } else {
+                        anyhow::Error::new(e).context(format!("creating {}", file.display()))
+                    }
+                })?;
+            let pb = progress_bar("Exporting image", true);
+            let cb = |done: u64, total: u64| {
+                pb.set_length(total);
+                pb.set_position(done);
+            };
+            let r = rbd.export(&image, f, &cb).await;
+            pb.finish_and_clear();
+            let stats = match r {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&file);
+                    return Err(ex(e));
+                }
+            };
+            if json {
+                crate::print_json(json!({
+                    "pool": pool, "image": image, "bytes": stats.bytes, "data_bytes": stats.data_bytes,
+                }));
+            } else {
+                eprintln!(
+                    "exported {pool}/{image} to {} ({}, {} of data)",
+                    file.display(),
+                    human(stats.bytes),
+                    human(stats.data_bytes)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn open_input(file: &Path) -> anyhow::Result<tokio::fs::File> {
+    let f = tokio::fs::File::open(file)
+        .await
+        .with_context(|| format!("opening {}", file.display()))?;
+    let meta = f
+        .metadata()
+        .await
+        .with_context(|| format!("reading {}", file.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "{} is not a regular file (use - to read stdin)",
+            file.display()
+        );
+    }
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("size", "10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("size", "4M").unwrap(), 4 << 20);
+        assert_eq!(parse_size("size", "512K").unwrap(), 512 << 10);
+        assert_eq!(parse_size("size", "4MiB").unwrap(), 4 << 20);
+        assert_eq!(parse_size("size", "1234").unwrap(), 1234);
+        assert!(parse_size("size", "ten gigs").is_err());
+        assert!(parse_size("size", "").is_err());
+        assert!(parse_size("size", "-1G").is_err());
+    }
+
+    #[test]
+    fn orders() {
+        assert_eq!(parse_order(None).unwrap(), 22);
+        assert_eq!(parse_order(Some("4K")).unwrap(), 12);
+        assert_eq!(parse_order(Some("32M")).unwrap(), 25);
+        assert!(parse_order(Some("2K")).is_err());
+        assert!(parse_order(Some("64M")).is_err());
+        assert!(parse_order(Some("3M")).is_err());
+    }
+
+    #[test]
+    fn specs() {
+        assert_eq!(
+            parse_spec("rbd/vm1").unwrap(),
+            ("rbd".to_string(), "vm1".to_string())
+        );
+        assert!(parse_spec("vm1").is_err());
+        assert!(parse_spec("/vm1").is_err());
+        assert!(parse_spec("rbd/").is_err());
+        assert!(parse_spec("a/b/c").is_err());
+    }
+}
