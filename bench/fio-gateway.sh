@@ -15,7 +15,7 @@ url="nbd://127.0.0.1:10809/rbd/demo"
 run() { # name rw bs iodepth
   fio --name="$1" --ioengine=nbd --uri="$url" --rw="$2" --bs="$3" --iodepth="$4" \
       --size=1G --time_based --runtime="$secs" --ramp_time=2 --group_reporting \
-      --output-format=json > "$dir/$1.json"
+      --output-format=json 2>/dev/null | sed -n '/^{/,$p' > "$dir/$1.json"
   python3 - "$dir/$1.json" "$1" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]

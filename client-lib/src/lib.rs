@@ -1,10 +1,44 @@
 //! `basalt-client`: the Rust client of a basalt cluster (librados-like).
 //!
-//! Owns talking to the cluster on behalf of applications, OSDs and the CLI.
-//! So far that is the monitor side: [`MonClient`] finds a monitor that can
-//! answer, retries on another when one is down or without quorum (bounded by
-//! the op timeout), maps gRPC failures to typed [`ClientError`]s, and keeps a
-//! subscribed, always-current OSDMap ([`MonClient::subscribe`]).
+//! Owns talking to the cluster on behalf of applications, OSDs and the CLI:
+//!
+//! - [`MonClient`] finds a monitor that can answer, retries on another when one
+//!   is down or without quorum (bounded by the op timeout), maps gRPC failures
+//!   to typed [`ClientError`]s, and keeps a subscribed, always-current OSDMap
+//!   ([`MonClient::subscribe`]).
+//! - [`Rados`] / [`IoCtx`] are the object side: every op of the OSD (reads,
+//!   writes, xattrs, omap, compound ops, locks, watch/notify, listing), routed
+//!   by placement to the PG's primary and resent with the same request id
+//!   across map changes, so an op is applied at most once.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), basalt_client::ClientError> {
+//! use basalt_client::{ops::ObjOp, Rados};
+//! use bytes::Bytes;
+//! let config = basalt_config::ClusterConfig::load(std::path::Path::new("cluster.toml"))
+//!     .map_err(|e| basalt_client::ClientError::Config(e.to_string()))?;
+//! let rados = Rados::connect(config).await?;
+//! let io = rados.ioctx("rbd")?;
+//! io.write_full("greeting", Bytes::from_static(b"hello")).await?;
+//! assert_eq!(io.read("greeting", 0, 5).await?, Bytes::from_static(b"hello"));
+//! // Several steps on one object, applied atomically on every replica:
+//! io.operate("greeting", vec![
+//!     ObjOp::Append { data: Bytes::from_static(b", world") },
+//!     ObjOp::SetXattr { name: "lang".into(), value: Bytes::from_static(b"en") },
+//! ]).await?;
+//! // Watch/notify: a watcher gets every notification until it is dropped.
+//! let mut watch = io.watch("greeting", basalt_client::DEFAULT_WATCH_TIMEOUT).await?;
+//! let notifier = io.clone();
+//! let reply = tokio::spawn(async move {
+//!     notifier.notify("greeting", Bytes::from_static(b"ping"), std::time::Duration::from_secs(5)).await
+//! });
+//! if let Some(basalt_client::WatchEvent::Notify { notify_id, .. }) = watch.events.recv().await {
+//!     io.notify_ack("greeting", notify_id, watch.cookie, Bytes::new()).await?;
+//! }
+//! let acks = reply.await.map_err(|e| basalt_client::ClientError::Internal(e.to_string()))??;
+//! assert_eq!(acks.acks.len(), 1);
+//! # Ok(()) }
+//! ```
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), basalt_client::ClientError> {

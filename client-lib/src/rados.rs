@@ -368,7 +368,7 @@ impl IoCtx {
                     tid,
                 }),
                 ops: ops_bytes.clone(),
-                timeout_ms: remaining.as_millis().min(u32::MAX as u128) as u32,
+                timeout_ms: osd_wait_ms(remaining),
             };
             match tokio::time::timeout(remaining, client.op(req)).await {
                 Err(_) => return Err(self.timed_out(oid, last_err)),
@@ -697,7 +697,7 @@ impl IoCtx {
                 client: inner.entity.clone(),
                 start_after: after.map(|a| encode(&Some(a.clone()))).unwrap_or_default(),
                 max: 1000,
-                timeout_ms: remaining.as_millis().min(u32::MAX as u128) as u32,
+                timeout_ms: osd_wait_ms(remaining),
             };
             match tokio::time::timeout(remaining, client.list_objects(req)).await {
                 Err(_) => return Err(ClientError::Timeout(inner.op_timeout)),
@@ -963,6 +963,16 @@ impl IoCtx {
 struct ListPage {
     objects: Vec<(String, String)>,
     next: Option<(String, String)>,
+}
+
+/// How long the OSD may hold a request: a little less than the client waits, so an OSD that
+/// gives up (e.g. on an inactive PG) gets its reason back before the client's own timeout.
+fn osd_wait_ms(remaining: Duration) -> u32 {
+    let margin = (remaining / 10).min(Duration::from_millis(500));
+    remaining
+        .saturating_sub(margin)
+        .as_millis()
+        .min(u32::MAX as u128) as u32
 }
 
 fn unexpected(o: OpOutput) -> ClientError {

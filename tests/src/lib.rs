@@ -557,3 +557,30 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
     }
     child.wait_with_output().expect("collect output")
 }
+
+/// Runs `promtool check metrics` (Debian package `prometheus`, installed by
+/// scripts/setup.sh) on a scraped exposition; `Err` carries promtool's complaint.
+pub fn promtool_check(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("promtool (Debian package prometheus; scripts/setup.sh installs it)")?;
+    promtool
+        .stdin
+        .take()
+        .context("promtool stdin")?
+        .write_all(text.as_bytes())?;
+    let out = promtool.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "promtool rejects the metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

@@ -140,8 +140,53 @@ fn real_nbd_clients_use_an_image() {
     let gw = f.cluster.start_gateway("gw0", &[]).expect("gateway");
     let url = format!("nbd://{}/rbd/vm1", f.cluster.gateway_addr(gw));
 
+    // qemu-img create on an NBD export checks the size fits; info shows it.
+    let (ok, text) = run("qemu-img", &["create", "-f", "raw", &url, "64M"]);
+    assert!(ok, "qemu-img create:\n{text}");
     let (ok, text) = run("qemu-img", &["info", &url]);
     assert!(ok && text.contains("64 MiB"), "qemu-img info:\n{text}");
+    // qemu-img convert into the image and back out, compared byte for byte.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("conv.raw");
+    let out = dir.path().join("conv-back.raw");
+    let mut data = vec![0u8; 64 << 20];
+    for (i, chunk) in data.chunks_mut(4 << 20).enumerate() {
+        if i % 2 == 1 {
+            chunk.fill(0x40 + i as u8);
+        }
+    }
+    std::fs::write(&src, &data).expect("write src");
+    let (ok, text) = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            src.to_str().expect("path"),
+            &url,
+        ],
+    );
+    assert!(ok, "qemu-img convert in:\n{text}");
+    let (ok, text) = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &url,
+            out.to_str().expect("path"),
+        ],
+    );
+    assert!(ok, "qemu-img convert out:\n{text}");
+    assert!(
+        std::fs::read(&out).expect("read back") == data,
+        "qemu-img convert round trip differs"
+    );
 
     qemu_io_ok(
         &url,
@@ -206,6 +251,19 @@ fn real_nbd_clients_use_an_image() {
         );
     } else {
         eprintln!("SKIP nbdcopy: libnbd-bin not installed");
+    }
+
+    // Every daemon's metrics pass promtool after real I/O (labels, histograms, help text).
+    if have("promtool") {
+        let gw_text = f.cluster.gateway_metrics(gw).expect("gateway metrics");
+        assert!(gw_text.contains("basalt_nbd_requests_total"), "{gw_text}");
+        basalt_tests::promtool_check(&gw_text).expect("gateway metrics pass promtool");
+        for i in 0..6 {
+            let osd_text = f.cluster.osd_metrics(i).expect("osd metrics");
+            basalt_tests::promtool_check(&osd_text).expect("OSD metrics pass promtool");
+        }
+    } else {
+        eprintln!("SKIP promtool: prometheus not installed");
     }
 
     if have("fio") {
