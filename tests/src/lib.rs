@@ -584,3 +584,145 @@ pub fn promtool_check(text: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A cluster ready for I/O: 3 monitors, 6 OSDs on 3 hosts, one pool whose every PG has
+/// served a write, and a client on it.
+pub struct DataCluster {
+    pub rt: tokio::runtime::Runtime,
+    pub cluster: TestCluster,
+    pub rados: basalt_client::Rados,
+    pub io: basalt_client::IoCtx,
+}
+
+impl DataCluster {
+    /// Starts the cluster with `timeouts` and creates `pool` (size 3, min_size 2, 16 PGs).
+    pub fn start(timeouts: Timeouts, pool: &str) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let mut cluster = TestCluster::start_mons(3, timeouts)?;
+        for i in 0..6 {
+            cluster.start_osd(&format!("host{}", i / 2))?;
+        }
+        // Clients connect lazily, which needs the runtime.
+        let mon = rt.block_on(async {
+            basalt_client::MonClient::with_timeout(cluster.config.clone(), Duration::from_secs(10))
+        })?;
+        wait_for("6 OSDs up", Duration::from_secs(60), || {
+            rt.block_on(mon.osdmap())
+                .ok()
+                .filter(|m| m.osds.len() == 6 && m.osds.values().all(|o| o.up))
+        })?;
+        cluster.cli_ok(&[
+            "pool",
+            "create",
+            pool,
+            "--size",
+            "3",
+            "--min-size",
+            "2",
+            "--pg-num",
+            "16",
+        ])?;
+        let rados = rt.block_on(basalt_client::Rados::connect(cluster.config.clone()))?;
+        let io = wait_for(
+            "the pool visible to the client",
+            Duration::from_secs(30),
+            || rados.ioctx(pool).ok(),
+        )?;
+        // The first op on each PG waits for its peering; one write per PG proves all serve.
+        rt.block_on(async {
+            for i in 0..64 {
+                io.write_full(&format!("probe{i}"), bytes::Bytes::from_static(b"p"))
+                    .await?;
+            }
+            Ok::<_, basalt_client::ClientError>(())
+        })?;
+        Ok(DataCluster {
+            rt,
+            cluster,
+            rados,
+            io,
+        })
+    }
+
+    /// Waits (bounded) until every PG of every pool is active+clean.
+    pub fn wait_active_clean(&self, limit: Duration) -> anyhow::Result<()> {
+        wait_for("every PG active+clean", limit, || {
+            let stats = self.rt.block_on(self.rados.pg_stats()).ok()?;
+            stats
+                .iter()
+                .all(|s| s.state == "active+clean")
+                .then_some(())
+        })
+    }
+
+    /// The harness index of OSD `id`, from the boot line its log prints.
+    pub fn harness_index(&self, id: u32) -> usize {
+        (0..6)
+            .find(|&i| {
+                self.cluster
+                    .osd_log(i)
+                    .contains(&format!("know this OSD as osd.{id} "))
+            })
+            .expect("harness index of an OSD")
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per `seed`.
+pub fn pattern(seed: u64, len: usize) -> bytes::Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    bytes::Bytes::from(v)
+}
+
+/// Stops every OSD and returns each one's store, opened read-only in effect (nothing writes).
+pub fn stores_after_stop(cluster: &mut TestCluster, n: usize) -> Vec<basalt_osd::store::Store> {
+    for i in 0..n {
+        cluster.stop_osd(i, Duration::from_secs(10));
+    }
+    (0..n)
+        .map(|i| {
+            basalt_osd::store::Store::open(
+                cluster.osd_data(i),
+                basalt_osd::store::StoreConfig::default(),
+            )
+            .expect("open store")
+        })
+        .collect()
+}
+
+/// Every store holding `name` in its PG has the same bytes; returns how many copies exist.
+pub fn copies_identical(
+    map: &basalt_maps::OsdMap,
+    stores: &[basalt_osd::store::Store],
+    pool: &str,
+    name: &str,
+    want: &bytes::Bytes,
+) -> usize {
+    let p = map.pool_by_name(pool).expect("pool");
+    let pg = basalt_placement::object_to_pg_ns(&p.placement(), "", name);
+    let obj = basalt_osd::store::ObjectId::new(pg, name);
+    let mut copies = 0;
+    for s in stores {
+        if s.exists(&obj).unwrap_or(false) {
+            let data = s.read(&obj, 0, u64::MAX).expect("read replica");
+            assert!(
+                data == *want,
+                "replica of {name} differs ({} vs {} bytes)",
+                data.len(),
+                want.len()
+            );
+            copies += 1;
+        }
+    }
+    copies
+}

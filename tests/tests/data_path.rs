@@ -5,130 +5,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use basalt_client::{ClientError, IoCtx, MonClient, Rados};
-use basalt_maps::OsdMap;
+use basalt_client::{ClientError, Rados};
 use basalt_osd::store::{ObjectId, Store, StoreConfig};
 use basalt_placement::object_to_pg_ns;
-use basalt_tests::{test_timeouts, wait_for, TestCluster};
+use basalt_tests::{
+    copies_identical, pattern, stores_after_stop, test_timeouts, wait_for, DataCluster,
+};
 use bytes::Bytes;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-/// Deterministic pseudo-random bytes (xorshift), different per `seed`.
-fn pattern(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    Bytes::from(v)
-}
-
-struct Fixture {
-    rt: tokio::runtime::Runtime,
-    cluster: TestCluster,
-    rados: Rados,
-    io: IoCtx,
-}
-
-/// 3 monitors, 6 OSDs on 3 hosts, pool `data` (size 3, min_size 2, 16 PGs), all PGs serving.
-fn fixture() -> Fixture {
-    let rt = runtime();
-    let mut cluster = TestCluster::start_mons(3, test_timeouts()).expect("start monitors");
-    for i in 0..6 {
-        cluster
-            .start_osd(&format!("host{}", i / 2))
-            .expect("start osd");
-    }
-    // Clients connect lazily, which needs the runtime.
-    let mon = rt
-        .block_on(async {
-            MonClient::with_timeout(cluster.config.clone(), Duration::from_secs(10))
-        })
-        .expect("client");
-    wait_for("6 OSDs up", Duration::from_secs(60), || {
-        rt.block_on(mon.osdmap())
-            .ok()
-            .filter(|m| m.osds.len() == 6 && m.osds.values().all(|o| o.up))
-    })
-    .expect("OSDs up");
-    cluster
-        .cli_ok(&[
-            "pool",
-            "create",
-            "data",
-            "--size",
-            "3",
-            "--min-size",
-            "2",
-            "--pg-num",
-            "16",
-        ])
-        .expect("pool create");
-    let rados = rt
-        .block_on(Rados::connect(cluster.config.clone()))
-        .expect("connect");
-    let io = wait_for(
-        "pool visible to the client",
-        Duration::from_secs(30),
-        || rados.ioctx("data").ok(),
-    )
-    .expect("ioctx");
-    // The first write to each PG waits for its peering; a probe per PG proves all serve.
-    rt.block_on(async {
-        for i in 0..64 {
-            io.write_full(&format!("probe{i}"), Bytes::from_static(b"p"))
-                .await
-                .expect("probe write");
-        }
-    });
-    Fixture {
-        rt,
-        cluster,
-        rados,
-        io,
-    }
-}
-
-/// Stops every OSD and returns each one's store, opened read-only in effect (nothing writes).
-fn stores_after_stop(cluster: &mut TestCluster, n: usize) -> Vec<Store> {
-    for i in 0..n {
-        cluster.stop_osd(i, Duration::from_secs(10));
-    }
-    (0..n)
-        .map(|i| Store::open(cluster.osd_data(i), StoreConfig::default()).expect("open store"))
-        .collect()
-}
-
-/// Every store holding `name` in its PG has the same bytes; returns how many copies exist.
-fn copies_identical(map: &OsdMap, stores: &[Store], pool: &str, name: &str, want: &Bytes) -> usize {
-    let p = map.pool_by_name(pool).expect("pool");
-    let pg = object_to_pg_ns(&p.placement(), "", name);
-    let obj = ObjectId::new(pg, name);
-    let mut copies = 0;
-    for s in stores {
-        if s.exists(&obj).unwrap_or(false) {
-            let data = s.read(&obj, 0, u64::MAX).expect("read replica");
-            assert!(
-                data == *want,
-                "replica of {name} differs ({} vs {} bytes)",
-                data.len(),
-                want.len()
-            );
-            copies += 1;
-        }
-    }
-    copies
+fn fixture() -> DataCluster {
+    DataCluster::start(test_timeouts(), "data").expect("cluster with pool data")
 }
 
 #[test]
@@ -499,17 +385,6 @@ fn a_flipped_byte_is_never_returned_and_bad_input_is_refused() {
     });
 }
 
-/// The harness index of OSD `id`, from the boot line its log prints.
-fn harness_index(cluster: &TestCluster, id: u32) -> usize {
-    (0..6)
-        .find(|&i| {
-            cluster
-                .osd_log(i)
-                .contains(&format!("know this OSD as osd.{id} "))
-        })
-        .expect("harness index of an OSD")
-}
-
 #[test]
 fn killing_the_primary_mid_stream_applies_no_append_twice() {
     let mut f = fixture();
@@ -522,7 +397,7 @@ fn killing_the_primary_mid_stream_applies_no_append_twice() {
         .expect("map")
         .acting_primary
         .expect("primary");
-    let idx = harness_index(&f.cluster, primary);
+    let idx = f.harness_index(primary);
     let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let appender = {
         let io = io.clone();
@@ -628,7 +503,7 @@ fn blocklisted_and_inactive_give_typed_errors() {
         .map_pg(pool, object_to_pg_ns(&pool.placement(), "", "s0"))
         .expect("map");
     let down = first.acting[1];
-    let idx = harness_index(&f.cluster, down);
+    let idx = f.harness_index(down);
     f.cluster.stop_osd(idx, Duration::from_secs(10));
     wait_for(
         "the stopped OSD marked down",

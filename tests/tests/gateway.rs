@@ -6,18 +6,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use basalt_client::{MonClient, Rados};
 use basalt_rbd::{RadosBackend, Rbd};
-use basalt_tests::{run_bounded, test_timeouts, wait_for, TestCluster};
-use bytes::Bytes;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
+use basalt_tests::{run_bounded, test_timeouts, DataCluster, TestCluster};
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -75,55 +65,11 @@ struct Fixture {
 
 /// 3 monitors, 6 OSDs on 3 hosts, pool `rbd` serving, and an image layer on it.
 fn fixture() -> Fixture {
-    let rt = runtime();
-    let mut cluster = TestCluster::start_mons(3, test_timeouts()).expect("start monitors");
-    for i in 0..6 {
-        cluster
-            .start_osd(&format!("host{}", i / 2))
-            .expect("start osd");
-    }
-    let mon = rt
-        .block_on(async {
-            MonClient::with_timeout(cluster.config.clone(), Duration::from_secs(10))
-        })
-        .expect("client");
-    wait_for("6 OSDs up", Duration::from_secs(60), || {
-        rt.block_on(mon.osdmap())
-            .ok()
-            .filter(|m| m.osds.len() == 6 && m.osds.values().all(|o| o.up))
-    })
-    .expect("OSDs up");
-    cluster
-        .cli_ok(&[
-            "pool",
-            "create",
-            "rbd",
-            "--size",
-            "3",
-            "--min-size",
-            "2",
-            "--pg-num",
-            "16",
-        ])
-        .expect("pool create");
-    let rados = rt
-        .block_on(Rados::connect(cluster.config.clone()))
-        .expect("connect");
-    let io = wait_for("pool visible", Duration::from_secs(30), || {
-        rados.ioctx("rbd").ok()
-    })
-    .expect("ioctx");
-    rt.block_on(async {
-        for i in 0..64 {
-            io.write_full(&format!("probe{i}"), Bytes::from_static(b"p"))
-                .await
-                .expect("probe write");
-        }
-    });
-    let backend = Arc::new(RadosBackend::new(rados, io, Duration::from_secs(30)));
+    let d = DataCluster::start(test_timeouts(), "rbd").expect("cluster with pool rbd");
+    let backend = Arc::new(RadosBackend::new(d.rados, d.io, Duration::from_secs(30)));
     Fixture {
-        rt,
-        cluster,
+        rt: d.rt,
+        cluster: d.cluster,
         rbd: Rbd::new(backend),
     }
 }
