@@ -208,7 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mon = MonClient::with_timeout(config.clone(), timeout)?;
     match cli.command {
         Cmd::Status => status(&mon, config, json).await,
-        Cmd::Health { detail } => health(&mon, json, detail.is_some()).await,
+        Cmd::Health { detail } => health(&mon, config, json, detail.is_some()).await,
         Cmd::Mon(MonCmd::Stat) => mon_stat(&mon, json).await,
         Cmd::Osd(cmd) => osd(&mon, json, cmd).await,
         Cmd::Pool(cmd) => pool(&mon, json, cmd).await,
@@ -288,6 +288,19 @@ fn pg_checks(stats: &[basalt_client::ops::PgStat]) -> Vec<HealthCheck> {
             inactive,
         ));
     }
+    let damaged: Vec<String> = stats
+        .iter()
+        .filter(|s| s.state.contains("inconsistent"))
+        .map(|s| format!("pg {} is {}", s.pgid, s.state))
+        .collect();
+    if !damaged.is_empty() {
+        checks.push(HealthCheck::new(
+            "PG_DAMAGED",
+            Severity::Err,
+            format!("Possible data damage: {} pgs inconsistent", damaged.len()),
+            damaged,
+        ));
+    }
     let degraded: Vec<String> = stats
         .iter()
         .filter(|s| s.state.contains("degraded"))
@@ -304,7 +317,16 @@ fn pg_checks(stats: &[basalt_client::ops::PgStat]) -> Vec<HealthCheck> {
     checks
 }
 
-async fn status(mon: &MonClient, config: ClusterConfig, json: bool) -> anyhow::Result<()> {
+/// What status and health show: monitor status, the map, PG states (if any OSD answers) and
+/// the health checks derived from all three.
+struct ClusterView {
+    st: basalt_proto::mon::StatusReply,
+    map: OsdMap,
+    pgs: Option<Vec<basalt_client::ops::PgStat>>,
+    checks: Vec<HealthCheck>,
+}
+
+async fn cluster_view(mon: &MonClient, config: ClusterConfig) -> anyhow::Result<ClusterView> {
     let st = mon.status().await?;
     let map = mon.osdmap().await?;
     let pgs = pg_stats(config).await;
@@ -312,6 +334,21 @@ async fn status(mon: &MonClient, config: ClusterConfig, json: bool) -> anyhow::R
     if let Some(p) = &pgs {
         checks.extend(pg_checks(p));
     }
+    Ok(ClusterView {
+        st,
+        map,
+        pgs,
+        checks,
+    })
+}
+
+async fn status(mon: &MonClient, config: ClusterConfig, json: bool) -> anyhow::Result<()> {
+    let ClusterView {
+        st,
+        map,
+        pgs,
+        checks,
+    } = cluster_view(mon, config).await?;
     let health = HealthStatus::of(&checks);
     let quorum = quorum_ranks(&st);
     if json {
@@ -360,10 +397,13 @@ async fn status(mon: &MonClient, config: ClusterConfig, json: bool) -> anyhow::R
     Ok(())
 }
 
-async fn health(mon: &MonClient, json: bool, detail: bool) -> anyhow::Result<()> {
-    let st = mon.status().await?;
-    let map = mon.osdmap().await?;
-    let checks = health_checks(&map, &st);
+async fn health(
+    mon: &MonClient,
+    config: ClusterConfig,
+    json: bool,
+    detail: bool,
+) -> anyhow::Result<()> {
+    let checks = cluster_view(mon, config).await?.checks;
     let health = HealthStatus::of(&checks);
     if json {
         print_json(json!({ "status": health, "checks": checks }));

@@ -174,6 +174,46 @@ impl Rados {
         Ok(out)
     }
 
+    /// Asks PG `pg`'s primary to scrub, deep-scrub or repair it, and waits for the result.
+    pub async fn pg_command(
+        &self,
+        pg: PgId,
+        command: basalt_ops::PgCommand,
+    ) -> Result<basalt_ops::ScrubResult, ClientError> {
+        let inner = &self.inner;
+        let map = inner.sub.current();
+        let pool = map
+            .pools
+            .get(&pg.pool)
+            .ok_or_else(|| ClientError::NotFound(format!("pool {} of PG {pg}", pg.pool)))?;
+        if pg.seed >= pool.pg_num {
+            return Err(ClientError::NotFound(format!(
+                "PG {pg}: pool {} has {} PGs",
+                pool.name, pool.pg_num
+            )));
+        }
+        let addr = inner
+            .primary(&map, pg.pool, pg)
+            .ok_or_else(|| ClientError::Unavailable(format!("PG {pg} has no primary")))?;
+        let mut c = inner.osd(&addr)?;
+        let reply = tokio::time::timeout(
+            inner.op_timeout,
+            c.pg_command(pb::PgCommandRequest {
+                pool: pg.pool,
+                pg_seed: pg.seed,
+                epoch: map.epoch,
+                command: encode(&command),
+            }),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(inner.op_timeout))?
+        .map_err(ClientError::from)?;
+        let r: Result<basalt_ops::ScrubResult, OpError> =
+            decode(&reply.get_ref().result, "PG command reply")
+                .map_err(|e| ClientError::Decode(e.to_string()))?;
+        r.map_err(|e| op_error(e, &format!("PG {pg}")))
+    }
+
     /// Blocklists `entity` for `expire` and returns once this client's map carries the
     /// blocklist, so every op it sends afterwards makes OSDs refuse `entity` first.
     pub async fn blocklist_add(

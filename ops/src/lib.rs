@@ -517,3 +517,24 @@ pub struct PgStat {
     /// Sequence number of the newest write (0: none since the PG was created).
     pub last_seq: u64,
 }
+
+/// What `basalt pg scrub|deep-scrub|repair` reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubResult {
+    pub pgid: String,
+    pub deep: bool,
+    /// Objects compared.
+    pub objects: u64,
+    /// One line per inconsistent object: `name: osd.N: why; ...` (after repair: what is left).
+    pub inconsistent: Vec<String>,
+    /// Objects repaired from a good copy.
+    pub repaired: u64,
+}
+
+/// A PG maintenance command sent to the PG's primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PgCommand {
+    Scrub,
+    DeepScrub,
+    Repair,
+}

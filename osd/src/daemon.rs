@@ -197,6 +197,14 @@ pub fn describe_metrics() {
         "Corrupt local copies replaced from a replica during a read"
     );
     metrics::describe_gauge!("basalt_osd_watches", "Watches held on this OSD's objects");
+    metrics::describe_counter!(
+        "basalt_osd_scrub_errors_total",
+        "Inconsistent objects found by scrubs this OSD ran as primary"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_scrub_repairs_total",
+        "Objects repaired from a good copy by pg repair"
+    );
 }
 
 /// What the daemon needs besides its store.

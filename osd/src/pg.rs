@@ -642,6 +642,144 @@ pub fn apply_push(store: &Store, pg: PgId, push: &Push) -> Result<Transaction, O
     Ok(txn)
 }
 
+/// What scrub learns about one copy of an object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubObject {
+    pub version: Eversion,
+    pub size: u64,
+    /// Deep scrub only (zero for a shallow scrub): digests of data, omap and attributes.
+    pub data_digest: [u8; 32],
+    pub omap_digest: [u8; 32],
+    pub attrs_digest: [u8; 32],
+    /// Chunks whose stored checksum does not match their bytes (deep scrub only).
+    pub bad_chunks: Vec<u64>,
+}
+
+/// One member's view of a PG for scrub.
+pub type ScrubMap = BTreeMap<ObjectName, ScrubObject>;
+
+/// Builds this OSD's scrub map of `pg`: sizes and versions, plus every chunk read back and
+/// checked against its blake3 when `deep`.
+pub fn scrub_map(store: &Store, pg: PgId, deep: bool) -> Result<ScrubMap, OpError> {
+    let mut out = ScrubMap::new();
+    if !store.pg_exists(pg).map_err(store_error)? {
+        return Ok(out);
+    }
+    let mut after: Option<ObjectId> = None;
+    loop {
+        let page = store
+            .list_objects(pg, after.as_ref(), 1024)
+            .map_err(store_error)?;
+        for o in &page.objects {
+            if o.snap() != crate::store::SNAP_HEAD {
+                continue;
+            }
+            let st = store.stat(o).map_err(store_error)?;
+            let mut entry = ScrubObject {
+                version: Eversion::decode(&st.meta.version).unwrap_or_default(),
+                size: st.size,
+                data_digest: [0; 32],
+                omap_digest: [0; 32],
+                attrs_digest: [0; 32],
+                bad_chunks: vec![],
+            };
+            if deep {
+                let r = store.deep_scrub_object(o).map_err(store_error)?;
+                entry.bad_chunks = r.bad_chunks();
+                entry.data_digest = r.data_digest;
+                entry.omap_digest = r.omap_digest;
+                entry.attrs_digest = r.attrs_digest;
+            }
+            out.insert((o.namespace().to_string(), o.name().to_string()), entry);
+        }
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// One inconsistent object: which members hold a bad (or no) copy, and a member whose copy
+/// is good (the repair source), if any.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inconsistency {
+    pub namespace: String,
+    pub name: String,
+    pub bad: Vec<OsdId>,
+    pub good: Option<OsdId>,
+    pub why: String,
+}
+
+/// Compares the members' scrub maps. A copy is good when its chunks all verify; among good
+/// copies the one most members agree with (ties: the primary's, then the lowest id) is
+/// authoritative, and every copy that differs from it, has bad chunks or is missing is bad.
+pub fn compare_scrub_maps(primary: OsdId, maps: &BTreeMap<OsdId, ScrubMap>) -> Vec<Inconsistency> {
+    let names: BTreeSet<&ObjectName> = maps.values().flat_map(|m| m.keys()).collect();
+    let mut out = Vec::new();
+    for name in names {
+        let copies: BTreeMap<OsdId, Option<&ScrubObject>> =
+            maps.iter().map(|(&osd, m)| (osd, m.get(name))).collect();
+        let key = |o: &ScrubObject| {
+            (
+                o.version,
+                o.size,
+                o.data_digest,
+                o.omap_digest,
+                o.attrs_digest,
+            )
+        };
+        let mut votes: BTreeMap<_, Vec<OsdId>> = BTreeMap::new();
+        for (&osd, c) in &copies {
+            if let Some(c) = c.filter(|c| c.bad_chunks.is_empty()) {
+                votes.entry(key(c)).or_default().push(osd);
+            }
+        }
+        let auth = votes.values().max_by(|a, b| {
+            a.len()
+                .cmp(&b.len())
+                .then_with(|| a.contains(&primary).cmp(&b.contains(&primary)))
+                .then_with(|| b.first().cmp(&a.first()))
+        });
+        let auth_key = auth
+            .and_then(|v| v.first())
+            .and_then(|o| copies[o])
+            .map(key);
+        let mut bad = Vec::new();
+        let mut why = Vec::new();
+        for (&osd, c) in &copies {
+            match c {
+                None => {
+                    bad.push(osd);
+                    why.push(format!("osd.{osd}: missing"));
+                }
+                Some(c) if !c.bad_chunks.is_empty() => {
+                    bad.push(osd);
+                    why.push(format!(
+                        "osd.{osd}: chunks {:?} fail their checksum",
+                        c.bad_chunks
+                    ));
+                }
+                Some(c) if Some(key(c)) != auth_key => {
+                    bad.push(osd);
+                    why.push(format!("osd.{osd}: differs from the authoritative copy"));
+                }
+                Some(_) => {}
+            }
+        }
+        if !bad.is_empty() {
+            out.push(Inconsistency {
+                namespace: name.0.clone(),
+                name: name.1.clone(),
+                bad,
+                good: auth.and_then(|v| v.first().copied()),
+                why: why.join("; "),
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -686,6 +824,67 @@ mod tests {
         assert_eq!(p.authority, 2);
         assert_eq!(p.peers[&1].copy, vec![name("a")]);
         assert_eq!(p.peers[&1].remove, vec![name("x")]);
+    }
+
+    fn scrubbed(v: u64, digest: u8, bad: &[u64]) -> ScrubObject {
+        ScrubObject {
+            version: ev(1, v),
+            size: 10,
+            data_digest: [digest; 32],
+            omap_digest: [0; 32],
+            attrs_digest: [0; 32],
+            bad_chunks: bad.to_vec(),
+        }
+    }
+
+    #[test]
+    fn scrub_finds_bit_rot_missing_and_divergent_copies() {
+        let mut maps: BTreeMap<OsdId, ScrubMap> = BTreeMap::new();
+        for osd in [1, 2, 3] {
+            maps.insert(osd, ScrubMap::new());
+        }
+        // "a": osd.2's chunk 0 fails its checksum.
+        maps.get_mut(&1)
+            .expect("1")
+            .insert(name("a"), scrubbed(1, 7, &[]));
+        maps.get_mut(&2)
+            .expect("2")
+            .insert(name("a"), scrubbed(1, 9, &[0]));
+        maps.get_mut(&3)
+            .expect("3")
+            .insert(name("a"), scrubbed(1, 7, &[]));
+        // "b": missing on osd.3.
+        maps.get_mut(&1)
+            .expect("1")
+            .insert(name("b"), scrubbed(2, 1, &[]));
+        maps.get_mut(&2)
+            .expect("2")
+            .insert(name("b"), scrubbed(2, 1, &[]));
+        // "c": osd.1 (primary) differs; the majority wins.
+        maps.get_mut(&1)
+            .expect("1")
+            .insert(name("c"), scrubbed(3, 5, &[]));
+        maps.get_mut(&2)
+            .expect("2")
+            .insert(name("c"), scrubbed(3, 6, &[]));
+        maps.get_mut(&3)
+            .expect("3")
+            .insert(name("c"), scrubbed(3, 6, &[]));
+        // "d": consistent.
+        for osd in [1, 2, 3] {
+            maps.get_mut(&osd)
+                .expect("osd")
+                .insert(name("d"), scrubbed(4, 4, &[]));
+        }
+        let found = compare_scrub_maps(1, &maps);
+        let by_name: BTreeMap<&str, &Inconsistency> =
+            found.iter().map(|i| (i.name.as_str(), i)).collect();
+        assert_eq!(by_name.len(), 3, "{found:?}");
+        assert_eq!(by_name["a"].bad, vec![2]);
+        assert_eq!(by_name["a"].good, Some(1));
+        assert_eq!(by_name["b"].bad, vec![3]);
+        assert_eq!(by_name["c"].bad, vec![1]);
+        assert_eq!(by_name["c"].good, Some(2));
     }
 
     #[test]

@@ -96,6 +96,9 @@ struct PgState {
     next_seq: u64,
     /// Replica: the interval epoch of the primary that last peered us; sub-ops must match it.
     peered_interval: Epoch,
+    /// Primary: what the last scrub found and repair could not fix (cleared by a new
+    /// interval, whose peering makes members equal again, or by a clean scrub).
+    inconsistent: Vec<String>,
 }
 
 struct Pg {
@@ -242,9 +245,14 @@ impl OsdCore {
                 .and_then(|m| m.pools.get(&pg.id.pool))
                 .map_or(0, |p| p.size as usize);
             let short = s.acting.len() < size;
+            let damaged = if s.inconsistent.is_empty() {
+                ""
+            } else {
+                "+inconsistent"
+            };
             let state = match &s.status {
-                PgStatus::Active if short => "active+undersized+degraded".to_string(),
-                PgStatus::Active => "active+clean".to_string(),
+                PgStatus::Active if short => format!("active+undersized+degraded{damaged}"),
+                PgStatus::Active => format!("active+clean{damaged}"),
                 PgStatus::Peering => "peering".to_string(),
                 PgStatus::Inactive(_) => "undersized+peered".to_string(),
                 other => other.name(),
@@ -302,6 +310,7 @@ impl OsdCore {
                                     generation: 0,
                                     next_seq: 1,
                                     peered_interval: 0,
+                                    inconsistent: vec![],
                                 }),
                                 changed: watch::channel(0).0,
                                 objects: Mutex::new(HashMap::new()),
@@ -322,6 +331,7 @@ impl OsdCore {
                     s.primary = mapping.acting_primary;
                     s.min_size = pool.min_size;
                     s.generation += 1;
+                    s.inconsistent.clear();
                     s.status = if s.primary == Some(me) {
                         to_peer.push((pg.clone(), s.generation));
                         PgStatus::Peering
@@ -1099,6 +1109,167 @@ impl OsdCore {
         self.store.submit(txn).await.map_err(pg::store_error)
     }
 
+    pub async fn handle_pg_scrub_map(
+        &self,
+        req: pb::PgScrubMapRequest,
+    ) -> Result<pg::ScrubMap, OpError> {
+        let pg = self
+            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
+            .await?;
+        let store = self.store.clone();
+        let (id, deep) = (pg.id, req.deep);
+        tokio::task::spawn_blocking(move || pg::scrub_map(&store, id, deep))
+            .await
+            .map_err(|e| OpError::Io(e.to_string()))?
+    }
+
+    /// Scrub, deep scrub or repair of a PG this OSD is primary of. Writes to the PG wait
+    /// while the members' maps are built (Ceph blocks writes per chunk of objects; a whole
+    /// PG at once is simpler and PGs are small here).
+    pub async fn handle_pg_command(
+        self: &Arc<Self>,
+        req: pb::PgCommandRequest,
+    ) -> Result<basalt_ops::ScrubResult, OpError> {
+        let command: basalt_ops::PgCommand = decode(&req.command, "PG command")?;
+        let (_, pg) = self
+            .primary_pg(req.epoch, req.pool, req.pg_seed, "", None, "")
+            .await?;
+        let generation = self
+            .wait_active(&pg, Instant::now() + Duration::from_secs(30))
+            .await?;
+        let deep = command != basalt_ops::PgCommand::Scrub;
+        let mut repaired = 0;
+        let (objects, mut found) = self.scrub(&pg, generation, deep).await?;
+        if command == basalt_ops::PgCommand::Repair && !found.is_empty() {
+            for inc in &found {
+                if self.repair_copies(&pg, inc).await? {
+                    repaired += 1;
+                }
+            }
+            found = self.scrub(&pg, generation, deep).await?.1;
+        }
+        let lines: Vec<String> = found
+            .iter()
+            .map(|i| format!("{}: {}", i.name, i.why))
+            .collect();
+        {
+            let mut s = lock(&pg.state);
+            if s.generation == generation {
+                s.inconsistent = lines.clone();
+            }
+        }
+        metrics::counter!("basalt_osd_scrub_errors_total").increment(found.len() as u64);
+        metrics::counter!("basalt_osd_scrub_repairs_total").increment(repaired);
+        if !found.is_empty() {
+            tracing::warn!(pg = %pg.id, inconsistent = found.len(), "scrub found inconsistent objects");
+        }
+        Ok(basalt_ops::ScrubResult {
+            pgid: pg.id.to_string(),
+            deep,
+            objects,
+            inconsistent: lines,
+            repaired,
+        })
+    }
+
+    /// Builds every acting member's scrub map (writes held off meanwhile) and compares them.
+    async fn scrub(
+        &self,
+        pg: &Arc<Pg>,
+        generation: u64,
+        deep: bool,
+    ) -> Result<(u64, Vec<pg::Inconsistency>), OpError> {
+        let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
+        let _quiet = pg.gate.write().await;
+        let (acting, interval_epoch) = {
+            let s = lock(&pg.state);
+            if s.generation != generation {
+                return Err(OpError::IntervalChanged {
+                    pg: pg.id.to_string(),
+                    epoch: s.interval_epoch,
+                });
+            }
+            (s.acting.clone(), s.interval_epoch)
+        };
+        let mut maps = BTreeMap::new();
+        let store = self.store.clone();
+        let id = pg.id;
+        let own = tokio::task::spawn_blocking(move || pg::scrub_map(&store, id, deep))
+            .await
+            .map_err(|e| OpError::Io(e.to_string()))??;
+        maps.insert(me, own);
+        for &osd in acting.iter().filter(|o| **o != me) {
+            let mut c = self.peer_client(osd)?;
+            let reply = c
+                .pg_scrub_map(pb::PgScrubMapRequest {
+                    pool: id.pool,
+                    pg_seed: id.seed,
+                    interval_epoch,
+                    from: me,
+                    deep,
+                })
+                .await
+                .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
+            let m = decode::<Result<pg::ScrubMap, OpError>>(&reply.get_ref().result, "scrub map")??;
+            maps.insert(osd, m);
+        }
+        let objects = maps.values().map(|m| m.len()).max().unwrap_or(0) as u64;
+        Ok((objects, pg::compare_scrub_maps(me, &maps)))
+    }
+
+    /// Copies the good copy of one inconsistent object over every bad one; false when no
+    /// member holds a good copy.
+    async fn repair_copies(&self, pg: &Arc<Pg>, inc: &pg::Inconsistency) -> Result<bool, OpError> {
+        let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
+        let Some(good) = inc.good else {
+            return Ok(false);
+        };
+        let interval_epoch = lock(&pg.state).interval_epoch;
+        let name = (inc.namespace.clone(), inc.name.clone());
+        let obj = ObjectId::with_namespace(pg.id, inc.namespace.clone(), inc.name.clone());
+        let state = if good == me {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || pg::object_state(&store, &obj))
+                .await
+                .map_err(|e| OpError::Io(e.to_string()))?
+                .map_err(pg::store_error)?
+        } else {
+            self.pull(pg, interval_epoch, good, std::slice::from_ref(&name))
+                .await?
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    OpError::Io(format!("osd.{good} returned no copy of {}", inc.name))
+                })?
+        };
+        let push = Push {
+            objects: vec![state],
+            remove: vec![],
+            log: None,
+        };
+        for &osd in &inc.bad {
+            if osd == me {
+                let txn = pg::apply_push(&self.store, pg.id, &push)?;
+                self.store.submit(txn).await.map_err(pg::store_error)?;
+            } else {
+                let mut c = self.peer_client(osd)?;
+                let reply = c
+                    .pg_push(pb::PgPushRequest {
+                        pool: pg.id.pool,
+                        pg_seed: pg.id.seed,
+                        interval_epoch,
+                        from: me,
+                        push: encode(&push),
+                    })
+                    .await
+                    .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
+                decode::<Result<(), OpError>>(&reply.get_ref().result, "push reply")??;
+            }
+        }
+        tracing::info!(pg = %pg.id, object = %inc.name, from = good, to = ?inc.bad, "repaired");
+        Ok(true)
+    }
+
     pub async fn handle_list(&self, req: pb::ListRequest) -> Result<pg::Listing, OpError> {
         let (_, pg) = self
             .primary_pg(req.epoch, req.pool, req.pg_seed, "", None, &req.client)
@@ -1498,6 +1669,25 @@ impl pb::osd_server::Osd for OsdService {
     ) -> Result<Response<pb::PgPushReply>, Status> {
         let r = self.core.handle_pg_push(req.into_inner()).await;
         Ok(Response::new(pb::PgPushReply { result: encode(&r) }))
+    }
+
+    async fn pg_scrub_map(
+        &self,
+        req: Request<pb::PgScrubMapRequest>,
+    ) -> Result<Response<pb::PgScrubMapReply>, Status> {
+        let r = self.core.handle_pg_scrub_map(req.into_inner()).await;
+        Ok(Response::new(pb::PgScrubMapReply { result: encode(&r) }))
+    }
+
+    async fn pg_command(
+        &self,
+        req: Request<pb::PgCommandRequest>,
+    ) -> Result<Response<pb::PgCommandReply>, Status> {
+        let r = self.core.handle_pg_command(req.into_inner()).await;
+        Ok(Response::new(pb::PgCommandReply {
+            epoch: reply_epoch(&self.core),
+            result: encode(&r),
+        }))
     }
 
     async fn pg_stats(

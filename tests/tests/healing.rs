@@ -119,3 +119,68 @@ fn whole_cluster_power_loss_keeps_every_acknowledged_write() {
         }
     });
 }
+
+#[test]
+fn bit_rot_in_one_replica_is_found_by_deep_scrub_and_repaired() {
+    let mut d = DataCluster::start(test_timeouts(), "data").expect("cluster");
+    let data = pattern(42, 300_000);
+    d.rt.block_on(d.io.write_full("rotting", data.clone()))
+        .expect("write");
+    let map = d.rados.osdmap();
+    let pool = map.pool_by_name("data").expect("pool");
+    let pg = basalt_placement::object_to_pg_ns(&pool.placement(), "", "rotting");
+    let mapping = map.map_pg(pool, pg).expect("map");
+    let replica = mapping.acting[1];
+    let idx = d.harness_index(replica);
+    // Flip a byte in a replica's chunk while it is stopped.
+    d.cluster.stop_osd(idx, Duration::from_secs(10));
+    {
+        let store = basalt_osd::store::Store::open(
+            d.cluster.osd_data(idx),
+            basalt_osd::store::StoreConfig::default(),
+        )
+        .expect("open");
+        store
+            .inject_bitflip_for_testing(&basalt_osd::store::ObjectId::new(pg, "rotting"), 2, 7)
+            .expect("flip");
+    }
+    d.cluster.restart_osd(idx).expect("restart");
+    d.wait_active_clean(Duration::from_secs(60))
+        .expect("active+clean again");
+    let pgid = pg.to_string();
+    // A shallow scrub compares versions and sizes only: it cannot see bit rot.
+    let r = d.cluster.cli_json(&["pg", "scrub", &pgid]).expect("scrub");
+    assert_eq!(r["inconsistent"].as_array().map(Vec::len), Some(0), "{r}");
+    let r = d
+        .cluster
+        .cli_json(&["pg", "deep-scrub", &pgid])
+        .expect("deep-scrub");
+    let found = r["inconsistent"].as_array().expect("list").clone();
+    assert_eq!(found.len(), 1, "{r}");
+    assert!(
+        found[0]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("osd.{replica}")),
+        "{r}"
+    );
+    let health = d.cluster.cli_json(&["health", "detail"]).expect("health");
+    assert!(health.to_string().contains("PG_DAMAGED"), "{health}");
+    let r = d
+        .cluster
+        .cli_json(&["pg", "repair", &pgid])
+        .expect("repair");
+    assert_eq!(r["repaired"], 1, "{r}");
+    assert_eq!(r["inconsistent"].as_array().map(Vec::len), Some(0), "{r}");
+    let r = d
+        .cluster
+        .cli_json(&["pg", "deep-scrub", &pgid])
+        .expect("deep-scrub again");
+    assert_eq!(r["inconsistent"].as_array().map(Vec::len), Some(0), "{r}");
+    let health = d.cluster.cli_json(&["health"]).expect("health");
+    assert!(!health.to_string().contains("PG_DAMAGED"), "{health}");
+    // Every replica now holds the right bytes.
+    let map = d.rados.osdmap();
+    let stores = stores_after_stop(&mut d.cluster, 6);
+    assert_eq!(copies_identical(&map, &stores, "data", "rotting", &data), 3);
+}
