@@ -225,6 +225,8 @@ fn real_nbd_clients_use_an_image() {
                 "--iodepth=16",
                 "--verify=crc32c",
                 "--do_verify=1",
+                // Otherwise fio leaves a verify-state file in the working directory.
+                "--verify_state_save=0",
             ],
         );
         assert!(ok && !text.contains("verify: bad"), "fio verify:\n{text}");
