@@ -213,15 +213,16 @@ cmd_up() {
 EOF
 }
 
-# Waits (15 s at most) for an already SIGTERMed pid to exit, then SIGKILLs it.
+# Waits until 15 s after the group was sent SIGTERM for each pid to exit, then SIGKILLs it.
 stop_pid() {
-    local pid=$1 what=$2 i
-    for ((i = 0; i < 150; i++)); do
-        [[ -d /proc/$pid ]] || { say "stopped $what"; return 0; }
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    say "$what (pid $pid) ignored SIGTERM for 15 s; killed"
+    local pid=$1 what=$2 deadline=$3
+    while [[ -d /proc/$pid ]] && ((SECONDS < deadline)); do sleep 0.1; done
+    if [[ -d /proc/$pid ]]; then
+        kill -KILL "$pid" 2>/dev/null || true
+        say "$what (pid $pid) ignored SIGTERM for 15 s; killed"
+    else
+        say "stopped $what"
+    fi
 }
 
 cmd_down() {
@@ -238,7 +239,8 @@ cmd_down() {
             fi
             rm -f "$dir/h$n/$name.pid"
         done
-        for p in "${pids[@]}"; do stop_pid "${p%%:*}" "${p#*:}"; done
+        local deadline=$((SECONDS + 15))
+        for p in "${pids[@]}"; do stop_pid "${p%%:*}" "${p#*:}" "$deadline"; done
     done
     for ((n = 1; n <= HOSTS; n++)); do
         local name
