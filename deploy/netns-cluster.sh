@@ -230,7 +230,10 @@ cmd_down() {
     local dir n
     dir=$(abs_dir "${1:-}")
     # Gateways first, monitors last (OSDs still find a quorum while they mark themselves down).
-    for name in gw osd1 osd0 mon; do
+    local order=(gw) k
+    for ((k = OSDS_PER_HOST - 1; k >= 0; k--)); do order+=("osd$k"); done
+    order+=(mon)
+    for name in "${order[@]}"; do
         local pids=()
         for ((n = 1; n <= HOSTS; n++)); do
             if pid=$(live_pid "$dir" "$n" "$name"); then
@@ -254,9 +257,9 @@ cmd_down() {
             ip netns del "$name" || true
         fi
         # Deleting the namespace deletes its veth end and so the pair; be sure.
-        link_exists "$(veth_root "$n")" && ip link del "$(veth_root "$n")" 2>/dev/null || true
+        if link_exists "$(veth_root "$n")"; then ip link del "$(veth_root "$n")" 2>/dev/null || true; fi
     done
-    link_exists "$BR" && ip link del "$BR"
+    if link_exists "$BR"; then ip link del "$BR"; fi
     say "down: namespaces, veths and bridge removed (data kept in $dir)"
 }
 
