@@ -2,7 +2,8 @@
 //! gateway per host on 10.77.0.1-3, the CLI in the root namespace. A host is cut off (its veth
 //! link down, so its peers see silence, not refused connections), the other two keep serving
 //! reads and writes, and after the link comes back and every PG is active+clean every object
-//! reads back identically.
+//! reads back identically. With qemu-io installed, a block image is written and read through
+//! the gateways in the namespaces as well.
 //!
 //! Needs root with CAP_NET_ADMIN: without it (`ip netns add` fails) the test prints a notice
 //! and passes. A Drop guard runs `netns-cluster.sh down` (stops the daemons by pid, removes the
@@ -47,6 +48,37 @@ fn show(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// qemu-io commands on `rbd/disk` through host `h`'s gateway; qemu-io exits 0 even when a
+/// command fails, so failures are read from its output.
+fn qemu_io(h: u32, cmds: &[&str]) -> anyhow::Result<()> {
+    let url = format!("nbd://10.77.0.{h}:10809/{POOL}/disk");
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    cmd.arg(&url);
+    let out = run_bounded(&mut cmd, Duration::from_secs(120));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || text.contains("failed") || text.contains("rror") {
+        bail!("qemu-io {cmds:?} on {url}: {text}");
+    }
+    Ok(())
 }
 
 /// Whether this process may create network namespaces (root with CAP_NET_ADMIN).
@@ -186,7 +218,8 @@ impl NetnsCluster {
         Ok(std::fs::read(&file)?)
     }
 
-    /// Every object of `expected` reads back byte-identical, and the pool lists exactly them.
+    /// Every object of `expected` reads back byte-identical, and the pool lists exactly them
+/// (besides the block image's `rbd_*` objects).
     fn check_all(&self, expected: &BTreeMap<String, Vec<u8>>, when: &str) -> anyhow::Result<()> {
         for (name, want) in expected {
             let got = self.get(name)?;
@@ -212,6 +245,8 @@ impl NetnsCluster {
             .context("obj ls is not a JSON list")?
             .iter()
             .filter_map(|v| v.as_str().map(str::to_string))
+            // The block image's objects share the pool.
+            .filter(|n| !n.starts_with("rbd_"))
             .collect();
         listed.sort();
         let want: Vec<String> = expected.keys().cloned().collect();
@@ -334,6 +369,17 @@ fn partitioned_host_and_its_return() {
         expected.insert(name, data);
     }
     c.check_all(&expected, "before the cut").expect("reads");
+    // A block image through the gateways in the namespaces (h1 writes; reads take no lock, so
+    // any gateway reads).
+    let nbd = have("qemu-io");
+    if nbd {
+        c.cli_ok(&["rbd", "create", &format!("{POOL}/disk"), "--size", "64M"])
+            .expect("create image");
+        qemu_io(1, &["write -P 0xab 0 1M"]).expect("NBD write through h1");
+        qemu_io(3, &["read -P 0xab 0 1M"]).expect("NBD read through h3");
+    } else {
+        eprintln!("qemu-io not installed: skipping the NBD gateway checks");
+    }
 
     // h3 vanishes: writes issued right away wait out failure detection, then succeed.
     c.cut("h3").expect("cut h3");
@@ -360,6 +406,10 @@ fn partitioned_host_and_its_return() {
         expected.insert(name, data);
     }
     c.check_all(&expected, "h3 cut").expect("reads while h3 is cut");
+    if nbd {
+        qemu_io(1, &["write -P 0xcd 1M 1M", "read -P 0xab 0 1M", "read -P 0xcd 1M 1M"])
+            .expect("NBD through h1 while h3 is cut");
+    }
 
     // h3 returns: its OSDs boot again, PGs peer and recover its stale copies.
     c.heal("h3").expect("heal h3");
@@ -368,6 +418,11 @@ fn partitioned_host_and_its_return() {
     c.wait_all_clean().expect("clean after h3 returned");
     c.check_all(&expected, "after h3 returned")
         .expect("reads after heal");
+    if nbd {
+        qemu_io(3, &["read -P 0xab 0 1M", "read -P 0xcd 1M 1M"])
+            .expect("NBD read through h3's gateway after it returned");
+        eprintln!("after h3 returned: the image reads back through h3's gateway");
+    }
 
     // Optionally another host goes (BASALT_NETNS_SECOND_CUT=h1 or h2), so objects whose
     // primary is on h3 are served by its recovered copies. Off by default because it shows a
