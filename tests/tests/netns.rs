@@ -115,9 +115,7 @@ impl NetnsCluster {
                 bail!("namespace {name} already exists (a netns demo running? deploy/netns-cluster.sh down DIR)");
             }
         }
-        let dir = tempfile::Builder::new()
-            .prefix("basalt-netns-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("basalt-netns-").tempdir()?;
         let data = dir.path().join("objects");
         std::fs::create_dir_all(&data)?;
         Ok(NetnsCluster { dir, data })
@@ -219,7 +217,7 @@ impl NetnsCluster {
     }
 
     /// Every object of `expected` reads back byte-identical, and the pool lists exactly them
-/// (besides the block image's `rbd_*` objects).
+    /// (besides the block image's `rbd_*` objects).
     fn check_all(&self, expected: &BTreeMap<String, Vec<u8>>, when: &str) -> anyhow::Result<()> {
         for (name, want) in expected {
             let got = self.get(name)?;
@@ -253,7 +251,10 @@ impl NetnsCluster {
         if listed != want {
             bail!("{when}: obj ls shows {listed:?}, expected {want:?}");
         }
-        eprintln!("{when}: all {} objects read back identically", expected.len());
+        eprintln!(
+            "{when}: all {} objects read back identically",
+            expected.len()
+        );
         Ok(())
     }
 
@@ -277,7 +278,12 @@ impl NetnsCluster {
     }
 
     /// Waits until `pg ls` reports all PG_NUM PGs in a state `ok` accepts.
-    fn wait_pgs(&self, what: &str, limit: Duration, ok: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    fn wait_pgs(
+        &self,
+        what: &str,
+        limit: Duration,
+        ok: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
         let mut last = Value::Null;
         wait_for(what, limit, || {
             let v = self.poll_json(&["pg", "ls"])?;
@@ -338,7 +344,9 @@ impl Drop for NetnsCluster {
 #[test]
 fn partitioned_host_and_its_return() {
     if let Err(why) = netns_permitted() {
-        eprintln!("SKIPPED netns::partitioned_host_and_its_return: needs root with CAP_NET_ADMIN ({why})");
+        eprintln!(
+            "SKIPPED netns::partitioned_host_and_its_return: needs root with CAP_NET_ADMIN ({why})"
+        );
         return;
     }
     let c = NetnsCluster::new().expect("namespace cluster");
@@ -386,7 +394,8 @@ fn partitioned_host_and_its_return() {
     for i in 0..4u64 {
         let name = format!("b{i}");
         let data = pattern(100 + i, sizes[(i as usize + 3) % sizes.len()]);
-        c.put(&name, &data).expect("put while h3 is being marked down");
+        c.put(&name, &data)
+            .expect("put while h3 is being marked down");
         expected.insert(name, data);
     }
     c.wait_membership(4, 2, Duration::from_secs(120))
@@ -405,10 +414,18 @@ fn partitioned_host_and_its_return() {
         c.put(&name, &data).expect("put while h3 is cut");
         expected.insert(name, data);
     }
-    c.check_all(&expected, "h3 cut").expect("reads while h3 is cut");
+    c.check_all(&expected, "h3 cut")
+        .expect("reads while h3 is cut");
     if nbd {
-        qemu_io(1, &["write -P 0xcd 1M 1M", "read -P 0xab 0 1M", "read -P 0xcd 1M 1M"])
-            .expect("NBD through h1 while h3 is cut");
+        qemu_io(
+            1,
+            &[
+                "write -P 0xcd 1M 1M",
+                "read -P 0xab 0 1M",
+                "read -P 0xcd 1M 1M",
+            ],
+        )
+        .expect("NBD through h1 while h3 is cut");
     }
 
     // h3 returns: its OSDs boot again, PGs peer and recover its stale copies.
@@ -429,10 +446,15 @@ fn partitioned_host_and_its_return() {
     // known client-library issue: a MonClient keeps waiting on the monitor it prefers (the
     // one that answered last) when that monitor's link is cut, instead of trying the next
     // one, so daemons preferring it stop beaconing or stop getting maps (see deploy/README.md).
-    if let Some(second) = std::env::var("BASALT_NETNS_SECOND_CUT").ok().filter(|h| !h.is_empty()) {
+    if let Some(second) = std::env::var("BASALT_NETNS_SECOND_CUT")
+        .ok()
+        .filter(|h| !h.is_empty())
+    {
         c.cut(&second).expect("cut a second host");
         c.wait_membership(4, 2, Duration::from_secs(120))
-            .unwrap_or_else(|e| panic!("{second}'s OSDs marked down, two monitors in quorum: {e:#}"));
+            .unwrap_or_else(|e| {
+                panic!("{second}'s OSDs marked down, two monitors in quorum: {e:#}")
+            });
         c.wait_all_active().expect("PGs active on two hosts");
         c.check_all(&expected, &format!("{second} cut"))
             .expect("reads with h3's recovered copies");
