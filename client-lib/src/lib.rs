@@ -55,6 +55,28 @@ mod error;
 mod mon;
 mod rados;
 
+use std::time::Duration;
+
+/// A lazily connected gRPC channel to `addr` (`host:port`) as every basalt client and daemon
+/// dials its peers: TCP_NODELAY, and HTTP/2 keepalive so a peer behind a link that went
+/// silent (no RST, as with a cut cable or a hung host) is noticed within seconds and the
+/// caller moves on to another monitor or a newer map, instead of waiting on it for the
+/// whole operation timeout.
+pub fn lazy_channel(
+    addr: &str,
+    connect_timeout: Duration,
+) -> Result<tonic::transport::Channel, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("bad address {addr}: {e}"))?;
+    Ok(endpoint
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
 pub use basalt_ops as ops;
 pub use error::ClientError;
 pub use mon::{MapSubscription, MonClient};

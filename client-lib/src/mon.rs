@@ -13,7 +13,7 @@ use basalt_proto::mon::{
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::ClientError;
 
@@ -44,13 +44,8 @@ impl MonClient {
     pub fn with_timeout(config: ClusterConfig, op_timeout: Duration) -> Result<Self, ClientError> {
         let mut mons = Vec::new();
         for m in &config.mons {
-            let channel = Endpoint::from_shared(format!("http://{}", m.addr))
-                .map_err(|e| {
-                    ClientError::Config(format!("mon.{} address {}: {e}", m.rank, m.addr))
-                })?
-                .connect_timeout(Duration::from_millis(500))
-                .tcp_nodelay(true)
-                .connect_lazy();
+            let channel = crate::lazy_channel(&m.addr.to_string(), Duration::from_millis(500))
+                .map_err(|e| ClientError::Config(format!("mon.{}: {e}", m.rank)))?;
             let client = MonitorClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);

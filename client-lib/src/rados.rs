@@ -24,7 +24,7 @@ use basalt_proto::osd::osd_client::OsdClient;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{ClientError, MapSubscription, MonClient};
 
@@ -253,11 +253,8 @@ impl Inner {
         if let Some(c) = m.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ClientError::Internal(format!("bad OSD address {addr}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel = crate::lazy_channel(addr, Duration::from_secs(2))
+            .map_err(|e| ClientError::Internal(format!("OSD: {e}")))?;
         let c = OsdClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -31,7 +31,7 @@ use basalt_proto::osd::osd_server::OsdServer;
 use basalt_proto::osd::PingRequest;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::service::{OsdCore, OsdService};
 use crate::store::{Store, StoreConfig, StoreError, Superblock, Transaction};
@@ -531,14 +531,10 @@ impl Daemon {
             if id == me || !o.up || self.peers.contains_key(&id) {
                 continue;
             }
-            let Ok(endpoint) = Endpoint::from_shared(format!("http://{}", o.addr)) else {
+            let Ok(channel) = basalt_client::lazy_channel(&o.addr, self.heartbeat_grace / 2) else {
                 tracing::warn!(osd = id, addr = %o.addr, "peer has an unusable address; not watching it");
                 continue;
             };
-            let channel = endpoint
-                .connect_timeout(self.heartbeat_grace / 2)
-                .tcp_nodelay(true)
-                .connect_lazy();
             self.peers.insert(
                 id,
                 Peer {

@@ -41,7 +41,7 @@ use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::pg::{self, ObjectName, Push};
@@ -180,12 +180,8 @@ fn now_ns() -> u64 {
 
 /// A gRPC client for another OSD with the data path's message limits.
 pub fn osd_client(addr: &str) -> Result<OsdClient<Channel>, OpError> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| OpError::Io(format!("bad OSD address {addr}: {e}")))?;
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect_lazy();
+    let channel = basalt_client::lazy_channel(addr, Duration::from_secs(2))
+        .map_err(|e| OpError::Io(format!("OSD: {e}")))?;
     Ok(OsdClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
