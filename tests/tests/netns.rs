@@ -441,15 +441,12 @@ fn partitioned_host_and_its_return() {
         eprintln!("after h3 returned: the image reads back through h3's gateway");
     }
 
-    // Optionally another host goes (BASALT_NETNS_SECOND_CUT=h1 or h2), so objects whose
-    // primary is on h3 are served by its recovered copies. Off by default because it shows a
-    // known client-library issue: a MonClient keeps waiting on the monitor it prefers (the
-    // one that answered last) when that monitor's link is cut, instead of trying the next
-    // one, so daemons preferring it stop beaconing or stop getting maps (see deploy/README.md).
-    if let Some(second) = std::env::var("BASALT_NETNS_SECOND_CUT")
-        .ok()
-        .filter(|h| !h.is_empty())
-    {
+    // Then another host goes (h1 by default: it holds the leader monitor, mon.0;
+    // BASALT_NETNS_SECOND_CUT=h2 picks another, `none` skips it), so objects whose primary
+    // was on h3 are served by its recovered copies, and every client has to notice that the
+    // monitor it preferred went silent (HTTP/2 keepalive) and move to another.
+    let second = std::env::var("BASALT_NETNS_SECOND_CUT").unwrap_or_else(|_| "h1".into());
+    if second != "none" && !second.is_empty() {
         c.cut(&second).expect("cut a second host");
         c.wait_membership(4, 2, Duration::from_secs(120))
             .unwrap_or_else(|e| {
