@@ -60,6 +60,11 @@ impl From<tonic::Status> for ClientError {
                 ClientError::NoQuorum(format!("monitor did not answer in time: {msg}"))
             }
             Code::Aborted => ClientError::Ambiguous(msg),
+            // The connection broke while the request was out (the peer died, or keepalive
+            // gave up on a silent link): it may or may not have been applied.
+            Code::Unknown if msg.contains("transport error") => ClientError::Ambiguous(format!(
+                "the connection broke mid-request ({msg}); it may or may not have been applied"
+            )),
             Code::PermissionDenied if msg.contains("blocklist") => ClientError::Blocklisted(msg),
             Code::PermissionDenied | Code::Unauthenticated => ClientError::PermissionDenied(msg),
             Code::FailedPrecondition => ClientError::FailedPrecondition(msg),
