@@ -192,26 +192,29 @@ impl Rados {
                 pool.name, pool.pg_num
             )));
         }
-        let addr = inner
-            .primary(&map, pg.pool, pg)
-            .ok_or_else(|| ClientError::Unavailable(format!("PG {pg} has no primary")))?;
-        let mut c = inner.osd(&addr)?;
-        let reply = tokio::time::timeout(
-            inner.op_timeout,
-            c.pg_command(pb::PgCommandRequest {
-                pool: pg.pool,
-                pg_seed: pg.seed,
-                epoch: map.epoch,
-                command: encode(&command),
-            }),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout(inner.op_timeout))?
-        .map_err(ClientError::from)?;
-        let r: Result<basalt_ops::ScrubResult, OpError> =
-            decode(&reply.get_ref().result, "PG command reply")
-                .map_err(|e| ClientError::Decode(e.to_string()))?;
-        r.map_err(|e| op_error(e, &format!("PG {pg}")))
+        let command = encode(&command);
+        inner
+            .call_primary(
+                pg.pool,
+                |_| Ok(pg),
+                &format!("PG {pg}"),
+                Instant::now() + inner.op_timeout,
+                |mut c, map, _, _| {
+                    let req = pb::PgCommandRequest {
+                        pool: pg.pool,
+                        pg_seed: pg.seed,
+                        epoch: map.epoch,
+                        command: command.clone(),
+                    };
+                    async move {
+                        c.pg_command(req).await.map(|r| {
+                            let r = r.into_inner();
+                            (r.epoch, r.result)
+                        })
+                    }
+                },
+            )
+            .await
     }
 
     /// Blocklists `entity` for `expire` and returns once this client's map carries the
@@ -275,6 +278,86 @@ impl Inner {
         let mut sub = self.sub.clone();
         let limit = deadline.saturating_duration_since(Instant::now()).min(cap);
         let _ = sub.wait_for_epoch(than + 1, limit).await;
+    }
+
+    /// Sends a request to the acting primary of the PG `pg_of` picks in the newest map,
+    /// again and again until an answer other than "resend" or `deadline`: after "not
+    /// primary" / "interval changed" (waiting for the epoch the OSD names), an OSD behind
+    /// the client's map, an unreachable primary or none at all, it waits for a newer map
+    /// first. `send` builds the request for one attempt (map, PG, time left) and returns
+    /// the reply's (epoch, encoded `Result<T, OpError>`); `what` names the target in errors.
+    async fn call_primary<T, F, Fut>(
+        &self,
+        pool: PoolId,
+        pg_of: impl Fn(&OsdMap) -> Result<PgId, ClientError>,
+        what: &str,
+        deadline: Instant,
+        mut send: F,
+    ) -> Result<T, ClientError>
+    where
+        T: for<'de> serde::Deserialize<'de>,
+        F: FnMut(OsdClient<Channel>, &OsdMap, PgId, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<(Epoch, Bytes), tonic::Status>>,
+    {
+        let mut last_err: Option<String> = None;
+        let timed_out = |last: Option<String>| match last {
+            Some(why) => ClientError::Unavailable(format!(
+                "{what} not served within {:?}: {why}",
+                self.op_timeout
+            )),
+            None => ClientError::Timeout(self.op_timeout),
+        };
+        loop {
+            let map = self.sub.current();
+            let pg = pg_of(&map)?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(timed_out(last_err));
+            }
+            let Some(addr) = self.primary(&map, pool, pg) else {
+                last_err = Some(format!("PG {pg} has no primary at epoch {}", map.epoch));
+                self.newer_map(map.epoch, deadline, remaining).await;
+                continue;
+            };
+            let client = self.osd(&addr)?;
+            match tokio::time::timeout(remaining, send(client, &map, pg, remaining)).await {
+                Err(_) => return Err(timed_out(last_err)),
+                Ok(Err(status)) => {
+                    // The primary is unreachable (dead, restarting): the monitors will mark
+                    // it down; resend to whoever the next map names.
+                    last_err = Some(format!("OSD {addr}: {}", status.message()));
+                    self.newer_map(map.epoch, deadline, Duration::from_millis(500))
+                        .await;
+                }
+                Ok(Ok((reply_epoch, bytes))) => {
+                    let r: Result<T, OpError> = decode(&bytes, "OSD reply")
+                        .map_err(|e| ClientError::Decode(e.to_string()))?;
+                    let e = match r {
+                        Ok(v) => return Ok(v),
+                        Err(e) => e,
+                    };
+                    let behind =
+                        matches!(e, OpError::Io(ref m) if m.contains("has not seen OSDMap"));
+                    if !e.is_resend() && !behind {
+                        return Err(op_error(e, what));
+                    }
+                    let wanted = match &e {
+                        OpError::NotPrimary { epoch, .. }
+                        | OpError::IntervalChanged { epoch, .. } => *epoch,
+                        _ => 0,
+                    }
+                    .max(reply_epoch);
+                    last_err = Some(e.to_string());
+                    if wanted > map.epoch {
+                        let mut sub = self.sub.clone();
+                        let _ = sub.wait_for_epoch(wanted, remaining).await;
+                    } else {
+                        self.newer_map(map.epoch, deadline, Duration::from_millis(200))
+                            .await;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -376,88 +459,39 @@ impl IoCtx {
             op.validate().map_err(|e| op_error(e, &self.what(oid)))?;
         }
         let inner = &self.inner;
-        let tid = inner.next_tid.fetch_add(1, Ordering::Relaxed);
-        let ops_bytes = encode(&ops);
+        let reqid = pb::ReqId {
+            client: inner.entity.clone(),
+            incarnation: inner.incarnation,
+            tid: inner.next_tid.fetch_add(1, Ordering::Relaxed),
+        };
+        let ops = encode(&ops);
         let deadline = Instant::now() + inner.op_timeout;
-        let mut last_err: Option<String> = None;
-        loop {
-            let map = inner.sub.current();
-            let pg = self.pg_of(&map, oid)?;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(self.timed_out(oid, last_err));
-            }
-            let Some(addr) = inner.primary(&map, self.pool, pg) else {
-                last_err = Some(format!("PG {pg} has no primary at epoch {}", map.epoch));
-                inner.newer_map(map.epoch, deadline, remaining).await;
-                continue;
-            };
-            let mut client = inner.osd(&addr)?;
-            let req = pb::OpRequest {
-                pool: self.pool,
-                pg_seed: pg.seed,
-                namespace: self.namespace.clone(),
-                object: oid.to_string(),
-                epoch: map.epoch,
-                reqid: Some(pb::ReqId {
-                    client: inner.entity.clone(),
-                    incarnation: inner.incarnation,
-                    tid,
-                }),
-                ops: ops_bytes.clone(),
-                timeout_ms: osd_wait_ms(remaining),
-            };
-            match tokio::time::timeout(remaining, client.op(req)).await {
-                Err(_) => return Err(self.timed_out(oid, last_err)),
-                Ok(Err(status)) => {
-                    // The primary is unreachable (dead, restarting): the monitors will mark
-                    // it down; resend to whoever the next map names.
-                    last_err = Some(format!("OSD {addr}: {}", status.message()));
-                    inner
-                        .newer_map(map.epoch, deadline, Duration::from_millis(500))
-                        .await;
-                }
-                Ok(Ok(reply)) => {
-                    let r: Result<OpResult, OpError> = decode(&reply.get_ref().result, "OSD reply")
-                        .map_err(|e| ClientError::Decode(e.to_string()))?;
-                    match r {
-                        Ok(res) => return Ok(res),
-                        Err(e)
-                            if e.is_resend()
-                                || matches!(e, OpError::Io(ref m) if m.contains("has not seen OSDMap")) =>
-                        {
-                            let wanted = match &e {
-                                OpError::NotPrimary { epoch, .. }
-                                | OpError::IntervalChanged { epoch, .. } => *epoch,
-                                _ => 0,
-                            }
-                            .max(reply.get_ref().epoch);
-                            last_err = Some(e.to_string());
-                            if wanted > map.epoch {
-                                let mut sub = inner.sub.clone();
-                                let _ = sub.wait_for_epoch(wanted, remaining).await;
-                            } else {
-                                inner
-                                    .newer_map(map.epoch, deadline, Duration::from_millis(200))
-                                    .await;
-                            }
-                        }
-                        Err(e) => return Err(op_error(e, &self.what(oid))),
+        inner
+            .call_primary(
+                self.pool,
+                |map| self.pg_of(map, oid),
+                &self.what(oid),
+                deadline,
+                |mut c, map, pg, remaining| {
+                    let req = pb::OpRequest {
+                        pool: self.pool,
+                        pg_seed: pg.seed,
+                        namespace: self.namespace.clone(),
+                        object: oid.to_string(),
+                        epoch: map.epoch,
+                        reqid: Some(reqid.clone()),
+                        ops: ops.clone(),
+                        timeout_ms: osd_wait_ms(remaining),
+                    };
+                    async move {
+                        c.op(req).await.map(|r| {
+                            let r = r.into_inner();
+                            (r.epoch, r.result)
+                        })
                     }
-                }
-            }
-        }
-    }
-
-    fn timed_out(&self, oid: &str, last: Option<String>) -> ClientError {
-        match last {
-            Some(why) => ClientError::Unavailable(format!(
-                "{} not served within {:?}: {why}",
-                self.what(oid),
-                self.inner.op_timeout
-            )),
-            None => ClientError::Timeout(self.inner.op_timeout),
-        }
+                },
+            )
+            .await
     }
 
     async fn one(&self, oid: &str, op: ObjOp) -> Result<OpOutput, ClientError> {
@@ -711,54 +745,36 @@ impl IoCtx {
         after: Option<&(String, String)>,
     ) -> Result<ListPage, ClientError> {
         let inner = &self.inner;
-        let deadline = Instant::now() + inner.op_timeout;
         let pg = PgId {
             pool: self.pool,
             seed,
         };
-        loop {
-            let map = inner.sub.current();
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(ClientError::Timeout(inner.op_timeout));
-            }
-            let Some(addr) = inner.primary(&map, self.pool, pg) else {
-                inner.newer_map(map.epoch, deadline, remaining).await;
-                continue;
-            };
-            let mut client = inner.osd(&addr)?;
-            let req = pb::ListRequest {
-                pool: self.pool,
-                pg_seed: seed,
-                epoch: map.epoch,
-                client: inner.entity.clone(),
-                start_after: after.map(|a| encode(&Some(a.clone()))).unwrap_or_default(),
-                max: 1000,
-                timeout_ms: osd_wait_ms(remaining),
-            };
-            match tokio::time::timeout(remaining, client.list_objects(req)).await {
-                Err(_) => return Err(ClientError::Timeout(inner.op_timeout)),
-                Ok(Err(_)) => {
-                    inner
-                        .newer_map(map.epoch, deadline, Duration::from_millis(500))
-                        .await
-                }
-                Ok(Ok(reply)) => {
-                    let r: Result<ListPage, OpError> =
-                        decode(&reply.get_ref().result, "listing")
-                            .map_err(|e| ClientError::Decode(e.to_string()))?;
-                    match r {
-                        Ok(p) => return Ok(p),
-                        Err(e) if e.is_resend() => {
-                            inner
-                                .newer_map(map.epoch, deadline, Duration::from_millis(200))
-                                .await
-                        }
-                        Err(e) => return Err(op_error(e, &format!("PG {pg}"))),
+        let start_after = after.map(|a| encode(&Some(a.clone()))).unwrap_or_default();
+        inner
+            .call_primary(
+                self.pool,
+                |_| Ok(pg),
+                &format!("PG {pg}"),
+                Instant::now() + inner.op_timeout,
+                |mut c, map, _, remaining| {
+                    let req = pb::ListRequest {
+                        pool: self.pool,
+                        pg_seed: seed,
+                        epoch: map.epoch,
+                        client: inner.entity.clone(),
+                        start_after: start_after.clone(),
+                        max: 1000,
+                        timeout_ms: osd_wait_ms(remaining),
+                    };
+                    async move {
+                        c.list_objects(req).await.map(|r| {
+                            let r = r.into_inner();
+                            (r.epoch, r.result)
+                        })
                     }
-                }
-            }
-        }
+                },
+            )
+            .await
     }
 
     /// Watches `oid` (which must exist). Notifications arrive on [`Watch::events`]; the watch
@@ -916,52 +932,34 @@ impl IoCtx {
         timeout: Duration,
     ) -> Result<NotifyResult, ClientError> {
         let inner = &self.inner;
+        // The OSD waits up to `timeout` for acks; the call may take that long and more.
         let deadline = Instant::now() + inner.op_timeout.max(timeout + Duration::from_secs(5));
-        loop {
-            let map = inner.sub.current();
-            let pg = self.pg_of(&map, oid)?;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(ClientError::Timeout(inner.op_timeout));
-            }
-            let Some(addr) = inner.primary(&map, self.pool, pg) else {
-                inner.newer_map(map.epoch, deadline, remaining).await;
-                continue;
-            };
-            let mut client = inner.osd(&addr)?;
-            let req = pb::NotifyRequest {
-                pool: self.pool,
-                pg_seed: pg.seed,
-                namespace: self.namespace.clone(),
-                object: oid.to_string(),
-                client: inner.entity.clone(),
-                epoch: map.epoch,
-                payload: payload.clone(),
-                timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
-            };
-            match tokio::time::timeout(remaining, client.notify(req)).await {
-                Err(_) => return Err(ClientError::Timeout(inner.op_timeout)),
-                Ok(Err(_)) => {
-                    inner
-                        .newer_map(map.epoch, deadline, Duration::from_millis(500))
-                        .await
-                }
-                Ok(Ok(reply)) => {
-                    let r: Result<NotifyResult, OpError> =
-                        decode(&reply.get_ref().result, "notify reply")
-                            .map_err(|e| ClientError::Decode(e.to_string()))?;
-                    match r {
-                        Ok(n) => return Ok(n),
-                        Err(e) if e.is_resend() => {
-                            inner
-                                .newer_map(map.epoch, deadline, Duration::from_millis(200))
-                                .await
-                        }
-                        Err(e) => return Err(op_error(e, &self.what(oid))),
+        inner
+            .call_primary(
+                self.pool,
+                |map| self.pg_of(map, oid),
+                &self.what(oid),
+                deadline,
+                |mut c, map, pg, _| {
+                    let req = pb::NotifyRequest {
+                        pool: self.pool,
+                        pg_seed: pg.seed,
+                        namespace: self.namespace.clone(),
+                        object: oid.to_string(),
+                        client: inner.entity.clone(),
+                        epoch: map.epoch,
+                        payload: payload.clone(),
+                        timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
+                    };
+                    async move {
+                        c.notify(req).await.map(|r| {
+                            let r = r.into_inner();
+                            (r.epoch, r.result)
+                        })
                     }
-                }
-            }
-        }
+                },
+            )
+            .await
     }
 
     /// Answers notification `notify_id` received on watch `cookie`.

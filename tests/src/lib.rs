@@ -726,3 +726,13 @@ pub fn copies_identical(
     }
     copies
 }
+
+/// Whether `tool` is on PATH (tests that need an optional client skip without it).
+pub fn have_tool(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}

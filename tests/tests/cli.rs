@@ -10,18 +10,9 @@ use std::time::Duration;
 use basalt_tests::{test_timeouts, wait_for, TestCluster};
 use serde_json::Value;
 
-/// Deterministic pseudo-random bytes (xorshift), different per `seed`.
+/// Deterministic pseudo-random bytes, different per `seed`.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
+    basalt_tests::pattern(seed, len).to_vec()
 }
 
 /// A failed command: non-zero exit, nothing on stdout, exactly one line on stderr, which is

@@ -9,15 +9,6 @@ use std::time::Duration;
 use basalt_rbd::{RadosBackend, Rbd};
 use basalt_tests::{run_bounded, test_timeouts, DataCluster, TestCluster};
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 /// Runs a client tool (bounded at 120 s); returns (success, stdout + stderr).
 fn run(tool: &str, args: &[&str]) -> (bool, String) {
     let out = run_bounded(
@@ -76,7 +67,7 @@ fn fixture() -> Fixture {
 
 #[test]
 fn real_nbd_clients_use_an_image() {
-    if !have("qemu-io") || !have("qemu-img") {
+    if !basalt_tests::have_tool("qemu-io") || !basalt_tests::have_tool("qemu-img") {
         eprintln!("SKIP: qemu-utils not installed");
         return;
     }
@@ -164,7 +155,7 @@ fn real_nbd_clients_use_an_image() {
     assert!(!ok, "unknown export opened:\n{text}");
     qemu_io_ok(&url, &["read -P 0xab 0 64k"]);
 
-    if have("nbdinfo") {
+    if basalt_tests::have_tool("nbdinfo") {
         let (ok, text) = run("nbdinfo", &["--map", &url]);
         assert!(ok, "nbdinfo --map:\n{text}");
         assert!(text.contains("hole"), "no holes in a thin image:\n{text}");
@@ -175,7 +166,7 @@ fn real_nbd_clients_use_an_image() {
         eprintln!("SKIP nbdinfo: libnbd-bin not installed");
     }
 
-    if have("nbdcopy") {
+    if basalt_tests::have_tool("nbdcopy") {
         let dir = tempfile::tempdir().expect("tempdir");
         let src = dir.path().join("src.raw");
         let back = dir.path().join("back.raw");
@@ -200,7 +191,7 @@ fn real_nbd_clients_use_an_image() {
     }
 
     // Every daemon's metrics pass promtool after real I/O (labels, histograms, help text).
-    if have("promtool") {
+    if basalt_tests::have_tool("promtool") {
         let gw_text = f.cluster.gateway_metrics(gw).expect("gateway metrics");
         assert!(gw_text.contains("basalt_nbd_requests_total"), "{gw_text}");
         basalt_tests::promtool_check(&gw_text).expect("gateway metrics pass promtool");
@@ -212,7 +203,7 @@ fn real_nbd_clients_use_an_image() {
         eprintln!("SKIP promtool: prometheus not installed");
     }
 
-    if have("fio") {
+    if basalt_tests::have_tool("fio") {
         let (ok, text) = run(
             "fio",
             &[
@@ -237,7 +228,7 @@ fn real_nbd_clients_use_an_image() {
 
 #[test]
 fn live_migration_moves_the_lock_and_fences_a_frozen_gateway() {
-    if !have("qemu-io") {
+    if !basalt_tests::have_tool("qemu-io") {
         eprintln!("SKIP: qemu-utils not installed");
         return;
     }

@@ -23,18 +23,9 @@ const PREFIX: &str = "basalt";
 const POOL: &str = "rbd";
 const PG_NUM: usize = 32;
 
-/// Deterministic pseudo-random bytes (xorshift), different per `seed`.
+/// Deterministic pseudo-random bytes, different per `seed`.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
+    basalt_tests::pattern(seed, len).to_vec()
 }
 
 fn script_path() -> PathBuf {
@@ -48,15 +39,6 @@ fn show(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
 }
 
 /// qemu-io commands on `rbd/disk` through host `h`'s gateway; qemu-io exits 0 even when a
@@ -379,7 +361,7 @@ fn partitioned_host_and_its_return() {
     c.check_all(&expected, "before the cut").expect("reads");
     // A block image through the gateways in the namespaces (h1 writes; reads take no lock, so
     // any gateway reads).
-    let nbd = have("qemu-io");
+    let nbd = basalt_tests::have_tool("qemu-io");
     if nbd {
         c.cli_ok(&["rbd", "create", &format!("{POOL}/disk"), "--size", "64M"])
             .expect("create image");
