@@ -149,6 +149,14 @@ pub fn describe_metrics() {
         "1 if the latest OSDMap this OSD has seen shows it up, else 0"
     );
     metrics::describe_gauge!(
+        "basalt_osd_in",
+        "1 if the latest OSDMap this OSD has seen shows it in (holding data), else 0"
+    );
+    metrics::describe_histogram!(
+        "basalt_osd_commit_seconds",
+        "Store commit (fsynced WriteBatch) latency of one write, primary or replica"
+    );
+    metrics::describe_gauge!(
         "basalt_osd_map_epoch",
         "Newest OSDMap epoch this OSD has seen"
     );
@@ -504,6 +512,8 @@ impl Daemon {
             let me = map.osds.get(&id);
             let up_here = me.is_some_and(|o| o.up && o.addr == self.cfg.addr.to_string());
             metrics::gauge!("basalt_osd_up").set(if up_here { 1.0 } else { 0.0 });
+            let is_in = me.is_some_and(|o| o.is_in());
+            metrics::gauge!("basalt_osd_in").set(if is_in { 1.0 } else { 0.0 });
             // A map older than our boot may still show the previous incarnation down: only a
             // map that includes the boot can say we were marked down since.
             if !up_here && map.epoch >= boot_epoch && !self.booting {

@@ -648,7 +648,7 @@ impl OsdCore {
                     .await
             }));
         }
-        let local = self.store.submit(txn).await.map_err(pg::store_error);
+        let local = timed_commit(&self.store, txn).await;
         let mut first_err = local.as_ref().err().cloned();
         for t in tasks {
             let r = t
@@ -1102,7 +1102,7 @@ impl OsdCore {
         if applied {
             return Ok(());
         }
-        self.store.submit(txn).await.map_err(pg::store_error)
+        timed_commit(&self.store, txn).await
     }
 
     pub async fn handle_pg_scrub_map(
@@ -1536,6 +1536,14 @@ impl OsdCore {
             }
         }
     }
+}
+
+/// Commits a write's transaction (primary or replica) and records how long the store took.
+async fn timed_commit(store: &Store, txn: Transaction) -> Result<(), OpError> {
+    let started = std::time::Instant::now();
+    let r = store.submit(txn).await.map_err(pg::store_error);
+    metrics::histogram!("basalt_osd_commit_seconds").record(started.elapsed().as_secs_f64());
+    r
 }
 
 /// The gRPC face of [`OsdCore`] plus the heartbeat.
