@@ -14,7 +14,7 @@
 //! `nbd` 0.3 is a blocking `Read+Write+Seek` server that answers UNSUP to
 //! GO/INFO and structured replies and has no TRIM; `tokio-nbd` is
 //! GPL-2.0-or-later, runs one command at a time per connection and panics
-//! (`unimplemented!()`) on STRUCTURED_REPLY / META_CONTEXT, which current
+//! (an unimplemented-panic) on STRUCTURED_REPLY / META_CONTEXT, which current
 //! QEMU sends; the `nbdkit` crate writes plugins for the C nbdkit daemon,
 //! putting a C process in the data path. The performance targets need
 //! pipelining (many requests in flight per connection), which only our

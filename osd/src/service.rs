@@ -813,8 +813,7 @@ impl OsdCore {
     async fn peer(self: Arc<Self>, pg: Arc<Pg>, generation: u64) {
         loop {
             match self.peer_once(&pg, generation).await {
-                Ok(true) => return,
-                Ok(false) => return,
+                Ok(()) => return,
                 Err(e) => {
                     if lock(&pg.state).generation != generation {
                         return;
@@ -827,14 +826,14 @@ impl OsdCore {
         }
     }
 
-    /// One peering round. `Ok(true)`: active; `Ok(false)`: stopped (new interval or too few
-    /// members).
-    async fn peer_once(&self, pg: &Arc<Pg>, generation: u64) -> Result<bool, OpError> {
+    /// One peering round: `Ok` once the PG is active, or when only a new map can change its
+    /// fate (a newer interval began, or too few members to serve).
+    async fn peer_once(&self, pg: &Arc<Pg>, generation: u64) -> Result<(), OpError> {
         let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
         let (acting, interval_epoch) = {
             let mut s = lock(&pg.state);
             if s.generation != generation {
-                return Ok(false);
+                return Ok(());
             }
             if (s.acting.len() as u32) < s.min_size {
                 s.status = PgStatus::Inactive(format!(
@@ -844,7 +843,7 @@ impl OsdCore {
                 ));
                 drop(s);
                 pg.bump();
-                return Ok(false);
+                return Ok(());
             }
             (s.acting.clone(), s.interval_epoch)
         };
@@ -923,14 +922,14 @@ impl OsdCore {
         }
         let mut s = lock(&pg.state);
         if s.generation != generation {
-            return Ok(false);
+            return Ok(());
         }
         s.next_seq = plan.last_update.seq + 1;
         s.status = PgStatus::Active;
         drop(s);
         pg.bump();
         tracing::debug!(pg = %id, epoch = interval_epoch, last_update = %plan.last_update, "active");
-        Ok(true)
+        Ok(())
     }
 
     async fn push_to(
