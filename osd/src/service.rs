@@ -753,31 +753,26 @@ impl OsdCore {
                 .collect();
             (r, s.interval_epoch)
         };
-        let name = (obj.namespace().to_string(), obj.name().to_string());
+        let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
         for osd in replicas {
-            let Ok(states) = self
-                .pull(pg, interval_epoch, osd, std::slice::from_ref(&name))
-                .await
-            else {
-                continue;
-            };
-            let Some(state) = states.into_iter().next() else {
-                continue;
-            };
-            let push = Push {
-                objects: vec![state],
-                remove: vec![],
-                log: None,
-            };
-            let txn = pg::apply_push(&self.store, pg.id, &push)?;
             if lock(&pg.state).generation != generation {
                 return Err(OpError::IntervalChanged {
                     pg: pg.id.to_string(),
                     epoch: interval_epoch,
                 });
             }
-            self.store.submit(txn).await.map_err(pg::store_error)?;
-            return Ok(());
+            // The same copy-over as scrub repair, with this OSD as the bad member; a replica
+            // whose own copy fails its checksum cannot supply one, so try the next.
+            let inc = pg::Inconsistency {
+                namespace: obj.namespace().to_string(),
+                name: obj.name().to_string(),
+                bad: vec![me],
+                good: Some(osd),
+                why: what.to_string(),
+            };
+            if let Ok(true) = self.repair_copies(pg, &inc).await {
+                return Ok(());
+            }
         }
         Err(OpError::Corrupt(format!(
             "{obj}: {what}; no replica could supply a good copy"
