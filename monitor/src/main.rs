@@ -110,22 +110,11 @@ async fn main() -> anyhow::Result<()> {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown_signal());
+        .serve_with_incoming_shutdown(incoming, basalt_telemetry::shutdown_signal());
     tokio::select! {
         r = node.run(req_rx) => r.context("monitor state owner stopped")?,
         r = grpc => r.context("gRPC server failed")?,
     }
     tracing::info!("monitor stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
 }

@@ -102,16 +102,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         store,
     )?;
-    daemon.run(listener, shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
+    daemon
+        .run(listener, basalt_telemetry::shutdown_signal())
+        .await
 }

@@ -93,20 +93,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(%addr, client = %name, "gateway serving NBD; exports are POOL/IMAGE");
     let server = NbdServer::new(registry, Limits::default());
     server
-        .serve(listener, shutdown_signal())
+        .serve(listener, basalt_telemetry::shutdown_signal())
         .await
         .context("NBD server failed")?;
     tracing::info!("gateway stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
 }

@@ -1,4 +1,4 @@
-//! Logging and metrics set-up shared by every basalt daemon: `tracing` to
+//! Logging, metrics set-up and the shutdown signal shared by every basalt daemon: `tracing` to
 //! stderr (text or JSON, filtered by `RUST_LOG`) and a Prometheus `/metrics`
 //! endpoint with histogram buckets, so latencies aggregate across daemons.
 
@@ -52,4 +52,17 @@ pub fn init(args: &TelemetryArgs, default_filter: &str) -> anyhow::Result<()> {
             .with_context(|| format!("cannot serve metrics on {addr}; is the address free?"))?;
     }
     Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C, the signals every daemon stops cleanly on; never, if the
+/// SIGTERM handler cannot be installed (a daemon must not stop on its own).
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
 }
