@@ -11,7 +11,7 @@
 //! asserts on timing.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -29,7 +29,13 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 fn script_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/netns-cluster.sh")
+    // The crate dir at run time (cargo sets it for `cargo test`): one test binary serves
+    // every checkout of the same sources sharing a target dir, so the compile-time path may
+    // name another checkout.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../deploy/netns-cluster.sh")
 }
 
 fn show(out: &Output) -> String {
