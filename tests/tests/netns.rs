@@ -1,5 +1,5 @@
 //! Three hosts in network namespaces (`deploy/netns-cluster.sh`): one monitor, two OSDs and a
-//! gateway per host on 10.77.0.1-3, the CLI in the root namespace. A host is cut off (its veth
+//! gateway per host on 10.78.0.1-3, the CLI in the root namespace. A host is cut off (its veth
 //! link down, so its peers see silence, not refused connections), the other two keep serving
 //! reads and writes, and after the link comes back and every PG is active+clean every object
 //! reads back identically. With qemu-io installed, a block image is written and read through
@@ -19,7 +19,10 @@ use anyhow::{bail, Context};
 use basalt_tests::{bin, bin_dir, run_bounded, wait_for};
 use serde_json::Value;
 
-const PREFIX: &str = "basalt";
+/// Namespace prefix and subnet reserved for this test, apart from the demo's defaults
+/// (`basalt`, 10.77.0) so a running demo and the test never meet.
+const PREFIX: &str = "bslttest";
+const NET: &str = "10.78.0";
 const POOL: &str = "rbd";
 const PG_NUM: usize = 32;
 
@@ -50,7 +53,7 @@ fn show(out: &Output) -> String {
 /// qemu-io commands on `rbd/disk` through host `h`'s gateway; qemu-io exits 0 even when a
 /// command fails, so failures are read from its output.
 fn qemu_io(h: u32, cmds: &[&str]) -> anyhow::Result<()> {
-    let url = format!("nbd://10.77.0.{h}:10809/{POOL}/disk");
+    let url = format!("nbd://{NET}.{h}:10809/{POOL}/disk");
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw"]);
     for c in cmds {
@@ -94,19 +97,22 @@ struct NetnsCluster {
 
 impl NetnsCluster {
     fn new() -> anyhow::Result<Self> {
-        // Never take over (and later tear down) namespaces someone else made.
-        let list = Command::new("ip").args(["netns", "list"]).output()?;
-        let list = String::from_utf8_lossy(&list.stdout);
-        for n in 1..=3 {
-            let name = format!("{PREFIX}-h{n}");
-            if list.split_whitespace().any(|w| w == name) {
-                bail!("namespace {name} already exists (a netns demo running? deploy/netns-cluster.sh down DIR)");
-            }
-        }
         let dir = tempfile::Builder::new().prefix("basalt-netns-").tempdir()?;
         let data = dir.path().join("objects");
         std::fs::create_dir_all(&data)?;
-        Ok(NetnsCluster { dir, data })
+        let c = NetnsCluster { dir, data };
+        // Namespaces under this test's own prefix can only be left by an earlier run of this
+        // test that was killed before its Drop guard ran: clear them (`down` kills whatever
+        // still runs inside them) rather than fail on them.
+        let list = Command::new("ip").args(["netns", "list"]).output()?;
+        let leftover = String::from_utf8_lossy(&list.stdout)
+            .split_whitespace()
+            .any(|w| w.starts_with(&format!("{PREFIX}-h")));
+        if leftover {
+            eprintln!("clearing namespaces left by an earlier killed run of this test");
+            c.script_ok(&["down", &c.dir.path().join("leftover").display().to_string()])?;
+        }
+        Ok(c)
     }
 
     fn script(&self, args: &[&str], limit: Duration) -> Output {
@@ -115,7 +121,7 @@ impl NetnsCluster {
             .args(args)
             .env("BASALT_BIN_DIR", bin_dir())
             .env("BASALT_NETNS_PREFIX", PREFIX)
-            .env_remove("BASALT_NETNS_NET")
+            .env("BASALT_NETNS_NET", NET)
             .env_remove("BASALT_NETNS_TIMEOUTS");
         run_bounded(&mut cmd, limit)
     }
