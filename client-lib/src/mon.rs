@@ -77,21 +77,37 @@ impl MonClient {
         let deadline = Instant::now() + self.inner.op_timeout;
         let n = self.inner.mons.len();
         let mut last = None;
+        // Set once an attempt may have been applied (a monitor's connection broke mid-request
+        // or leadership changed mid-commit): the request goes to the next monitor, but a later
+        // refusal (say "already exists") may be the first attempt's own effect, so it is
+        // reported as ambiguous rather than as a plain error.
+        let mut ambiguous: Option<String> = None;
         loop {
             let start = self.inner.preferred.load(Ordering::Relaxed);
             for i in 0..n {
                 let idx = (start + i) % n;
                 let client = self.inner.mons[idx].1.clone();
                 match tokio::time::timeout_at(deadline, op(client)).await {
-                    Err(_) => return Err(self.exhausted(last)),
+                    Err(_) => return Err(self.exhausted(last, ambiguous)),
                     Ok(Ok(v)) => {
                         self.inner.preferred.store(idx, Ordering::Relaxed);
                         return Ok(v);
                     }
                     Ok(Err(status)) => {
                         let err = ClientError::from(status);
+                        if let ClientError::Ambiguous(first) = &err {
+                            tracing::debug!(mon = self.inner.mons[idx].0, error = %err, "outcome unknown; asking the next monitor");
+                            ambiguous.get_or_insert_with(|| first.clone());
+                            last = Some(err);
+                            continue;
+                        }
                         if !err.is_retryable() {
-                            return Err(err);
+                            return Err(match ambiguous {
+                                Some(first) => ClientError::Ambiguous(format!(
+                                    "{first}; the retry on another monitor answered: {err} (which may be the first attempt's own effect)"
+                                )),
+                                None => err,
+                            });
                         }
                         tracing::debug!(mon = self.inner.mons[idx].0, error = %err, "monitor cannot answer; trying the next");
                         last = Some(err);
@@ -99,13 +115,19 @@ impl MonClient {
                 }
             }
             if Instant::now() + Duration::from_millis(100) >= deadline {
-                return Err(self.exhausted(last));
+                return Err(self.exhausted(last, ambiguous));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    fn exhausted(&self, last: Option<ClientError>) -> ClientError {
+    fn exhausted(&self, last: Option<ClientError>, ambiguous: Option<String>) -> ClientError {
+        if let Some(first) = ambiguous {
+            return ClientError::Ambiguous(format!(
+                "{first}; no monitor confirmed the outcome within {:?}",
+                self.inner.op_timeout
+            ));
+        }
         let why = match last {
             Some(ClientError::NoQuorum(m)) => m,
             Some(e) => e.to_string(),
