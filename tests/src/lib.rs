@@ -605,40 +605,54 @@ impl DataCluster {
         for i in 0..6 {
             cluster.start_osd(&format!("host{}", i / 2))?;
         }
-        // Clients connect lazily, which needs the runtime.
-        let mon = rt.block_on(async {
-            basalt_client::MonClient::with_timeout(cluster.config.clone(), Duration::from_secs(10))
-        })?;
-        wait_for("6 OSDs up", Duration::from_secs(60), || {
-            rt.block_on(mon.osdmap())
-                .ok()
-                .filter(|m| m.osds.len() == 6 && m.osds.values().all(|o| o.up))
-        })?;
-        cluster.cli_ok(&[
-            "pool",
-            "create",
-            pool,
-            "--size",
-            "3",
-            "--min-size",
-            "2",
-            "--pg-num",
-            "16",
-        ])?;
-        let rados = rt.block_on(basalt_client::Rados::connect(cluster.config.clone()))?;
-        let io = wait_for(
-            "the pool visible to the client",
-            Duration::from_secs(30),
-            || rados.ioctx(pool).ok(),
-        )?;
-        // The first op on each PG waits for its peering; one write per PG proves all serve.
-        rt.block_on(async {
-            for i in 0..64 {
-                io.write_full(&format!("probe{i}"), bytes::Bytes::from_static(b"p"))
-                    .await?;
+        // A failed start prints the daemons' logs: the harness is dropped without a panic.
+        let ready = (|| {
+            // Clients connect lazily, which needs the runtime.
+            let mon = rt.block_on(async {
+                basalt_client::MonClient::with_timeout(
+                    cluster.config.clone(),
+                    Duration::from_secs(10),
+                )
+            })?;
+            wait_for("6 OSDs up", Duration::from_secs(60), || {
+                rt.block_on(mon.osdmap())
+                    .ok()
+                    .filter(|m| m.osds.len() == 6 && m.osds.values().all(|o| o.up))
+            })?;
+            cluster.cli_ok(&[
+                "pool",
+                "create",
+                pool,
+                "--size",
+                "3",
+                "--min-size",
+                "2",
+                "--pg-num",
+                "16",
+            ])?;
+            let rados = rt.block_on(basalt_client::Rados::connect(cluster.config.clone()))?;
+            let io = wait_for(
+                "the pool visible to the client",
+                Duration::from_secs(30),
+                || rados.ioctx(pool).ok(),
+            )?;
+            // The first op on each PG waits for its peering; one write per PG proves all serve.
+            rt.block_on(async {
+                for i in 0..64 {
+                    io.write_full(&format!("probe{i}"), bytes::Bytes::from_static(b"p"))
+                        .await?;
+                }
+                Ok::<_, basalt_client::ClientError>(())
+            })?;
+            Ok::<_, anyhow::Error>((rados, io))
+        })();
+        let (rados, io) = match ready {
+            Ok(v) => v,
+            Err(e) => {
+                cluster.dump_logs();
+                return Err(e);
             }
-            Ok::<_, basalt_client::ClientError>(())
-        })?;
+        };
         Ok(DataCluster {
             rt,
             cluster,
