@@ -38,8 +38,28 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough on a test machine).
+/// A free TCP port on 127.0.0.1 for a daemon to bind later, and bind again after a restart.
+///
+/// Taken below the kernel's ephemeral range (32768-60999 by default): a port the kernel
+/// handed out for `bind(:0)` and released could be given again as the source port of any
+/// outgoing connection (the daemons make many) before the daemon binds it, and a daemon
+/// restarted on its old port would find it taken. Below that range only another test asks
+/// for ports, and each process walks its own stretch (picked by pid) checking each port.
 pub fn free_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Above `basalt cluster up`'s fixed ports (6789.., 9280.., 10809).
+    const LOW: u32 = 11_000;
+    const SPAN: u32 = 21_000; // up to 31_999
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = (std::process::id() % 64) * (SPAN / 64);
+    for _ in 0..SPAN {
+        let port = LOW + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    // Every port below the ephemeral range is taken: fall back to the kernel's choice.
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local addr")
 }
