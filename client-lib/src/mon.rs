@@ -96,12 +96,8 @@ impl MonClient {
                     Ok(Err(status)) => {
                         let err = ClientError::from(status);
                         if let ClientError::Ambiguous(first) = &err {
-                            tracing::debug!(mon = self.inner.mons[idx].0, error = %err, "outcome unknown; asking the next monitor");
                             ambiguous.get_or_insert_with(|| first.clone());
-                            last = Some(err);
-                            continue;
-                        }
-                        if !err.is_retryable() {
+                        } else if !err.is_retryable() {
                             return Err(match ambiguous {
                                 Some(first) => ClientError::Ambiguous(format!(
                                     "{first}; the retry on another monitor answered: {err} (which may be the first attempt's own effect)"
