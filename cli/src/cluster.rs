@@ -223,6 +223,7 @@ async fn up(dir: &Path, wanted: Layout) -> anyhow::Result<()> {
                 timeouts: Default::default(),
                 paxos: Default::default(),
                 client: Default::default(),
+                osd: Default::default(),
             };
             std::fs::write(&conf, config.to_toml()).context("cannot write cluster.toml")?;
             std::fs::write(

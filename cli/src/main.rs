@@ -103,6 +103,14 @@ enum OsdCmd {
     Reweight { id: u32, weight: f64 },
     /// Remove a down OSD from the map.
     Rm { id: u32 },
+    /// Declare a down OSD's data gone for good: PGs that are down waiting for it go active
+    /// from the copies that remain, losing writes only it held.
+    Lost {
+        id: u32,
+        /// Required: acknowledged writes held only by this OSD are lost.
+        #[arg(long)]
+        yes_i_really_mean_it: bool,
+    },
     /// Client blocklist (fencing).
     #[command(subcommand)]
     Blocklist(BlocklistCmd),
@@ -619,6 +627,17 @@ async fn osd(mon: &MonClient, json: bool, cmd: OsdCmd) -> anyhow::Result<()> {
         OsdCmd::In { id } => done(mon.osd_in(id).await?),
         OsdCmd::Down { id } => done(mon.osd_down(id).await?),
         OsdCmd::Rm { id } => done(mon.osd_rm(id).await?),
+        OsdCmd::Lost {
+            id,
+            yes_i_really_mean_it,
+        } => {
+            if !yes_i_really_mean_it {
+                anyhow::bail!(
+                    "marking osd.{id} lost gives up every write only it holds; add --yes-i-really-mean-it to do it"
+                );
+            }
+            done(mon.osd_lost(id).await?)
+        }
         OsdCmd::Reweight { id, weight } => {
             if !(0.0..=1.0).contains(&weight) {
                 bail!("reweight must be between 0.0 and 1.0, got {weight}");

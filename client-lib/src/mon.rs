@@ -237,6 +237,28 @@ impl MonClient {
         self.command(Command::OsdRm(OsdId { id })).await
     }
 
+    /// Declares a down OSD's data gone for good, so PGs that wait for it go active without it
+    /// (acknowledged writes only it held are lost).
+    pub async fn osd_lost(&self, id: u32) -> Result<CommandReply, ClientError> {
+        self.command(Command::OsdLost(OsdId { id })).await
+    }
+
+    /// Records that `pg` went active in the interval that began at `interval` (OSD use).
+    pub async fn pg_activated(
+        &self,
+        pg: basalt_placement::PgId,
+        interval: Epoch,
+        acting: Vec<u32>,
+    ) -> Result<CommandReply, ClientError> {
+        self.command(Command::PgActivated(basalt_proto::mon::PgActivated {
+            pool: pg.pool,
+            seed: pg.seed,
+            interval,
+            acting,
+        }))
+        .await
+    }
+
     /// Sets an OSD's in-weight (16.16 fixed point, 0..=0x10000).
     pub async fn osd_reweight(&self, id: u32, weight: u32) -> Result<CommandReply, ClientError> {
         self.command(Command::OsdReweight(OsdReweight { id, weight }))

@@ -37,6 +37,8 @@ pub struct ClusterConfig {
     pub paxos: PaxosTuning,
     #[serde(default)]
     pub client: ClientSection,
+    #[serde(default)]
+    pub osd: OsdTuning,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -129,6 +131,36 @@ impl Default for PaxosTuning {
     }
 }
 
+/// OSD behaviour; each key has the meaning of the Ceph option named beside it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OsdTuning {
+    /// `osd_max_pg_log_entries`: log entries kept per PG. A copy that fell further behind
+    /// than this is backfilled (object by object) instead of recovered from the log.
+    pub pg_log_entries: u64,
+    /// `osd_scrub_min_interval`: every PG is scrubbed (metadata) this often; 0 = on demand only.
+    pub scrub_interval_secs: u64,
+    /// `osd_deep_scrub_interval`: every PG is deep-scrubbed (checksums) this often; 0 = on
+    /// demand only.
+    pub deep_scrub_interval_secs: u64,
+    /// `osd_scrub_auto_repair`: scheduled scrubs repair what they find from a good copy.
+    pub scrub_auto_repair: bool,
+    /// `osd_recovery_max_active`: PGs this OSD recovers or backfills at once as primary.
+    pub recovery_max_active: u32,
+}
+
+impl Default for OsdTuning {
+    fn default() -> Self {
+        OsdTuning {
+            pg_log_entries: 3000,
+            scrub_interval_secs: 24 * 3600,
+            deep_scrub_interval_secs: 7 * 24 * 3600,
+            scrub_auto_repair: false,
+            recovery_max_active: 3,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientSection {
@@ -199,6 +231,12 @@ impl ClusterConfig {
         }
         if self.paxos.full_map_interval == 0 || self.paxos.keep_epochs == 0 {
             return Err("[paxos] full_map_interval and keep_epochs must be greater than 0".into());
+        }
+        if self.osd.pg_log_entries < 10 {
+            return Err("[osd] pg_log_entries must be at least 10".into());
+        }
+        if self.osd.recovery_max_active == 0 {
+            return Err("[osd] recovery_max_active must be at least 1".into());
         }
         Ok(())
     }

@@ -143,6 +143,18 @@ pub enum Change {
         id: OsdId,
         epoch: Epoch,
     },
+    /// The primary of `pg` finished peering for the interval that began at `interval`
+    /// with `acting`, and is about to serve I/O: every later peering must hear from one
+    /// of `acting` (see [`PgActivation`]).
+    PgActivated {
+        pg: PgId,
+        interval: Epoch,
+        acting: Vec<OsdId>,
+    },
+    /// An operator declared `id`'s data gone for good: PGs stop waiting for it.
+    OsdLost {
+        id: OsdId,
+    },
     RemoveOsd {
         id: OsdId,
     },
@@ -171,6 +183,24 @@ pub struct Incremental {
     pub changes: Vec<Change>,
 }
 
+/// The last interval in which a PG went active, as its primary recorded it before serving.
+///
+/// This is basalt's replacement for Ceph's `up_thru` + past-intervals analysis (DESIGN.md
+/// §3): rather than every peering primary rebuilding from map history which intervals
+/// *might* have accepted writes (which needs that history to outlive monitor trimming),
+/// a primary records the fact itself, through Paxos, after recovery and before its first
+/// write. Every member of `acting` then holds every acknowledged write, so a later peering
+/// needs one of them — and without one the PG is `down`. The cost is one map change per
+/// activation batch, which is small at the PG counts basalt runs (Kafka keeps its in-sync
+/// replica sets in the controller the same way).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgActivation {
+    /// Epoch the activated interval began.
+    pub interval: Epoch,
+    /// Its acting set, minus OSDs an operator has since declared lost.
+    pub acting: Vec<OsdId>,
+}
+
 /// Where every OSD is, whether it is up and in, the CRUSH hierarchy, pools,
 /// the client blocklist and flags, at one epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +216,8 @@ pub struct OsdMap {
     /// Fenced client entities and when each fence lapses (unix ms).
     pub blocklist: BTreeMap<String, u64>,
     pub flags: BTreeSet<String>,
+    /// Per PG, the last interval that went active (absent: never active yet).
+    pub pg_activations: BTreeMap<PgId, PgActivation>,
 }
 
 impl OsdMap {
@@ -201,6 +233,7 @@ impl OsdMap {
             next_pool_id: 1,
             blocklist: BTreeMap::new(),
             flags: BTreeSet::new(),
+            pg_activations: BTreeMap::new(),
         }
     }
 
@@ -291,6 +324,33 @@ impl OsdMap {
             }
             Change::RemovePool { id } => {
                 self.pools.remove(id);
+                self.pg_activations.retain(|pg, _| pg.pool != *id);
+            }
+            Change::PgActivated {
+                pg,
+                interval,
+                acting,
+            } => {
+                // An activation older than the recorded one lost a race with a newer
+                // interval; recording it would make peering wait for the wrong members.
+                let newer = self
+                    .pg_activations
+                    .get(pg)
+                    .is_none_or(|a| a.interval <= *interval);
+                if self.pools.contains_key(&pg.pool) && newer {
+                    self.pg_activations.insert(
+                        *pg,
+                        PgActivation {
+                            interval: *interval,
+                            acting: acting.clone(),
+                        },
+                    );
+                }
+            }
+            Change::OsdLost { id } => {
+                for a in self.pg_activations.values_mut() {
+                    a.acting.retain(|o| o != id);
+                }
             }
             Change::UpdatePool(pool) => {
                 if let Some(p) = self.pools.get_mut(&pool.id) {

@@ -233,6 +233,15 @@ fn command_from(req: CommandRequest) -> Result<Command, Status> {
             weight: o.weight,
         },
         C::OsdRm(o) => Command::OsdRm(o.id),
+        C::OsdLost(o) => Command::OsdLost(o.id),
+        C::PgActivated(a) => Command::PgActivated {
+            pg: basalt_placement::PgId {
+                pool: a.pool,
+                seed: a.seed,
+            },
+            interval: a.interval,
+            acting: a.acting,
+        },
         C::BlocklistAdd(b) => Command::BlocklistAdd {
             entity: b.entity,
             expire_secs: b.expire_secs,

@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use basalt_maps::{
-    Change, Incremental, MapError, OsdId, OsdMap, DEFAULT_BLOCKLIST_SECS, KNOWN_FLAGS,
+    Change, Epoch, Incremental, MapError, OsdId, OsdMap, DEFAULT_BLOCKLIST_SECS, KNOWN_FLAGS,
 };
-use basalt_placement::WEIGHT_ONE;
+use basalt_placement::{PgId, WEIGHT_ONE};
 
 /// An operator command, decoded from the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +40,14 @@ pub enum Command {
         weight: u32,
     },
     OsdRm(OsdId),
+    /// The operator gives up on `id`'s data: PGs waiting for it may go active without it.
+    OsdLost(OsdId),
+    /// A PG's primary finished peering (see `basalt_maps::PgActivation`).
+    PgActivated {
+        pg: PgId,
+        interval: Epoch,
+        acting: Vec<OsdId>,
+    },
     BlocklistAdd {
         entity: String,
         expire_secs: u64,
@@ -49,6 +57,42 @@ pub enum Command {
     },
     SetFlag(String),
     UnsetFlag(String),
+}
+
+/// An activation is recorded only for the interval that is current in the pending map: a
+/// primary whose interval has already ended must not overwrite what its successor records.
+fn check_activation(
+    map: &OsdMap,
+    pg: PgId,
+    interval: Epoch,
+    acting: &[OsdId],
+) -> Result<(), MapError> {
+    let stale = |why: String| Err(MapError::InvalidArgument(format!("pg {pg}: {why}")));
+    let Some(pool) = map.pools.get(&pg.pool) else {
+        return stale(format!("pool {} does not exist", pg.pool));
+    };
+    if pg.seed >= pool.pg_num {
+        return stale(format!("the pool has {} PGs", pool.pg_num));
+    }
+    if interval > map.epoch {
+        return stale(format!("interval {interval} is newer than the map"));
+    }
+    if let Some(a) = map.pg_activations.get(&pg) {
+        if a.interval > interval {
+            return stale(format!(
+                "interval {interval} is older than the recorded activation at {}",
+                a.interval
+            ));
+        }
+    }
+    let mapping = map.map_pg(pool, pg)?;
+    if mapping.acting != acting || acting.is_empty() {
+        return stale(format!(
+            "acting set {acting:?} is no longer current (now {:?}); re-peer",
+            mapping.acting
+        ));
+    }
+    Ok(())
 }
 
 /// Policy knobs from `cluster.toml`.
@@ -252,6 +296,30 @@ impl OsdMapService {
                     return Err(MapError::OsdStillUp(id));
                 }
                 (vec![Change::RemoveOsd { id }], format!("removed osd.{id}"))
+            }
+            Command::OsdLost(id) => {
+                if map.osd(id)?.up {
+                    return Err(MapError::OsdStillUp(id));
+                }
+                (
+                    vec![Change::OsdLost { id }],
+                    format!("marked osd.{id} lost; PGs no longer wait for its data"),
+                )
+            }
+            Command::PgActivated {
+                pg,
+                interval,
+                acting,
+            } => {
+                check_activation(map, pg, interval, &acting)?;
+                (
+                    vec![Change::PgActivated {
+                        pg,
+                        interval,
+                        acting,
+                    }],
+                    format!("pg {pg} active from epoch {interval}"),
+                )
             }
             Command::BlocklistAdd {
                 entity,

@@ -292,7 +292,8 @@ impl Daemon {
             .map_err(|e| DaemonError::Config(e.to_string()))?;
         let persisted_epoch = last_map_epoch(&store)?;
         let (events_tx, events) = mpsc::channel(1024);
-        let core = OsdCore::new(store.clone());
+        let core = OsdCore::new(store.clone(), cfg.cluster.osd.clone());
+        core.set_mon(mon.clone());
         let epoch = Arc::new(AtomicU64::new(persisted_epoch));
         Ok(Daemon {
             cfg,

@@ -19,6 +19,7 @@
 //! instances will be driven from map changes.
 
 pub mod daemon;
+pub mod peering;
 pub mod pg;
 pub mod service;
 pub mod store;

@@ -1,24 +1,8 @@
 //! The PG layer's pure core: turning a client's compound op into one store transaction, and
-//! deciding how peering makes a PG's replicas equal. No IO, no clock: the daemon's service
-//! ([`crate::service`]) feeds it store reads and peer answers and carries out what it returns.
-//!
-//! # Recovery model (and where it departs from Ceph)
-//!
-//! Peering picks the **authoritative peer** as Ceph's `find_best_info` does (newest
-//! `last_update`, then the current primary), and then makes every acting replica *equal to
-//! it*: objects whose version differs are copied from it, objects it lacks are removed, and
-//! its PG log replaces theirs. That one rule covers log-based recovery (a replica that missed
-//! writes), backfill (one that missed more than the log) and divergent entries (writes applied
-//! on a replica but never acknowledged, rolled back by being overwritten). Ceph narrows the
-//! comparison to the objects named in the logs when they overlap; basalt compares the whole
-//! object-version list of the PG, which is simple and exact but costs a scan per peering —
-//! the log-based shortcut is issue 5's work.
-//!
-//! Acknowledged writes are safe under this rule because a write is acknowledged only after
-//! every acting member committed it, so any member of the last active interval has all of
-//! them and the newest `last_update` belongs to such a member. The past-interval analysis that
-//! stops a PG from going active from members of an *older* interval (Ceph's `up_thru` check)
-//! is not here yet: today a PG with at least `min_size` acting members goes active.
+//! the store-side halves of peering and scrub (a copy's state, applying a push, scanning
+//! objects, scrub maps). No IO beyond the local store, no clock: the daemon's service
+//! ([`crate::service`]) feeds it and carries out what it returns. Peering's decisions live
+//! in [`crate::peering`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -29,25 +13,14 @@ use basalt_placement::{OsdId, PgId};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::peering::{PeerState, PgInfo};
 use crate::store::{ObjectId, ObjectMeta, Store, StoreError, Transaction};
 
 /// Prefix of the xattrs holding advisory locks (`lock.<name>`); hidden from `GetXattrs`.
 pub const LOCK_XATTR_PREFIX: &str = "lock.";
-/// Entries kept in a PG's log (and so the window in which a resent request is recognised).
-pub const LOG_KEEP: u64 = 3000;
 
 /// An object's name within its PG.
 pub type ObjectName = (String, String);
-
-/// What a peer tells the primary during peering.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerState {
-    /// The newest version in the peer's log.
-    pub last_update: Eversion,
-    pub log: Vec<LogEntry>,
-    /// Every object of the PG with its version.
-    pub objects: BTreeMap<ObjectName, Eversion>,
-}
 
 /// Everything about one object, as recovery copies it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +41,9 @@ pub struct Push {
     pub remove: Vec<ObjectName>,
     /// When set, the peer's PG log becomes exactly this.
     pub log: Option<Vec<LogEntry>>,
+    /// When set, the peer's PG info becomes this (in the same transaction as the objects,
+    /// so a backfill cursor never runs ahead of the data).
+    pub info: Option<PgInfo>,
 }
 
 /// One page of a PG listing.
@@ -76,64 +52,6 @@ pub struct Listing {
     pub objects: Vec<ObjectName>,
     /// Pass back as `start_after` for the next page; `None` when the PG is exhausted.
     pub next: Option<ObjectName>,
-}
-
-/// What one peer needs to become equal to the authority.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PeerPlan {
-    pub copy: Vec<ObjectName>,
-    pub remove: Vec<ObjectName>,
-    pub replace_log: bool,
-}
-
-impl PeerPlan {
-    pub fn is_empty(&self) -> bool {
-        self.copy.is_empty() && self.remove.is_empty() && !self.replace_log
-    }
-}
-
-/// The outcome of peering's comparison.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecoveryPlan {
-    pub authority: OsdId,
-    /// Per acting member (the authority has an empty plan).
-    pub peers: BTreeMap<OsdId, PeerPlan>,
-    /// The authority's head: the new primary continues its sequence after it.
-    pub last_update: Eversion,
-}
-
-/// Chooses the authoritative peer (newest `last_update`; on a tie the primary, then the lowest
-/// id, so the choice is deterministic) and lists what every other peer must copy or remove.
-pub fn plan_recovery(primary: OsdId, states: &BTreeMap<OsdId, PeerState>) -> Option<RecoveryPlan> {
-    let (&authority, auth) = states.iter().max_by(|(a, sa), (b, sb)| {
-        sa.last_update
-            .cmp(&sb.last_update)
-            .then_with(|| (**a == primary).cmp(&(**b == primary)))
-            .then_with(|| b.cmp(a))
-    })?;
-    let mut peers = BTreeMap::new();
-    for (&osd, st) in states {
-        let mut plan = PeerPlan::default();
-        if osd != authority {
-            for (name, v) in &auth.objects {
-                if st.objects.get(name) != Some(v) {
-                    plan.copy.push(name.clone());
-                }
-            }
-            for name in st.objects.keys() {
-                if !auth.objects.contains_key(name) {
-                    plan.remove.push(name.clone());
-                }
-            }
-            plan.replace_log = st.log != auth.log;
-        }
-        peers.insert(osd, plan);
-    }
-    Some(RecoveryPlan {
-        authority,
-        peers,
-        last_update: auth.last_update,
-    })
 }
 
 /// Maps a store failure to what the client is told.
@@ -456,7 +374,8 @@ pub fn unlock(st: &mut LockState, client: &str, cookie: &str) -> Result<(), OpEr
 }
 
 /// Adds the version bookkeeping of a write to its transaction: object metadata, the PG log
-/// entry and the request's dup record (all in the same atomic batch), plus log trimming.
+/// entry and the request's dup record (all in the same atomic batch), plus trimming the log
+/// (and with it the window in which a resent request is recognised) to `log_keep` entries.
 #[allow(clippy::too_many_arguments)]
 pub fn finish_write(
     txn: &mut Transaction,
@@ -467,6 +386,7 @@ pub fn finish_write(
     reqid: &ReqId,
     result: Bytes,
     mtime_ns: u64,
+    log_keep: u64,
 ) -> LogEntry {
     if exists_after {
         txn.set_meta(
@@ -489,11 +409,12 @@ pub fn finish_write(
     let pg = obj.pg();
     txn.pg_log_append(pg, version.seq, basalt_ops::encode(&entry));
     txn.dup_record(pg, reqid.key(), version.seq, result);
-    if version.seq > LOG_KEEP && version.seq.is_multiple_of(256) {
-        // Trimming in steps keeps the per-write cost flat; the log holds LOG_KEEP to
-        // LOG_KEEP + 256 entries.
-        txn.pg_log_trim(pg, version.seq - LOG_KEEP);
-        txn.dup_trim(pg, version.seq - LOG_KEEP);
+    // Trimming in steps keeps the per-write cost flat; the log holds log_keep to
+    // log_keep + step entries.
+    let step = (log_keep / 8).clamp(1, 256);
+    if version.seq > log_keep && version.seq.is_multiple_of(step) {
+        txn.pg_log_trim(pg, version.seq - log_keep);
+        txn.dup_trim(pg, version.seq - log_keep);
     }
     entry
 }
@@ -572,45 +493,60 @@ pub fn read_log(store: &Store, pg: PgId) -> Result<Vec<LogEntry>, OpError> {
     Ok(out)
 }
 
+/// The PG info this OSD stores for `pg` (default when never written).
+pub fn read_info(store: &Store, pg: PgId) -> Result<PgInfo, OpError> {
+    match store.pg_info(pg).map_err(store_error)? {
+        Some(b) => basalt_ops::decode(&b, "PG info"),
+        None => Ok(PgInfo::default()),
+    }
+}
+
 /// What this OSD holds of `pg`, for peering.
 pub fn peer_state(store: &Store, pg: PgId) -> Result<PeerState, OpError> {
     if !store.pg_exists(pg).map_err(store_error)? {
         return Ok(PeerState::default());
     }
     let log = read_log(store, pg)?;
-    let mut objects = BTreeMap::new();
-    let mut after: Option<ObjectId> = None;
-    loop {
+    Ok(PeerState {
+        info: read_info(store, pg)?,
+        last_update: log.last().map_or(Eversion::ZERO, |e| e.version),
+        log,
+    })
+}
+
+/// Head objects of `pg` after `after`, in name order, with their versions: one backfill
+/// scan page of at most `max`.
+pub fn scan_objects(
+    store: &Store,
+    pg: PgId,
+    after: Option<&ObjectName>,
+    max: usize,
+) -> Result<Vec<(ObjectName, Eversion)>, OpError> {
+    let mut out = Vec::new();
+    if !store.pg_exists(pg).map_err(store_error)? {
+        return Ok(out);
+    }
+    let mut cursor = after.map(|(ns, n)| ObjectId::with_namespace(pg, ns.clone(), n.clone()));
+    while out.len() < max {
         let page = store
-            .list_objects(pg, after.as_ref(), 1024)
+            .list_objects(pg, cursor.as_ref(), max - out.len())
             .map_err(store_error)?;
         for o in &page.objects {
             if o.snap() != crate::store::SNAP_HEAD {
                 continue;
             }
             let st = store.stat(o).map_err(store_error)?;
-            objects.insert(
+            out.push((
                 (o.namespace().to_string(), o.name().to_string()),
                 Eversion::decode(&st.meta.version).unwrap_or_default(),
-            );
+            ));
         }
         match page.next {
-            Some(n) => after = Some(n),
+            Some(n) => cursor = Some(n),
             None => break,
         }
     }
-    // The newest of the log and the objects: a log trimmed empty still leaves versions.
-    let last_update = log
-        .iter()
-        .map(|e| e.version)
-        .chain(objects.values().copied())
-        .max()
-        .unwrap_or_default();
-    Ok(PeerState {
-        last_update,
-        log,
-        objects,
-    })
+    Ok(out)
 }
 
 /// Builds the transaction that applies `push` to this OSD's copy of `pg`.
@@ -638,6 +574,9 @@ pub fn apply_push(store: &Store, pg: PgId, push: &Push) -> Result<Transaction, O
     }
     if let Some(log) = &push.log {
         replace_log(&mut txn, pg, log);
+    }
+    if let Some(info) = &push.info {
+        txn.pg_info_set(pg, basalt_ops::encode(info));
     }
     Ok(txn)
 }
@@ -791,39 +730,6 @@ mod tests {
 
     fn name(n: &str) -> ObjectName {
         (String::new(), n.to_string())
-    }
-
-    fn state(last: Eversion, objs: &[(&str, Eversion)]) -> PeerState {
-        PeerState {
-            last_update: last,
-            log: vec![],
-            objects: objs.iter().map(|(n, v)| (name(n), *v)).collect(),
-        }
-    }
-
-    #[test]
-    fn authority_is_newest_then_primary() {
-        let mut s = BTreeMap::new();
-        s.insert(1, state(ev(5, 10), &[("a", ev(5, 10))]));
-        s.insert(2, state(ev(5, 12), &[("a", ev(5, 10)), ("b", ev(5, 12))]));
-        s.insert(3, state(ev(5, 12), &[("a", ev(5, 10)), ("b", ev(5, 12))]));
-        let p = plan_recovery(3, &s).expect("plan");
-        assert_eq!(p.authority, 3, "tie on last_update goes to the primary");
-        assert_eq!(p.peers[&1].copy, vec![name("b")]);
-        assert!(p.peers[&2].is_empty());
-        assert_eq!(p.last_update, ev(5, 12));
-    }
-
-    #[test]
-    fn divergent_objects_are_rolled_back_and_extras_removed() {
-        let mut s = BTreeMap::new();
-        // osd.1 applied an unacknowledged write to "a" and created "x" in an older epoch.
-        s.insert(1, state(ev(4, 9), &[("a", ev(4, 9)), ("x", ev(4, 8))]));
-        s.insert(2, state(ev(6, 20), &[("a", ev(3, 2))]));
-        let p = plan_recovery(1, &s).expect("plan");
-        assert_eq!(p.authority, 2);
-        assert_eq!(p.peers[&1].copy, vec![name("a")]);
-        assert_eq!(p.peers[&1].remove, vec![name("x")]);
     }
 
     fn scrubbed(v: u64, digest: u8, bad: &[u64]) -> ScrubObject {
@@ -991,6 +897,7 @@ mod tests {
                 &reqid,
                 Bytes::new(),
                 0,
+                3000,
             );
             s.submit_blocking(&ex.txn).expect("apply");
         };
@@ -998,29 +905,44 @@ mod tests {
         write(&auth, "b", b"bb", ev(2, 3));
         write(&peer, "a", b"old", ev(1, 1));
         write(&peer, "z", b"zz", ev(1, 2));
-        let states: BTreeMap<_, _> = [
-            (1, peer_state(&auth, pg).expect("s")),
-            (2, peer_state(&peer, pg).expect("s")),
-        ]
-        .into();
-        let plan = plan_recovery(2, &states).expect("plan");
-        assert_eq!(plan.authority, 1);
-        let pp = &plan.peers[&2];
+        // The logs share nothing, so this is a backfill: diff the scans, push the difference.
+        let auth_state = peer_state(&auth, pg).expect("s");
+        assert_eq!(
+            crate::peering::catchup(&auth_state, &peer_state(&peer, pg).expect("s")),
+            crate::peering::Catchup::Backfill { after: None }
+        );
+        let (copy, remove) = crate::peering::backfill_diff(
+            &scan_objects(&auth, pg, None, 100).expect("scan"),
+            &scan_objects(&peer, pg, None, 100).expect("scan"),
+        );
+        assert_eq!(
+            copy,
+            vec![(String::new(), "a".into()), (String::new(), "b".into())]
+        );
+        assert_eq!(remove, vec![(String::new(), "z".into())]);
         let push = Push {
-            objects: pp
-                .copy
+            objects: copy
                 .iter()
                 .map(|(ns, n)| {
                     object_state(&auth, &ObjectId::with_namespace(pg, ns.clone(), n.clone()))
                         .expect("state")
                 })
                 .collect(),
-            remove: pp.remove.clone(),
-            log: pp.replace_log.then(|| states[&1].log.clone()),
+            remove,
+            log: Some(auth_state.log.clone()),
+            info: Some(auth_state.info.clone()),
         };
         let txn = apply_push(&peer, pg, &push).expect("push");
         peer.submit_blocking(&txn).expect("apply");
-        assert_eq!(peer_state(&peer, pg).expect("s"), states[&1]);
+        assert_eq!(peer_state(&peer, pg).expect("s"), auth_state);
+        assert_eq!(
+            scan_objects(&peer, pg, None, 100).expect("scan"),
+            scan_objects(&auth, pg, None, 100).expect("scan")
+        );
+        assert_eq!(
+            scan_objects(&peer, pg, Some(&(String::new(), "a".into())), 100).expect("scan"),
+            vec![((String::new(), "b".into()), ev(2, 3))]
+        );
         assert_eq!(
             peer.read(&ObjectId::new(pg, "a"), 0, 10).expect("read"),
             Bytes::from_static(b"new")

@@ -26,9 +26,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use basalt_client::MonClient;
+use basalt_config::OsdTuning;
 use basalt_maps::{Epoch, OsdMap};
 use basalt_ops::{
     decode, encode, Eversion, NotifyResult, ObjOp, OpError, OpResult, ReqId, WatcherInfo,
@@ -44,6 +46,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::peering::{self, BackfillProgress, Catchup, PeerState, PgInfo};
 use crate::pg::{self, ObjectName, Push};
 use crate::store::{ObjectId, Store, Transaction};
 
@@ -53,14 +56,24 @@ const PEER_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Largest total object bytes in one recovery push or pull.
 const RECOVERY_BATCH_BYTES: u64 = 32 * 1024 * 1024;
+/// Objects per backfill scan page (and so per backfill range).
+const BACKFILL_SCAN: usize = 256;
 /// Longest a request waits for the OSD to catch up with the sender's map.
 const MAP_WAIT: Duration = Duration::from_secs(10);
 
 /// Where a PG instance on this OSD stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PgStatus {
-    /// Primary, comparing and repairing replicas.
+    /// Primary, gathering the members' states.
     Peering,
+    /// Primary, copying the objects named in the logs to members that are behind.
+    Recovering,
+    /// Primary, copying whole object ranges to members the log cannot catch up.
+    Backfilling,
+    /// Primary that must not serve: no member of the last active interval answered.
+    Down(String),
+    /// Primary that must not serve: no complete copy answered.
+    Incomplete(String),
     /// Primary, serving I/O.
     Active,
     /// Primary that cannot serve (the reason says why, e.g. below min_size).
@@ -75,6 +88,10 @@ impl PgStatus {
     pub fn name(&self) -> String {
         match self {
             PgStatus::Peering => "peering".into(),
+            PgStatus::Recovering => "recovering".into(),
+            PgStatus::Backfilling => "backfilling".into(),
+            PgStatus::Down(why) => format!("down ({why})"),
+            PgStatus::Incomplete(why) => format!("incomplete ({why})"),
             PgStatus::Active => "active".into(),
             PgStatus::Inactive(why) => format!("inactive ({why})"),
             PgStatus::Replica => "replica".into(),
@@ -162,6 +179,14 @@ pub struct OsdCore {
     watches: Mutex<HashMap<WatchKey, Vec<WatchEntry>>>,
     notifies: Mutex<HashMap<u64, PendingNotify>>,
     next_notify: AtomicU64,
+    tuning: OsdTuning,
+    /// Where activations are recorded; set once the daemon has its monitor client.
+    mon: OnceLock<MonClient>,
+    /// PGs recovering or backfilling at once with this OSD as primary.
+    recovery_slots: Arc<tokio::sync::Semaphore>,
+    /// PGs found in the store at start: their data matters to peering even where this OSD
+    /// is no longer acting, so they get (stray) instances.
+    stored_pgs: BTreeSet<PgId>,
 }
 
 fn now_ms() -> u64 {
@@ -188,9 +213,19 @@ pub fn osd_client(addr: &str) -> Result<OsdClient<Channel>, OpError> {
 }
 
 impl OsdCore {
-    pub fn new(store: Store) -> Arc<Self> {
+    pub fn new(store: Store, tuning: OsdTuning) -> Arc<Self> {
         let (map_tx, _) = watch::channel(None);
+        let stored_pgs = store.list_pgs().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot list the PGs in the store");
+            Vec::new()
+        });
         Arc::new(OsdCore {
+            recovery_slots: Arc::new(tokio::sync::Semaphore::new(
+                tuning.recovery_max_active.max(1) as usize,
+            )),
+            tuning,
+            mon: OnceLock::new(),
+            stored_pgs: stored_pgs.into_iter().collect(),
             store,
             whoami: AtomicU32::new(u32::MAX),
             map_tx,
@@ -200,6 +235,11 @@ impl OsdCore {
             notifies: Mutex::new(HashMap::new()),
             next_notify: AtomicU64::new(1),
         })
+    }
+
+    /// Gives the data path the monitor client it records PG activations with.
+    pub fn set_mon(&self, mon: MonClient) {
+        let _ = self.mon.set(mon);
     }
 
     fn me(&self) -> Option<OsdId> {
@@ -250,6 +290,12 @@ impl OsdCore {
                 PgStatus::Active if short => format!("active+undersized+degraded{damaged}"),
                 PgStatus::Active => format!("active+clean{damaged}"),
                 PgStatus::Peering => "peering".to_string(),
+                PgStatus::Recovering if short => "recovering+undersized+degraded".to_string(),
+                PgStatus::Recovering => "recovering+degraded".to_string(),
+                PgStatus::Backfilling if short => "backfilling+undersized+degraded".to_string(),
+                PgStatus::Backfilling => "backfilling+degraded".to_string(),
+                PgStatus::Down(_) => "down".to_string(),
+                PgStatus::Incomplete(_) => "incomplete".to_string(),
                 PgStatus::Inactive(_) => "undersized+peered".to_string(),
                 other => other.name(),
             };
@@ -286,7 +332,7 @@ impl OsdCore {
                         continue;
                     };
                     let in_acting = mapping.acting.contains(&me);
-                    if !in_acting && !pgs.contains_key(&id) {
+                    if !in_acting && !pgs.contains_key(&id) && !self.stored_pgs.contains(&id) {
                         continue;
                     }
                     let pg = pgs
@@ -470,7 +516,12 @@ impl OsdCore {
             }
             match status {
                 PgStatus::Active => return Ok(generation),
-                PgStatus::Peering | PgStatus::Inactive(_) => {}
+                PgStatus::Peering
+                | PgStatus::Recovering
+                | PgStatus::Backfilling
+                | PgStatus::Down(_)
+                | PgStatus::Incomplete(_)
+                | PgStatus::Inactive(_) => {}
                 PgStatus::Replica | PgStatus::Stray => {
                     return Err(OpError::NotPrimary {
                         pg: pg.id.to_string(),
@@ -624,6 +675,7 @@ impl OsdCore {
             &reqid,
             recorded,
             now_ns(),
+            self.tuning.pg_log_entries,
         );
         self.replicate(&pg, generation, replicas, txn).await?;
         Ok(result)
@@ -779,56 +831,347 @@ impl OsdCore {
         )))
     }
 
-    async fn pull(
-        &self,
-        pg: &Pg,
-        interval_epoch: Epoch,
-        osd: OsdId,
-        names: &[ObjectName],
-    ) -> Result<Vec<pg::ObjectState>, OpError> {
-        let mut c = self.peer_client(osd)?;
-        let reply = tokio::time::timeout(
-            PEER_RPC_TIMEOUT,
-            c.pg_pull(pb::PgPullRequest {
-                pool: pg.id.pool,
-                pg_seed: pg.id.seed,
-                interval_epoch,
-                from: self.me().unwrap_or(u32::MAX),
-                objects: encode(&names.to_vec()),
-            }),
-        )
-        .await
-        .map_err(|_| OpError::Io(format!("osd.{osd} did not answer a pull")))?
-        .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
-        decode::<Result<Vec<pg::ObjectState>, OpError>>(&reply.get_ref().result, "pull reply")?
+    /// Sends a peering RPC to `osd` with the peer timeout and decodes its postcard result.
+    async fn peer_rpc<T, F, Fut>(&self, osd: OsdId, what: &str, call: F) -> Result<T, OpError>
+    where
+        T: for<'de> serde::Deserialize<'de>,
+        F: FnOnce(OsdClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<Bytes>, Status>>,
+    {
+        let c = self.peer_client(osd)?;
+        let reply = tokio::time::timeout(PEER_RPC_TIMEOUT, call(c))
+            .await
+            .map_err(|_| OpError::Io(format!("osd.{osd} did not answer a {what}")))?
+            .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
+        decode::<Result<T, OpError>>(reply.get_ref(), what)?
     }
 
-    /// Peering for an interval in which this OSD is primary: repeat until the PG is active,
-    /// inactive for a reason only a new map can change, or the interval is over.
-    async fn peer(self: Arc<Self>, pg: Arc<Pg>, generation: u64) {
-        loop {
-            match self.peer_once(&pg, generation).await {
-                Ok(()) => return,
-                Err(e) => {
+    async fn query(
+        &self,
+        id: PgId,
+        interval_epoch: Epoch,
+        osd: OsdId,
+    ) -> Result<PeerState, OpError> {
+        let me = self.me().unwrap_or(u32::MAX);
+        if osd == me {
+            let store = self.store.clone();
+            return tokio::task::spawn_blocking(move || pg::peer_state(&store, id))
+                .await
+                .map_err(|e| OpError::Io(e.to_string()))?;
+        }
+        self.peer_rpc(osd, "query", |mut c| async move {
+            let r = c
+                .pg_query(pb::PgQueryRequest {
+                    pool: id.pool,
+                    pg_seed: id.seed,
+                    interval_epoch,
+                    from: me,
+                })
+                .await?;
+            Ok(Response::new(r.into_inner().result))
+        })
+        .await
+    }
+
+    /// One object as `source` holds it (None: it does not exist there).
+    async fn fetch(
+        &self,
+        id: PgId,
+        interval_epoch: Epoch,
+        source: OsdId,
+        name: &ObjectName,
+    ) -> Result<Option<pg::ObjectState>, OpError> {
+        let me = self.me().unwrap_or(u32::MAX);
+        if source == me {
+            let store = self.store.clone();
+            let obj = ObjectId::with_namespace(id, name.0.clone(), name.1.clone());
+            return tokio::task::spawn_blocking(move || match pg::object_state(&store, &obj) {
+                Ok(st) => Ok(Some(st)),
+                Err(crate::store::StoreError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(pg::store_error(e)),
+            })
+            .await
+            .map_err(|e| OpError::Io(e.to_string()))?;
+        }
+        // One object per pull: sizes are unknown here and one object may be as large as the
+        // message limit allows.
+        let objects = encode(&vec![name.clone()]);
+        let mut got: Vec<Option<pg::ObjectState>> = self
+            .peer_rpc(source, "pull", |mut c| async move {
+                let r = c
+                    .pg_pull(pb::PgPullRequest {
+                        pool: id.pool,
+                        pg_seed: id.seed,
+                        interval_epoch,
+                        from: me,
+                        objects,
+                    })
+                    .await?;
+                Ok(Response::new(r.into_inner().result))
+            })
+            .await?;
+        got.pop()
+            .ok_or_else(|| OpError::Io(format!("osd.{source} answered a pull with nothing")))
+    }
+
+    /// Applies `push` to `target`'s copy of the PG.
+    async fn deliver(
+        &self,
+        id: PgId,
+        interval_epoch: Epoch,
+        target: OsdId,
+        push: &Push,
+    ) -> Result<(), OpError> {
+        let me = self.me().unwrap_or(u32::MAX);
+        if target == me {
+            let txn = pg::apply_push(&self.store, id, push)?;
+            return self.store.submit(txn).await.map_err(pg::store_error);
+        }
+        let push = encode(push);
+        self.peer_rpc(target, "push", |mut c| async move {
+            let r = c
+                .pg_push(pb::PgPushRequest {
+                    pool: id.pool,
+                    pg_seed: id.seed,
+                    interval_epoch,
+                    from: me,
+                    push,
+                })
+                .await?;
+            Ok(Response::new(r.into_inner().result))
+        })
+        .await
+    }
+
+    /// One page of `osd`'s objects after `after`, in name order.
+    async fn scan(
+        &self,
+        id: PgId,
+        interval_epoch: Epoch,
+        osd: OsdId,
+        after: Option<&ObjectName>,
+    ) -> Result<Vec<(ObjectName, Eversion)>, OpError> {
+        let me = self.me().unwrap_or(u32::MAX);
+        if osd == me {
+            let store = self.store.clone();
+            let after = after.cloned();
+            return tokio::task::spawn_blocking(move || {
+                pg::scan_objects(&store, id, after.as_ref(), BACKFILL_SCAN)
+            })
+            .await
+            .map_err(|e| OpError::Io(e.to_string()))?;
+        }
+        let after = encode(&after);
+        self.peer_rpc(osd, "scan", |mut c| async move {
+            let r = c
+                .pg_scan(pb::PgScanRequest {
+                    pool: id.pool,
+                    pg_seed: id.seed,
+                    interval_epoch,
+                    from: me,
+                    after,
+                    max: BACKFILL_SCAN as u32,
+                })
+                .await?;
+            Ok(Response::new(r.into_inner().result))
+        })
+        .await
+    }
+
+    /// Copies `names` from `source` to `target` in pushes of at most RECOVERY_BATCH_BYTES
+    /// (objects `source` lacks are removed). The first push also removes `remove`; every
+    /// push carries `info`, except that the last carries `last` (log and info) when given.
+    #[allow(clippy::too_many_arguments)]
+    async fn transfer(
+        &self,
+        id: PgId,
+        interval_epoch: Epoch,
+        source: OsdId,
+        target: OsdId,
+        names: &[ObjectName],
+        remove: Vec<ObjectName>,
+        info: Option<PgInfo>,
+        last: Option<(Vec<basalt_ops::LogEntry>, PgInfo)>,
+    ) -> Result<(), OpError> {
+        let mut push = Push {
+            remove,
+            info: info.clone(),
+            ..Push::default()
+        };
+        let mut bytes = 0u64;
+        for (i, name) in names.iter().enumerate() {
+            match self.fetch(id, interval_epoch, source, name).await? {
+                Some(st) => {
+                    bytes += st.data.len() as u64 + 1;
+                    push.objects.push(st);
+                }
+                None => push.remove.push(name.clone()),
+            }
+            if bytes >= RECOVERY_BATCH_BYTES && i + 1 < names.len() {
+                self.deliver(id, interval_epoch, target, &push).await?;
+                metrics::counter!("basalt_osd_recovered_objects_total")
+                    .increment(push.objects.len() as u64);
+                push = Push {
+                    info: info.clone(),
+                    ..Push::default()
+                };
+                bytes = 0;
+            }
+        }
+        if let Some((log, info)) = last {
+            push.log = Some(log);
+            push.info = Some(info);
+        }
+        metrics::counter!("basalt_osd_recovered_objects_total")
+            .increment(push.objects.len() as u64);
+        self.deliver(id, interval_epoch, target, &push).await
+    }
+
+    /// Makes `target`'s copy equal to `source`'s, which holds the authoritative state `auth`.
+    #[allow(clippy::too_many_arguments)]
+    async fn catch_up(
+        &self,
+        pg: &Pg,
+        generation: u64,
+        interval_epoch: Epoch,
+        source: OsdId,
+        target: OsdId,
+        auth: &PeerState,
+        target_state: &PeerState,
+    ) -> Result<(), OpError> {
+        let id = pg.id;
+        // The target keeps its les until activation: a copy caught up but never activated
+        // must not look newer than it is.
+        let done = PgInfo {
+            les: target_state.info.les,
+            backfill: None,
+        };
+        match peering::catchup(auth, target_state) {
+            Catchup::UpToDate => Ok(()),
+            Catchup::Log { objects } => {
+                self.set_status(pg, generation, PgStatus::Recovering);
+                metrics::counter!("basalt_osd_recoveries_total", "kind" => "log").increment(1);
+                tracing::info!(pg = %id, from = source, to = target, objects = objects.len(), "log-based recovery");
+                self.transfer(
+                    id,
+                    interval_epoch,
+                    source,
+                    target,
+                    &objects,
+                    vec![],
+                    None,
+                    Some((auth.log.clone(), done)),
+                )
+                .await
+            }
+            Catchup::Backfill { mut after } => {
+                self.set_status(pg, generation, PgStatus::Backfilling);
+                metrics::counter!("basalt_osd_recoveries_total", "kind" => "backfill").increment(1);
+                tracing::info!(pg = %id, from = source, to = target, resume_after = ?after, "backfill");
+                loop {
                     if lock(&pg.state).generation != generation {
-                        return;
+                        return Err(OpError::IntervalChanged {
+                            pg: id.to_string(),
+                            epoch: interval_epoch,
+                        });
                     }
-                    tracing::info!(pg = %pg.id, error = %e, "peering round failed; retrying");
-                    let mut rx = pg.changed.subscribe();
-                    let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+                    let wanted = self
+                        .scan(id, interval_epoch, source, after.as_ref())
+                        .await?;
+                    // This range ends at the last object of the page, or covers the rest
+                    // of the name space when the page is the last.
+                    let end = (wanted.len() >= BACKFILL_SCAN)
+                        .then(|| wanted.last().map(|(n, _)| n.clone()))
+                        .flatten();
+                    let mut have = Vec::new();
+                    let mut cursor = after.clone();
+                    loop {
+                        let page = self
+                            .scan(id, interval_epoch, target, cursor.as_ref())
+                            .await?;
+                        let full = page.len() >= BACKFILL_SCAN;
+                        cursor = page.last().map(|(n, _)| n.clone());
+                        let past_end = |n: &ObjectName| end.as_ref().is_some_and(|e| n > e);
+                        let beyond = page.iter().any(|(n, _)| past_end(n));
+                        have.extend(page.into_iter().filter(|(n, _)| !past_end(n)));
+                        if !full || beyond {
+                            break;
+                        }
+                    }
+                    let (copy, remove) = peering::backfill_diff(&wanted, &have);
+                    let progress = |through: Option<ObjectName>| PgInfo {
+                        les: target_state.info.les,
+                        backfill: Some(BackfillProgress {
+                            target: auth.last_update,
+                            done_through: through,
+                        }),
+                    };
+                    let last = match &end {
+                        Some(e) => (target_state.log.clone(), progress(Some(e.clone()))),
+                        None => (auth.log.clone(), done.clone()),
+                    };
+                    self.transfer(
+                        id,
+                        interval_epoch,
+                        source,
+                        target,
+                        &copy,
+                        remove,
+                        Some(progress(after.clone())),
+                        Some(last),
+                    )
+                    .await?;
+                    match end {
+                        Some(e) => after = Some(e),
+                        None => return Ok(()),
+                    }
                 }
             }
         }
     }
 
-    /// One peering round: `Ok` once the PG is active, or when only a new map can change its
-    /// fate (a newer interval began, or too few members to serve).
-    async fn peer_once(&self, pg: &Arc<Pg>, generation: u64) -> Result<(), OpError> {
+    fn set_status(&self, pg: &Pg, generation: u64, status: PgStatus) {
+        let mut s = lock(&pg.state);
+        if s.generation == generation && s.status != status {
+            s.status = status;
+            drop(s);
+            pg.bump();
+        }
+    }
+
+    /// Peering for an interval in which this OSD is primary: repeat until the PG is active
+    /// or the interval is over. A PG that is down or incomplete keeps re-checking, since
+    /// the member it waits for may come back without changing the acting set.
+    async fn peer(self: Arc<Self>, pg: Arc<Pg>, generation: u64) {
+        loop {
+            let pause = match self.peer_once(&pg, generation).await {
+                Ok(true) => return,
+                Ok(false) => Duration::from_secs(2),
+                Err(e) => {
+                    if lock(&pg.state).generation != generation {
+                        return;
+                    }
+                    tracing::info!(pg = %pg.id, error = %e, "peering round failed; retrying");
+                    Duration::from_millis(500)
+                }
+            };
+            let mut rx = pg.changed.subscribe();
+            let _ = tokio::time::timeout(pause, rx.changed()).await;
+            if lock(&pg.state).generation != generation {
+                return;
+            }
+        }
+    }
+
+    /// One peering round: `Ok(true)` once the PG is active or only a new map can change its
+    /// fate (a newer interval began, or too few members to serve); `Ok(false)` when it must
+    /// wait (down, incomplete).
+    async fn peer_once(&self, pg: &Arc<Pg>, generation: u64) -> Result<bool, OpError> {
         let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
         let (acting, interval_epoch) = {
             let mut s = lock(&pg.state);
             if s.generation != generation {
-                return Ok(());
+                return Ok(true);
             }
             if (s.acting.len() as u32) < s.min_size {
                 s.status = PgStatus::Inactive(format!(
@@ -838,148 +1181,133 @@ impl OsdCore {
                 ));
                 drop(s);
                 pg.bump();
-                return Ok(());
+                return Ok(true);
             }
             (s.acting.clone(), s.interval_epoch)
         };
+        let id = pg.id;
+        let map = self
+            .current_map()
+            .ok_or_else(|| OpError::Io("no OSDMap yet".into()))?;
+        let activation = map.pg_activations.get(&id).cloned();
         // In-flight writes of the previous interval finish (their replicas refuse them now)
         // before our own state is read.
         let _quiesced = pg.gate.write().await;
         let mut states = BTreeMap::new();
-        let store = self.store.clone();
-        let id = pg.id;
-        let own = tokio::task::spawn_blocking(move || pg::peer_state(&store, id))
-            .await
-            .map_err(|e| OpError::Io(e.to_string()))??;
-        states.insert(me, own);
-        for &osd in acting.iter().filter(|o| **o != me) {
-            let mut c = self.peer_client(osd)?;
-            let reply = tokio::time::timeout(
-                PEER_RPC_TIMEOUT,
-                c.pg_query(pb::PgQueryRequest {
-                    pool: id.pool,
-                    pg_seed: id.seed,
-                    interval_epoch,
-                    from: me,
-                }),
-            )
-            .await
-            .map_err(|_| OpError::Io(format!("osd.{osd} did not answer the query")))?
-            .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
-            let st = decode::<Result<pg::PeerState, OpError>>(&reply.get_ref().result, "query")??;
-            states.insert(osd, st);
+        for &osd in &acting {
+            states.insert(osd, self.query(id, interval_epoch, osd).await?);
         }
-        let plan =
-            pg::plan_recovery(me, &states).ok_or_else(|| OpError::Io("no peer states".into()))?;
-        if plan.authority != me {
-            let mine = &plan.peers[&me];
-            let names = mine.copy.clone();
-            let mut first = true;
-            // One object per pull: sizes are unknown here and one object may be as large
-            // as the message limit allows.
-            for name in &names {
-                let objects = self
-                    .pull(
-                        pg,
-                        interval_epoch,
-                        plan.authority,
-                        std::slice::from_ref(name),
-                    )
-                    .await?;
-                let push = Push {
-                    objects,
-                    remove: if first { mine.remove.clone() } else { vec![] },
-                    log: None,
+        // Members of the last active interval that are up but no longer acting still hold
+        // its writes: hear them too (they are strays, never recovered here).
+        for &osd in activation.iter().flat_map(|a| a.acting.iter()) {
+            let up = map.osds.get(&osd).is_some_and(|o| o.up);
+            if up && !states.contains_key(&osd) {
+                match self.query(id, interval_epoch, osd).await {
+                    Ok(st) => {
+                        states.insert(osd, st);
+                    }
+                    Err(e) => {
+                        tracing::info!(pg = %id, osd, error = %e, "stray copy did not answer")
+                    }
+                }
+            }
+        }
+        let authority = match peering::choose_authority(me, activation.as_ref(), &states) {
+            Ok(a) => a,
+            Err(blocked) => {
+                let why = blocked.to_string();
+                let status = match blocked {
+                    peering::Blocked::Down { .. } => PgStatus::Down(why.clone()),
+                    peering::Blocked::Incomplete { .. } => PgStatus::Incomplete(why.clone()),
                 };
-                first = false;
-                let txn = pg::apply_push(&self.store, id, &push)?;
-                self.store.submit(txn).await.map_err(pg::store_error)?;
+                if lock(&pg.state).status != status {
+                    tracing::warn!(pg = %id, epoch = interval_epoch, "{}", status.name());
+                }
+                self.set_status(pg, generation, status);
+                return Ok(false);
             }
-            let push = Push {
-                objects: vec![],
-                remove: if first { mine.remove.clone() } else { vec![] },
-                log: Some(states[&plan.authority].log.clone()),
-            };
-            let txn = pg::apply_push(&self.store, id, &push)?;
-            self.store.submit(txn).await.map_err(pg::store_error)?;
-            metrics::counter!("basalt_osd_recovered_objects_total").increment(names.len() as u64);
-        }
-        let auth_log = states[&plan.authority].log.clone();
-        for (&osd, peer_plan) in &plan.peers {
-            // We now equal the authority, and the authority's own plan is empty.
-            if osd == me || peer_plan.is_empty() {
-                continue;
-            }
-            self.push_to(pg, interval_epoch, osd, peer_plan, &auth_log)
+        };
+        let auth = states[&authority].clone();
+        let behind: Vec<OsdId> = acting
+            .iter()
+            .copied()
+            .filter(|o| peering::catchup(&auth, &states[o]) != Catchup::UpToDate)
+            .collect();
+        if !behind.is_empty() {
+            // Only PGs with copying to do wait for a slot; the others go active at once.
+            let _slot = self
+                .recovery_slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| OpError::Io("recovery throttle closed".into()))?;
+            // This primary first becomes equal to the authority, then serves as the source
+            // for every other member that is behind.
+            if behind.contains(&me) {
+                self.catch_up(
+                    pg,
+                    generation,
+                    interval_epoch,
+                    authority,
+                    me,
+                    &auth,
+                    &states[&me],
+                )
                 .await?;
-            metrics::counter!("basalt_osd_recovered_objects_total")
-                .increment(peer_plan.copy.len() as u64);
+            }
+            for &osd in behind.iter().filter(|o| **o != me) {
+                self.catch_up(
+                    pg,
+                    generation,
+                    interval_epoch,
+                    me,
+                    osd,
+                    &auth,
+                    &states[&osd],
+                )
+                .await?;
+            }
+        }
+        // Activation: every member records this interval as its les, then the monitors
+        // record the acting set, and only then is the first write accepted.
+        let activated = Push {
+            info: Some(PgInfo {
+                les: interval_epoch,
+                backfill: None,
+            }),
+            ..Push::default()
+        };
+        for &osd in &acting {
+            self.deliver(id, interval_epoch, osd, &activated).await?;
+        }
+        let recorded = activation
+            .as_ref()
+            .is_some_and(|a| a.interval == interval_epoch && a.acting == acting);
+        if !recorded {
+            let mon = self
+                .mon
+                .get()
+                .ok_or_else(|| OpError::Io("no monitor client yet".into()))?;
+            let reply = mon
+                .pg_activated(id, interval_epoch, acting.clone())
+                .await
+                .map_err(|e| {
+                    OpError::Io(format!(
+                        "cannot record the activation with the monitors: {e}"
+                    ))
+                })?;
+            self.map_at_least(reply.epoch).await?;
         }
         let mut s = lock(&pg.state);
         if s.generation != generation {
-            return Ok(());
+            return Ok(true);
         }
-        s.next_seq = plan.last_update.seq + 1;
+        s.next_seq = auth.last_update.seq + 1;
         s.status = PgStatus::Active;
         drop(s);
         pg.bump();
-        tracing::debug!(pg = %id, epoch = interval_epoch, last_update = %plan.last_update, "active");
-        Ok(())
-    }
-
-    async fn push_to(
-        &self,
-        pg: &Pg,
-        interval_epoch: Epoch,
-        osd: OsdId,
-        plan: &pg::PeerPlan,
-        log: &[basalt_ops::LogEntry],
-    ) -> Result<(), OpError> {
-        let me = self.me().unwrap_or(u32::MAX);
-        let mut pending = plan.copy.iter().peekable();
-        let mut first = true;
-        loop {
-            // Objects are read until the batch reaches RECOVERY_BATCH_BYTES, so a push
-            // stays well inside the message limit whatever the object sizes.
-            let mut objects = Vec::new();
-            let mut bytes = 0u64;
-            while bytes < RECOVERY_BATCH_BYTES {
-                let Some((ns, n)) = pending.next() else { break };
-                let store = self.store.clone();
-                let obj = ObjectId::with_namespace(pg.id, ns.clone(), n.clone());
-                let st = tokio::task::spawn_blocking(move || pg::object_state(&store, &obj))
-                    .await
-                    .map_err(|e| OpError::Io(e.to_string()))?
-                    .map_err(pg::store_error)?;
-                bytes += st.data.len() as u64 + 1;
-                objects.push(st);
-            }
-            let last = pending.peek().is_none();
-            let push = Push {
-                objects,
-                remove: if first { plan.remove.clone() } else { vec![] },
-                log: last.then(|| log.to_vec()),
-            };
-            first = false;
-            let mut c = self.peer_client(osd)?;
-            let reply = tokio::time::timeout(
-                PEER_RPC_TIMEOUT,
-                c.pg_push(pb::PgPushRequest {
-                    pool: pg.id.pool,
-                    pg_seed: pg.id.seed,
-                    interval_epoch,
-                    from: me,
-                    push: encode(&push),
-                }),
-            )
-            .await
-            .map_err(|_| OpError::Io(format!("osd.{osd} did not answer a push")))?
-            .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
-            decode::<Result<(), OpError>>(&reply.get_ref().result, "push reply")??;
-            if last {
-                return Ok(());
-            }
-        }
+        tracing::debug!(pg = %id, epoch = interval_epoch, last_update = %auth.last_update, "active");
+        Ok(true)
     }
 
     /// Checks a peering/replication request from `from` for `pg` at `interval_epoch`: this
@@ -1004,7 +1332,7 @@ impl OsdCore {
         Ok(pg)
     }
 
-    pub async fn handle_pg_query(&self, req: pb::PgQueryRequest) -> Result<pg::PeerState, OpError> {
+    pub async fn handle_pg_query(&self, req: pb::PgQueryRequest) -> Result<PeerState, OpError> {
         let pg = self
             .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
             .await?;
@@ -1025,7 +1353,7 @@ impl OsdCore {
     pub async fn handle_pg_pull(
         &self,
         req: pb::PgPullRequest,
-    ) -> Result<Vec<pg::ObjectState>, OpError> {
+    ) -> Result<Vec<Option<pg::ObjectState>>, OpError> {
         let pg = self
             .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
             .await?;
@@ -1036,13 +1364,33 @@ impl OsdCore {
             names
                 .iter()
                 .map(|(ns, n)| {
-                    pg::object_state(&store, &ObjectId::with_namespace(id, ns.clone(), n.clone()))
-                        .map_err(pg::store_error)
+                    let obj = ObjectId::with_namespace(id, ns.clone(), n.clone());
+                    match pg::object_state(&store, &obj) {
+                        Ok(st) => Ok(Some(st)),
+                        Err(crate::store::StoreError::NotFound { .. }) => Ok(None),
+                        Err(e) => Err(pg::store_error(e)),
+                    }
                 })
                 .collect()
         })
         .await
         .map_err(|e| OpError::Io(e.to_string()))?
+    }
+
+    pub async fn handle_pg_scan(
+        &self,
+        req: pb::PgScanRequest,
+    ) -> Result<Vec<(ObjectName, Eversion)>, OpError> {
+        let pg = self
+            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
+            .await?;
+        let after: Option<ObjectName> = decode(&req.after, "scan start")?;
+        let max = (req.max as usize).clamp(1, 4 * BACKFILL_SCAN);
+        let store = self.store.clone();
+        let id = pg.id;
+        tokio::task::spawn_blocking(move || pg::scan_objects(&store, id, after.as_ref(), max))
+            .await
+            .map_err(|e| OpError::Io(e.to_string()))?
     }
 
     pub async fn handle_pg_push(&self, req: pb::PgPushRequest) -> Result<(), OpError> {
@@ -1210,51 +1558,23 @@ impl OsdCore {
     /// Copies the good copy of one inconsistent object over every bad one; false when no
     /// member holds a good copy.
     async fn repair_copies(&self, pg: &Arc<Pg>, inc: &pg::Inconsistency) -> Result<bool, OpError> {
-        let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
         let Some(good) = inc.good else {
             return Ok(false);
         };
         let interval_epoch = lock(&pg.state).interval_epoch;
         let name = (inc.namespace.clone(), inc.name.clone());
-        let obj = ObjectId::with_namespace(pg.id, inc.namespace.clone(), inc.name.clone());
-        let state = if good == me {
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || pg::object_state(&store, &obj))
-                .await
-                .map_err(|e| OpError::Io(e.to_string()))?
-                .map_err(pg::store_error)?
-        } else {
-            self.pull(pg, interval_epoch, good, std::slice::from_ref(&name))
-                .await?
-                .into_iter()
-                .next()
-                .ok_or_else(|| {
-                    OpError::Io(format!("osd.{good} returned no copy of {}", inc.name))
-                })?
+        let Some(state) = self.fetch(pg.id, interval_epoch, good, &name).await? else {
+            return Err(OpError::Io(format!(
+                "osd.{good} no longer holds {}",
+                inc.name
+            )));
         };
         let push = Push {
             objects: vec![state],
-            remove: vec![],
-            log: None,
+            ..Push::default()
         };
         for &osd in &inc.bad {
-            if osd == me {
-                let txn = pg::apply_push(&self.store, pg.id, &push)?;
-                self.store.submit(txn).await.map_err(pg::store_error)?;
-            } else {
-                let mut c = self.peer_client(osd)?;
-                let reply = c
-                    .pg_push(pb::PgPushRequest {
-                        pool: pg.id.pool,
-                        pg_seed: pg.id.seed,
-                        interval_epoch,
-                        from: me,
-                        push: encode(&push),
-                    })
-                    .await
-                    .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
-                decode::<Result<(), OpError>>(&reply.get_ref().result, "push reply")??;
-            }
+            self.deliver(pg.id, interval_epoch, osd, &push).await?;
         }
         tracing::info!(pg = %pg.id, object = %inc.name, from = good, to = ?inc.bad, "repaired");
         Ok(true)
@@ -1659,6 +1979,14 @@ impl pb::osd_server::Osd for OsdService {
     ) -> Result<Response<pb::PgPullReply>, Status> {
         let r = self.core.handle_pg_pull(req.into_inner()).await;
         Ok(Response::new(pb::PgPullReply { result: encode(&r) }))
+    }
+
+    async fn pg_scan(
+        &self,
+        req: Request<pb::PgScanRequest>,
+    ) -> Result<Response<pb::PgScanReply>, Status> {
+        let r = self.core.handle_pg_scan(req.into_inner()).await;
+        Ok(Response::new(pb::PgScanReply { result: encode(&r) }))
     }
 
     async fn pg_push(

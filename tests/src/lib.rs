@@ -149,6 +149,7 @@ impl TestCluster {
             timeouts,
             paxos: PaxosTuning::default(),
             client: Default::default(),
+            osd: Default::default(),
         };
         let config_path = dir.path().join("cluster.toml");
         std::fs::write(&config_path, config.to_toml())?;

@@ -1,0 +1,389 @@
+//! Peering's decisions, pure: which copy of a PG is authoritative, whether the PG may go
+//! active at all, and how each other copy catches up with it — from the log, or by backfill.
+//! No IO and no clock; [`crate::service`] gathers the inputs (peer states, the OSDMap's
+//! activation record, scan pages) and carries out the answers.
+//!
+//! # The rules
+//!
+//! - **Split-brain guard.** A write is acknowledged only after every acting member committed
+//!   it, and a primary records its interval's acting set in the OSDMap
+//!   ([`basalt_maps::PgActivation`]) after recovery and before its first write. So every
+//!   member of the recorded set holds every acknowledged write, and a peering that hears
+//!   from none of them could serve stale data: the PG is [`Blocked::Down`] until one returns
+//!   (or an operator declares them lost).
+//! - **Authority** (Ceph's `find_best_info`): among complete copies (not partway through a
+//!   backfill), the newest `les` (last interval the copy was activated in), then the newest
+//!   `last_update`, then the primary, then the lowest id. The `les` rule rolls back writes a
+//!   member applied in an interval that later peerings superseded without it (divergent
+//!   entries, never acknowledged).
+//! - **Catch-up** ([`catchup`]): a copy whose log shares an entry with the authority's gets
+//!   exactly the objects named after that shared point, in either log (missing writes and
+//!   divergent ones). Otherwise — its history was trimmed from the authority's log, or a
+//!   backfill was interrupted — it is **backfilled**: both copies are scanned in name order,
+//!   range by range, and each range's differences are copied with a cursor the target
+//!   persists atomically with the data, so an interrupted backfill resumes where it stopped.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use basalt_maps::{Epoch, PgActivation};
+use basalt_ops::{Eversion, LogEntry};
+use basalt_placement::OsdId;
+use serde::{Deserialize, Serialize};
+
+use crate::pg::ObjectName;
+
+/// What a copy of a PG keeps about itself beyond objects and log (stored as the PG info).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgInfo {
+    /// Epoch of the last interval this copy was activated in (Ceph's last_epoch_started).
+    pub les: Epoch,
+    /// Set while this copy is being backfilled: it then holds a mix of old and new objects
+    /// and must not be anyone's authority.
+    pub backfill: Option<BackfillProgress>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackfillProgress {
+    /// The authority's `last_update` the backfill copies: a resumed backfill may skip what
+    /// is done only if the authority has not moved since.
+    pub target: Eversion,
+    /// Every object up to this name (inclusive) already equals the authority's.
+    pub done_through: Option<ObjectName>,
+}
+
+/// What a copy tells the primary during peering.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerState {
+    pub info: PgInfo,
+    /// The newest version in the copy's log.
+    pub last_update: Eversion,
+    pub log: Vec<LogEntry>,
+}
+
+/// Why a PG cannot go active.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blocked {
+    /// No member of the last active interval answered: they may hold acknowledged writes.
+    Down { waiting_for: Vec<OsdId> },
+    /// Copies answered, but none is complete.
+    Incomplete { why: String },
+}
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Blocked::Down { waiting_for } => {
+                let osds: Vec<String> = waiting_for.iter().map(|o| format!("osd.{o}")).collect();
+                write!(
+                    f,
+                    "waiting for {} (the last interval that served writes); start one, or `basalt osd lost ID` to give up its writes",
+                    osds.join(" or ")
+                )
+            }
+            Blocked::Incomplete { why } => f.write_str(why),
+        }
+    }
+}
+
+/// Picks the authoritative copy among `states` (see the module docs), or says why the PG
+/// must wait.
+pub fn choose_authority(
+    primary: OsdId,
+    activation: Option<&PgActivation>,
+    states: &BTreeMap<OsdId, PeerState>,
+) -> Result<OsdId, Blocked> {
+    if let Some(a) = activation {
+        if !a.acting.is_empty() && !a.acting.iter().any(|o| states.contains_key(o)) {
+            return Err(Blocked::Down {
+                waiting_for: a.acting.clone(),
+            });
+        }
+    }
+    states
+        .iter()
+        .filter(|(_, s)| s.info.backfill.is_none())
+        .max_by(|(a, sa), (b, sb)| {
+            sa.info
+                .les
+                .cmp(&sb.info.les)
+                .then_with(|| sa.last_update.cmp(&sb.last_update))
+                .then_with(|| (**a == primary).cmp(&(**b == primary)))
+                .then_with(|| b.cmp(a))
+        })
+        .map(|(osd, _)| *osd)
+        .ok_or_else(|| Blocked::Incomplete {
+            why: format!(
+                "every copy that answered ({}) is partway through a backfill",
+                states
+                    .keys()
+                    .map(|o| format!("osd.{o}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
+}
+
+/// How one copy becomes equal to the authority.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Catchup {
+    /// Same log, nothing to copy.
+    UpToDate,
+    /// Copy these objects from the authority (removing those it no longer has), then take
+    /// its log.
+    Log { objects: Vec<ObjectName> },
+    /// Compare whole object lists, starting after `after` (None: from the beginning).
+    Backfill { after: Option<ObjectName> },
+}
+
+fn entry_name(e: &LogEntry) -> ObjectName {
+    (e.namespace.clone(), e.object.clone())
+}
+
+/// Decides how `peer` catches up with `auth` (see the module docs).
+pub fn catchup(auth: &PeerState, peer: &PeerState) -> Catchup {
+    if let Some(b) = &peer.info.backfill {
+        let after = if b.target == auth.last_update {
+            b.done_through.clone()
+        } else {
+            None
+        };
+        return Catchup::Backfill { after };
+    }
+    if peer.last_update == auth.last_update && peer.log == auth.log {
+        return Catchup::UpToDate;
+    }
+    let auth_at: BTreeMap<u64, &LogEntry> = auth.log.iter().map(|e| (e.version.seq, e)).collect();
+    // The newest entry both histories hold: everything before it is equal on both.
+    let shared = peer
+        .log
+        .iter()
+        .rev()
+        .find(|e| auth_at.get(&e.version.seq) == Some(e))
+        .map(|e| e.version.seq);
+    let never_trimmed = auth.log.first().is_none_or(|e| e.version.seq == 1);
+    let shared = match shared {
+        Some(seq) => seq,
+        // A copy that never saw a write can replay an untrimmed log from its start.
+        None if peer.log.is_empty() && peer.last_update == Eversion::ZERO && never_trimmed => 0,
+        None => return Catchup::Backfill { after: None },
+    };
+    let objects: BTreeSet<ObjectName> = peer
+        .log
+        .iter()
+        .chain(auth.log.iter())
+        .filter(|e| e.version.seq > shared)
+        .map(entry_name)
+        .collect();
+    Catchup::Log {
+        objects: objects.into_iter().collect(),
+    }
+}
+
+/// One backfill range: given the authority's objects and the target's in the same name
+/// range, what to copy (absent or at another version on the target) and what to remove.
+pub fn backfill_diff(
+    auth: &[(ObjectName, Eversion)],
+    target: &[(ObjectName, Eversion)],
+) -> (Vec<ObjectName>, Vec<ObjectName>) {
+    let have: BTreeMap<&ObjectName, &Eversion> = target.iter().map(|(n, v)| (n, v)).collect();
+    let wanted: BTreeSet<&ObjectName> = auth.iter().map(|(n, _)| n).collect();
+    let copy = auth
+        .iter()
+        .filter(|(n, v)| have.get(n) != Some(&v))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let remove = target
+        .iter()
+        .filter(|(n, _)| !wanted.contains(n))
+        .map(|(n, _)| n.clone())
+        .collect();
+    (copy, remove)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basalt_ops::ReqId;
+    use bytes::Bytes;
+
+    fn ev(epoch: u64, seq: u64) -> Eversion {
+        Eversion { epoch, seq }
+    }
+
+    fn entry(epoch: u64, seq: u64, object: &str) -> LogEntry {
+        LogEntry {
+            version: ev(epoch, seq),
+            namespace: String::new(),
+            object: object.into(),
+            removed: false,
+            reqid: ReqId {
+                client: "c".into(),
+                incarnation: 1,
+                tid: seq,
+            },
+            result: Bytes::new(),
+        }
+    }
+
+    fn state(les: Epoch, log: Vec<LogEntry>) -> PeerState {
+        PeerState {
+            info: PgInfo {
+                les,
+                backfill: None,
+            },
+            last_update: log.last().map_or(Eversion::ZERO, |e| e.version),
+            log,
+        }
+    }
+
+    fn name(n: &str) -> ObjectName {
+        (String::new(), n.into())
+    }
+
+    fn activation(interval: Epoch, acting: &[OsdId]) -> PgActivation {
+        PgActivation {
+            interval,
+            acting: acting.to_vec(),
+        }
+    }
+
+    #[test]
+    fn no_member_of_the_last_active_interval_means_down() {
+        // osd.1 served writes alone (recorded), then stopped; stale osd.0 comes back.
+        let states: BTreeMap<_, _> = [(0, state(5, vec![entry(5, 1, "a")]))].into();
+        assert_eq!(
+            choose_authority(0, Some(&activation(9, &[1])), &states),
+            Err(Blocked::Down {
+                waiting_for: vec![1]
+            })
+        );
+        let mut states = states;
+        states.insert(1, state(9, vec![entry(5, 1, "a"), entry(9, 2, "a")]));
+        assert_eq!(
+            choose_authority(0, Some(&activation(9, &[1])), &states),
+            Ok(1)
+        );
+        // An operator declared the recorded members lost: whatever answers will do.
+        let states: BTreeMap<_, _> = [(0, state(5, vec![entry(5, 1, "a")]))].into();
+        assert_eq!(
+            choose_authority(0, Some(&activation(9, &[])), &states),
+            Ok(0)
+        );
+    }
+
+    #[test]
+    fn newer_les_beats_a_longer_divergent_log() {
+        // osd.0 applied seq 3 in interval 5 without acknowledging it; interval 7 went active
+        // on osd.1 without it.
+        let old = state(
+            5,
+            vec![entry(5, 1, "a"), entry(5, 2, "b"), entry(5, 3, "x")],
+        );
+        let new = state(7, vec![entry(5, 1, "a"), entry(5, 2, "b")]);
+        let states: BTreeMap<_, _> = [(0, old.clone()), (1, new.clone())].into();
+        assert_eq!(choose_authority(0, None, &states), Ok(1));
+        assert_eq!(
+            catchup(&new, &old),
+            Catchup::Log {
+                objects: vec![name("x")]
+            }
+        );
+    }
+
+    #[test]
+    fn ties_go_to_the_primary_then_the_lowest_id() {
+        let s = state(3, vec![entry(3, 1, "a")]);
+        let states: BTreeMap<_, _> = [(4, s.clone()), (2, s.clone()), (3, s)].into();
+        assert_eq!(choose_authority(3, None, &states), Ok(3));
+        assert_eq!(choose_authority(9, None, &states), Ok(2));
+    }
+
+    #[test]
+    fn a_copy_mid_backfill_is_never_the_authority() {
+        let mut partial = state(8, vec![entry(8, 1, "a"), entry(8, 2, "b")]);
+        partial.info.backfill = Some(BackfillProgress {
+            target: ev(8, 2),
+            done_through: Some(name("a")),
+        });
+        let states: BTreeMap<_, _> = [(1, partial.clone())].into();
+        assert!(matches!(
+            choose_authority(1, None, &states),
+            Err(Blocked::Incomplete { .. })
+        ));
+        let complete = state(6, vec![entry(6, 1, "a")]);
+        let states: BTreeMap<_, _> = [(1, partial), (2, complete)].into();
+        assert_eq!(choose_authority(1, None, &states), Ok(2));
+    }
+
+    #[test]
+    fn overlapping_logs_recover_only_the_named_objects() {
+        let auth = state(
+            4,
+            vec![
+                entry(2, 1, "a"),
+                entry(2, 2, "b"),
+                entry(4, 3, "c"),
+                entry(4, 4, "a"),
+            ],
+        );
+        let behind = state(2, vec![entry(2, 1, "a"), entry(2, 2, "b")]);
+        assert_eq!(
+            catchup(&auth, &behind),
+            Catchup::Log {
+                objects: vec![name("a"), name("c")]
+            }
+        );
+        assert_eq!(catchup(&auth, &auth), Catchup::UpToDate);
+        // A fresh copy replays an untrimmed log.
+        assert_eq!(
+            catchup(&auth, &PeerState::default()),
+            Catchup::Log {
+                objects: vec![name("a"), name("b"), name("c")]
+            }
+        );
+    }
+
+    #[test]
+    fn a_copy_behind_the_trimmed_log_is_backfilled_and_resumes_only_against_the_same_head() {
+        let auth = state(9, vec![entry(9, 50, "q"), entry(9, 51, "r")]);
+        let behind = state(3, vec![entry(3, 10, "a")]);
+        assert_eq!(catchup(&auth, &behind), Catchup::Backfill { after: None });
+        assert_eq!(
+            catchup(&auth, &PeerState::default()),
+            Catchup::Backfill { after: None }
+        );
+        let mut resumed = behind.clone();
+        resumed.info.backfill = Some(BackfillProgress {
+            target: ev(9, 51),
+            done_through: Some(name("m")),
+        });
+        assert_eq!(
+            catchup(&auth, &resumed),
+            Catchup::Backfill {
+                after: Some(name("m"))
+            }
+        );
+        resumed.info.backfill = Some(BackfillProgress {
+            target: ev(9, 40),
+            done_through: Some(name("m")),
+        });
+        assert_eq!(catchup(&auth, &resumed), Catchup::Backfill { after: None });
+    }
+
+    #[test]
+    fn backfill_diff_copies_changed_and_missing_and_removes_extras() {
+        let auth = vec![
+            (name("a"), ev(1, 1)),
+            (name("b"), ev(2, 5)),
+            (name("d"), ev(2, 6)),
+        ];
+        let target = vec![
+            (name("a"), ev(1, 1)),
+            (name("b"), ev(1, 2)),
+            (name("c"), ev(1, 3)),
+        ];
+        let (copy, remove) = backfill_diff(&auth, &target);
+        assert_eq!(copy, vec![name("b"), name("d")]);
+        assert_eq!(remove, vec![name("c")]);
+    }
+}
