@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use basalt_config::{ClusterConfig, ClusterSection, MonEntry, PaxosTuning, Timeouts};
+use basalt_config::{ClusterConfig, ClusterSection, MonEntry, OsdTuning, PaxosTuning, Timeouts};
 
 /// Directory holding the basalt binaries.
 pub fn bin_dir() -> PathBuf {
@@ -618,11 +618,18 @@ pub struct DataCluster {
 impl DataCluster {
     /// Starts the cluster with `timeouts` and creates `pool` (size 3, min_size 2, 16 PGs).
     pub fn start(timeouts: Timeouts, pool: &str) -> anyhow::Result<Self> {
+        Self::start_tuned(timeouts, OsdTuning::default(), pool)
+    }
+
+    /// [`DataCluster::start`] with OSD settings of the test's choosing.
+    pub fn start_tuned(timeouts: Timeouts, osd: OsdTuning, pool: &str) -> anyhow::Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
         let mut cluster = TestCluster::start_mons(3, timeouts)?;
+        cluster.config.osd = osd;
+        std::fs::write(&cluster.config_path, cluster.config.to_toml())?;
         for i in 0..6 {
             cluster.start_osd(&format!("host{}", i / 2))?;
         }
@@ -703,6 +710,19 @@ impl DataCluster {
             })
             .expect("harness index of an OSD")
     }
+}
+
+/// The sum over all series of metric `name` whose labels contain `label` (e.g.
+/// `kind="log"`; empty matches every series) in a Prometheus text exposition.
+pub fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let bare = series.split('{').next()?;
+            (bare == name && series.contains(label)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 /// Deterministic pseudo-random bytes (xorshift), different per `seed`.

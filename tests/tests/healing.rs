@@ -1,13 +1,203 @@
 //! Process-level self-healing tests (issue 5): an OSD that dies is marked out and its data
-//! re-replicated elsewhere; a whole-cluster power cut loses no acknowledged write.
+//! re-replicated elsewhere; one that returns catches up by log or by backfill; a stale copy
+//! never serves; a whole-cluster power cut loses no acknowledged write; bit rot is repaired.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use basalt_config::OsdTuning;
 use basalt_tests::{
-    copies_identical, pattern, stores_after_stop, test_timeouts, wait_for, DataCluster,
+    copies_identical, metric_sum, pattern, stores_after_stop, test_timeouts, wait_for, DataCluster,
 };
+
+/// SIGKILLs OSD `id` and marks it down at once (rather than waiting out the heartbeat grace).
+fn kill_and_mark_down(d: &mut DataCluster, id: u32) {
+    d.cluster.kill_osd(d.harness_index(id));
+    d.cluster
+        .cli_ok(&["osd", "down", &id.to_string()])
+        .expect("mark down");
+    wait_for("the map showing it down", Duration::from_secs(30), || {
+        (!d.rados.osdmap().osds.get(&id)?.up).then_some(())
+    })
+    .expect("down");
+}
+
+/// Recoveries of `kind` (log, backfill) counted by the OSDs that are running.
+fn recoveries(d: &DataCluster, kind: &str) -> f64 {
+    (0..6)
+        .filter_map(|i| d.cluster.osd_metrics(i).ok())
+        .map(|t| {
+            metric_sum(
+                &t,
+                "basalt_osd_recoveries_total",
+                &format!("kind=\"{kind}\""),
+            )
+        })
+        .sum()
+}
+
+#[test]
+fn a_stale_copy_never_serves_and_the_pg_waits_for_the_last_writer() {
+    let mut d = DataCluster::start(test_timeouts(), "data").expect("cluster");
+    d.cluster
+        .cli_ok(&[
+            "pool",
+            "create",
+            "solo",
+            "--size",
+            "2",
+            "--min-size",
+            "1",
+            "--pg-num",
+            "8",
+        ])
+        .expect("pool");
+    let io = wait_for("the pool visible", Duration::from_secs(30), || {
+        d.rados.ioctx("solo").ok()
+    })
+    .expect("ioctx");
+    let name = "guarded";
+    let (one, two) = (pattern(1, 5000), pattern(2, 6000));
+    d.rt.block_on(io.write_full(name, one.clone()))
+        .expect("first write on both copies");
+    let (pg, mapping) = d.rados.osdmap().map_object("solo", name).expect("map");
+    let (a, b) = (mapping.acting[0], mapping.acting[1]);
+    // A stops; B serves alone (min_size 1) and acknowledges a write A never sees.
+    kill_and_mark_down(&mut d, a);
+    d.rt.block_on(io.write_full(name, two.clone()))
+        .expect("write with only B up");
+    // B stops; the stale A comes back alone.
+    kill_and_mark_down(&mut d, b);
+    d.cluster
+        .restart_osd(d.harness_index(a))
+        .expect("restart A");
+    let pgid = pg.to_string();
+    wait_for("the PG down on A", Duration::from_secs(60), || {
+        let stats = d.rt.block_on(d.rados.pg_stats()).ok()?;
+        stats
+            .iter()
+            .find(|s| s.pgid == pgid && s.acting == vec![a] && s.state == "down")
+            .map(|_| ())
+    })
+    .expect("down, not active from the stale copy");
+    let read = d.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), io.read(name, 0, 1 << 20)).await
+    });
+    if let Ok(Ok(data)) = read {
+        panic!(
+            "a down PG served {} bytes ({})",
+            data.len(),
+            if data == one {
+                "the stale copy"
+            } else {
+                "unexpected data"
+            }
+        );
+    }
+    let health = d.cluster.cli_ok(&["health", "detail"]).expect("health");
+    assert!(
+        health.contains(&format!("pg {pgid} is down")),
+        "health does not name the down PG:\n{health}"
+    );
+    // B returns: the PG goes active with B's data, copied to A as well.
+    d.cluster
+        .restart_osd(d.harness_index(b))
+        .expect("restart B");
+    d.wait_active_clean(Duration::from_secs(120))
+        .expect("active+clean with B back");
+    let got = d.rt.block_on(io.read(name, 0, 1 << 20)).expect("read");
+    assert!(got == two, "the PG serves something other than B's write");
+    let map = d.rados.osdmap();
+    let stores = stores_after_stop(&mut d.cluster, 6);
+    assert_eq!(copies_identical(&map, &stores, "solo", name, &two), 2);
+}
+
+#[test]
+fn a_returning_osd_catches_up_by_log_and_after_a_long_absence_by_backfill() {
+    let tuning = OsdTuning {
+        pg_log_entries: 20,
+        ..OsdTuning::default()
+    };
+    let mut d = DataCluster::start_tuned(test_timeouts(), tuning, "data").expect("cluster");
+    let victim = *d.rados.osdmap().osds.keys().next().expect("an OSD");
+    let mut written = BTreeMap::new();
+    let write_round = |d: &DataCluster,
+                       written: &mut BTreeMap<String, bytes::Bytes>,
+                       names: Vec<String>,
+                       seed: u64| {
+        let batch: Vec<(String, bytes::Bytes)> = names
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| (n, pattern(seed + i as u64, 2000 + i * 37)))
+            .collect();
+        d.rt.block_on(async {
+            let writes = batch
+                .iter()
+                .map(|(n, data)| d.io.write_full(n, data.clone()));
+            for r in futures::future::join_all(writes).await {
+                r.expect("write while the victim is away");
+            }
+        });
+        written.extend(batch);
+    };
+
+    // A short absence: every PG stays within its 20-entry log.
+    kill_and_mark_down(&mut d, victim);
+    let (log_before, backfill_before) = (recoveries(&d, "log"), recoveries(&d, "backfill"));
+    write_round(
+        &d,
+        &mut written,
+        (0..24).map(|i| format!("short{i}")).collect(),
+        100,
+    );
+    d.cluster
+        .restart_osd(d.harness_index(victim))
+        .expect("restart");
+    d.wait_active_clean(Duration::from_secs(120))
+        .expect("active+clean after a short absence");
+    assert!(
+        recoveries(&d, "log") > log_before,
+        "no PG recovered by log after a short absence"
+    );
+    assert_eq!(
+        recoveries(&d, "backfill"),
+        backfill_before,
+        "a short absence needed a backfill"
+    );
+
+    // A long absence: dozens of writes per PG, far past the log.
+    kill_and_mark_down(&mut d, victim);
+    let backfill_before = recoveries(&d, "backfill");
+    for round in 0..12u64 {
+        let names = (0..64).map(|i| format!("long{i}")).collect();
+        write_round(&d, &mut written, names, 1000 * (round + 1));
+    }
+    d.cluster
+        .restart_osd(d.harness_index(victim))
+        .expect("restart");
+    d.wait_active_clean(Duration::from_secs(120))
+        .expect("active+clean after a long absence");
+    assert!(
+        recoveries(&d, "backfill") > backfill_before,
+        "no PG was backfilled after a long absence"
+    );
+    d.rt.block_on(async {
+        for (name, data) in &written {
+            let got = d.io.read(name, 0, 1 << 20).await.expect("read");
+            assert!(got == *data, "{name} reads back wrong");
+        }
+    });
+    let map = d.rados.osdmap();
+    let stores = stores_after_stop(&mut d.cluster, 6);
+    for (name, data) in &written {
+        assert_eq!(
+            copies_identical(&map, &stores, "data", name, data),
+            3,
+            "{name}"
+        );
+    }
+}
 
 #[test]
 fn a_dead_osd_is_marked_out_and_every_pg_gets_size_copies_again() {
