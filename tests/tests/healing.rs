@@ -199,30 +199,53 @@ fn a_returning_osd_catches_up_by_log_and_after_a_long_absence_by_backfill() {
     }
 }
 
+/// Writes `p0, p1, ...` in a loop until aborted, recording each acknowledged write.
+fn continuous_writer(
+    d: &DataCluster,
+    first: u64,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<Mutex<BTreeMap<String, bytes::Bytes>>>,
+) {
+    let acked: Arc<Mutex<BTreeMap<String, bytes::Bytes>>> = Default::default();
+    let io = d.io.clone();
+    let log = acked.clone();
+    let task = d.rt.spawn(async move {
+        for i in first.. {
+            let name = format!("p{i}");
+            let data = pattern(10_000 + i, 3000 + (i as usize % 11) * 700);
+            if io.write_full(&name, data.clone()).await.is_ok() {
+                log.lock().expect("lock").insert(name, data);
+            }
+        }
+    });
+    (task, acked)
+}
+
+fn acked_count(acked: &Mutex<BTreeMap<String, bytes::Bytes>>) -> usize {
+    acked.lock().expect("lock").len()
+}
+
 #[test]
 fn a_dead_osd_is_marked_out_and_every_pg_gets_size_copies_again() {
     let mut timeouts = test_timeouts();
     timeouts.down_out_interval_secs = 2;
     let mut d = DataCluster::start(timeouts, "data").expect("cluster");
-    let mut written = BTreeMap::new();
-    d.rt.block_on(async {
-        for i in 0..40u64 {
-            let data = pattern(i, 5000 + i as usize * 300);
-            d.io.write_full(&format!("o{i}"), data.clone())
-                .await
-                .expect("write");
-            written.insert(format!("o{i}"), data);
-        }
-    });
+    let (writer, acked) = continuous_writer(&d, 0);
+    wait_for("writes flowing", Duration::from_secs(60), || {
+        (acked_count(&acked) >= 20).then_some(())
+    })
+    .expect("writes");
+    // osd index 0 booted first, but ids are the monitors' choice: find it by its log.
+    let dead = *d
+        .rados
+        .osdmap()
+        .osds
+        .keys()
+        .find(|&&id| d.harness_index(id) == 0)
+        .expect("the killed OSD's id");
     d.cluster.kill_osd(0);
-    let dead = {
-        // osd index 0 booted first, but ids are the monitors' choice: find it by its log.
-        let map = d.rados.osdmap();
-        *map.osds
-            .keys()
-            .find(|&&id| d.harness_index(id) == 0)
-            .expect("the killed OSD's id")
-    };
+    let at_kill = acked_count(&acked);
     wait_for(
         "the dead OSD marked down and out",
         Duration::from_secs(60),
@@ -236,15 +259,12 @@ fn a_dead_osd_is_marked_out_and_every_pg_gets_size_copies_again() {
     )
     .expect("out");
     // Writes keep flowing while the PGs re-peer onto the replacement OSDs.
-    d.rt.block_on(async {
-        for i in 40..60u64 {
-            let data = pattern(i, 7000);
-            d.io.write_full(&format!("o{i}"), data.clone())
-                .await
-                .expect("write during recovery");
-            written.insert(format!("o{i}"), data);
-        }
-    });
+    wait_for("writes after the remap", Duration::from_secs(60), || {
+        (acked_count(&acked) >= at_kill + 20).then_some(())
+    })
+    .expect("writes during recovery");
+    writer.abort();
+    let written = acked.lock().expect("lock").clone();
     d.wait_active_clean(Duration::from_secs(120))
         .expect("active+clean after recovery");
     let map = d.rados.osdmap();
@@ -263,22 +283,9 @@ fn a_dead_osd_is_marked_out_and_every_pg_gets_size_copies_again() {
 #[test]
 fn whole_cluster_power_loss_keeps_every_acknowledged_write() {
     let mut d = DataCluster::start(test_timeouts(), "data").expect("cluster");
-    let acked: Arc<Mutex<BTreeMap<String, bytes::Bytes>>> = Default::default();
-    let writer = {
-        let io = d.io.clone();
-        let acked = acked.clone();
-        d.rt.spawn(async move {
-            for i in 0u64.. {
-                let name = format!("p{i}");
-                let data = pattern(10_000 + i, 3000 + (i as usize % 11) * 700);
-                if io.write_full(&name, data.clone()).await.is_ok() {
-                    acked.lock().expect("lock").insert(name, data);
-                }
-            }
-        })
-    };
+    let (writer, acked) = continuous_writer(&d, 0);
     wait_for("writes flowing", Duration::from_secs(60), || {
-        (acked.lock().expect("lock").len() >= 25).then_some(())
+        (acked_count(&acked) >= 25).then_some(())
     })
     .expect("writes");
     // Power cut: every daemon SIGKILLed at once, mid-write.
