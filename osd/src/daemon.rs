@@ -211,7 +211,15 @@ pub fn describe_metrics() {
     );
     metrics::describe_counter!(
         "basalt_osd_scrub_repairs_total",
-        "Objects repaired from a good copy by pg repair"
+        "Objects repaired from a good copy by pg repair or an auto-repairing scheduled scrub"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_scrubs_total",
+        "Scrubs (kind: shallow or deep) this OSD ran as primary, on demand or scheduled"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_recoveries_total",
+        "PG copies this OSD caught up as primary (kind: log = the objects its log names, backfill = whole object ranges)"
     );
 }
 
@@ -352,6 +360,7 @@ impl Daemon {
         metrics::counter!("basalt_osd_heartbeat_failures_reported_total").increment(0);
         self.update_store_metric();
 
+        let scrubs = tokio::spawn(self.core.clone().run_scrub_schedule());
         self.start_boot(0);
         let mut tick = tokio::time::interval(self.beacon_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -370,6 +379,7 @@ impl Daemon {
             }
         }
         tracing::info!("shutting down");
+        scrubs.abort();
         if let Some((id, _)) = self.booted {
             // Ceph's OSD asks to be marked down on a clean stop so clients do not wait out the
             // grace; best effort and bounded, since the monitors may be gone.

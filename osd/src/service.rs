@@ -116,6 +116,19 @@ struct PgState {
     /// Primary: what the last scrub found and repair could not fix (cleared by a new
     /// interval, whose peering makes members equal again, or by a clean scrub).
     inconsistent: Vec<String>,
+    /// Primary: when this PG was last scrubbed (loaded lazily by the scrub schedule).
+    scrub_stamps: Option<ScrubStamps>,
+}
+
+/// Wall-clock times (unix ms) of a PG's last scrub and deep scrub on this OSD.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+struct ScrubStamps {
+    shallow_ms: u64,
+    deep_ms: u64,
+}
+
+fn scrub_stamps_key(pg: PgId) -> Vec<u8> {
+    format!("scrub_stamps.{pg}").into_bytes()
 }
 
 struct Pg {
@@ -353,6 +366,7 @@ impl OsdCore {
                                     next_seq: 1,
                                     peered_interval: 0,
                                     inconsistent: vec![],
+                                    scrub_stamps: None,
                                 }),
                                 changed: watch::channel(0).0,
                                 objects: Mutex::new(HashMap::new()),
@@ -1476,27 +1490,63 @@ impl OsdCore {
             .wait_active(&pg, Instant::now() + Duration::from_secs(30))
             .await?;
         let deep = command != basalt_ops::PgCommand::Scrub;
+        self.scrub_pg(
+            &pg,
+            generation,
+            deep,
+            command == basalt_ops::PgCommand::Repair,
+        )
+        .await
+    }
+
+    /// Scrubs (deep: every chunk's checksum) one active PG this OSD is primary of, repairs
+    /// what it found from a good copy when `repair`, and records the outcome (state, health,
+    /// metrics, the scrub stamps the schedule runs from).
+    async fn scrub_pg(
+        &self,
+        pg: &Arc<Pg>,
+        generation: u64,
+        deep: bool,
+        repair: bool,
+    ) -> Result<basalt_ops::ScrubResult, OpError> {
         let mut repaired = 0;
-        let (objects, mut found) = self.scrub(&pg, generation, deep).await?;
-        if command == basalt_ops::PgCommand::Repair && !found.is_empty() {
+        let (objects, mut found) = self.scrub(pg, generation, deep).await?;
+        metrics::counter!("basalt_osd_scrub_errors_total").increment(found.len() as u64);
+        if repair && !found.is_empty() {
             for inc in &found {
-                if self.repair_copies(&pg, inc).await? {
+                if self.repair_copies(pg, inc).await? {
                     repaired += 1;
                 }
             }
-            found = self.scrub(&pg, generation, deep).await?.1;
+            found = self.scrub(pg, generation, deep).await?.1;
         }
         let lines: Vec<String> = found
             .iter()
             .map(|i| format!("{}: {}", i.name, i.why))
             .collect();
-        {
+        let now = now_ms();
+        let stamps = {
             let mut s = lock(&pg.state);
             if s.generation == generation {
                 s.inconsistent = lines.clone();
             }
+            let st = s.scrub_stamps.get_or_insert(ScrubStamps {
+                shallow_ms: now,
+                deep_ms: now,
+            });
+            st.shallow_ms = now;
+            if deep {
+                st.deep_ms = now;
+            }
+            *st
+        };
+        let mut txn = Transaction::new();
+        txn.meta_set(scrub_stamps_key(pg.id), encode(&stamps));
+        if let Err(e) = self.store.submit(txn).await {
+            tracing::warn!(pg = %pg.id, error = %e, "cannot persist the scrub stamps");
         }
-        metrics::counter!("basalt_osd_scrub_errors_total").increment(found.len() as u64);
+        metrics::counter!("basalt_osd_scrubs_total", "kind" => if deep { "deep" } else { "shallow" })
+            .increment(1);
         metrics::counter!("basalt_osd_scrub_repairs_total").increment(repaired);
         if !found.is_empty() {
             tracing::warn!(pg = %pg.id, inconsistent = found.len(), "scrub found inconsistent objects");
@@ -1508,6 +1558,74 @@ impl OsdCore {
             inconsistent: lines,
             repaired,
         })
+    }
+
+    /// Scrubs, one PG at a time (Ceph's `osd_max_scrubs` 1), every active PG this OSD is
+    /// primary of whose last scrub or deep scrub is older than its interval; repairs what
+    /// it finds when `scrub_auto_repair` is set. Runs until the process ends.
+    pub async fn run_scrub_schedule(self: Arc<Self>) {
+        let (shallow, deep) = (
+            self.tuning.scrub_interval_secs * 1000,
+            self.tuning.deep_scrub_interval_secs * 1000,
+        );
+        let Some(shortest) = [shallow, deep].into_iter().filter(|i| *i > 0).min() else {
+            tracing::info!("scheduled scrubs are off (both intervals are 0)");
+            return;
+        };
+        let tick = Duration::from_millis((shortest / 4).clamp(500, 60_000));
+        loop {
+            tokio::time::sleep(tick).await;
+            let me = self.me();
+            let pgs: Vec<Arc<Pg>> = lock(&self.pgs).values().cloned().collect();
+            for pg in pgs {
+                let (generation, due_deep, due_shallow) = {
+                    let mut s = lock(&pg.state);
+                    if s.primary.is_none() || s.primary != me || s.status != PgStatus::Active {
+                        continue;
+                    }
+                    let now = now_ms();
+                    // Stamps persisted by an earlier run; a PG never scrubbed here counts
+                    // from now, so a new cluster (or a new primary) does not scrub at once.
+                    let st = *s.scrub_stamps.get_or_insert_with(|| {
+                        self.store
+                            .meta_get(&scrub_stamps_key(pg.id))
+                            .ok()
+                            .flatten()
+                            .and_then(|b| decode(&b, "scrub stamps").ok())
+                            .unwrap_or(ScrubStamps {
+                                shallow_ms: now,
+                                deep_ms: now,
+                            })
+                    });
+                    let due =
+                        |last: u64, every: u64| every > 0 && now.saturating_sub(last) >= every;
+                    (
+                        s.generation,
+                        due(st.deep_ms, deep),
+                        due(st.shallow_ms, shallow),
+                    )
+                };
+                if !due_deep && !due_shallow {
+                    continue;
+                }
+                match self
+                    .scrub_pg(&pg, generation, due_deep, self.tuning.scrub_auto_repair)
+                    .await
+                {
+                    Ok(r) => tracing::info!(
+                        pg = %pg.id,
+                        deep = due_deep,
+                        objects = r.objects,
+                        inconsistent = r.inconsistent.len(),
+                        repaired = r.repaired,
+                        "scheduled scrub done"
+                    ),
+                    Err(e) => {
+                        tracing::info!(pg = %pg.id, error = %e, "scheduled scrub did not finish")
+                    }
+                }
+            }
+        }
     }
 
     /// Builds every acting member's scrub map (writes held off meanwhile) and compares them.

@@ -381,3 +381,51 @@ fn bit_rot_in_one_replica_is_found_by_deep_scrub_and_repaired() {
     let stores = stores_after_stop(&mut d.cluster, 6);
     assert_eq!(copies_identical(&map, &stores, "data", "rotting", &data), 3);
 }
+
+#[test]
+fn scheduled_deep_scrub_finds_bit_rot_and_auto_repair_fixes_it() {
+    let tuning = OsdTuning {
+        scrub_interval_secs: 0,
+        deep_scrub_interval_secs: 2,
+        scrub_auto_repair: true,
+        ..OsdTuning::default()
+    };
+    let mut d = DataCluster::start_tuned(test_timeouts(), tuning, "data").expect("cluster");
+    let data = pattern(7, 200_000);
+    d.rt.block_on(d.io.write_full("rotting", data.clone()))
+        .expect("write");
+    let (pg, mapping) = d.rados.osdmap().map_object("data", "rotting").expect("map");
+    let idx = d.harness_index(mapping.acting[2]);
+    d.cluster.stop_osd(idx, Duration::from_secs(10));
+    {
+        let store = basalt_osd::store::Store::open(
+            d.cluster.osd_data(idx),
+            basalt_osd::store::StoreConfig::default(),
+        )
+        .expect("open");
+        store
+            .inject_bitflip_for_testing(&basalt_osd::store::ObjectId::new(pg, "rotting"), 1, 3)
+            .expect("flip");
+    }
+    d.cluster.restart_osd(idx).expect("restart");
+    let total = |name: &str| -> f64 {
+        (0..6)
+            .filter_map(|i| d.cluster.osd_metrics(i).ok())
+            .map(|t| metric_sum(&t, name, ""))
+            .sum()
+    };
+    // No command: the schedule deep-scrubs the PG, finds the bad chunk and repairs it.
+    wait_for("a scheduled repair", Duration::from_secs(90), || {
+        (total("basalt_osd_scrub_repairs_total") >= 1.0).then_some(())
+    })
+    .expect("auto repair");
+    assert!(total("basalt_osd_scrub_errors_total") >= 1.0);
+    let r = d
+        .cluster
+        .cli_json(&["pg", "deep-scrub", &pg.to_string()])
+        .expect("deep-scrub");
+    assert_eq!(r["inconsistent"].as_array().map(Vec::len), Some(0), "{r}");
+    let map = d.rados.osdmap();
+    let stores = stores_after_stop(&mut d.cluster, 6);
+    assert_eq!(copies_identical(&map, &stores, "data", "rotting", &data), 3);
+}
