@@ -666,11 +666,20 @@ impl Daemon {
 
     fn update_store_metric(&self) {
         metrics::gauge!("basalt_osd_store_used_bytes").set(self.store.stats().used_bytes as f64);
-        let mut by_state: BTreeMap<&'static str, u64> =
-            ["peering", "active", "inactive", "replica", "stray"]
-                .into_iter()
-                .map(|s| (s, 0))
-                .collect();
+        let mut by_state: BTreeMap<&'static str, u64> = [
+            "peering",
+            "recovering",
+            "backfilling",
+            "down",
+            "incomplete",
+            "active",
+            "inactive",
+            "replica",
+            "stray",
+        ]
+        .into_iter()
+        .map(|s| (s, 0))
+        .collect();
         for (_, state, _) in self.core.pg_summary() {
             let key = by_state
                 .keys()

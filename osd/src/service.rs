@@ -199,7 +199,7 @@ pub struct OsdCore {
     recovery_slots: Arc<tokio::sync::Semaphore>,
     /// PGs found in the store at start: their data matters to peering even where this OSD
     /// is no longer acting, so they get (stray) instances.
-    stored_pgs: BTreeSet<PgId>,
+    stored_pgs: Mutex<BTreeSet<PgId>>,
 }
 
 fn now_ms() -> u64 {
@@ -238,7 +238,7 @@ impl OsdCore {
             )),
             tuning,
             mon: OnceLock::new(),
-            stored_pgs: stored_pgs.into_iter().collect(),
+            stored_pgs: Mutex::new(stored_pgs.into_iter().collect()),
             store,
             whoami: AtomicU32::new(u32::MAX),
             map_tx,
@@ -333,8 +333,10 @@ impl OsdCore {
         self.whoami.store(me, Ordering::Relaxed);
         let mut to_create = Vec::new();
         let mut to_peer = Vec::new();
+        let mut to_remove = Vec::new();
         {
             let mut pgs = lock(&self.pgs);
+            let stored = std::mem::take(&mut *lock(&self.stored_pgs));
             for pool in map.pools.values() {
                 for seed in 0..pool.pg_num {
                     let id = PgId {
@@ -345,7 +347,7 @@ impl OsdCore {
                         continue;
                     };
                     let in_acting = mapping.acting.contains(&me);
-                    if !in_acting && !pgs.contains_key(&id) && !self.stored_pgs.contains(&id) {
+                    if !in_acting && !pgs.contains_key(&id) && !stored.contains(&id) {
                         continue;
                     }
                     let pg = pgs
@@ -400,16 +402,45 @@ impl OsdCore {
                     pg.bump();
                 }
             }
-            // PGs of deleted pools: nothing will be asked of them any more.
+            // Copies nothing will ask for again: PGs of deleted pools, and strays once their
+            // PG went active on a full acting set without this OSD (that activation came
+            // after recovery, so every member holds what this copy holds).
             for pg in pgs.values() {
-                if !map.pools.contains_key(&pg.id.pool) {
-                    let mut s = lock(&pg.state);
-                    if s.status != PgStatus::Stray {
-                        s.status = PgStatus::Stray;
-                        s.generation += 1;
-                        drop(s);
-                        pg.bump();
+                let redundant = match map.pools.get(&pg.id.pool) {
+                    None => true,
+                    Some(pool) => {
+                        lock(&pg.state).status == PgStatus::Stray
+                            && map.pg_activations.get(&pg.id).is_some_and(|a| {
+                                a.acting.len() >= pool.size as usize && !a.acting.contains(&me)
+                            })
                     }
+                };
+                if redundant {
+                    let mut s = lock(&pg.state);
+                    s.status = PgStatus::Stray;
+                    s.generation += 1;
+                    drop(s);
+                    pg.bump();
+                    to_remove.push(pg.id);
+                }
+            }
+            for id in &to_remove {
+                pgs.remove(id);
+            }
+        }
+        if !to_remove.is_empty() {
+            let mut txn = Transaction::new();
+            for id in &to_remove {
+                if self.store.pg_exists(*id).unwrap_or(false) {
+                    txn.pg_remove(*id);
+                }
+            }
+            if !txn.is_empty() {
+                match self.store.submit(txn).await {
+                    Ok(()) => {
+                        tracing::info!(pgs = ?to_remove, "removed copies no PG needs any more")
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot remove redundant PG copies"),
                 }
             }
         }

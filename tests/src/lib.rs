@@ -689,13 +689,22 @@ impl DataCluster {
         })
     }
 
-    /// Waits (bounded) until every PG of every pool is active+clean.
+    /// Waits (bounded) until every PG of every pool is active+clean on the acting set the
+    /// client's newest map gives it (so a change the map already shows has taken effect).
     pub fn wait_active_clean(&self, limit: Duration) -> anyhow::Result<()> {
         wait_for("every PG active+clean", limit, || {
+            let map = self.rados.osdmap();
             let stats = self.rt.block_on(self.rados.pg_stats()).ok()?;
             stats
                 .iter()
-                .all(|s| s.state == "active+clean")
+                .all(|s| {
+                    let pg = basalt_placement::PgId {
+                        pool: s.pool,
+                        seed: s.seed,
+                    };
+                    let mapped = map.pools.get(&s.pool).and_then(|p| map.map_pg(p, pg).ok());
+                    s.state == "active+clean" && mapped.is_some_and(|m| m.acting == s.acting)
+                })
                 .then_some(())
         })
     }
