@@ -748,4 +748,68 @@ mod tests {
         commit(&mut svc, 11_000);
         assert!(svc.committed().blocklist.is_empty());
     }
+
+    #[test]
+    fn activations_are_recorded_only_for_the_current_interval() {
+        let mut svc = booted(6);
+        commit(&mut svc, 0);
+        let create = Command::PoolCreate {
+            name: "rbd".into(),
+            size: 3,
+            min_size: 2,
+            pg_num: 8,
+        };
+        svc.command(create, 0).expect("pool");
+        commit(&mut svc, 0);
+        let map = svc.committed().clone();
+        let pool = map.pool_named("rbd").expect("pool").clone();
+        let pg = PgId {
+            pool: pool.id,
+            seed: 3,
+        };
+        let acting = map.map_pg(&pool, pg).expect("map").acting;
+        let activate = |interval, acting: Vec<OsdId>| Command::PgActivated {
+            pg,
+            interval,
+            acting,
+        };
+        // A stale acting set, a future interval and an unknown PG are refused.
+        assert!(svc
+            .command(activate(map.epoch, vec![acting[0]]), 0)
+            .is_err());
+        assert!(svc
+            .command(activate(map.epoch + 5, acting.clone()), 0)
+            .is_err());
+        let unknown = Command::PgActivated {
+            pg: PgId { pool: 9, seed: 0 },
+            interval: 1,
+            acting: acting.clone(),
+        };
+        assert!(svc.command(unknown, 0).is_err());
+        svc.command(activate(map.epoch, acting.clone()), 0)
+            .expect("current interval");
+        commit(&mut svc, 0);
+        let rec = svc.committed().pg_activations[&pg].clone();
+        assert_eq!(
+            (rec.interval, rec.acting.clone()),
+            (map.epoch, acting.clone())
+        );
+        // An older interval may not overwrite a newer record.
+        assert!(svc
+            .command(activate(map.epoch - 1, acting.clone()), 0)
+            .is_err());
+        // Losing an OSD takes it out of every record; it must be down first.
+        assert!(svc.command(Command::OsdLost(acting[1]), 0).is_err());
+        svc.command(Command::OsdDown(acting[1]), 0).expect("down");
+        svc.command(Command::OsdLost(acting[1]), 0).expect("lost");
+        commit(&mut svc, 0);
+        assert!(!svc.committed().pg_activations[&pg]
+            .acting
+            .contains(&acting[1]));
+        // Removing the pool removes its records.
+        svc.command(Command::PoolRm { name: "rbd".into() }, 0)
+            .expect("rm");
+        commit(&mut svc, 0);
+        assert!(svc.committed().pg_activations.is_empty());
+    }
 }

@@ -100,6 +100,9 @@ fn a_stale_copy_never_serves_and_the_pg_waits_for_the_last_writer() {
         health.contains(&format!("pg {pgid} is down")),
         "health does not name the down PG:\n{health}"
     );
+    // Giving up B's writes takes an explicit confirmation.
+    let refused = d.cluster.cli(&["osd", "lost", &b.to_string()]);
+    assert!(!refused.status.success(), "osd lost ran without confirmation");
     // B returns: the PG goes active with B's data, copied to A as well.
     d.cluster
         .restart_osd(d.harness_index(b))
