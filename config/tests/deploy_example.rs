@@ -1,9 +1,9 @@
-//! `deploy/cluster.toml.example` stays a valid config: three monitors, and the `[timeouts]`
-//! and `[paxos]` values it documents as the defaults are the defaults.
+//! `deploy/cluster.toml.example` stays a valid config: three monitors, and the `[timeouts]`,
+//! `[paxos]` and `[osd]` values it documents as the defaults are the defaults.
 
 use std::path::PathBuf;
 
-use basalt_config::{ClusterConfig, PaxosTuning, Timeouts};
+use basalt_config::{ClusterConfig, OsdTuning, PaxosTuning, Timeouts};
 
 #[test]
 fn deploy_example_parses_and_shows_the_defaults() {
@@ -18,4 +18,5 @@ fn deploy_example_parses_and_shows_the_defaults() {
     assert_eq!(c.mons.len(), 3);
     assert_eq!(c.timeouts, Timeouts::default());
     assert_eq!(c.paxos, PaxosTuning::default());
+    assert_eq!(c.osd, OsdTuning::default());
 }

@@ -1,7 +1,8 @@
 //! The OSD's data path at run time: PG instances driven by OSDMap changes, the client op
-//! path (primary-copy replication), peering and recovery, and watch/notify. The decisions
-//! (what an op changes, who is authoritative, what a peer must copy) are the pure functions of
-//! [`crate::pg`]; this module owns the concurrency and the network.
+//! path (primary-copy replication), peering, recovery and backfill, scrubs, and watch/notify.
+//! The decisions (what an op changes: [`crate::pg`]; whether a PG may go active, who is
+//! authoritative, how a copy catches up: [`crate::peering`]) are pure functions; this module
+//! owns the concurrency and the network.
 //!
 //! # Ordering and durability
 //!
