@@ -147,6 +147,9 @@ pub struct OsdTuning {
     pub scrub_auto_repair: bool,
     /// `osd_recovery_max_active`: PGs this OSD recovers or backfills at once as primary.
     pub recovery_max_active: u32,
+    /// `osd_recovery_sleep`: pause between recovery pushes, leaving the disk and network to
+    /// client I/O (0 = none).
+    pub recovery_sleep_ms: u64,
 }
 
 impl Default for OsdTuning {
@@ -157,6 +160,7 @@ impl Default for OsdTuning {
             deep_scrub_interval_secs: 7 * 24 * 3600,
             scrub_auto_repair: false,
             recovery_max_active: 3,
+            recovery_sleep_ms: 0,
         }
     }
 }

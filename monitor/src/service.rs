@@ -59,8 +59,9 @@ pub enum Command {
     UnsetFlag(String),
 }
 
-/// An activation is recorded only for the interval that is current in the pending map: a
-/// primary whose interval has already ended must not overwrite what its successor records.
+/// An activation is recorded only for the interval that is current in the pending map (its
+/// members being of that interval's acting set): a primary whose interval has already ended
+/// must not overwrite what its successor records.
 fn check_activation(
     map: &OsdMap,
     pg: PgId,
@@ -85,10 +86,14 @@ fn check_activation(
             ));
         }
     }
+    // The recorded members are the primary and the replicas already complete: a subset of
+    // the current acting set, led by its primary.
     let mapping = map.map_pg(pool, pg)?;
-    if mapping.acting != acting || acting.is_empty() {
+    let current = acting.first() == mapping.acting_primary.as_ref()
+        && acting.iter().all(|o| mapping.acting.contains(o));
+    if !current {
         return stale(format!(
-            "acting set {acting:?} is no longer current (now {:?}); re-peer",
+            "members {acting:?} are not of the current acting set {:?}; re-peer",
             mapping.acting
         ));
     }
@@ -773,9 +778,13 @@ mod tests {
             interval,
             acting,
         };
-        // A stale acting set, a future interval and an unknown PG are refused.
+        // Members outside the acting set or not led by its primary, a future interval and
+        // an unknown PG are refused.
         assert!(svc
-            .command(activate(map.epoch, vec![acting[0]]), 0)
+            .command(activate(map.epoch, vec![acting[0], 99]), 0)
+            .is_err());
+        assert!(svc
+            .command(activate(map.epoch, vec![acting[1]]), 0)
             .is_err());
         assert!(svc
             .command(activate(map.epoch + 5, acting.clone()), 0)

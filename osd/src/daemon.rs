@@ -218,6 +218,10 @@ pub fn describe_metrics() {
         "Scrubs (kind: shallow or deep) this OSD ran as primary, on demand or scheduled"
     );
     metrics::describe_counter!(
+        "basalt_osd_recovered_on_write_total",
+        "Writes that first recovered their object on a replica still catching up"
+    );
+    metrics::describe_counter!(
         "basalt_osd_recoveries_total",
         "PG copies this OSD caught up as primary (kind: log = the objects its log names, backfill = whole object ranges)"
     );

@@ -40,6 +40,10 @@ pub struct PgInfo {
     /// Set while this copy is being backfilled: it then holds a mix of old and new objects
     /// and must not be anyone's authority.
     pub backfill: Option<BackfillProgress>,
+    /// Objects this copy may still lack or hold stale although its log is current: set when
+    /// its PG went active before recovering it (a superset: an object recovered since may
+    /// still be listed). A copy with missing objects is never anyone's authority.
+    pub missing: Vec<ObjectName>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,7 +105,7 @@ pub fn choose_authority(
     }
     states
         .iter()
-        .filter(|(_, s)| s.info.backfill.is_none())
+        .filter(|(_, s)| s.info.backfill.is_none() && s.info.missing.is_empty())
         .max_by(|(a, sa), (b, sb)| {
             sa.info
                 .les
@@ -113,7 +117,7 @@ pub fn choose_authority(
         .map(|(osd, _)| *osd)
         .ok_or_else(|| Blocked::Incomplete {
             why: format!(
-                "every copy that answered ({}) is partway through a backfill",
+                "every copy that answered ({}) is partway through a recovery or backfill",
                 states
                     .keys()
                     .map(|o| format!("osd.{o}"))
@@ -149,6 +153,23 @@ pub fn catchup(auth: &PeerState, peer: &PeerState) -> Catchup {
         };
         return Catchup::Backfill { after };
     }
+    let by_log = catchup_by_log(auth, peer);
+    if peer.info.missing.is_empty() {
+        return by_log;
+    }
+    let mut objects: BTreeSet<ObjectName> = peer.info.missing.iter().cloned().collect();
+    match by_log {
+        Catchup::Log { objects: more } => objects.extend(more),
+        Catchup::UpToDate => {}
+        backfill @ Catchup::Backfill { .. } => return backfill,
+    }
+    Catchup::Log {
+        objects: objects.into_iter().collect(),
+    }
+}
+
+/// [`catchup`] from the logs alone.
+fn catchup_by_log(auth: &PeerState, peer: &PeerState) -> Catchup {
     if peer.last_update == auth.last_update && peer.log == auth.log {
         return Catchup::UpToDate;
     }
@@ -229,7 +250,7 @@ mod tests {
         PeerState {
             info: PgInfo {
                 les,
-                backfill: None,
+                ..PgInfo::default()
             },
             last_update: log.last().map_or(Eversion::ZERO, |e| e.version),
             log,
@@ -371,6 +392,27 @@ mod tests {
     }
 
     #[test]
+    fn listed_missing_objects_are_recovered_and_bar_the_copy_from_authority() {
+        let auth = state(4, vec![entry(4, 1, "a"), entry(4, 2, "b")]);
+        let mut partial = auth.clone();
+        partial.info.les = 2;
+        partial.info.missing = vec![name("a")];
+        assert_eq!(
+            catchup(&auth, &partial),
+            Catchup::Log {
+                objects: vec![name("a")]
+            }
+        );
+        let states: BTreeMap<_, _> = [(0, partial.clone())].into();
+        assert!(matches!(
+            choose_authority(0, None, &states),
+            Err(Blocked::Incomplete { .. })
+        ));
+        let states: BTreeMap<_, _> = [(0, partial), (1, auth)].into();
+        assert_eq!(choose_authority(0, None, &states), Ok(1));
+    }
+
+    #[test]
     fn backfill_diff_copies_changed_and_missing_and_removes_extras() {
         let auth = vec![
             (name("a"), ev(1, 1)),
@@ -388,11 +430,12 @@ mod tests {
     }
 
     /// A seeded simulation of one PG's life on three OSDs: OSDs stop and start (each change
-    /// a new interval), primaries peer with [`choose_authority`] and [`catchup`], record
-    /// their activation, and write — a write reaching only some members is not
-    /// acknowledged and ends the interval. Whatever the history, a PG that goes active
-    /// holds every acknowledged write. A failing seed is printed; replay it with
-    /// `PEERING_SEED=<seed> cargo test simulated_histories`.
+    /// a new interval), primaries peer with [`choose_authority`] and [`catchup`] and record
+    /// their complete members; a replica may instead take the log at once and recover its
+    /// data while the PG is active (a write recovering it first); a write reaching only
+    /// some members is not acknowledged and ends the interval. Whatever the history, the
+    /// authority of every activation holds the data of every acknowledged write. A failing
+    /// seed is printed; replay it with `PEERING_SEED=<seed> cargo test simulated_histories`.
     #[test]
     fn simulated_histories_never_lose_an_acknowledged_write() {
         let seeds: Vec<u64> = match std::env::var("PEERING_SEED") {
@@ -417,13 +460,17 @@ mod tests {
         let min_size = 1 + next(2) as usize;
         let mut copies: BTreeMap<OsdId, PeerState> =
             (0..3).map(|o| (o, PeerState::default())).collect();
+        // The writes whose effects each copy holds (its log may run ahead while recovering).
+        let mut data: BTreeMap<OsdId, Vec<LogEntry>> = (0..3).map(|o| (o, vec![])).collect();
         let mut up: BTreeSet<OsdId> = (0..3).collect();
         let mut record: Option<PgActivation> = None;
         let mut acked: Vec<LogEntry> = Vec::new();
         let mut epoch = 1;
         let mut active: Option<Vec<OsdId>> = None;
+        let mut recovering: BTreeSet<OsdId> = BTreeSet::new();
         for step in 0..150 {
-            if active.is_none() || next(4) == 0 {
+            let roll = next(8);
+            if active.is_none() || roll < 2 {
                 // A member stops or starts: a new interval, which then peers.
                 let osd = next(3) as OsdId;
                 if !up.remove(&osd) {
@@ -431,6 +478,7 @@ mod tests {
                 }
                 epoch += 1;
                 active = None;
+                recovering.clear();
                 let acting: Vec<OsdId> = up.iter().copied().collect();
                 if acting.len() < min_size {
                     continue;
@@ -444,46 +492,80 @@ mod tests {
                         states.insert(*o, copies[o].clone());
                     }
                 }
-                let Ok(auth) = choose_authority(acting[0], record.as_ref(), &states) else {
+                let Ok(authority) = choose_authority(acting[0], record.as_ref(), &states) else {
                     continue;
                 };
-                let auth = states[&auth].clone();
+                let auth = states[&authority].clone();
+                let auth_data = data[&authority].clone();
                 for a in &acked {
                     assert!(
-                        auth.log.contains(a),
-                        "step {step}: authority lacks acknowledged {:?}",
+                        auth_data.contains(a),
+                        "step {step}: authority osd.{authority} lacks acknowledged {:?}",
                         a.version
                     );
                 }
-                for o in &acting {
+                for (i, o) in acting.iter().enumerate() {
                     let c = copies.get_mut(o).expect("copy");
-                    if catchup(&auth, c) != Catchup::UpToDate {
-                        c.log = auth.log.clone();
-                        c.last_update = auth.last_update;
+                    let defer =
+                        i > 0 && matches!(catchup(&auth, c), Catchup::Log { .. }) && next(2) == 0;
+                    c.log = auth.log.clone();
+                    c.last_update = auth.last_update;
+                    if defer {
+                        c.info.backfill = None;
+                        c.info.missing = vec![name("o")];
+                        recovering.insert(*o);
+                    } else {
+                        c.info = PgInfo {
+                            les: epoch,
+                            ..PgInfo::default()
+                        };
+                        data.insert(*o, auth_data.clone());
                     }
-                    c.info = PgInfo {
-                        les: epoch,
-                        backfill: None,
-                    };
                 }
                 record = Some(PgActivation {
                     interval: epoch,
-                    acting: acting.clone(),
+                    acting: acting
+                        .iter()
+                        .copied()
+                        .filter(|o| !recovering.contains(o))
+                        .collect(),
                 });
                 active = Some(acting);
             } else if let Some(acting) = active.clone() {
+                if roll == 2 && !recovering.is_empty() {
+                    // Recovery while active finishes: the copies complete, all recorded.
+                    let primary_data = data[&acting[0]].clone();
+                    for o in std::mem::take(&mut recovering) {
+                        data.insert(o, primary_data.clone());
+                        copies.get_mut(&o).expect("copy").info = PgInfo {
+                            les: epoch,
+                            ..PgInfo::default()
+                        };
+                    }
+                    record = Some(PgActivation {
+                        interval: epoch,
+                        acting: acting.clone(),
+                    });
+                    continue;
+                }
                 let head = copies[&acting[0]].last_update;
                 let e = entry(epoch, head.seq + 1, "o");
-                // Each member gets the write unless it fails first (never the primary).
+                // Each member gets the write unless it fails first (never the primary); a
+                // member still recovering the object gets it before the write.
                 let reached: Vec<OsdId> = acting
                     .iter()
                     .copied()
                     .filter(|o| *o == acting[0] || next(5) != 0)
                     .collect();
+                let before = data[&acting[0]].clone();
                 for o in &reached {
+                    if recovering.contains(o) {
+                        data.insert(*o, before.clone());
+                    }
                     let c = copies.get_mut(o).expect("copy");
                     c.log.push(e.clone());
                     c.last_update = e.version;
+                    data.get_mut(o).expect("data").push(e.clone());
                 }
                 if reached.len() == acting.len() {
                     acked.push(e);
@@ -494,6 +576,7 @@ mod tests {
                         up.remove(&m);
                         epoch += 1;
                         active = None;
+                        recovering.clear();
                     }
                 }
             }

@@ -119,6 +119,8 @@ struct PgState {
     inconsistent: Vec<String>,
     /// Primary: when this PG was last scrubbed (loaded lazily by the scrub schedule).
     scrub_stamps: Option<ScrubStamps>,
+    /// Primary of an active PG: objects each replica still lacks (recovering while active).
+    missing: BTreeMap<OsdId, BTreeSet<ObjectName>>,
 }
 
 /// Wall-clock times (unix ms) of a PG's last scrub and deep scrub on this OSD.
@@ -295,12 +297,17 @@ impl OsdCore {
                 .and_then(|m| m.pools.get(&pg.id.pool))
                 .map_or(0, |p| p.size as usize);
             let short = s.acting.len() < size;
+            let recovering = s.missing.values().any(|m| !m.is_empty());
             let damaged = if s.inconsistent.is_empty() {
                 ""
             } else {
                 "+inconsistent"
             };
             let state = match &s.status {
+                PgStatus::Active if recovering && short => {
+                    format!("active+recovering+undersized+degraded{damaged}")
+                }
+                PgStatus::Active if recovering => format!("active+recovering+degraded{damaged}"),
                 PgStatus::Active if short => format!("active+undersized+degraded{damaged}"),
                 PgStatus::Active => format!("active+clean{damaged}"),
                 PgStatus::Peering => "peering".to_string(),
@@ -370,6 +377,7 @@ impl OsdCore {
                                     peered_interval: 0,
                                     inconsistent: vec![],
                                     scrub_stamps: None,
+                                    missing: BTreeMap::new(),
                                 }),
                                 changed: watch::channel(0).0,
                                 objects: Mutex::new(HashMap::new()),
@@ -391,6 +399,7 @@ impl OsdCore {
                     s.min_size = pool.min_size;
                     s.generation += 1;
                     s.inconsistent.clear();
+                    s.missing.clear();
                     s.status = if s.primary == Some(me) {
                         to_peer.push((pg.clone(), s.generation));
                         PgStatus::Peering
@@ -682,6 +691,11 @@ impl OsdCore {
             });
         }
         let _write = pg.gate.read().await;
+        // A replica still recovering this object gets it first, so the write applies to the
+        // same state on every member.
+        if self.recover_object(&pg, generation, &name).await? > 0 {
+            metrics::counter!("basalt_osd_recovered_on_write_total").increment(1);
+        }
         // Version assignment and the generation check happen together, so a write is never
         // numbered in one interval and replicated in the next.
         let (version, replicas) = {
@@ -840,14 +854,17 @@ impl OsdCore {
     ) -> Result<(), OpError> {
         tracing::warn!(pg = %pg.id, object = %obj, error = what, "corrupt local copy; repairing from a replica");
         metrics::counter!("basalt_osd_read_repairs_total").increment(1);
+        let name: ObjectName = (obj.namespace().to_string(), obj.name().to_string());
         let (replicas, interval_epoch) = {
             let s = lock(&pg.state);
             let me = self.me();
+            // A replica still recovering this object holds a stale copy or none.
             let r: Vec<OsdId> = s
                 .acting
                 .iter()
                 .copied()
                 .filter(|o| Some(*o) != me)
+                .filter(|o| !s.missing.get(o).is_some_and(|m| m.contains(&name)))
                 .collect();
             (r, s.interval_epoch)
         };
@@ -1055,6 +1072,7 @@ impl OsdCore {
             }
             if bytes >= RECOVERY_BATCH_BYTES && i + 1 < names.len() {
                 self.deliver(id, interval_epoch, target, &push).await?;
+                self.recovery_sleep().await;
                 metrics::counter!("basalt_osd_recovered_objects_total")
                     .increment(push.objects.len() as u64);
                 push = Push {
@@ -1090,7 +1108,7 @@ impl OsdCore {
         // must not look newer than it is.
         let done = PgInfo {
             les: target_state.info.les,
-            backfill: None,
+            ..PgInfo::default()
         };
         match peering::catchup(auth, target_state) {
             Catchup::UpToDate => Ok(()),
@@ -1151,6 +1169,7 @@ impl OsdCore {
                             target: auth.last_update,
                             done_through: through,
                         }),
+                        missing: vec![],
                     };
                     let last = match &end {
                         Some(e) => (target_state.log.clone(), progress(Some(e.clone()))),
@@ -1173,6 +1192,13 @@ impl OsdCore {
                     }
                 }
             }
+        }
+    }
+
+    /// The configured pause between recovery pushes (`[osd] recovery_sleep_ms`).
+    async fn recovery_sleep(&self) {
+        if self.tuning.recovery_sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.tuning.recovery_sleep_ms)).await;
         }
     }
 
@@ -1212,7 +1238,7 @@ impl OsdCore {
     /// One peering round: `Ok(true)` once the PG is active or only a new map can change its
     /// fate (a newer interval began, or too few members to serve); `Ok(false)` when it must
     /// wait (down, incomplete).
-    async fn peer_once(&self, pg: &Arc<Pg>, generation: u64) -> Result<bool, OpError> {
+    async fn peer_once(self: &Arc<Self>, pg: &Arc<Pg>, generation: u64) -> Result<bool, OpError> {
         let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
         let (acting, interval_epoch) = {
             let mut s = lock(&pg.state);
@@ -1274,12 +1300,26 @@ impl OsdCore {
             }
         };
         let auth = states[&authority].clone();
-        let behind: Vec<OsdId> = acting
+        let plans: BTreeMap<OsdId, Catchup> = acting
             .iter()
-            .copied()
-            .filter(|o| peering::catchup(&auth, &states[o]) != Catchup::UpToDate)
+            .map(|&o| (o, peering::catchup(&auth, &states[&o])))
             .collect();
-        if !behind.is_empty() {
+        // Replicas that can catch up from the log do so after activation, object by object
+        // (a write recovers its object first), so the PG serves meanwhile. The primary (it
+        // serves reads) and copies that need a backfill catch up now.
+        let deferred: BTreeMap<OsdId, BTreeSet<ObjectName>> = plans
+            .iter()
+            .filter_map(|(&o, c)| match c {
+                Catchup::Log { objects } if o != me => Some((o, objects.iter().cloned().collect())),
+                _ => None,
+            })
+            .collect();
+        let blocking: Vec<OsdId> = plans
+            .iter()
+            .filter(|(o, c)| **c != Catchup::UpToDate && !deferred.contains_key(o))
+            .map(|(o, _)| *o)
+            .collect();
+        if !blocking.is_empty() {
             // Only PGs with copying to do wait for a slot; the others go active at once.
             let _slot = self
                 .recovery_slots
@@ -1289,7 +1329,7 @@ impl OsdCore {
                 .map_err(|_| OpError::Io("recovery throttle closed".into()))?;
             // This primary first becomes equal to the authority, then serves as the source
             // for every other member that is behind.
-            if behind.contains(&me) {
+            if blocking.contains(&me) {
                 self.catch_up(
                     pg,
                     generation,
@@ -1301,7 +1341,7 @@ impl OsdCore {
                 )
                 .await?;
             }
-            for &osd in behind.iter().filter(|o| **o != me) {
+            for &osd in blocking.iter().filter(|o| **o != me) {
                 self.catch_up(
                     pg,
                     generation,
@@ -1314,46 +1354,209 @@ impl OsdCore {
                 .await?;
             }
         }
-        // Activation: every member records this interval as its les, then the monitors
-        // record the acting set, and only then is the first write accepted.
-        let activated = Push {
-            info: Some(PgInfo {
-                les: interval_epoch,
-                backfill: None,
-            }),
-            ..Push::default()
-        };
+        // Activation: complete members record this interval as their les; deferred ones take
+        // the authoritative log and the list of objects they still need (keeping their old
+        // les). The monitors record the complete members, and only then is the first write
+        // accepted.
         for &osd in &acting {
-            self.deliver(id, interval_epoch, osd, &activated).await?;
+            let info = match deferred.get(&osd) {
+                Some(missing) => PgInfo {
+                    les: states[&osd].info.les,
+                    backfill: None,
+                    missing: missing.iter().cloned().collect(),
+                },
+                None => PgInfo {
+                    les: interval_epoch,
+                    ..PgInfo::default()
+                },
+            };
+            let push = Push {
+                log: deferred.contains_key(&osd).then(|| auth.log.clone()),
+                info: Some(info),
+                ..Push::default()
+            };
+            self.deliver(id, interval_epoch, osd, &push).await?;
         }
-        let recorded = activation
-            .as_ref()
-            .is_some_and(|a| a.interval == interval_epoch && a.acting == acting);
-        if !recorded {
-            let mon = self
-                .mon
-                .get()
-                .ok_or_else(|| OpError::Io("no monitor client yet".into()))?;
-            let reply = mon
-                .pg_activated(id, interval_epoch, acting.clone())
-                .await
-                .map_err(|e| {
-                    OpError::Io(format!(
-                        "cannot record the activation with the monitors: {e}"
-                    ))
-                })?;
-            self.map_at_least(reply.epoch).await?;
-        }
+        let complete: Vec<OsdId> = acting
+            .iter()
+            .copied()
+            .filter(|o| !deferred.contains_key(o))
+            .collect();
+        self.record_activation(id, interval_epoch, complete).await?;
         let mut s = lock(&pg.state);
         if s.generation != generation {
             return Ok(true);
         }
         s.next_seq = auth.last_update.seq + 1;
         s.status = PgStatus::Active;
+        s.missing = deferred.clone();
         drop(s);
         pg.bump();
         tracing::debug!(pg = %id, epoch = interval_epoch, last_update = %auth.last_update, "active");
+        if !deferred.is_empty() {
+            metrics::counter!("basalt_osd_recoveries_total", "kind" => "log")
+                .increment(deferred.len() as u64);
+            let objects: usize = deferred.values().map(BTreeSet::len).sum();
+            tracing::info!(pg = %id, to = ?deferred.keys().collect::<Vec<_>>(), objects, "log-based recovery while active");
+            let core = self.clone();
+            let pg = pg.clone();
+            let osds = deferred.into_keys().collect();
+            tokio::spawn(async move { core.recover_while_active(pg, generation, osds).await });
+        }
         Ok(true)
+    }
+
+    /// Records with the monitors that `id` went active in `interval` with `members` holding
+    /// every acknowledged write (a no-op when the map already says so).
+    async fn record_activation(
+        &self,
+        id: PgId,
+        interval: Epoch,
+        members: Vec<OsdId>,
+    ) -> Result<(), OpError> {
+        let recorded = self.current_map().is_some_and(|m| {
+            m.pg_activations
+                .get(&id)
+                .is_some_and(|a| a.interval == interval && a.acting == members)
+        });
+        if recorded {
+            return Ok(());
+        }
+        let mon = self
+            .mon
+            .get()
+            .ok_or_else(|| OpError::Io("no monitor client yet".into()))?;
+        let reply = mon.pg_activated(id, interval, members).await.map_err(|e| {
+            OpError::Io(format!(
+                "cannot record the activation with the monitors: {e}"
+            ))
+        })?;
+        self.map_at_least(reply.epoch).await?;
+        Ok(())
+    }
+
+    /// Copies `name` from this primary to every replica still missing it; returns how many
+    /// got it. The caller holds the object's lock, so no write to it runs meanwhile.
+    async fn recover_object(
+        &self,
+        pg: &Pg,
+        generation: u64,
+        name: &ObjectName,
+    ) -> Result<usize, OpError> {
+        let (targets, interval_epoch) = {
+            let s = lock(&pg.state);
+            if s.generation != generation {
+                return Err(OpError::IntervalChanged {
+                    pg: pg.id.to_string(),
+                    epoch: s.interval_epoch,
+                });
+            }
+            let t: Vec<OsdId> = s
+                .missing
+                .iter()
+                .filter(|(_, set)| set.contains(name))
+                .map(|(o, _)| *o)
+                .collect();
+            (t, s.interval_epoch)
+        };
+        if targets.is_empty() {
+            return Ok(0);
+        }
+        let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
+        let push = match self.fetch(pg.id, interval_epoch, me, name).await? {
+            Some(st) => Push {
+                objects: vec![st],
+                ..Push::default()
+            },
+            None => Push {
+                remove: vec![name.clone()],
+                ..Push::default()
+            },
+        };
+        for &osd in &targets {
+            self.deliver(pg.id, interval_epoch, osd, &push).await?;
+            metrics::counter!("basalt_osd_recovered_objects_total").increment(1);
+            let mut s = lock(&pg.state);
+            if s.generation == generation {
+                if let Some(set) = s.missing.get_mut(&osd) {
+                    set.remove(name);
+                }
+            }
+        }
+        Ok(targets.len())
+    }
+
+    /// Recovers, one object at a time under its lock, what the `deferred` replicas of an
+    /// active PG still miss; then marks them complete (les) and records the whole acting set
+    /// with the monitors. Stops when the interval ends (the next peering takes over from
+    /// the replicas' persisted missing lists).
+    async fn recover_while_active(
+        self: Arc<Self>,
+        pg: Arc<Pg>,
+        generation: u64,
+        deferred: Vec<OsdId>,
+    ) {
+        let Ok(_slot) = self.recovery_slots.clone().acquire_owned().await else {
+            return;
+        };
+        let still_current = || lock(&pg.state).generation == generation;
+        loop {
+            let next = {
+                let s = lock(&pg.state);
+                if s.generation != generation {
+                    return;
+                }
+                s.missing
+                    .values()
+                    .find_map(|set| set.iter().next().cloned())
+            };
+            let Some(name) = next else { break };
+            self.recovery_sleep().await;
+            let object_lock = pg.object_lock(&name);
+            let _guard = object_lock.lock().await;
+            if let Err(e) = self.recover_object(&pg, generation, &name).await {
+                if !still_current() {
+                    return;
+                }
+                tracing::info!(pg = %pg.id, error = %e, "recovery of an object failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        loop {
+            let (acting, interval_epoch) = {
+                let s = lock(&pg.state);
+                if s.generation != generation {
+                    return;
+                }
+                (s.acting.clone(), s.interval_epoch)
+            };
+            let complete = Push {
+                info: Some(PgInfo {
+                    les: interval_epoch,
+                    ..PgInfo::default()
+                }),
+                ..Push::default()
+            };
+            let mut result = Ok(());
+            for &osd in &deferred {
+                result = result.and(self.deliver(pg.id, interval_epoch, osd, &complete).await);
+            }
+            if result.is_ok() {
+                result = self.record_activation(pg.id, interval_epoch, acting).await;
+            }
+            match result {
+                Ok(()) => {
+                    tracing::info!(pg = %pg.id, "recovery done");
+                    pg.bump();
+                    return;
+                }
+                Err(e) if still_current() => {
+                    tracing::info!(pg = %pg.id, error = %e, "finishing recovery failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(_) => return,
+            }
+        }
     }
 
     /// Checks a peering/replication request from `from` for `pg` at `interval_epoch`: this
@@ -1541,6 +1744,12 @@ impl OsdCore {
         deep: bool,
         repair: bool,
     ) -> Result<basalt_ops::ScrubResult, OpError> {
+        if lock(&pg.state).missing.values().any(|m| !m.is_empty()) {
+            return Err(OpError::Busy(format!(
+                "PG {} is recovering; scrub it once it is clean",
+                pg.id
+            )));
+        }
         let mut repaired = 0;
         let (objects, mut found) = self.scrub(pg, generation, deep).await?;
         metrics::counter!("basalt_osd_scrub_errors_total").increment(found.len() as u64);

@@ -102,7 +102,10 @@ fn a_stale_copy_never_serves_and_the_pg_waits_for_the_last_writer() {
     );
     // Giving up B's writes takes an explicit confirmation.
     let refused = d.cluster.cli(&["osd", "lost", &b.to_string()]);
-    assert!(!refused.status.success(), "osd lost ran without confirmation");
+    assert!(
+        !refused.status.success(),
+        "osd lost ran without confirmation"
+    );
     // B returns: the PG goes active with B's data, copied to A as well.
     d.cluster
         .restart_osd(d.harness_index(b))
@@ -120,6 +123,8 @@ fn a_stale_copy_never_serves_and_the_pg_waits_for_the_last_writer() {
 fn a_returning_osd_catches_up_by_log_and_after_a_long_absence_by_backfill() {
     let tuning = OsdTuning {
         pg_log_entries: 20,
+        // Slow recovery down so the writes below find objects not yet recovered.
+        recovery_sleep_ms: 1000,
         ..OsdTuning::default()
     };
     let mut d = DataCluster::start_tuned(test_timeouts(), tuning, "data").expect("cluster");
@@ -157,8 +162,34 @@ fn a_returning_osd_catches_up_by_log_and_after_a_long_absence_by_backfill() {
     d.cluster
         .restart_osd(d.harness_index(victim))
         .expect("restart");
+    wait_for("the victim up again", Duration::from_secs(60), || {
+        d.rados.osdmap().osds.get(&victim)?.up.then_some(())
+    })
+    .expect("up");
+    // Writes right after its return land while its PGs recover: a partial overwrite of an
+    // object the victim has not recovered yet must reach it on top of the current bytes.
+    d.rt.block_on(async {
+        let patches = written.iter().map(|(n, data)| {
+            let mut patched = data.to_vec();
+            patched[100..108].copy_from_slice(b"patched!");
+            (n.clone(), bytes::Bytes::from(patched))
+        });
+        let patches: Vec<_> = patches.collect();
+        let writes = patches
+            .iter()
+            .map(|(n, _)| d.io.write(n, 100, bytes::Bytes::from_static(b"patched!")));
+        for r in futures::future::join_all(writes).await {
+            r.expect("write while the victim recovers");
+        }
+        written.extend(patches);
+    });
     d.wait_active_clean(Duration::from_secs(120))
         .expect("active+clean after a short absence");
+    let on_write: f64 = (0..6)
+        .filter_map(|i| d.cluster.osd_metrics(i).ok())
+        .map(|t| metric_sum(&t, "basalt_osd_recovered_on_write_total", ""))
+        .sum();
+    eprintln!("writes that recovered their object first: {on_write}");
     assert!(
         recoveries(&d, "log") > log_before,
         "no PG recovered by log after a short absence"
