@@ -1,4 +1,5 @@
-//! The `basalt-osd` daemon's life cycle with the monitors (no data path yet).
+//! The `basalt-osd` daemon's life cycle with the monitors; each new map goes on to the data path
+//! ([`crate::service::OsdCore::on_map`]), and a background task runs the scrub schedule.
 //!
 //! ```text
 //!  gRPC Osd::Ping ◀── peers            state owner (one task, `Daemon::run`)
@@ -13,10 +14,10 @@
 //! ```
 //!
 //! Everything that talks to the network (monitor calls, pings) runs in spawned tasks that send
-//! an [`Event`] back, so a slow or absent monitor never stalls the loop: heartbeats keep
+//! an `Event` back, so a slow or absent monitor never stalls the loop: heartbeats keep
 //! flowing while a beacon waits for quorum, and SIGTERM is handled at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +42,8 @@ use crate::store::{Store, StoreConfig, StoreError, Superblock, Transaction};
 pub const META_LAST_MAP_EPOCH: &[u8] = b"last_map_epoch";
 /// Meta key holding the id the monitors gave this OSD (big-endian u32), for logs and tools.
 pub const META_WHOAMI: &[u8] = b"whoami";
+/// Ceph's `osd_heartbeat_min_peers`: OSDs heartbeated at least, PG peers or not.
+const HEARTBEAT_MIN_PEERS: usize = 10;
 
 /// Why the daemon cannot start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -539,21 +542,36 @@ impl Daemon {
                 );
                 self.start_boot(map.epoch);
             }
-            self.update_peers(&map, id);
             self.core.on_map(id, map.clone()).await;
+            self.update_peers(&map, id);
         }
         self.map = Some(map);
     }
 
-    /// Tracks every other up OSD. Ceph heartbeats only the OSDs sharing a PG with it (plus a
-    /// few neighbours); basalt has no PGs on OSDs yet, so each OSD watches all up OSDs. That is
-    /// O(n²) pings, fine for the small clusters this slice runs; narrow it once PGs exist.
+    /// Chooses the OSDs to heartbeat: those sharing a PG with this one (they are the ones
+    /// whose silence stalls its I/O), topped up with the nearest up OSDs by id to
+    /// HEARTBEAT_MIN_PEERS, as Ceph does, so an OSD with few PGs is still watched by several
+    /// hosts. In clusters of up to HEARTBEAT_MIN_PEERS + 1 OSDs that is every other OSD.
     fn update_peers(&mut self, map: &OsdMap, me: OsdId) {
         let now = Instant::now();
-        self.peers
-            .retain(|id, p| map.osds.get(id).is_some_and(|o| o.up && o.addr == p.addr));
-        for (&id, o) in &map.osds {
-            if id == me || !o.up || self.peers.contains_key(&id) {
+        let up: Vec<OsdId> = map
+            .osds
+            .iter()
+            .filter(|(_, o)| o.up)
+            .map(|(id, _)| *id)
+            .collect();
+        let pg_members = self
+            .core
+            .pg_summary()
+            .into_iter()
+            .flat_map(|(_, _, acting)| acting);
+        let wanted = heartbeat_peers(me, pg_members, &up);
+        self.peers.retain(|id, p| {
+            wanted.contains(id) && map.osds.get(id).is_some_and(|o| o.up && o.addr == p.addr)
+        });
+        for id in wanted {
+            let Some(o) = map.osds.get(&id) else { continue };
+            if self.peers.contains_key(&id) {
                 continue;
             }
             let Ok(channel) = basalt_client::lazy_channel(&o.addr, self.heartbeat_grace / 2) else {
@@ -698,6 +716,26 @@ impl Daemon {
     }
 }
 
+/// The OSDs `me` heartbeats (see `Daemon::update_peers`): the up members of its PGs, plus
+/// the up OSDs nearest by id (upwards, wrapping) until there are HEARTBEAT_MIN_PEERS.
+fn heartbeat_peers(
+    me: OsdId,
+    pg_members: impl IntoIterator<Item = OsdId>,
+    up: &[OsdId],
+) -> BTreeSet<OsdId> {
+    let others = |id: &OsdId| *id != me && up.contains(id);
+    let mut wanted: BTreeSet<OsdId> = pg_members.into_iter().filter(others).collect();
+    let mut nearest: Vec<OsdId> = up.iter().copied().filter(others).collect();
+    nearest.sort_by_key(|id| id.wrapping_sub(me));
+    for id in nearest {
+        if wanted.len() >= HEARTBEAT_MIN_PEERS {
+            break;
+        }
+        wanted.insert(id);
+    }
+    wanted
+}
+
 /// The next map at or after `epoch`, or pending forever without a subscription (the select
 /// then waits on the other branches). `None` means the subscription ended.
 async fn wait_map(sub: &mut Option<MapSubscription>, epoch: Epoch) -> Option<Arc<OsdMap>> {
@@ -725,6 +763,23 @@ fn retryable(e: &ClientError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeat_peers_are_pg_members_topped_up_by_nearest_id() {
+        let up: Vec<OsdId> = (0..30).collect();
+        // Small clusters: everyone else.
+        assert_eq!(
+            heartbeat_peers(3, [], &up[..6]),
+            [0, 1, 2, 4, 5].into_iter().collect()
+        );
+        // PG members first (down ones and itself skipped), then the next ids, wrapping.
+        let got = heartbeat_peers(27, [27, 5, 9, 40], &up);
+        let want: BTreeSet<OsdId> = [5, 9, 28, 29, 0, 1, 2, 3, 4, 6].into_iter().collect();
+        assert_eq!(got, want);
+        // Many PG peers: all of them, nothing added.
+        let many = heartbeat_peers(0, 1..=15, &up);
+        assert_eq!(many, (1..=15).collect());
+    }
 
     #[test]
     fn uuids_are_v4_shaped_and_distinct() {
