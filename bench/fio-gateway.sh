@@ -6,11 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-20}
-bin="${CARGO_TARGET_DIR:-$HOME/.cache/basalt-target}/release"
-dir=$(mktemp -d /tmp/basalt-bench.XXXXXX)
-trap '"$bin/basalt" cluster down --dir "$dir" >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
-"$bin/basalt" cluster up --dir "$dir" >/dev/null
-export BASALT_CONFIG="$dir/cluster.toml"
+. bench/fresh-cluster.sh
+fresh_cluster
 url="nbd://127.0.0.1:10809/rbd/demo"
 run() { # name rw bs iodepth
   fio --name="$1" --ioengine=nbd --uri="$url" --rw="$2" --bs="$3" --iodepth="$4" \

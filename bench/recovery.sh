@@ -10,11 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fill=${1:-20}
-bin="${CARGO_TARGET_DIR:-$HOME/.cache/basalt-target}/release"
-dir=$(mktemp -d /tmp/basalt-bench.XXXXXX)
-trap '"$bin/basalt" cluster down --dir "$dir" >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
-"$bin/basalt" cluster up --dir "$dir" --gateways 0 >/dev/null
-export BASALT_CONFIG="$dir/cluster.toml"
+. bench/fresh-cluster.sh
+fresh_cluster --gateways 0
 cat >"$dir/show.py" <<'PY'
 import json, sys
 j = json.load(sys.stdin)

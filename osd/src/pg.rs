@@ -446,6 +446,15 @@ pub fn object_state(store: &Store, obj: &ObjectId) -> Result<ObjectState, StoreE
     })
 }
 
+/// [`object_state`], with an object that does not exist as `None`.
+pub fn object_if_present(store: &Store, obj: &ObjectId) -> Result<Option<ObjectState>, OpError> {
+    match object_state(store, obj) {
+        Ok(st) => Ok(Some(st)),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
 /// Adds to `txn` what replaces `obj` (whose current existence is `exists`) with `state`.
 pub fn install_object(txn: &mut Transaction, obj: &ObjectId, exists: bool, state: &ObjectState) {
     if exists {

@@ -253,6 +253,17 @@ impl OsdCore {
         })
     }
 
+    /// Runs `f` on the store off the async workers (RocksDB calls block).
+    async fn on_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, OpError> + Send + 'static,
+    ) -> Result<T, OpError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| OpError::Io(format!("store task failed: {e}")))?
+    }
+
     /// Gives the data path the monitor client it records PG activations with.
     pub fn set_mon(&self, mon: MonClient) {
         let _ = self.mon.set(mon);
@@ -652,29 +663,24 @@ impl OsdCore {
             }
         }
         let watchers = self.watchers_of(&(pg.id, req.namespace.clone(), req.object.clone()));
-        let store = self.store.clone();
         let client = reqid.client.clone();
         let ops2 = ops.clone();
         let obj2 = obj.clone();
-        let executed = tokio::task::spawn_blocking(move || {
-            pg::execute(&store, &obj2, &client, &ops2, &|| watchers.clone())
-        })
-        .await
-        .map_err(|e| OpError::Io(format!("op task failed: {e}")));
-        let mut ex = match executed? {
+        let executed = self
+            .on_store(move |store| pg::execute(store, &obj2, &client, &ops2, &|| watchers.clone()))
+            .await;
+        let mut ex = match executed {
             Ok(ex) => ex,
             Err(OpError::Corrupt(what)) if !is_write => {
                 // Never return corrupt bytes: repair from a replica, then read again.
                 self.repair_object(&pg, generation, &obj, &what).await?;
-                let store = self.store.clone();
                 let client = reqid.client.clone();
                 let watchers = self.watchers_of(&(pg.id, req.namespace.clone(), req.object));
                 let obj2 = obj.clone();
-                tokio::task::spawn_blocking(move || {
-                    pg::execute(&store, &obj2, &client, &ops, &|| watchers.clone())
+                self.on_store(move |store| {
+                    pg::execute(store, &obj2, &client, &ops, &|| watchers.clone())
                 })
-                .await
-                .map_err(|e| OpError::Io(format!("op task failed: {e}")))??
+                .await?
             }
             Err(e) => return Err(e),
         };
@@ -917,10 +923,7 @@ impl OsdCore {
     ) -> Result<PeerState, OpError> {
         let me = self.me().unwrap_or(u32::MAX);
         if osd == me {
-            let store = self.store.clone();
-            return tokio::task::spawn_blocking(move || pg::peer_state(&store, id))
-                .await
-                .map_err(|e| OpError::Io(e.to_string()))?;
+            return self.on_store(move |store| pg::peer_state(store, id)).await;
         }
         self.peer_rpc(osd, "query", |mut c| async move {
             let r = c
@@ -946,15 +949,10 @@ impl OsdCore {
     ) -> Result<Option<pg::ObjectState>, OpError> {
         let me = self.me().unwrap_or(u32::MAX);
         if source == me {
-            let store = self.store.clone();
             let obj = ObjectId::with_namespace(id, name.0.clone(), name.1.clone());
-            return tokio::task::spawn_blocking(move || match pg::object_state(&store, &obj) {
-                Ok(st) => Ok(Some(st)),
-                Err(crate::store::StoreError::NotFound { .. }) => Ok(None),
-                Err(e) => Err(pg::store_error(e)),
-            })
-            .await
-            .map_err(|e| OpError::Io(e.to_string()))?;
+            return self
+                .on_store(move |store| pg::object_if_present(store, &obj))
+                .await;
         }
         // One object per pull: sizes are unknown here and one object may be as large as the
         // message limit allows.
@@ -1016,13 +1014,10 @@ impl OsdCore {
     ) -> Result<Vec<(ObjectName, Eversion)>, OpError> {
         let me = self.me().unwrap_or(u32::MAX);
         if osd == me {
-            let store = self.store.clone();
             let after = after.cloned();
-            return tokio::task::spawn_blocking(move || {
-                pg::scan_objects(&store, id, after.as_ref(), BACKFILL_SCAN)
-            })
-            .await
-            .map_err(|e| OpError::Io(e.to_string()))?;
+            return self
+                .on_store(move |store| pg::scan_objects(store, id, after.as_ref(), BACKFILL_SCAN))
+                .await;
         }
         let after = encode(&after);
         self.peer_rpc(osd, "scan", |mut c| async move {
@@ -1592,11 +1587,8 @@ impl OsdCore {
             s.peered_interval = s.peered_interval.max(req.interval_epoch);
         }
         let _quiesced = pg.gate.write().await;
-        let store = self.store.clone();
         let id = pg.id;
-        tokio::task::spawn_blocking(move || pg::peer_state(&store, id))
-            .await
-            .map_err(|e| OpError::Io(e.to_string()))?
+        self.on_store(move |store| pg::peer_state(store, id)).await
     }
 
     pub async fn handle_pg_pull(
@@ -1607,23 +1599,19 @@ impl OsdCore {
             .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
             .await?;
         let names: Vec<ObjectName> = decode(&req.objects, "object names")?;
-        let store = self.store.clone();
         let id = pg.id;
-        tokio::task::spawn_blocking(move || {
+        self.on_store(move |store| {
             names
                 .iter()
                 .map(|(ns, n)| {
-                    let obj = ObjectId::with_namespace(id, ns.clone(), n.clone());
-                    match pg::object_state(&store, &obj) {
-                        Ok(st) => Ok(Some(st)),
-                        Err(crate::store::StoreError::NotFound { .. }) => Ok(None),
-                        Err(e) => Err(pg::store_error(e)),
-                    }
+                    pg::object_if_present(
+                        store,
+                        &ObjectId::with_namespace(id, ns.clone(), n.clone()),
+                    )
                 })
                 .collect()
         })
         .await
-        .map_err(|e| OpError::Io(e.to_string()))?
     }
 
     pub async fn handle_pg_scan(
@@ -1635,11 +1623,9 @@ impl OsdCore {
             .await?;
         let after: Option<ObjectName> = decode(&req.after, "scan start")?;
         let max = (req.max as usize).clamp(1, 4 * BACKFILL_SCAN);
-        let store = self.store.clone();
         let id = pg.id;
-        tokio::task::spawn_blocking(move || pg::scan_objects(&store, id, after.as_ref(), max))
+        self.on_store(move |store| pg::scan_objects(store, id, after.as_ref(), max))
             .await
-            .map_err(|e| OpError::Io(e.to_string()))?
     }
 
     pub async fn handle_pg_push(&self, req: pb::PgPushRequest) -> Result<(), OpError> {
@@ -1653,11 +1639,10 @@ impl OsdCore {
             });
         }
         let push: Push = decode(&req.push, "push")?;
-        let store = self.store.clone();
         let id = pg.id;
-        let txn = tokio::task::spawn_blocking(move || pg::apply_push(&store, id, &push))
-            .await
-            .map_err(|e| OpError::Io(e.to_string()))??;
+        let txn = self
+            .on_store(move |store| pg::apply_push(store, id, &push))
+            .await?;
         self.store.submit(txn).await.map_err(pg::store_error)
     }
 
@@ -1703,11 +1688,9 @@ impl OsdCore {
         let pg = self
             .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
             .await?;
-        let store = self.store.clone();
         let (id, deep) = (pg.id, req.deep);
-        tokio::task::spawn_blocking(move || pg::scrub_map(&store, id, deep))
+        self.on_store(move |store| pg::scrub_map(store, id, deep))
             .await
-            .map_err(|e| OpError::Io(e.to_string()))?
     }
 
     /// Scrub, deep scrub or repair of a PG this OSD is primary of. Writes to the PG wait
@@ -1889,11 +1872,10 @@ impl OsdCore {
             (s.acting.clone(), s.interval_epoch)
         };
         let mut maps = BTreeMap::new();
-        let store = self.store.clone();
         let id = pg.id;
-        let own = tokio::task::spawn_blocking(move || pg::scrub_map(&store, id, deep))
-            .await
-            .map_err(|e| OpError::Io(e.to_string()))??;
+        let own = self
+            .on_store(move |store| pg::scrub_map(store, id, deep))
+            .await?;
         maps.insert(me, own);
         for &osd in acting.iter().filter(|o| **o != me) {
             let mut c = self.peer_client(osd)?;
@@ -1952,9 +1934,8 @@ impl OsdCore {
             decode(&req.start_after, "listing cursor")?
         };
         let max = req.max.clamp(1, 10_000) as usize;
-        let store = self.store.clone();
         let id = pg.id;
-        tokio::task::spawn_blocking(move || {
+        self.on_store(move |store| {
             let start = after.map(|(ns, n)| ObjectId::with_namespace(id, ns, n));
             let page = store
                 .list_objects(id, start.as_ref(), max)
@@ -1972,7 +1953,6 @@ impl OsdCore {
             })
         })
         .await
-        .map_err(|e| OpError::Io(e.to_string()))?
     }
 
     fn watchers_of(&self, key: &WatchKey) -> Vec<WatcherInfo> {

@@ -23,18 +23,49 @@ fn kill_and_mark_down(d: &mut DataCluster, id: u32) {
     .expect("down");
 }
 
-/// Recoveries of `kind` (log, backfill) counted by the OSDs that are running.
-fn recoveries(d: &DataCluster, kind: &str) -> f64 {
+/// The sum of metric `name` (series whose labels contain `label`) over the OSDs that answer.
+fn osd_total(d: &DataCluster, name: &str, label: &str) -> f64 {
     (0..6)
         .filter_map(|i| d.cluster.osd_metrics(i).ok())
-        .map(|t| {
-            metric_sum(
-                &t,
-                "basalt_osd_recoveries_total",
-                &format!("kind=\"{kind}\""),
-            )
-        })
+        .map(|t| metric_sum(&t, name, label))
         .sum()
+}
+
+/// Recoveries of `kind` (log, backfill) counted by the OSDs that are running.
+fn recoveries(d: &DataCluster, kind: &str) -> f64 {
+    osd_total(
+        d,
+        "basalt_osd_recoveries_total",
+        &format!("kind=\"{kind}\""),
+    )
+}
+
+/// Writes `data` to `name`, then flips a byte of it on the replica at `position` in the acting
+/// set while that OSD is stopped, and starts it again. Returns the object's PG and that OSD.
+fn rot_one_replica(
+    d: &mut DataCluster,
+    name: &str,
+    data: &bytes::Bytes,
+    position: usize,
+) -> (basalt_placement::PgId, u32) {
+    d.rt.block_on(d.io.write_full(name, data.clone()))
+        .expect("write");
+    let (pg, mapping) = d.rados.osdmap().map_object("data", name).expect("map");
+    let replica = mapping.acting[position];
+    let idx = d.harness_index(replica);
+    d.cluster.stop_osd(idx, Duration::from_secs(10));
+    {
+        let store = basalt_osd::store::Store::open(
+            d.cluster.osd_data(idx),
+            basalt_osd::store::StoreConfig::default(),
+        )
+        .expect("open");
+        store
+            .inject_bitflip_for_testing(&basalt_osd::store::ObjectId::new(pg, name), 1, 3)
+            .expect("flip");
+    }
+    d.cluster.restart_osd(idx).expect("restart");
+    (pg, replica)
 }
 
 #[test]
@@ -185,10 +216,7 @@ fn a_returning_osd_catches_up_by_log_and_after_a_long_absence_by_backfill() {
     });
     d.wait_active_clean(Duration::from_secs(120))
         .expect("active+clean after a short absence");
-    let on_write: f64 = (0..6)
-        .filter_map(|i| d.cluster.osd_metrics(i).ok())
-        .map(|t| metric_sum(&t, "basalt_osd_recovered_on_write_total", ""))
-        .sum();
+    let on_write = osd_total(&d, "basalt_osd_recovered_on_write_total", "");
     eprintln!("writes that recovered their object first: {on_write}");
     assert!(
         recoveries(&d, "log") > log_before,
@@ -375,27 +403,7 @@ fn whole_cluster_power_loss_keeps_every_acknowledged_write() {
 fn bit_rot_in_one_replica_is_found_by_deep_scrub_and_repaired() {
     let mut d = DataCluster::start(test_timeouts(), "data").expect("cluster");
     let data = pattern(42, 300_000);
-    d.rt.block_on(d.io.write_full("rotting", data.clone()))
-        .expect("write");
-    let map = d.rados.osdmap();
-    let pool = map.pool_by_name("data").expect("pool");
-    let pg = basalt_placement::object_to_pg_ns(&pool.placement(), "", "rotting");
-    let mapping = map.map_pg(pool, pg).expect("map");
-    let replica = mapping.acting[1];
-    let idx = d.harness_index(replica);
-    // Flip a byte in a replica's chunk while it is stopped.
-    d.cluster.stop_osd(idx, Duration::from_secs(10));
-    {
-        let store = basalt_osd::store::Store::open(
-            d.cluster.osd_data(idx),
-            basalt_osd::store::StoreConfig::default(),
-        )
-        .expect("open");
-        store
-            .inject_bitflip_for_testing(&basalt_osd::store::ObjectId::new(pg, "rotting"), 2, 7)
-            .expect("flip");
-    }
-    d.cluster.restart_osd(idx).expect("restart");
+    let (pg, replica) = rot_one_replica(&mut d, "rotting", &data, 1);
     d.wait_active_clean(Duration::from_secs(60))
         .expect("active+clean again");
     let pgid = pg.to_string();
@@ -446,34 +454,13 @@ fn scheduled_deep_scrub_finds_bit_rot_and_auto_repair_fixes_it() {
     };
     let mut d = DataCluster::start_tuned(test_timeouts(), tuning, "data").expect("cluster");
     let data = pattern(7, 200_000);
-    d.rt.block_on(d.io.write_full("rotting", data.clone()))
-        .expect("write");
-    let (pg, mapping) = d.rados.osdmap().map_object("data", "rotting").expect("map");
-    let idx = d.harness_index(mapping.acting[2]);
-    d.cluster.stop_osd(idx, Duration::from_secs(10));
-    {
-        let store = basalt_osd::store::Store::open(
-            d.cluster.osd_data(idx),
-            basalt_osd::store::StoreConfig::default(),
-        )
-        .expect("open");
-        store
-            .inject_bitflip_for_testing(&basalt_osd::store::ObjectId::new(pg, "rotting"), 1, 3)
-            .expect("flip");
-    }
-    d.cluster.restart_osd(idx).expect("restart");
-    let total = |name: &str| -> f64 {
-        (0..6)
-            .filter_map(|i| d.cluster.osd_metrics(i).ok())
-            .map(|t| metric_sum(&t, name, ""))
-            .sum()
-    };
+    let (pg, _) = rot_one_replica(&mut d, "rotting", &data, 2);
     // No command: the schedule deep-scrubs the PG, finds the bad chunk and repairs it.
     wait_for("a scheduled repair", Duration::from_secs(90), || {
-        (total("basalt_osd_scrub_repairs_total") >= 1.0).then_some(())
+        (osd_total(&d, "basalt_osd_scrub_repairs_total", "") >= 1.0).then_some(())
     })
     .expect("auto repair");
-    assert!(total("basalt_osd_scrub_errors_total") >= 1.0);
+    assert!(osd_total(&d, "basalt_osd_scrub_errors_total", "") >= 1.0);
     let r = d
         .cluster
         .cli_json(&["pg", "deep-scrub", &pg.to_string()])
