@@ -32,8 +32,6 @@ pub struct OsdInfo {
     pub reweight: u32,
     /// Epoch the OSD last came up (start of its current up interval).
     pub up_from: Epoch,
-    /// Latest epoch the monitors recorded the OSD as having peered through.
-    pub up_thru: Epoch,
     /// Epoch the OSD was last marked down (0 = never).
     pub down_at: Epoch,
     /// Wall time (unix ms) it was marked down, for the down→out interval.
@@ -138,10 +136,6 @@ pub enum Change {
     CrushWeight {
         id: OsdId,
         weight: u32,
-    },
-    UpThru {
-        id: OsdId,
-        epoch: Epoch,
     },
     /// The primary of `pg` finished peering for the interval that began at `interval`
     /// with `acting`, and is about to serve I/O: every later peering must hear from one
@@ -274,7 +268,6 @@ impl OsdMap {
                             up: false,
                             reweight: WEIGHT_ONE,
                             up_from: 0,
-                            up_thru: 0,
                             down_at: 0,
                             down_stamp_ms: 0,
                             auto_out: false,
@@ -306,11 +299,6 @@ impl OsdMap {
             }
             Change::CrushWeight { id, weight } => {
                 let _ = self.crush.set_weight(*id, *weight);
-            }
-            Change::UpThru { id, epoch } => {
-                if let Some(o) = self.osds.get_mut(id) {
-                    o.up_thru = o.up_thru.max(*epoch);
-                }
             }
             Change::RemoveOsd { id } => {
                 self.osds.remove(id);
@@ -589,12 +577,21 @@ mod tests {
                 },
                 Change::OsdDown { id: 98 },
                 Change::RemovePool { id: 7 },
-                Change::UpThru { id: 97, epoch: 5 },
+                Change::OsdLost { id: 97 },
+                Change::PgActivated {
+                    pg: PgId { pool: 7, seed: 0 },
+                    interval: 1,
+                    acting: vec![0],
+                },
             ],
         );
         map.apply(&i).expect("apply");
         assert_eq!(map.osds, before.osds);
         assert_eq!(map.pools, before.pools);
+        assert!(
+            map.pg_activations.is_empty(),
+            "no activation for a missing pool"
+        );
     }
 
     #[test]

@@ -1804,7 +1804,12 @@ impl OsdCore {
             for pg in pgs {
                 let (generation, due_deep, due_shallow) = {
                     let mut s = lock(&pg.state);
-                    if s.primary.is_none() || s.primary != me || s.status != PgStatus::Active {
+                    let recovering = s.missing.values().any(|m| !m.is_empty());
+                    if s.primary.is_none()
+                        || s.primary != me
+                        || s.status != PgStatus::Active
+                        || recovering
+                    {
                         continue;
                     }
                     let now = now_ms();
