@@ -286,7 +286,10 @@ fn pg_checks(stats: &[basalt_client::ops::PgStat]) -> Vec<HealthCheck> {
     let inactive: Vec<String> = stats
         .iter()
         .filter(|s| !s.state.starts_with("active"))
-        .map(|s| format!("pg {} is {}", s.pgid, s.state))
+        .map(|s| match s.detail.as_str() {
+            "" => format!("pg {} is {}", s.pgid, s.state),
+            why => format!("pg {} is {}: {why}", s.pgid, s.state),
+        })
         .collect();
     if !inactive.is_empty() {
         checks.push(HealthCheck::new(

@@ -69,6 +69,7 @@ fn stat_json(s: &PgStat) -> serde_json::Value {
         "pgid": s.pgid, "state": s.state, "acting": s.acting,
         "primary": (s.primary != u32::MAX).then_some(s.primary),
         "interval_epoch": s.interval_epoch, "last_seq": s.last_seq,
+        "detail": s.detail,
     })
 }
 

@@ -168,6 +168,11 @@ impl Rados {
                     primary: primary.unwrap_or(u32::MAX),
                     interval_epoch: 0,
                     last_seq: 0,
+                    detail: if primary.is_some() {
+                        "its primary did not report".into()
+                    } else {
+                        "no OSD of its acting set is up".into()
+                    },
                 });
             }
         }

@@ -516,6 +516,9 @@ pub struct PgStat {
     pub interval_epoch: u64,
     /// Sequence number of the newest write (0: none since the PG was created).
     pub last_seq: u64,
+    /// Why the PG is not active+clean, in words (what it waits for, what it still copies);
+    /// empty when it is.
+    pub detail: String,
 }
 
 /// What `basalt pg scrub|deep-scrub|repair` reports.

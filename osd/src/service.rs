@@ -331,6 +331,19 @@ impl OsdCore {
                 PgStatus::Inactive(_) => "undersized+peered".to_string(),
                 other => other.name(),
             };
+            let mut detail = match &s.status {
+                PgStatus::Down(why) | PgStatus::Incomplete(why) | PgStatus::Inactive(why) => {
+                    why.clone()
+                }
+                _ => String::new(),
+            };
+            for (osd, objects) in s.missing.iter().filter(|(_, m)| !m.is_empty()) {
+                detail.push_str(&format!(
+                    "osd.{osd} still lacks {} objects; ",
+                    objects.len()
+                ));
+            }
+            let detail = detail.trim_end_matches("; ").to_string();
             out.push(basalt_ops::PgStat {
                 pgid: pg.id.to_string(),
                 pool: pg.id.pool,
@@ -340,6 +353,7 @@ impl OsdCore {
                 primary: s.primary.unwrap_or(u32::MAX),
                 interval_epoch: s.interval_epoch,
                 last_seq: s.next_seq.saturating_sub(1),
+                detail,
             });
         }
         out.sort_by_key(|p| (p.pool, p.seed));

@@ -128,8 +128,8 @@ fn a_stale_copy_never_serves_and_the_pg_waits_for_the_last_writer() {
     }
     let health = d.cluster.cli_ok(&["health", "detail"]).expect("health");
     assert!(
-        health.contains(&format!("pg {pgid} is down")),
-        "health does not name the down PG:\n{health}"
+        health.contains(&format!("pg {pgid} is down: waiting for osd.{b}")),
+        "health does not name the down PG and what it waits for:\n{health}"
     );
     // Giving up B's writes takes an explicit confirmation.
     let refused = d.cluster.cli(&["osd", "lost", &b.to_string()]);
