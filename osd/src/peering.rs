@@ -19,7 +19,7 @@
 //! - **Catch-up** ([`catchup`]): a copy whose log shares an entry with the authority's gets
 //!   exactly the objects named after that shared point, in either log (missing writes and
 //!   divergent ones). Otherwise — its history was trimmed from the authority's log, or a
-//!   backfill was interrupted — it is **backfilled**: both copies are scanned in name order,
+//!   backfill was interrupted — it is **backfilled**: both copies are scanned in listing order,
 //!   range by range, and each range's differences are copied with a cursor the target
 //!   persists atomically with the data, so an interrupted backfill resumes where it stopped.
 
@@ -51,7 +51,8 @@ pub struct BackfillProgress {
     /// The authority's `last_update` the backfill copies: a resumed backfill may skip what
     /// is done only if the authority has not moved since.
     pub target: Eversion,
-    /// Every object up to this name (inclusive) already equals the authority's.
+    /// Every object up to this one (inclusive, in the store's listing order) already equals
+    /// the authority's.
     pub done_through: Option<ObjectName>,
 }
 

@@ -523,8 +523,8 @@ pub fn peer_state(store: &Store, pg: PgId) -> Result<PeerState, OpError> {
     })
 }
 
-/// Head objects of `pg` after `after`, in name order, with their versions: one backfill
-/// scan page of at most `max`.
+/// Head objects of `pg` after `after`, in listing order ([`listing_key`]), with their
+/// versions: one backfill scan page of at most `max`.
 pub fn scan_objects(
     store: &Store,
     pg: PgId,
@@ -606,14 +606,35 @@ pub struct ScrubObject {
 /// One member's view of a PG for scrub.
 pub type ScrubMap = BTreeMap<ObjectName, ScrubObject>;
 
-/// Builds this OSD's scrub map of `pg`: sizes and versions, plus every chunk read back and
-/// checked against its blake3 when `deep`.
-pub fn scrub_map(store: &Store, pg: PgId, deep: bool) -> Result<ScrubMap, OpError> {
+/// Where `name` stands in the store's listing order of `pg` — placement hash first, not
+/// name order — the order backfill and scrub walk a PG in.
+pub fn listing_key(pg: PgId, name: &ObjectName) -> ObjectId {
+    ObjectId::with_namespace(pg, name.0.clone(), name.1.clone())
+}
+
+/// Objects after `after` (exclusive) up to `until` (inclusive; `None`: to the end), in
+/// [`listing_key`] order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameRange {
+    pub after: Option<ObjectName>,
+    pub until: Option<ObjectName>,
+}
+
+/// Builds this OSD's scrub map of the objects of `pg` in `range` (at most `max`): sizes and
+/// versions, plus every chunk read back and checked against its blake3 when `deep`.
+pub fn scrub_map(
+    store: &Store,
+    pg: PgId,
+    deep: bool,
+    range: &NameRange,
+    max: usize,
+) -> Result<ScrubMap, OpError> {
     let mut out = ScrubMap::new();
     if !store.pg_exists(pg).map_err(store_error)? {
         return Ok(out);
     }
-    let mut after: Option<ObjectId> = None;
+    let mut after = range.after.as_ref().map(|n| listing_key(pg, n));
+    let until = range.until.as_ref().map(|n| listing_key(pg, n));
     loop {
         let page = store
             .list_objects(pg, after.as_ref(), 1024)
@@ -622,6 +643,10 @@ pub fn scrub_map(store: &Store, pg: PgId, deep: bool) -> Result<ScrubMap, OpErro
             if o.snap() != crate::store::SNAP_HEAD {
                 continue;
             }
+            if out.len() >= max || until.as_ref().is_some_and(|u| o > u) {
+                return Ok(out);
+            }
+            let name = (o.namespace().to_string(), o.name().to_string());
             let st = store.stat(o).map_err(store_error)?;
             let mut entry = ScrubObject {
                 version: Eversion::decode(&st.meta.version).unwrap_or_default(),
@@ -638,7 +663,7 @@ pub fn scrub_map(store: &Store, pg: PgId, deep: bool) -> Result<ScrubMap, OpErro
                 entry.omap_digest = r.omap_digest;
                 entry.attrs_digest = r.attrs_digest;
             }
-            out.insert((o.namespace().to_string(), o.name().to_string()), entry);
+            out.insert(name, entry);
         }
         match page.next {
             Some(n) => after = Some(n),
@@ -873,6 +898,66 @@ mod tests {
             value: Bytes::new(),
         }];
         assert!(execute(&store, &obj, "c", &ops, &none).is_err());
+    }
+
+    #[test]
+    fn chunked_scrub_maps_and_scan_pages_cover_every_object_once() {
+        let pg = PgId { pool: 3, seed: 0 };
+        let store = Store::in_memory(StoreConfig::default()).expect("store");
+        let mut t = Transaction::new();
+        t.pg_create(pg);
+        for i in 0..40 {
+            let obj = ObjectId::new(pg, format!("obj{i}"));
+            t.create(&obj, false);
+            t.write_full(&obj, Bytes::from_static(b"x"));
+        }
+        store.submit_blocking(&t).expect("objects");
+        // Scrub chunks as the primary cuts them: its first 7, ending at the last listed.
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let first = NameRange {
+                after: after.clone(),
+                until: None,
+            };
+            let chunk = scrub_map(&store, pg, false, &first, 7).expect("chunk");
+            let until = (chunk.len() >= 7)
+                .then(|| chunk.keys().max_by_key(|n| listing_key(pg, n)).cloned())
+                .flatten();
+            // A replica mapping the same range sees the same objects.
+            let same = NameRange {
+                after: after.clone(),
+                until: until.clone(),
+            };
+            let replica = scrub_map(&store, pg, false, &same, usize::MAX).expect("range");
+            assert_eq!(
+                replica.keys().collect::<Vec<_>>(),
+                chunk.keys().collect::<Vec<_>>()
+            );
+            seen.extend(chunk.into_keys());
+            match until {
+                Some(u) => after = Some(u),
+                None => break,
+            }
+        }
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 40);
+        let mut paged = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = scan_objects(&store, pg, cursor.as_ref(), 6).expect("page");
+            cursor = page.last().map(|(n, _)| n.clone());
+            let done = page.len() < 6;
+            paged.extend(page.into_iter().map(|(n, _)| n));
+            if done {
+                break;
+            }
+        }
+        assert_eq!(paged.len(), 40);
+        assert!(paged
+            .windows(2)
+            .all(|w| listing_key(pg, &w[0]) < listing_key(pg, &w[1])));
     }
 
     #[test]

@@ -59,6 +59,9 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 const RECOVERY_BATCH_BYTES: u64 = 32 * 1024 * 1024;
 /// Objects per backfill scan page (and so per backfill range).
 const BACKFILL_SCAN: usize = 256;
+/// Objects per scrub chunk (Ceph's `osd_scrub_chunk_max`): writes to a PG wait at most for
+/// the mapping of this many objects on every member.
+const SCRUB_CHUNK: usize = 25;
 /// Longest a request waits for the OSD to catch up with the sender's map.
 const MAP_WAIT: Duration = Duration::from_secs(10);
 
@@ -1018,7 +1021,7 @@ impl OsdCore {
         .await
     }
 
-    /// One page of `osd`'s objects after `after`, in name order.
+    /// One page of `osd`'s objects after `after`, in listing order (`pg::listing_key`).
     async fn scan(
         &self,
         id: PgId,
@@ -1164,7 +1167,10 @@ impl OsdCore {
                             .await?;
                         let full = page.len() >= BACKFILL_SCAN;
                         cursor = page.last().map(|(n, _)| n.clone());
-                        let past_end = |n: &ObjectName| end.as_ref().is_some_and(|e| n > e);
+                        let past_end = |n: &ObjectName| {
+                            end.as_ref()
+                                .is_some_and(|e| pg::listing_key(id, n) > pg::listing_key(id, e))
+                        };
                         let beyond = page.iter().any(|(n, _)| past_end(n));
                         have.extend(page.into_iter().filter(|(n, _)| !past_end(n)));
                         if !full || beyond {
@@ -1702,14 +1708,13 @@ impl OsdCore {
         let pg = self
             .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
             .await?;
+        let range: pg::NameRange = decode(&req.range, "scrub range")?;
         let (id, deep) = (pg.id, req.deep);
-        self.on_store(move |store| pg::scrub_map(store, id, deep))
+        self.on_store(move |store| pg::scrub_map(store, id, deep, &range, usize::MAX))
             .await
     }
 
-    /// Scrub, deep scrub or repair of a PG this OSD is primary of. Writes to the PG wait
-    /// while the members' maps are built (Ceph blocks writes per chunk of objects; a whole
-    /// PG at once is simpler and PGs are small here).
+    /// Scrub, deep scrub or repair of a PG this OSD is primary of (see [`Self::scrub_pg`]).
     pub async fn handle_pg_command(
         self: &Arc<Self>,
         req: pb::PgCommandRequest,
@@ -1871,7 +1876,9 @@ impl OsdCore {
         }
     }
 
-    /// Builds every acting member's scrub map (writes held off meanwhile) and compares them.
+    /// Builds every acting member's scrub map and compares them, SCRUB_CHUNK objects at a
+    /// time: writes to the PG wait only while one chunk is mapped (Ceph's chunky scrub).
+    /// Returns the objects seen and the inconsistencies found.
     async fn scrub(
         &self,
         pg: &Arc<Pg>,
@@ -1879,40 +1886,65 @@ impl OsdCore {
         deep: bool,
     ) -> Result<(u64, Vec<pg::Inconsistency>), OpError> {
         let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
-        let _quiet = pg.gate.write().await;
-        let (acting, interval_epoch) = {
-            let s = lock(&pg.state);
-            if s.generation != generation {
-                return Err(OpError::IntervalChanged {
-                    pg: pg.id.to_string(),
-                    epoch: s.interval_epoch,
-                });
-            }
-            (s.acting.clone(), s.interval_epoch)
-        };
-        let mut maps = BTreeMap::new();
         let id = pg.id;
-        let own = self
-            .on_store(move |store| pg::scrub_map(store, id, deep))
-            .await?;
-        maps.insert(me, own);
-        for &osd in acting.iter().filter(|o| **o != me) {
-            let mut c = self.peer_client(osd)?;
-            let reply = c
-                .pg_scrub_map(pb::PgScrubMapRequest {
-                    pool: id.pool,
-                    pg_seed: id.seed,
-                    interval_epoch,
-                    from: me,
-                    deep,
-                })
-                .await
-                .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
-            let m = decode::<Result<pg::ScrubMap, OpError>>(&reply.get_ref().result, "scrub map")??;
-            maps.insert(osd, m);
+        let (mut objects, mut found) = (0u64, Vec::new());
+        let mut after: Option<ObjectName> = None;
+        loop {
+            let _quiet = pg.gate.write().await;
+            let (acting, interval_epoch) = {
+                let s = lock(&pg.state);
+                if s.generation != generation {
+                    return Err(OpError::IntervalChanged {
+                        pg: pg.id.to_string(),
+                        epoch: s.interval_epoch,
+                    });
+                }
+                (s.acting.clone(), s.interval_epoch)
+            };
+            // This primary's next SCRUB_CHUNK objects fix the chunk's end; the replicas map
+            // the same name range, however many objects they hold in it.
+            let first = pg::NameRange {
+                after: after.clone(),
+                until: None,
+            };
+            let own = self
+                .on_store(move |store| pg::scrub_map(store, id, deep, &first, SCRUB_CHUNK))
+                .await?;
+            let until = (own.len() >= SCRUB_CHUNK)
+                .then(|| own.keys().max_by_key(|n| pg::listing_key(id, n)).cloned())
+                .flatten();
+            let range = encode(&pg::NameRange {
+                after: after.clone(),
+                until: until.clone(),
+            });
+            let mut maps = BTreeMap::new();
+            maps.insert(me, own);
+            for &osd in acting.iter().filter(|o| **o != me) {
+                let range = range.clone();
+                let m: pg::ScrubMap = self
+                    .peer_rpc(osd, "scrub map", |mut c| async move {
+                        let r = c
+                            .pg_scrub_map(pb::PgScrubMapRequest {
+                                pool: id.pool,
+                                pg_seed: id.seed,
+                                interval_epoch,
+                                from: me,
+                                deep,
+                                range,
+                            })
+                            .await?;
+                        Ok(Response::new(r.into_inner().result))
+                    })
+                    .await?;
+                maps.insert(osd, m);
+            }
+            objects += maps.values().map(|m| m.len()).max().unwrap_or(0) as u64;
+            found.extend(pg::compare_scrub_maps(me, &maps));
+            match until {
+                Some(u) => after = Some(u),
+                None => return Ok((objects, found)),
+            }
         }
-        let objects = maps.values().map(|m| m.len()).max().unwrap_or(0) as u64;
-        Ok((objects, pg::compare_scrub_maps(me, &maps)))
     }
 
     /// Copies the good copy of one inconsistent object over every bad one; false when no

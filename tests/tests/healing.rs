@@ -235,6 +235,18 @@ fn a_returning_osd_catches_up_by_log_and_after_a_long_absence_by_backfill() {
         let names = (0..64).map(|i| format!("long{i}")).collect();
         write_round(&d, &mut written, names, 1000 * (round + 1));
     }
+    // Objects removed meanwhile must be removed from the victim too, not left behind.
+    let removed: Vec<String> = (0..8).map(|i| format!("short{i}")).collect();
+    d.rt.block_on(async {
+        for name in &removed {
+            d.io.remove(name)
+                .await
+                .expect("remove while the victim is away");
+        }
+    });
+    for name in &removed {
+        written.remove(name);
+    }
     d.cluster
         .restart_osd(d.harness_index(victim))
         .expect("restart");
@@ -258,6 +270,15 @@ fn a_returning_osd_catches_up_by_log_and_after_a_long_absence_by_backfill() {
             3,
             "{name}"
         );
+    }
+    for name in &removed {
+        let (pg, _) = map.map_object("data", name).expect("map");
+        let obj = basalt_osd::store::ObjectId::new(pg, name.as_str());
+        let left = stores
+            .iter()
+            .filter(|s| s.exists(&obj).unwrap_or(false))
+            .count();
+        assert_eq!(left, 0, "removed {name} survives on {left} OSDs");
     }
 }
 
@@ -402,14 +423,37 @@ fn whole_cluster_power_loss_keeps_every_acknowledged_write() {
 #[test]
 fn bit_rot_in_one_replica_is_found_by_deep_scrub_and_repaired() {
     let mut d = DataCluster::start(test_timeouts(), "data").expect("cluster");
+    // Enough objects that the PG is scrubbed in several chunks.
+    let names: Vec<String> = (0..640).map(|i| format!("filler{i}")).collect();
+    d.rt.block_on(async {
+        let writes = names
+            .iter()
+            .map(|n| d.io.write_full(n, bytes::Bytes::from_static(b"filler")));
+        for r in futures::future::join_all(writes).await {
+            r.expect("filler write");
+        }
+    });
     let data = pattern(42, 300_000);
     let (pg, replica) = rot_one_replica(&mut d, "rotting", &data, 1);
     d.wait_active_clean(Duration::from_secs(60))
         .expect("active+clean again");
     let pgid = pg.to_string();
+    let map = d.rados.osdmap();
+    let in_pg = names
+        .iter()
+        .chain(
+            (0..64)
+                .map(|i| format!("probe{i}"))
+                .collect::<Vec<_>>()
+                .iter(),
+        )
+        .filter(|n| map.map_object("data", n).map(|(p, _)| p) == Ok(pg))
+        .count()
+        + 1;
     // A shallow scrub compares versions and sizes only: it cannot see bit rot.
     let r = d.cluster.cli_json(&["pg", "scrub", &pgid]).expect("scrub");
     assert_eq!(r["inconsistent"].as_array().map(Vec::len), Some(0), "{r}");
+    assert_eq!(r["objects"], in_pg, "every object scrubbed once: {r}");
     let r = d
         .cluster
         .cli_json(&["pg", "deep-scrub", &pgid])
