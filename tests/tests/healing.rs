@@ -68,8 +68,21 @@ fn rot_one_replica(
     (pg, replica)
 }
 
-#[test]
-fn a_stale_copy_never_serves_and_the_pg_waits_for_the_last_writer() {
+/// A PG of a size-2, min_size-1 pool whose copy on `b` took a write `a` never saw, with
+/// `b` stopped and the stale `a` back alone: the PG is down on `a`.
+struct StaleCopyAlone {
+    d: DataCluster,
+    io: basalt_client::IoCtx,
+    name: &'static str,
+    pgid: String,
+    a: u32,
+    b: u32,
+    /// What `a` holds, and what `b` acknowledged after.
+    one: bytes::Bytes,
+    two: bytes::Bytes,
+}
+
+fn stale_copy_alone() -> StaleCopyAlone {
     let mut d = DataCluster::start(test_timeouts(), "data").expect("cluster");
     d.cluster
         .cli_ok(&[
@@ -112,6 +125,30 @@ fn a_stale_copy_never_serves_and_the_pg_waits_for_the_last_writer() {
             .map(|_| ())
     })
     .expect("down, not active from the stale copy");
+    StaleCopyAlone {
+        d,
+        io,
+        name,
+        pgid,
+        a,
+        b,
+        one,
+        two,
+    }
+}
+
+#[test]
+fn a_stale_copy_never_serves_and_the_pg_waits_for_the_last_writer() {
+    let StaleCopyAlone {
+        mut d,
+        io,
+        name,
+        pgid,
+        b,
+        one,
+        two,
+        ..
+    } = stale_copy_alone();
     let read = d.rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(5), io.read(name, 0, 1 << 20)).await
     });
@@ -150,6 +187,33 @@ fn a_stale_copy_never_serves_and_the_pg_waits_for_the_last_writer() {
     assert_eq!(copies_identical(&map, &stores, "solo", name, &two), 2);
 }
 
+#[test]
+fn an_operator_can_give_up_a_lost_osds_writes() {
+    let StaleCopyAlone {
+        d,
+        io,
+        name,
+        pgid,
+        a,
+        b,
+        one,
+        ..
+    } = stale_copy_alone();
+    d.cluster
+        .cli_ok(&["osd", "lost", &b.to_string(), "--yes-i-really-mean-it"])
+        .expect("osd lost");
+    wait_for("the PG active on A", Duration::from_secs(60), || {
+        let stats = d.rt.block_on(d.rados.pg_stats()).ok()?;
+        stats
+            .iter()
+            .find(|s| s.pgid == pgid && s.acting == vec![a] && s.state.starts_with("active"))
+            .map(|_| ())
+    })
+    .expect("active once B is declared lost");
+    // What B alone acknowledged is gone, as the operator accepted; A's copy serves.
+    let got = d.rt.block_on(io.read(name, 0, 1 << 20)).expect("read");
+    assert!(got == one, "the PG serves something other than A's copy");
+}
 #[test]
 fn a_returning_osd_catches_up_by_log_and_after_a_long_absence_by_backfill() {
     let tuning = OsdTuning {
