@@ -41,7 +41,7 @@ use basalt_placement::{object_to_pg_ns, OsdId, PgId};
 use basalt_proto::osd as pb;
 use basalt_proto::osd::osd_client::OsdClient;
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -57,6 +57,8 @@ const PEER_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Largest total object bytes in one recovery push or pull.
 const RECOVERY_BATCH_BYTES: u64 = 32 * 1024 * 1024;
+/// Objects one recovery transfer fetches at once.
+const RECOVERY_FETCHES_IN_FLIGHT: usize = 8;
 /// Objects per backfill scan page (and so per backfill range).
 const BACKFILL_SCAN: usize = 256;
 /// Objects per scrub chunk (Ceph's `osd_scrub_chunk_max`): writes to a PG wait at most for
@@ -1074,8 +1076,15 @@ impl OsdCore {
             ..Push::default()
         };
         let mut bytes = 0u64;
-        for (i, name) in names.iter().enumerate() {
-            match self.fetch(id, interval_epoch, source, name).await? {
+        // Several objects are fetched at once (one pull is one object); they are applied in
+        // order, in pushes of at most RECOVERY_BATCH_BYTES.
+        let mut fetched = futures::stream::iter(0..names.len())
+            .map(|i| self.fetch(id, interval_epoch, source, &names[i]))
+            .buffered(RECOVERY_FETCHES_IN_FLIGHT)
+            .enumerate();
+        while let Some((i, state)) = fetched.next().await {
+            let name = &names[i];
+            match state? {
                 Some(st) => {
                     bytes += st.data.len() as u64 + 1;
                     push.objects.push(st);
