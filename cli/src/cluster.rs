@@ -34,6 +34,9 @@ pub enum ClusterCmd {
         osds_per_host: u32,
         #[arg(long, default_value_t = 1)]
         gateways: u32,
+        /// PGs of pool `rbd` when it is created (the first `up` of DIR).
+        #[arg(long, default_value_t = 64)]
+        pg_num: u32,
     },
     /// Stop the daemons DIR's pid files name.
     Down {
@@ -159,6 +162,7 @@ pub async fn run(cmd: ClusterCmd, json: bool) -> anyhow::Result<()> {
             hosts,
             osds_per_host,
             gateways,
+            pg_num,
         } => {
             let layout = Layout {
                 mons,
@@ -169,7 +173,7 @@ pub async fn run(cmd: ClusterCmd, json: bool) -> anyhow::Result<()> {
                 nbd_port: 10809,
                 metrics_port: 9280,
             };
-            up(&absolute(&dir)?, layout).await
+            up(&absolute(&dir)?, layout, pg_num).await
         }
         ClusterCmd::Down { dir } => down(&absolute(&dir)?),
         ClusterCmd::Status { dir } => status(&absolute(&dir)?, json).await,
@@ -193,7 +197,7 @@ fn load_layout(dir: &Path) -> anyhow::Result<Option<Layout>> {
     }
 }
 
-async fn up(dir: &Path, wanted: Layout) -> anyhow::Result<()> {
+async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
     if wanted.mons == 0 || wanted.hosts == 0 || wanted.osds_per_host == 0 {
         bail!("a cluster needs at least one monitor, one host and one OSD per host");
     }
@@ -291,7 +295,7 @@ async fn up(dir: &Path, wanted: Layout) -> anyhow::Result<()> {
     let size = layout.hosts.min(3);
     if mon.osdmap().await?.pool_by_name("rbd").is_none() {
         step("pool rbd");
-        mon.pool_create("rbd", size, size - size / 2, 64).await?;
+        mon.pool_create("rbd", size, size - size / 2, pg_num).await?;
     }
     let rados = Rados::connect(config).await?;
     let io = retry(deadline, "pool rbd", || async { rados.ioctx("rbd") }).await?;

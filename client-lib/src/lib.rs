@@ -58,7 +58,8 @@ mod rados;
 use std::time::Duration;
 
 /// A lazily connected gRPC channel to `addr` (`host:port`) as every basalt client and daemon
-/// dials its peers: TCP_NODELAY, and HTTP/2 keepalive so a peer behind a link that went
+/// dials its peers: the data path's transport tuning ([`basalt_proto::transport::tune`]:
+/// TCP_NODELAY, windows, frame size), and HTTP/2 keepalive so a peer behind a link that went
 /// silent (no RST, as with a cut cable or a hung host) is noticed within seconds and the
 /// caller moves on to another monitor or a newer map, instead of waiting on it for the
 /// whole operation timeout.
@@ -68,13 +69,21 @@ pub fn lazy_channel(
 ) -> Result<tonic::transport::Channel, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("bad address {addr}: {e}"))?;
-    Ok(endpoint
+    Ok(basalt_proto::transport::tune(endpoint)
         .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(2))
         .keep_alive_while_idle(true)
         .connect_lazy())
+}
+
+/// Register descriptions of this crate's metrics with the installed recorder.
+pub fn describe_metrics() {
+    metrics::describe_histogram!(
+        "basalt_client_op_stage_seconds",
+        "Time per stage of an object op in this client: encode, each rpc attempt (sent to \
+         reply), and the whole op (routing, waits for newer maps and resends included)"
+    );
 }
 
 pub use basalt_ops as ops;

@@ -366,6 +366,14 @@ impl Inner {
     }
 }
 
+/// Records how long one stage of an object op took in this client
+/// (`basalt_client_op_stage_seconds`): `encode`, each `rpc` attempt (request sent to reply
+/// decoded by gRPC), and the whole `op` (routing, waits for maps and resends included).
+fn stage(name: &'static str, since: std::time::Instant) {
+    metrics::histogram!("basalt_client_op_stage_seconds", "stage" => name)
+        .record(since.elapsed().as_secs_f64());
+}
+
 fn op_error(e: OpError, what: &str) -> ClientError {
     match e {
         OpError::NotFound => ClientError::NotFound(what.to_string()),
@@ -469,9 +477,11 @@ impl IoCtx {
             incarnation: inner.incarnation,
             tid: inner.next_tid.fetch_add(1, Ordering::Relaxed),
         };
+        let started = std::time::Instant::now();
         let ops = encode(&ops);
+        stage("encode", started);
         let deadline = Instant::now() + inner.op_timeout;
-        inner
+        let r = inner
             .call_primary(
                 self.pool,
                 |map| self.pg_of(map, oid),
@@ -489,14 +499,19 @@ impl IoCtx {
                         timeout_ms: osd_wait_ms(remaining),
                     };
                     async move {
-                        c.op(req).await.map(|r| {
+                        let sent = std::time::Instant::now();
+                        let reply = c.op(req).await.map(|r| {
                             let r = r.into_inner();
                             (r.epoch, r.result)
-                        })
+                        });
+                        stage("rpc", sent);
+                        reply
                     }
                 },
             )
-            .await
+            .await;
+        stage("op", started);
+        r
     }
 
     async fn one(&self, oid: &str, op: ObjOp) -> Result<OpOutput, ClientError> {

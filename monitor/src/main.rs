@@ -98,8 +98,8 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(me.addr)
         .await
         .with_context(|| format!("cannot listen on {}; is another monitor using it?", me.addr))?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let grpc = tonic::transport::Server::builder()
+    let incoming = basalt_proto::transport::incoming(listener);
+    let grpc = basalt_proto::transport::server()
         .add_service(
             MonitorServer::from_arc(server.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -192,6 +192,22 @@ pub fn describe_metrics() {
         "Encoded client request/reply bytes, by direction"
     );
     metrics::describe_histogram!(
+        "basalt_osd_op_stage_seconds",
+        "Time per stage of the op path: on the primary queue (receipt to holding the object \
+         lock with the PG active), dup_check, execute, local_commit, replica_wait (waiting for \
+         the slowest replica after the local commit); on a replica sub_op_decode, sub_op_commit"
+    );
+    metrics::describe_histogram!(
+        "basalt_store_stage_seconds",
+        "Time per stage of a store commit: build (reading what the transaction modifies and \
+         encoding it), queue (waiting for the committer thread), write (RocksDB write of the \
+         whole group with its WAL fsync)"
+    );
+    metrics::describe_histogram!(
+        "basalt_store_group_commit_transactions",
+        "Transactions the committer thread wrote together in one fsynced batch"
+    );
+    metrics::describe_histogram!(
         "basalt_osd_sub_op_seconds",
         "Replica sub-op latency (apply and commit on this OSD)"
     );
@@ -345,9 +361,9 @@ impl Daemon {
         })
         .max_decoding_message_size(basalt_ops::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(basalt_ops::MAX_MESSAGE_BYTES);
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = basalt_proto::transport::incoming(listener);
         let grpc = tokio::spawn(
-            tonic::transport::Server::builder()
+            basalt_proto::transport::server()
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop_rx.wait_for(|s| *s).await;

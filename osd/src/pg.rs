@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::peering::{PeerState, PgInfo};
-use crate::store::{ObjectId, ObjectMeta, Store, StoreError, Transaction};
+use crate::store::{ObjectHead, ObjectId, ObjectMeta, Store, StoreError, Transaction};
 
 /// Prefix of the xattrs holding advisory locks (`lock.<name>`); hidden from `GetXattrs`.
 pub const LOCK_XATTR_PREFIX: &str = "lock.";
@@ -77,6 +77,8 @@ pub struct Executed {
     pub exists_after: bool,
     /// The request changes something (needs a version, log entry and replication).
     pub is_write: bool,
+    /// The object's version before the request (default if it did not exist).
+    pub version_before: Eversion,
 }
 
 /// Executes `ops` against `obj`'s current state. Reads and guards see the object as it is
@@ -90,7 +92,9 @@ pub fn execute(
     ops: &[ObjOp],
     watchers: &dyn Fn() -> Vec<basalt_ops::WatcherInfo>,
 ) -> Result<Executed, OpError> {
-    let exists_before = store.exists(obj).map_err(store_error)?;
+    // One onode read serves every read op of the request.
+    let head = store.head(obj).map_err(store_error)?;
+    let exists_before = head.is_some();
     let mut exists = exists_before;
     let mut txn = Transaction::new();
     let mut outputs = Vec::with_capacity(ops.len());
@@ -110,19 +114,21 @@ pub fn execute(
         match op {
             ObjOp::AssertExists => need(exists)?,
             ObjOp::CmpXattr { name, value } => {
-                need(exists_before)?;
-                let cur = store.getxattr(obj, name).map_err(store_error)?;
-                if &cur != value {
+                let head = head.as_ref().ok_or(OpError::NotFound)?;
+                if &head.xattr(name) != value {
                     return Err(OpError::CmpFailed(format!("xattr {name} differs")));
                 }
             }
             ObjOp::Read { offset, len } => {
-                need(exists_before)?;
-                out = OpOutput::Data(store.read(obj, *offset, *len).map_err(store_error)?);
+                let head = head.as_ref().ok_or(OpError::NotFound)?;
+                out = OpOutput::Data(
+                    store
+                        .read_head(obj, head, *offset, *len)
+                        .map_err(store_error)?,
+                );
             }
             ObjOp::Stat => {
-                need(exists_before)?;
-                let st = store.stat(obj).map_err(store_error)?;
+                let st = head.as_ref().ok_or(OpError::NotFound)?.stat();
                 out = OpOutput::Stat {
                     size: st.size,
                     mtime_ns: st.meta.mtime_ns,
@@ -130,12 +136,11 @@ pub fn execute(
                 };
             }
             ObjOp::GetXattr { name } => {
-                need(exists_before)?;
-                out = OpOutput::Xattr(store.getxattr(obj, name).map_err(store_error)?);
+                let head = head.as_ref().ok_or(OpError::NotFound)?;
+                out = OpOutput::Xattr(head.xattr(name));
             }
             ObjOp::GetXattrs => {
-                need(exists_before)?;
-                let mut all = store.xattrs(obj).map_err(store_error)?;
+                let mut all = head.as_ref().ok_or(OpError::NotFound)?.xattrs().clone();
                 all.retain(|k, _| !k.starts_with(LOCK_XATTR_PREFIX));
                 out = OpOutput::Xattrs(all);
             }
@@ -163,11 +168,7 @@ pub fn execute(
                 };
             }
             ObjOp::LockInfo { name } => {
-                out = OpOutput::Lock(if exists_before {
-                    read_lock(store, obj, name)?
-                } else {
-                    LockState::default()
-                });
+                out = OpOutput::Lock(read_lock(head.as_ref(), name)?);
             }
             ObjOp::ListWatchers => {
                 need(exists_before)?;
@@ -250,14 +251,14 @@ pub fn execute(
                     txn.create(obj, false);
                     exists = true;
                 }
-                let mut st = current_lock(store, obj, exists_before, &locks, name)?;
+                let mut st = current_lock(head.as_ref(), &locks, name)?;
                 lock(&mut st, client, *kind, cookie, tag, description)?;
                 txn.setxattr(obj, lock_xattr(name), basalt_ops::encode(&st));
                 locks.insert(name.clone(), st);
             }
             ObjOp::Unlock { name, cookie } => {
                 need(exists)?;
-                let mut st = current_lock(store, obj, exists_before, &locks, name)?;
+                let mut st = current_lock(head.as_ref(), &locks, name)?;
                 unlock(&mut st, client, cookie)?;
                 txn.setxattr(obj, lock_xattr(name), basalt_ops::encode(&st));
                 locks.insert(name.clone(), st);
@@ -268,7 +269,7 @@ pub fn execute(
                 cookie,
             } => {
                 need(exists)?;
-                let mut st = current_lock(store, obj, exists_before, &locks, name)?;
+                let mut st = current_lock(head.as_ref(), &locks, name)?;
                 unlock(&mut st, holder, cookie)?;
                 txn.setxattr(obj, lock_xattr(name), basalt_ops::encode(&st));
                 locks.insert(name.clone(), st);
@@ -283,6 +284,9 @@ pub fn execute(
         removed: exists_before && !exists,
         exists_after: exists,
         is_write,
+        version_before: head
+            .and_then(|h| Eversion::decode(&h.meta().version))
+            .unwrap_or_default(),
     })
 }
 
@@ -290,30 +294,22 @@ fn lock_xattr(name: &str) -> String {
     format!("{LOCK_XATTR_PREFIX}{name}")
 }
 
-fn read_lock(store: &Store, obj: &ObjectId, name: &str) -> Result<LockState, OpError> {
-    match store
-        .getxattr(obj, &lock_xattr(name))
-        .map_err(store_error)?
-    {
+/// The lock `name` of an object as the request found it (`head`: `None` if it did not exist).
+fn read_lock(head: Option<&ObjectHead>, name: &str) -> Result<LockState, OpError> {
+    match head.and_then(|h| h.xattr(&lock_xattr(name))) {
         Some(b) => basalt_ops::decode(&b, "lock state"),
         None => Ok(LockState::default()),
     }
 }
 
 fn current_lock(
-    store: &Store,
-    obj: &ObjectId,
-    exists_before: bool,
+    head: Option<&ObjectHead>,
     changed: &BTreeMap<String, LockState>,
     name: &str,
 ) -> Result<LockState, OpError> {
-    if let Some(st) = changed.get(name) {
-        return Ok(st.clone());
-    }
-    if exists_before {
-        read_lock(store, obj, name)
-    } else {
-        Ok(LockState::default())
+    match changed.get(name) {
+        Some(st) => Ok(st.clone()),
+        None => read_lock(head, name),
     }
 }
 

@@ -143,7 +143,10 @@ struct Pg {
     id: PgId,
     state: Mutex<PgState>,
     changed: watch::Sender<u64>,
-    objects: Mutex<HashMap<ObjectName, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per-object op locks: writes hold one exclusively from execution to the last commit;
+    /// reads share it, so they never wait for each other, only for a write in flight (whose
+    /// effects must not be read before every member has them).
+    objects: Mutex<HashMap<ObjectName, Arc<tokio::sync::RwLock<()>>>>,
     /// Writes (primary: from version assignment to the last commit; replica: from the
     /// interval check to the commit) hold it shared; peering holds it exclusively while it
     /// reads a member's state, so no write of an older interval lands behind its back.
@@ -160,8 +163,8 @@ impl Pg {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// The async lock serialising ops on one object.
-    fn object_lock(&self, name: &ObjectName) -> Arc<tokio::sync::Mutex<()>> {
+    /// The async lock ordering ops on one object.
+    fn object_lock(&self, name: &ObjectName) -> Arc<tokio::sync::RwLock<()>> {
         let mut m = lock(&self.objects);
         if m.len() > 4096 {
             m.retain(|_, l| Arc::strong_count(l) > 1);
@@ -469,12 +472,19 @@ impl OsdCore {
             }
         }
         if !to_remove.is_empty() {
-            let mut txn = Transaction::new();
-            for id in &to_remove {
-                if self.store.pg_exists(*id).unwrap_or(false) {
-                    txn.pg_remove(*id);
-                }
-            }
+            let ids = to_remove.clone();
+            let txn = self
+                .on_store(move |store| {
+                    let mut txn = Transaction::new();
+                    for id in ids {
+                        if store.pg_exists(id).unwrap_or(false) {
+                            txn.pg_remove(id);
+                        }
+                    }
+                    Ok(txn)
+                })
+                .await
+                .unwrap_or_else(|_| Transaction::new());
             if !txn.is_empty() {
                 match self.store.submit(txn).await {
                     Ok(()) => {
@@ -485,12 +495,19 @@ impl OsdCore {
             }
         }
         if !to_create.is_empty() {
-            let mut txn = Transaction::new();
-            for id in &to_create {
-                if !self.store.pg_exists(*id).unwrap_or(true) {
-                    txn.pg_create(*id);
-                }
-            }
+            let ids = to_create.clone();
+            let txn = self
+                .on_store(move |store| {
+                    let mut txn = Transaction::new();
+                    for id in ids {
+                        if !store.pg_exists(id).unwrap_or(true) {
+                            txn.pg_create(id);
+                        }
+                    }
+                    Ok(txn)
+                })
+                .await
+                .unwrap_or_else(|_| Transaction::new());
             if !txn.is_empty() {
                 if let Err(e) = self.store.submit(txn).await {
                     tracing::error!(error = %e, "cannot create PGs mapped to this OSD");
@@ -627,8 +644,13 @@ impl OsdCore {
         }
     }
 
-    /// A client's compound request on one object.
-    pub async fn handle_op(self: &Arc<Self>, req: pb::OpRequest) -> Result<OpResult, OpError> {
+    /// A client's compound request (`ops`, decoded from `req.ops`) on one object.
+    pub async fn handle_op(
+        self: &Arc<Self>,
+        req: pb::OpRequest,
+        ops: Vec<ObjOp>,
+    ) -> Result<OpResult, OpError> {
+        let received = std::time::Instant::now();
         let reqid = req
             .reqid
             .as_ref()
@@ -638,7 +660,6 @@ impl OsdCore {
                 tid: r.tid,
             })
             .ok_or_else(|| OpError::InvalidArgument("request id missing".into()))?;
-        let ops: Vec<ObjOp> = decode(&req.ops, "ops")?;
         if ops.is_empty() || ops.len() > MAX_OPS_PER_REQUEST {
             return Err(OpError::InvalidArgument(format!(
                 "a request carries 1..={MAX_OPS_PER_REQUEST} ops, not {}",
@@ -665,31 +686,45 @@ impl OsdCore {
             .await?;
         self.wait_active(&pg, deadline).await?;
         let name: ObjectName = (req.namespace.clone(), req.object.clone());
+        let is_write = ops.iter().any(ObjOp::is_write);
         let object_lock = pg.object_lock(&name);
-        let _guard = object_lock.lock().await;
+        let (_shared, _exclusive) = if is_write {
+            (None, Some(object_lock.write().await))
+        } else {
+            (Some(object_lock.read().await), None)
+        };
         // The interval may have changed while we queued behind another op.
         let generation = self.wait_active(&pg, deadline).await?;
+        stage("queue", received);
         let obj = ObjectId::with_namespace(pg.id, req.namespace.clone(), req.object.clone());
-        let is_write = ops.iter().any(ObjOp::is_write);
-        if is_write {
-            if let Some((_, result)) = self
-                .store
-                .dup_lookup(pg.id, &reqid.key())
-                .map_err(pg::store_error)?
-            {
-                metrics::counter!("basalt_osd_dup_replies_total").increment(1);
-                return decode::<Result<OpResult, OpError>>(&result, "recorded result")?;
-            }
-        }
         let watchers = self.watchers_of(&(pg.id, req.namespace.clone(), req.object.clone()));
         let client = reqid.client.clone();
+        let dup_key = is_write.then(|| reqid.key());
         let ops2 = ops.clone();
         let obj2 = obj.clone();
+        // The dup check and the execution share one trip to a blocking thread.
         let executed = self
-            .on_store(move |store| pg::execute(store, &obj2, &client, &ops2, &|| watchers.clone()))
+            .on_store(move |store| {
+                if let Some(key) = dup_key {
+                    let started = std::time::Instant::now();
+                    let dup = store.dup_lookup(obj2.pg, &key).map_err(pg::store_error)?;
+                    stage("dup_check", started);
+                    if let Some((_, result)) = dup {
+                        return Ok(Err(result));
+                    }
+                }
+                let started = std::time::Instant::now();
+                let ex = pg::execute(store, &obj2, &client, &ops2, &|| watchers.clone());
+                stage("execute", started);
+                ex.map(Ok)
+            })
             .await;
         let mut ex = match executed {
-            Ok(ex) => ex,
+            Ok(Ok(ex)) => ex,
+            Ok(Err(recorded)) => {
+                metrics::counter!("basalt_osd_dup_replies_total").increment(1);
+                return decode::<Result<OpResult, OpError>>(&recorded, "recorded result")?;
+            }
             Err(OpError::Corrupt(what)) if !is_write => {
                 // Never return corrupt bytes: repair from a replica, then read again.
                 self.repair_object(&pg, generation, &obj, &what).await?;
@@ -704,14 +739,8 @@ impl OsdCore {
             Err(e) => return Err(e),
         };
         if !ex.is_write {
-            let version = self
-                .store
-                .stat(&obj)
-                .ok()
-                .and_then(|s| Eversion::decode(&s.meta.version))
-                .unwrap_or_default();
             return Ok(OpResult {
-                version,
+                version: ex.version_before,
                 outputs: ex.outputs,
             });
         }
@@ -785,7 +814,10 @@ impl OsdCore {
                     .await
             }));
         }
+        let started = std::time::Instant::now();
         let local = timed_commit(&self.store, txn).await;
+        stage("local_commit", started);
+        let after_local = std::time::Instant::now();
         let mut first_err = local.as_ref().err().cloned();
         for t in tasks {
             let r = t
@@ -795,6 +827,7 @@ impl OsdCore {
                 first_err.get_or_insert(e);
             }
         }
+        stage("replica_wait", after_local);
         if let Err(e) = local {
             // Replicas may hold a write the primary could not commit: re-peer so the PG
             // converges on one copy before it serves again.
@@ -1537,7 +1570,7 @@ impl OsdCore {
             let Some(name) = next else { break };
             self.recovery_sleep().await;
             let object_lock = pg.object_lock(&name);
-            let _guard = object_lock.lock().await;
+            let _guard = object_lock.write().await;
             if let Err(e) = self.recover_object(&pg, generation, &name).await {
                 if !still_current() {
                     return;
@@ -1686,7 +1719,9 @@ impl OsdCore {
                 epoch: req.interval_epoch,
             });
         }
+        let started = std::time::Instant::now();
         let txn: Transaction = decode(&req.txn, "transaction")?;
+        stage("sub_op_decode", started);
         // A resent sub-op must not apply twice (appends are not idempotent): its log entry
         // tells whether it already landed.
         let seq = txn.ops().iter().find_map(|op| match op {
@@ -1698,16 +1733,23 @@ impl OsdCore {
                 "sub-op without a log entry".into(),
             ));
         };
+        let id = pg.id;
         let applied = self
-            .store
-            .pg_log_scan(pg.id, seq, 1)
-            .map_err(pg::store_error)?
-            .first()
-            .is_some_and(|(v, _)| *v == seq);
+            .on_store(move |store| {
+                Ok(store
+                    .pg_log_scan(id, seq, 1)
+                    .map_err(pg::store_error)?
+                    .first()
+                    .is_some_and(|(v, _)| *v == seq))
+            })
+            .await?;
         if applied {
             return Ok(());
         }
-        timed_commit(&self.store, txn).await
+        let started = std::time::Instant::now();
+        let r = timed_commit(&self.store, txn).await;
+        stage("sub_op_commit", started);
+        r
     }
 
     pub async fn handle_pg_scrub_map(
@@ -2117,7 +2159,11 @@ impl OsdCore {
         };
         // Watches need the object (as in Ceph).
         let obj = ObjectId::with_namespace(pg.id, first.namespace.clone(), first.object.clone());
-        if !self.store.exists(&obj).unwrap_or(false) {
+        let exists = self
+            .on_store(move |store| Ok(store.exists(&obj).unwrap_or(false)))
+            .await
+            .unwrap_or(false);
+        if !exists {
             refuse(OpError::NotFound);
             return Ok(rx);
         }
@@ -2251,6 +2297,12 @@ impl OsdCore {
     }
 }
 
+/// Records how long one stage of the op path took (`basalt_osd_op_stage_seconds`).
+fn stage(name: &'static str, since: std::time::Instant) {
+    metrics::histogram!("basalt_osd_op_stage_seconds", "stage" => name)
+        .record(since.elapsed().as_secs_f64());
+}
+
 /// Commits a write's transaction (primary or replica) and records how long the store took.
 async fn timed_commit(store: &Store, txn: Transaction) -> Result<(), OpError> {
     let started = std::time::Instant::now();
@@ -2289,16 +2341,18 @@ impl pb::osd_server::Osd for OsdService {
     async fn op(&self, req: Request<pb::OpRequest>) -> Result<Response<pb::OpReply>, Status> {
         let req = req.into_inner();
         let started = std::time::Instant::now();
-        let kind = if decode::<Vec<ObjOp>>(&req.ops, "ops")
-            .map(|o| o.iter().any(ObjOp::is_write))
-            .unwrap_or(false)
-        {
-            "write"
-        } else {
-            "read"
-        };
         let bytes_in = req.ops.len() as u64;
-        let r = self.core.handle_op(req).await;
+        let (kind, r) = match decode::<Vec<ObjOp>>(&req.ops, "ops") {
+            Ok(ops) => {
+                let kind = if ops.iter().any(ObjOp::is_write) {
+                    "write"
+                } else {
+                    "read"
+                };
+                (kind, self.core.handle_op(req, ops).await)
+            }
+            Err(e) => ("malformed", Err(e)),
+        };
         metrics::counter!("basalt_osd_client_ops_total", "kind" => kind, "result" => if r.is_ok() { "ok" } else { "error" }).increment(1);
         metrics::histogram!("basalt_osd_client_op_seconds", "kind" => kind)
             .record(started.elapsed().as_secs_f64());

@@ -1,7 +1,9 @@
 //! gRPC wire contracts of basalt, generated from `proto/*.proto`.
 //!
-//! Owns only the service and envelope definitions; the cluster maps carried
-//! inside them are encoded by `basalt-maps`.
+//! Owns the service and envelope definitions and how every endpoint's HTTP/2 transport is
+//! tuned ([`transport`]); the cluster maps carried inside them are encoded by `basalt-maps`.
+
+pub mod transport;
 
 #[allow(clippy::all, missing_docs)]
 pub mod mon {

@@ -59,6 +59,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     basalt_telemetry::init(&args.telemetry, "info")?;
     basalt_nbd::describe_metrics();
     basalt_rbd::describe_metrics();
+    basalt_client::describe_metrics();
     if args.watch_timeout_ms < 1_000 || args.notify_timeout_ms < 100 {
         bail!("--watch-timeout-ms must be at least 1000 and --notify-timeout-ms at least 100");
     }

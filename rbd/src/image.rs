@@ -295,10 +295,13 @@ impl Image {
     pub async fn write(&self, off: u64, data: Bytes) -> Result<()> {
         let len = data.len() as u64;
         self.check_range(off, len)?;
+        let admitting = std::time::Instant::now();
         let _guard = self.admit().await?;
+        stage("admit", admitting);
         // The size may have changed while another client held the lock.
         self.check_range(off, len)?;
         let sh = &self.shared;
+        let writing = std::time::Instant::now();
         try_join_all(
             layout::object_extents(off, len, sh.order)
                 .into_iter()
@@ -313,6 +316,7 @@ impl Image {
                 }),
         )
         .await?;
+        stage("write_objects", writing);
         Ok(())
     }
 
@@ -500,6 +504,12 @@ impl Drop for Image {
     fn drop(&mut self) {
         let _ = self.cmd.send(Cmd::Close(None));
     }
+}
+
+/// Records how long one stage of an image write took (`basalt_rbd_stage_seconds`).
+fn stage(name: &'static str, since: std::time::Instant) {
+    metrics::histogram!("basalt_rbd_stage_seconds", "stage" => name)
+        .record(since.elapsed().as_secs_f64());
 }
 
 pub(crate) async fn read_id(backend: &dyn ObjectBackend, name: &str) -> Result<String> {

@@ -47,7 +47,12 @@ pub use rbd::{no_progress, ExportStats, ImageInfo, ImportStats, Progress, Rbd};
 
 /// Register descriptions of this crate's metrics with the installed recorder.
 pub fn describe_metrics() {
-    use metrics::describe_counter;
+    use metrics::{describe_counter, describe_histogram};
+    describe_histogram!(
+        "basalt_rbd_stage_seconds",
+        "Time per stage of an image write: admit (exclusive lock admission) and write_objects \
+         (the object writes, in parallel)"
+    );
     describe_counter!(
         "basalt_rbd_lock_handovers_total",
         "Times an image's exclusive lock was taken over from another client (cooperatively or by breaking it)"

@@ -200,6 +200,7 @@ pub(crate) struct RocksEngine {
 struct Job {
     ops: Vec<KvOp>,
     reply: mpsc::SyncSender<Result<()>>,
+    queued: std::time::Instant,
 }
 
 struct Committer {
@@ -368,11 +369,17 @@ impl Committer {
                     Err(_) => break,
                 }
             }
+            for j in &jobs {
+                super::stage("queue", j.queued);
+            }
+            metrics::histogram!("basalt_store_group_commit_transactions").record(jobs.len() as f64);
+            let started = std::time::Instant::now();
             let mut batch = WriteBatch::default();
             let res = jobs
                 .iter()
                 .try_for_each(|j| fill_batch(&db, &mut batch, &j.ops))
                 .and_then(|()| Ok(db.write_opt(batch, &write_opts(sync))?));
+            super::stage("write", started);
             for j in jobs {
                 let _ = j.reply.send(res.clone());
             }
@@ -386,7 +393,11 @@ impl Committer {
             let tx = tx
                 .as_ref()
                 .ok_or_else(|| StoreError::Io("store is closing".into()))?;
-            tx.send(Job { ops, reply })
+            tx.send(Job {
+                ops,
+                reply,
+                queued: std::time::Instant::now(),
+            })
                 .map_err(|_| StoreError::Io("committer thread exited".into()))?;
         }
         wait.recv()

@@ -134,6 +134,12 @@ use engine::{Cf, Engine, KvOp, MemEngine, RocksEngine};
 use onode::{split_chunk, verify_chunk, Onode};
 
 pub use error::{Result, StoreError};
+
+/// Records how long one stage of a commit took (`basalt_store_stage_seconds`).
+fn stage(name: &'static str, since: std::time::Instant) {
+    metrics::histogram!("basalt_store_stage_seconds", "stage" => name)
+        .record(since.elapsed().as_secs_f64());
+}
 pub use txn::{Op, Transaction};
 pub use types::*;
 
@@ -142,6 +148,34 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// The object store. Cheap to clone (shared handle).
 #[derive(Clone)]
+/// An object's onode as one read found it (see [`Store::head`]).
+pub struct ObjectHead {
+    key: Vec<u8>,
+    onode: Onode,
+}
+
+impl ObjectHead {
+    pub fn stat(&self) -> ObjectStat {
+        ObjectStat {
+            size: self.onode.size,
+            stored_bytes: self.onode.data_bytes(),
+            meta: self.onode.meta.clone(),
+        }
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
+        &self.onode.meta
+    }
+
+    pub fn xattr(&self, name: &str) -> Option<Bytes> {
+        self.onode.xattrs.get(name).cloned()
+    }
+
+    pub fn xattrs(&self) -> &std::collections::BTreeMap<String, Bytes> {
+        &self.onode.xattrs
+    }
+}
+
 pub struct Store {
     inner: Arc<Inner>,
 }
@@ -297,7 +331,9 @@ impl Store {
     /// Synchronous [`Store::submit`]: blocks the calling thread until the batch is durable.
     pub fn submit_blocking(&self, txn: &Transaction) -> Result<()> {
         let inner = &*self.inner;
+        let started = std::time::Instant::now();
         let built = txn::build(&inner.engine, inner.cfg.max_object_size, txn)?;
+        stage("build", started);
         let delta = built.used_delta;
         // Reserve growth before writing so concurrent transactions cannot jointly overshoot the
         // capacity; shrinkage is only released after it is durable.
@@ -349,6 +385,15 @@ impl Store {
         Ok((key, onode))
     }
 
+    /// `obj`'s onode, read once for every read op of one request; `None` if it does not exist.
+    pub fn head(&self, obj: &ObjectId) -> Result<Option<ObjectHead>> {
+        match self.onode(obj) {
+            Ok((key, onode)) => Ok(Some(ObjectHead { key, onode })),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn exists(&self, obj: &ObjectId) -> Result<bool> {
         match self.onode(obj) {
             Ok(_) => Ok(true),
@@ -370,6 +415,22 @@ impl Store {
     /// Every chunk touched is verified; a bad one fails the whole read with `Corrupt`.
     pub fn read(&self, obj: &ObjectId, offset: u64, len: u64) -> Result<Bytes> {
         let (key, o) = self.onode(obj)?;
+        self.read_chunks(obj, &key, &o, offset, len)
+    }
+
+    /// [`Store::read`] of an object whose onode `head` was already read.
+    pub fn read_head(&self, obj: &ObjectId, head: &ObjectHead, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_chunks(obj, &head.key, &head.onode, offset, len)
+    }
+
+    fn read_chunks(
+        &self,
+        obj: &ObjectId,
+        key: &[u8],
+        o: &Onode,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
         if offset >= o.size || len == 0 {
             return Ok(Bytes::new());
         }
@@ -387,7 +448,7 @@ impl Store {
         }
         // One range scan instead of a point lookup per chunk when several are needed.
         let found: Vec<(Vec<u8>, Bytes)> = if wanted.len() == 1 {
-            let k = keys::chunk_key(&key, wanted[0].0);
+            let k = keys::chunk_key(key, wanted[0].0);
             self.inner
                 .engine
                 .get(Cf::Data, &k)?
@@ -397,14 +458,14 @@ impl Store {
         } else {
             self.inner.engine.scan(
                 Cf::Data,
-                &keys::chunk_key(&key, wanted[0].0),
-                &keys::chunk_key(&key, last + 1),
+                &keys::chunk_key(key, wanted[0].0),
+                &keys::chunk_key(key, last + 1),
                 usize::MAX,
             )?
         };
         let mut found = found.into_iter().peekable();
         for (idx, len) in wanted {
-            let k = keys::chunk_key(&key, idx);
+            let k = keys::chunk_key(key, idx);
             // Skip orphans the onode does not list; they are never returned.
             while found.peek().is_some_and(|(fk, _)| *fk < k) {
                 found.next();
