@@ -157,7 +157,7 @@ pub fn describe_metrics() {
     );
     metrics::describe_histogram!(
         "basalt_osd_commit_seconds",
-        "Store commit (fsynced WriteBatch) latency of one write, primary or replica"
+        "Commit latency of one client write on this OSD, primary or replica: applied and WAL-synced"
     );
     metrics::describe_gauge!(
         "basalt_osd_map_epoch",
@@ -193,19 +193,22 @@ pub fn describe_metrics() {
     );
     metrics::describe_histogram!(
         "basalt_osd_op_stage_seconds",
-        "Time per stage of the op path: on the primary queue (receipt to holding the object \
-         lock with the PG active), dup_check, execute, local_commit, replica_wait (waiting for \
-         the slowest replica after the local commit); on a replica sub_op_decode, sub_op_commit"
+        "Time per stage of the op path: on the primary queue (receipt to holding the object's \
+         order lock with the PG active), dup_check, execute, local_apply (written, visible), \
+         local_sync (WAL fsync), replica_wait (waiting for the slowest replica after the local \
+         sync); on a replica sub_op_decode, sub_op_apply, sub_op_sync"
     );
     metrics::describe_histogram!(
         "basalt_store_stage_seconds",
         "Time per stage of a store commit: build (reading what the transaction modifies and \
-         encoding it), queue (waiting for the committer thread), write (RocksDB write of the \
-         whole group with its WAL fsync)"
+         encoding it); for the op path's apply-then-sync commits apply (RocksDB write without \
+         fsync) and wal_sync (one shared WAL fsync); for other commits queue (waiting for the \
+         committer thread) and write (RocksDB write of the whole group with its WAL fsync)"
     );
     metrics::describe_histogram!(
         "basalt_store_group_commit_transactions",
-        "Transactions the committer thread wrote together in one fsynced batch"
+        "Transactions made durable together by one fsync (a committer-thread batch, or one \
+         shared WAL sync of the op path)"
     );
     metrics::describe_histogram!(
         "basalt_osd_sub_op_seconds",

@@ -143,10 +143,11 @@ struct Pg {
     id: PgId,
     state: Mutex<PgState>,
     changed: watch::Sender<u64>,
-    /// Per-object op locks: writes hold one exclusively from execution to the last commit;
-    /// reads share it, so they never wait for each other, only for a write in flight (whose
-    /// effects must not be read before every member has them).
-    objects: Mutex<HashMap<ObjectName, Arc<tokio::sync::RwLock<()>>>>,
+    /// Op ordering per object (see [`ObjectSlot`]).
+    objects: Mutex<HashMap<ObjectName, Arc<ObjectSlot>>>,
+    /// Replica: bumped whenever a sub-op or push lands, so sub-ops waiting for an earlier
+    /// write to their object look again.
+    applied: watch::Sender<u64>,
     /// Writes (primary: from version assignment to the last commit; replica: from the
     /// interval check to the commit) hold it shared; peering holds it exclusively while it
     /// reads a member's state, so no write of an older interval lands behind its back.
@@ -163,13 +164,78 @@ impl Pg {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// The async lock ordering ops on one object.
-    fn object_lock(&self, name: &ObjectName) -> Arc<tokio::sync::RwLock<()>> {
+    /// The op ordering of one object.
+    fn object_slot(&self, name: &ObjectName) -> Arc<ObjectSlot> {
         let mut m = lock(&self.objects);
         if m.len() > 4096 {
-            m.retain(|_, l| Arc::strong_count(l) > 1);
+            m.retain(|_, slot| Arc::strong_count(slot) > 1 || Arc::strong_count(&slot.order) > 1);
         }
-        m.entry(name.clone()).or_default().clone()
+        m.entry(name.clone())
+            .or_insert_with(|| Arc::new(ObjectSlot::new()))
+            .clone()
+    }
+}
+
+/// How ops on one object are ordered on this OSD.
+///
+/// A write holds `order` exclusively from its execution until its transaction is applied
+/// locally (visible, not yet durable) and handed to the replicas; then the next write to the
+/// object may execute on top of it while the first one's fsyncs and replica acks are still
+/// pending. So sequential writes to one object overlap instead of running one at a time end
+/// to end. Replicas apply them in the same order: each sub-op names the write to its object
+/// still in flight before it (`after_seq`), and a replica applies it only once that one's log
+/// entry is there.
+///
+/// Reads share `order` and wait until no write to the object is in flight: nobody sees a
+/// write that could still be lost. A resent write whose first attempt is still in flight
+/// waits the same way before it answers from the dup record.
+struct ObjectSlot {
+    order: Arc<tokio::sync::RwLock<()>>,
+    /// Log seqs of writes applied on this OSD and not yet durable on every member.
+    in_flight: watch::Sender<BTreeSet<u64>>,
+}
+
+impl ObjectSlot {
+    fn new() -> Self {
+        ObjectSlot {
+            order: Arc::default(),
+            in_flight: watch::channel(BTreeSet::new()).0,
+        }
+    }
+
+    /// Marks write `seq` in flight; returns the newest write still in flight before it.
+    fn begin(self: &Arc<Self>, seq: u64) -> (Option<u64>, InFlight) {
+        let mut before = None;
+        self.in_flight.send_modify(|s| {
+            before = s.last().copied();
+            s.insert(seq);
+        });
+        (
+            before,
+            InFlight {
+                slot: self.clone(),
+                seq,
+            },
+        )
+    }
+
+    async fn drained(&self) {
+        let mut rx = self.in_flight.subscribe();
+        let _ = rx.wait_for(BTreeSet::is_empty).await;
+    }
+}
+
+/// A write in flight on its object; dropping it (done, failed or abandoned) ends that.
+struct InFlight {
+    slot: Arc<ObjectSlot>,
+    seq: u64,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.slot.in_flight.send_modify(|s| {
+            s.remove(&self.seq);
+        });
     }
 }
 
@@ -414,6 +480,7 @@ impl OsdCore {
                                 }),
                                 changed: watch::channel(0).0,
                                 objects: Mutex::new(HashMap::new()),
+                                applied: watch::channel(0).0,
                                 gate: tokio::sync::RwLock::new(()),
                             })
                         })
@@ -687,11 +754,13 @@ impl OsdCore {
         self.wait_active(&pg, deadline).await?;
         let name: ObjectName = (req.namespace.clone(), req.object.clone());
         let is_write = ops.iter().any(ObjOp::is_write);
-        let object_lock = pg.object_lock(&name);
-        let (_shared, _exclusive) = if is_write {
-            (None, Some(object_lock.write().await))
+        let slot = pg.object_slot(&name);
+        let (shared, exclusive) = if is_write {
+            (None, Some(slot.order.clone().write_owned().await))
         } else {
-            (Some(object_lock.read().await), None)
+            let shared = slot.order.clone().read_owned().await;
+            slot.drained().await;
+            (Some(shared), None)
         };
         // The interval may have changed while we queued behind another op.
         let generation = self.wait_active(&pg, deadline).await?;
@@ -707,7 +776,7 @@ impl OsdCore {
             .on_store(move |store| {
                 if let Some(key) = dup_key {
                     let started = std::time::Instant::now();
-                    let dup = store.dup_lookup(obj2.pg, &key).map_err(pg::store_error)?;
+                    let dup = store.dup_lookup(obj2.pg(), &key).map_err(pg::store_error)?;
                     stage("dup_check", started);
                     if let Some((_, result)) = dup {
                         return Ok(Err(result));
@@ -719,9 +788,19 @@ impl OsdCore {
                 ex.map(Ok)
             })
             .await;
-        let mut ex = match executed {
+        let ex = match executed {
             Ok(Ok(ex)) => ex,
             Ok(Err(recorded)) => {
+                // The first attempt may still be in flight: answer once it is done, and only
+                // if it stayed in this interval (otherwise peering decides its fate).
+                slot.drained().await;
+                self.wait_active(&pg, deadline).await?;
+                if lock(&pg.state).generation != generation {
+                    return Err(OpError::IntervalChanged {
+                        pg: pg.id.to_string(),
+                        epoch: pg.snapshot().2,
+                    });
+                }
                 metrics::counter!("basalt_osd_dup_replies_total").increment(1);
                 return decode::<Result<OpResult, OpError>>(&recorded, "recorded result")?;
             }
@@ -739,11 +818,47 @@ impl OsdCore {
             Err(e) => return Err(e),
         };
         if !ex.is_write {
+            drop(shared);
             return Ok(OpResult {
                 version: ex.version_before,
                 outputs: ex.outputs,
             });
         }
+        let Some(order) = exclusive else {
+            return Err(OpError::Io("write without its object's order lock".into()));
+        };
+        // Its own task: once a version is assigned, nothing may stop the write half-way (a
+        // client hanging up drops this future) and leave replicas waiting for it.
+        let core = self.clone();
+        let write = Write {
+            pg,
+            generation,
+            slot,
+            order,
+            name,
+            obj,
+            ex,
+            reqid,
+        };
+        tokio::spawn(async move { core.write(write).await })
+            .await
+            .map_err(|e| OpError::Io(format!("write task failed: {e}")))?
+    }
+
+    /// Versions, logs and replicates an executed write; returns once every member has it
+    /// durably. Releases the object's order lock as soon as the write is applied locally and
+    /// on its way to the replicas (see [`ObjectSlot`]).
+    async fn write(self: Arc<Self>, w: Write) -> Result<OpResult, OpError> {
+        let Write {
+            pg,
+            generation,
+            slot,
+            order,
+            name,
+            obj,
+            mut ex,
+            reqid,
+        } = w;
         let _write = pg.gate.read().await;
         // A replica still recovering this object gets it first, so the write applies to the
         // same state on every member.
@@ -752,7 +867,7 @@ impl OsdCore {
         }
         // Version assignment and the generation check happen together, so a write is never
         // numbered in one interval and replicated in the next.
-        let (version, replicas) = {
+        let (version, replicas, interval_epoch) = {
             let mut s = lock(&pg.state);
             if s.generation != generation || s.status != PgStatus::Active {
                 return Err(OpError::IntervalChanged {
@@ -772,8 +887,9 @@ impl OsdCore {
                 .copied()
                 .filter(|o| Some(*o) != me)
                 .collect();
-            (v, (replicas, s.interval_epoch))
+            (v, replicas, s.interval_epoch)
         };
+        let (after_seq, _in_flight) = slot.begin(version.seq);
         let result = OpResult {
             version,
             outputs: std::mem::take(&mut ex.outputs),
@@ -791,32 +907,43 @@ impl OsdCore {
             now_ns(),
             self.tuning.pg_log_entries,
         );
-        self.replicate(&pg, generation, replicas, txn).await?;
-        Ok(result)
-    }
-
-    /// Commits `txn` locally and on every replica; returns once all have it durably.
-    async fn replicate(
-        self: &Arc<Self>,
-        pg: &Arc<Pg>,
-        generation: u64,
-        (replicas, interval_epoch): (Vec<OsdId>, Epoch),
-        txn: Transaction,
-    ) -> Result<(), OpError> {
-        let bytes = encode(&txn);
+        let sub_op = pb::SubOpRequest {
+            pool: pg.id.pool,
+            pg_seed: pg.id.seed,
+            interval_epoch,
+            from: self.me().unwrap_or(u32::MAX),
+            txn: encode(&txn),
+            namespace: name.0.clone(),
+            object: name.1.clone(),
+            after_seq: after_seq.unwrap_or(0),
+        };
+        let committed = std::time::Instant::now();
         let mut tasks = Vec::with_capacity(replicas.len());
         for osd in replicas {
             let core = self.clone();
             let pg = pg.clone();
-            let bytes = bytes.clone();
+            let req = sub_op.clone();
             tasks.push(tokio::spawn(async move {
-                core.sub_op_until_done(&pg, generation, interval_epoch, osd, bytes)
-                    .await
+                core.sub_op_until_done(&pg, generation, osd, req).await
             }));
         }
         let started = std::time::Instant::now();
-        let local = timed_commit(&self.store, txn).await;
-        stage("local_commit", started);
+        let local = self
+            .on_store(move |store| store.apply_blocking(&txn).map_err(pg::store_error))
+            .await;
+        stage("local_apply", started);
+        drop(order);
+        let local = match local {
+            Ok(()) => {
+                let started = std::time::Instant::now();
+                let r = self.sync_store().await;
+                stage("local_sync", started);
+                r
+            }
+            Err(e) => Err(e),
+        };
+        metrics::histogram!("basalt_osd_commit_seconds")
+            .record(committed.elapsed().as_secs_f64());
         let after_local = std::time::Instant::now();
         let mut first_err = local.as_ref().err().cloned();
         for t in tasks {
@@ -832,15 +959,21 @@ impl OsdCore {
             // Replicas may hold a write the primary could not commit: re-peer so the PG
             // converges on one copy before it serves again.
             tracing::error!(pg = %pg.id, error = %e, "local commit failed; re-peering");
-            self.restart_peering(pg, generation);
+            self.restart_peering(&pg, generation);
             return Err(OpError::Io(format!(
                 "write failed on the primary ({e}); it may or may not have been applied"
             )));
         }
         match first_err {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => Ok(result),
         }
+    }
+
+    /// Makes everything applied to the store so far durable (one shared WAL fsync).
+    async fn sync_store(&self) -> Result<(), OpError> {
+        self.on_store(|store| store.sync_blocking().map_err(pg::store_error))
+            .await
     }
 
     fn restart_peering(self: &Arc<Self>, pg: &Arc<Pg>, generation: u64) {
@@ -862,11 +995,9 @@ impl OsdCore {
         &self,
         pg: &Pg,
         generation: u64,
-        interval_epoch: Epoch,
         osd: OsdId,
-        txn: Bytes,
+        req: pb::SubOpRequest,
     ) -> Result<(), OpError> {
-        let me = self.me().unwrap_or(u32::MAX);
         loop {
             let (g, _, epoch) = pg.snapshot();
             if g != generation {
@@ -878,13 +1009,7 @@ impl OsdCore {
             let attempt = async {
                 let mut c = self.peer_client(osd)?;
                 let reply = c
-                    .sub_op(pb::SubOpRequest {
-                        pool: pg.id.pool,
-                        pg_seed: pg.id.seed,
-                        interval_epoch,
-                        from: me,
-                        txn: txn.clone(),
-                    })
+                    .sub_op(req.clone())
                     .await
                     .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
                 decode::<Result<(), OpError>>(&reply.get_ref().result, "sub-op reply")?
@@ -1569,8 +1694,9 @@ impl OsdCore {
             };
             let Some(name) = next else { break };
             self.recovery_sleep().await;
-            let object_lock = pg.object_lock(&name);
-            let _guard = object_lock.write().await;
+            let slot = pg.object_slot(&name);
+            let _order = slot.order.write().await;
+            slot.drained().await;
             if let Err(e) = self.recover_object(&pg, generation, &name).await {
                 if !still_current() {
                     return;
@@ -1705,20 +1831,15 @@ impl OsdCore {
         let txn = self
             .on_store(move |store| pg::apply_push(store, id, &push))
             .await?;
-        self.store.submit(txn).await.map_err(pg::store_error)
+        let r = self.store.submit(txn).await.map_err(pg::store_error);
+        pg.applied.send_modify(|n| *n += 1);
+        r
     }
 
     pub async fn handle_sub_op(&self, req: pb::SubOpRequest) -> Result<(), OpError> {
         let pg = self
             .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
             .await?;
-        let _write = pg.gate.read().await;
-        if lock(&pg.state).peered_interval != req.interval_epoch {
-            return Err(OpError::IntervalChanged {
-                pg: pg.id.to_string(),
-                epoch: req.interval_epoch,
-            });
-        }
         let started = std::time::Instant::now();
         let txn: Transaction = decode(&req.txn, "transaction")?;
         stage("sub_op_decode", started);
@@ -1733,22 +1854,80 @@ impl OsdCore {
                 "sub-op without a log entry".into(),
             ));
         };
-        let id = pg.id;
-        let applied = self
-            .on_store(move |store| {
-                Ok(store
-                    .pg_log_scan(id, seq, 1)
-                    .map_err(pg::store_error)?
-                    .first()
-                    .is_some_and(|(v, _)| *v == seq))
+        let committing = std::time::Instant::now();
+        // Writes to one object apply in the primary's order: wait (bounded; the primary
+        // resends) until the write in flight before this one has landed here.
+        let slot = pg.object_slot(&(req.namespace.clone(), req.object.clone()));
+        let deadline = Instant::now() + PEER_RPC_TIMEOUT / 2;
+        let order = loop {
+            let mut landed = pg.applied.subscribe();
+            let mut changed = pg.changed.subscribe();
+            let order = slot.order.clone().write_owned().await;
+            if lock(&pg.state).peered_interval != req.interval_epoch {
+                return Err(OpError::IntervalChanged {
+                    pg: pg.id.to_string(),
+                    epoch: req.interval_epoch,
+                });
+            }
+            let (id, after) = (pg.id, req.after_seq);
+            let (done, ready) = self
+                .on_store(move |store| {
+                    let logged = |seq: u64| -> Result<bool, OpError> {
+                        Ok(store
+                            .pg_log_scan(id, seq, 1)
+                            .map_err(pg::store_error)?
+                            .first()
+                            .is_some_and(|(v, _)| *v == seq))
+                    };
+                    Ok((logged(seq)?, after == 0 || logged(after)?))
+                })
+                .await?;
+            if done {
+                // A resend of a sub-op that landed: answer once it is durable.
+                drop(order);
+                return self.sync_store().await;
+            }
+            if ready {
+                break order;
+            }
+            drop(order);
+            let waited = tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    _ = landed.changed() => {}
+                    _ = changed.changed() => {}
+                }
             })
-            .await?;
-        if applied {
-            return Ok(());
+            .await;
+            if waited.is_err() {
+                return Err(OpError::Io(format!(
+                    "pg {}: the write before log entry {seq} to this object has not arrived",
+                    pg.id
+                )));
+            }
+        };
+        // Peering holds the gate exclusively while it reads this member's state, so no write
+        // of an older interval lands behind its back (not held while waiting above: peering
+        // must not wait for a write that may never come).
+        let _write = pg.gate.read().await;
+        if lock(&pg.state).peered_interval != req.interval_epoch {
+            return Err(OpError::IntervalChanged {
+                pg: pg.id.to_string(),
+                epoch: req.interval_epoch,
+            });
         }
         let started = std::time::Instant::now();
-        let r = timed_commit(&self.store, txn).await;
-        stage("sub_op_commit", started);
+        let applied = self
+            .on_store(move |store| store.apply_blocking(&txn).map_err(pg::store_error))
+            .await;
+        stage("sub_op_apply", started);
+        pg.applied.send_modify(|n| *n += 1);
+        drop(order);
+        applied?;
+        let started = std::time::Instant::now();
+        let r = self.sync_store().await;
+        stage("sub_op_sync", started);
+        metrics::histogram!("basalt_osd_commit_seconds")
+            .record(committing.elapsed().as_secs_f64());
         r
     }
 
@@ -2303,12 +2482,17 @@ fn stage(name: &'static str, since: std::time::Instant) {
         .record(since.elapsed().as_secs_f64());
 }
 
-/// Commits a write's transaction (primary or replica) and records how long the store took.
-async fn timed_commit(store: &Store, txn: Transaction) -> Result<(), OpError> {
-    let started = std::time::Instant::now();
-    let r = store.submit(txn).await.map_err(pg::store_error);
-    metrics::histogram!("basalt_osd_commit_seconds").record(started.elapsed().as_secs_f64());
-    r
+/// An executed write on its way to being versioned and replicated ([`OsdCore::write`]).
+struct Write {
+    pg: Arc<Pg>,
+    generation: u64,
+    slot: Arc<ObjectSlot>,
+    /// The object's order lock, held until the write is applied locally.
+    order: tokio::sync::OwnedRwLockWriteGuard<()>,
+    name: ObjectName,
+    obj: ObjectId,
+    ex: pg::Executed,
+    reqid: ReqId,
 }
 
 /// The gRPC face of [`OsdCore`] plus the heartbeat.

@@ -112,6 +112,29 @@ impl Engine {
         }
     }
 
+    /// Applies `ops` atomically and visibly at once, without waiting for the WAL fsync
+    /// (see [`Engine::sync_wal`]).
+    pub fn write_unsynced(&self, ops: Vec<KvOp>) -> Result<()> {
+        match self {
+            Engine::Memory(m) => m.write(ops),
+            Engine::Rocks(r) => {
+                let mut batch = WriteBatch::default();
+                fill_batch(&r.db, &mut batch, &ops)?;
+                r.db.write_opt(batch, &write_opts(false))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes every write that returned before this call durable. Callers arriving while a
+    /// sync runs share the next one (group commit of the WAL fsync).
+    pub fn sync_wal(&self) -> Result<()> {
+        match self {
+            Engine::Memory(_) => Ok(()),
+            Engine::Rocks(r) => r.wal_sync.sync(&r.db, r.sync),
+        }
+    }
+
     pub fn db_bytes(&self) -> Option<u64> {
         match self {
             Engine::Memory(_) => None,
@@ -195,6 +218,68 @@ impl MemEngine {
 pub(crate) struct RocksEngine {
     db: Arc<DB>,
     committer: Option<Committer>,
+    wal_sync: WalSync,
+    /// `StoreConfig::sync`: without it (tests, benchmarks) a WAL sync is a no-op.
+    sync: bool,
+}
+
+/// Group WAL sync: a caller's ticket is covered by the first sync that starts after it was
+/// taken; one caller runs that sync while the others wait for it.
+#[derive(Default)]
+struct WalSync {
+    state: Mutex<WalSyncState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct WalSyncState {
+    /// Tickets handed out.
+    taken: u64,
+    /// Every ticket up to this one is durable.
+    covered: u64,
+    running: bool,
+    /// A failed sync: RocksDB latches WAL errors, so every later sync would fail too.
+    failed: Option<String>,
+}
+
+impl WalSync {
+    fn sync(&self, db: &DB, enabled: bool) -> Result<()> {
+        if !enabled {
+            return Ok(());
+        }
+        let mut s = self.state.lock().map_err(poisoned)?;
+        s.taken += 1;
+        let ticket = s.taken;
+        loop {
+            if let Some(e) = &s.failed {
+                return Err(StoreError::Io(format!("WAL sync failed earlier: {e}")));
+            }
+            if s.covered >= ticket {
+                return Ok(());
+            }
+            if !s.running {
+                s.running = true;
+                let target = s.taken;
+                drop(s);
+                let started = std::time::Instant::now();
+                let r = db.flush_wal(true);
+                super::stage("wal_sync", started);
+                s = self.state.lock().map_err(poisoned)?;
+                s.running = false;
+                match r {
+                    Ok(()) => {
+                        metrics::histogram!("basalt_store_group_commit_transactions")
+                            .record((target - s.covered) as f64);
+                        s.covered = target;
+                    }
+                    Err(e) => s.failed = Some(e.to_string()),
+                }
+                self.done.notify_all();
+                continue;
+            }
+            s = self.done.wait(s).map_err(poisoned)?;
+        }
+    }
 }
 
 struct Job {
@@ -294,7 +379,12 @@ impl RocksEngine {
             CommitMode::ConcurrentWriters => None,
             CommitMode::CommitterThread => Some(Committer::start(db.clone(), cfg.sync)?),
         };
-        Ok(RocksEngine { db, committer })
+        Ok(RocksEngine {
+            db,
+            committer,
+            wal_sync: WalSync::default(),
+            sync: cfg.sync,
+        })
     }
 
     fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily> {

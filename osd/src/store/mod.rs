@@ -67,6 +67,9 @@
 //! - When [`Store::submit`] (or [`Store::submit_blocking`]) returns `Ok`, the batch is in the
 //!   WAL and the WAL is fsynced (`sync=true`): it survives a crash or power loss.
 //! - Ops inside one transaction see each other's effects, in order.
+//! - [`Store::apply_blocking`] is a submit split in two: the batch is written (and visible)
+//!   when it returns, durable only after a later [`Store::sync_blocking`] returns. A crash in
+//!   between loses it (and any later apply) but never an earlier synced one: the WAL is a log.
 //! - Concurrent submits are atomic but not ordered with respect to each other. Building a
 //!   transaction reads the current state (onodes, partially overwritten chunks), so **the caller
 //!   must serialise transactions that touch the same object** (the PG layer orders a PG's writes
@@ -146,8 +149,6 @@ pub use types::*;
 /// On-disk format written by this build.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// The object store. Cheap to clone (shared handle).
-#[derive(Clone)]
 /// An object's onode as one read found it (see [`Store::head`]).
 pub struct ObjectHead {
     key: Vec<u8>,
@@ -176,6 +177,8 @@ impl ObjectHead {
     }
 }
 
+/// The object store. Cheap to clone (shared handle).
+#[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
 }
@@ -330,6 +333,25 @@ impl Store {
 
     /// Synchronous [`Store::submit`]: blocks the calling thread until the batch is durable.
     pub fn submit_blocking(&self, txn: &Transaction) -> Result<()> {
+        self.commit(txn, true)
+    }
+
+    /// Applies `txn` atomically and makes it visible to every later read and build at once,
+    /// without waiting for it to be durable: [`Store::sync_blocking`] does that, for it and
+    /// every apply before it. The op path uses the pair so the next write to an object can be
+    /// built on this one while this one's fsync is still pending (shared with other writes);
+    /// its callers must not let anyone act on the applied state before the sync (the OSD
+    /// holds reads of an object back while a write to it is in flight).
+    pub fn apply_blocking(&self, txn: &Transaction) -> Result<()> {
+        self.commit(txn, false)
+    }
+
+    /// Makes every transaction applied before this call durable (one shared WAL fsync).
+    pub fn sync_blocking(&self) -> Result<()> {
+        self.inner.engine.sync_wal()
+    }
+
+    fn commit(&self, txn: &Transaction, durable: bool) -> Result<()> {
         let inner = &*self.inner;
         let started = std::time::Instant::now();
         let built = txn::build(&inner.engine, inner.cfg.max_object_size, txn)?;
@@ -352,7 +374,14 @@ impl Store {
                 }
             }
         }
-        let res = inner.engine.write(built.ops, inner.cfg.sync);
+        let res = if durable {
+            inner.engine.write(built.ops, inner.cfg.sync)
+        } else {
+            let started = std::time::Instant::now();
+            let r = inner.engine.write_unsynced(built.ops);
+            stage("apply", started);
+            r
+        };
         match (&res, delta) {
             (Err(_), d) if d > 0 => {
                 inner.used.fetch_sub(d, Ordering::SeqCst);
