@@ -185,10 +185,10 @@ STAGES = [
     ("basalt_osd_op_stage_seconds", ("stage", "sub_op_sync"), "replica: WAL sync"),
     ("basalt_osd_commit_seconds", None, "primary or replica: apply + sync of one write"),
     ("basalt_store_stage_seconds", ("stage", "build"), "store: build (read-modify-write)"),
-    ("basalt_store_stage_seconds", ("stage", "apply"), "store: RocksDB write, no fsync"),
-    ("basalt_store_stage_seconds", ("stage", "wal_sync"), "store: one shared WAL fsync"),
-    ("basalt_store_stage_seconds", ("stage", "queue"), "store: wait for the committer (other commits)"),
-    ("basalt_store_stage_seconds", ("stage", "write"), "store: RocksDB write + WAL fsync (other commits)"),
+    ("basalt_store_stage_seconds", ("stage", "apply"), "store: wait until visible (queue + group write)"),
+    ("basalt_store_stage_seconds", ("stage", "queue"), "store: wait for the committer thread"),
+    ("basalt_store_stage_seconds", ("stage", "write"), "store: committer's group write (no fsync)"),
+    ("basalt_store_stage_seconds", ("stage", "wal_sync"), "store: syncer's WAL fsync"),
     ("basalt_store_group_commit_transactions", None, "store: transactions per group commit (mean, not µs)"),
 ]
 

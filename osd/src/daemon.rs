@@ -201,14 +201,13 @@ pub fn describe_metrics() {
     metrics::describe_histogram!(
         "basalt_store_stage_seconds",
         "Time per stage of a store commit: build (reading what the transaction modifies and \
-         encoding it); for the op path's apply-then-sync commits apply (RocksDB write without \
-         fsync) and wal_sync (one shared WAL fsync); for other commits queue (waiting for the \
-         committer thread) and write (RocksDB write of the whole group with its WAL fsync)"
+         encoding it), apply (a split commit's wait until its batch is visible), queue (waiting \
+         for the committer thread), write (the committer's RocksDB write of a whole group, no \
+         fsync), wal_sync (the syncer's WAL fsync covering every group written before it)"
     );
     metrics::describe_histogram!(
         "basalt_store_group_commit_transactions",
-        "Transactions made durable together by one fsync (a committer-thread batch, or one \
-         shared WAL sync of the op path)"
+        "Transactions made durable together by one WAL fsync"
     );
     metrics::describe_histogram!(
         "basalt_osd_sub_op_seconds",

@@ -934,9 +934,11 @@ impl OsdCore {
         stage("local_apply", started);
         drop(order);
         let local = match local {
-            Ok(()) => {
+            Ok(durable) => {
                 let started = std::time::Instant::now();
-                let r = self.sync_store().await;
+                let r = self
+                    .on_store(move |_| durable.wait().map_err(pg::store_error))
+                    .await;
                 stage("local_sync", started);
                 r
             }
@@ -1922,9 +1924,11 @@ impl OsdCore {
         stage("sub_op_apply", started);
         pg.applied.send_modify(|n| *n += 1);
         drop(order);
-        applied?;
+        let durable = applied?;
         let started = std::time::Instant::now();
-        let r = self.sync_store().await;
+        let r = self
+            .on_store(move |_| durable.wait().map_err(pg::store_error))
+            .await;
         stage("sub_op_sync", started);
         metrics::histogram!("basalt_osd_commit_seconds")
             .record(committing.elapsed().as_secs_f64());

@@ -1056,8 +1056,8 @@ fn rocksdb_crash_keeps_acknowledged_writes() {
 const CRASH_SPLIT_ENV: &str = "BASALT_OSD_STORE_CRASH_SPLIT_DIR";
 
 /// Child half of `rocksdb_crash_keeps_synced_applies`: four threads apply writes to their own
-/// objects and sync after each (the op path's split commit, sharing WAL syncs), printing the
-/// index of every write whose sync returned, until one thread aborts the process.
+/// objects and wait for each to be durable (the op path's split commit, sharing WAL syncs),
+/// printing the index of every write whose wait returned, until one thread aborts.
 #[test]
 fn crash_child_split_commit() {
     let Ok(dir) = std::env::var(CRASH_SPLIT_ENV) else {
@@ -1084,10 +1084,15 @@ fn crash_child_split_commit() {
                         i,
                         i.to_be_bytes().to_vec(),
                     );
-                    s.apply_blocking(&txn).unwrap();
+                    let durable = s.apply_blocking(&txn).unwrap();
                     // Visible before it is durable: the next write builds on it.
                     assert_eq!(s.read(&o, k * 4096, 4096).unwrap(), pattern(i, 4096)[..]);
-                    s.sync_blocking().unwrap();
+                    if k % 2 == 0 {
+                        durable.wait().unwrap();
+                    } else {
+                        // Covers every earlier apply, this one included.
+                        s.sync_blocking().unwrap();
+                    }
                     println!("ACK {i}");
                     if i >= 400 {
                         std::process::abort();

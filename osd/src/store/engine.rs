@@ -112,26 +112,12 @@ impl Engine {
         }
     }
 
-    /// Applies `ops` atomically and visibly at once, without waiting for the WAL fsync
-    /// (see [`Engine::sync_wal`]).
-    pub fn write_unsynced(&self, ops: Vec<KvOp>) -> Result<()> {
+    /// Applies `ops` atomically; returns once they are visible to reads, with a [`Durable`]
+    /// that resolves once they are also durable (see `Store::apply_blocking`).
+    pub fn write_split(&self, ops: Vec<KvOp>) -> Result<Durable> {
         match self {
-            Engine::Memory(m) => m.write(ops),
-            Engine::Rocks(r) => {
-                let mut batch = WriteBatch::default();
-                fill_batch(&r.db, &mut batch, &ops)?;
-                r.db.write_opt(batch, &write_opts(false))?;
-                Ok(())
-            }
-        }
-    }
-
-    /// Makes every write that returned before this call durable. Callers arriving while a
-    /// sync runs share the next one (group commit of the WAL fsync).
-    pub fn sync_wal(&self) -> Result<()> {
-        match self {
-            Engine::Memory(_) => Ok(()),
-            Engine::Rocks(r) => r.wal_sync.sync(&r.db, r.sync),
+            Engine::Memory(m) => m.write(ops).map(|()| Durable::READY),
+            Engine::Rocks(r) => r.write_split(ops),
         }
     }
 
@@ -218,73 +204,42 @@ impl MemEngine {
 pub(crate) struct RocksEngine {
     db: Arc<DB>,
     committer: Option<Committer>,
-    wal_sync: WalSync,
-    /// `StoreConfig::sync`: without it (tests, benchmarks) a WAL sync is a no-op.
+    /// `StoreConfig::sync`: without it (tests, benchmarks) nothing is fsynced.
     sync: bool,
 }
 
-/// Group WAL sync: a caller's ticket is covered by the first sync that starts after it was
-/// taken; one caller runs that sync while the others wait for it.
-#[derive(Default)]
-struct WalSync {
-    state: Mutex<WalSyncState>,
-    done: std::sync::Condvar,
+/// Resolves once a batch written by [`Engine::write_split`] is durable.
+pub struct Durable(Pending);
+
+enum Pending {
+    Ready,
+    /// The committer's syncer answers after the WAL fsync that covers the batch.
+    Syncer(mpsc::Receiver<Result<()>>),
+    /// Concurrent-writers mode: the waiter fsyncs the WAL itself.
+    Flush(Arc<DB>),
 }
 
-#[derive(Default)]
-struct WalSyncState {
-    /// Tickets handed out.
-    taken: u64,
-    /// Every ticket up to this one is durable.
-    covered: u64,
-    running: bool,
-    /// A failed sync: RocksDB latches WAL errors, so every later sync would fail too.
-    failed: Option<String>,
-}
+impl Durable {
+    pub(crate) const READY: Durable = Durable(Pending::Ready);
 
-impl WalSync {
-    fn sync(&self, db: &DB, enabled: bool) -> Result<()> {
-        if !enabled {
-            return Ok(());
-        }
-        let mut s = self.state.lock().map_err(poisoned)?;
-        s.taken += 1;
-        let ticket = s.taken;
-        loop {
-            if let Some(e) = &s.failed {
-                return Err(StoreError::Io(format!("WAL sync failed earlier: {e}")));
-            }
-            if s.covered >= ticket {
-                return Ok(());
-            }
-            if !s.running {
-                s.running = true;
-                let target = s.taken;
-                drop(s);
-                let started = std::time::Instant::now();
-                let r = db.flush_wal(true);
-                super::stage("wal_sync", started);
-                s = self.state.lock().map_err(poisoned)?;
-                s.running = false;
-                match r {
-                    Ok(()) => {
-                        metrics::histogram!("basalt_store_group_commit_transactions")
-                            .record((target - s.covered) as f64);
-                        s.covered = target;
-                    }
-                    Err(e) => s.failed = Some(e.to_string()),
-                }
-                self.done.notify_all();
-                continue;
-            }
-            s = self.done.wait(s).map_err(poisoned)?;
+    /// Blocks until the batch is durable.
+    pub fn wait(self) -> Result<()> {
+        match self.0 {
+            Pending::Ready => Ok(()),
+            Pending::Syncer(rx) => rx
+                .recv()
+                .map_err(|_| StoreError::Io("committer thread exited".into()))?,
+            Pending::Flush(db) => Ok(db.flush_wal(true)?),
         }
     }
 }
 
 struct Job {
     ops: Vec<KvOp>,
-    reply: mpsc::SyncSender<Result<()>>,
+    /// Told once the batch is written (visible), for split commits.
+    applied: Option<mpsc::SyncSender<Result<()>>>,
+    /// Told once the batch is durable.
+    durable: mpsc::SyncSender<Result<()>>,
     queued: std::time::Instant,
 }
 
@@ -382,7 +337,6 @@ impl RocksEngine {
         Ok(RocksEngine {
             db,
             committer,
-            wal_sync: WalSync::default(),
             sync: cfg.sync,
         })
     }
@@ -395,12 +349,30 @@ impl RocksEngine {
 
     fn write(&self, ops: Vec<KvOp>, sync: bool) -> Result<()> {
         if let Some(c) = &self.committer {
-            return c.commit(ops);
+            return c.submit(ops, None)?.wait();
         }
         let mut batch = WriteBatch::default();
         fill_batch(&self.db, &mut batch, &ops)?;
         self.db.write_opt(batch, &write_opts(sync))?;
         Ok(())
+    }
+
+    fn write_split(&self, ops: Vec<KvOp>) -> Result<Durable> {
+        if let Some(c) = &self.committer {
+            let (applied, wait) = mpsc::sync_channel(1);
+            let durable = c.submit(ops, Some(applied))?;
+            wait.recv()
+                .map_err(|_| StoreError::Io("committer thread exited".into()))??;
+            return Ok(durable);
+        }
+        let mut batch = WriteBatch::default();
+        fill_batch(&self.db, &mut batch, &ops)?;
+        self.db.write_opt(batch, &write_opts(false))?;
+        Ok(if self.sync {
+            Durable(Pending::Flush(self.db.clone()))
+        } else {
+            Durable::READY
+        })
     }
 
     fn db_bytes(&self) -> u64 {
@@ -442,11 +414,34 @@ impl Committer {
         })
     }
 
-    /// Takes everything queued (up to a bound, so one group's latency stays small), writes it as
-    /// one batch with one fsync and answers every submitter. A combined batch is still atomic,
-    /// so each transaction in it is too.
+    /// Two threads in a pipeline. This one takes everything queued (up to a bound, so one
+    /// group's latency stays small), writes it as one batch without fsync, tells split
+    /// commits it is visible, and hands the group to the syncer; then it writes the next
+    /// group while the syncer fsyncs the WAL once for every group handed to it since its last
+    /// fsync. A combined batch is still atomic, so each transaction in it is too, and a fsync
+    /// covers every batch written before it (the WAL is a log).
     fn run(db: Arc<DB>, rx: mpsc::Receiver<Job>, sync: bool) {
         const MAX_GROUP_BYTES: usize = 4 << 20;
+        let (to_syncer, groups) = mpsc::channel::<Vec<mpsc::SyncSender<Result<()>>>>();
+        let syncer = {
+            let db = db.clone();
+            std::thread::Builder::new()
+                .name("osd-store-sync".into())
+                .spawn(move || Self::sync_loop(&db, groups, sync))
+        };
+        let syncer = match syncer {
+            Ok(t) => t,
+            Err(e) => {
+                let e = StoreError::Io(format!("cannot start the WAL sync thread: {e}"));
+                while let Ok(j) = rx.recv() {
+                    let _ = j.durable.send(Err(e.clone()));
+                    if let Some(a) = j.applied {
+                        let _ = a.send(Err(e.clone()));
+                    }
+                }
+                return;
+            }
+        };
         while let Ok(first) = rx.recv() {
             let mut jobs = vec![first];
             let mut bytes = 0;
@@ -462,36 +457,85 @@ impl Committer {
             for j in &jobs {
                 super::stage("queue", j.queued);
             }
-            metrics::histogram!("basalt_store_group_commit_transactions").record(jobs.len() as f64);
             let started = std::time::Instant::now();
             let mut batch = WriteBatch::default();
             let res = jobs
                 .iter()
                 .try_for_each(|j| fill_batch(&db, &mut batch, &j.ops))
-                .and_then(|()| Ok(db.write_opt(batch, &write_opts(sync))?));
+                .and_then(|()| Ok(db.write_opt(batch, &write_opts(false))?));
             super::stage("write", started);
+            let mut waiting = Vec::with_capacity(jobs.len());
             for j in jobs {
-                let _ = j.reply.send(res.clone());
+                if let Some(a) = j.applied {
+                    let _ = a.send(res.clone());
+                }
+                match &res {
+                    Ok(()) => waiting.push(j.durable),
+                    Err(e) => {
+                        let _ = j.durable.send(Err(e.clone()));
+                    }
+                }
+            }
+            if !waiting.is_empty() {
+                if let Err(mpsc::SendError(waiting)) = to_syncer.send(waiting) {
+                    for w in waiting {
+                        let _ = w.send(Err(StoreError::Io("WAL sync thread exited".into())));
+                    }
+                }
+            }
+        }
+        drop(to_syncer);
+        let _ = syncer.join();
+    }
+
+    /// One WAL fsync for every group written since the last one.
+    fn sync_loop(db: &DB, groups: mpsc::Receiver<Vec<mpsc::SyncSender<Result<()>>>>, sync: bool) {
+        // RocksDB latches a failed WAL sync; so do we, rather than ask again.
+        let mut failed: Option<StoreError> = None;
+        while let Ok(mut waiting) = groups.recv() {
+            while let Ok(more) = groups.try_recv() {
+                waiting.extend(more);
+            }
+            let res = match &failed {
+                Some(e) => Err(e.clone()),
+                None if sync => {
+                    let started = std::time::Instant::now();
+                    let r = db.flush_wal(true).map_err(StoreError::from);
+                    super::stage("wal_sync", started);
+                    if let Err(e) = &r {
+                        failed = Some(e.clone());
+                    }
+                    r
+                }
+                None => Ok(()),
+            };
+            metrics::histogram!("basalt_store_group_commit_transactions")
+                .record(waiting.len() as f64);
+            for w in waiting {
+                let _ = w.send(res.clone());
             }
         }
     }
 
-    fn commit(&self, ops: Vec<KvOp>) -> Result<()> {
-        let (reply, wait) = mpsc::sync_channel(1);
-        {
-            let tx = self.tx.lock().map_err(poisoned)?;
-            let tx = tx
-                .as_ref()
-                .ok_or_else(|| StoreError::Io("store is closing".into()))?;
-            tx.send(Job {
-                ops,
-                reply,
-                queued: std::time::Instant::now(),
-            })
-                .map_err(|_| StoreError::Io("committer thread exited".into()))?;
-        }
-        wait.recv()
-            .map_err(|_| StoreError::Io("committer thread exited".into()))?
+    /// Queues `ops`; `applied` is told once they are written. Returns the durability wait.
+    fn submit(
+        &self,
+        ops: Vec<KvOp>,
+        applied: Option<mpsc::SyncSender<Result<()>>>,
+    ) -> Result<Durable> {
+        let (durable, wait) = mpsc::sync_channel(1);
+        let tx = self.tx.lock().map_err(poisoned)?;
+        let tx = tx
+            .as_ref()
+            .ok_or_else(|| StoreError::Io("store is closing".into()))?;
+        tx.send(Job {
+            ops,
+            applied,
+            durable,
+            queued: std::time::Instant::now(),
+        })
+        .map_err(|_| StoreError::Io("committer thread exited".into()))?;
+        Ok(Durable(Pending::Syncer(wait)))
     }
 }
 

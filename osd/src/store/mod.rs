@@ -87,8 +87,10 @@
 //!
 //! - [`CommitMode::CommitterThread`] (default): the submitting thread builds its batch (the
 //!   reads and hashing happen there, in parallel), then hands it to one committer thread, which
-//!   concatenates everything queued (up to 4 MiB) into one `WriteBatch` and writes it with
-//!   `sync=true`: one WAL append and one fsync per group.
+//!   concatenates everything queued (up to 4 MiB) into one `WriteBatch` and writes it without
+//!   fsync; a second thread then fsyncs the WAL once for every group written since its last
+//!   fsync, while the committer writes the next group. [`Store::apply_blocking`] returns when
+//!   its group is written, [`Store::submit`] when it is fsynced.
 //! - [`CommitMode::ConcurrentWriters`]: every submitting thread calls `DB::write(sync=true)`
 //!   itself; RocksDB's write-group leader writes and fsyncs for all writers queued behind it.
 //!
@@ -134,6 +136,7 @@ use basalt_placement::PgId;
 use bytes::Bytes;
 
 use engine::{Cf, Engine, KvOp, MemEngine, RocksEngine};
+pub use engine::Durable;
 use onode::{split_chunk, verify_chunk, Onode};
 
 pub use error::{Result, StoreError};
@@ -333,25 +336,25 @@ impl Store {
 
     /// Synchronous [`Store::submit`]: blocks the calling thread until the batch is durable.
     pub fn submit_blocking(&self, txn: &Transaction) -> Result<()> {
-        self.commit(txn, true)
+        self.commit(txn, true).map(|_| ())
     }
 
     /// Applies `txn` atomically and makes it visible to every later read and build at once,
-    /// without waiting for it to be durable: [`Store::sync_blocking`] does that, for it and
-    /// every apply before it. The op path uses the pair so the next write to an object can be
-    /// built on this one while this one's fsync is still pending (shared with other writes);
-    /// its callers must not let anyone act on the applied state before the sync (the OSD
-    /// holds reads of an object back while a write to it is in flight).
-    pub fn apply_blocking(&self, txn: &Transaction) -> Result<()> {
+    /// without waiting for it to be durable: the returned [`Durable`] resolves once it is
+    /// (the committer writes the next group while the WAL fsync of this one runs). The op
+    /// path uses it so the next write to an object can be built on this one while this one's
+    /// fsync is pending; its callers must not let anyone act on the applied state before
+    /// then (the OSD holds reads of an object back while a write to it is in flight).
+    pub fn apply_blocking(&self, txn: &Transaction) -> Result<Durable> {
         self.commit(txn, false)
     }
 
-    /// Makes every transaction applied before this call durable (one shared WAL fsync).
+    /// Makes every transaction applied before this call durable.
     pub fn sync_blocking(&self) -> Result<()> {
-        self.inner.engine.sync_wal()
+        self.apply_blocking(&Transaction::new())?.wait()
     }
 
-    fn commit(&self, txn: &Transaction, durable: bool) -> Result<()> {
+    fn commit(&self, txn: &Transaction, durable: bool) -> Result<Durable> {
         let inner = &*self.inner;
         let started = std::time::Instant::now();
         let built = txn::build(&inner.engine, inner.cfg.max_object_size, txn)?;
@@ -375,10 +378,10 @@ impl Store {
             }
         }
         let res = if durable {
-            inner.engine.write(built.ops, inner.cfg.sync)
+            inner.engine.write(built.ops, inner.cfg.sync).map(|()| None)
         } else {
             let started = std::time::Instant::now();
-            let r = inner.engine.write_unsynced(built.ops);
+            let r = inner.engine.write_split(built.ops).map(Some);
             stage("apply", started);
             r
         };
@@ -386,7 +389,7 @@ impl Store {
             (Err(_), d) if d > 0 => {
                 inner.used.fetch_sub(d, Ordering::SeqCst);
             }
-            (Ok(()), d) if d < 0 => {
+            (Ok(_), d) if d < 0 => {
                 inner.used.fetch_add(d, Ordering::SeqCst);
             }
             _ => {}
@@ -394,7 +397,7 @@ impl Store {
         if let Err(e) = &res {
             tracing::warn!(error = %e, "object store commit failed");
         }
-        res
+        Ok(res?.unwrap_or(Durable::READY))
     }
 
     // -----------------------------------------------------------------------------------------
