@@ -59,6 +59,8 @@ struct ClientState {
     frozen_since: Option<Instant>,
     /// Watches lost while frozen: told `Disconnected` when the client thaws.
     deferred_disconnects: Vec<mpsc::Sender<WatchEvent>>,
+    /// Notifies not delivered to this client's watches because it was frozen.
+    missed_notifies: u64,
 }
 
 struct PendingNotify {
@@ -125,6 +127,7 @@ impl MemCluster {
                 frozen,
                 frozen_since: None,
                 deferred_disconnects: Vec::new(),
+                missed_notifies: 0,
             },
         );
         Arc::new(MemBackend {
@@ -182,6 +185,15 @@ impl MemCluster {
 
     pub fn is_blocklisted(&self, client: &str) -> bool {
         self.state().blocklisted(client)
+    }
+
+    /// How many notifies `client` missed while frozen (a test waits on this to know that
+    /// someone asked the frozen client and got no answer).
+    pub fn missed_notifies(&self, client: &str) -> u64 {
+        self.state()
+            .clients
+            .get(client)
+            .map_or(0, |c| c.missed_notifies)
     }
 
     /// Names of existing objects starting with `prefix`, sorted.
@@ -604,6 +616,9 @@ impl ObjectBackend for MemBackend {
             for (client, cookie, tx) in targets {
                 waiting.insert((client.clone(), cookie));
                 if st.is_frozen(&client) {
+                    if let Some(c) = st.clients.get_mut(&client) {
+                        c.missed_notifies += 1;
+                    }
                     continue; // unreachable: it will time out
                 }
                 let _ = tx.try_send(WatchEvent::Notify(NotifyEvent {

@@ -202,10 +202,9 @@ async fn resize_is_seen_by_other_open_images() {
     img1.write(0, Bytes::from_static(b"hello")).await.unwrap();
     // rbd2 resizes: it must get the lock from img1, and img1 learns the size.
     rbd2.resize("img", 16384, &no_progress).await.unwrap();
-    for _ in 0..100 {
-        if img1.size() == 16384 {
-            break;
-        }
+    // The notify reaches img1 asynchronously: wait for it (bounded).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while img1.size() != 16384 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(img1.size(), 16384);
