@@ -98,6 +98,7 @@ fn cli_obj_rbd_bench() {
     objects(&c, &dir);
     images(&c, &dir);
     bench(&c);
+    client_name(&c, &dir);
     errors(&c, &dir);
 }
 
@@ -404,6 +405,52 @@ fn bench(c: &TestCluster) {
         .filter(|o| o.as_str().is_some_and(|s| s.starts_with("bench_")))
         .collect();
     assert!(left.is_empty(), "bench objects left: {left:?}");
+}
+
+/// A config's `[client] name` is the entity the CLI's client connects as: bench names its
+/// objects after it.
+fn client_name(c: &TestCluster, dir: &Path) {
+    let mut config = c.config.clone();
+    config.client.name = Some("client.benchtester".into());
+    let named = dir.join("named.toml");
+    std::fs::write(&named, config.to_toml()).expect("write config");
+    let basalt = |args: &[&str]| {
+        basalt_tests::run_bounded(
+            std::process::Command::new(basalt_tests::bin("basalt"))
+                .arg("-c")
+                .arg(&named)
+                .args(args),
+            Duration::from_secs(120),
+        )
+    };
+    let out = basalt(&[
+        "bench",
+        "write",
+        "--pool",
+        "data",
+        "--seconds",
+        "1",
+        "--threads",
+        "1",
+        "--block-size",
+        "4K",
+        "--no-cleanup",
+    ]);
+    assert!(
+        out.status.success(),
+        "bench write as client.benchtester: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objs = c.cli_json(&["obj", "ls", "data"]).expect("obj ls");
+    let mine = objs
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|o| o.as_str().is_some_and(|s| s.starts_with("bench_benchtester_")))
+        .count();
+    assert!(mine > 0, "no object named after client.benchtester: {objs}");
+    c.cli_ok(&["bench", "cleanup", "--pool", "data"])
+        .expect("bench cleanup");
 }
 
 fn errors(c: &TestCluster, dir: &Path) {
