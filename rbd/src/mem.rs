@@ -77,6 +77,8 @@ struct State {
     clients: HashMap<String, ClientState>,
     blocklist: HashMap<String, Instant>,
     notifies: HashMap<u64, PendingNotify>,
+    /// Remove ops received (found or not), so tests can check what a removal costs.
+    removes: u64,
     next_cookie: u64,
     next_notify: u64,
 }
@@ -194,6 +196,11 @@ impl MemCluster {
             .clients
             .get(client)
             .map_or(0, |c| c.missed_notifies)
+    }
+
+    /// Remove ops the cluster has received so far (found or not).
+    pub fn remove_ops(&self) -> u64 {
+        self.state().removes
     }
 
     /// Names of existing objects starting with `prefix`, sorted.
@@ -412,6 +419,7 @@ impl ObjectBackend for MemBackend {
 
     async fn remove(&self, oid: &str) -> Result<(), BackendError> {
         let mut st = self.enter().await?;
+        st.removes += 1;
         st.objects
             .remove(oid)
             .map(|_| ())
@@ -421,6 +429,16 @@ impl ObjectBackend for MemBackend {
     async fn stat(&self, oid: &str) -> Result<u64, BackendError> {
         let st = self.enter().await?;
         Ok(st.obj(oid)?.data.len() as u64)
+    }
+
+    async fn list_prefix(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        let st = self.enter().await?;
+        Ok(st
+            .objects
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect())
     }
 
     async fn create(&self, oid: &str, exclusive: bool) -> Result<(), BackendError> {

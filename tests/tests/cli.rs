@@ -517,7 +517,40 @@ fn errors(c: &TestCluster, dir: &Path) {
         "bench with a bad block size",
         "lots",
     );
+    assert_one_error(
+        &c.cli(&["rbd", "create", "data/img", "--size", "0"]),
+        "an image of size 0",
+        "greater than 0",
+    );
+    assert_one_error(
+        &c.cli(&["rbd", "create", "data/img", "--size", "8E"]),
+        "an image of 8 EiB",
+        "beyond what an image can address",
+    );
     // Nothing was created by the failures.
+    assert_eq!(
+        c.cli_json(&["rbd", "ls", "data"]).expect("ls"),
+        serde_json::json!([])
+    );
+    // The largest image (8 EiB less one 4 MiB object, 2^41 objects) is thin: shrinking and
+    // removing it cost what it holds (each command is bounded at 120 s; a probe per
+    // possible object would take days).
+    let max = ((1u64 << 63) - (4 << 20)).to_string();
+    c.cli_ok(&["rbd", "create", "data/huge", "--size", &max])
+        .expect("create the largest image");
+    c.cli_ok(&[
+        "rbd",
+        "resize",
+        "data/huge",
+        "--size",
+        "1G",
+        "--allow-shrink",
+    ])
+    .expect("shrink the largest image");
+    c.cli_ok(&["rbd", "resize", "data/huge", "--size", &max])
+        .expect("grow it back");
+    c.cli_ok(&["rbd", "rm", "data/huge"])
+        .expect("remove the largest image");
     assert_eq!(
         c.cli_json(&["rbd", "ls", "data"]).expect("ls"),
         serde_json::json!([])
