@@ -438,12 +438,8 @@ impl Image {
         new_size: u64,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<()> {
-        if new_size > layout::max_size(self.shared.order) {
-            // (Shrinking to 0 stays allowed, as in Ceph: it frees every object.)
-            if let Err(e) = layout::check_size(new_size, self.shared.order) {
-                return Err(RbdError::InvalidArgument(e));
-            }
-        }
+        // Shrinking to 0 stays allowed, as in Ceph: it frees every object.
+        layout::check_max_size(new_size, self.shared.order).map_err(RbdError::InvalidArgument)?;
         let _guard = self.admit().await?;
         let sh = &self.shared;
         let old = self.size();

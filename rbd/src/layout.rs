@@ -52,11 +52,16 @@ pub fn max_size(order: u8) -> u64 {
     (i64::MAX as u64) & !((1u64 << order) - 1)
 }
 
-/// An image size is at least one byte and at most [`max_size`].
+/// A new image's size is at least one byte and at most [`max_size`].
 pub fn check_size(size: u64, order: u8) -> Result<(), String> {
     if size == 0 {
         return Err("image size must be greater than 0 (e.g. --size 10G)".into());
     }
+    check_max_size(size, order)
+}
+
+/// A size (new or resized to) is at most [`max_size`].
+pub fn check_max_size(size: u64, order: u8) -> Result<(), String> {
     let max = max_size(order);
     if size > max {
         return Err(format!(
