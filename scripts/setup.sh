@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Installs the system packages basalt builds and tests with (Debian 12).
 # Idempotent; needs root (or sudo) only when something is missing.
+# What the tests call: qemu-img, qemu-io (qemu-utils); nbdinfo, nbdcopy (libnbd-bin);
+# fio (ioengine=nbd); promtool (prometheus); ip (iproute2, the netns test);
+# mount/umount/setsid (util-linux: a tmpfs for the ENOSPC test, the netns daemons).
+# Under CI=true a test whose tool is missing fails, naming the package.
 set -euo pipefail
-pkgs=(libclang-dev pkg-config libnbd-bin fio prometheus iproute2 python3)
+pkgs=(libclang-dev pkg-config qemu-utils libnbd-bin fio prometheus iproute2 util-linux python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -14,6 +18,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+for tool in qemu-img qemu-io nbdinfo nbdcopy fio promtool ip mount setsid; do
+  if ! command -v "$tool" >/dev/null; then
+    echo "error: $tool is still missing after installing ${pkgs[*]}" >&2
+    exit 1
+  fi
+done
 if ! command -v cargo >/dev/null; then
   echo "error: cargo is missing; install Rust (rustup) first" >&2
   exit 1

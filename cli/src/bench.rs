@@ -163,8 +163,10 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: BenchCmd) -> anyhow::Re
 
     let (prefix, count, block) = match mode {
         Mode::Write => {
+            // The pid too: runs sharing a `[client] name` must not write each other's objects.
             let client = rados.entity().trim_start_matches("client.").to_string();
-            (format!("{PREFIX}{client}_"), opts.objects, block)
+            let pid = std::process::id();
+            (format!("{PREFIX}{client}_{pid}_"), opts.objects, block)
         }
         Mode::Seq | Mode::Rand => {
             let meta = read_metadata(&io).await?;

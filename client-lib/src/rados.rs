@@ -58,10 +58,14 @@ pub struct ObjectStat {
 
 impl Rados {
     /// Connects to the cluster in `config` and subscribes to the OSDMap. The client's entity
-    /// name is random per process (`client.<16 hex>`), as each librados instance has its own
-    /// global id.
+    /// name is the config's `[client] name` if set, else random per process
+    /// (`client.<16 hex>`), as each librados instance has its own global id.
     pub async fn connect(config: ClusterConfig) -> Result<Rados, ClientError> {
-        let entity = format!("client.{:016x}", rand_u64());
+        let entity = config
+            .client
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("client.{:016x}", rand_u64()));
         Self::connect_as(config, &entity).await
     }
 

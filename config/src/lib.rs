@@ -168,7 +168,9 @@ impl Default for OsdTuning {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientSection {
-    /// Name clients report; blocklisting names it.
+    /// The entity name (`client.<id>`) the clients on this machine connect as: what image
+    /// locks name as their holder and what `osd blocklist add` fences. Unset, each client
+    /// process picks a random `client.<16 hex>`; `basalt-gw --name` overrides it.
     pub name: Option<String>,
 }
 
@@ -242,6 +244,14 @@ impl ClusterConfig {
         if self.osd.recovery_max_active == 0 {
             return Err("[osd] recovery_max_active must be at least 1".into());
         }
+        if let Some(name) = &self.client.name {
+            let id = name.strip_prefix("client.").unwrap_or_default();
+            if id.is_empty() || name.len() > 256 || name.chars().any(char::is_whitespace) {
+                return Err(format!(
+                    "[client] name must be client.<id> (at most 256 bytes, no spaces), got {name:?}"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -292,6 +302,10 @@ lease_ms = 1000
         assert_eq!(c.timeouts.lease_ms, 1000);
         assert_eq!(c.timeouts.down_out_interval_secs, 600);
         assert_eq!(c.cluster.name, "basalt");
+        assert_eq!(c.client.name, None);
+        let named = parse(&format!("{GOOD}\n[client]\nname = \"client.admin\"\n"))
+            .expect("valid [client] name");
+        assert_eq!(named.client.name.as_deref(), Some("client.admin"));
         let again = parse(&c.to_toml()).expect("round trip");
         assert_eq!(again, c);
     }
@@ -308,6 +322,10 @@ lease_ms = 1000
                 "lease_ms must be",
             ),
             (&GOOD.replace("lease_ms", "leese_ms"), "unknown field"),
+            (
+                &format!("{GOOD}\n[client]\nname = \"gw1\"\n"),
+                "[client] name must be client.<id>",
+            ),
             ("[cluster]\nfsid = \"x\"\n", "mon"),
             (
                 &GOOD.replace("127.0.0.1:6789", "not-an-addr"),

@@ -31,6 +31,12 @@ pub enum MapError {
     OsdNotFound(OsdId),
     #[error("osd.{0} is up; mark it down (stop the daemon) before removing it")]
     OsdStillUp(OsdId),
+    #[error(
+        "osd.{id} is named in the last activation of PG {pgs} (it may hold their only \
+         complete copy, which peering waits for); wait until they are active+clean without it, \
+         or give up its data with `basalt osd lost {id}`, then remove it"
+    )]
+    OsdStillNeeded { id: OsdId, pgs: String },
     #[error("invalid pool setting: {0}")]
     InvalidPool(String),
     #[error("unknown flag '{0}'; known flags: {known}", known = KNOWN_FLAGS.join(", "))]

@@ -434,10 +434,16 @@ impl OsdMap {
         let n: u32 = value.parse().map_err(|_| {
             MapError::InvalidPool(format!("{key} needs a whole number, got '{value}'"))
         })?;
-        if key == "pg_num" && n < *field {
-            return Err(MapError::InvalidPool(
-                "pg_num cannot shrink (PG merging is not supported)".into(),
-            ));
+        // Object keys carry their PG: a pg_num change without splitting (or merging) each PG's
+        // objects, log and stats into the new PGs would hide about half the objects.
+        if key == "pg_num" && n != *field {
+            return Err(MapError::InvalidPool(format!(
+                "pg_num cannot change (it is {}): PG splitting and merging are not built yet, \
+                 and without them the moved objects would no longer be found; create a pool \
+                 with the pg_num you need (`basalt pool create NAME --pg-num {n}`) and copy \
+                 the data into it",
+                *field
+            )));
         }
         *field = n;
         pool.validate(&self.crush)?;
@@ -558,7 +564,11 @@ mod tests {
             map.new_pool("rbd", 3, 2, 8),
             Err(MapError::PoolExists("rbd".into()))
         );
-        assert!(err(map.pool_with("rbd", "pg_num", "4")).contains("cannot shrink"));
+        assert!(err(map.pool_with("rbd", "pg_num", "4")).contains("pg_num cannot change"));
+        assert!(err(map.pool_with("rbd", "pg_num", "16")).contains("splitting"));
+        assert_eq!(map.pool_with("rbd", "pg_num", "8").map(|p| p.pg_num), Ok(8));
+        assert_eq!(map.pool_with("rbd", "pgp_num", "4").map(|p| p.pgp_num), Ok(4));
+        assert!(err(map.pool_with("rbd", "pgp_num", "16")).contains("pgp_num 16"));
         assert!(err(map.pool_with("rbd", "colour", "4")).contains("unknown pool setting"));
         assert!(err(map.pool_with("nope", "size", "4")).contains("does not exist"));
         assert_eq!(map.pool_with("rbd", "size", "2").map(|p| p.size), Ok(2));

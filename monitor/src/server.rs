@@ -199,7 +199,9 @@ pub fn to_status(e: MonError) -> Status {
             let code = match &m {
                 MapError::PoolExists(_) => Code::AlreadyExists,
                 MapError::PoolNotFound(_) | MapError::OsdNotFound(_) => Code::NotFound,
-                MapError::OsdStillUp(_) => Code::FailedPrecondition,
+                MapError::OsdStillUp(_) | MapError::OsdStillNeeded { .. } => {
+                    Code::FailedPrecondition
+                }
                 _ => Code::InvalidArgument,
             };
             Status::new(code, m.to_string())

@@ -100,6 +100,18 @@ fn check_activation(
     Ok(())
 }
 
+/// The PGs (sorted, as `pool.seed`) whose recorded activation names OSD `id`.
+fn activations_naming(map: &OsdMap, id: OsdId) -> Vec<String> {
+    let mut pgs: Vec<PgId> = map
+        .pg_activations
+        .iter()
+        .filter(|(_, a)| a.acting.contains(&id))
+        .map(|(pg, _)| *pg)
+        .collect();
+    pgs.sort();
+    pgs.iter().map(|pg| pg.to_string()).collect()
+}
+
 /// Policy knobs from `cluster.toml`.
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -300,11 +312,26 @@ impl OsdMapService {
                 if map.osd(id)?.up {
                     return Err(MapError::OsdStillUp(id));
                 }
+                // Peering waits for every member of a PG's last activation: removing one
+                // would leave that PG down for good.
+                let needed = activations_naming(map, id);
+                if !needed.is_empty() {
+                    return Err(MapError::OsdStillNeeded {
+                        id,
+                        pgs: needed.join(", "),
+                    });
+                }
                 (vec![Change::RemoveOsd { id }], format!("removed osd.{id}"))
             }
             Command::OsdLost(id) => {
-                if map.osd(id)?.up {
-                    return Err(MapError::OsdStillUp(id));
+                // An OSD removed before `osd rm` checked activations may still be named in
+                // one: it can be declared lost all the same.
+                let named = !activations_naming(map, id).is_empty();
+                match map.osd(id) {
+                    Ok(o) if o.up => return Err(MapError::OsdStillUp(id)),
+                    Ok(_) => {}
+                    Err(MapError::OsdNotFound(_)) if named => {}
+                    Err(e) => return Err(e),
                 }
                 (
                     vec![Change::OsdLost { id }],
@@ -820,5 +847,84 @@ mod tests {
             .expect("rm");
         commit(&mut svc, 0);
         assert!(svc.committed().pg_activations.is_empty());
+    }
+
+    /// `osd rm` is refused while a recorded activation names the OSD (peering would wait for
+    /// it forever); `osd lost` releases it, after which it can be removed. An OSD removed
+    /// while still named (by a version before this check) can still be declared lost.
+    #[test]
+    fn osd_rm_is_refused_while_an_activation_needs_the_osd() {
+        let mut svc = booted(6);
+        commit(&mut svc, 0);
+        let create = Command::PoolCreate {
+            name: "rbd".into(),
+            size: 3,
+            min_size: 2,
+            pg_num: 8,
+        };
+        svc.command(create, 0).expect("pool");
+        commit(&mut svc, 0);
+        let map = svc.committed().clone();
+        let pool = map.pool_named("rbd").expect("pool").clone();
+        let pg = PgId {
+            pool: pool.id,
+            seed: 3,
+        };
+        let acting = map.map_pg(&pool, pg).expect("map").acting;
+        svc.command(
+            Command::PgActivated {
+                pg,
+                interval: map.epoch,
+                acting: acting.clone(),
+            },
+            0,
+        )
+        .expect("activate");
+        commit(&mut svc, 0);
+        let victim = acting[1];
+        svc.command(Command::OsdDown(victim), 0).expect("down");
+        commit(&mut svc, 0);
+        match svc.command(Command::OsdRm(victim), 0) {
+            Err(MapError::OsdStillNeeded { id, pgs }) => {
+                assert_eq!(id, victim);
+                assert_eq!(pgs, pg.to_string());
+            }
+            other => panic!("osd rm of a needed OSD: {other:?}"),
+        }
+        let msg = MapError::OsdStillNeeded {
+            id: victim,
+            pgs: pg.to_string(),
+        }
+        .to_string();
+        assert!(msg.contains(&format!("basalt osd lost {victim}")), "{msg}");
+        assert!(svc.committed().osds.contains_key(&victim));
+        // Lost, then removed.
+        svc.command(Command::OsdLost(victim), 0).expect("lost");
+        commit(&mut svc, 0);
+        svc.command(Command::OsdRm(victim), 0).expect("rm after lost");
+        commit(&mut svc, 0);
+        assert!(!svc.committed().osds.contains_key(&victim));
+
+        // A record naming an OSD that no longer exists (removed by an older version):
+        // `osd lost` still releases the PG; an id named nowhere is still unknown.
+        let ghost = 77;
+        let mut map = (**svc.committed()).clone();
+        map.pg_activations.insert(
+            pg,
+            basalt_maps::PgActivation {
+                interval: map.epoch,
+                acting: vec![acting[0], ghost],
+            },
+        );
+        let mut svc = OsdMapService::new(Arc::new(map), policy());
+        svc.reset(0);
+        svc.command(Command::OsdLost(ghost), 0)
+            .expect("lost of a removed OSD still named");
+        commit(&mut svc, 0);
+        assert_eq!(svc.committed().pg_activations[&pg].acting, vec![acting[0]]);
+        assert!(matches!(
+            svc.command(Command::OsdLost(78), 0),
+            Err(MapError::OsdNotFound(78))
+        ));
     }
 }

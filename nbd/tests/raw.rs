@@ -619,9 +619,35 @@ async fn connection_limit_body() {
     assert_eq!(n, 0);
     first.request(CMD_DISC, 0, 1, 0, 0, &[]).await;
     assert!(first.closed().await);
-    // Once the first is gone a new one is served.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    still_serves(&srv).await;
+    // Once the server has released the first one's slot a new one is served: connect until
+    // a greeting arrives (a connection closed unanswered means the slot is not free yet),
+    // then use that connection (another would need the slot again).
+    let deadline = tokio::time::Instant::now() + T;
+    let mut c = loop {
+        let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+        let mut g = [0u8; 18];
+        match tokio::time::timeout(T, tokio::io::AsyncReadExt::read_exact(&mut s, &mut g)).await {
+            Ok(Ok(_)) => {
+                assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
+                break Raw { s };
+            }
+            Ok(Err(_)) => {}
+            Err(_) => panic!("no greeting and no close within {T:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first connection's slot was never released"
+        );
+        // Poll interval, not a guess at how long the release takes.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    c.s.write_all(&3u32.to_be_bytes()).await.unwrap();
+    c.go("rbd/vm1").await.expect("GO succeeds");
+    c.request(CMD_READ, 0, 99, 0, 512, &[]).await;
+    let (cookie, err, data) = c.simple(512).await.unwrap();
+    assert_eq!((cookie, err, data.len()), (99, 0, 512));
+    c.request(CMD_DISC, 0, 100, 0, 0, &[]).await;
+    assert!(c.closed().await);
     srv.stop().await;
 }
 

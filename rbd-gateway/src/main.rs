@@ -23,7 +23,8 @@ struct Args {
     /// Address to serve NBD on (10809 is NBD's port).
     #[arg(long, default_value = "127.0.0.1:10809")]
     listen: SocketAddr,
-    /// Client entity name (what locks and the blocklist show); default client.gw.<host>.<random>.
+    /// Client entity name (what locks and the blocklist show); default: the config's
+    /// `[client] name`, else client.gw.<host>.<pid>.
     #[arg(long)]
     name: Option<String>,
     /// A watch with no ping for this long is dropped by the OSD; a gateway frozen that long
@@ -64,7 +65,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bail!("--watch-timeout-ms must be at least 1000 and --notify-timeout-ms at least 100");
     }
     let cluster = ClusterConfig::load(&args.config)?;
-    let name = match args.name {
+    let name = match args.name.or_else(|| cluster.client.name.clone()) {
         Some(n) => n,
         None => {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

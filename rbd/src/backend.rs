@@ -107,6 +107,9 @@ pub trait ObjectBackend: Send + Sync + 'static {
     async fn remove(&self, oid: &str) -> Result<(), BackendError>;
     /// The object's size.
     async fn stat(&self, oid: &str) -> Result<u64, BackendError>;
+    /// Names of the existing objects starting with `prefix`, in no particular order. Costs a
+    /// listing of the pool (what exists), never a probe per possible name.
+    async fn list_prefix(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
     /// `Exists` if `exclusive` and present.
     async fn create(&self, oid: &str, exclusive: bool) -> Result<(), BackendError>;
     async fn omap_get(

@@ -31,6 +31,32 @@ use crate::lock::{Action, Event, LockConfig, LockCore, LockOwner, Refusal, Write
 
 /// How many object operations one request keeps in flight.
 pub(crate) const OBJECT_CONCURRENCY: usize = 16;
+/// Up to this many object numbers, a trim or removal addresses each possible object
+/// (a missing one costs one `NotFound`); beyond, it lists the pool for the objects that
+/// exist, so a thin 8 EiB image costs what it holds, not 2^41 removes.
+const PROBE_MAX_OBJECTS: u64 = 1024;
+
+/// The data objects numbered `from..to` of the image whose objects are `prefix.<16 hex>`
+/// that may exist: every number in a small range, else the existing ones, listed.
+pub(crate) async fn data_objects_in(
+    backend: &dyn ObjectBackend,
+    prefix: &str,
+    from: u64,
+    to: u64,
+) -> std::result::Result<Vec<u64>, BackendError> {
+    if to.saturating_sub(from) <= PROBE_MAX_OBJECTS {
+        return Ok((from..to).collect());
+    }
+    let mut found: Vec<u64> = backend
+        .list_prefix(&format!("{prefix}."))
+        .await?
+        .iter()
+        .filter_map(|oid| layout::data_objectno(prefix, oid))
+        .filter(|n| (from..to).contains(n))
+        .collect();
+    found.sort_unstable();
+    Ok(found)
+}
 
 /// Knobs for an open image.
 #[derive(Debug, Clone)]
@@ -416,6 +442,8 @@ impl Image {
         new_size: u64,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<()> {
+        // Shrinking to 0 stays allowed, as in Ceph: it frees every object.
+        layout::check_max_size(new_size, self.shared.order).map_err(RbdError::InvalidArgument)?;
         let _guard = self.admit().await?;
         let sh = &self.shared;
         let old = self.size();
@@ -424,7 +452,10 @@ impl Image {
             sh.size.store(new_size, Ordering::SeqCst);
             let first_gone = layout::num_objects(new_size, sh.order);
             let last = layout::num_objects(old, sh.order);
-            let total = last - first_gone + u64::from(!new_size.is_multiple_of(os));
+            let gone = data_objects_in(sh.backend.as_ref(), &sh.prefix, first_gone, last)
+                .await
+                .map_err(|e| self.write_error(e))?;
+            let total = gone.len() as u64 + u64::from(!new_size.is_multiple_of(os));
             let done = AtomicU64::new(0);
             let tick = || progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
             if !new_size.is_multiple_of(os) {
@@ -435,7 +466,7 @@ impl Image {
                 }
                 tick();
             }
-            futures::stream::iter((first_gone..last).map(|n| {
+            futures::stream::iter(gone.into_iter().map(|n| {
                 let oid = sh.oid(n);
                 async move {
                     match sh.backend.remove(&oid).await {

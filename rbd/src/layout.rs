@@ -46,6 +46,43 @@ pub fn dir_id_key(id: &str) -> String {
     format!("id_{id}")
 }
 
+/// The largest image: NBD clients (QEMU, libnbd) address an export with signed 64-bit
+/// offsets, so 8 EiB less one object (`2^63 - object size`) is the most they can reach.
+pub fn max_size(order: u8) -> u64 {
+    (i64::MAX as u64) & !((1u64 << order) - 1)
+}
+
+/// A new image's size is at least one byte and at most [`max_size`].
+pub fn check_size(size: u64, order: u8) -> Result<(), String> {
+    if size == 0 {
+        return Err("image size must be greater than 0 (e.g. --size 10G)".into());
+    }
+    check_max_size(size, order)
+}
+
+/// A size (new or resized to) is at most [`max_size`].
+pub fn check_max_size(size: u64, order: u8) -> Result<(), String> {
+    let max = max_size(order);
+    if size > max {
+        return Err(format!(
+            "image size {size} bytes is beyond what an image can address: at most {max} bytes \
+             (8 EiB less one {} KiB object; NBD clients use signed 64-bit offsets)",
+            (1u64 << order) >> 10
+        ));
+    }
+    Ok(())
+}
+
+/// The object number of data object `oid` of an image whose objects are named
+/// `prefix.<16 hex>`; `None` for any other name.
+pub fn data_objectno(prefix: &str, oid: &str) -> Option<u64> {
+    let hex = oid.strip_prefix(prefix)?.strip_prefix('.')?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
 /// Objects needed to hold `size` bytes.
 pub fn num_objects(size: u64, order: u8) -> u64 {
     size.div_ceil(1u64 << order)
@@ -199,6 +236,28 @@ pub fn object_extents(off: u64, len: u64, order: u8) -> Vec<ObjectExtent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_from_one_byte_to_8_eib_less_one_object() {
+        assert!(check_size(0, 22).unwrap_err().contains("greater than 0"));
+        assert!(check_size(1, 22).is_ok());
+        assert_eq!(max_size(22), (1u64 << 63) - (4 << 20));
+        assert!(check_size(max_size(22), 22).is_ok());
+        assert!(check_size(max_size(22) + 1, 22)
+            .unwrap_err()
+            .contains("beyond what an image can address"));
+        assert!(check_size(1u64 << 63, 12).is_err());
+        assert!(check_size(u64::MAX, 25).is_err());
+    }
+
+    #[test]
+    fn data_object_numbers_parse_back() {
+        let oid = data_oid("rbd_data.abc", 0x1234);
+        assert_eq!(data_objectno("rbd_data.abc", &oid), Some(0x1234));
+        assert_eq!(data_objectno("rbd_data.ab", &oid), None);
+        assert_eq!(data_objectno("rbd_data.abc", "rbd_data.abc.12"), None);
+        assert_eq!(data_objectno("rbd_data.abc", "rbd_data.abcd.0000000000000001"), None);
+    }
 
     #[test]
     fn extents_split_at_object_boundaries() {

@@ -59,6 +59,8 @@ struct ClientState {
     frozen_since: Option<Instant>,
     /// Watches lost while frozen: told `Disconnected` when the client thaws.
     deferred_disconnects: Vec<mpsc::Sender<WatchEvent>>,
+    /// Notifies not delivered to this client's watches because it was frozen.
+    missed_notifies: u64,
 }
 
 struct PendingNotify {
@@ -75,6 +77,8 @@ struct State {
     clients: HashMap<String, ClientState>,
     blocklist: HashMap<String, Instant>,
     notifies: HashMap<u64, PendingNotify>,
+    /// Remove ops received (found or not), so tests can check what a removal costs.
+    removes: u64,
     next_cookie: u64,
     next_notify: u64,
 }
@@ -125,6 +129,7 @@ impl MemCluster {
                 frozen,
                 frozen_since: None,
                 deferred_disconnects: Vec::new(),
+                missed_notifies: 0,
             },
         );
         Arc::new(MemBackend {
@@ -182,6 +187,20 @@ impl MemCluster {
 
     pub fn is_blocklisted(&self, client: &str) -> bool {
         self.state().blocklisted(client)
+    }
+
+    /// How many notifies `client` missed while frozen (a test waits on this to know that
+    /// someone asked the frozen client and got no answer).
+    pub fn missed_notifies(&self, client: &str) -> u64 {
+        self.state()
+            .clients
+            .get(client)
+            .map_or(0, |c| c.missed_notifies)
+    }
+
+    /// Remove ops the cluster has received so far (found or not).
+    pub fn remove_ops(&self) -> u64 {
+        self.state().removes
     }
 
     /// Names of existing objects starting with `prefix`, sorted.
@@ -400,6 +419,7 @@ impl ObjectBackend for MemBackend {
 
     async fn remove(&self, oid: &str) -> Result<(), BackendError> {
         let mut st = self.enter().await?;
+        st.removes += 1;
         st.objects
             .remove(oid)
             .map(|_| ())
@@ -409,6 +429,16 @@ impl ObjectBackend for MemBackend {
     async fn stat(&self, oid: &str) -> Result<u64, BackendError> {
         let st = self.enter().await?;
         Ok(st.obj(oid)?.data.len() as u64)
+    }
+
+    async fn list_prefix(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        let st = self.enter().await?;
+        Ok(st
+            .objects
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect())
     }
 
     async fn create(&self, oid: &str, exclusive: bool) -> Result<(), BackendError> {
@@ -604,6 +634,9 @@ impl ObjectBackend for MemBackend {
             for (client, cookie, tx) in targets {
                 waiting.insert((client.clone(), cookie));
                 if st.is_frozen(&client) {
+                    if let Some(c) = st.clients.get_mut(&client) {
+                        c.missed_notifies += 1;
+                    }
                     continue; // unreachable: it will time out
                 }
                 let _ = tx.try_send(WatchEvent::Notify(NotifyEvent {

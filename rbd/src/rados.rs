@@ -108,6 +108,12 @@ impl ObjectBackend for RadosBackend {
         self.io.stat(oid).await.map(|s| s.size).map_err(err)
     }
 
+    async fn list_prefix(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        let mut names = self.io.list_objects().await.map_err(err)?;
+        names.retain(|n| n.starts_with(prefix));
+        Ok(names)
+    }
+
     async fn create(&self, oid: &str, exclusive: bool) -> Result<(), BackendError> {
         self.io.create(oid, exclusive).await.map_err(err)
     }

@@ -10,7 +10,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, As
 
 use crate::backend::{BackendError, ObjectBackend};
 use crate::error::{RbdError, Result};
-use crate::image::{read_header, read_id, Image, ImageOptions, OBJECT_CONCURRENCY};
+use crate::image::{
+    data_objects_in, read_header, read_id, Image, ImageOptions, OBJECT_CONCURRENCY,
+};
 use crate::layout::{self, Header};
 
 /// A progress callback: `(done, total)` in the operation's own unit (bytes
@@ -80,6 +82,7 @@ impl Rbd {
     pub async fn create(&self, name: &str, size: u64, order: u8) -> Result<ImageInfo> {
         layout::check_name(name).map_err(RbdError::InvalidArgument)?;
         layout::check_order(order).map_err(RbdError::InvalidArgument)?;
+        layout::check_size(size, order).map_err(RbdError::InvalidArgument)?;
         let b = self.backend.as_ref();
         let id = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
         let id_oid = layout::id_oid(name);
@@ -193,25 +196,30 @@ impl Rbd {
             Ok(_) | Err(BackendError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        if let Some(h) = &header {
-            let total = layout::num_objects(h.size, h.order);
-            let done = AtomicU64::new(0);
-            futures::stream::iter((0..total).map(|n| {
-                let oid = layout::data_oid(&h.object_prefix, n);
-                async move {
-                    match b.remove(&oid).await {
-                        Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
-                        Err(e) => Err(RbdError::from(e)),
-                    }
+        // Without a readable header the data objects are still found by their prefix.
+        let (prefix, count) = match &header {
+            Some(h) => (h.object_prefix.clone(), layout::num_objects(h.size, h.order)),
+            None => (layout::object_prefix(&id), u64::MAX),
+        };
+        let objects = data_objects_in(b, &prefix, 0, count).await?;
+        let total = objects.len() as u64;
+        let done = AtomicU64::new(0);
+        let prefix = &prefix;
+        futures::stream::iter(objects.into_iter().map(|n| {
+            let oid = layout::data_oid(prefix, n);
+            async move {
+                match b.remove(&oid).await {
+                    Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
+                    Err(e) => Err(RbdError::from(e)),
                 }
-            }))
-            .buffer_unordered(OBJECT_CONCURRENCY)
-            .try_for_each(|()| {
-                progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
-                async { Ok(()) }
-            })
-            .await?;
-        }
+            }
+        }))
+        .buffer_unordered(OBJECT_CONCURRENCY)
+        .try_for_each(|()| {
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+            async { Ok(()) }
+        })
+        .await?;
         let ignore_missing = |r: std::result::Result<(), BackendError>| match r {
             Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
             Err(e) => Err(RbdError::from(e)),

@@ -172,7 +172,8 @@ async fn closing_hands_the_lock_back_without_a_request() {
 #[tokio::test]
 async fn a_live_but_slow_holder_is_never_blocklisted() {
     // The holder is frozen for less than the watch timeout: the requester
-    // keeps asking and gets the lock once the holder answers.
+    // keeps asking (it is thawed once it has missed two requests) and gets the
+    // lock once the holder answers.
     let cluster = MemCluster::with_watch_timeout(Duration::from_secs(5));
     let (b1, b2) = (cluster.client(), cluster.client());
     let id1 = b1.client_id();
@@ -185,11 +186,19 @@ async fn a_live_but_slow_holder_is_never_blocklisted() {
     cluster.freeze(&id1);
     let c = cluster.clone();
     let id = id1.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(700)).await;
+    let thaw = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while c.missed_notifies(&id) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the requester never asked the frozen holder twice"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         c.unfreeze(&id);
     });
     img2.write(OS, Bytes::from_static(b"two")).await.unwrap();
+    thaw.await.expect("thawed after two missed requests");
     assert!(!cluster.is_blocklisted(&id1));
     // 1 still works: it asks for the lock back.
     img1.write(2 * OS, Bytes::from_static(b"three"))

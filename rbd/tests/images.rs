@@ -202,10 +202,9 @@ async fn resize_is_seen_by_other_open_images() {
     img1.write(0, Bytes::from_static(b"hello")).await.unwrap();
     // rbd2 resizes: it must get the lock from img1, and img1 learns the size.
     rbd2.resize("img", 16384, &no_progress).await.unwrap();
-    for _ in 0..100 {
-        if img1.size() == 16384 {
-            break;
-        }
+    // The notify reaches img1 asynchronously: wait for it (bounded).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while img1.size() != 16384 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(img1.size(), 16384);
@@ -357,4 +356,100 @@ async fn client_ids_are_distinct() {
     let b = c.client().client_id();
     assert_ne!(a, b);
     assert!(a.starts_with("client."));
+}
+
+#[tokio::test]
+async fn sizes_of_zero_and_beyond_8_eib_are_refused() {
+    let (cluster, rbd) = setup();
+    let max = basalt_rbd::layout::max_size(DEFAULT_ORDER);
+    for size in [0, max + 1, 1 << 63, u64::MAX] {
+        match rbd.create("bad", size, DEFAULT_ORDER).await {
+            Err(RbdError::InvalidArgument(m)) => assert!(
+                m.contains("greater than 0") || m.contains("beyond what an image can address"),
+                "size {size}: {m}"
+            ),
+            other => panic!("size {size}: {other:?}"),
+        }
+    }
+    // Nothing was left behind by the refusals.
+    assert!(rbd.list().await.unwrap().is_empty());
+    assert!(cluster.object_names("rbd_").is_empty());
+    rbd.create("big", max, DEFAULT_ORDER).await.unwrap();
+    let img = rbd.open("big").await.unwrap();
+    let r = img.resize(max + 1, &no_progress).await;
+    assert!(matches!(r, Err(RbdError::InvalidArgument(_))), "{r:?}");
+    assert_eq!(img.size(), max);
+    img.close().await.unwrap();
+}
+
+/// A thin image as large as the layout allows (2^41 objects of 4 MiB) costs what it holds
+/// to shrink and to remove: a removal per existing object, not per possible one.
+#[tokio::test]
+async fn shrink_and_remove_cost_what_exists() {
+    let (cluster, rbd) = setup();
+    let max = basalt_rbd::layout::max_size(DEFAULT_ORDER);
+    let info = rbd.create("thin", max, DEFAULT_ORDER).await.unwrap();
+    let img = rbd.open("thin").await.unwrap();
+    let far = max - 4 * MIB;
+    for off in [0, 8 * MIB, 1 << 40, far] {
+        img.write(off, Bytes::from_static(b"data")).await.unwrap();
+    }
+    let prefix = format!("{}.", info.object_prefix);
+    assert_eq!(cluster.object_names(&prefix).len(), 4);
+
+    // Shrink to 1 TiB + 4 MiB: the objects at 1 TiB and beyond the end go, the rest stay.
+    let before = cluster.remove_ops();
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let progress = |d: u64, _total: u64| {
+        done.store(d, std::sync::atomic::Ordering::Relaxed);
+    };
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        img.resize((1 << 40) + 4 * MIB, &progress),
+    )
+    .await
+    .expect("shrinking a thin 8 EiB image is quick")
+    .unwrap();
+    assert_eq!(cluster.remove_ops() - before, 1, "only the one object past the end");
+    assert_eq!(cluster.object_names(&prefix).len(), 3);
+    assert_eq!(&img.read(1 << 40, 4).await.unwrap()[..], b"data");
+    assert_eq!(&img.read(8 * MIB, 4).await.unwrap()[..], b"data");
+    img.close().await.unwrap();
+
+    // Grow back to the maximum, and remove: one remove per existing data object.
+    rbd.resize("thin", max, &no_progress).await.unwrap();
+    let before = cluster.remove_ops();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        rbd.remove("thin", &no_progress),
+    )
+    .await
+    .expect("removing a thin 8 EiB image is quick")
+    .unwrap();
+    // 3 data objects, then the header and the id object.
+    assert_eq!(cluster.remove_ops() - before, 5);
+    assert!(cluster.object_names("rbd_data.").is_empty());
+    assert!(rbd.list().await.unwrap().is_empty());
+}
+
+/// An image whose header is unreadable is still removed with its data objects.
+#[tokio::test]
+async fn remove_without_a_header_finds_the_data_by_prefix() {
+    let (cluster, rbd) = setup();
+    let info = rbd.create("half", 64 * MIB, DEFAULT_ORDER).await.unwrap();
+    let img = rbd.open("half").await.unwrap();
+    img.write(20 * MIB, Bytes::from_static(b"x")).await.unwrap();
+    img.close().await.unwrap();
+    let admin = cluster.client();
+    admin
+        .remove(&format!("rbd_header.{}", info.id))
+        .await
+        .unwrap();
+    admin
+        .create(&format!("rbd_header.{}", info.id), true)
+        .await
+        .unwrap();
+    rbd.remove("half", &no_progress).await.unwrap();
+    assert!(cluster.object_names("rbd_data.").is_empty());
+    assert!(rbd.list().await.unwrap().is_empty());
 }

@@ -791,7 +791,7 @@ pub fn copies_identical(
     copies
 }
 
-/// Whether `tool` is on PATH (tests that need an optional client skip without it).
+/// Whether `tool` is on PATH.
 pub fn have_tool(tool: &str) -> bool {
     Command::new("sh")
         .arg("-c")
@@ -799,4 +799,35 @@ pub fn have_tool(tool: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
+}
+
+/// Whether this run is CI's (`CI=true`, as `.ci/run` sets): there a missing tool or
+/// privilege fails the test instead of letting it pass without checking anything.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// For a test that needs `what` (a tool or a privilege): under `CI=true` a missing one fails
+/// the test with `how` (what to install or grant); elsewhere the caller may skip, and this
+/// prints a loud notice saying so. Returns whether `available`.
+pub fn require(available: bool, what: &str, how: &str) -> bool {
+    if available {
+        return true;
+    }
+    if in_ci() {
+        panic!("{what} is missing, and CI=true forbids skipping: {how}");
+    }
+    eprintln!(
+        "\n**** SKIPPED (not CI): {what} is missing: {how}. Under CI=true this fails. ****\n"
+    );
+    false
+}
+
+/// [`require`] for a tool on PATH from Debian package `package` (scripts/setup.sh installs it).
+pub fn require_tool(tool: &str, package: &str) -> bool {
+    require(
+        have_tool(tool),
+        &format!("`{tool}`"),
+        &format!("install the Debian package {package} (scripts/setup.sh does)"),
+    )
 }

@@ -98,6 +98,7 @@ fn cli_obj_rbd_bench() {
     objects(&c, &dir);
     images(&c, &dir);
     bench(&c);
+    client_name(&c, &dir);
     errors(&c, &dir);
 }
 
@@ -406,6 +407,52 @@ fn bench(c: &TestCluster) {
     assert!(left.is_empty(), "bench objects left: {left:?}");
 }
 
+/// A config's `[client] name` is the entity the CLI's client connects as: bench names its
+/// objects after it.
+fn client_name(c: &TestCluster, dir: &Path) {
+    let mut config = c.config.clone();
+    config.client.name = Some("client.benchtester".into());
+    let named = dir.join("named.toml");
+    std::fs::write(&named, config.to_toml()).expect("write config");
+    let basalt = |args: &[&str]| {
+        basalt_tests::run_bounded(
+            std::process::Command::new(basalt_tests::bin("basalt"))
+                .arg("-c")
+                .arg(&named)
+                .args(args),
+            Duration::from_secs(120),
+        )
+    };
+    let out = basalt(&[
+        "bench",
+        "write",
+        "--pool",
+        "data",
+        "--seconds",
+        "1",
+        "--threads",
+        "1",
+        "--block-size",
+        "4K",
+        "--no-cleanup",
+    ]);
+    assert!(
+        out.status.success(),
+        "bench write as client.benchtester: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objs = c.cli_json(&["obj", "ls", "data"]).expect("obj ls");
+    let mine = objs
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|o| o.as_str().is_some_and(|s| s.starts_with("bench_benchtester_")))
+        .count();
+    assert!(mine > 0, "no object named after client.benchtester: {objs}");
+    c.cli_ok(&["bench", "cleanup", "--pool", "data"])
+        .expect("bench cleanup");
+}
+
 fn errors(c: &TestCluster, dir: &Path) {
     assert_one_error(
         &c.cli(&["obj", "get", "data", "missing", &path_str(&dir.join("x"))]),
@@ -470,7 +517,40 @@ fn errors(c: &TestCluster, dir: &Path) {
         "bench with a bad block size",
         "lots",
     );
+    assert_one_error(
+        &c.cli(&["rbd", "create", "data/img", "--size", "0"]),
+        "an image of size 0",
+        "greater than 0",
+    );
+    assert_one_error(
+        &c.cli(&["rbd", "create", "data/img", "--size", "8E"]),
+        "an image of 8 EiB",
+        "beyond what an image can address",
+    );
     // Nothing was created by the failures.
+    assert_eq!(
+        c.cli_json(&["rbd", "ls", "data"]).expect("ls"),
+        serde_json::json!([])
+    );
+    // The largest image (8 EiB less one 4 MiB object, 2^41 objects) is thin: shrinking and
+    // removing it cost what it holds (each command is bounded at 120 s; a probe per
+    // possible object would take days).
+    let max = ((1u64 << 63) - (4 << 20)).to_string();
+    c.cli_ok(&["rbd", "create", "data/huge", "--size", &max])
+        .expect("create the largest image");
+    c.cli_ok(&[
+        "rbd",
+        "resize",
+        "data/huge",
+        "--size",
+        "1G",
+        "--allow-shrink",
+    ])
+    .expect("shrink the largest image");
+    c.cli_ok(&["rbd", "resize", "data/huge", "--size", &max])
+        .expect("grow it back");
+    c.cli_ok(&["rbd", "rm", "data/huge"])
+        .expect("remove the largest image");
     assert_eq!(
         c.cli_json(&["rbd", "ls", "data"]).expect("ls"),
         serde_json::json!([])

@@ -67,8 +67,9 @@ fn fixture() -> Fixture {
 
 #[test]
 fn real_nbd_clients_use_an_image() {
-    if !basalt_tests::have_tool("qemu-io") || !basalt_tests::have_tool("qemu-img") {
-        eprintln!("SKIP: qemu-utils not installed");
+    if !basalt_tests::require_tool("qemu-io", "qemu-utils")
+        || !basalt_tests::require_tool("qemu-img", "qemu-utils")
+    {
         return;
     }
     let mut f = fixture();
@@ -155,18 +156,16 @@ fn real_nbd_clients_use_an_image() {
     assert!(!ok, "unknown export opened:\n{text}");
     qemu_io_ok(&url, &["read -P 0xab 0 64k"]);
 
-    if basalt_tests::have_tool("nbdinfo") {
+    if basalt_tests::require_tool("nbdinfo", "libnbd-bin") {
         let (ok, text) = run("nbdinfo", &["--map", &url]);
         assert!(ok, "nbdinfo --map:\n{text}");
         assert!(text.contains("hole"), "no holes in a thin image:\n{text}");
         assert!(text.contains("data"), "no data extents:\n{text}");
         let (ok, text) = run("nbdinfo", &["--can", "multi-conn", &url]);
         assert!(ok, "CAN_MULTI_CONN not advertised:\n{text}");
-    } else {
-        eprintln!("SKIP nbdinfo: libnbd-bin not installed");
     }
 
-    if basalt_tests::have_tool("nbdcopy") {
+    if basalt_tests::require_tool("nbdcopy", "libnbd-bin") {
         let dir = tempfile::tempdir().expect("tempdir");
         let src = dir.path().join("src.raw");
         let back = dir.path().join("back.raw");
@@ -186,12 +185,10 @@ fn real_nbd_clients_use_an_image() {
             std::fs::read(&back).expect("read back") == data,
             "nbdcopy round trip differs"
         );
-    } else {
-        eprintln!("SKIP nbdcopy: libnbd-bin not installed");
     }
 
     // Every daemon's metrics pass promtool after real I/O (labels, histograms, help text).
-    if basalt_tests::have_tool("promtool") {
+    if basalt_tests::require_tool("promtool", "prometheus") {
         let gw_text = f.cluster.gateway_metrics(gw).expect("gateway metrics");
         assert!(gw_text.contains("basalt_nbd_requests_total"), "{gw_text}");
         basalt_tests::promtool_check(&gw_text).expect("gateway metrics pass promtool");
@@ -199,11 +196,9 @@ fn real_nbd_clients_use_an_image() {
             let osd_text = f.cluster.osd_metrics(i).expect("osd metrics");
             basalt_tests::promtool_check(&osd_text).expect("OSD metrics pass promtool");
         }
-    } else {
-        eprintln!("SKIP promtool: prometheus not installed");
     }
 
-    if basalt_tests::have_tool("fio") {
+    if basalt_tests::require_tool("fio", "fio") {
         let (ok, text) = run(
             "fio",
             &[
@@ -221,15 +216,12 @@ fn real_nbd_clients_use_an_image() {
             ],
         );
         assert!(ok && !text.contains("verify: bad"), "fio verify:\n{text}");
-    } else {
-        eprintln!("SKIP fio: not installed");
     }
 }
 
 #[test]
 fn live_migration_moves_the_lock_and_fences_a_frozen_gateway() {
-    if !basalt_tests::have_tool("qemu-io") {
-        eprintln!("SKIP: qemu-utils not installed");
+    if !basalt_tests::require_tool("qemu-io", "qemu-utils") {
         return;
     }
     let mut f = fixture();

@@ -199,6 +199,13 @@ fn an_operator_can_give_up_a_lost_osds_writes() {
         one,
         ..
     } = stale_copy_alone();
+    // Removing B would leave the PG down for good: refused, pointing at `osd lost`.
+    let refused = d.cluster.cli(&["osd", "rm", &b.to_string()]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains(&format!("basalt osd lost {b}")),
+        "osd rm of an OSD the down PG waits for: {err}"
+    );
     d.cluster
         .cli_ok(&["osd", "lost", &b.to_string(), "--yes-i-really-mean-it"])
         .expect("osd lost");
@@ -213,6 +220,15 @@ fn an_operator_can_give_up_a_lost_osds_writes() {
     // What B alone acknowledged is gone, as the operator accepted; A's copy serves.
     let got = d.rt.block_on(io.read(name, 0, 1 << 20)).expect("read");
     assert!(got == one, "the PG serves something other than A's copy");
+    // Declared lost, B is needed nowhere and can be removed.
+    d.cluster
+        .cli_ok(&["osd", "rm", &b.to_string()])
+        .expect("osd rm after osd lost");
+    let tree = d.cluster.cli_json(&["osd", "tree"]).expect("osd tree");
+    assert!(
+        !tree.to_string().contains(&format!("\"osd.{b}\"")),
+        "osd.{b} still in the tree: {tree}"
+    );
 }
 #[test]
 fn a_returning_osd_catches_up_by_log_and_after_a_long_absence_by_backfill() {

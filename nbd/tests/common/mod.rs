@@ -72,15 +72,14 @@ impl TestServer {
     }
 }
 
-/// Runs an external tool with a timeout. `None` (after printing a notice)
-/// if the tool is not installed.
+/// Runs an external tool with a timeout. A missing tool fails the test under
+/// `CI=true`; elsewhere this prints a loud notice and returns `None`.
 pub async fn tool(program: &str, args: &[&str]) -> Option<Output> {
     tool_env(program, args, &[]).await
 }
 
 pub async fn tool_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Option<Output> {
-    if which(program).is_none() {
-        eprintln!("SKIP: {program} is not installed");
+    if !available(program) {
         return None;
     }
     let mut cmd = tokio::process::Command::new(program);
@@ -95,6 +94,34 @@ pub async fn tool_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Opt
         .unwrap_or_else(|_| panic!("{program} {args:?} timed out"))
         .unwrap_or_else(|e| panic!("{program} failed to start: {e}"));
     Some(out)
+}
+
+/// The Debian package (installed by scripts/setup.sh) that provides `program`.
+fn package_of(program: &str) -> &'static str {
+    match program {
+        "qemu-img" | "qemu-io" | "qemu-nbd" => "qemu-utils",
+        "nbdinfo" | "nbdcopy" | "nbdsh" => "libnbd-bin",
+        "fio" => "fio",
+        _ => "that provides it",
+    }
+}
+
+/// Whether `program` is on PATH. Under `CI=true` (as `.ci/run` sets) a missing
+/// one fails the test, naming the package to install: the suite never passes by
+/// skipping there. Elsewhere the caller skips, after a loud notice.
+pub fn available(program: &str) -> bool {
+    if which(program).is_some() {
+        return true;
+    }
+    let how = format!(
+        "install the Debian package {} (scripts/setup.sh does)",
+        package_of(program)
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("`{program}` is missing, and CI=true forbids skipping: {how}");
+    }
+    eprintln!("\n**** SKIPPED (not CI): `{program}` is missing: {how}. Under CI=true this fails. ****\n");
+    false
 }
 
 pub fn which(program: &str) -> Option<std::path::PathBuf> {

@@ -113,7 +113,7 @@
 //! charged: they are small next to data, and charging them exactly would need a read of every
 //! overwritten omap value.
 //!
-//! A real ENOSPC from RocksDB also maps to `Full` (tested on a 24 MiB tmpfs by the opt-in
+//! A real ENOSPC from RocksDB also maps to `Full` (tested on a 24 MiB tmpfs by
 //! `rocksdb_enospc_is_full_and_store_stays_readable`). Reads keep working, but RocksDB latches
 //! the error: every later write, removals included, fails with `Full` until the store is
 //! reopened, and reopening replays the WAL into new files, which itself needs free space (on a
