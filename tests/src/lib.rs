@@ -72,10 +72,14 @@ pub fn test_timeouts() -> Timeouts {
         propose_interval_ms: 20,
         osd_beacon_interval_ms: 300,
         osd_beacon_grace_ms: 2_000,
+        osd_heartbeat_interval_ms: 300,
         osd_heartbeat_grace_ms: 2_000,
         min_down_reporters: 2,
         down_out_interval_secs: 600,
         client_op_timeout_ms: 20_000,
+        // Bounded, so a test whose I/O cannot be served fails instead of hanging; the fault
+        // test uses the default (none), as a VM's gateway does.
+        osd_op_timeout_ms: 20_000,
     }
 }
 
