@@ -442,6 +442,15 @@ impl MapSubscription {
         self.rx.borrow().clone()
     }
 
+    /// Waits for a map newer than `epoch`; None once the subscription has ended.
+    pub async fn newer_than(&mut self, epoch: Epoch) -> Option<Arc<OsdMap>> {
+        self.rx
+            .wait_for(|m| m.epoch > epoch)
+            .await
+            .ok()
+            .map(|m| m.clone())
+    }
+
     /// Waits (bounded) until the map reaches `epoch`.
     pub async fn wait_for_epoch(
         &mut self,
