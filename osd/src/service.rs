@@ -1498,7 +1498,24 @@ impl OsdCore {
             },
         };
         for &osd in &targets {
-            self.deliver(pg.id, interval_epoch, osd, &push).await?;
+            // A replica that cannot take the push (dead, restarting, frozen) makes the write
+            // wait, as a sub-op to it would, until it answers or the interval changes (the
+            // client then resends): never an I/O error for a passing failure.
+            while let Err(e) = self.deliver(pg.id, interval_epoch, osd, &push).await {
+                if let OpError::NoSpace(_) = e {
+                    return Err(e);
+                }
+                tracing::debug!(pg = %pg.id, osd, error = %e, "push on write failed; retrying");
+                let mut rx = pg.changed.subscribe();
+                let _ = tokio::time::timeout(RETRY_PAUSE, rx.changed()).await;
+                let (g, _, epoch) = pg.snapshot();
+                if g != generation {
+                    return Err(OpError::IntervalChanged {
+                        pg: pg.id.to_string(),
+                        epoch,
+                    });
+                }
+            }
             metrics::counter!("basalt_osd_recovered_objects_total").increment(1);
             let mut s = lock(&pg.state);
             if s.generation == generation {
