@@ -178,6 +178,15 @@ fn completions(log: &Path) -> Vec<Completion> {
         .collect()
 }
 
+/// A whole number from environment variable `name`, if set; a bad value fails the test.
+fn env_number(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    match v.trim().parse() {
+        Ok(n) => Some(n),
+        Err(_) => panic!("{name}={v:?} is not a whole number"),
+    }
+}
+
 /// Nearest-rank percentile of a sorted list.
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -190,14 +199,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[test]
 fn faults_never_reach_the_block_client() {
     require("fio", "fio");
-    let seed = std::env::var("FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| unix_ms() % 1_000_000);
-    let count = std::env::var("FAULT_COUNT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(6usize);
+    let seed = env_number("FAULT_SEED").unwrap_or_else(|| unix_ms() % 1_000_000);
+    let count = env_number("FAULT_COUNT").unwrap_or(6) as usize;
     let plan = schedule(seed, count);
     eprintln!("FAULT_SEED={seed} FAULT_COUNT={count}: {plan:?}");
 
