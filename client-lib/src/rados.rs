@@ -451,12 +451,19 @@ impl Inner {
 
 /// Whether a gRPC failure means the OSD could not be reached or the connection broke (the
 /// request may or may not have landed; a resend with the same request id is safe), as
-/// opposed to a definite refusal of the request itself.
+/// opposed to a definite refusal of the request itself (too large, not implemented...). The
+/// OSD answers every op inside a successful reply, so `Internal` only comes from HTTP/2
+/// (a stream or connection reset, e.g. by a stopping OSD) and is retried too.
 fn is_connection_failure(status: &tonic::Status) -> bool {
     use tonic::Code;
     matches!(
         status.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Internal
     )
 }
 
