@@ -140,10 +140,12 @@ lease_ms = 1000
 propose_interval_ms = 20
 osd_beacon_interval_ms = 300
 osd_beacon_grace_ms = 2000
+osd_heartbeat_interval_ms = 300
 osd_heartbeat_grace_ms = 2000
 min_down_reporters = 2
 down_out_interval_secs = 600
 client_op_timeout_ms = 20000
+osd_op_timeout_ms = 20000
 EOF
         fi
     } >"$conf.tmp"

@@ -31,7 +31,8 @@ struct Cli {
     /// Output format of read commands.
     #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
     format: Format,
-    /// Give up on an operation after this many seconds (default: the config's client_op_timeout_ms).
+    /// Give up on an operation after this many seconds (default: the config's
+    /// client_op_timeout_ms, for monitor requests and object operations alike).
     #[arg(long, global = true)]
     timeout: Option<u64>,
     #[command(subcommand)]
@@ -213,6 +214,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or(Duration::from_millis(config.timeouts.client_op_timeout_ms));
     let mut config = config;
     config.timeouts.client_op_timeout_ms = timeout.as_millis() as u64;
+    // Someone waits at a prompt: object operations give up after the same bound instead of
+    // waiting through an outage as block clients do (osd_op_timeout_ms = 0).
+    if cli.timeout.is_some() || config.timeouts.osd_op_timeout_ms == 0 {
+        config.timeouts.osd_op_timeout_ms = timeout.as_millis() as u64;
+    }
     let mon = MonClient::with_timeout(config.clone(), timeout)?;
     match cli.command {
         Cmd::Status => status(&mon, config, json).await,

@@ -9,7 +9,8 @@
 //! - [`Rados`] / [`IoCtx`] are the object side: every op of the OSD (reads,
 //!   writes, xattrs, omap, compound ops, locks, watch/notify, listing), routed
 //!   by placement to the PG's primary and resent with the same request id
-//!   across map changes, so an op is applied at most once.
+//!   across map changes, so an op is applied at most once. Ops wait through
+//!   peering and failures with no bound unless `osd_op_timeout_ms` sets one.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), basalt_client::ClientError> {

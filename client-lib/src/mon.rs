@@ -326,12 +326,14 @@ impl MonClient {
         .await
     }
 
-    /// Reports that `reporter` cannot reach `target` (or, with `still_failed` false, can again).
+    /// Reports that `reporter`, whose newest map is `epoch`, cannot reach `target` (or, with
+    /// `still_failed` false, can again).
     pub async fn osd_failure(
         &self,
         reporter: u32,
         target: u32,
         failed_for_ms: u64,
+        epoch: Epoch,
         still_failed: bool,
     ) -> Result<Epoch, ClientError> {
         self.call(|mut c| async move {
@@ -339,7 +341,7 @@ impl MonClient {
                 reporter,
                 target,
                 failed_for_ms,
-                epoch: 0,
+                epoch,
                 still_failed,
             })
             .await?
@@ -440,6 +442,15 @@ pub struct MapSubscription {
 impl MapSubscription {
     pub fn current(&self) -> Arc<OsdMap> {
         self.rx.borrow().clone()
+    }
+
+    /// Waits for a map newer than `epoch`; None once the subscription has ended.
+    pub async fn newer_than(&mut self, epoch: Epoch) -> Option<Arc<OsdMap>> {
+        self.rx
+            .wait_for(|m| m.epoch > epoch)
+            .await
+            .ok()
+            .map(|m| m.clone())
     }
 
     /// Waits (bounded) until the map reaches `epoch`.

@@ -2,10 +2,12 @@
 //! OSDMap) and [`IoCtx`] (one pool's objects), librados-style.
 //!
 //! Every op is routed by placement to its PG's acting primary in the client's newest map.
-//! When the OSD answers "not primary" or "interval changed", or cannot be reached, the client
-//! waits for a newer map and resends *with the same request id*, so an op that did land is
-//! answered from the PG log instead of being applied twice. Every op is bounded by the op
-//! timeout (`client_op_timeout_ms`).
+//! When the OSD answers "not primary", "interval changed" or "inactive", cannot be reached,
+//! or a newer map names another primary while the op is out (the old one died or froze), the
+//! client resends *with the same request id*, so an op that did land is answered from the PG
+//! log instead of being applied twice. As in Ceph (`rados_osd_op_timeout = 0`), an op waits
+//! as long as that takes unless `osd_op_timeout_ms` sets a bound: a block device above must
+//! see a failure of the cluster as a pause, never as an I/O error.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +33,10 @@ use crate::{ClientError, MapSubscription, MonClient};
 /// Default watch timeout (Ceph's `osd_client_watch_timeout`).
 pub const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long one attempt of an op without a deadline lets the OSD hold it (waiting for its PG
+/// to go active) before answering "inactive", which the client answers with a resend.
+const UNBOUNDED_ATTEMPT: Duration = Duration::from_secs(30);
+
 /// A connection to a cluster: monitors, the subscribed OSDMap and OSD connections. Cheap to
 /// clone.
 #[derive(Clone)]
@@ -45,7 +51,10 @@ struct Inner {
     incarnation: u64,
     next_tid: AtomicU64,
     osds: Mutex<HashMap<String, OsdClient<Channel>>>,
-    op_timeout: Duration,
+    /// Bound on object ops (`osd_op_timeout_ms`); None waits as long as it takes.
+    op_timeout: Option<Duration>,
+    /// Bound on waits for the monitors (`client_op_timeout_ms`), e.g. for a map epoch.
+    mon_timeout: Duration,
 }
 
 /// Object stat.
@@ -76,7 +85,11 @@ impl Rados {
                 "a client entity name is 1..=256 bytes".into(),
             ));
         }
-        let op_timeout = Duration::from_millis(config.timeouts.client_op_timeout_ms.max(100));
+        let op_timeout = match config.timeouts.osd_op_timeout_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms.max(100))),
+        };
+        let mon_timeout = Duration::from_millis(config.timeouts.client_op_timeout_ms.max(100));
         let mon = MonClient::new(config)?;
         let sub = mon.subscribe().await?;
         Ok(Rados {
@@ -88,6 +101,7 @@ impl Rados {
                 next_tid: AtomicU64::new(1),
                 osds: Mutex::new(HashMap::new()),
                 op_timeout,
+                mon_timeout,
             }),
         })
     }
@@ -106,7 +120,8 @@ impl Rados {
         self.inner.sub.current()
     }
 
-    pub fn op_timeout(&self) -> Duration {
+    /// The bound on object operations; None: they wait as long as it takes.
+    pub fn op_timeout(&self) -> Option<Duration> {
         self.inner.op_timeout
     }
 
@@ -207,7 +222,7 @@ impl Rados {
                 pg.pool,
                 |_| Ok(pg),
                 &format!("PG {pg}"),
-                Instant::now() + inner.op_timeout,
+                inner.deadline(),
                 |mut c, map, _, _| {
                     let req = pb::PgCommandRequest {
                         pool: pg.pool,
@@ -239,7 +254,7 @@ impl Rados {
             .blocklist_add(entity, expire.as_secs().max(1))
             .await?;
         let mut sub = self.inner.sub.clone();
-        sub.wait_for_epoch(reply.epoch, self.inner.op_timeout)
+        sub.wait_for_epoch(reply.epoch, self.inner.mon_timeout)
             .await?;
         Ok(reply.epoch)
     }
@@ -282,25 +297,63 @@ impl Inner {
         map.osds.get(&primary).map(|o| o.addr.clone())
     }
 
+    /// When an op started now must be answered, if it has a bound.
+    fn deadline(&self) -> Option<Instant> {
+        self.op_timeout.map(|t| Instant::now() + t)
+    }
+
     /// Waits (bounded by `deadline`, and by `cap`) for a map newer than `than`.
-    async fn newer_map(&self, than: Epoch, deadline: Instant, cap: Duration) {
+    async fn newer_map(&self, than: Epoch, deadline: Option<Instant>, cap: Duration) {
         let mut sub = self.sub.clone();
-        let limit = deadline.saturating_duration_since(Instant::now()).min(cap);
+        let limit = deadline.map_or(cap, |d| d.saturating_duration_since(Instant::now()).min(cap));
         let _ = sub.wait_for_epoch(than + 1, limit).await;
     }
 
+    /// Resolves once a map newer than `sent` gives `pg_of`'s PG a primary other than `addr`
+    /// (or none): a request out to `addr` will then never be answered usefully (the OSD died
+    /// or froze, and the PG re-peered without it), so the caller resends to the new one, as
+    /// Ceph's Objecter does on every map that changes an op's target.
+    async fn target_moved(
+        &self,
+        sent: Epoch,
+        pool: PoolId,
+        pg_of: &impl Fn(&OsdMap) -> Result<PgId, ClientError>,
+        addr: &str,
+    ) {
+        let mut sub = self.sub.clone();
+        let mut seen = sent;
+        loop {
+            let Some(map) = sub.newer_than(seen).await else {
+                // The subscription is gone: no map will ever move the target.
+                return std::future::pending().await;
+            };
+            seen = map.epoch;
+            let moved = match pg_of(&map) {
+                Ok(pg) => self.primary(&map, pool, pg).as_deref() != Some(addr),
+                Err(_) => true,
+            };
+            if moved {
+                return;
+            }
+        }
+    }
+
     /// Sends a request to the acting primary of the PG `pg_of` picks in the newest map,
-    /// again and again until an answer other than "resend" or `deadline`: after "not
-    /// primary" / "interval changed" (waiting for the epoch the OSD names), an OSD behind
-    /// the client's map, an unreachable primary or none at all, it waits for a newer map
-    /// first. `send` builds the request for one attempt (map, PG, time left) and returns
+    /// again and again until an answer other than "resend" or `deadline` (None: no bound):
+    /// after "not primary" / "interval changed" (waiting for the epoch the OSD names), an OSD
+    /// behind the client's map, an unreachable primary or none at all, it waits for a newer
+    /// map first; after "inactive" (the OSD held it while the PG could not serve) it asks
+    /// again; and a request out to a primary that a newer map replaces is abandoned and sent
+    /// to the new one. Every resend carries what `send` builds from the same inputs, so a
+    /// write keeps its request id and the PG log answers a resend of one that landed. `send`
+    /// builds the request for one attempt (map, PG, how long the OSD may hold it) and returns
     /// the reply's (epoch, encoded `Result<T, OpError>`); `what` names the target in errors.
     async fn call_primary<T, F, Fut>(
         &self,
         pool: PoolId,
         pg_of: impl Fn(&OsdMap) -> Result<PgId, ClientError>,
         what: &str,
-        deadline: Instant,
+        deadline: Option<Instant>,
         mut send: F,
     ) -> Result<T, ClientError>
     where
@@ -309,36 +362,60 @@ impl Inner {
         Fut: std::future::Future<Output = Result<(Epoch, Bytes), tonic::Status>>,
     {
         let mut last_err: Option<String> = None;
-        let timed_out = |last: Option<String>| match last {
-            Some(why) => ClientError::Unavailable(format!(
-                "{what} not served within {:?}: {why}",
-                self.op_timeout
-            )),
-            None => ClientError::Timeout(self.op_timeout),
+        let timed_out = |last: Option<String>| {
+            let limit = self.op_timeout.unwrap_or_default();
+            match last {
+                Some(why) => {
+                    ClientError::Unavailable(format!("{what} not served within {limit:?}: {why}"))
+                }
+                None => ClientError::Timeout(limit),
+            }
         };
         loop {
             let map = self.sub.current();
             let pg = pg_of(&map)?;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(timed_out(last_err));
-            }
+            let remaining = match deadline {
+                Some(d) => match d.saturating_duration_since(Instant::now()) {
+                    r if r.is_zero() => return Err(timed_out(last_err)),
+                    r => Some(r),
+                },
+                None => None,
+            };
+            let budget = remaining.unwrap_or(UNBOUNDED_ATTEMPT);
             let Some(addr) = self.primary(&map, pool, pg) else {
                 last_err = Some(format!("PG {pg} has no primary at epoch {}", map.epoch));
-                self.newer_map(map.epoch, deadline, remaining).await;
+                self.newer_map(map.epoch, deadline, budget).await;
                 continue;
             };
             let client = self.osd(&addr)?;
-            match tokio::time::timeout(remaining, send(client, &map, pg, remaining)).await {
-                Err(_) => return Err(timed_out(last_err)),
-                Ok(Err(status)) => {
+            let attempt = async {
+                match deadline {
+                    Some(d) => tokio::time::timeout_at(d, send(client, &map, pg, budget))
+                        .await
+                        .ok(),
+                    None => Some(send(client, &map, pg, budget).await),
+                }
+            };
+            let reply = tokio::select! {
+                r = attempt => r,
+                () = self.target_moved(map.epoch, pool, &pg_of, &addr) => {
+                    last_err = Some(format!("the primary of PG {pg} changed while {addr} held the request"));
+                    continue;
+                }
+            };
+            match reply {
+                None => return Err(timed_out(last_err)),
+                Some(Err(status)) if !is_connection_failure(&status) => {
+                    return Err(ClientError::from(status))
+                }
+                Some(Err(status)) => {
                     // The primary is unreachable (dead, restarting): the monitors will mark
                     // it down; resend to whoever the next map names.
                     last_err = Some(format!("OSD {addr}: {}", status.message()));
                     self.newer_map(map.epoch, deadline, Duration::from_millis(500))
                         .await;
                 }
-                Ok(Ok((reply_epoch, bytes))) => {
+                Some(Ok((reply_epoch, bytes))) => {
                     let r: Result<T, OpError> = decode(&bytes, "OSD reply")
                         .map_err(|e| ClientError::Decode(e.to_string()))?;
                     let e = match r {
@@ -347,7 +424,8 @@ impl Inner {
                     };
                     let behind =
                         matches!(e, OpError::Io(ref m) if m.contains("has not seen OSDMap"));
-                    if !e.is_resend() && !behind {
+                    let inactive = matches!(e, OpError::Inactive { .. });
+                    if !e.is_resend() && !behind && !inactive {
                         return Err(op_error(e, what));
                     }
                     let wanted = match &e {
@@ -357,9 +435,14 @@ impl Inner {
                     }
                     .max(reply_epoch);
                     last_err = Some(e.to_string());
+                    if inactive {
+                        // The OSD already waited `budget` for the PG; ask again at once
+                        // (the loop gives up first if the deadline passed meanwhile).
+                        continue;
+                    }
                     if wanted > map.epoch {
                         let mut sub = self.sub.clone();
-                        let _ = sub.wait_for_epoch(wanted, remaining).await;
+                        let _ = sub.wait_for_epoch(wanted, budget).await;
                     } else {
                         self.newer_map(map.epoch, deadline, Duration::from_millis(200))
                             .await;
@@ -376,6 +459,24 @@ impl Inner {
 fn stage(name: &'static str, since: std::time::Instant) {
     metrics::histogram!("basalt_client_op_stage_seconds", "stage" => name)
         .record(since.elapsed().as_secs_f64());
+}
+
+/// Whether a gRPC failure means the OSD could not be reached or the connection broke (the
+/// request may or may not have landed; a resend with the same request id is safe), as
+/// opposed to a definite refusal of the request itself (too large, not implemented...). The
+/// OSD answers every op inside a successful reply, so `Internal` only comes from HTTP/2
+/// (a stream or connection reset, e.g. by a stopping OSD) and is retried too.
+fn is_connection_failure(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Internal
+    )
 }
 
 fn op_error(e: OpError, what: &str) -> ClientError {
@@ -484,7 +585,7 @@ impl IoCtx {
         let started = std::time::Instant::now();
         let ops = encode(&ops);
         stage("encode", started);
-        let deadline = Instant::now() + inner.op_timeout;
+        let deadline = inner.deadline();
         let r = inner
             .call_primary(
                 self.pool,
@@ -779,7 +880,7 @@ impl IoCtx {
                 self.pool,
                 |_| Ok(pg),
                 &format!("PG {pg}"),
-                Instant::now() + inner.op_timeout,
+                inner.deadline(),
                 |mut c, map, _, remaining| {
                     let req = pb::ListRequest {
                         pool: self.pool,
@@ -820,11 +921,13 @@ impl IoCtx {
             events: rx,
             task,
         };
-        match tokio::time::timeout(self.inner.op_timeout, ready_rx).await {
+        // Without an op bound, run_watch itself retries until the watch is registered.
+        let limit = self.inner.op_timeout.unwrap_or(Duration::MAX);
+        match tokio::time::timeout(limit, ready_rx).await {
             Ok(Ok(Ok(()))) => Ok(watch),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(ClientError::Internal("watch task ended".into())),
-            Err(_) => Err(ClientError::Timeout(self.inner.op_timeout)),
+            Err(_) => Err(ClientError::Timeout(limit)),
         }
     }
 
@@ -849,15 +952,17 @@ impl IoCtx {
                 }
             }
         };
-        let mut attempt_deadline = Instant::now() + inner.op_timeout;
+        // Bounds re-registering (from the start, or from the last time the watch was up).
+        let mut attempt_deadline = inner.deadline();
         loop {
             let map = inner.sub.current();
             let pg = match self.pg_of(&map, &oid) {
                 Ok(pg) => pg,
                 Err(e) => return fail(&mut ready, e),
             };
-            if Instant::now() > attempt_deadline {
-                return fail(&mut ready, ClientError::Timeout(inner.op_timeout));
+            if attempt_deadline.is_some_and(|d| Instant::now() > d) {
+                let limit = inner.op_timeout.unwrap_or_default();
+                return fail(&mut ready, ClientError::Timeout(limit));
             }
             let Some(addr) = inner.primary(&map, self.pool, pg) else {
                 inner
@@ -881,51 +986,50 @@ impl IoCtx {
             };
             let interval = (timeout / 4).max(Duration::from_millis(100));
             let pings = async_stream(first, interval);
-            let stream = match client.watch(pings).await {
-                Ok(s) => s.into_inner(),
-                Err(_) => {
-                    inner
-                        .newer_map(map.epoch, attempt_deadline, Duration::from_millis(500))
-                        .await;
-                    continue;
+            let mut registered = false;
+            let session = async {
+                let mut stream = match client.watch(pings).await {
+                    Ok(s) => s.into_inner(),
+                    Err(_) => return None,
+                };
+                loop {
+                    match stream.message().await {
+                        Ok(Some(ev)) if !ev.error.is_empty() => {
+                            return Some(
+                                decode::<OpError>(&ev.error, "watch error").unwrap_or_else(|e| e),
+                            )
+                        }
+                        Ok(Some(ev)) if ev.notify_id == 0 => {
+                            registered = true;
+                            if let Some(r) = ready.take() {
+                                let _ = r.send(Ok(()));
+                            }
+                        }
+                        Ok(Some(ev)) => {
+                            let _ = events
+                                .send(WatchEvent::Notify {
+                                    notify_id: ev.notify_id,
+                                    notifier: ev.notifier,
+                                    payload: ev.payload,
+                                })
+                                .await;
+                        }
+                        // Stream broken: the OSD died or the connection dropped.
+                        Ok(None) | Err(_) => return None,
+                    }
                 }
             };
-            let mut stream = stream;
-            let mut registered = false;
-            let outcome: Option<OpError> = loop {
-                match stream.message().await {
-                    Ok(Some(ev)) if !ev.error.is_empty() => {
-                        break Some(
-                            decode::<OpError>(&ev.error, "watch error").unwrap_or_else(|e| e),
-                        )
-                    }
-                    Ok(Some(ev)) if ev.notify_id == 0 => {
-                        registered = true;
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(Ok(()));
-                        }
-                    }
-                    Ok(Some(ev)) => {
-                        let _ = events
-                            .send(WatchEvent::Notify {
-                                notify_id: ev.notify_id,
-                                notifier: ev.notifier,
-                                payload: ev.payload,
-                            })
-                            .await;
-                    }
-                    // Stream broken: the OSD died or the connection dropped.
-                    Ok(None) | Err(_) => break None,
-                }
+            // A primary that froze keeps the stream open but silent: follow the map to the
+            // new one instead, as for any other op.
+            let pg_of = |m: &OsdMap| self.pg_of(m, &oid);
+            let outcome: Option<OpError> = tokio::select! {
+                o = session => o,
+                () = inner.target_moved(map.epoch, self.pool, &pg_of, &addr) => None,
             };
             match outcome {
-                Some(e) if e.is_resend() => {
+                Some(e) if e.is_resend() || matches!(e, OpError::Inactive { .. }) => {
                     inner
-                        .newer_map(
-                            map.epoch,
-                            Instant::now() + inner.op_timeout,
-                            Duration::from_secs(1),
-                        )
+                        .newer_map(map.epoch, None, Duration::from_secs(1))
                         .await;
                 }
                 Some(OpError::Io(m)) if m.contains("has not seen OSDMap") => {
@@ -934,16 +1038,12 @@ impl IoCtx {
                 Some(e) => return fail(&mut ready, op_error(e, &what)),
                 None => {
                     inner
-                        .newer_map(
-                            map.epoch,
-                            Instant::now() + inner.op_timeout,
-                            Duration::from_millis(500),
-                        )
+                        .newer_map(map.epoch, None, Duration::from_millis(500))
                         .await;
                 }
             }
             if registered {
-                attempt_deadline = Instant::now() + inner.op_timeout;
+                attempt_deadline = inner.deadline();
             }
         }
     }
@@ -957,7 +1057,9 @@ impl IoCtx {
     ) -> Result<NotifyResult, ClientError> {
         let inner = &self.inner;
         // The OSD waits up to `timeout` for acks; the call may take that long and more.
-        let deadline = Instant::now() + inner.op_timeout.max(timeout + Duration::from_secs(5));
+        let deadline = inner
+            .op_timeout
+            .map(|t| Instant::now() + t.max(timeout + Duration::from_secs(5)));
         inner
             .call_primary(
                 self.pool,
@@ -1009,9 +1111,11 @@ impl IoCtx {
             cookie,
             reply,
         };
-        tokio::time::timeout(inner.op_timeout, client.notify_ack(req))
+        // Not resent: an ack is worthless once the notifier's own timeout has passed.
+        let limit = inner.op_timeout.unwrap_or(inner.mon_timeout);
+        tokio::time::timeout(limit, client.notify_ack(req))
             .await
-            .map_err(|_| ClientError::Timeout(inner.op_timeout))?
+            .map_err(|_| ClientError::Timeout(limit))?
             .map_err(ClientError::from)?;
         Ok(())
     }

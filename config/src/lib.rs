@@ -80,14 +80,22 @@ pub struct Timeouts {
     pub osd_beacon_interval_ms: u64,
     /// An OSD whose beacons stop for this long is marked down.
     pub osd_beacon_grace_ms: u64,
-    /// Peer heartbeat grace between OSDs before they report each other.
+    /// How often an OSD pings each heartbeat peer (Ceph's `osd_heartbeat_interval`). A peer
+    /// that refuses or resets the connection is reported at once, so this bounds how long a
+    /// killed OSD goes unnoticed.
+    pub osd_heartbeat_interval_ms: u64,
+    /// Peer heartbeat grace between OSDs before they report a silent (frozen, cut off) peer.
     pub osd_heartbeat_grace_ms: u64,
     /// Distinct reporters (on distinct hosts) needed to mark an OSD down.
     pub min_down_reporters: u32,
     /// `mon_osd_down_out_interval`: a down OSD is marked out after this long.
     pub down_out_interval_secs: u64,
-    /// How long a client operation may wait (e.g. for quorum) before it fails.
+    /// How long a monitor request (or a CLI command) may wait, e.g. for quorum, before it fails.
     pub client_op_timeout_ms: u64,
+    /// How long an object operation may wait for its PG (Ceph's `rados_osd_op_timeout`):
+    /// 0, the default, waits through peering and failures as long as it takes, resending with
+    /// the same request id; a block device must never see a transient cluster state as EIO.
+    pub osd_op_timeout_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -98,10 +106,14 @@ impl Default for Timeouts {
             propose_interval_ms: 100,
             osd_beacon_interval_ms: 2_000,
             osd_beacon_grace_ms: 20_000,
-            osd_heartbeat_grace_ms: 20_000,
+            osd_heartbeat_interval_ms: 1_000,
+            // Ceph's 20 s is sized for big clusters with busy networks; a frozen OSD stalls
+            // its PGs' I/O for this long. See ARCHITECTURE.md (failure path) for the choice.
+            osd_heartbeat_grace_ms: 6_000,
             min_down_reporters: 2,
             down_out_interval_secs: 600,
             client_op_timeout_ms: 30_000,
+            osd_op_timeout_ms: 0,
         }
     }
 }
@@ -226,6 +238,8 @@ impl ClusterConfig {
             ("propose_interval_ms", t.propose_interval_ms),
             ("osd_beacon_interval_ms", t.osd_beacon_interval_ms),
             ("osd_beacon_grace_ms", t.osd_beacon_grace_ms),
+            ("osd_heartbeat_interval_ms", t.osd_heartbeat_interval_ms),
+            ("osd_heartbeat_grace_ms", t.osd_heartbeat_grace_ms),
             ("client_op_timeout_ms", t.client_op_timeout_ms),
         ] {
             if v == 0 {
@@ -234,6 +248,11 @@ impl ClusterConfig {
         }
         if t.osd_beacon_grace_ms <= t.osd_beacon_interval_ms {
             return Err("[timeouts] osd_beacon_grace_ms must exceed osd_beacon_interval_ms".into());
+        }
+        if t.osd_heartbeat_grace_ms <= t.osd_heartbeat_interval_ms {
+            return Err(
+                "[timeouts] osd_heartbeat_grace_ms must exceed osd_heartbeat_interval_ms".into(),
+            );
         }
         if self.paxos.full_map_interval == 0 || self.paxos.keep_epochs == 0 {
             return Err("[paxos] full_map_interval and keep_epochs must be greater than 0".into());
@@ -301,6 +320,7 @@ lease_ms = 1000
         assert_eq!(c.mons.len(), 3);
         assert_eq!(c.timeouts.lease_ms, 1000);
         assert_eq!(c.timeouts.down_out_interval_secs, 600);
+        assert_eq!(c.timeouts.osd_op_timeout_ms, 0, "object ops wait as long as it takes");
         assert_eq!(c.cluster.name, "basalt");
         assert_eq!(c.client.name, None);
         let named = parse(&format!("{GOOD}\n[client]\nname = \"client.admin\"\n"))
@@ -325,6 +345,10 @@ lease_ms = 1000
             (
                 &format!("{GOOD}\n[client]\nname = \"gw1\"\n"),
                 "[client] name must be client.<id>",
+            ),
+            (
+                &GOOD.replace("lease_ms = 1000", "osd_heartbeat_grace_ms = 500"),
+                "osd_heartbeat_grace_ms must exceed",
             ),
             ("[cluster]\nfsid = \"x\"\n", "mon"),
             (

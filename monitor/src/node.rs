@@ -52,6 +52,8 @@ pub enum Request {
     Failure {
         reporter: OsdId,
         target: OsdId,
+        /// The newest map the reporter had: a report older than the target's boot is stale.
+        epoch: Epoch,
         still_failed: bool,
         reply: Reply<Epoch>,
     },
@@ -371,13 +373,14 @@ impl Node {
             Request::Failure {
                 reporter,
                 target,
+                epoch,
                 still_failed,
                 reply,
             } => {
                 let r = if leader {
                     let now = self.now_ms();
                     self.service
-                        .failure_report(reporter, target, still_failed, now)
+                        .failure_report(reporter, target, epoch, still_failed, now)
                         .map(|_| self.store.osdmap().epoch)
                         .map_err(MonError::from)
                 } else {

@@ -400,6 +400,7 @@ impl Monitor for MonServer {
                 |r: OsdFailureRequest, reply| Request::Failure {
                     reporter: r.reporter,
                     target: r.target,
+                    epoch: r.epoch,
                     still_failed: r.still_failed,
                     reply,
                 },

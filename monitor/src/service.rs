@@ -491,15 +491,25 @@ impl OsdMapService {
         Ok(())
     }
 
+    /// `reporter`, whose newest map is `epoch`, cannot reach `target` (or, with
+    /// `still_failed` false, can again). Acted on at the next tick: reports from
+    /// `min_down_reporters` distinct hosts other than the target's mark it down at once, with
+    /// no grace of the monitor's own (the reporters already waited theirs, or saw the
+    /// connection refused). A report made before the target's latest boot is about its
+    /// previous life and is dropped, so a restarted OSD is not marked down by it.
     pub fn failure_report(
         &mut self,
         reporter: OsdId,
         target: OsdId,
+        epoch: Epoch,
         still_failed: bool,
         now_ms: u64,
     ) -> Result<(), MapError> {
         self.pending_map.osd(reporter)?;
-        self.pending_map.osd(target)?;
+        let up_from = self.pending_map.osd(target)?.up_from;
+        if still_failed && epoch < up_from {
+            return Ok(());
+        }
         let reports = self.failure_reports.entry(target).or_default();
         if still_failed {
             reports.insert(reporter, now_ms);
@@ -746,19 +756,52 @@ mod tests {
             }
         };
         beat(&mut svc, 100);
+        let e = svc.committed().epoch;
         // osd.1 shares osd.0's host: its report does not count.
-        svc.failure_report(1, 0, true, 100).expect("report");
-        svc.failure_report(2, 0, true, 100).expect("report");
+        svc.failure_report(1, 0, e, true, 100).expect("report");
+        svc.failure_report(2, 0, e, true, 100).expect("report");
         svc.tick(200, 0);
         assert!(!svc.has_pending(), "one other host is not enough");
-        svc.failure_report(4, 0, true, 150).expect("report");
+        svc.failure_report(4, 0, e, true, 150).expect("report");
         svc.tick(200, 0);
         commit(&mut svc, 1);
         assert!(!svc.committed().osds[&0].up);
         assert_eq!(
-            svc.failure_report(9, 0, true, 0),
+            svc.failure_report(9, 0, e, true, 0),
             Err(MapError::OsdNotFound(9))
         );
+    }
+
+    #[test]
+    fn reports_from_before_the_targets_boot_are_dropped() {
+        let mut svc = booted(6);
+        for id in 0..6 {
+            svc.beacon(id, 100).expect("beacon");
+        }
+        let before = svc.committed().epoch;
+        svc.command(Command::OsdDown(0), 0).expect("down");
+        commit(&mut svc, 1);
+        let boot = Boot {
+            uuid: "u0".into(),
+            addr: "a0".into(),
+            host: "h0".into(),
+            crush_weight: 0,
+        };
+        assert_eq!(svc.boot(boot, 100), Ok(0));
+        commit(&mut svc, 1);
+        let up_from = svc.committed().osds[&0].up_from;
+        assert!(svc.committed().osds[&0].up && up_from > before);
+        // Two hosts saw the old incarnation refuse connections, and tell only now.
+        svc.failure_report(2, 0, before, true, 150).expect("report");
+        svc.failure_report(4, 0, before, true, 150).expect("report");
+        svc.tick(200, 0);
+        assert!(!svc.has_pending(), "stale reports must not mark the new boot down");
+        // The same reporters, having seen the boot, still count.
+        svc.failure_report(2, 0, up_from, true, 160).expect("report");
+        svc.failure_report(4, 0, up_from, true, 160).expect("report");
+        svc.tick(200, 0);
+        commit(&mut svc, 1);
+        assert!(!svc.committed().osds[&0].up);
     }
 
     #[test]

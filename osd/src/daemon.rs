@@ -7,8 +7,9 @@
 //!                                        shutdown signal        → mark me down (best effort), stop
 //!  MonClient::subscribe ──watch──▶       new OSDMap             → persist epoch, metrics, re-boot if
 //!                                                                  the map says we are down / moved
-//!                                        tick (beacon interval) → beacon, ping peers, report the
-//!                                                                  silent ones past the grace
+//!                                        beacon tick            → beacon
+//!                                        heartbeat tick         → ping peers, report the silent
+//!                                                                  ones past the grace
 //!  spawned mon calls / pings ──mpsc──▶   Event (boot result, pong, beacon done)
 //!                                      }
 //! ```
@@ -16,6 +17,12 @@
 //! Everything that talks to the network (monitor calls, pings) runs in spawned tasks that send
 //! an `Event` back, so a slow or absent monitor never stalls the loop: heartbeats keep
 //! flowing while a beacon waits for quorum, and SIGTERM is handled at once.
+//!
+//! Failure detection (Ceph's): a peer whose ping is refused or reset — its process is gone
+//! while its host still answers — is reported at once (`osd_fast_fail_on_connection_refused`);
+//! one that stays silent (frozen, cut off) is reported after `osd_heartbeat_grace_ms`. Either
+//! way the monitors mark it down only on reports from `min_down_reporters` distinct other
+//! hosts, so one confused OSD cannot take others down.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -268,8 +275,18 @@ enum Event {
     Pong {
         target: OsdId,
         addr: String,
-        ok: bool,
+        answer: PingAnswer,
     },
+}
+
+/// How a heartbeat ping ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PingAnswer {
+    Ok,
+    /// The peer's host refused or reset the connection: nothing listens at its address.
+    Refused,
+    /// No (valid) answer in time: the peer may be frozen, overloaded or cut off.
+    Silent,
 }
 
 /// What this OSD knows about one peer it heartbeats.
@@ -305,6 +322,7 @@ pub struct Daemon {
     beacon_in_flight: bool,
     peers: BTreeMap<OsdId, Peer>,
     beacon_interval: Duration,
+    heartbeat_interval: Duration,
     heartbeat_grace: Duration,
 }
 
@@ -312,6 +330,7 @@ impl Daemon {
     pub fn new(cfg: DaemonConfig, store: Store) -> Result<Self, DaemonError> {
         let t = &cfg.cluster.timeouts;
         let beacon_interval = Duration::from_millis(t.osd_beacon_interval_ms.max(1));
+        let heartbeat_interval = Duration::from_millis(t.osd_heartbeat_interval_ms.max(1));
         let heartbeat_grace = Duration::from_millis(t.osd_heartbeat_grace_ms.max(1));
         // Bound each monitor call by half the beacon grace: a beacon that takes longer is
         // useless anyway, and a dead monitor set then shows up as retries in the log rather
@@ -344,6 +363,7 @@ impl Daemon {
             map: None,
             persisted_epoch,
             beacon_interval,
+            heartbeat_interval,
             heartbeat_grace,
             beacon_in_flight: false,
             peers: BTreeMap::new(),
@@ -389,6 +409,8 @@ impl Daemon {
         self.start_boot(0);
         let mut tick = tokio::time::interval(self.beacon_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             let next_epoch = self.map.as_ref().map_or(1, |m| m.epoch + 1);
@@ -401,6 +423,7 @@ impl Daemon {
                     None => { self.sub = None; self.start_subscribe(); }
                 },
                 _ = tick.tick() => self.on_tick(),
+                _ = heartbeat.tick() => self.on_heartbeat(),
             }
         }
         tracing::info!("shutting down");
@@ -524,7 +547,11 @@ impl Daemon {
                     metrics::counter!("basalt_osd_beacons_total").increment(1);
                 }
             }
-            Event::Pong { target, addr, ok } => self.handle_pong(target, addr, ok),
+            Event::Pong {
+                target,
+                addr,
+                answer,
+            } => self.handle_pong(target, addr, answer),
         }
     }
 
@@ -634,9 +661,18 @@ impl Daemon {
                 let _ = tx.send(Event::BeaconDone(ok)).await;
             });
         }
+    }
+
+    /// Pings every heartbeat peer that has no ping out, and reports those silent past the
+    /// grace.
+    fn on_heartbeat(&mut self) {
+        if self.booted.is_none() {
+            return;
+        }
         let epoch = self.map.as_ref().map_or(0, |m| m.epoch);
         let now = Instant::now();
-        let timeout = self.beacon_interval.max(Duration::from_millis(500));
+        let timeout = self.heartbeat_interval.max(Duration::from_millis(500));
+        let mut silent_peers = Vec::new();
         for (&target, peer) in &mut self.peers {
             if !peer.ping_in_flight {
                 peer.ping_in_flight = true;
@@ -644,39 +680,67 @@ impl Daemon {
                 let tx = self.events_tx.clone();
                 let addr = peer.addr.clone();
                 tokio::spawn(async move {
-                    let ok = matches!(
-                        tokio::time::timeout(timeout, client.ping(PingRequest { epoch })).await,
-                        Ok(Ok(r)) if r.get_ref().osd_id == target
-                    );
-                    let _ = tx.send(Event::Pong { target, addr, ok }).await;
+                    let answer =
+                        match tokio::time::timeout(timeout, client.ping(PingRequest { epoch }))
+                            .await
+                        {
+                            Ok(Ok(r)) if r.get_ref().osd_id == target => PingAnswer::Ok,
+                            Ok(Err(status)) if is_refused(&status) => PingAnswer::Refused,
+                            _ => PingAnswer::Silent,
+                        };
+                    let _ = tx.send(Event::Pong { target, addr, answer }).await;
                 });
             }
             let silent = now.saturating_duration_since(peer.last_ok);
-            let due = peer
-                .reported_at
-                .is_none_or(|at| now.saturating_duration_since(at) >= self.heartbeat_grace);
-            if silent >= self.heartbeat_grace && due {
-                // Re-sent every grace period while it stays silent: the monitors only count
-                // recent reports.
-                peer.reported_at = Some(now);
-                tracing::warn!(
-                    osd = target,
-                    silent_ms = silent.as_millis() as u64,
-                    "peer missed heartbeats; reporting it"
-                );
-                metrics::counter!("basalt_osd_heartbeat_failures_reported_total").increment(1);
-                let mon = self.mon.clone();
-                let failed_for_ms = silent.as_millis() as u64;
-                tokio::spawn(async move {
-                    if let Err(e) = mon.osd_failure(id, target, failed_for_ms, true).await {
-                        tracing::warn!(osd = target, error = %e, "failure report not delivered");
-                    }
-                });
+            if silent >= self.heartbeat_grace {
+                silent_peers.push((target, silent));
             }
+        }
+        for (target, silent) in silent_peers {
+            self.report_failure(target, silent, "peer missed heartbeats past the grace");
         }
     }
 
-    fn handle_pong(&mut self, target: OsdId, addr: String, ok: bool) {
+    /// Tells the monitors `target` failed, unless it was reported less than a grace ago:
+    /// reports are re-sent every grace period while it stays failed, since the monitors only
+    /// count recent ones.
+    fn report_failure(&mut self, target: OsdId, silent: Duration, why: &'static str) {
+        let Some((id, _)) = self.booted else {
+            return;
+        };
+        let epoch = self.map.as_ref().map_or(0, |m| m.epoch);
+        let grace = self.heartbeat_grace;
+        let Some(peer) = self.peers.get_mut(&target) else {
+            return;
+        };
+        let now = Instant::now();
+        if peer
+            .reported_at
+            .is_some_and(|at| now.saturating_duration_since(at) < grace)
+        {
+            return;
+        }
+        peer.reported_at = Some(now);
+        tracing::warn!(
+            osd = target,
+            silent_ms = silent.as_millis() as u64,
+            epoch,
+            "{why}; reporting it"
+        );
+        metrics::counter!("basalt_osd_heartbeat_failures_reported_total").increment(1);
+        let mon = self.mon.clone();
+        let failed_for_ms = silent.as_millis() as u64;
+        tokio::spawn(async move {
+            if let Err(e) = mon
+                .osd_failure(id, target, failed_for_ms, epoch, true)
+                .await
+            {
+                tracing::warn!(osd = target, error = %e, "failure report not delivered");
+            }
+        });
+    }
+
+    fn handle_pong(&mut self, target: OsdId, addr: String, answer: PingAnswer) {
         let Some(peer) = self.peers.get_mut(&target) else {
             return;
         };
@@ -684,8 +748,15 @@ impl Daemon {
             return; // an answer from a previous incarnation's address
         }
         peer.ping_in_flight = false;
-        if !ok {
-            return;
+        match answer {
+            PingAnswer::Ok => {}
+            PingAnswer::Silent => return,
+            PingAnswer::Refused => {
+                // Its process is gone: waiting out the grace would only stall its PGs.
+                let silent = Instant::now().saturating_duration_since(peer.last_ok);
+                self.report_failure(target, silent, "peer refused the connection");
+                return;
+            }
         }
         peer.last_ok = Instant::now();
         if peer.reported_at.take().is_some() {
@@ -695,8 +766,9 @@ impl Daemon {
                     "peer answers again; withdrawing the failure report"
                 );
                 let mon = self.mon.clone();
+                let epoch = self.map.as_ref().map_or(0, |m| m.epoch);
                 tokio::spawn(async move {
-                    if let Err(e) = mon.osd_failure(id, target, 0, false).await {
+                    if let Err(e) = mon.osd_failure(id, target, 0, epoch, false).await {
                         tracing::warn!(osd = target, error = %e, "cannot withdraw failure report");
                     }
                 });
@@ -769,6 +841,25 @@ async fn wait_map(sub: &mut Option<MapSubscription>, epoch: Epoch) -> Option<Arc
     }
 }
 
+/// Whether a failed ping means nothing listens at the peer's address any more: the
+/// connection was refused or reset (its process died; its host's kernel answers for it).
+fn is_refused(status: &tonic::Status) -> bool {
+    use std::io::ErrorKind;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
+            ) {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// Errors worth another try: the cluster may recover (quorum, partitions); anything else is
 /// an answer.
 fn retryable(e: &ClientError) -> bool {
@@ -797,6 +888,34 @@ mod tests {
         // Many PG peers: all of them, nothing added.
         let many = heartbeat_peers(0, 1..=15, &up);
         assert_eq!(many, (1..=15).collect());
+    }
+
+    #[test]
+    fn a_ping_to_a_closed_port_is_refused_and_one_to_a_silent_listener_is_not() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let closed_addr = closed.local_addr().expect("addr").to_string();
+            drop(closed);
+            // Accepts (the kernel's backlog) but never answers: a frozen process.
+            let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let silent_addr = silent.local_addr().expect("addr").to_string();
+            for (addr, refused) in [(closed_addr, true), (silent_addr, false)] {
+                let channel = basalt_client::lazy_channel(&addr, Duration::from_millis(500))
+                    .expect("channel");
+                let r = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    OsdClient::new(channel).ping(PingRequest { epoch: 0 }),
+                )
+                .await;
+                let got = matches!(&r, Ok(Err(status)) if is_refused(status));
+                assert_eq!(got, refused, "{addr}: {r:?}");
+            }
+            drop(silent);
+        });
     }
 
     #[test]

@@ -164,6 +164,20 @@ impl Pg {
         self.changed.send_modify(|v| *v += 1);
     }
 
+    /// Resolves once the PG has left interval `generation` (a new map changed its acting
+    /// set, or it re-peers): work waiting on a member of the old interval can stop.
+    async fn left_generation(&self, generation: u64) {
+        let mut rx = self.changed.subscribe();
+        loop {
+            if lock(&self.state).generation != generation {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// The op ordering of one object.
     fn object_slot(&self, name: &ObjectName) -> Arc<ObjectSlot> {
         let mut m = lock(&self.objects);
@@ -1016,7 +1030,13 @@ impl OsdCore {
                     .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
                 decode::<Result<(), OpError>>(&reply.get_ref().result, "sub-op reply")?
             };
-            match tokio::time::timeout(PEER_RPC_TIMEOUT, attempt).await {
+            // A frozen replica never answers; once the monitors mark it down the interval
+            // changes, and the client's resend should not wait out the RPC timeout.
+            let answer = tokio::select! {
+                a = tokio::time::timeout(PEER_RPC_TIMEOUT, attempt) => a,
+                () = pg.left_generation(generation) => continue,
+            };
+            match answer {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(OpError::NoSpace(m))) => return Err(OpError::NoSpace(m)),
                 Ok(Err(e)) => {
@@ -1658,7 +1678,35 @@ impl OsdCore {
             },
         };
         for &osd in &targets {
-            self.deliver(pg.id, interval_epoch, osd, &push).await?;
+            // A replica that cannot take the push (dead, restarting, frozen) makes the write
+            // wait, as a sub-op to it would, until it answers or the interval changes (the
+            // client then resends): never an I/O error for a passing failure.
+            loop {
+                let delivered = tokio::select! {
+                    d = self.deliver(pg.id, interval_epoch, osd, &push) => d,
+                    () = pg.left_generation(generation) => Err(OpError::IntervalChanged {
+                        pg: pg.id.to_string(),
+                        epoch: lock(&pg.state).interval_epoch,
+                    }),
+                };
+                let e = match delivered {
+                    Ok(()) => break,
+                    Err(e) => e,
+                };
+                if let OpError::NoSpace(_) = e {
+                    return Err(e);
+                }
+                tracing::debug!(pg = %pg.id, osd, error = %e, "push on write failed; retrying");
+                let mut rx = pg.changed.subscribe();
+                let _ = tokio::time::timeout(RETRY_PAUSE, rx.changed()).await;
+                let (g, _, epoch) = pg.snapshot();
+                if g != generation {
+                    return Err(OpError::IntervalChanged {
+                        pg: pg.id.to_string(),
+                        epoch,
+                    });
+                }
+            }
             metrics::counter!("basalt_osd_recovered_objects_total").increment(1);
             let mut s = lock(&pg.state);
             if s.generation == generation {

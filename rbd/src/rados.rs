@@ -2,7 +2,8 @@
 //!
 //! A thin translation: errors to [`BackendError`], omap keys to strings, watches to the
 //! event channel the lock driver reads. The client library already routes, resends with the
-//! same request id and bounds every op, so nothing here retries.
+//! same request id and waits through failures (bounded only when `osd_op_timeout_ms` is set),
+//! so nothing here retries.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;

@@ -72,10 +72,14 @@ pub fn test_timeouts() -> Timeouts {
         propose_interval_ms: 20,
         osd_beacon_interval_ms: 300,
         osd_beacon_grace_ms: 2_000,
+        osd_heartbeat_interval_ms: 300,
         osd_heartbeat_grace_ms: 2_000,
         min_down_reporters: 2,
         down_out_interval_secs: 600,
         client_op_timeout_ms: 20_000,
+        // Bounded, so a test whose I/O cannot be served fails instead of hanging; the fault
+        // test uses the default (none), as a VM's gateway does.
+        osd_op_timeout_ms: 20_000,
     }
 }
 
@@ -397,6 +401,17 @@ impl TestCluster {
         }
     }
 
+    /// SIGSTOP / SIGCONT OSD `i` (a frozen process: its connections stay open, silent).
+    pub fn pause_osd(&self, i: usize, paused: bool) {
+        if let Some(c) = &self.osds[i].child {
+            let sig = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: kill(2) on a pid we spawned and have not reaped.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
     /// Whether OSD `i`'s process is still running.
     pub fn osd_alive(&mut self, i: usize) -> bool {
         match self.osds[i].child.as_mut() {
@@ -468,6 +483,47 @@ impl TestCluster {
         Ok(i)
     }
 
+    /// SIGKILLs gateway `i` (a crashed gateway process; its watches and lock stay behind).
+    pub fn kill_gateway(&mut self, i: usize) {
+        if let Some(mut c) = self.gws[i].0.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts gateway `i` again on the same NBD address, as `client.<name>` (a new client
+    /// instance, as a restarted gateway is without a fixed `--name`).
+    pub fn restart_gateway(&mut self, i: usize, name: &str) -> anyhow::Result<()> {
+        let (d, addr) = &mut self.gws[i];
+        if d.child.is_some() {
+            return Ok(());
+        }
+        if let Some(at) = d.args.iter().position(|a| a == "--name") {
+            d.args[at + 1] = format!("client.{name}");
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&d.log)?;
+        let child = Command::new(bin("basalt-gw"))
+            .args(&d.args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("spawn basalt-gw")?;
+        d.child = Some(child);
+        let addr = *addr;
+        wait_for("the restarted gateway to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .ok()
+                .map(|_| ())
+        })?;
+        Ok(())
+    }
+
     /// The NBD address of gateway `i`.
     pub fn gateway_addr(&self, i: usize) -> SocketAddr {
         self.gws[i].1
@@ -514,7 +570,7 @@ impl Drop for TestCluster {
         if std::thread::panicking() {
             self.dump_logs();
         }
-        for (d, _) in &self.gws {
+        for d in self.gws.iter().map(|(d, _)| d).chain(&self.osds) {
             if let Some(c) = &d.child {
                 // A stopped process only dies of SIGKILL once continued on some kernels.
                 // SAFETY: kill(2) on a pid we spawned and have not reaped.

@@ -484,7 +484,7 @@ fn blocklisted_and_inactive_give_typed_errors() {
         ])
         .expect("pool create");
     let mut config = f.cluster.config.clone();
-    config.timeouts.client_op_timeout_ms = 3_000;
+    config.timeouts.osd_op_timeout_ms = 3_000;
     let quick = f.rt.block_on(Rados::connect(config)).expect("connect");
     let sio = wait_for("pool strict", Duration::from_secs(30), || {
         quick.ioctx("strict").ok()

@@ -359,9 +359,10 @@ fn osds_boot_get_marked_down_then_out() {
 
     // With noout, a peer-reported failure marks down but not out.
     cluster.cli_ok(&["osd", "set", "noout"]).expect("noout");
-    rt.block_on(mon.osd_failure(0, 4, 5_000, true))
+    let epoch = rt.block_on(mon.osdmap()).expect("map").epoch;
+    rt.block_on(mon.osd_failure(0, 4, 5_000, epoch, true))
         .expect("report");
-    rt.block_on(mon.osd_failure(2, 4, 5_000, true))
+    rt.block_on(mon.osd_failure(2, 4, 5_000, epoch, true))
         .expect("report");
     let map = wait_for("osd.4 reported down", Duration::from_secs(30), || {
         rt.block_on(mon.osdmap()).ok().filter(|m| !m.osds[&4].up)
