@@ -13,7 +13,9 @@
 #
 # Usage (as root; ~20 minutes; installs Ceph's packages with apt on first use):
 #   bench/vs-ceph.sh
-# Environment: FIO_RUNTIME (20 s per job), IMG_SIZE (2G), CEPH_BASELINE (path of
+# Environment: FIO_RUNTIME (20 s per job), IMG_SIZE (2G), the Ceph harness's own knobs such as
+# OSD_SIZE (16G sparse files per Ceph OSD: it refuses to start unless /tmp has room for all
+# three; OSD_SIZE=12G fits the 2 GiB image with room to spare), CEPH_BASELINE (path of
 # ceph-baseline.sh), CEPH_RESULTS (reuse an earlier Ceph run's results dir instead of running
 # Ceph again; the table then says so), OUT (the table's path), BEFORE_BIN (a directory with an
 # earlier build's basalt, basalt-mon, basalt-osd and basalt-gw: measured too, in the same run,
@@ -50,6 +52,7 @@ say "building basalt (release; a no-op when up to date)"
 # --- a sampler: every second, RSS of each daemon of both systems and the load average -------
 SAMPLES=$WORK/samples.tsv
 sampler() {
+  set +e  # ps finds none of these processes between the two systems' runs
   while :; do
     local now; now=$(date +%s)
     ps -C ceph-mon,ceph-mgr,ceph-osd,qemu-nbd,basalt-mon,basalt-osd,basalt-gw -o comm=,pid=,rss= 2>/dev/null \

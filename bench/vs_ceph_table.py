@@ -103,6 +103,40 @@ def peak_rss(smp, comms):
     return {c: v / 1024 for c, v in per.items()}, max(total_at.values(), default=0) / 1024
 
 
+def memory_table(smp, a):
+    """Per daemon: basalt's peak RSS (VmHWM at the end of its run) and Ceph's RSS at teardown
+    (what its harness records), plus the highest RSS the 1 s sampler saw for each kind."""
+    basalt = []
+    p = os.path.join(a.basalt, "peak-rss.tsv")
+    if os.path.exists(p):
+        for line in open(p):
+            n, pid, kib = line.split()
+            basalt.append((f"{n} (pid {pid})", int(kib) / 1024))
+    ceph = []
+    p = os.path.join(a.ceph, "raw", "resources.txt")
+    if os.path.exists(p):
+        for line in open(p):
+            f = line.split()
+            if len(f) == 4 and f[0].startswith(("ceph-", "qemu-")) and f[3].isdigit():
+                ceph.append((f"{f[0]} (pid {f[1]})", float(f[3])))
+    print("Memory (MiB): basalt's peak RSS per daemon (VmHWM), Ceph's RSS at teardown per daemon "
+          "(recorded by its harness), and the peak per kind of daemon seen by a 1 s sampler:\n")
+    print("| Ceph daemon | RSS at teardown | basalt daemon | peak RSS |")
+    print("|---|---:|---|---:|")
+    for i in range(max(len(ceph), len(basalt))):
+        c = ceph[i] if i < len(ceph) else ("", None)
+        b = basalt[i] if i < len(basalt) else ("", None)
+        print(f"| {c[0]} | {fmt(c[1]) if c[1] else ''} | {b[0]} | {fmt(b[1]) if b[1] else ''} |")
+    cp, ct = peak_rss(smp, {"ceph-mon", "ceph-mgr", "ceph-osd", "qemu-nbd"})
+    bp, bt = peak_rss(smp, {"basalt-mon", "basalt-osd", "basalt-gw"})
+    if cp or bp:
+        kinds = ", ".join(f"{k} {fmt(v)}" for k, v in sorted({**cp, **bp}.items()))
+        print(f"\nSampled peaks per kind: {kinds}; all daemons together: Ceph {fmt(ct)}, basalt {fmt(bt)}.")
+    else:
+        print("\n(The 1 s sampler recorded nothing in this run.)")
+    print()
+
+
 def ceph_job_windows(results):
     """test name (group/test) -> (start epoch, end epoch) from the harness's run.log."""
     path = os.path.join(results, "run.log")
@@ -294,19 +328,7 @@ def main():
     else:
         print("No job ran beside another process using more than 10 % of the machine.\n")
 
-    cp, ct = peak_rss(smp, {"ceph-mon", "ceph-mgr", "ceph-osd", "qemu-nbd"})
-    bp, bt = peak_rss(smp, {"basalt-mon", "basalt-osd", "basalt-gw"})
-    print("Peak RSS (MiB, sampled every second; per process of each kind, and all of a system's daemons together):\n")
-    print("| Ceph | MiB | basalt | MiB |")
-    print("|---|---:|---|---:|")
-    cl = sorted(cp.items())
-    bl = sorted(bp.items())
-    for i in range(max(len(cl), len(bl))):
-        c = cl[i] if i < len(cl) else ("", None)
-        b = bl[i] if i < len(bl) else ("", None)
-        print(f"| {c[0]} | {fmt(c[1]) if c[1] else ''} | {b[0]} | {fmt(b[1]) if b[1] else ''} |")
-    print(f"| all daemons | {fmt(ct)} | all daemons | {fmt(bt)} |")
-    print()
+    memory_table(smp, a)
     print(
         "CPU µs/op: the harness's `cpu: ours N%` (share of the whole machine used by the system's "
         f"daemons, its NBD server and fio while the job ran) × {NCPU} cores ÷ IOPS.\n"
