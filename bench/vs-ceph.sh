@@ -14,8 +14,7 @@
 # Usage (as root; ~20 minutes; installs Ceph's packages with apt on first use):
 #   bench/vs-ceph.sh
 # Environment: FIO_RUNTIME (20 s per job), IMG_SIZE (2G), the Ceph harness's own knobs such as
-# OSD_SIZE (16G sparse files per Ceph OSD: it refuses to start unless /tmp has room for all
-# three; OSD_SIZE=12G fits the 2 GiB image with room to spare), CEPH_BASELINE (path of
+# OSD_SIZE (12G here, the harness's own default is 16G), CEPH_BASELINE (path of
 # ceph-baseline.sh), CEPH_RESULTS (reuse an earlier Ceph run's results dir instead of running
 # Ceph again; the table then says so), OUT (the table's path), BEFORE_BIN (a directory with an
 # earlier build's basalt, basalt-mon, basalt-osd and basalt-gw: measured too, in the same run,
@@ -29,6 +28,9 @@ OUT=${OUT:-$ROOT/bench/results/vs-ceph-$STAMP.md}
 WORK=$(mktemp -d /tmp/basalt-vs-ceph.XXXXXX)
 BASELINE=${CEPH_BASELINE:-$ROOT/../shared/bench/ceph-baseline.sh}
 export FIO_RUNTIME=${FIO_RUNTIME:-20} IMG_SIZE=${IMG_SIZE:-2G}
+# Ceph's harness sizes each OSD's sparse file at 16G and refuses to start unless /tmp could
+# hold all three full; the 2 GiB image (6 GiB replicated) fits 12G files with room to spare.
+export OSD_SIZE=${OSD_SIZE:-12G}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/basalt-target}
 BIN=$CARGO_TARGET_DIR/release
 PROFILE=${PROFILE:-1}
