@@ -984,6 +984,18 @@ fn rocksdb_capacity_accounting_survives_reopen() {
 
 const CRASH_ENV: &str = "BASALT_OSD_STORE_CRASH_DIR";
 
+/// The crash children's store: durable commits, as an OSD runs it.
+fn open_synced(dir: &str) -> Store {
+    Store::open(
+        dir,
+        StoreConfig {
+            sync: true,
+            ..cfg()
+        },
+    )
+    .unwrap()
+}
+
 /// Child half of `rocksdb_crash_keeps_acknowledged_writes`: writes until killed, printing the
 /// index of every transaction whose submit returned. A no-op when run normally.
 #[test]
@@ -991,14 +1003,7 @@ fn crash_child() {
     let Ok(dir) = std::env::var(CRASH_ENV) else {
         return;
     };
-    let s = Store::open(
-        &dir,
-        StoreConfig {
-            sync: true,
-            ..cfg()
-        },
-    )
-    .unwrap();
+    let s = open_synced(&dir);
     for i in 0u64.. {
         let o = oid(&format!("c{}", i % 8));
         let mut t = Transaction::new();
@@ -1063,14 +1068,7 @@ fn crash_child_split_commit() {
     let Ok(dir) = std::env::var(CRASH_SPLIT_ENV) else {
         return;
     };
-    let s = Store::open(
-        &dir,
-        StoreConfig {
-            sync: true,
-            ..cfg()
-        },
-    )
-    .unwrap();
+    let s = open_synced(&dir);
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
             let s = s.clone();
