@@ -4,7 +4,7 @@
 # What the tests call: qemu-img, qemu-io (qemu-utils); nbdinfo, nbdcopy (libnbd-bin);
 # fio (ioengine=nbd); promtool (prometheus); ip (iproute2, the netns test);
 # mount/umount/setsid (util-linux: a tmpfs for the ENOSPC test, the netns daemons).
-# Under CI=true a test whose tool is missing fails, naming the package.
+# A test whose tool is missing fails, naming the package: none passes by skipping.
 set -euo pipefail
 pkgs=(libclang-dev pkg-config qemu-utils libnbd-bin fio prometheus iproute2 util-linux python3)
 missing=()

@@ -23,15 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use basalt_config::Timeouts;
 use basalt_rbd::{RadosBackend, Rbd};
-use basalt_tests::{have_tool, run_bounded, test_timeouts, wait_for, DataCluster};
-
-/// Fails (never skips) when a client tool the test needs is missing.
-fn require(tool: &str, package: &str) {
-    assert!(
-        have_tool(tool),
-        "{tool} is not installed: install Debian package {package} (scripts/setup.sh does)"
-    );
-}
+use basalt_tests::{require_tool, run_bounded, test_timeouts, wait_for, DataCluster};
 
 /// xorshift64*: the whole schedule comes from the seed.
 struct Rng(u64);
@@ -198,7 +190,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[test]
 fn faults_never_reach_the_block_client() {
-    require("fio", "fio");
+    require_tool("fio", "fio");
     let seed = env_number("FAULT_SEED").unwrap_or_else(|| unix_ms() % 1_000_000);
     let count = env_number("FAULT_COUNT").unwrap_or(6) as usize;
     let plan = schedule(seed, count);
@@ -468,7 +460,7 @@ impl Drop for QemuIo {
 
 #[test]
 fn qemu_io_rides_out_a_gateway_restart() {
-    require("qemu-io", "qemu-utils");
+    require_tool("qemu-io", "qemu-utils");
     let mut timeouts = test_timeouts();
     timeouts.osd_op_timeout_ms = 0;
     let mut d = DataCluster::start(timeouts, "rbd").expect("cluster with pool rbd");

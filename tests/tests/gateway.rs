@@ -67,11 +67,12 @@ fn fixture() -> Fixture {
 
 #[test]
 fn real_nbd_clients_use_an_image() {
-    if !basalt_tests::require_tool("qemu-io", "qemu-utils")
-        || !basalt_tests::require_tool("qemu-img", "qemu-utils")
-    {
-        return;
-    }
+    basalt_tests::require_tool("qemu-io", "qemu-utils");
+    basalt_tests::require_tool("qemu-img", "qemu-utils");
+    basalt_tests::require_tool("nbdinfo", "libnbd-bin");
+    basalt_tests::require_tool("nbdcopy", "libnbd-bin");
+    basalt_tests::require_tool("promtool", "prometheus");
+    basalt_tests::require_tool("fio", "fio");
     let mut f = fixture();
     f.rt.block_on(f.rbd.create("vm1", 64 << 20, 22))
         .expect("create image");
@@ -156,74 +157,64 @@ fn real_nbd_clients_use_an_image() {
     assert!(!ok, "unknown export opened:\n{text}");
     qemu_io_ok(&url, &["read -P 0xab 0 64k"]);
 
-    if basalt_tests::require_tool("nbdinfo", "libnbd-bin") {
-        let (ok, text) = run("nbdinfo", &["--map", &url]);
-        assert!(ok, "nbdinfo --map:\n{text}");
-        assert!(text.contains("hole"), "no holes in a thin image:\n{text}");
-        assert!(text.contains("data"), "no data extents:\n{text}");
-        let (ok, text) = run("nbdinfo", &["--can", "multi-conn", &url]);
-        assert!(ok, "CAN_MULTI_CONN not advertised:\n{text}");
-    }
+    let (ok, text) = run("nbdinfo", &["--map", &url]);
+    assert!(ok, "nbdinfo --map:\n{text}");
+    assert!(text.contains("hole"), "no holes in a thin image:\n{text}");
+    assert!(text.contains("data"), "no data extents:\n{text}");
+    let (ok, text) = run("nbdinfo", &["--can", "multi-conn", &url]);
+    assert!(ok, "CAN_MULTI_CONN not advertised:\n{text}");
 
-    if basalt_tests::require_tool("nbdcopy", "libnbd-bin") {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let src = dir.path().join("src.raw");
-        let back = dir.path().join("back.raw");
-        let mut data = vec![0u8; 64 << 20];
-        for (i, chunk) in data.chunks_mut(1 << 20).enumerate() {
-            // Every third MiB is a hole; the rest carries its index.
-            if i % 3 != 0 {
-                chunk.fill(i as u8 + 1);
-            }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src.raw");
+    let back = dir.path().join("back.raw");
+    let mut data = vec![0u8; 64 << 20];
+    for (i, chunk) in data.chunks_mut(1 << 20).enumerate() {
+        // Every third MiB is a hole; the rest carries its index.
+        if i % 3 != 0 {
+            chunk.fill(i as u8 + 1);
         }
-        std::fs::write(&src, &data).expect("write src");
-        let (ok, text) = run("nbdcopy", &[src.to_str().expect("path"), &url]);
-        assert!(ok, "nbdcopy in:\n{text}");
-        let (ok, text) = run("nbdcopy", &[&url, back.to_str().expect("path")]);
-        assert!(ok, "nbdcopy out:\n{text}");
-        assert!(
-            std::fs::read(&back).expect("read back") == data,
-            "nbdcopy round trip differs"
-        );
     }
+    std::fs::write(&src, &data).expect("write src");
+    let (ok, text) = run("nbdcopy", &[src.to_str().expect("path"), &url]);
+    assert!(ok, "nbdcopy in:\n{text}");
+    let (ok, text) = run("nbdcopy", &[&url, back.to_str().expect("path")]);
+    assert!(ok, "nbdcopy out:\n{text}");
+    assert!(
+        std::fs::read(&back).expect("read back") == data,
+        "nbdcopy round trip differs"
+    );
 
     // Every daemon's metrics pass promtool after real I/O (labels, histograms, help text).
-    if basalt_tests::require_tool("promtool", "prometheus") {
-        let gw_text = f.cluster.gateway_metrics(gw).expect("gateway metrics");
-        assert!(gw_text.contains("basalt_nbd_requests_total"), "{gw_text}");
-        basalt_tests::promtool_check(&gw_text).expect("gateway metrics pass promtool");
-        for i in 0..6 {
-            let osd_text = f.cluster.osd_metrics(i).expect("osd metrics");
-            basalt_tests::promtool_check(&osd_text).expect("OSD metrics pass promtool");
-        }
+    let gw_text = f.cluster.gateway_metrics(gw).expect("gateway metrics");
+    assert!(gw_text.contains("basalt_nbd_requests_total"), "{gw_text}");
+    basalt_tests::promtool_check(&gw_text).expect("gateway metrics pass promtool");
+    for i in 0..6 {
+        let osd_text = f.cluster.osd_metrics(i).expect("osd metrics");
+        basalt_tests::promtool_check(&osd_text).expect("OSD metrics pass promtool");
     }
 
-    if basalt_tests::require_tool("fio", "fio") {
-        let (ok, text) = run(
-            "fio",
-            &[
-                "--name=verify",
-                "--ioengine=nbd",
-                &format!("--uri={url}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--size=8M",
-                "--iodepth=16",
-                "--verify=crc32c",
-                "--do_verify=1",
-                // Otherwise fio leaves a verify-state file in the working directory.
-                "--verify_state_save=0",
-            ],
-        );
-        assert!(ok && !text.contains("verify: bad"), "fio verify:\n{text}");
-    }
+    let (ok, text) = run(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={url}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=8M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            // Otherwise fio leaves a verify-state file in the working directory.
+            "--verify_state_save=0",
+        ],
+    );
+    assert!(ok && !text.contains("verify: bad"), "fio verify:\n{text}");
 }
 
 #[test]
 fn live_migration_moves_the_lock_and_fences_a_frozen_gateway() {
-    if !basalt_tests::require_tool("qemu-io", "qemu-utils") {
-        return;
-    }
+    basalt_tests::require_tool("qemu-io", "qemu-utils");
     let mut f = fixture();
     f.rt.block_on(f.rbd.create("mig", 16 << 20, 22))
         .expect("create image");

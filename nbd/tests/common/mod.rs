@@ -72,16 +72,13 @@ impl TestServer {
     }
 }
 
-/// Runs an external tool with a timeout. A missing tool fails the test under
-/// `CI=true`; elsewhere this prints a loud notice and returns `None`.
-pub async fn tool(program: &str, args: &[&str]) -> Option<Output> {
+/// Runs an external tool with a timeout; a missing tool fails the test ([`require`]).
+pub async fn tool(program: &str, args: &[&str]) -> Output {
     tool_env(program, args, &[]).await
 }
 
-pub async fn tool_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Option<Output> {
-    if !available(program) {
-        return None;
-    }
+pub async fn tool_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    require(program);
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .kill_on_drop(true)
@@ -89,11 +86,10 @@ pub async fn tool_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Opt
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = tokio::time::timeout(T, cmd.output())
+    tokio::time::timeout(T, cmd.output())
         .await
         .unwrap_or_else(|_| panic!("{program} {args:?} timed out"))
-        .unwrap_or_else(|e| panic!("{program} failed to start: {e}"));
-    Some(out)
+        .unwrap_or_else(|e| panic!("{program} failed to start: {e}"))
 }
 
 /// The Debian package (installed by scripts/setup.sh) that provides `program`.
@@ -106,22 +102,14 @@ fn package_of(program: &str) -> &'static str {
     }
 }
 
-/// Whether `program` is on PATH. Under `CI=true` (as `.ci/run` sets) a missing
-/// one fails the test, naming the package to install: the suite never passes by
-/// skipping there. Elsewhere the caller skips, after a loud notice.
-pub fn available(program: &str) -> bool {
-    if which(program).is_some() {
-        return true;
-    }
-    let how = format!(
-        "install the Debian package {} (scripts/setup.sh does)",
+/// Fails the test when `program` is not on PATH, naming the package to install:
+/// the suite never passes by skipping (scripts/setup.sh installs every tool).
+pub fn require(program: &str) {
+    assert!(
+        which(program).is_some(),
+        "`{program}` is missing: install the Debian package {} (scripts/setup.sh does)",
         package_of(program)
     );
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("`{program}` is missing, and CI=true forbids skipping: {how}");
-    }
-    eprintln!("\n**** SKIPPED (not CI): `{program}` is missing: {how}. Under CI=true this fails. ****\n");
-    false
 }
 
 pub fn which(program: &str) -> Option<std::path::PathBuf> {
