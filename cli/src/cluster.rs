@@ -295,7 +295,8 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
     let size = layout.hosts.min(3);
     if mon.osdmap().await?.pool_by_name("rbd").is_none() {
         step("pool rbd");
-        mon.pool_create("rbd", size, size - size / 2, pg_num).await?;
+        mon.pool_create("rbd", size, size - size / 2, pg_num)
+            .await?;
     }
     let rados = Rados::connect(config).await?;
     let io = retry(deadline, "pool rbd", || async { rados.ioctx("rbd") }).await?;

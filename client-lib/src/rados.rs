@@ -305,7 +305,9 @@ impl Inner {
     /// Waits (bounded by `deadline`, and by `cap`) for a map newer than `than`.
     async fn newer_map(&self, than: Epoch, deadline: Option<Instant>, cap: Duration) {
         let mut sub = self.sub.clone();
-        let limit = deadline.map_or(cap, |d| d.saturating_duration_since(Instant::now()).min(cap));
+        let limit = deadline.map_or(cap, |d| {
+            d.saturating_duration_since(Instant::now()).min(cap)
+        });
         let _ = sub.wait_for_epoch(than + 1, limit).await;
     }
 

@@ -320,7 +320,10 @@ lease_ms = 1000
         assert_eq!(c.mons.len(), 3);
         assert_eq!(c.timeouts.lease_ms, 1000);
         assert_eq!(c.timeouts.down_out_interval_secs, 600);
-        assert_eq!(c.timeouts.osd_op_timeout_ms, 0, "object ops wait as long as it takes");
+        assert_eq!(
+            c.timeouts.osd_op_timeout_ms, 0,
+            "object ops wait as long as it takes"
+        );
         assert_eq!(c.cluster.name, "basalt");
         assert_eq!(c.client.name, None);
         let named = parse(&format!("{GOOD}\n[client]\nname = \"client.admin\"\n"))

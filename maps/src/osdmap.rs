@@ -567,7 +567,10 @@ mod tests {
         assert!(err(map.pool_with("rbd", "pg_num", "4")).contains("pg_num cannot change"));
         assert!(err(map.pool_with("rbd", "pg_num", "16")).contains("splitting"));
         assert_eq!(map.pool_with("rbd", "pg_num", "8").map(|p| p.pg_num), Ok(8));
-        assert_eq!(map.pool_with("rbd", "pgp_num", "4").map(|p| p.pgp_num), Ok(4));
+        assert_eq!(
+            map.pool_with("rbd", "pgp_num", "4").map(|p| p.pgp_num),
+            Ok(4)
+        );
         assert!(err(map.pool_with("rbd", "pgp_num", "16")).contains("pgp_num 16"));
         assert!(err(map.pool_with("rbd", "colour", "4")).contains("unknown pool setting"));
         assert!(err(map.pool_with("nope", "size", "4")).contains("does not exist"));

@@ -795,10 +795,15 @@ mod tests {
         svc.failure_report(2, 0, before, true, 150).expect("report");
         svc.failure_report(4, 0, before, true, 150).expect("report");
         svc.tick(200, 0);
-        assert!(!svc.has_pending(), "stale reports must not mark the new boot down");
+        assert!(
+            !svc.has_pending(),
+            "stale reports must not mark the new boot down"
+        );
         // The same reporters, having seen the boot, still count.
-        svc.failure_report(2, 0, up_from, true, 160).expect("report");
-        svc.failure_report(4, 0, up_from, true, 160).expect("report");
+        svc.failure_report(2, 0, up_from, true, 160)
+            .expect("report");
+        svc.failure_report(4, 0, up_from, true, 160)
+            .expect("report");
         svc.tick(200, 0);
         commit(&mut svc, 1);
         assert!(!svc.committed().osds[&0].up);
@@ -944,7 +949,8 @@ mod tests {
         // Lost, then removed.
         svc.command(Command::OsdLost(victim), 0).expect("lost");
         commit(&mut svc, 0);
-        svc.command(Command::OsdRm(victim), 0).expect("rm after lost");
+        svc.command(Command::OsdRm(victim), 0)
+            .expect("rm after lost");
         commit(&mut svc, 0);
         assert!(!svc.committed().osds.contains_key(&victim));
 

@@ -158,8 +158,7 @@ async fn nbdinfo_list_and_map_body() {
 
     // One 64 KiB block of data at 1 MiB; the rest is hole.
     s.mem.write_sync(1 << 20, &[1u8; 65536]);
-    let o = tool("nbdinfo", &["--map", &s.srv.uri("rbd/vm1")])
-        .await;
+    let o = tool("nbdinfo", &["--map", &s.srv.uri("rbd/vm1")]).await;
     assert_ok(&o);
     let out = String::from_utf8_lossy(&o.stdout);
     let lines: Vec<Vec<&str>> = out
@@ -186,17 +185,13 @@ async fn nbdinfo_can_multi_conn_matches_export_body() {
     // nbdinfo --can exits 0 for true, 2 for false.
     let o = tool("nbdinfo", &["--can", "multi-conn", &s.srv.uri("rbd/vm1")]).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let o = tool("nbdinfo", &["--can", "multi-conn", &s.srv.uri("single")])
-        .await;
+    let o = tool("nbdinfo", &["--can", "multi-conn", &s.srv.uri("single")]).await;
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    let o = tool("nbdinfo", &["--is", "read-only", &s.srv.uri("ro")])
-        .await;
+    let o = tool("nbdinfo", &["--is", "read-only", &s.srv.uri("ro")]).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let o = tool("nbdinfo", &["--can", "trim", &s.srv.uri("rbd/vm1")])
-        .await;
+    let o = tool("nbdinfo", &["--can", "trim", &s.srv.uri("rbd/vm1")]).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let o = tool("nbdinfo", &["--can", "fast-zero", &s.srv.uri("rbd/vm1")])
-        .await;
+    let o = tool("nbdinfo", &["--can", "fast-zero", &s.srv.uri("rbd/vm1")]).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     s.srv.stop().await;
 }
@@ -210,12 +205,10 @@ async fn nbdcopy_round_trip_body() {
     std::fs::write(&src, &data).unwrap();
     std::fs::write(&dst, []).unwrap();
     let uri = s.srv.uri("rbd/vm1");
-    let o = tool("nbdcopy", &[src.to_str().unwrap(), &uri])
-        .await;
+    let o = tool("nbdcopy", &[src.to_str().unwrap(), &uri]).await;
     assert_ok(&o);
     assert_eq!(s.mem.read_sync(0, 4096), data[..4096].to_vec());
-    let o = tool("nbdcopy", &[&uri, dst.to_str().unwrap()])
-        .await;
+    let o = tool("nbdcopy", &[&uri, dst.to_str().unwrap()]).await;
     assert_ok(&o);
     let back = std::fs::read(&dst).unwrap();
     assert!(back == data, "nbdcopy round trip differs");
@@ -243,7 +236,8 @@ async fn qemu_img_convert_to_and_from_export_body() {
             src.to_str().unwrap(),
             &uri,
         ],
-    ).await;
+    )
+    .await;
     assert_ok(&o);
     let o = tool(
         "qemu-img",
@@ -256,7 +250,8 @@ async fn qemu_img_convert_to_and_from_export_body() {
             &uri,
             dst.to_str().unwrap(),
         ],
-    ).await;
+    )
+    .await;
     assert_ok(&o);
     assert!(
         std::fs::read(&dst).unwrap() == data,
@@ -273,11 +268,11 @@ async fn qemu_img_convert_to_and_from_export_body() {
             src.to_str().unwrap(),
             &uri,
         ],
-    ).await;
+    )
+    .await;
     assert_ok(&o);
     // qemu-img map uses block status: the zero MiBs are not data.
-    let o = tool("qemu-img", &["map", "--output=json", "-f", "raw", &uri])
-        .await;
+    let o = tool("qemu-img", &["map", "--output=json", "-f", "raw", &uri]).await;
     assert_ok(&o);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("\"data\": false"), "{}", text(&o));

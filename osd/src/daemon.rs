@@ -688,7 +688,13 @@ impl Daemon {
                             Ok(Err(status)) if is_refused(&status) => PingAnswer::Refused,
                             _ => PingAnswer::Silent,
                         };
-                    let _ = tx.send(Event::Pong { target, addr, answer }).await;
+                    let _ = tx
+                        .send(Event::Pong {
+                            target,
+                            addr,
+                            answer,
+                        })
+                        .await;
                 });
             }
             let silent = now.saturating_duration_since(peer.last_ok);

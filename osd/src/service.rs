@@ -958,8 +958,7 @@ impl OsdCore {
             }
             Err(e) => Err(e),
         };
-        metrics::histogram!("basalt_osd_commit_seconds")
-            .record(committed.elapsed().as_secs_f64());
+        metrics::histogram!("basalt_osd_commit_seconds").record(committed.elapsed().as_secs_f64());
         let after_local = std::time::Instant::now();
         let mut first_err = local.as_ref().err().cloned();
         for t in tasks {
@@ -1978,8 +1977,7 @@ impl OsdCore {
             .on_store(move |_| durable.wait().map_err(pg::store_error))
             .await;
         stage("sub_op_sync", started);
-        metrics::histogram!("basalt_osd_commit_seconds")
-            .record(committing.elapsed().as_secs_f64());
+        metrics::histogram!("basalt_osd_commit_seconds").record(committing.elapsed().as_secs_f64());
         r
     }
 

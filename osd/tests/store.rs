@@ -1112,7 +1112,12 @@ fn rocksdb_crash_keeps_synced_applies() {
         with_pg(&s);
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child_split_commit", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child_split_commit",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CRASH_SPLIT_ENV, d.path())
         .output()
         .unwrap();
@@ -1143,7 +1148,10 @@ fn rocksdb_crash_keeps_synced_applies() {
                 break;
             }
             let present = log.contains_key(&i);
-            assert!(!(present && seen_gap), "write {i} survived after a lost earlier one");
+            assert!(
+                !(present && seen_gap),
+                "write {i} survived after a lost earlier one"
+            );
             seen_gap |= !present;
         }
     }

@@ -363,7 +363,11 @@ fn model_check_bfs_from_elected_leader() {
         .target_max_depth(depth)
         .spawn_bfs()
         .join();
-    report(&format!("bfs after election, depth {depth}"), &checker, start);
+    report(
+        &format!("bfs after election, depth {depth}"),
+        &checker,
+        start,
+    );
     for name in REACHED {
         assert!(
             checker.discovery(name).is_some(),

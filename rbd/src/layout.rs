@@ -256,7 +256,10 @@ mod tests {
         assert_eq!(data_objectno("rbd_data.abc", &oid), Some(0x1234));
         assert_eq!(data_objectno("rbd_data.ab", &oid), None);
         assert_eq!(data_objectno("rbd_data.abc", "rbd_data.abc.12"), None);
-        assert_eq!(data_objectno("rbd_data.abc", "rbd_data.abcd.0000000000000001"), None);
+        assert_eq!(
+            data_objectno("rbd_data.abc", "rbd_data.abcd.0000000000000001"),
+            None
+        );
     }
 
     #[test]

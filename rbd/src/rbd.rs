@@ -198,7 +198,10 @@ impl Rbd {
         }
         // Without a readable header the data objects are still found by their prefix.
         let (prefix, count) = match &header {
-            Some(h) => (h.object_prefix.clone(), layout::num_objects(h.size, h.order)),
+            Some(h) => (
+                h.object_prefix.clone(),
+                layout::num_objects(h.size, h.order),
+            ),
             None => (layout::object_prefix(&id), u64::MAX),
         };
         let objects = data_objects_in(b, &prefix, 0, count).await?;

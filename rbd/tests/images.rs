@@ -410,7 +410,11 @@ async fn shrink_and_remove_cost_what_exists() {
     .await
     .expect("shrinking a thin 8 EiB image is quick")
     .unwrap();
-    assert_eq!(cluster.remove_ops() - before, 1, "only the one object past the end");
+    assert_eq!(
+        cluster.remove_ops() - before,
+        1,
+        "only the one object past the end"
+    );
     assert_eq!(cluster.object_names(&prefix).len(), 3);
     assert_eq!(&img.read(1 << 40, 4).await.unwrap()[..], b"data");
     assert_eq!(&img.read(8 * MIB, 4).await.unwrap()[..], b"data");

@@ -516,11 +516,15 @@ impl TestCluster {
             .context("spawn basalt-gw")?;
         d.child = Some(child);
         let addr = *addr;
-        wait_for("the restarted gateway to listen", Duration::from_secs(30), || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-                .ok()
-                .map(|_| ())
-        })?;
+        wait_for(
+            "the restarted gateway to listen",
+            Duration::from_secs(30),
+            || {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                    .ok()
+                    .map(|_| ())
+            },
+        )?;
         Ok(())
     }
 

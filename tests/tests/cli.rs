@@ -446,7 +446,10 @@ fn client_name(c: &TestCluster, dir: &Path) {
         .as_array()
         .expect("array")
         .iter()
-        .filter(|o| o.as_str().is_some_and(|s| s.starts_with("bench_benchtester_")))
+        .filter(|o| {
+            o.as_str()
+                .is_some_and(|s| s.starts_with("bench_benchtester_"))
+        })
         .count();
     assert!(mine > 0, "no object named after client.benchtester: {objs}");
     c.cli_ok(&["bench", "cleanup", "--pool", "data"])

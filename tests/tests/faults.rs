@@ -200,7 +200,11 @@ fn faults_never_reach_the_block_client() {
     let timeouts = Timeouts::default();
     let grace = Duration::from_millis(timeouts.osd_heartbeat_grace_ms);
     let mut d = DataCluster::start(timeouts, "rbd").expect("cluster with pool rbd");
-    assert_eq!(d.rados.op_timeout(), None, "block clients wait, never time out");
+    assert_eq!(
+        d.rados.op_timeout(),
+        None,
+        "block clients wait, never time out"
+    );
     let backend = Arc::new(RadosBackend::new(
         d.rados.clone(),
         d.io.clone(),
@@ -228,7 +232,12 @@ fn faults_never_reach_the_block_client() {
             let mut pass = 0usize;
             loop {
                 let last = stop.load(Ordering::SeqCst);
-                let (ok, text) = fio_pass(&url, "16M", &logs.join(format!("pass{pass}")), pass as u64 + 1);
+                let (ok, text) = fio_pass(
+                    &url,
+                    "16M",
+                    &logs.join(format!("pass{pass}")),
+                    pass as u64 + 1,
+                );
                 let failed = !ok;
                 results.push((pass, ok, text));
                 pass += 1;
@@ -266,7 +275,9 @@ fn faults_never_reach_the_block_client() {
             FaultKind::MonKill => {
                 d.cluster.kill_mon(f.target as u32);
                 std::thread::sleep(f.hold);
-                d.cluster.start_mon(f.target as u32).expect("restart monitor");
+                d.cluster
+                    .start_mon(f.target as u32)
+                    .expect("restart monitor");
             }
         }
         // One fault at a time: the next waits until this one is fully healed.
@@ -276,7 +287,10 @@ fn faults_never_reach_the_block_client() {
         })
         .expect("OSDs up again");
         settle(&d);
-        assert!(fio_running(&done_rx), "fio stopped early; see its output below");
+        assert!(
+            fio_running(&done_rx),
+            "fio stopped early; see its output below"
+        );
         std::thread::sleep(f.gap);
         windows.push((f, start, unix_ms()));
     }
@@ -303,7 +317,11 @@ fn faults_never_reach_the_block_client() {
     for (pass, _, _) in &results {
         ios.extend(completions(&logs.join(format!("pass{pass}_lat.1.log"))));
     }
-    assert!(ios.iter().any(|c| c.write), "fio wrote no latency log in {}", logs.display());
+    assert!(
+        ios.iter().any(|c| c.write),
+        "fio wrote no latency log in {}",
+        logs.display()
+    );
     let mut base: Vec<Duration> = ios
         .iter()
         .filter(|c| c.write && c.at < baseline_end)
@@ -341,7 +359,10 @@ fn faults_never_reach_the_block_client() {
             worst_write.as_secs_f64(),
             worst_read.as_secs_f64()
         );
-        assert!(writes > 0, "no write completed in the window of {f:?}: no stall measured");
+        assert!(
+            writes > 0,
+            "no write completed in the window of {f:?}: no stall measured"
+        );
         by_kind
             .entry(f.kind)
             .or_default()

@@ -135,8 +135,8 @@ use std::sync::Arc;
 use basalt_placement::PgId;
 use bytes::Bytes;
 
-use engine::{Cf, Engine, KvOp, MemEngine, RocksEngine};
 pub use engine::Durable;
+use engine::{Cf, Engine, KvOp, MemEngine, RocksEngine};
 use onode::{split_chunk, verify_chunk, Onode};
 
 pub use error::{Result, StoreError};
@@ -451,7 +451,13 @@ impl Store {
     }
 
     /// [`Store::read`] of an object whose onode `head` was already read.
-    pub fn read_head(&self, obj: &ObjectId, head: &ObjectHead, offset: u64, len: u64) -> Result<Bytes> {
+    pub fn read_head(
+        &self,
+        obj: &ObjectId,
+        head: &ObjectHead,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
         self.read_chunks(obj, &head.key, &head.onode, offset, len)
     }
 
