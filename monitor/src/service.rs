@@ -829,8 +829,9 @@ mod tests {
         assert!(svc.committed().blocklist.is_empty());
     }
 
-    #[test]
-    fn activations_are_recorded_only_for_the_current_interval() {
+    /// Six booted OSDs and a committed pool `rbd` (size 3, 8 PGs): the service, its map,
+    /// PG 3 of the pool and that PG's acting set.
+    fn with_pool_pg() -> (OsdMapService, Arc<OsdMap>, PgId, Vec<OsdId>) {
         let mut svc = booted(6);
         commit(&mut svc, 0);
         let create = Command::PoolCreate {
@@ -848,6 +849,12 @@ mod tests {
             seed: 3,
         };
         let acting = map.map_pg(&pool, pg).expect("map").acting;
+        (svc, map, pg, acting)
+    }
+
+    #[test]
+    fn activations_are_recorded_only_for_the_current_interval() {
+        let (mut svc, map, pg, acting) = with_pool_pg();
         let activate = |interval, acting: Vec<OsdId>| Command::PgActivated {
             pg,
             interval,
@@ -902,23 +909,7 @@ mod tests {
     /// while still named (by a version before this check) can still be declared lost.
     #[test]
     fn osd_rm_is_refused_while_an_activation_needs_the_osd() {
-        let mut svc = booted(6);
-        commit(&mut svc, 0);
-        let create = Command::PoolCreate {
-            name: "rbd".into(),
-            size: 3,
-            min_size: 2,
-            pg_num: 8,
-        };
-        svc.command(create, 0).expect("pool");
-        commit(&mut svc, 0);
-        let map = svc.committed().clone();
-        let pool = map.pool_named("rbd").expect("pool").clone();
-        let pg = PgId {
-            pool: pool.id,
-            seed: 3,
-        };
-        let acting = map.map_pg(&pool, pg).expect("map").acting;
+        let (mut svc, map, pg, acting) = with_pool_pg();
         svc.command(
             Command::PgActivated {
                 pg,

@@ -985,12 +985,6 @@ impl OsdCore {
         }
     }
 
-    /// Makes everything applied to the store so far durable (one shared WAL fsync).
-    async fn sync_store(&self) -> Result<(), OpError> {
-        self.on_store(|store| store.sync_blocking().map_err(pg::store_error))
-            .await
-    }
-
     fn restart_peering(self: &Arc<Self>, pg: &Arc<Pg>, generation: u64) {
         let mut s = lock(&pg.state);
         if s.generation != generation {
@@ -1934,7 +1928,9 @@ impl OsdCore {
             if done {
                 // A resend of a sub-op that landed: answer once it is durable.
                 drop(order);
-                return self.sync_store().await;
+                return self
+                    .on_store(|store| store.sync_blocking().map_err(pg::store_error))
+                    .await;
             }
             if ready {
                 break order;

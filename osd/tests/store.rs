@@ -1021,25 +1021,33 @@ fn crash_child() {
     }
 }
 
-#[test]
-fn rocksdb_crash_keeps_acknowledged_writes() {
+/// Runs the test `child` of this binary in a child process on a fresh store (with `PG`) whose
+/// directory it gets in `env`, until it aborts; returns the store's directory, the indices
+/// the child printed as `ACK i`, and its whole output.
+fn crash_child_run(child: &str, env: &str) -> (tempfile::TempDir, Vec<u64>, String) {
     let d = tempfile::tempdir().unwrap();
     {
         let s = rocks_store(&d, cfg());
         with_pg(&s);
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-        .env(CRASH_ENV, d.path())
+        .args(["--exact", child, "--nocapture", "--test-threads=1"])
+        .env(env, d.path())
         .output()
         .unwrap();
     assert!(!out.status.success(), "child should have aborted");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let acked: Vec<u64> = stdout
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let acked = stdout
         .lines()
-        // The harness may print "test crash_child ... " on the same line as the first ACK.
+        // The harness may print "test <child> ... " on the same line as the first ACK.
         .filter_map(|l| l.split("ACK ").nth(1)?.trim().parse().ok())
         .collect();
+    (d, acked, stdout)
+}
+
+#[test]
+fn rocksdb_crash_keeps_acknowledged_writes() {
+    let (d, acked, stdout) = crash_child_run("crash_child", CRASH_ENV);
     assert_eq!(acked.len(), 401, "child output: {stdout}");
     let s = Store::open(d.path(), cfg()).unwrap();
     let log = s.pg_log_scan(PG, 0, 10_000).unwrap();
@@ -1106,27 +1114,7 @@ fn crash_child_split_commit() {
 
 #[test]
 fn rocksdb_crash_keeps_synced_applies() {
-    let d = tempfile::tempdir().unwrap();
-    {
-        let s = rocks_store(&d, cfg());
-        with_pg(&s);
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "crash_child_split_commit",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CRASH_SPLIT_ENV, d.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "child should have aborted");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let acked: Vec<u64> = stdout
-        .lines()
-        .filter_map(|l| l.split("ACK ").nth(1)?.trim().parse().ok())
-        .collect();
+    let (d, acked, stdout) = crash_child_run("crash_child_split_commit", CRASH_SPLIT_ENV);
     assert!(acked.len() >= 100, "child output: {stdout}");
     let s = Store::open(d.path(), cfg()).unwrap();
     let log: BTreeMap<u64, Bytes> = s.pg_log_scan(PG, 0, 10_000).unwrap().into_iter().collect();

@@ -109,6 +109,31 @@ struct Daemon {
     metrics: SocketAddr,
 }
 
+impl Daemon {
+    /// Starts `program` with the daemon's arguments unless it runs, appending to its log.
+    fn start(&mut self, program: &str, rust_log: &str) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(bin(program))
+            .args(&self.args)
+            .env("RUST_LOG", rust_log)
+            // Plain `key=value` log lines, so tests can look for them.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+}
+
 /// A local cluster of real processes in a temporary directory.
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
@@ -193,24 +218,7 @@ impl TestCluster {
     }
 
     pub fn start_mon(&mut self, rank: u32) -> anyhow::Result<()> {
-        let d = &mut self.mons[rank as usize];
-        if d.child.is_some() {
-            return Ok(());
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&d.log)?;
-        let child = Command::new(bin("basalt-mon"))
-            .args(&d.args)
-            .env("RUST_LOG", "info,basalt_paxos=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawn {}", d.name))?;
-        d.child = Some(child);
-        Ok(())
+        self.mons[rank as usize].start("basalt-mon", "info,basalt_paxos=debug")
     }
 
     /// SIGKILLs monitor `rank` (power-cut semantics).
@@ -329,26 +337,7 @@ impl TestCluster {
 
     /// Starts OSD `i` again with the same arguments (and so the same data directory).
     pub fn restart_osd(&mut self, i: usize) -> anyhow::Result<()> {
-        let d = &mut self.osds[i];
-        if d.child.is_some() {
-            return Ok(());
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&d.log)?;
-        let child = Command::new(bin("basalt-osd"))
-            .args(&d.args)
-            .env("RUST_LOG", "info")
-            // Plain `key=value` log lines, so tests can look for them.
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawn {}", d.name))?;
-        d.child = Some(child);
-        Ok(())
+        self.osds[i].start("basalt-osd", "info")
     }
 
     /// SIGKILLs OSD `i` (power-cut semantics).
@@ -452,29 +441,15 @@ impl TestCluster {
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
         let log = self.dir.path().join(format!("gw{i}.log"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let child = Command::new(bin("basalt-gw"))
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .context("spawn basalt-gw")?;
-        self.gws.push((
-            Daemon {
-                name: format!("gw.{name}"),
-                child: Some(child),
-                args,
-                log,
-                metrics,
-            },
-            addr,
-        ));
+        let mut d = Daemon {
+            name: format!("gw.{name}"),
+            child: None,
+            args,
+            log,
+            metrics,
+        };
+        d.start("basalt-gw", "info")?;
+        self.gws.push((d, addr));
         wait_for("the gateway to listen", Duration::from_secs(30), || {
             std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
                 .ok()
@@ -501,20 +476,7 @@ impl TestCluster {
         if let Some(at) = d.args.iter().position(|a| a == "--name") {
             d.args[at + 1] = format!("client.{name}");
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&d.log)?;
-        let child = Command::new(bin("basalt-gw"))
-            .args(&d.args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .context("spawn basalt-gw")?;
-        d.child = Some(child);
+        d.start("basalt-gw", "info")?;
         let addr = *addr;
         wait_for(
             "the restarted gateway to listen",
