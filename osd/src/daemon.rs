@@ -86,8 +86,17 @@ pub enum DaemonError {
 
 /// Opens the store in `dir`, or formats it with a new OSD uuid when `dir` is missing or empty.
 /// A store made for another cluster is refused: its objects and OSD identity belong there.
-pub fn open_or_mkfs(dir: &Path, fsid: &str) -> Result<Store, DaemonError> {
-    let cfg = StoreConfig::default();
+/// `capacity_bytes` caps the object data the store accepts (`StoreConfig::capacity_bytes`):
+/// a write past it fails with `Full`, removals always pass.
+pub fn open_or_mkfs(
+    dir: &Path,
+    fsid: &str,
+    capacity_bytes: Option<u64>,
+) -> Result<Store, DaemonError> {
+    let cfg = StoreConfig {
+        capacity_bytes,
+        ..StoreConfig::default()
+    };
     let has_store = dir.join("CURRENT").exists();
     if !has_store {
         let empty = match std::fs::read_dir(dir) {
@@ -219,6 +228,11 @@ pub fn describe_metrics() {
     metrics::describe_histogram!(
         "basalt_osd_sub_op_seconds",
         "Replica sub-op latency (apply and commit on this OSD)"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_write_no_space_retries_total",
+        "Attempts to commit a write (where: local = this primary, replica = a sub-op) refused \
+         for lack of space and retried: the write waits until it is durable on every member"
     );
     metrics::describe_counter!(
         "basalt_osd_dup_replies_total",
@@ -937,20 +951,20 @@ mod tests {
     fn store_of_another_cluster_is_refused_and_epoch_round_trips() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("osd");
-        let store = open_or_mkfs(&path, "fsid-a").expect("mkfs");
+        let store = open_or_mkfs(&path, "fsid-a", None).expect("mkfs");
         let uuid = store.superblock().osd_uuid.clone();
         let mut txn = Transaction::new();
         txn.meta_set(META_LAST_MAP_EPOCH, 42u64.to_be_bytes().to_vec());
         store.submit_blocking(&txn).expect("submit");
         drop(store);
-        let again = open_or_mkfs(&path, "fsid-a").expect("reopen");
+        let again = open_or_mkfs(&path, "fsid-a", None).expect("reopen");
         assert_eq!(again.superblock().osd_uuid, uuid);
         assert_eq!(last_map_epoch(&again).expect("epoch"), 42);
         drop(again);
-        let err = open_or_mkfs(&path, "fsid-b").expect_err("other cluster");
+        let err = open_or_mkfs(&path, "fsid-b", None).expect_err("other cluster");
         assert!(err.to_string().contains("fsid-a"), "{err}");
         std::fs::write(dir.path().join("x"), b"x").expect("write");
-        let err = open_or_mkfs(dir.path(), "fsid-a").expect_err("non-empty");
+        let err = open_or_mkfs(dir.path(), "fsid-a", None).expect_err("non-empty");
         assert!(matches!(err, DaemonError::NotAStore { .. }), "{err}");
     }
 }

@@ -28,6 +28,11 @@ struct Args {
     /// CRUSH weight (conventionally the capacity in TiB; 1.0 by default).
     #[arg(long, default_value_t = 1.0)]
     crush_weight: f64,
+    /// Most bytes of object data (and xattrs) this OSD stores; a write that would store more
+    /// is refused with ENOSPC, removals always pass. Default: no limit but the disk's. Set it
+    /// below the disk's size, leaving room for RocksDB's own files.
+    #[arg(long)]
+    capacity_bytes: Option<u64>,
     #[command(flatten)]
     telemetry: basalt_telemetry::TelemetryArgs,
 }
@@ -80,10 +85,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             args.listen
         );
     }
+    if args.capacity_bytes == Some(0) {
+        bail!("--capacity-bytes must be positive (omit it for no limit)");
+    }
+    let capacity = args.capacity_bytes;
     let data = args.data.clone();
     let fsid = cluster.cluster.fsid.clone();
     // RocksDB open/mkfs blocks; keep it off the runtime threads.
-    let store = tokio::task::spawn_blocking(move || open_or_mkfs(&data, &fsid))
+    let store = tokio::task::spawn_blocking(move || open_or_mkfs(&data, &fsid, capacity))
         .await
         .context("store open task failed")??;
     let listener = tokio::net::TcpListener::bind(args.listen)

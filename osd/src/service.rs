@@ -16,6 +16,9 @@
 //!   mark it down on heartbeat reports); the op then fails with `IntervalChanged` and the
 //!   client resends it with the same request id, which the new interval's primary answers
 //!   from its log after peering made every member equal.
+//! - A member (replica or the primary itself) refusing a sent write for lack of space is
+//!   retried the same way: a write is either durable on every member or, if the interval
+//!   changes first, settled by peering; it is never reported failed while visible.
 //!
 //! # Fencing
 //!
@@ -862,6 +865,16 @@ impl OsdCore {
     /// Versions, logs and replicates an executed write; returns once every member has it
     /// durably. Releases the object's order lock as soon as the write is applied locally and
     /// on its way to the replicas (see [`ObjectSlot`]).
+    ///
+    /// A member that refuses the write for lack of space (`NoSpace`) is retried until it takes
+    /// it, or until the interval changes; the client sees a pause, never that error. Why retry
+    /// rather than fail the op or drop the member: once the sub-ops are out, the write is in
+    /// the PG's history on the members that took it, and peering would make it the
+    /// authority's, so an error to the client would be a lie (failed, yet visible). Taking the
+    /// full replica out instead would need a map change per full disk (there is no `pg_temp`)
+    /// and leave the PG running degraded on a disk problem an operator fixes by freeing
+    /// space: removals always pass the store's capacity check, so deleting objects (or
+    /// raising `--capacity-bytes`, or marking the OSD out) lets the waiting write complete.
     async fn write(self: Arc<Self>, w: Write) -> Result<OpResult, OpError> {
         let Write {
             pg,
@@ -942,9 +955,7 @@ impl OsdCore {
             }));
         }
         let started = std::time::Instant::now();
-        let local = self
-            .on_store(move |store| store.apply_blocking(&txn).map_err(pg::store_error))
-            .await;
+        let local = self.apply_until_room(&pg, generation, txn).await;
         stage("local_apply", started);
         drop(order);
         let local = match local {
@@ -971,6 +982,9 @@ impl OsdCore {
         }
         stage("replica_wait", after_local);
         if let Err(e) = local {
+            if let OpError::IntervalChanged { .. } = e {
+                return Err(e);
+            }
             // Replicas may hold a write the primary could not commit: re-peer so the PG
             // converges on one copy before it serves again.
             tracing::error!(pg = %pg.id, error = %e, "local commit failed; re-peering");
@@ -1000,6 +1014,48 @@ impl OsdCore {
         tokio::spawn(async move { core.peer(pg, g).await });
     }
 
+    /// Applies a write's transaction to the local store (the primary's half of `write`),
+    /// retrying while the store refuses it for lack of space: its sub-ops are already on their
+    /// way, so a replica may hold it, and it must not be reported failed (see `write`). Returns
+    /// the durability ticket; `IntervalChanged` if the PG's interval changes meanwhile (the
+    /// client resends, and peering settles the write's fate on every member alike).
+    async fn apply_until_room(
+        &self,
+        pg: &Pg,
+        generation: u64,
+        txn: Transaction,
+    ) -> Result<crate::store::Durable, OpError> {
+        let txn = Arc::new(txn);
+        let mut warned = false;
+        loop {
+            let t = txn.clone();
+            match self
+                .on_store(move |store| store.apply_blocking(&t).map_err(pg::store_error))
+                .await
+            {
+                Err(OpError::NoSpace(m)) => {
+                    metrics::counter!("basalt_osd_write_no_space_retries_total", "where" => "local")
+                        .increment(1);
+                    if !warned {
+                        warned = true;
+                        tracing::warn!(pg = %pg.id, reason = %m,
+                            "no room for a write already sent to the replicas; retrying until there is");
+                    }
+                }
+                other => return other,
+            }
+            let mut rx = pg.changed.subscribe();
+            let _ = tokio::time::timeout(RETRY_PAUSE, rx.changed()).await;
+            let (g, _, epoch) = pg.snapshot();
+            if g != generation {
+                return Err(OpError::IntervalChanged {
+                    pg: pg.id.to_string(),
+                    epoch,
+                });
+            }
+        }
+    }
+
     async fn sub_op_until_done(
         &self,
         pg: &Pg,
@@ -1007,6 +1063,7 @@ impl OsdCore {
         osd: OsdId,
         req: pb::SubOpRequest,
     ) -> Result<(), OpError> {
+        let mut warned_full = false;
         loop {
             let (g, _, epoch) = pg.snapshot();
             if g != generation {
@@ -1031,7 +1088,17 @@ impl OsdCore {
             };
             match answer {
                 Ok(Ok(())) => return Ok(()),
-                Ok(Err(OpError::NoSpace(m))) => return Err(OpError::NoSpace(m)),
+                Ok(Err(OpError::NoSpace(m))) => {
+                    // The primary has committed this write, so failing it would leave it
+                    // visible yet reported failed: wait for room instead (see `write`).
+                    metrics::counter!("basalt_osd_write_no_space_retries_total", "where" => "replica")
+                        .increment(1);
+                    if !warned_full {
+                        warned_full = true;
+                        tracing::warn!(pg = %pg.id, osd, reason = %m,
+                            "replica has no room for a committed write; retrying until it has");
+                    }
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(pg = %pg.id, osd, error = %e, "sub-op failed; retrying")
                 }

@@ -340,6 +340,15 @@ impl TestCluster {
         self.osds[i].start("basalt-osd", "info")
     }
 
+    /// Sets OSD `i`'s `flag` to `value` (replacing an earlier value) for its next start.
+    pub fn set_osd_arg(&mut self, i: usize, flag: &str, value: &str) {
+        let args = &mut self.osds[i].args;
+        match args.iter().position(|a| a == flag) {
+            Some(at) if at + 1 < args.len() => args[at + 1] = value.to_string(),
+            _ => args.extend([flag.to_string(), value.to_string()]),
+        }
+    }
+
     /// SIGKILLs OSD `i` (power-cut semantics).
     pub fn kill_osd(&mut self, i: usize) {
         if let Some(mut c) = self.osds[i].child.take() {

@@ -533,3 +533,102 @@ fn blocklisted_and_inactive_give_typed_errors() {
             .expect("healthy PG serves");
     }
 }
+
+/// Issue 17 item 2: a replica that runs out of space after the primary committed a write must
+/// not leave the write failed-but-visible (nor the PG diverged). The write waits until the
+/// replica has room — here until a removal (which a full store always accepts) frees it — and
+/// then every member holds it.
+#[test]
+fn a_full_replica_never_leaves_a_failed_write_visible() {
+    let mut f = fixture();
+    let map = f.rados.osdmap();
+    let pool = map.pool_by_name("data").expect("pool");
+    let pg = object_to_pg_ns(&pool.placement(), "", "victim");
+    let acting = map.map_pg(pool, pg).expect("map").acting;
+    let (primary, replica) = (acting[0], acting[1]);
+    // Another object of the same PG, to fill the replica with.
+    let filler = (0..10_000)
+        .map(|i| format!("filler{i}"))
+        .find(|n| object_to_pg_ns(&pool.placement(), "", n) == pg)
+        .expect("an object name in the victim's PG");
+
+    // The replica restarts with room for 8 MiB of data; 6 MiB of it is then used.
+    let r = f.harness_index(replica);
+    f.cluster.stop_osd(r, Duration::from_secs(10));
+    f.cluster
+        .set_osd_arg(r, "--capacity-bytes", &(8u64 << 20).to_string());
+    f.cluster.restart_osd(r).expect("restart the replica");
+    f.wait_active_clean(Duration::from_secs(90))
+        .expect("the PGs active+clean with the small replica");
+    let filler_data = pattern(7, 6 << 20);
+    f.rt.block_on(f.io.write_full(&filler, filler_data))
+        .expect("the filler fits");
+
+    // A client that waits as long as it takes (a VM's gateway has no op timeout).
+    let mut config = f.cluster.config.clone();
+    config.timeouts.osd_op_timeout_ms = 0;
+    let patient = f.rt.block_on(Rados::connect(config)).expect("connect");
+    let pio = wait_for("the pool visible", Duration::from_secs(30), || {
+        patient.ioctx("data").ok()
+    })
+    .expect("ioctx");
+    let data = pattern(8, 4 << 20);
+    let writer = {
+        let data = data.clone();
+        f.rt.spawn(async move { pio.write_full("victim", data).await })
+    };
+    let p = f.harness_index(primary);
+    let refused = || {
+        f.cluster.osd_metrics(p).ok().map_or(0.0, |t| {
+            basalt_tests::metric_sum(&t, "basalt_osd_write_no_space_retries_total", "replica")
+        })
+    };
+    wait_for(
+        "the full replica to refuse the write (or the write to end)",
+        Duration::from_secs(60),
+        || (refused() > 0.0 || writer.is_finished()).then_some(()),
+    )
+    .expect("refusal");
+    if writer.is_finished() {
+        let r = f.rt.block_on(writer).expect("writer task");
+        let seen = f.rt.block_on(f.io.read("victim", 0, 8 << 20));
+        panic!(
+            "the write ended ({r:?}) although a replica had no room for it; \
+             the object now reads {} bytes",
+            seen.map(|b| b.len()).unwrap_or(0)
+        );
+    }
+    // The operator frees space: a removal passes even on the full replica, and the waiting
+    // write then completes on every member.
+    f.rt.block_on(f.io.remove(&filler))
+        .expect("a removal works on a full replica");
+    let r = f.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), writer)
+            .await
+            .map(|j| j.expect("writer task"))
+    });
+    match r {
+        Ok(Ok(())) => {}
+        other => panic!("the write did not complete once the replica had room: {other:?}"),
+    }
+    assert!(
+        f.rt.block_on(f.io.read("victim", 0, 8 << 20))
+            .expect("read victim")
+            == data,
+        "the completed write reads back"
+    );
+    f.wait_active_clean(Duration::from_secs(60))
+        .expect("the PG clean, with no member left behind");
+    let map = f.rados.osdmap();
+    let stores = stores_after_stop(&mut f.cluster, 6);
+    assert_eq!(
+        copies_identical(&map, &stores, "data", "victim", &data),
+        3,
+        "victim copies"
+    );
+    assert_eq!(
+        copies_identical(&map, &stores, "data", &filler, &Bytes::new()),
+        0,
+        "the removed filler is gone everywhere"
+    );
+}
