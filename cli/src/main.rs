@@ -123,7 +123,8 @@ enum OsdCmd {
 
 #[derive(Subcommand, Debug)]
 enum BlocklistCmd {
-    /// Fence a client entity.
+    /// Fence a client: NAME fences every process of that name, NAME/NONCE one process
+    /// (what an image lock breaker adds; `osd blocklist ls` shows them).
     Add {
         entity: String,
         /// Seconds until the entry lapses (default 3600).

@@ -49,6 +49,8 @@ struct Inner {
     sub: MapSubscription,
     entity: String,
     incarnation: u64,
+    /// `<entity>/<incarnation>`: see [`Rados::instance`].
+    instance: String,
     next_tid: AtomicU64,
     osds: Mutex<HashMap<String, OsdClient<Channel>>>,
     /// Bound on object ops (`osd_op_timeout_ms`); None waits as long as it takes.
@@ -80,10 +82,11 @@ impl Rados {
 
     /// As [`Rados::connect`] with a chosen entity name (what the blocklist and locks show).
     pub async fn connect_as(config: ClusterConfig, entity: &str) -> Result<Rados, ClientError> {
-        if entity.is_empty() || entity.len() > 256 {
-            return Err(ClientError::InvalidArgument(
-                "a client entity name is 1..=256 bytes".into(),
-            ));
+        if entity.is_empty() || entity.len() > 256 || entity.contains('/') {
+            return Err(ClientError::InvalidArgument(format!(
+                "client name {entity:?} must be 1..=256 bytes without '/' \
+                 ('/' separates a name from its instance nonce)"
+            )));
         }
         let op_timeout = match config.timeouts.osd_op_timeout_ms {
             0 => None,
@@ -92,12 +95,14 @@ impl Rados {
         let mon_timeout = Duration::from_millis(config.timeouts.client_op_timeout_ms.max(100));
         let mon = MonClient::new(config)?;
         let sub = mon.subscribe().await?;
+        let incarnation = rand_u64();
         Ok(Rados {
             inner: Arc::new(Inner {
                 mon,
                 sub,
                 entity: entity.to_string(),
-                incarnation: rand_u64(),
+                incarnation,
+                instance: format!("{entity}/{incarnation}"),
                 next_tid: AtomicU64::new(1),
                 osds: Mutex::new(HashMap::new()),
                 op_timeout,
@@ -109,6 +114,14 @@ impl Rados {
     /// This client's entity name.
     pub fn entity(&self) -> &str {
         &self.inner.entity
+    }
+
+    /// This client instance, `<entity>/<nonce>` with a nonce random per `Rados` (Ceph's
+    /// address nonce): what the OSDs record as the owner of its locks and watches, and what
+    /// a lock breaker blocklists. Two processes under one fixed name (a gateway and its
+    /// restart) are different instances, so fencing one leaves the other serving.
+    pub fn instance(&self) -> &str {
+        &self.inner.instance
     }
 
     pub fn mon(&self) -> &MonClient {
@@ -888,7 +901,7 @@ impl IoCtx {
                         pool: self.pool,
                         pg_seed: seed,
                         epoch: map.epoch,
-                        client: inner.entity.clone(),
+                        client: inner.instance.clone(),
                         start_after: start_after.clone(),
                         max: 1000,
                         timeout_ms: osd_wait_ms(remaining),
@@ -981,7 +994,7 @@ impl IoCtx {
                 pg_seed: pg.seed,
                 namespace: self.namespace.clone(),
                 object: oid.clone(),
-                client: inner.entity.clone(),
+                client: inner.instance.clone(),
                 cookie,
                 epoch: map.epoch,
                 timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
@@ -1074,7 +1087,7 @@ impl IoCtx {
                         pg_seed: pg.seed,
                         namespace: self.namespace.clone(),
                         object: oid.to_string(),
-                        client: inner.entity.clone(),
+                        client: inner.instance.clone(),
                         epoch: map.epoch,
                         payload: payload.clone(),
                         timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
@@ -1108,7 +1121,7 @@ impl IoCtx {
         let req = pb::NotifyAckRequest {
             pool: self.pool,
             pg_seed: pg.seed,
-            client: inner.entity.clone(),
+            client: inner.instance.clone(),
             notify_id,
             cookie,
             reply,

@@ -180,9 +180,12 @@ impl Default for OsdTuning {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientSection {
-    /// The entity name (`client.<id>`) the clients on this machine connect as: what image
-    /// locks name as their holder and what `osd blocklist add` fences. Unset, each client
-    /// process picks a random `client.<16 hex>`; `basalt-gw --name` overrides it.
+    /// The entity name (`client.<id>`) the clients on this machine connect as. Each client
+    /// process is an instance `<name>/<nonce>` (random nonce): image locks name the instance
+    /// as their holder, and a lock breaker blocklists only that instance, so a restarted
+    /// process under the same name serves at once; `osd blocklist add <name>` fences every
+    /// instance. Unset, each client process picks a random `client.<16 hex>`;
+    /// `basalt-gw --name` overrides it.
     pub name: Option<String>,
 }
 
@@ -265,9 +268,12 @@ impl ClusterConfig {
         }
         if let Some(name) = &self.client.name {
             let id = name.strip_prefix("client.").unwrap_or_default();
-            if id.is_empty() || name.len() > 256 || name.chars().any(char::is_whitespace) {
+            if id.is_empty()
+                || name.len() > 256
+                || name.chars().any(|c| c.is_whitespace() || c == '/')
+            {
                 return Err(format!(
-                    "[client] name must be client.<id> (at most 256 bytes, no spaces), got {name:?}"
+                    "[client] name must be client.<id> (at most 256 bytes, no spaces or '/'), got {name:?}"
                 ));
             }
         }
@@ -348,6 +354,10 @@ lease_ms = 1000
             (
                 &format!("{GOOD}\n[client]\nname = \"gw1\"\n"),
                 "[client] name must be client.<id>",
+            ),
+            (
+                &format!("{GOOD}\n[client]\nname = \"client.gw/1\"\n"),
+                "no spaces or '/'",
             ),
             (
                 &GOOD.replace("lease_ms = 1000", "osd_heartbeat_grace_ms = 500"),

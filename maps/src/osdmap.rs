@@ -377,11 +377,22 @@ impl OsdMap {
         self.flags.contains(flag)
     }
 
-    /// Whether `entity` is fenced at wall time `now_ms`.
+    /// Whether client `entity` is fenced at wall time `now_ms`. `entity` is a client instance,
+    /// `<name>/<nonce>` (the nonce is random per client process, as Ceph's address nonce), or
+    /// a bare name. An entry for the instance fences that process only, which is what a lock
+    /// breaker adds, so a restarted process under the same name serves at once; an entry for
+    /// the bare name fences every instance of that name (an operator's `osd blocklist add
+    /// client.x`).
     pub fn is_blocklisted(&self, entity: &str, now_ms: u64) -> bool {
-        self.blocklist
-            .get(entity)
-            .is_some_and(|&expires| expires > now_ms)
+        let listed = |e: &str| {
+            self.blocklist
+                .get(e)
+                .is_some_and(|&expires| expires > now_ms)
+        };
+        listed(entity)
+            || entity
+                .rsplit_once('/')
+                .is_some_and(|(name, _)| listed(name))
     }
 
     pub fn num_up(&self) -> usize {
@@ -634,5 +645,11 @@ mod tests {
         assert!(map.is_blocklisted("client.a", 9_999));
         assert!(!map.is_blocklisted("client.a", 10_000));
         assert!(!map.is_blocklisted("client.b", 0));
+        // A bare name fences every instance of it; an instance fences only itself.
+        assert!(map.is_blocklisted("client.a/17", 9_999));
+        map.blocklist.insert("client.b/17".into(), 10_000);
+        assert!(map.is_blocklisted("client.b/17", 9_999));
+        assert!(!map.is_blocklisted("client.b/18", 9_999));
+        assert!(!map.is_blocklisted("client.b", 9_999));
     }
 }

@@ -30,10 +30,11 @@ pub const MAX_LOCK_NAME: usize = 256;
 /// its dups) and returns the recorded result instead of applying the op twice.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ReqId {
-    /// The client's entity name (what the blocklist lists), e.g. `client.7f3a…`.
+    /// The client's entity name, e.g. `client.7f3a…`.
     pub client: String,
     /// Changes every time the client process starts: a restarted client never collides with
-    /// its previous life's tids.
+    /// its previous life's tids. `client/incarnation` is the client instance the blocklist
+    /// fences and locks record.
     pub incarnation: u64,
     pub tid: u64,
 }

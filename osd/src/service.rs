@@ -22,10 +22,16 @@
 //!
 //! # Fencing
 //!
-//! Every client request is checked against the blocklist of an OSDMap at least as new as the
-//! client's (the OSD waits for that map first), so once a client has seen the map that
-//! blocklists another, no OSD applies the other's ops. Replicas accept sub-ops only from the
-//! primary that peered them in the current interval, so a deposed primary cannot write.
+//! Clients are fenced per instance (`name/nonce`, see `OsdMap::is_blocklisted`). Every client
+//! request is checked against the blocklist of an OSDMap at least as new as the client's (the
+//! OSD waits for that map first), and checked again once it holds its object's order lock:
+//! Ceph's epoch barrier. A lock breaker's ops carry the blocklist's epoch, so once it has
+//! touched an object through this OSD, no op of the fenced instance applies to that object
+//! here, even one that arrived with an older map and queued behind it; and an OSD that has
+//! not seen the blocklist has had no op of the breaker either, so what it applies is ordered
+//! before the break. Replicas accept sub-ops only from the primary that peered them in the
+//! current interval, so a deposed primary cannot write, and a new primary took over at a map
+//! newer than any its predecessor served the breaker with.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
@@ -758,6 +764,8 @@ impl OsdCore {
         }
         let deadline =
             Instant::now() + Duration::from_millis(u64::from(req.timeout_ms.clamp(100, 600_000)));
+        // The client instance (name/nonce): what the blocklist fences and locks record.
+        let instance = format!("{}/{}", reqid.client, reqid.incarnation);
         let (_, pg) = self
             .primary_pg(
                 req.epoch,
@@ -765,7 +773,7 @@ impl OsdCore {
                 req.pg_seed,
                 &req.namespace,
                 Some(&req.object),
-                &reqid.client,
+                &instance,
             )
             .await?;
         self.wait_active(&pg, deadline).await?;
@@ -781,10 +789,23 @@ impl OsdCore {
         };
         // The interval may have changed while we queued behind another op.
         let generation = self.wait_active(&pg, deadline).await?;
+        // The epoch barrier, checked again now that this op holds its object: the check above
+        // may have used a map older than the blocklist, and while this op queued, the lock
+        // breaker's ops (which carry the blocklist's epoch, so this OSD waited for that map
+        // before taking them) may have touched the object first. Whatever ran on the object
+        // before this point ran with this OSD's map at least that new, so a fenced client's
+        // op that gets here after any of them is refused; one that got here before them is
+        // ordered before the break, as if it had landed before the blocklist.
+        if self
+            .current_map()
+            .is_some_and(|m| m.is_blocklisted(&instance, now_ms()))
+        {
+            return Err(OpError::Blocklisted(instance));
+        }
         stage("queue", received);
         let obj = ObjectId::with_namespace(pg.id, req.namespace.clone(), req.object.clone());
         let watchers = self.watchers_of(&(pg.id, req.namespace.clone(), req.object.clone()));
-        let client = reqid.client.clone();
+        let client = instance.clone();
         let dup_key = is_write.then(|| reqid.key());
         let ops2 = ops.clone();
         let obj2 = obj.clone();
@@ -824,7 +845,7 @@ impl OsdCore {
             Err(OpError::Corrupt(what)) if !is_write => {
                 // Never return corrupt bytes: repair from a replica, then read again.
                 self.repair_object(&pg, generation, &obj, &what).await?;
-                let client = reqid.client.clone();
+                let client = instance.clone();
                 let watchers = self.watchers_of(&(pg.id, req.namespace.clone(), req.object));
                 let obj2 = obj.clone();
                 self.on_store(move |store| {

@@ -96,7 +96,8 @@ impl ExportRegistry for ImageRegistry {
         let (pool, image) = split_name(name)?;
         let mut images = self.images.lock().await;
         // A blocklisted gateway keeps handing out its fenced instance: its writes fail
-        // (EPERM) until the gateway restarts under a new client identity.
+        // (EPERM) until the gateway restarts, which makes it a new client instance (the
+        // blocklist fences name/nonce), even under the same --name.
         if let Some(e) = images.get(name) {
             return Ok(e.clone());
         }

@@ -23,8 +23,9 @@ struct Args {
     /// Address to serve NBD on (10809 is NBD's port).
     #[arg(long, default_value = "127.0.0.1:10809")]
     listen: SocketAddr,
-    /// Client entity name (what locks and the blocklist show); default: the config's
-    /// `[client] name`, else client.gw.<host>.<pid>.
+    /// Client entity name; default: the config's `[client] name`, else
+    /// client.gw.<host>.<pid>. Locks and the blocklist show this process as NAME/<nonce>, so
+    /// a gateway fenced by a lock breaker serves again once restarted under the same name.
     #[arg(long)]
     name: Option<String>,
     /// A watch with no ping for this long is dropped by the OSD; a gateway frozen that long

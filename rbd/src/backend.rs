@@ -93,7 +93,9 @@ pub struct NotifyResult {
 /// One pool's objects, as a librados IoCtx sees them. All errors typed.
 #[async_trait]
 pub trait ObjectBackend: Send + Sync + 'static {
-    /// This client's identity as OSDs and the blocklist see it, e.g. "client.4242.a1b2".
+    /// This client instance's identity as OSDs record it in locks and watches and as a lock
+    /// breaker blocklists it, e.g. "client.gw.host1/4242" (name/nonce): unique per process
+    /// even when the name is fixed.
     fn client_id(&self) -> String;
     /// `NotFound` if absent; short at EOF.
     async fn read(&self, oid: &str, off: u64, len: u64) -> Result<Bytes, BackendError>;

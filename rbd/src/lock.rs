@@ -415,8 +415,12 @@ impl LockCore {
                     // Released or changed hands since we looked: start over.
                     self.try_lock(out);
                 } else if holder.client == self.me {
-                    // A stale lock of an earlier incarnation of ours (its
-                    // watch is gone); never blocklist ourselves.
+                    // A stale lock of this very client instance (a watch
+                    // we lost and replaced): nothing of ours writes under
+                    // it, and we must never blocklist ourselves. An earlier
+                    // process under the same name is another instance
+                    // (client ids carry a per-process nonce) and is fenced
+                    // like any other holder.
                     out.push(Action::BreakLock {
                         owner: holder.clone(),
                     });

@@ -64,7 +64,9 @@ fn key_string(k: &[u8]) -> Result<String, BackendError> {
 #[async_trait]
 impl ObjectBackend for RadosBackend {
     fn client_id(&self) -> String {
-        self.rados.entity().to_string()
+        // The instance, not the name: a breaker must fence exactly the process holding the
+        // lock, never a restart of it under the same name.
+        self.rados.instance().to_string()
     }
 
     async fn read(&self, oid: &str, off: u64, len: u64) -> Result<Bytes, BackendError> {

@@ -269,3 +269,113 @@ fn live_migration_moves_the_lock_and_fences_a_frozen_gateway() {
         "{metrics}"
     );
 }
+
+/// Issue 17 item 6, fencing end to end: a gateway frozen mid-write (fio's writes queued in
+/// its socket) loses the image to another gateway, which blocklists that gateway's client
+/// *instance* before breaking its lock; when the frozen one resumes, every write it still
+/// sends is refused and the image holds exactly the new holder's data. The fenced host's
+/// gateway, restarted under the same fixed `--name` (as its systemd unit does), is a new
+/// instance and serves again at once.
+#[test]
+fn a_fenced_gateway_lands_nothing_and_its_restart_serves_at_once() {
+    basalt_tests::require_tool("qemu-io", "qemu-utils");
+    basalt_tests::require_tool("fio", "fio");
+    let mut f = fixture();
+    f.rt.block_on(f.rbd.create("fenced", 16 << 20, 22))
+        .expect("create image");
+    let opts = ["--watch-timeout-ms", "3000", "--notify-timeout-ms", "1000"];
+    let a = f.cluster.start_gateway("hostA", &opts).expect("gateway A");
+    let b = f.cluster.start_gateway("hostB", &opts).expect("gateway B");
+    // A restarted gateway keeps its address.
+    let (url_a, url_b) = (
+        format!("nbd://{}/rbd/fenced", f.cluster.gateway_addr(a)),
+        format!("nbd://{}/rbd/fenced", f.cluster.gateway_addr(b)),
+    );
+
+    // A VM on host A writes the first 8 MiB over and over, 8 requests in flight.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fio_log = dir.path().join("fio.log");
+    let mut fio = std::process::Command::new("fio")
+        .args([
+            "--name=vm-on-a",
+            "--ioengine=nbd",
+            &format!("--uri={url_a}"),
+            "--rw=write",
+            "--bs=64k",
+            "--size=8M",
+            "--iodepth=8",
+            "--time_based",
+            "--runtime=300",
+            "--buffer_pattern=0x41",
+        ])
+        .stdout(std::fs::File::create(&fio_log).expect("fio log"))
+        .stderr(std::process::Stdio::null())
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .spawn()
+        .expect("start fio");
+    let writes_on_a = || {
+        f.cluster.gateway_metrics(a).ok().map_or(0.0, |t| {
+            basalt_tests::metric_sum(&t, "basalt_nbd_requests_total", "op=\"write\"")
+        })
+    };
+    basalt_tests::wait_for("fio writing through A", Duration::from_secs(60), || {
+        (writes_on_a() >= 32.0).then_some(())
+    })
+    .expect("fio writes");
+    // Host A hangs mid-write; host B's writes take the image over once A's watch timed out.
+    f.cluster.pause_gateway(a, true);
+    qemu_io_ok(&url_b, &["write -P 0x42 0 8M"]);
+    // A resumes: its queued and new writes are all refused, so fio fails.
+    f.cluster.pause_gateway(a, false);
+    let status = basalt_tests::wait_for("fio to stop", Duration::from_secs(60), || {
+        fio.try_wait().ok().flatten()
+    });
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = fio.kill();
+            let _ = fio.wait();
+            panic!(
+                "{e}: the fenced gateway kept accepting writes:\n{}",
+                std::fs::read_to_string(&fio_log).unwrap_or_default()
+            );
+        }
+    };
+    assert!(
+        !status.success(),
+        "fio on the fenced gateway succeeded:\n{}",
+        std::fs::read_to_string(&fio_log).unwrap_or_default()
+    );
+    // Nothing of A's landed after B took over: the disk is B's data.
+    qemu_io_ok(&url_b, &["read -P 0x42 0 8M", "read -P 0 8M 8M"]);
+
+    // Host A's gateway restarts under the same name: a new instance, not fenced.
+    f.cluster.kill_gateway(a);
+    f.cluster.restart_gateway(a, "hostA").expect("restart A");
+    qemu_io_ok(
+        &url_a,
+        &[
+            "write -P 0x43 8M 1M",
+            "read -P 0x42 0 8M",
+            "read -P 0x43 8M 1M",
+        ],
+    );
+    // The blocklist names the frozen instance (name/nonce), not the whole name.
+    let list = f
+        .cluster
+        .cli_ok(&["osd", "blocklist", "ls"])
+        .expect("blocklist ls");
+    assert!(
+        list.lines().any(|l| l.starts_with("client.hostA/")),
+        "the fenced instance is not in the blocklist:\n{list}"
+    );
+    assert!(
+        !list.lines().any(|l| l.starts_with("client.hostA ")),
+        "the whole name client.hostA is blocklisted:\n{list}"
+    );
+    // B still serves, and sees A's new write.
+    qemu_io_ok(&url_b, &["read -P 0x43 8M 1M"]);
+}

@@ -172,6 +172,35 @@ fn silent_holder_with_live_watch_is_waited_for() {
 }
 
 #[test]
+fn an_earlier_process_under_our_name_is_fenced_like_anyone() {
+    // Client ids are instances (name/nonce): a restarted gateway with a fixed name meets
+    // the lock of its frozen or dead predecessor, another instance, and fences it.
+    let mut c = LockCore::new(cfg(), "client.gw.a/2", 7);
+    c.handle(MS, Event::WriteWanted(1));
+    let h = owner("client.gw.a/1", 3);
+    c.handle(
+        MS,
+        Event::LockBusy {
+            holder: Some(h.clone()),
+        },
+    );
+    c.handle(
+        MS,
+        Event::NotifyDone {
+            acked: vec![],
+            timed_out: vec![],
+        },
+    );
+    c.handle(MS, Event::Watchers(vec![w("client.gw.a/2", 7)]));
+    assert_eq!(
+        c.handle(MS, Event::LockInfo(Some(h))),
+        vec![Action::Blocklist {
+            client: "client.gw.a/1".into()
+        }]
+    );
+}
+
+#[test]
 fn dead_holder_is_blocklisted_before_its_lock_is_broken() {
     let mut c = LockCore::new(cfg(), "me", 7);
     c.handle(MS, Event::WriteWanted(1));
@@ -278,7 +307,8 @@ fn external_locker_and_own_stale_lock() {
         },
     );
     assert_eq!(c.handle(MS, Event::Watchers(vec![])), vec![]);
-    // Our own earlier incarnation: break without blocklisting ourselves.
+    // This very instance's stale lock (a watch it replaced): break without blocklisting
+    // ourselves.
     let mut c = LockCore::new(cfg(), "me", 7);
     c.handle(MS, Event::WriteWanted(1));
     let stale = owner("me", 2);
