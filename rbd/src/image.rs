@@ -209,6 +209,9 @@ impl Image {
             waiters: HashMap::new(),
             notify_cookies: HashMap::new(),
             closers: Vec::new(),
+            acquiring_since: None,
+            acquiring_handover: false,
+            releasing_since: None,
         };
         tokio::spawn(driver.run(cmd_rx));
         Ok(Image {
@@ -597,6 +600,12 @@ struct Driver {
     /// notify id → the watch cookie it arrived on (acks must name it).
     notify_cookies: HashMap<u64, u64>,
     closers: Vec<oneshot::Sender<()>>,
+    /// When the current acquisition started (its first `TryLock`): the lock-wait a write sees.
+    acquiring_since: Option<Instant>,
+    /// The current acquisition took the lock from another holder.
+    acquiring_handover: bool,
+    /// When the current release started (the lock stopped admitting writes) and why.
+    releasing_since: Option<(Instant, &'static str)>,
 }
 
 impl Driver {
@@ -668,7 +677,11 @@ impl Driver {
                 _ = sleep_until(deadline) => Event::Tick,
             };
             let now = self.origin.elapsed();
+            let was_locked = self.core.is_locked();
+            let cause = release_cause(&ev);
+            let unlocked = ev == Event::Unlocked;
             let actions = self.core.handle(now, ev);
+            self.time_release(was_locked, cause, unlocked);
             let mut closed = false;
             for a in actions {
                 closed |= self.perform(a, &int_tx);
@@ -698,6 +711,24 @@ impl Driver {
         }
         for tx in self.closers.drain(..) {
             let _ = tx.send(());
+        }
+    }
+
+    /// Times a release from the event that made the lock stop admitting writes to the
+    /// unlock's reply (`basalt_rbd_lock_release_seconds`, and a log line the hand-over
+    /// benchmark reads).
+    fn time_release(&mut self, was_locked: bool, cause: &'static str, unlocked: bool) {
+        if was_locked && !self.core.is_locked() {
+            self.releasing_since = Some((Instant::now(), cause));
+        }
+        if unlocked {
+            if let Some((since, cause)) = self.releasing_since.take() {
+                let took = since.elapsed();
+                metrics::histogram!("basalt_rbd_lock_release_seconds", "cause" => cause)
+                    .record(took.as_secs_f64());
+                tracing::info!(image = %self.shared.name, cause, elapsed_us = took.as_micros() as u64,
+                    "released the exclusive lock");
+            }
         }
     }
 
@@ -732,6 +763,14 @@ impl Driver {
         let failed = |e: BackendError| Event::OpFailed(e);
         match a {
             Action::AdmitWrite(id) => {
+                if let Some(since) = self.acquiring_since.take() {
+                    let took = since.elapsed();
+                    let handover = std::mem::take(&mut self.acquiring_handover);
+                    metrics::histogram!("basalt_rbd_lock_acquire_seconds")
+                        .record(took.as_secs_f64());
+                    tracing::info!(image = %sh.name, handover, elapsed_us = took.as_micros() as u64,
+                        "acquired the exclusive lock");
+                }
                 if let Some(w) = self.waiters.remove(&id) {
                     if w.send(Ok(())).is_err() {
                         // The caller gave up meanwhile; its guard already sent Finished.
@@ -739,36 +778,41 @@ impl Driver {
                 }
             }
             Action::FailWrite(id, r) => {
+                self.acquiring_since = None;
+                self.acquiring_handover = false;
                 if let Some(w) = self.waiters.remove(&id) {
                     let _ = w.send(Err(r));
                 }
             }
-            Action::TryLock { cookie } => spawn(Box::pin(async move {
-                let b = &sh.backend;
-                match b
-                    .lock_exclusive(
-                        &sh.header_oid,
-                        layout::LOCK_NAME,
-                        &cookie,
-                        "basalt-rbd auto",
-                    )
-                    .await
-                {
-                    Ok(()) => Event::LockAcquired,
-                    Err(BackendError::Busy(_)) => {
-                        match b.lock_info(&sh.header_oid, layout::LOCK_NAME).await {
-                            Ok(l) => Event::LockBusy {
-                                holder: l.into_iter().next().map(|l| LockOwner {
-                                    client: l.client,
-                                    cookie: l.cookie,
-                                }),
-                            },
-                            Err(e) => failed(e),
+            Action::TryLock { cookie } => {
+                self.acquiring_since.get_or_insert_with(Instant::now);
+                spawn(Box::pin(async move {
+                    let b = &sh.backend;
+                    match b
+                        .lock_exclusive(
+                            &sh.header_oid,
+                            layout::LOCK_NAME,
+                            &cookie,
+                            "basalt-rbd auto",
+                        )
+                        .await
+                    {
+                        Ok(()) => Event::LockAcquired,
+                        Err(BackendError::Busy(_)) => {
+                            match b.lock_info(&sh.header_oid, layout::LOCK_NAME).await {
+                                Ok(l) => Event::LockBusy {
+                                    holder: l.into_iter().next().map(|l| LockOwner {
+                                        client: l.client,
+                                        cookie: l.cookie,
+                                    }),
+                                },
+                                Err(e) => failed(e),
+                            }
                         }
+                        Err(e) => failed(e),
                     }
-                    Err(e) => failed(e),
-                }
-            })),
+                }))
+            }
             Action::NotifyRequestLock { holder } => spawn(Box::pin(async move {
                 tracing::info!(image = %sh.name, holder = %holder.client, "asking the lock holder to release");
                 let payload = match postcard::to_allocvec(&NotifyMsg::RequestLock { client: me }) {
@@ -878,6 +922,7 @@ impl Driver {
                 });
             }
             Action::RecordHandover => {
+                self.acquiring_handover = true;
                 tracing::info!(image = %sh.name, "took over the exclusive lock");
                 sh.handovers.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("basalt_rbd_lock_handovers_total").increment(1);
@@ -885,6 +930,16 @@ impl Driver {
             Action::Closed => return true,
         }
         false
+    }
+}
+
+/// Why a release that `ev` starts is happening (a label of the release histogram).
+fn release_cause(ev: &Event) -> &'static str {
+    match ev {
+        Event::RequestLockNotified { .. } => "requested",
+        Event::Close => "close",
+        Event::WatchLost => "watch_lost",
+        _ => "other",
     }
 }
 

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# bench/handover.sh — the storage's share of a live migration's switch-over: how long the
+# exclusive lock takes to move from one gateway to another.
+#
+# Two gateways, one image; REPS times: a client writes through the gateway holding the lock,
+# flushes and disconnects, and a client already connected to the other gateway writes at once
+# (bench/handover_client.py, libnbd; the lock then crosses back the next time). Reported as
+# p50 / p99 / max in ms:
+#   flush        the source's FLUSH (client side)
+#   disconnect   NBD_CMD_DISC until the socket is closed (client side)
+#   release      the source gateway: from the event that stopped it admitting writes (the
+#                destination's lock request, or the disconnect) to its unlock's reply
+#                (its "released the exclusive lock" log lines)
+#   acquire      the destination gateway: from its first lock attempt to admitting the write
+#                (its "acquired the exclusive lock" log lines)
+#   first write  the destination's first write, lock acquisition included (client side)
+#   gap          FLUSH sent → the destination's first write answered (client side)
+# Placements: `local` (`basalt cluster up`: 3 monitors, 6 OSDs, gateways on 127.0.0.1:10809
+# and :10810) and `netns` (deploy/netns-cluster.sh: 3 hosts in network namespaces; gateways on
+# h1 and h2, the client in the root namespace; needs root).
+#
+# Usage: bench/handover.sh                      (from a fresh clone: builds first)
+# Environment: REPS (50), PLACEMENTS ("local netns"), BEFORE_BIN (a directory with an earlier
+# build's basalt, basalt-mon, basalt-osd and basalt-gw: measured too, in the same run, as
+# "before"), OUT (the table; default bench/results/handover-<UTC date>.md),
+# BASALT_NETNS_PREFIX / BASALT_NETNS_NET (the netns placement's names, default bho / 10.77.21).
+# Uses ports 6789-6791 and 10809-10810 on 127.0.0.1 (stop any local cluster first).
+set -Eeuo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPS=${REPS:-50}
+PLACEMENTS=${PLACEMENTS:-local netns}
+STAMP=$(date -u +%Y%m%d-%H%M)
+OUT=${OUT:-$ROOT/bench/results/handover-$STAMP.md}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/basalt-target}
+export BASALT_NETNS_PREFIX=${BASALT_NETNS_PREFIX:-bho} BASALT_NETNS_NET=${BASALT_NETNS_NET:-10.77.21}
+WORK=$(mktemp -d /tmp/basalt-handover.XXXXXX)
+# nbdsh/libnbd's python bindings live in Debian's python.
+export PATH=/usr/bin:$PATH
+
+say() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { say "$*"; exit 1; }
+
+[[ $PLACEMENTS != *netns* || $EUID -eq 0 ]] ||
+  die "the netns placement needs root (ip netns); run as root or with PLACEMENTS=local"
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || die "libnbd's python bindings are missing: apt-get install python3-libnbd"
+if [[ $PLACEMENTS == *local* ]] && ss -Hltn '( sport = :6789 or sport = :10809 or sport = :10810 )' | grep -q .; then
+  die "ports 6789/10809/10810 are in use: stop the local basalt cluster first (basalt cluster down)"
+fi
+say "building basalt (release; a no-op when up to date)"
+(cd "$ROOT" && ./scripts/setup.sh >/dev/null && cargo build --release --locked --workspace --all-targets)
+
+CURRENT=""   # what to stop on exit: "local DIR BIN" or "netns DIR BIN"
+cleanup() {
+  set +e
+  read -r kind dir bin <<<"$CURRENT"
+  case $kind in
+  local) "$bin/basalt" cluster down --dir "$dir" >/dev/null 2>&1 ;;
+  netns) BASALT_BIN_DIR=$bin "$ROOT/deploy/netns-cluster.sh" down "$dir" >/dev/null 2>&1 ;;
+  esac
+}
+trap cleanup EXIT
+
+# Creates the image (retrying while the fresh pool's PGs activate) — bounded at 120 s.
+create_image() {
+  local bin=$1 conf=$2 deadline=$((SECONDS + 120))
+  until "$bin/basalt" --config "$conf" --timeout 10 rbd create --size 256M rbd/handover >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "could not create rbd/handover within 120 s"
+    sleep 1
+  done
+}
+
+# run LABEL BIN PLACEMENT: one measured run; leaves $WORK/LABEL-PLACEMENT/{client.tsv,gateway.log,load}
+run() {
+  local label=$1 bin=$2 placement=$3 d=$WORK/$1-$3 conf uri_a uri_b logs
+  mkdir -p "$d"
+  say "$label / $placement: starting a fresh cluster"
+  case $placement in
+  local)
+    CURRENT="local $d/cluster $bin"
+    "$bin/basalt" cluster up --dir "$d/cluster" --gateways 2 >/dev/null
+    conf=$d/cluster/cluster.toml
+    uri_a=nbd://127.0.0.1:10809/rbd/handover uri_b=nbd://127.0.0.1:10810/rbd/handover
+    logs=("$d/cluster/gw0.log" "$d/cluster/gw1.log")
+    ;;
+  netns)
+    CURRENT="netns $d/cluster $bin"
+    BASALT_BIN_DIR=$bin "$ROOT/deploy/netns-cluster.sh" up "$d/cluster" >/dev/null 2>&1
+    conf=$d/cluster/cluster.toml
+    "$bin/basalt" --config "$conf" pool create rbd --pg-num 64 >/dev/null
+    uri_a=nbd://$BASALT_NETNS_NET.1:10809/rbd/handover uri_b=nbd://$BASALT_NETNS_NET.2:10809/rbd/handover
+    logs=("$d/cluster/h1/gw.log" "$d/cluster/h2/gw.log")
+    ;;
+  *) die "unknown placement $placement (local or netns)" ;;
+  esac
+  create_image "$bin" "$conf"
+  say "$label / $placement: $REPS hand-overs"
+  cut -d' ' -f1-3 /proc/loadavg >"$d/load"
+  /usr/bin/python3 "$ROOT/bench/handover_client.py" "$uri_a" "$uri_b" "$REPS" "$d/client.tsv"
+  cut -d' ' -f1-3 /proc/loadavg >>"$d/load"
+  # The gateways' own view of each hand-over (parsed with the table).
+  cat "${logs[@]}" | grep -a 'the exclusive lock' >"$d/gateway.log" || true
+  cleanup
+  CURRENT=""
+}
+
+labels=(after)
+bins=("$CARGO_TARGET_DIR/release")
+if [[ -n ${BEFORE_BIN:-} ]]; then
+  for b in basalt basalt-mon basalt-osd basalt-gw; do
+    [[ -x $BEFORE_BIN/$b ]] || die "BEFORE_BIN=$BEFORE_BIN has no executable $b"
+  done
+  labels=(before after)
+  bins=("$BEFORE_BIN" "$CARGO_TARGET_DIR/release")
+fi
+for placement in $PLACEMENTS; do
+  for i in "${!labels[@]}"; do
+    run "${labels[$i]}" "${bins[$i]}" "$placement"
+  done
+done
+
+mkdir -p "$(dirname "$OUT")"
+/usr/bin/python3 - "$WORK" "$REPS" "$OUT" "${labels[*]}" "$PLACEMENTS" "$(git -C "$ROOT" rev-parse --short HEAD)" <<'PY'
+import csv, os, sys
+work, reps, out, labels, placements, rev = sys.argv[1:]
+def pct(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, max(0, int(round(p / 100 * len(xs) + 0.5)) - 1))]
+def cell(xs):
+    if not xs:
+        return "—"
+    return f"{pct(xs, 50):.1f} / {pct(xs, 99):.1f} / {max(xs):.1f}"
+lines = [f"Hand-over benchmark, {reps} repetitions per run, commit {rev}. "
+         "Each cell: p50 / p99 / max in ms.", "",
+         "| placement | build | load (start → end) | flush | disconnect | release (source gw) | "
+         "acquire (destination gw) | first write | gap |",
+         "|---|---|---|---|---|---|---|---|---|"]
+for placement in placements.split():
+    for label in labels.split():
+        d = os.path.join(work, f"{label}-{placement}")
+        rows = list(csv.DictReader(open(os.path.join(d, "client.tsv")), delimiter="\t"))
+        col = lambda k: [float(r[k]) for r in rows]
+        def us(what):
+            # "released the exclusive lock" (not the shutdown's close) / "acquired the exclusive
+            # lock" taken from another holder; elapsed_us=N.
+            xs = []
+            for l in open(os.path.join(d, "gateway.log")):
+                f = dict(kv.split("=", 1) for kv in l.split() if "=" in kv)
+                if what not in l or "elapsed_us" not in f:
+                    continue
+                if what == "released" and f.get("cause", "").strip('"') == "close":
+                    continue
+                if what == "acquired" and f.get("handover", "").strip('"') != "true":
+                    continue
+                xs.append(int(f["elapsed_us"]) / 1000)
+            return xs
+        load = [l.split()[0] for l in open(os.path.join(d, "load")).read().splitlines()]
+        lines.append(f"| {placement} | {label} | {' → '.join(load)} | {cell(col('flush_ms'))} | "
+                     f"{cell(col('disconnect_ms'))} | {cell(us('released'))} | {cell(us('acquired'))} | "
+                     f"{cell(col('first_write_ms'))} | {cell(col('gap_ms'))} |")
+text = "\n".join(lines) + "\n"
+open(out, "w").write(text)
+print(text)
+PY
+say "table written to $OUT; raw results in $WORK"
