@@ -141,6 +141,11 @@ pub enum Event {
     RewatchFailed(BackendError),
     /// Some operation of this client was refused with `Blocklisted`.
     Blocklisted(String),
+    /// Nobody is using the image for now (the gateway's last connection to it closed):
+    /// release the lock at once, as a close would, but stay open. The next writer
+    /// elsewhere then locks on its first try instead of asking us and waiting for our
+    /// release; a later write here takes the lock again as usual.
+    Relinquish,
     /// Close the image: release the lock if held, refuse further writes.
     Close,
     /// Time passed; see [`LockCore::next_deadline`].
@@ -236,6 +241,9 @@ pub struct LockCore {
     /// The current release was asked for by another client.
     release_requested: bool,
     closing: bool,
+    /// A `Relinquish` arrived while the lock was being acquired and no write has wanted
+    /// it since: release it as soon as it is ours.
+    relinquish: bool,
     /// Another holder stood in our way during this acquisition.
     saw_holder: bool,
     /// The holder acked our last request (so a Busy right after is not a reason to hurry).
@@ -257,6 +265,7 @@ impl LockCore {
             pending_acks: Vec::new(),
             release_requested: false,
             closing: false,
+            relinquish: false,
             saw_holder: false,
             last_answered: None,
         }
@@ -307,18 +316,22 @@ impl LockCore {
 
     fn step(&mut self, now: Duration, ev: Event, out: &mut Vec<Action>) {
         match ev {
-            Event::WriteWanted(id) => match &self.state {
-                State::Failed(r) => out.push(Action::FailWrite(id, r.clone())),
-                State::Closed => out.push(Action::FailWrite(id, Refusal::Closed)),
-                _ if self.closing => out.push(Action::FailWrite(id, Refusal::Closed)),
-                State::Locked { .. } => {
-                    self.in_flight.insert(id);
-                    out.push(Action::AdmitWrite(id));
+            Event::WriteWanted(id) => {
+                // A user is back: a pending relinquish no longer applies.
+                self.relinquish = false;
+                match &self.state {
+                    State::Failed(r) => out.push(Action::FailWrite(id, r.clone())),
+                    State::Closed => out.push(Action::FailWrite(id, Refusal::Closed)),
+                    _ if self.closing => out.push(Action::FailWrite(id, Refusal::Closed)),
+                    State::Locked { .. } => {
+                        self.in_flight.insert(id);
+                        out.push(Action::AdmitWrite(id));
+                    }
+                    _ => {
+                        self.waiting.insert(id, now);
+                    }
                 }
-                _ => {
-                    self.waiting.insert(id, now);
-                }
-            },
+            }
             Event::WriteFinished(id) => {
                 self.waiting.remove(&id);
                 self.in_flight.remove(&id);
@@ -356,6 +369,9 @@ impl LockCore {
                     // Asked to release while refreshing: the writes just
                     // admitted go first (both sides progress), then hand over.
                     self.release_requested = !self.pending_acks.is_empty();
+                    self.begin_release(cookie, out);
+                } else if std::mem::take(&mut self.relinquish) {
+                    // Relinquished while locking, and no write wanted the lock since.
                     self.begin_release(cookie, out);
                 }
             }
@@ -499,6 +515,17 @@ impl LockCore {
                 }
             }
             Event::Blocklisted(who) => self.fail(Refusal::Blocklisted(who), out),
+            Event::Relinquish => match &self.state {
+                State::Locked { cookie } => {
+                    let cookie = cookie.clone();
+                    self.begin_release(cookie, out);
+                }
+                // Not holding now, but an acquisition under way may still end with the
+                // lock: release it then, unless a write wants it by that time. (When the
+                // lock is not ours nor coming, the flag does nothing: every acquisition
+                // starts with a write, which clears it.)
+                _ => self.relinquish = true,
+            },
             Event::Close => {
                 self.closing = true;
                 match &self.state {
