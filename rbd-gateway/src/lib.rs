@@ -11,11 +11,15 @@
 //! covers writes completed on all of them — hence `CAN_MULTI_CONN`. Reads are not cached
 //! either, so the "drop caches when the lock is (re)acquired" rule holds trivially.
 //!
-//! Images opened here stay open for the gateway's life (their watch and lock with them); a
-//! gateway serving many short-lived images would want to close idle ones — not needed for
-//! VM disks, which stay attached.
+//! Images opened here stay open for the gateway's life (their watch with them); a gateway
+//! serving many short-lived images would want to close idle ones — not needed for VM disks,
+//! which stay attached. The exclusive lock does not stay with an image nobody uses: when its
+//! last NBD connection closes, the image relinquishes the lock at once (as librbd releases
+//! it on close), so a client that moved to another gateway — a migrated VM — locks there on
+//! its first try instead of asking this gateway and waiting for the release.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,7 +102,7 @@ impl ExportRegistry for ImageRegistry {
         // A blocklisted gateway keeps handing out its fenced instance: its writes fail
         // (EPERM) until the gateway restarts under a new client identity.
         if let Some(e) = images.get(name) {
-            return Ok(e.clone());
+            return Ok(Arc::new(Connection::new(e.clone())));
         }
         let rbd = self.rbd(pool).await?;
         let img = rbd.open(image).await.map_err(nbd_error)?;
@@ -106,9 +110,10 @@ impl ExportRegistry for ImageRegistry {
         let export = Arc::new(ImageExport {
             name: name.to_string(),
             image: img,
+            connections: AtomicUsize::new(0),
         });
         images.insert(name.to_string(), export.clone());
-        Ok(export)
+        Ok(Arc::new(Connection::new(export)))
     }
 
     async fn list(&self) -> Result<Vec<String>, NbdError> {
@@ -131,6 +136,83 @@ impl ExportRegistry for ImageRegistry {
 pub struct ImageExport {
     name: String,
     image: Image,
+    /// NBD connections using the image now ([`Connection`]s alive).
+    connections: AtomicUsize,
+}
+
+/// One NBD connection's use of an open image. When the image's last one ends (the client
+/// disconnected: after its final flush, or a migrated VM's source), the image relinquishes
+/// its exclusive lock; a connection opened meanwhile just takes it again on its first write.
+struct Connection {
+    export: Arc<ImageExport>,
+}
+
+impl Connection {
+    fn new(export: Arc<ImageExport>) -> Self {
+        export.connections.fetch_add(1, Ordering::SeqCst);
+        Connection { export }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if self.export.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+            tracing::debug!(export = %self.export.name, "last connection closed: relinquishing the lock");
+            self.export.image.relinquish_lock();
+        }
+    }
+}
+
+#[async_trait]
+impl Export for Connection {
+    fn size(&self) -> u64 {
+        self.export.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.export.read_only()
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        self.export.can_multi_conn()
+    }
+
+    fn description(&self) -> String {
+        self.export.description()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, NbdError> {
+        self.export.read(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), NbdError> {
+        self.export.write(offset, data, fua).await
+    }
+
+    async fn flush(&self) -> Result<(), NbdError> {
+        self.export.flush().await
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), NbdError> {
+        self.export.trim(offset, len, fua).await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_trim: bool,
+        fast_zero: bool,
+    ) -> Result<(), NbdError> {
+        self.export
+            .write_zeroes(offset, len, fua, may_trim, fast_zero)
+            .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, NbdError> {
+        self.export.block_status(offset, len).await
+    }
 }
 
 #[async_trait]

@@ -131,20 +131,26 @@ impl Shared {
             .backend
             .omap_get(&self.header_oid, &["size".to_string()])
             .await?;
-        let v = m
-            .get("size")
-            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
-            .map(u64::from_le_bytes)
+        let v = size_in(&m)
             .ok_or_else(|| BackendError::Io(format!("{}: bad size in header", self.header_oid)))?;
         self.size.store(v, Ordering::SeqCst);
         Ok(v)
     }
 }
 
+/// The image size in the header's omap values, if well-formed.
+fn size_in(header: &std::collections::BTreeMap<String, Bytes>) -> Option<u64> {
+    header
+        .get("size")
+        .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+        .map(u64::from_le_bytes)
+}
+
 enum Cmd {
     Want(WriteId, oneshot::Sender<std::result::Result<(), Refusal>>),
     Finished(WriteId),
     Blocklisted(String),
+    Relinquish,
     Close(Option<oneshot::Sender<()>>),
 }
 
@@ -211,6 +217,7 @@ impl Image {
             closers: Vec::new(),
             acquiring_since: None,
             acquiring_handover: false,
+            header_with_lock: None,
             releasing_since: None,
         };
         tokio::spawn(driver.run(cmd_rx));
@@ -505,6 +512,15 @@ impl Image {
         Ok(())
     }
 
+    /// Hand the exclusive lock back now if it is held (after the admitted writes finish),
+    /// staying open; returns at once. For when the image's user went away (a gateway's last
+    /// connection to it closed): the next writer elsewhere then locks on its first try
+    /// instead of asking for the lock and waiting for this image to release it. A later
+    /// write here takes the lock again.
+    pub fn relinquish_lock(&self) {
+        let _ = self.cmd.send(Cmd::Relinquish);
+    }
+
     /// Release the lock (draining writes first) and unwatch; waits for it.
     pub async fn close(self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
@@ -586,6 +602,9 @@ enum Internal {
     Watch(u64, mpsc::Receiver<WatchEvent>),
     /// A HeaderUpdate was handled; ack it.
     Ack(u64, u64),
+    /// `TryLock` succeeded, reading the header's size in the same request (`None`: the
+    /// size was unreadable, so the refresh reads it again).
+    Locked(Option<u64>),
 }
 
 struct Driver {
@@ -602,6 +621,8 @@ struct Driver {
     closers: Vec<oneshot::Sender<()>>,
     /// When the current acquisition started (its first `TryLock`): the lock-wait a write sees.
     acquiring_since: Option<Instant>,
+    /// The image size read by the request that took the lock; the refresh uses it.
+    header_with_lock: Option<u64>,
     /// The current acquisition took the lock from another holder.
     acquiring_handover: bool,
     /// When the current release started (the lock stopped admitting writes) and why.
@@ -625,6 +646,7 @@ impl Driver {
                         Event::WriteFinished(id)
                     }
                     Some(Cmd::Blocklisted(who)) => Event::Blocklisted(who),
+                    Some(Cmd::Relinquish) => Event::Relinquish,
                     Some(Cmd::Close(tx)) => {
                         self.closers.extend(tx);
                         Event::Close
@@ -672,6 +694,10 @@ impl Driver {
                     Internal::Ack(notify_id, cookie) => {
                         self.ack(notify_id, cookie, &int_tx);
                         continue;
+                    }
+                    Internal::Locked(size) => {
+                        self.header_with_lock = size;
+                        Event::LockAcquired
                     }
                 },
                 _ = sleep_until(deadline) => Event::Tick,
@@ -786,19 +812,23 @@ impl Driver {
             }
             Action::TryLock { cookie } => {
                 self.acquiring_since.get_or_insert_with(Instant::now);
-                spawn(Box::pin(async move {
+                self.header_with_lock = None;
+                // Lock and read the header's size in one request, so the refresh that
+                // follows an acquisition costs no second round trip.
+                tokio::spawn(async move {
                     let b = &sh.backend;
-                    match b
-                        .lock_exclusive(
+                    let msg = match b
+                        .lock_exclusive_then_omap_get(
                             &sh.header_oid,
                             layout::LOCK_NAME,
                             &cookie,
                             "basalt-rbd auto",
+                            &["size".to_string()],
                         )
                         .await
                     {
-                        Ok(()) => Event::LockAcquired,
-                        Err(BackendError::Busy(_)) => {
+                        Ok(header) => Internal::Locked(size_in(&header)),
+                        Err(BackendError::Busy(_)) => Internal::Core(
                             match b.lock_info(&sh.header_oid, layout::LOCK_NAME).await {
                                 Ok(l) => Event::LockBusy {
                                     holder: l.into_iter().next().map(|l| LockOwner {
@@ -807,11 +837,12 @@ impl Driver {
                                     }),
                                 },
                                 Err(e) => failed(e),
-                            }
-                        }
-                        Err(e) => failed(e),
-                    }
-                }))
+                            },
+                        ),
+                        Err(e) => Internal::Core(failed(e)),
+                    };
+                    let _ = tx.send(msg);
+                });
             }
             Action::NotifyRequestLock { holder } => spawn(Box::pin(async move {
                 tracing::info!(image = %sh.name, holder = %holder.client, "asking the lock holder to release");
@@ -884,13 +915,20 @@ impl Driver {
                     Err(e) => failed(e),
                 }
             })),
-            Action::Refresh => spawn(Box::pin(async move {
-                // No read cache to drop yet; the header may have changed.
-                match sh.refresh_size().await {
-                    Ok(_) => Event::Refreshed,
-                    Err(e) => failed(e),
+            Action::Refresh => match self.header_with_lock.take() {
+                // The header as the lock found it: nothing newer can exist.
+                Some(size) => {
+                    sh.size.store(size, Ordering::SeqCst);
+                    let _ = int_tx.send(Internal::Core(Event::Refreshed));
                 }
-            })),
+                None => spawn(Box::pin(async move {
+                    // No read cache to drop yet; the header may have changed.
+                    match sh.refresh_size().await {
+                        Ok(_) => Event::Refreshed,
+                        Err(e) => failed(e),
+                    }
+                })),
+            },
             // Writes are durable when the backend acks them: nothing buffered.
             Action::Flush => {
                 let _ = int_tx.send(Internal::Core(Event::Flushed));
@@ -937,6 +975,7 @@ impl Driver {
 fn release_cause(ev: &Event) -> &'static str {
     match ev {
         Event::RequestLockNotified { .. } => "requested",
+        Event::Relinquish => "relinquished",
         Event::Close => "close",
         Event::WatchLost => "watch_lost",
         _ => "other",
