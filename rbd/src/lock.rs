@@ -248,6 +248,10 @@ pub struct LockCore {
     saw_holder: bool,
     /// The holder acked our last request (so a Busy right after is not a reason to hurry).
     last_answered: Option<LockOwner>,
+    /// Our last `TryLock` found the lock held but nobody holding it by the time we looked:
+    /// it was released in between (a holder relinquishing as we asked), so we retried at
+    /// once; a second time in a row backs off instead of spinning.
+    holder_vanished: bool,
 }
 
 impl LockCore {
@@ -268,6 +272,7 @@ impl LockCore {
             relinquish: false,
             saw_holder: false,
             last_answered: None,
+            holder_vanished: false,
         }
     }
 
@@ -279,6 +284,11 @@ impl LockCore {
     /// True once a blocklist (or close) made the image refuse every write.
     pub fn is_failed(&self) -> bool {
         matches!(self.state, State::Failed(_) | State::Closed)
+    }
+
+    /// True while a release (drain, flush, unlock) is under way.
+    pub fn is_releasing(&self) -> bool {
+        matches!(self.state, State::Releasing { .. })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -342,6 +352,7 @@ impl LockCore {
                     return;
                 };
                 self.last_answered = None;
+                self.holder_vanished = false;
                 if self.closing || self.watch.map(lock_cookie).as_ref() != Some(&cookie) {
                     // Closing, or our watch changed while we locked: a lock
                     // whose cookie names a dead watch would get us blocklisted.
@@ -384,7 +395,15 @@ impl LockCore {
                     return;
                 }
                 match holder {
-                    None => self.backoff(now, out),
+                    // Released between our lock attempt and our look: try again now,
+                    // rather than wait out a back-off for a lock that is free.
+                    None if !std::mem::replace(&mut self.holder_vanished, true) => {
+                        self.try_lock(out)
+                    }
+                    None => {
+                        self.holder_vanished = false;
+                        self.backoff(now, out)
+                    }
                     Some(h) if self.last_answered.as_ref() == Some(&h) => {
                         // It acked but still holds (it re-took the lock or
                         // never had released it): don't spin on it.
@@ -392,6 +411,7 @@ impl LockCore {
                         self.backoff(now, out);
                     }
                     Some(h) => {
+                        self.holder_vanished = false;
                         self.saw_holder = true;
                         out.push(Action::NotifyRequestLock { holder: h.clone() });
                         self.state = State::Acquiring(Step::Notify { holder: h });

@@ -499,6 +499,35 @@ fn close_releases_and_refuses() {
 }
 
 #[test]
+fn lock_released_between_attempt_and_look_is_retried_at_once() {
+    let mut c = LockCore::new(cfg(), "me", 7);
+    c.handle(MS, Event::WriteWanted(1));
+    // Busy, but by the time we read the owner there is none (a holder relinquishing).
+    assert_eq!(
+        c.handle(2 * MS, Event::LockBusy { holder: None }),
+        vec![Action::TryLock {
+            cookie: "auto 7".into()
+        }]
+    );
+    // The same again right away: back off instead of spinning.
+    assert_eq!(c.handle(3 * MS, Event::LockBusy { holder: None }), vec![]);
+    assert_eq!(c.next_deadline(), Some(103 * MS));
+    assert!(matches!(
+        c.handle(103 * MS, Event::Tick)[..],
+        [Action::TryLock { .. }]
+    ));
+    // After the back-off, a vanished holder is retried at once again.
+    assert!(matches!(
+        c.handle(104 * MS, Event::LockBusy { holder: None })[..],
+        [Action::TryLock { .. }]
+    ));
+    assert_eq!(
+        c.handle(105 * MS, Event::LockAcquired),
+        vec![Action::Refresh]
+    );
+}
+
+#[test]
 fn relinquish_releases_without_yielding_and_relocks_on_the_next_write() {
     let mut c = locked();
     // The last user went away with write 1 still in flight: drain, flush, unlock.
