@@ -14,12 +14,13 @@
 //! Images opened here stay open for the gateway's life (their watch with them); a gateway
 //! serving many short-lived images would want to close idle ones — not needed for VM disks,
 //! which stay attached. The exclusive lock does not stay with an image nobody uses: when its
-//! last NBD connection closes, the image relinquishes the lock at once (as librbd releases
-//! it on close), so a client that moved to another gateway — a migrated VM — locks there on
-//! its first try instead of asking this gateway and waiting for the release.
+//! last NBD connection ends, the image relinquishes the lock (as librbd releases it on close)
+//! before the socket is closed, so a client that moved to another gateway — a migrated VM —
+//! finds the lock free there and takes it on its first try instead of asking this gateway
+//! and waiting for the release.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -140,25 +141,42 @@ pub struct ImageExport {
     connections: AtomicUsize,
 }
 
+/// How long a disconnecting client's socket stays open while the image relinquishes its lock
+/// (an unlock: one round trip to the header's primary). Past this the socket closes anyway
+/// and the release finishes in the background.
+const RELINQUISH_WAIT: Duration = Duration::from_secs(5);
+
 /// One NBD connection's use of an open image. When the image's last one ends (the client
 /// disconnected: after its final flush, or a migrated VM's source), the image relinquishes
 /// its exclusive lock; a connection opened meanwhile just takes it again on its first write.
 struct Connection {
     export: Arc<ImageExport>,
+    /// Counted out of `connections` already (by `disconnect`, or else by `drop`).
+    left: AtomicBool,
 }
 
 impl Connection {
     fn new(export: Arc<ImageExport>) -> Self {
         export.connections.fetch_add(1, Ordering::SeqCst);
-        Connection { export }
+        Connection {
+            export,
+            left: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts this connection out; true if it was the image's last.
+    fn leave(&self) -> bool {
+        !self.left.swap(true, Ordering::SeqCst)
+            && self.export.connections.fetch_sub(1, Ordering::SeqCst) == 1
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        if self.export.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
-            tracing::debug!(export = %self.export.name, "last connection closed: relinquishing the lock");
-            self.export.image.relinquish_lock();
+        // A connection that ended without `disconnect` (its task was aborted, or it never
+        // reached the transmission phase).
+        if self.leave() {
+            self.export.image.relinquish_lock_in_background();
         }
     }
 }
@@ -212,6 +230,20 @@ impl Export for Connection {
 
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, NbdError> {
         self.export.block_status(offset, len).await
+    }
+
+    async fn disconnect(&self) {
+        if self.leave() {
+            tracing::debug!(export = %self.export.name, "last connection closing: relinquishing the lock");
+            if tokio::time::timeout(RELINQUISH_WAIT, self.export.image.relinquish_lock())
+                .await
+                .is_err()
+            {
+                tracing::warn!(export = %self.export.name,
+                    "the lock was not released within {RELINQUISH_WAIT:?} of the disconnect; \
+                     closing the connection, the release goes on");
+            }
+        }
     }
 }
 

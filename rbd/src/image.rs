@@ -150,7 +150,8 @@ enum Cmd {
     Want(WriteId, oneshot::Sender<std::result::Result<(), Refusal>>),
     Finished(WriteId),
     Blocklisted(String),
-    Relinquish,
+    /// Relinquish the lock; the sender (if any) is told once it is no longer held.
+    Relinquish(Option<oneshot::Sender<()>>),
     Close(Option<oneshot::Sender<()>>),
 }
 
@@ -215,6 +216,7 @@ impl Image {
             waiters: HashMap::new(),
             notify_cookies: HashMap::new(),
             closers: Vec::new(),
+            relinquishers: Vec::new(),
             acquiring_since: None,
             acquiring_handover: false,
             header_with_lock: None,
@@ -513,12 +515,20 @@ impl Image {
     }
 
     /// Hand the exclusive lock back now if it is held (after the admitted writes finish),
-    /// staying open; returns at once. For when the image's user went away (a gateway's last
-    /// connection to it closed): the next writer elsewhere then locks on its first try
-    /// instead of asking for the lock and waiting for this image to release it. A later
-    /// write here takes the lock again.
-    pub fn relinquish_lock(&self) {
-        let _ = self.cmd.send(Cmd::Relinquish);
+    /// staying open, and wait until it is no longer held (at once if it is not held). For
+    /// when the image's user went away (a gateway's last connection to it closed): the next
+    /// writer elsewhere then locks on its first try instead of asking for the lock and
+    /// waiting for this image to release it. A later write here takes the lock again.
+    pub async fn relinquish_lock(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Relinquish(Some(tx))).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// [`Image::relinquish_lock`] without waiting (for synchronous contexts such as `Drop`).
+    pub fn relinquish_lock_in_background(&self) {
+        let _ = self.cmd.send(Cmd::Relinquish(None));
     }
 
     /// Release the lock (draining writes first) and unwatch; waits for it.
@@ -619,6 +629,8 @@ struct Driver {
     /// notify id → the watch cookie it arrived on (acks must name it).
     notify_cookies: HashMap<u64, u64>,
     closers: Vec<oneshot::Sender<()>>,
+    /// Waiting for a relinquish to finish: told once the lock is neither held nor being released.
+    relinquishers: Vec<oneshot::Sender<()>>,
     /// When the current acquisition started (its first `TryLock`): the lock-wait a write sees.
     acquiring_since: Option<Instant>,
     /// The image size read by the request that took the lock; the refresh uses it.
@@ -646,7 +658,10 @@ impl Driver {
                         Event::WriteFinished(id)
                     }
                     Some(Cmd::Blocklisted(who)) => Event::Blocklisted(who),
-                    Some(Cmd::Relinquish) => Event::Relinquish,
+                    Some(Cmd::Relinquish(tx)) => {
+                        self.relinquishers.extend(tx);
+                        Event::Relinquish
+                    }
                     Some(Cmd::Close(tx)) => {
                         self.closers.extend(tx);
                         Event::Close
@@ -708,6 +723,11 @@ impl Driver {
             let unlocked = ev == Event::Unlocked;
             let actions = self.core.handle(now, ev);
             self.time_release(was_locked, cause, unlocked);
+            if !self.core.is_locked() && !self.core.is_releasing() {
+                for tx in self.relinquishers.drain(..) {
+                    let _ = tx.send(());
+                }
+            }
             let mut closed = false;
             for a in actions {
                 closed |= self.perform(a, &int_tx);
