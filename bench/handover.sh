@@ -4,7 +4,9 @@
 #
 # Two gateways, one image; REPS times: a client writes through the gateway holding the lock,
 # flushes and disconnects, and a client already connected to the other gateway writes at once
-# (bench/handover_client.py, libnbd; the lock then crosses back the next time). Reported as
+# (bench/handover_client.py, libnbd; the lock then crosses back the next time). Then REPS more
+# the way QEMU migrates: the source flushes but stays connected (a migrated-away QEMU keeps its
+# connection until it quits), so the destination's gateway must ask for the lock. Reported as
 # p50 / p99 / max in ms:
 #   flush        the source's FLUSH (client side)
 #   disconnect   NBD_CMD_DISC until the socket is closed (client side)
@@ -69,7 +71,8 @@ create_image() {
   done
 }
 
-# run LABEL BIN PLACEMENT: one measured run; leaves $WORK/LABEL-PLACEMENT/{client.tsv,gateway.log,load}
+# run LABEL BIN PLACEMENT: one measured cluster, both modes; leaves
+# $WORK/LABEL-PLACEMENT/{client,gateway,load}-MODE*
 run() {
   local label=$1 bin=$2 placement=$3 d=$WORK/$1-$3 conf uri_a uri_b logs
   mkdir -p "$d"
@@ -93,12 +96,18 @@ run() {
   *) die "unknown placement $placement (local or netns)" ;;
   esac
   create_image "$bin" "$conf"
-  say "$label / $placement: $REPS hand-overs"
-  cut -d' ' -f1-3 /proc/loadavg >"$d/load"
-  /usr/bin/python3 "$ROOT/bench/handover_client.py" "$uri_a" "$uri_b" "$REPS" "$d/client.tsv"
-  cut -d' ' -f1-3 /proc/loadavg >>"$d/load"
-  # The gateways' own view of each hand-over (parsed with the table).
-  cat "${logs[@]}" | grep -a 'the exclusive lock' >"$d/gateway.log" || true
+  local mode
+  for mode in disconnect stay; do
+    say "$label / $placement: $REPS hand-overs, source ${mode/stay/stays connected}"
+    local sizes=() k
+    for k in "${!logs[@]}"; do sizes[k]=$(stat -c %s "${logs[$k]}"); done
+    cut -d' ' -f1-3 /proc/loadavg >"$d/load-$mode"
+    /usr/bin/python3 "$ROOT/bench/handover_client.py" "$uri_a" "$uri_b" "$REPS" "$d/client-$mode.tsv" "$mode"
+    cut -d' ' -f1-3 /proc/loadavg >>"$d/load-$mode"
+    # The gateways' own view of each hand-over (parsed with the table): this mode's lines.
+    for k in "${!logs[@]}"; do tail -c +"$((sizes[k] + 1))" "${logs[$k]}"; done |
+      grep -a 'the exclusive lock' >"$d/gateway-$mode.log" || true
+  done
   cleanup
   CURRENT=""
 }
@@ -120,45 +129,45 @@ done
 
 mkdir -p "$(dirname "$OUT")"
 /usr/bin/python3 - "$WORK" "$REPS" "$OUT" "${labels[*]}" "$PLACEMENTS" "$(git -C "$ROOT" rev-parse --short HEAD)" <<'PY'
-import csv, os, sys
+import csv, os, re, sys
 work, reps, out, labels, placements, rev = sys.argv[1:]
 def pct(xs, p):
     xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    return xs[min(len(xs) - 1, max(0, int(round(p / 100 * len(xs) + 0.5)) - 1))]
+    return xs[min(len(xs) - 1, max(0, -(-len(xs) * p // 100) - 1))]
 def cell(xs):
-    if not xs:
-        return "—"
-    return f"{pct(xs, 50):.1f} / {pct(xs, 99):.1f} / {max(xs):.1f}"
-lines = [f"Hand-over benchmark, {reps} repetitions per run, commit {rev}. "
-         "Each cell: p50 / p99 / max in ms.", "",
-         "| placement | build | load (start → end) | flush | disconnect | release (source gw) | "
-         "acquire (destination gw) | first write | gap |",
-         "|---|---|---|---|---|---|---|---|---|"]
+    return "—" if not xs else f"{pct(xs, 50):.1f} / {pct(xs, 99):.1f} / {max(xs):.1f}"
+def gateway(path, what):
+    # Every "released the exclusive lock" but a daemon shutdown's close, and every "acquired
+    # the exclusive lock" (whether it found a holder to ask or, relinquished already, none):
+    # one per hand-over, plus the warm-up write's acquisition and the final disconnect's
+    # release of each mode (REPS + 1 samples).
+    xs = []
+    for line in open(path, errors="replace"):
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        if what not in line:
+            continue
+        f = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        if "elapsed_us" not in f or f.get("cause", "").strip('"') == "close":
+            continue
+        xs.append(int(f["elapsed_us"]) / 1000)
+    return xs
+lines = [f"{reps} hand-overs per row, commit {rev}. Each cell: p50 / p99 / max in ms.", "",
+         "| placement | source after its flush | build | load (start → end) | flush | disconnect | "
+         "release (source gw) | acquire (destination gw) | first write | gap |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
 for placement in placements.split():
-    for label in labels.split():
-        d = os.path.join(work, f"{label}-{placement}")
-        rows = list(csv.DictReader(open(os.path.join(d, "client.tsv")), delimiter="\t"))
-        col = lambda k: [float(r[k]) for r in rows]
-        def us(what):
-            # "released the exclusive lock" (not the shutdown's close) / "acquired the exclusive
-            # lock" taken from another holder; elapsed_us=N.
-            xs = []
-            for l in open(os.path.join(d, "gateway.log")):
-                f = dict(kv.split("=", 1) for kv in l.split() if "=" in kv)
-                if what not in l or "elapsed_us" not in f:
-                    continue
-                if what == "released" and f.get("cause", "").strip('"') == "close":
-                    continue
-                if what == "acquired" and f.get("handover", "").strip('"') != "true":
-                    continue
-                xs.append(int(f["elapsed_us"]) / 1000)
-            return xs
-        load = [l.split()[0] for l in open(os.path.join(d, "load")).read().splitlines()]
-        lines.append(f"| {placement} | {label} | {' → '.join(load)} | {cell(col('flush_ms'))} | "
-                     f"{cell(col('disconnect_ms'))} | {cell(us('released'))} | {cell(us('acquired'))} | "
-                     f"{cell(col('first_write_ms'))} | {cell(col('gap_ms'))} |")
+    for mode in ("disconnect", "stay"):
+        for label in labels.split():
+            d = os.path.join(work, f"{label}-{placement}")
+            rows = list(csv.DictReader(open(os.path.join(d, f"client-{mode}.tsv")), delimiter="\t"))
+            col = lambda k: [float(r[k]) for r in rows]
+            log = os.path.join(d, f"gateway-{mode}.log")
+            load = [l.split()[0] for l in open(os.path.join(d, f"load-{mode}")).read().splitlines()]
+            how = "disconnects" if mode == "disconnect" else "stays connected"
+            disc = cell(col("disconnect_ms")) if mode == "disconnect" else "—"
+            lines.append(f"| {placement} | {how} | {label} | {' → '.join(load)} | {cell(col('flush_ms'))} | "
+                         f"{disc} | {cell(gateway(log, 'released'))} | {cell(gateway(log, 'acquired'))} | "
+                         f"{cell(col('first_write_ms'))} | {cell(col('gap_ms'))} |")
 text = "\n".join(lines) + "\n"
 open(out, "w").write(text)
 print(text)

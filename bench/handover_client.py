@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """The client of bench/handover.sh: one image, two gateways, REPS exclusive-lock hand-overs.
 
-Usage: handover_client.py URI_A URI_B REPS OUT.tsv
+Usage: handover_client.py URI_A URI_B REPS OUT.tsv [disconnect|stay]
 
 Both gateways are connected before the first repetition, as QEMU's destination connects before
 the switch-over. Each repetition, the client on the gateway that holds the lock (the source)
@@ -11,6 +11,10 @@ and the destination's first write at once (`first_write`, its lock acquisition i
 reconnects, outside the timed span, and becomes the next repetition's destination, so the
 lock crosses back and forth. At the end every record written is read back through one
 gateway and compared byte for byte; a mismatch exits 1.
+
+Mode `stay` (QEMU's way: a migrated-away VM's QEMU keeps its connection until it quits)
+keeps the source connected through the destination's first write (`disconnect` is then 0);
+the source's gateway must be asked for the lock.
 
 Timing is libnbd's own (time.perf_counter around synchronous libnbd calls on connected
 handles): no tool start-up is inside any figure.
@@ -39,6 +43,9 @@ def main():
     uris = [sys.argv[1], sys.argv[2]]
     reps = int(sys.argv[3])
     out = open(sys.argv[4], "w")
+    mode = sys.argv[5] if len(sys.argv) > 5 else "disconnect"
+    if mode not in ("disconnect", "stay"):
+        sys.exit(f"mode must be disconnect or stay, not {mode!r}")
     handles = [connect(u) for u in uris]
     size = handles[0].get_size()
     slots = size // RECORD
@@ -66,11 +73,15 @@ def main():
         t0 = time.perf_counter()
         handles[src].flush()
         t1 = time.perf_counter()
-        handles[src].shutdown()
-        handles[src] = None  # the last reference: libnbd closes the handle
+        if mode == "disconnect":
+            handles[src].shutdown()
+            handles[src] = None  # the last reference: libnbd closes the handle
         t2 = time.perf_counter()
         handles[dst].pwrite(first, first_slot * RECORD)
         t3 = time.perf_counter()
+        if mode == "stay":
+            handles[src].shutdown()
+            handles[src] = None
         expected[first_slot] = first
         ms = lambda a, b: f"{(b - a) * 1e3:.3f}"
         out.write(f"{rep}\t{'AB'[src]}\t{ms(t0, t1)}\t{ms(t1, t2)}\t{ms(t2, t3)}\t{ms(t0, t3)}\n")
@@ -82,7 +93,7 @@ def main():
         h.shutdown()
     if bad:
         sys.exit(f"{len(bad)} of {len(expected)} records read back wrong (first at slot {bad[0]})")
-    print(f"{reps} hand-overs, {len(expected)} records verified", file=sys.stderr)
+    print(f"{reps} hand-overs ({mode}), {len(expected)} records verified", file=sys.stderr)
 
 
 if __name__ == "__main__":
