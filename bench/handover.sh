@@ -24,12 +24,15 @@
 # Usage: bench/handover.sh                      (from a fresh clone: builds first)
 # Environment: REPS (50), PLACEMENTS ("local netns"), BEFORE_BIN (a directory with an earlier
 # build's basalt, basalt-mon, basalt-osd and basalt-gw: measured too, in the same run, as
-# "before"), OUT (the table; default bench/results/handover-<UTC date>.md),
+# "before"), ROUNDS (2: each build is measured ROUNDS times per placement, on a fresh cluster
+# each time, alternating before/after/after/before… so a machine whose load drifts favours
+# neither; the table pools the rounds' samples), OUT (the table; default bench/results/handover-<UTC date>.md),
 # BASALT_NETNS_PREFIX / BASALT_NETNS_NET (the netns placement's names, default bho / 10.77.21).
 # Uses ports 6789-6791 and 10809-10810 on 127.0.0.1 (stop any local cluster first).
 set -Eeuo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPS=${REPS:-50}
+ROUNDS=${ROUNDS:-2}
 PLACEMENTS=${PLACEMENTS:-local netns}
 STAMP=$(date -u +%Y%m%d-%H%M)
 OUT=${OUT:-$ROOT/bench/results/handover-$STAMP.md}
@@ -71,12 +74,12 @@ create_image() {
   done
 }
 
-# run LABEL BIN PLACEMENT: one measured cluster, both modes; leaves
-# $WORK/LABEL-PLACEMENT/{client,gateway,load}-MODE*
+# run LABEL BIN PLACEMENT ROUND: one measured cluster, both modes; leaves
+# $WORK/LABEL-PLACEMENT-ROUND/{client,gateway,load}-MODE*
 run() {
-  local label=$1 bin=$2 placement=$3 d=$WORK/$1-$3 conf uri_a uri_b logs
+  local label=$1 bin=$2 placement=$3 d=$WORK/$1-$3-$4 conf uri_a uri_b logs
   mkdir -p "$d"
-  say "$label / $placement: starting a fresh cluster"
+  say "$label / $placement / round $4: starting a fresh cluster"
   case $placement in
   local)
     CURRENT="local $d/cluster $bin"
@@ -98,7 +101,7 @@ run() {
   create_image "$bin" "$conf"
   local mode
   for mode in disconnect stay; do
-    say "$label / $placement: $REPS hand-overs, source ${mode/stay/stays connected}"
+    say "$label / $placement / round $4: $REPS hand-overs, source ${mode/stay/stays connected}"
     local sizes=() k
     for k in "${!logs[@]}"; do sizes[k]=$(stat -c %s "${logs[$k]}"); done
     cut -d' ' -f1-3 /proc/loadavg >"$d/load-$mode"
@@ -122,15 +125,19 @@ if [[ -n ${BEFORE_BIN:-} ]]; then
   bins=("$BEFORE_BIN" "$CARGO_TARGET_DIR/release")
 fi
 for placement in $PLACEMENTS; do
-  for i in "${!labels[@]}"; do
-    run "${labels[$i]}" "${bins[$i]}" "$placement"
+  for ((round = 1; round <= ROUNDS; round++)); do
+    order=("${!labels[@]}")
+    ((round % 2 == 1)) || order=($(printf '%s\n' "${order[@]}" | tac))
+    for i in "${order[@]}"; do
+      run "${labels[$i]}" "${bins[$i]}" "$placement" "$round"
+    done
   done
 done
 
 mkdir -p "$(dirname "$OUT")"
-/usr/bin/python3 - "$WORK" "$REPS" "$OUT" "${labels[*]}" "$PLACEMENTS" "$(git -C "$ROOT" rev-parse --short HEAD)" <<'PY'
-import csv, os, re, sys
-work, reps, out, labels, placements, rev = sys.argv[1:]
+/usr/bin/python3 - "$WORK" "$REPS" "$OUT" "${labels[*]}" "$PLACEMENTS" "$(git -C "$ROOT" rev-parse --short HEAD)" "$ROUNDS" <<'PY'
+import csv, glob, os, re, sys
+work, reps, out, labels, placements, rev, rounds = sys.argv[1:]
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, -(-len(xs) * p // 100) - 1))]
@@ -151,22 +158,27 @@ def gateway(path, what):
             continue
         xs.append(int(f["elapsed_us"]) / 1000)
     return xs
-lines = [f"{reps} hand-overs per row, commit {rev}. Each cell: p50 / p99 / max in ms.", "",
-         "| placement | source after its flush | build | load (start → end) | flush | disconnect | "
+lines = [f"{reps} hand-overs per round, {rounds} round(s) per row (a fresh cluster each), commit {rev}. "
+         "Each cell: p50 / p99 / max in ms.", "",
+         "| placement | source after its flush | build | load (min – max) | flush | disconnect | "
          "release (source gw) | acquire (destination gw) | first write | gap |",
          "|---|---|---|---|---|---|---|---|---|---|"]
 for placement in placements.split():
     for mode in ("disconnect", "stay"):
         for label in labels.split():
-            d = os.path.join(work, f"{label}-{placement}")
-            rows = list(csv.DictReader(open(os.path.join(d, f"client-{mode}.tsv")), delimiter="\t"))
+            dirs = sorted(glob.glob(os.path.join(work, f"{label}-{placement}-*")))
+            rows = [r for d in dirs
+                    for r in csv.DictReader(open(os.path.join(d, f"client-{mode}.tsv")), delimiter="\t")]
             col = lambda k: [float(r[k]) for r in rows]
-            log = os.path.join(d, f"gateway-{mode}.log")
-            load = [l.split()[0] for l in open(os.path.join(d, f"load-{mode}")).read().splitlines()]
+            released = [x for d in dirs for x in gateway(os.path.join(d, f"gateway-{mode}.log"), "released")]
+            acquired = [x for d in dirs for x in gateway(os.path.join(d, f"gateway-{mode}.log"), "acquired")]
+            loads = [float(l.split()[0]) for d in dirs
+                     for l in open(os.path.join(d, f"load-{mode}")).read().splitlines()]
+            load = [f"{min(loads):.2f}", f"{max(loads):.2f}"]
             how = "disconnects" if mode == "disconnect" else "stays connected"
             disc = cell(col("disconnect_ms")) if mode == "disconnect" else "—"
-            lines.append(f"| {placement} | {how} | {label} | {' → '.join(load)} | {cell(col('flush_ms'))} | "
-                         f"{disc} | {cell(gateway(log, 'released'))} | {cell(gateway(log, 'acquired'))} | "
+            lines.append(f"| {placement} | {how} | {label} | {' – '.join(load)} | {cell(col('flush_ms'))} | "
+                         f"{disc} | {cell(released)} | {cell(acquired)} | "
                          f"{cell(col('first_write_ms'))} | {cell(col('gap_ms'))} |")
 text = "\n".join(lines) + "\n"
 open(out, "w").write(text)
