@@ -83,16 +83,19 @@ run() {
   case $placement in
   local)
     CURRENT="local $d/cluster $bin"
-    "$bin/basalt" cluster up --dir "$d/cluster" --gateways 2 >/dev/null
+    "$bin/basalt" cluster up --dir "$d/cluster" --gateways 2 >"$d/up.log" 2>&1 ||
+      die "the local cluster did not come up (ports 6789-6791, 10809-10810 free?); see $d/up.log"
     conf=$d/cluster/cluster.toml
     uri_a=nbd://127.0.0.1:10809/rbd/handover uri_b=nbd://127.0.0.1:10810/rbd/handover
     logs=("$d/cluster/gw0.log" "$d/cluster/gw1.log")
     ;;
   netns)
     CURRENT="netns $d/cluster $bin"
-    BASALT_BIN_DIR=$bin "$ROOT/deploy/netns-cluster.sh" up "$d/cluster" >/dev/null 2>&1
+    BASALT_BIN_DIR=$bin "$ROOT/deploy/netns-cluster.sh" up "$d/cluster" >"$d/up.log" 2>&1 ||
+      die "the netns cluster did not come up; see $d/up.log"
     conf=$d/cluster/cluster.toml
-    "$bin/basalt" --config "$conf" pool create rbd --pg-num 64 >/dev/null
+    "$bin/basalt" --config "$conf" pool create rbd --pg-num 64 >>"$d/up.log" 2>&1 ||
+      die "could not create pool rbd on the netns cluster; see $d/up.log"
     uri_a=nbd://$BASALT_NETNS_NET.1:10809/rbd/handover uri_b=nbd://$BASALT_NETNS_NET.2:10809/rbd/handover
     logs=("$d/cluster/h1/gw.log" "$d/cluster/h2/gw.log")
     ;;
