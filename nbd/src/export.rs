@@ -81,6 +81,12 @@ pub trait Export: Send + Sync + 'static {
     /// must return at least one. Lengths should be multiples of 512 (the
     /// advertised minimum block size) except at the end of the export.
     async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, NbdError>;
+    /// The connection is ending (NBD_CMD_DISC, EOF, or server shutdown) and every request
+    /// it sent has been answered; the socket closes when this returns. Lets an export give
+    /// up what the connection held before the client sees the close — basalt's gateway
+    /// hands the image's exclusive lock back here, so a client that disconnected from one
+    /// gateway finds the lock free at the next. Should be quick; the default does nothing.
+    async fn disconnect(&self) {}
 }
 
 /// Resolves export names (for basalt: `POOL/IMAGE`) to exports.

@@ -240,6 +240,7 @@ where
     let _all = requests
         .acquire_many(limits.max_in_flight.max(1) as u32)
         .await;
+    conn.export.disconnect().await;
     sink.close().await;
     result
 }

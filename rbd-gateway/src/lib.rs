@@ -11,11 +11,16 @@
 //! covers writes completed on all of them — hence `CAN_MULTI_CONN`. Reads are not cached
 //! either, so the "drop caches when the lock is (re)acquired" rule holds trivially.
 //!
-//! Images opened here stay open for the gateway's life (their watch and lock with them); a
-//! gateway serving many short-lived images would want to close idle ones — not needed for
-//! VM disks, which stay attached.
+//! Images opened here stay open for the gateway's life (their watch with them); a gateway
+//! serving many short-lived images would want to close idle ones — not needed for VM disks,
+//! which stay attached. The exclusive lock does not stay with an image nobody uses: when its
+//! last NBD connection ends, the image relinquishes the lock (as librbd releases it on close)
+//! before the socket is closed, so a client that moved to another gateway — a migrated VM —
+//! finds the lock free there and takes it on its first try instead of asking this gateway
+//! and waiting for the release.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,7 +104,7 @@ impl ExportRegistry for ImageRegistry {
         // (EPERM) until the gateway restarts, which makes it a new client instance (the
         // blocklist fences name/nonce), even under the same --name.
         if let Some(e) = images.get(name) {
-            return Ok(e.clone());
+            return Ok(Arc::new(Connection::new(e.clone())));
         }
         let rbd = self.rbd(pool).await?;
         let img = rbd.open(image).await.map_err(nbd_error)?;
@@ -107,9 +112,10 @@ impl ExportRegistry for ImageRegistry {
         let export = Arc::new(ImageExport {
             name: name.to_string(),
             image: img,
+            connections: AtomicUsize::new(0),
         });
         images.insert(name.to_string(), export.clone());
-        Ok(export)
+        Ok(Arc::new(Connection::new(export)))
     }
 
     async fn list(&self) -> Result<Vec<String>, NbdError> {
@@ -132,6 +138,114 @@ impl ExportRegistry for ImageRegistry {
 pub struct ImageExport {
     name: String,
     image: Image,
+    /// NBD connections using the image now ([`Connection`]s alive).
+    connections: AtomicUsize,
+}
+
+/// How long a disconnecting client's socket stays open while the image relinquishes its lock
+/// (an unlock: one round trip to the header's primary). Past this the socket closes anyway
+/// and the release finishes in the background.
+const RELINQUISH_WAIT: Duration = Duration::from_secs(5);
+
+/// One NBD connection's use of an open image. When the image's last one ends (the client
+/// disconnected: after its final flush, or a migrated VM's source), the image relinquishes
+/// its exclusive lock; a connection opened meanwhile just takes it again on its first write.
+struct Connection {
+    export: Arc<ImageExport>,
+    /// Counted out of `connections` already (by `disconnect`, or else by `drop`).
+    left: AtomicBool,
+}
+
+impl Connection {
+    fn new(export: Arc<ImageExport>) -> Self {
+        export.connections.fetch_add(1, Ordering::SeqCst);
+        Connection {
+            export,
+            left: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts this connection out; true if it was the image's last.
+    fn leave(&self) -> bool {
+        !self.left.swap(true, Ordering::SeqCst)
+            && self.export.connections.fetch_sub(1, Ordering::SeqCst) == 1
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // A connection that ended without `disconnect` (its task was aborted, or it never
+        // reached the transmission phase).
+        if self.leave() {
+            self.export.image.relinquish_lock_in_background();
+        }
+    }
+}
+
+#[async_trait]
+impl Export for Connection {
+    fn size(&self) -> u64 {
+        self.export.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.export.read_only()
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        self.export.can_multi_conn()
+    }
+
+    fn description(&self) -> String {
+        self.export.description()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, NbdError> {
+        self.export.read(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), NbdError> {
+        self.export.write(offset, data, fua).await
+    }
+
+    async fn flush(&self) -> Result<(), NbdError> {
+        self.export.flush().await
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), NbdError> {
+        self.export.trim(offset, len, fua).await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_trim: bool,
+        fast_zero: bool,
+    ) -> Result<(), NbdError> {
+        self.export
+            .write_zeroes(offset, len, fua, may_trim, fast_zero)
+            .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, NbdError> {
+        self.export.block_status(offset, len).await
+    }
+
+    async fn disconnect(&self) {
+        if self.leave() {
+            tracing::debug!(export = %self.export.name, "last connection closing: relinquishing the lock");
+            if tokio::time::timeout(RELINQUISH_WAIT, self.export.image.relinquish_lock())
+                .await
+                .is_err()
+            {
+                tracing::warn!(export = %self.export.name,
+                    "the lock was not released within {RELINQUISH_WAIT:?} of the disconnect; \
+                     closing the connection, the release goes on");
+            }
+        }
+    }
 }
 
 #[async_trait]

@@ -137,6 +137,21 @@ pub trait ObjectBackend: Send + Sync + 'static {
         cookie: &str,
         description: &str,
     ) -> Result<(), BackendError>;
+    /// [`ObjectBackend::lock_exclusive`], then the omap values of `keys` as they are once
+    /// the lock is ours. A backend with compound requests does both in one round trip
+    /// (atomically: nobody can change them between); this default takes two, which is as
+    /// fresh, since changing them needs the lock.
+    async fn lock_exclusive_then_omap_get(
+        &self,
+        oid: &str,
+        name: &str,
+        cookie: &str,
+        description: &str,
+        keys: &[String],
+    ) -> Result<BTreeMap<String, Bytes>, BackendError> {
+        self.lock_exclusive(oid, name, cookie, description).await?;
+        self.omap_get(oid, keys).await
+    }
     async fn unlock(&self, oid: &str, name: &str, cookie: &str) -> Result<(), BackendError>;
     async fn lock_info(&self, oid: &str, name: &str) -> Result<Vec<Locker>, BackendError>;
     async fn break_lock(

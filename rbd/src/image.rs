@@ -131,20 +131,27 @@ impl Shared {
             .backend
             .omap_get(&self.header_oid, &["size".to_string()])
             .await?;
-        let v = m
-            .get("size")
-            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
-            .map(u64::from_le_bytes)
+        let v = size_in(&m)
             .ok_or_else(|| BackendError::Io(format!("{}: bad size in header", self.header_oid)))?;
         self.size.store(v, Ordering::SeqCst);
         Ok(v)
     }
 }
 
+/// The image size in the header's omap values, if well-formed.
+fn size_in(header: &std::collections::BTreeMap<String, Bytes>) -> Option<u64> {
+    header
+        .get("size")
+        .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+        .map(u64::from_le_bytes)
+}
+
 enum Cmd {
     Want(WriteId, oneshot::Sender<std::result::Result<(), Refusal>>),
     Finished(WriteId),
     Blocklisted(String),
+    /// Relinquish the lock; the sender (if any) is told once it is no longer held.
+    Relinquish(Option<oneshot::Sender<()>>),
     Close(Option<oneshot::Sender<()>>),
 }
 
@@ -209,6 +216,11 @@ impl Image {
             waiters: HashMap::new(),
             notify_cookies: HashMap::new(),
             closers: Vec::new(),
+            relinquishers: Vec::new(),
+            acquiring_since: None,
+            acquiring_handover: false,
+            header_with_lock: None,
+            releasing_since: None,
         };
         tokio::spawn(driver.run(cmd_rx));
         Ok(Image {
@@ -502,6 +514,23 @@ impl Image {
         Ok(())
     }
 
+    /// Hand the exclusive lock back now if it is held (after the admitted writes finish),
+    /// staying open, and wait until it is no longer held (at once if it is not held). For
+    /// when the image's user went away (a gateway's last connection to it closed): the next
+    /// writer elsewhere then locks on its first try instead of asking for the lock and
+    /// waiting for this image to release it. A later write here takes the lock again.
+    pub async fn relinquish_lock(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Relinquish(Some(tx))).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// [`Image::relinquish_lock`] without waiting (for synchronous contexts such as `Drop`).
+    pub fn relinquish_lock_in_background(&self) {
+        let _ = self.cmd.send(Cmd::Relinquish(None));
+    }
+
     /// Release the lock (draining writes first) and unwatch; waits for it.
     pub async fn close(self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
@@ -583,6 +612,9 @@ enum Internal {
     Watch(u64, mpsc::Receiver<WatchEvent>),
     /// A HeaderUpdate was handled; ack it.
     Ack(u64, u64),
+    /// `TryLock` succeeded, reading the header's size in the same request (`None`: the
+    /// size was unreadable, so the refresh reads it again).
+    Locked(Option<u64>),
 }
 
 struct Driver {
@@ -597,6 +629,16 @@ struct Driver {
     /// notify id → the watch cookie it arrived on (acks must name it).
     notify_cookies: HashMap<u64, u64>,
     closers: Vec<oneshot::Sender<()>>,
+    /// Waiting for a relinquish to finish: told once the lock is neither held nor being released.
+    relinquishers: Vec<oneshot::Sender<()>>,
+    /// When the current acquisition started (its first `TryLock`): the lock-wait a write sees.
+    acquiring_since: Option<Instant>,
+    /// The image size read by the request that took the lock; the refresh uses it.
+    header_with_lock: Option<u64>,
+    /// The current acquisition took the lock from another holder.
+    acquiring_handover: bool,
+    /// When the current release started (the lock stopped admitting writes) and why.
+    releasing_since: Option<(Instant, &'static str)>,
 }
 
 impl Driver {
@@ -616,6 +658,10 @@ impl Driver {
                         Event::WriteFinished(id)
                     }
                     Some(Cmd::Blocklisted(who)) => Event::Blocklisted(who),
+                    Some(Cmd::Relinquish(tx)) => {
+                        self.relinquishers.extend(tx);
+                        Event::Relinquish
+                    }
                     Some(Cmd::Close(tx)) => {
                         self.closers.extend(tx);
                         Event::Close
@@ -664,11 +710,24 @@ impl Driver {
                         self.ack(notify_id, cookie, &int_tx);
                         continue;
                     }
+                    Internal::Locked(size) => {
+                        self.header_with_lock = size;
+                        Event::LockAcquired
+                    }
                 },
                 _ = sleep_until(deadline) => Event::Tick,
             };
             let now = self.origin.elapsed();
+            let was_locked = self.core.is_locked();
+            let cause = release_cause(&ev);
+            let unlocked = ev == Event::Unlocked;
             let actions = self.core.handle(now, ev);
+            self.time_release(was_locked, cause, unlocked);
+            if !self.core.is_locked() && !self.core.is_releasing() {
+                for tx in self.relinquishers.drain(..) {
+                    let _ = tx.send(());
+                }
+            }
             let mut closed = false;
             for a in actions {
                 closed |= self.perform(a, &int_tx);
@@ -698,6 +757,24 @@ impl Driver {
         }
         for tx in self.closers.drain(..) {
             let _ = tx.send(());
+        }
+    }
+
+    /// Times a release from the event that made the lock stop admitting writes to the
+    /// unlock's reply (`basalt_rbd_lock_release_seconds`, and a log line the hand-over
+    /// benchmark reads).
+    fn time_release(&mut self, was_locked: bool, cause: &'static str, unlocked: bool) {
+        if was_locked && !self.core.is_locked() {
+            self.releasing_since = Some((Instant::now(), cause));
+        }
+        if unlocked {
+            if let Some((since, cause)) = self.releasing_since.take() {
+                let took = since.elapsed();
+                metrics::histogram!("basalt_rbd_lock_release_seconds", "cause" => cause)
+                    .record(took.as_secs_f64());
+                tracing::info!(image = %self.shared.name, cause, elapsed_us = took.as_micros() as u64,
+                    "released the exclusive lock");
+            }
         }
     }
 
@@ -732,6 +809,14 @@ impl Driver {
         let failed = |e: BackendError| Event::OpFailed(e);
         match a {
             Action::AdmitWrite(id) => {
+                if let Some(since) = self.acquiring_since.take() {
+                    let took = since.elapsed();
+                    let handover = std::mem::take(&mut self.acquiring_handover);
+                    metrics::histogram!("basalt_rbd_lock_acquire_seconds")
+                        .record(took.as_secs_f64());
+                    tracing::info!(image = %sh.name, handover, elapsed_us = took.as_micros() as u64,
+                        "acquired the exclusive lock");
+                }
                 if let Some(w) = self.waiters.remove(&id) {
                     if w.send(Ok(())).is_err() {
                         // The caller gave up meanwhile; its guard already sent Finished.
@@ -739,36 +824,46 @@ impl Driver {
                 }
             }
             Action::FailWrite(id, r) => {
+                self.acquiring_since = None;
+                self.acquiring_handover = false;
                 if let Some(w) = self.waiters.remove(&id) {
                     let _ = w.send(Err(r));
                 }
             }
-            Action::TryLock { cookie } => spawn(Box::pin(async move {
-                let b = &sh.backend;
-                match b
-                    .lock_exclusive(
-                        &sh.header_oid,
-                        layout::LOCK_NAME,
-                        &cookie,
-                        "basalt-rbd auto",
-                    )
-                    .await
-                {
-                    Ok(()) => Event::LockAcquired,
-                    Err(BackendError::Busy(_)) => {
-                        match b.lock_info(&sh.header_oid, layout::LOCK_NAME).await {
-                            Ok(l) => Event::LockBusy {
-                                holder: l.into_iter().next().map(|l| LockOwner {
-                                    client: l.client,
-                                    cookie: l.cookie,
-                                }),
+            Action::TryLock { cookie } => {
+                self.acquiring_since.get_or_insert_with(Instant::now);
+                self.header_with_lock = None;
+                // Lock and read the header's size in one request, so the refresh that
+                // follows an acquisition costs no second round trip.
+                tokio::spawn(async move {
+                    let b = &sh.backend;
+                    let msg = match b
+                        .lock_exclusive_then_omap_get(
+                            &sh.header_oid,
+                            layout::LOCK_NAME,
+                            &cookie,
+                            "basalt-rbd auto",
+                            &["size".to_string()],
+                        )
+                        .await
+                    {
+                        Ok(header) => Internal::Locked(size_in(&header)),
+                        Err(BackendError::Busy(_)) => Internal::Core(
+                            match b.lock_info(&sh.header_oid, layout::LOCK_NAME).await {
+                                Ok(l) => Event::LockBusy {
+                                    holder: l.into_iter().next().map(|l| LockOwner {
+                                        client: l.client,
+                                        cookie: l.cookie,
+                                    }),
+                                },
+                                Err(e) => failed(e),
                             },
-                            Err(e) => failed(e),
-                        }
-                    }
-                    Err(e) => failed(e),
-                }
-            })),
+                        ),
+                        Err(e) => Internal::Core(failed(e)),
+                    };
+                    let _ = tx.send(msg);
+                });
+            }
             Action::NotifyRequestLock { holder } => spawn(Box::pin(async move {
                 tracing::info!(image = %sh.name, holder = %holder.client, "asking the lock holder to release");
                 let payload = match postcard::to_allocvec(&NotifyMsg::RequestLock { client: me }) {
@@ -840,13 +935,20 @@ impl Driver {
                     Err(e) => failed(e),
                 }
             })),
-            Action::Refresh => spawn(Box::pin(async move {
-                // No read cache to drop yet; the header may have changed.
-                match sh.refresh_size().await {
-                    Ok(_) => Event::Refreshed,
-                    Err(e) => failed(e),
+            Action::Refresh => match self.header_with_lock.take() {
+                // The header as the lock found it: nothing newer can exist.
+                Some(size) => {
+                    sh.size.store(size, Ordering::SeqCst);
+                    let _ = int_tx.send(Internal::Core(Event::Refreshed));
                 }
-            })),
+                None => spawn(Box::pin(async move {
+                    // No read cache to drop yet; the header may have changed.
+                    match sh.refresh_size().await {
+                        Ok(_) => Event::Refreshed,
+                        Err(e) => failed(e),
+                    }
+                })),
+            },
             // Writes are durable when the backend acks them: nothing buffered.
             Action::Flush => {
                 let _ = int_tx.send(Internal::Core(Event::Flushed));
@@ -878,6 +980,7 @@ impl Driver {
                 });
             }
             Action::RecordHandover => {
+                self.acquiring_handover = true;
                 tracing::info!(image = %sh.name, "took over the exclusive lock");
                 sh.handovers.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("basalt_rbd_lock_handovers_total").increment(1);
@@ -885,6 +988,17 @@ impl Driver {
             Action::Closed => return true,
         }
         false
+    }
+}
+
+/// Why a release that `ev` starts is happening (a label of the release histogram).
+fn release_cause(ev: &Event) -> &'static str {
+    match ev {
+        Event::RequestLockNotified { .. } => "requested",
+        Event::Relinquish => "relinquished",
+        Event::Close => "close",
+        Event::WatchLost => "watch_lost",
+        _ => "other",
     }
 }
 

@@ -57,6 +57,16 @@ pub fn describe_metrics() {
         "basalt_rbd_lock_handovers_total",
         "Times an image's exclusive lock was taken over from another client (cooperatively or by breaking it)"
     );
+    describe_histogram!(
+        "basalt_rbd_lock_acquire_seconds",
+        "Time from an image's first lock attempt to admitting the writes that waited for it \
+         (a hand-over's destination side: ask, wait for the release, lock, refresh)"
+    );
+    describe_histogram!(
+        "basalt_rbd_lock_release_seconds",
+        "Time from the event that made an image stop admitting writes (label cause) to its \
+         unlock being acknowledged: drain, flush, unlock"
+    );
     describe_counter!(
         "basalt_rbd_blocklists_total",
         "Dead lock holders this client blocklisted before breaking their lock"

@@ -141,6 +141,11 @@ pub enum Event {
     RewatchFailed(BackendError),
     /// Some operation of this client was refused with `Blocklisted`.
     Blocklisted(String),
+    /// Nobody is using the image for now (the gateway's last connection to it closed):
+    /// release the lock at once, as a close would, but stay open. The next writer
+    /// elsewhere then locks on its first try instead of asking us and waiting for our
+    /// release; a later write here takes the lock again as usual.
+    Relinquish,
     /// Close the image: release the lock if held, refuse further writes.
     Close,
     /// Time passed; see [`LockCore::next_deadline`].
@@ -236,10 +241,17 @@ pub struct LockCore {
     /// The current release was asked for by another client.
     release_requested: bool,
     closing: bool,
+    /// A `Relinquish` arrived while the lock was being acquired and no write has wanted
+    /// it since: release it as soon as it is ours.
+    relinquish: bool,
     /// Another holder stood in our way during this acquisition.
     saw_holder: bool,
     /// The holder acked our last request (so a Busy right after is not a reason to hurry).
     last_answered: Option<LockOwner>,
+    /// Our last `TryLock` found the lock held but nobody holding it by the time we looked:
+    /// it was released in between (a holder relinquishing as we asked), so we retried at
+    /// once; a second time in a row backs off instead of spinning.
+    holder_vanished: bool,
 }
 
 impl LockCore {
@@ -257,8 +269,10 @@ impl LockCore {
             pending_acks: Vec::new(),
             release_requested: false,
             closing: false,
+            relinquish: false,
             saw_holder: false,
             last_answered: None,
+            holder_vanished: false,
         }
     }
 
@@ -270,6 +284,11 @@ impl LockCore {
     /// True once a blocklist (or close) made the image refuse every write.
     pub fn is_failed(&self) -> bool {
         matches!(self.state, State::Failed(_) | State::Closed)
+    }
+
+    /// True while a release (drain, flush, unlock) is under way.
+    pub fn is_releasing(&self) -> bool {
+        matches!(self.state, State::Releasing { .. })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -307,18 +326,22 @@ impl LockCore {
 
     fn step(&mut self, now: Duration, ev: Event, out: &mut Vec<Action>) {
         match ev {
-            Event::WriteWanted(id) => match &self.state {
-                State::Failed(r) => out.push(Action::FailWrite(id, r.clone())),
-                State::Closed => out.push(Action::FailWrite(id, Refusal::Closed)),
-                _ if self.closing => out.push(Action::FailWrite(id, Refusal::Closed)),
-                State::Locked { .. } => {
-                    self.in_flight.insert(id);
-                    out.push(Action::AdmitWrite(id));
+            Event::WriteWanted(id) => {
+                // A user is back: a pending relinquish no longer applies.
+                self.relinquish = false;
+                match &self.state {
+                    State::Failed(r) => out.push(Action::FailWrite(id, r.clone())),
+                    State::Closed => out.push(Action::FailWrite(id, Refusal::Closed)),
+                    _ if self.closing => out.push(Action::FailWrite(id, Refusal::Closed)),
+                    State::Locked { .. } => {
+                        self.in_flight.insert(id);
+                        out.push(Action::AdmitWrite(id));
+                    }
+                    _ => {
+                        self.waiting.insert(id, now);
+                    }
                 }
-                _ => {
-                    self.waiting.insert(id, now);
-                }
-            },
+            }
             Event::WriteFinished(id) => {
                 self.waiting.remove(&id);
                 self.in_flight.remove(&id);
@@ -329,6 +352,7 @@ impl LockCore {
                     return;
                 };
                 self.last_answered = None;
+                self.holder_vanished = false;
                 if self.closing || self.watch.map(lock_cookie).as_ref() != Some(&cookie) {
                     // Closing, or our watch changed while we locked: a lock
                     // whose cookie names a dead watch would get us blocklisted.
@@ -357,6 +381,9 @@ impl LockCore {
                     // admitted go first (both sides progress), then hand over.
                     self.release_requested = !self.pending_acks.is_empty();
                     self.begin_release(cookie, out);
+                } else if std::mem::take(&mut self.relinquish) {
+                    // Relinquished while locking, and no write wanted the lock since.
+                    self.begin_release(cookie, out);
                 }
             }
             Event::LockBusy { holder } => {
@@ -368,7 +395,15 @@ impl LockCore {
                     return;
                 }
                 match holder {
-                    None => self.backoff(now, out),
+                    // Released between our lock attempt and our look: try again now,
+                    // rather than wait out a back-off for a lock that is free.
+                    None if !std::mem::replace(&mut self.holder_vanished, true) => {
+                        self.try_lock(out)
+                    }
+                    None => {
+                        self.holder_vanished = false;
+                        self.backoff(now, out)
+                    }
                     Some(h) if self.last_answered.as_ref() == Some(&h) => {
                         // It acked but still holds (it re-took the lock or
                         // never had released it): don't spin on it.
@@ -376,6 +411,7 @@ impl LockCore {
                         self.backoff(now, out);
                     }
                     Some(h) => {
+                        self.holder_vanished = false;
                         self.saw_holder = true;
                         out.push(Action::NotifyRequestLock { holder: h.clone() });
                         self.state = State::Acquiring(Step::Notify { holder: h });
@@ -503,6 +539,17 @@ impl LockCore {
                 }
             }
             Event::Blocklisted(who) => self.fail(Refusal::Blocklisted(who), out),
+            Event::Relinquish => match &self.state {
+                State::Locked { cookie } => {
+                    let cookie = cookie.clone();
+                    self.begin_release(cookie, out);
+                }
+                // Not holding now, but an acquisition under way may still end with the
+                // lock: release it then, unless a write wants it by that time. (When the
+                // lock is not ours nor coming, the flag does nothing: every acquisition
+                // starts with a write, which clears it.)
+                _ => self.relinquish = true,
+            },
             Event::Close => {
                 self.closing = true;
                 match &self.state {

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use basalt_client::ops::{LockKind, ObjOp};
+use basalt_client::ops::{LockKind, ObjOp, OpOutput};
 use basalt_client::{ClientError, IoCtx, Rados};
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -186,6 +186,40 @@ impl ObjectBackend for RadosBackend {
             .lock(oid, name, LockKind::Exclusive, cookie, "", description)
             .await
             .map_err(err)
+    }
+
+    async fn lock_exclusive_then_omap_get(
+        &self,
+        oid: &str,
+        name: &str,
+        cookie: &str,
+        description: &str,
+        keys: &[String],
+    ) -> Result<BTreeMap<String, Bytes>, BackendError> {
+        // One atomic request: the read step sees the object as the lock step found it, and
+        // nothing that needs the lock can have changed it in between.
+        let ops = vec![
+            ObjOp::Lock {
+                name: name.into(),
+                kind: LockKind::Exclusive,
+                cookie: cookie.into(),
+                tag: String::new(),
+                description: description.into(),
+            },
+            ObjOp::OmapGetValsByKeys {
+                keys: keys.iter().map(|k| key_bytes(k)).collect(),
+            },
+        ];
+        let r = self.io.operate(oid, ops).await.map_err(err)?;
+        match r.outputs.into_iter().nth(1) {
+            Some(OpOutput::Omap { entries, .. }) => entries
+                .into_iter()
+                .map(|(k, v)| Ok((key_string(&k)?, v)))
+                .collect(),
+            other => Err(BackendError::Io(format!(
+                "{oid}: lock-and-read answered {other:?} for its read"
+            ))),
+        }
     }
 
     async fn unlock(&self, oid: &str, name: &str, cookie: &str) -> Result<(), BackendError> {

@@ -232,3 +232,39 @@ async fn a_write_waiting_for_a_stuck_lock_times_out() {
     // Reads still work.
     assert_eq!(&img.read(0, 1).await.unwrap()[..], &[0]);
 }
+
+#[tokio::test]
+async fn relinquishing_hands_the_lock_back_and_stays_open() {
+    let cluster = MemCluster::new();
+    let rbd1 = Rbd::with_options(cluster.client(), fast());
+    let rbd2 = Rbd::with_options(cluster.client(), fast());
+    let info = rbd1.create("vm", 4 * OS, 12).await.unwrap();
+    let header = format!("rbd_header.{}", info.id);
+    let img1 = rbd1.open("vm").await.unwrap();
+    let img2 = rbd2.open("vm").await.unwrap();
+    // Not holding: returns at once.
+    img1.relinquish_lock().await;
+    img1.write(0, Bytes::from_static(b"one")).await.unwrap();
+    // Holding: returns once the lock is free, the image still open and watching.
+    img1.relinquish_lock().await;
+    assert!(rbd1
+        .backend()
+        .lock_info(&header, "rbd_lock")
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(cluster.watchers(&header).len(), 2);
+    // The other client locks on its first try: no request, no hand-over.
+    img2.write(OS, Bytes::from_static(b"two")).await.unwrap();
+    assert_eq!(img2.lock_handovers(), 0);
+    // The relinquished image writes again by asking for the lock back the usual way.
+    img1.write(2 * OS, Bytes::from_static(b"three"))
+        .await
+        .unwrap();
+    assert_eq!(img1.lock_handovers(), 1);
+    assert_eq!(&img2.read(0, 3).await.unwrap()[..], b"one");
+    assert_eq!(&img2.read(OS, 3).await.unwrap()[..], b"two");
+    assert_eq!(&img2.read(2 * OS, 5).await.unwrap()[..], b"three");
+    img1.close().await.unwrap();
+    img2.close().await.unwrap();
+}

@@ -1,8 +1,9 @@
 //! Process-level tests of the NBD gateway with real clients (qemu-img, qemu-io, nbdinfo,
-//! nbdcopy, fio) on a real cluster, and the exclusive-lock hand-over between gateways that a
-//! live migration relies on (issue 7).
+//! nbdcopy, fio, nbdsh) on a real cluster, and the exclusive-lock hand-over between gateways
+//! that a live migration relies on (issues 7 and 21).
 
-use std::process::Command;
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -227,7 +228,13 @@ fn live_migration_moves_the_lock_and_fences_a_frozen_gateway() {
 
     // Hypervisor 1 writes; then the VM moves to hypervisor 2, whose first write takes the lock.
     qemu_io_ok(&url(0), &["write -P 0x11 0 1M"]);
-    qemu_io_ok(&url(1), &["write -P 0x22 1M 1M", "read -P 0x11 0 1M"]);
+    // Hypervisor 2's VM stays attached (a gateway whose last client left gives the lock
+    // back, and this one must still hold it when it hangs).
+    let held = HeldClient::start(
+        &url(1),
+        "h.pwrite(b'\\x22' * (1 << 20), 1 << 20)\n\
+         assert h.pread(1 << 20, 0) == b'\\x11' * (1 << 20)",
+    );
     // Hypervisor 2 hangs while holding the lock; hypervisor 3 takes over once its watch
     // has timed out, fencing it first.
     f.cluster.pause_gateway(gws[1], true);
@@ -268,6 +275,7 @@ fn live_migration_moves_the_lock_and_fences_a_frozen_gateway() {
         metrics.contains("basalt_rbd_lock_handovers_total"),
         "{metrics}"
     );
+    drop(held);
 }
 
 /// Issue 17 item 6, fencing end to end: a gateway frozen mid-write (fio's writes queued in
@@ -379,3 +387,146 @@ fn a_fenced_gateway_lands_nothing_and_its_restart_serves_at_once() {
     // B still serves, and sees A's new write.
     qemu_io_ok(&url_b, &["read -P 0x43 8M 1M"]);
 }
+/// An nbdsh client that runs `script` on a connection (`h`) and then keeps the connection
+/// open until dropped, as a running VM does. Killed by pid on drop.
+struct HeldClient {
+    child: Child,
+}
+
+impl HeldClient {
+    /// Starts it and waits (bounded) until `script` has run; fails the test if it failed.
+    fn start(url: &str, script: &str) -> HeldClient {
+        let code = format!("{script}\nprint('ready', flush=True)\nimport sys\nsys.stdin.read()\n");
+        let mut child = Command::new("nbdsh")
+            .args(["-u", url, "-c", &code])
+            .env(
+                "PATH",
+                format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn nbdsh");
+        let stdout = child.stdout.take().expect("nbdsh stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let held = HeldClient { child };
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.trim() == "ready" => held,
+            Ok(line) => panic!("nbdsh on {url} failed (said {line:?}); its stderr is above"),
+            Err(_) => panic!("nbdsh on {url} did not finish its script within 120 s"),
+        }
+    }
+}
+
+impl Drop for HeldClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// QEMU's live migration as the storage sees it, twice over, every byte checked (issue 21).
+/// The destination connects while the source VM still runs and writes (QEMU opens the
+/// destination's drive at the start of the migration). Round 1: the source flushes and
+/// disconnects, then the destination writes — its gateway locks on its first try, the
+/// source's having relinquished the lock. Round 2, back again: the source flushes and stays
+/// connected (a paused QEMU keeps its connection until it quits), so the destination's
+/// first write asks the source's gateway for the lock and waits for its release.
+#[test]
+fn migration_hand_over_with_the_destination_connected_first() {
+    basalt_tests::require_tool("nbdsh", "libnbd-bin python3-libnbd");
+    let mut f = fixture();
+    f.rt.block_on(f.rbd.create("mig2", 16 << 20, 22))
+        .expect("create image");
+    let gws: Vec<usize> = ["gwa", "gwb"]
+        .iter()
+        .map(|n| f.cluster.start_gateway(n, &[]).expect("gateway"))
+        .collect();
+    let url = |i: usize| format!("nbd://{}/rbd/mig2", f.cluster.gateway_addr(gws[i]));
+    let script = MIGRATION_SCRIPT
+        .replace("@A@", &url(0))
+        .replace("@B@", &url(1));
+    let (ok, text) = run("nbdsh", &["-c", &script]);
+    assert!(
+        ok && text.contains("migration verified"),
+        "the migration script failed:\n{text}"
+    );
+    // Round 2's destination had to take the lock from a holder (round 1's may have found
+    // it already given back).
+    let m = f.cluster.gateway_metrics(gws[0]).expect("metrics");
+    assert!(
+        basalt_tests::metric_sum(&m, "basalt_rbd_lock_handovers_total", "") >= 1.0,
+        "gateway A never took the lock over from B:\n{m}"
+    );
+}
+
+/// The client side of `migration_hand_over_with_the_destination_connected_first` (libnbd's
+/// Python bindings, run by nbdsh). `@A@` and `@B@` are the two gateways' URLs.
+const MIGRATION_SCRIPT: &str = r#"
+import nbd
+BLOCK = 64 * 1024
+N = 64
+expected = bytearray(N * BLOCK)
+
+def block(tag, i):
+    return (f"{tag}:{i:04d};".encode() * (BLOCK // 8 + 1))[:BLOCK]
+
+def put(hd, tag, i):
+    b = block(tag, i)
+    hd.pwrite(b, i * BLOCK)
+    expected[i * BLOCK:(i + 1) * BLOCK] = b
+
+def connect(uri):
+    hd = nbd.NBD()
+    hd.connect_uri(uri)
+    return hd
+
+def verify(hd, what):
+    got = hd.pread(N * BLOCK, 0)
+    if got != bytes(expected):
+        bad = next(i for i in range(N) if got[i * BLOCK:(i + 1) * BLOCK] != expected[i * BLOCK:(i + 1) * BLOCK])
+        raise SystemExit(f"{what}: block {bad} reads {got[bad * BLOCK:bad * BLOCK + 16]!r}, expected {bytes(expected[bad * BLOCK:bad * BLOCK + 16])!r}")
+
+# Round 1: the VM runs on A; the destination B connects while A still writes.
+src = connect("@A@")
+for i in range(N):
+    put(src, "a1", i)
+dst = connect("@B@")
+cookies = []
+for i in range(0, N, 2):
+    b = block("a2", i)
+    cookies.append(src.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b)), i * BLOCK))
+    expected[i * BLOCK:(i + 1) * BLOCK] = b
+    dst.pread(BLOCK, i * BLOCK)  # reads take no lock: the destination may look meanwhile
+for c in cookies:
+    while not src.aio_command_completed(c):
+        src.poll(-1)
+src.flush()
+src.shutdown()
+del src
+for i in range(1, N, 2):
+    put(dst, "b1", i)
+verify(dst, "round 1, through the destination")
+
+# Round 2, back to A: B flushes but stays connected while A writes.
+back = connect("@A@")
+for i in range(0, N, 4):
+    put(dst, "b2", i)
+dst.flush()
+for i in range(2, N, 4):
+    put(back, "a3", i)
+verify(back, "round 2, through the new destination")
+dst.shutdown()
+del dst
+other = connect("@B@")
+verify(other, "round 2, through the old source's gateway")
+other.shutdown()
+back.shutdown()
+print("migration verified")
+"#;

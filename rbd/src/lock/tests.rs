@@ -528,4 +528,111 @@ fn close_releases_and_refuses() {
     assert_eq!(c.handle(MS, Event::Close), vec![Action::Closed]);
 }
 
+#[test]
+fn lock_released_between_attempt_and_look_is_retried_at_once() {
+    let mut c = LockCore::new(cfg(), "me", 7);
+    c.handle(MS, Event::WriteWanted(1));
+    // Busy, but by the time we read the owner there is none (a holder relinquishing).
+    assert_eq!(
+        c.handle(2 * MS, Event::LockBusy { holder: None }),
+        vec![Action::TryLock {
+            cookie: "auto 7".into()
+        }]
+    );
+    // The same again right away: back off instead of spinning.
+    assert_eq!(c.handle(3 * MS, Event::LockBusy { holder: None }), vec![]);
+    assert_eq!(c.next_deadline(), Some(103 * MS));
+    assert!(matches!(
+        c.handle(103 * MS, Event::Tick)[..],
+        [Action::TryLock { .. }]
+    ));
+    // After the back-off, a vanished holder is retried at once again.
+    assert!(matches!(
+        c.handle(104 * MS, Event::LockBusy { holder: None })[..],
+        [Action::TryLock { .. }]
+    ));
+    assert_eq!(
+        c.handle(105 * MS, Event::LockAcquired),
+        vec![Action::Refresh]
+    );
+}
+
+#[test]
+fn relinquish_releases_without_yielding_and_relocks_on_the_next_write() {
+    let mut c = locked();
+    // The last user went away with write 1 still in flight: drain, flush, unlock.
+    assert_eq!(c.handle(MS, Event::Relinquish), vec![]);
+    assert!(!c.is_locked());
+    assert_eq!(
+        c.handle(2 * MS, Event::WriteFinished(1)),
+        vec![Action::Flush]
+    );
+    assert_eq!(
+        c.handle(3 * MS, Event::Flushed),
+        vec![Action::Unlock {
+            cookie: "auto 7".into()
+        }]
+    );
+    // Nobody asked for it, so no ack and no head start to give: idle at once.
+    assert_eq!(c.handle(4 * MS, Event::Unlocked), vec![]);
+    assert_eq!(c.next_deadline(), None);
+    // A new user's write takes it back the usual way.
+    assert_eq!(
+        c.handle(5 * MS, Event::WriteWanted(2)),
+        vec![Action::TryLock {
+            cookie: "auto 7".into()
+        }]
+    );
+    // Relinquish when not holding: nothing to do.
+    let mut c = LockCore::new(cfg(), "me", 7);
+    assert_eq!(c.handle(MS, Event::Relinquish), vec![]);
+    assert_eq!(
+        c.handle(MS, Event::WriteWanted(1)),
+        vec![Action::TryLock {
+            cookie: "auto 7".into()
+        }]
+    );
+}
+
+#[test]
+fn relinquish_while_locking_releases_once_locked_unless_a_write_came() {
+    // The user left while its write waited for the lock (the write withdrawn).
+    let mut c = LockCore::new(cfg(), "me", 7);
+    c.handle(MS, Event::WriteWanted(1));
+    assert_eq!(c.handle(MS, Event::Relinquish), vec![]);
+    assert_eq!(c.handle(MS, Event::WriteFinished(1)), vec![]);
+    assert_eq!(c.handle(MS, Event::LockAcquired), vec![Action::Refresh]);
+    assert_eq!(c.handle(MS, Event::Refreshed), vec![Action::Flush]);
+    assert_eq!(
+        c.handle(MS, Event::Flushed),
+        vec![Action::Unlock {
+            cookie: "auto 7".into()
+        }]
+    );
+    assert_eq!(c.handle(MS, Event::Unlocked), vec![]);
+    assert!(!c.is_locked());
+    // A new user wrote meanwhile: the lock is kept for it.
+    let mut c = LockCore::new(cfg(), "me", 7);
+    c.handle(MS, Event::WriteWanted(1));
+    c.handle(MS, Event::Relinquish);
+    c.handle(MS, Event::WriteFinished(1));
+    assert_eq!(c.handle(MS, Event::WriteWanted(2)), vec![]);
+    c.handle(MS, Event::LockAcquired);
+    assert_eq!(c.handle(MS, Event::Refreshed), vec![Action::AdmitWrite(2)]);
+    assert!(c.is_locked());
+}
+
+#[test]
+fn relinquish_during_a_requested_release_still_acks_the_requester() {
+    let mut c = locked();
+    c.handle(MS, Event::RequestLockNotified { notify_id: 9 });
+    assert_eq!(c.handle(MS, Event::Relinquish), vec![]);
+    assert_eq!(c.handle(MS, Event::WriteFinished(1)), vec![Action::Flush]);
+    c.handle(MS, Event::Flushed);
+    assert_eq!(
+        c.handle(MS, Event::Unlocked),
+        vec![Action::AckNotify { notify_id: 9 }]
+    );
+}
+
 mod sim;

@@ -57,6 +57,8 @@ enum Ev {
     Tick(usize),
     Thaw(usize),
     NewWrite(usize),
+    /// The client's user went away for now (the gateway's last connection closed).
+    Relinquish(usize),
     Freeze(usize, Option<u64>),
 }
 
@@ -209,6 +211,11 @@ impl Sim {
                 match thaw {
                     Some(d) => self.at(self.now + d, Ev::Thaw(c)),
                     None => self.clients[c].dead = true,
+                }
+            }
+            Ev::Relinquish(c) => {
+                if !self.frozen(c) {
+                    self.deliver(c, Event::Relinquish);
                 }
             }
             Ev::NewWrite(c) => {
@@ -488,6 +495,11 @@ fn run_seed(seed: u64) -> Result<Stats, String> {
         for i in 0..burst {
             let gap = sim.rng.range(0, 10);
             sim.at(t + i * gap, Ev::NewWrite(c));
+        }
+        // Sometimes the user disconnects after its burst (maybe before the writes finish).
+        if sim.rng.range(0, 3) == 0 {
+            let after = sim.rng.range(0, 60);
+            sim.at(t + after, Ev::Relinquish(c));
         }
         t += sim.rng.range(10, 800);
     }
