@@ -88,7 +88,7 @@ pub enum DaemonError {
 /// A store made for another cluster is refused: its objects and OSD identity belong there.
 pub fn open_or_mkfs(dir: &Path, fsid: &str) -> Result<Store, DaemonError> {
     let cfg = StoreConfig::default();
-    let has_store = dir.join("CURRENT").exists();
+    let has_store = Store::is_formatted(dir);
     if !has_store {
         let empty = match std::fs::read_dir(dir) {
             Ok(mut entries) => entries.next().is_none(),
