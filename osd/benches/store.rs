@@ -1,15 +1,19 @@
-//! Object store benchmark (RocksDB store in a temp dir, sync=true, through the async API).
+//! Object store benchmark (on-disk store in a temp dir, sync=true, through the async API).
 //!
 //! - 4 KiB random overwrites into existing 4 MiB objects, each op a realistic PG transaction
 //!   (data + onode + a 128-byte PG log entry), at concurrency 1 and 32 (one object set per task,
-//!   honouring the per-object ordering contract): ops/s, p50/p99 latency.
+//!   honouring the per-object ordering contract): ops/s, p50/p99 latency; for QD32 also the
+//!   bytes this process wrote to storage per op (`/proc/self/io` `write_bytes`, counted until
+//!   the store is closed, so its final checkpoint and RocksDB flush are included).
+//! - 4 KiB random reads of that (cached) data at concurrency 1 and 32.
 //! - 1 MiB sequential writes into fresh 4 MiB objects at concurrency 1 and 4: MiB/s.
 //!
-//! Run: `CARGO_TARGET_DIR=$HOME/.cache/basalt-target cargo test --release -p basalt-osd --bench store`
-//! (release profile on purpose: `cargo bench` uses the bench profile, which would recompile
-//! RocksDB). `BENCH_SECS=N` per measurement, default 5; `BENCH_DIR` for the temp dir's parent;
-//! `BENCH_MODES=concurrent,committer,memory` picks commit modes or the in-memory engine;
-//! `BENCH_NOSYNC=1`, `BENCH_NOBLOB=1` for comparisons. Plain `cargo test` does not run it.
+//! Run: `CARGO_TARGET_DIR=$HOME/.cache/basalt-target cargo test --release --locked --workspace
+//! --bench store` (release profile on purpose: `cargo bench` uses the bench profile, which
+//! would recompile RocksDB). `BENCH_SECS=N` per measurement, default 5; `BENCH_DIR` for the
+//! temp dir's parent; `BENCH_MODES=disk,memory` picks the on-disk store or the in-memory one
+//! (the store layer's CPU cost alone); `BENCH_NOSYNC=1` for comparisons. Plain `cargo test`
+//! does not run it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -130,6 +134,39 @@ async fn randwrite(store: &Store, qd: u64, secs: f64, version: Arc<AtomicU64>) -
     .await
 }
 
+async fn randread(store: &Store, qd: u64, secs: f64) -> Result {
+    let s = store.clone();
+    drive(qd, secs, move |task, i| {
+        let s = s.clone();
+        async move {
+            let mut rng = StdRng::seed_from_u64(task << 32 | i);
+            let o = obj(format!("rbd_data.{}", rng.random_range(0..NOBJ)));
+            let off = rng.random_range(0..OBJ_SIZE / 4096) * 4096;
+            let got = if s.is_in_memory() {
+                s.read(&o, off, 4096)
+            } else {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || s.read(&o, off, 4096))
+                    .await
+                    .unwrap()
+            };
+            assert_eq!(got.unwrap().len(), 4096);
+        }
+    })
+    .await
+}
+
+/// Bytes this process has caused to be written to storage so far.
+fn write_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("write_bytes: ")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 async fn seqwrite(store: &Store, qd: u64, secs: f64, run: u64) -> Result {
     let s = store.clone();
     let bufs = buffers(16, 1 << 20);
@@ -147,12 +184,22 @@ async fn seqwrite(store: &Store, qd: u64, secs: f64, run: u64) -> Result {
     .await
 }
 
+fn row(mode: &str, what: &str, r: &Result, bytes_per_op: f64) {
+    println!(
+        "| {mode} | {what} | {:.0} | {:.1} | {} | {} |",
+        r.ops_per_sec(),
+        r.ops_per_sec() * bytes_per_op / (1 << 20) as f64,
+        ms(r.pct(0.5)),
+        ms(r.pct(0.99))
+    );
+}
+
 fn main() {
     let secs: f64 = std::env::var("BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5.0);
-    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "concurrent,committer".into());
+    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "disk".into());
     let parent =
         std::env::var("BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -161,27 +208,23 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!("| commit mode | workload | ops/s | MiB/s | p50 | p99 |");
+    println!("| store | workload | ops/s | MiB/s | p50 | p99 |");
     println!("|---|---|---|---|---|---|");
     for mode in modes.split(',') {
-        let commit_mode = match mode {
-            "concurrent" | "memory" => CommitMode::ConcurrentWriters,
-            "committer" => CommitMode::CommitterThread,
-            other => panic!("unknown mode {other}"),
-        };
         let cfg = StoreConfig {
-            commit_mode,
             sync: std::env::var("BENCH_NOSYNC").is_err(),
-            blob_files: std::env::var("BENCH_NOBLOB").is_err(),
             ..StoreConfig::default()
         };
         let dir = tempfile::tempdir_in(&parent).unwrap();
-        // "memory": the in-memory engine, i.e. the cost of the shared store layer alone
-        // (chunk read-modify-write, blake3, onode encoding) without RocksDB or fsync.
-        let store = if mode == "memory" {
-            Store::in_memory(cfg).unwrap()
+        let open = || match mode {
+            "memory" => Store::in_memory(cfg.clone()).unwrap(),
+            "disk" => Store::open(dir.path(), cfg.clone()).unwrap(),
+            other => panic!("unknown mode {other} (disk, memory)"),
+        };
+        let mut store = if mode == "memory" {
+            open()
         } else {
-            Store::mkfs(dir.path(), Superblock::new("bench", "bench"), cfg).unwrap()
+            Store::mkfs(dir.path(), Superblock::new("bench", "bench"), cfg.clone()).unwrap()
         };
         rt.block_on(async {
             let mut t = Transaction::new();
@@ -200,28 +243,41 @@ fn main() {
                 (NOBJ * OBJ_SIZE) >> 20,
                 fill.elapsed().as_secs_f64()
             );
-            let version = Arc::new(AtomicU64::new(1));
-            for qd in [1, 32] {
-                let r = randwrite(&store, qd, secs, version.clone()).await;
-                println!(
-                    "| {mode} | 4 KiB rand overwrite QD{qd} | {:.0} | {:.1} | {} | {} |",
-                    r.ops_per_sec(),
-                    r.ops_per_sec() * 4096.0 / (1 << 20) as f64,
-                    ms(r.pct(0.5)),
-                    ms(r.pct(0.99))
-                );
-            }
-            for (run, qd) in [1u64, 4].into_iter().enumerate() {
-                let r = seqwrite(&store, qd, secs, run as u64).await;
-                println!(
-                    "| {mode} | 1 MiB seq write QD{qd} | {:.0} | {:.1} | {} | {} |",
-                    r.ops_per_sec(),
-                    r.ops_per_sec(),
-                    ms(r.pct(0.5)),
-                    ms(r.pct(0.99))
-                );
-            }
-            eprintln!("[{mode}] stats: {:?}", store.stats());
         });
+        if mode != "memory" {
+            // Reopen so the prefill's checkpoint is behind us.
+            drop(store);
+            store = open();
+        }
+        let version = Arc::new(AtomicU64::new(1));
+        let r = rt.block_on(randwrite(&store, 1, secs, version.clone()));
+        row(mode, "4 KiB rand overwrite QD1", &r, 4096.0);
+        let before = write_bytes();
+        let r = rt.block_on(randwrite(&store, 32, secs, version.clone()));
+        row(mode, "4 KiB rand overwrite QD32", &r, 4096.0);
+        if mode != "memory" {
+            drop(store);
+            let written = write_bytes() - before;
+            println!(
+                "| {mode} | bytes written per 4 KiB overwrite (QD32, incl. checkpoint) | {:.0} | {:.2}× | | |",
+                written as f64 / r.ops as f64,
+                written as f64 / r.ops as f64 / 4096.0
+            );
+            store = open();
+        }
+        for qd in [1, 32] {
+            let r = rt.block_on(randread(&store, qd, secs));
+            row(mode, &format!("4 KiB rand read QD{qd}"), &r, 4096.0);
+        }
+        for (run, qd) in [1u64, 4].into_iter().enumerate() {
+            let r = rt.block_on(seqwrite(&store, qd, secs, run as u64));
+            row(
+                mode,
+                &format!("1 MiB seq write QD{qd}"),
+                &r,
+                (1 << 20) as f64,
+            );
+        }
+        eprintln!("[{mode}] stats: {:?}", store.stats());
     }
 }

@@ -97,7 +97,7 @@ pub fn open_or_mkfs(
         capacity_bytes,
         ..StoreConfig::default()
     };
-    let has_store = dir.join("CURRENT").exists();
+    let has_store = Store::is_formatted(dir);
     if !has_store {
         let empty = match std::fs::read_dir(dir) {
             Ok(mut entries) => entries.next().is_none(),

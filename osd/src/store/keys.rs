@@ -14,6 +14,8 @@ pub(crate) const META_SUPERBLOCK: &[u8] = &[0x01];
 pub(crate) const META_USED: &[u8] = &[0x02];
 pub(crate) const META_PG: u8 = 0x03;
 pub(crate) const META_USER: u8 = 0x04;
+pub(crate) const META_CHECKPOINT: &[u8] = &[0x05];
+pub(crate) const META_BITMAP: u8 = 0x06;
 
 pub(crate) const OMAP_HEADER: u8 = 0x00;
 pub(crate) const OMAP_ENTRY: u8 = 0x01;
@@ -51,7 +53,7 @@ pub(crate) fn onode_key(o: &ObjectId) -> Vec<u8> {
     k
 }
 
-/// Data chunk key: `onode key | chunk index (u32)`.
+/// Chunk extent key: `onode key | chunk index (u32)`.
 pub(crate) fn chunk_key(okey: &[u8], index: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(okey.len() + 4);
     k.extend_from_slice(okey);
@@ -83,6 +85,13 @@ pub(crate) fn omap_entry_key(okey: &[u8], user: &[u8]) -> Vec<u8> {
 pub(crate) fn meta_pg_key(pg: PgId) -> Vec<u8> {
     let mut k = vec![META_PG];
     k.extend_from_slice(&pg_prefix(pg));
+    k
+}
+
+/// Page `page` of the allocation bitmap.
+pub(crate) fn meta_bitmap_key(page: u64) -> Vec<u8> {
+    let mut k = vec![META_BITMAP];
+    k.extend_from_slice(&page.to_be_bytes());
     k
 }
 

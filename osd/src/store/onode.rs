@@ -1,4 +1,4 @@
-//! On-disk records: the onode (object metadata) and the self-verifying chunk value.
+//! The onode: an object's metadata record.
 
 use std::collections::BTreeMap;
 
@@ -19,9 +19,10 @@ pub(crate) struct Onode {
     pub size: u64,
     pub meta: ObjectMeta,
     pub xattrs: BTreeMap<String, Bytes>,
-    /// chunk index → stored data length (1..=CHUNK_SIZE). Presence here is what distinguishes a
-    /// hole (reads as zeros) from a chunk that should exist: a listed chunk missing from the
-    /// data column family is reported as corruption instead of silently reading as zeros.
+    /// chunk index → stored data length (1..=CHUNK_SIZE, trailing zeros trimmed). Presence here
+    /// is what distinguishes a hole (reads as zeros) from a chunk that should exist: a listed
+    /// chunk whose extent record is missing is reported as corruption instead of silently
+    /// reading as zeros.
     pub chunks: BTreeMap<u64, u32>,
 }
 
@@ -67,53 +68,6 @@ impl Onode {
     }
 }
 
-pub(crate) const DIGEST_LEN: usize = 32;
-
-/// A chunk value is `blake3(data) | data`: the digest travels with the bytes it covers, so a
-/// 4 KiB write rewrites one chunk value and a small onode, never a per-object digest table.
-pub(crate) fn encode_chunk(data: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(DIGEST_LEN + data.len());
-    v.extend_from_slice(blake3::hash(data).as_bytes());
-    v.extend_from_slice(data);
-    v
-}
-
-/// Splits a stored chunk into (stored digest, data) without verifying.
-pub(crate) fn split_chunk(raw: &[u8]) -> Option<([u8; 32], &[u8])> {
-    if raw.len() < DIGEST_LEN {
-        return None;
-    }
-    let (d, data) = raw.split_at(DIGEST_LEN);
-    Some((d.try_into().ok()?, data))
-}
-
-/// Verified chunk data, or `Corrupt`. `expected_len` comes from the onode.
-pub(crate) fn verify_chunk<'a>(
-    raw: &'a [u8],
-    expected_len: u32,
-    object: &dyn std::fmt::Display,
-    index: u64,
-) -> Result<&'a [u8]> {
-    let corrupt = || StoreError::Corrupt {
-        object: object.to_string(),
-        chunk: index,
-    };
-    let (stored, data) = split_chunk(raw).ok_or_else(corrupt)?;
-    if data.len() != expected_len as usize || blake3::hash(data).as_bytes() != &stored {
-        return Err(corrupt());
-    }
-    Ok(data)
-}
-
-/// Canonical form of chunk content: trailing zeros dropped, an all-zero chunk not stored at all.
-/// Replicas with the same bytes therefore store the same values whatever their write history,
-/// which is what makes deep-scrub digests comparable.
-pub(crate) fn canonical(mut data: Vec<u8>) -> Option<Vec<u8>> {
-    let keep = data.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
-    data.truncate(keep);
-    (!data.is_empty()).then_some(data)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,28 +89,5 @@ mod tests {
         }
         o.chunks.insert(2, 65536); // beyond size
         assert!(Onode::decode(&o.encode(), &"x").is_err());
-    }
-
-    #[test]
-    fn chunk_verification() {
-        let v = encode_chunk(b"hello");
-        assert_eq!(verify_chunk(&v, 5, &"o", 0).unwrap(), b"hello");
-        assert!(verify_chunk(&v, 4, &"o", 0).is_err());
-        let mut bad = v.clone();
-        bad[33] ^= 1;
-        assert_eq!(
-            verify_chunk(&bad, 5, &"o", 3),
-            Err(StoreError::Corrupt {
-                object: "o".into(),
-                chunk: 3
-            })
-        );
-        assert!(verify_chunk(&v[..10], 5, &"o", 0).is_err());
-    }
-
-    #[test]
-    fn canonical_trims_zeros() {
-        assert_eq!(canonical(vec![0, 0, 0]), None);
-        assert_eq!(canonical(vec![1, 0, 2, 0, 0]), Some(vec![1, 0, 2]));
     }
 }

@@ -12,10 +12,12 @@ use basalt_placement::PgId;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::data::{block_crc, DataArea, Extent, BLOCK};
 use super::engine::{Cf, Engine, KvOp};
 use super::error::{Result, StoreError};
+use super::journal::{BlockWrite, Record};
 use super::keys::{self, prefix_end};
-use super::onode::{canonical, encode_chunk, verify_chunk, Onode};
+use super::onode::Onode;
 use super::types::*;
 
 /// One operation. Public so the PG layer can inspect a transaction (e.g. which objects it
@@ -378,9 +380,9 @@ fn check_len(what: &str, len: usize, max: usize) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Executor
 
-/// The outcome of building a transaction: the mutations and the change in charged bytes.
+/// The outcome of building a transaction: its journal record and the change in charged bytes.
 pub(crate) struct Built {
-    pub ops: Vec<KvOp>,
+    pub rec: Record,
     pub used_delta: i64,
 }
 
@@ -397,11 +399,139 @@ struct ObjState {
     base: Option<Onode>,
     cur: Option<Onode>,
     onode_dirty: bool,
-    /// The object was removed earlier in this transaction: none of its stored chunks count.
+    /// The object was removed earlier in this transaction: every stored chunk is in `chunks`,
+    /// wiped, and none other exists.
     data_wiped: bool,
-    /// Chunk overlay: new canonical content, or None for "delete".
-    chunks: BTreeMap<u64, Option<Vec<u8>>>,
+    chunks: BTreeMap<u64, ChunkEdit>,
     omap_ops: Vec<KvOp>,
+}
+
+/// A chunk as this transaction changes it, block by block.
+struct ChunkEdit {
+    /// The stored extent (None: the chunk had no data).
+    base: Option<Extent>,
+    /// The stored extent's blocks no longer count (chunk emptied earlier in this transaction).
+    wiped: bool,
+    /// Current canonical stored length (trailing zeros trimmed).
+    len: u64,
+    /// Blocks changed: full 4 KiB content, or None for zeros.
+    blocks: BTreeMap<usize, Option<Vec<u8>>>,
+}
+
+const B: u64 = BLOCK;
+
+impl ChunkEdit {
+    /// Current content of block `i`, or None if it reads as zeros.
+    fn block(&self, data: &DataArea, i: usize, id: &ObjectId, idx: u64) -> Result<Option<Vec<u8>>> {
+        if let Some(b) = self.blocks.get(&i) {
+            return Ok(b.clone());
+        }
+        if self.wiped || i as u64 * B >= self.len {
+            return Ok(None);
+        }
+        match &self.base {
+            Some(e) => match e.blocks.get(i).copied().flatten() {
+                Some(crc) => Ok(Some(data.read_blocks(e.au, i, &[Some(crc)], id, idx)?)),
+                None => Ok(None),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// Writes `src` (data, or zeros when None) at `lo..lo + len` within the chunk.
+    fn write(
+        &mut self,
+        data: &DataArea,
+        lo: u64,
+        src: Option<&[u8]>,
+        len: u64,
+        id: &ObjectId,
+        idx: u64,
+    ) -> Result<()> {
+        let hi = lo + len;
+        for i in (lo / B) as usize..=((hi - 1) / B) as usize {
+            let bs = i as u64 * B;
+            let (a, z) = (lo.max(bs) - bs, hi.min(bs + B) - bs);
+            if src.is_none() && bs >= self.len {
+                continue; // already reads as zeros
+            }
+            let mut blk = if a == 0 && z == B {
+                vec![0u8; B as usize]
+            } else {
+                self.block(data, i, id, idx)?
+                    .unwrap_or_else(|| vec![0u8; B as usize])
+            };
+            if let Some(d) = src {
+                let from = (bs + a - lo) as usize;
+                blk[a as usize..z as usize].copy_from_slice(&d[from..from + (z - a) as usize]);
+            } else {
+                blk[a as usize..z as usize].fill(0);
+            }
+            let zero = blk.iter().all(|&b| b == 0);
+            self.blocks.insert(i, (!zero).then_some(blk));
+        }
+        let candidate = self.len.max(if src.is_some() { hi } else { 0 });
+        self.len = self.canonical_len(data, candidate, id, idx)?;
+        Ok(())
+    }
+
+    /// Cuts the chunk to `tail` bytes (zeroing the rest of the block `tail` falls in).
+    fn truncate(&mut self, data: &DataArea, tail: u64, id: &ObjectId, idx: u64) -> Result<()> {
+        if tail >= self.len {
+            return Ok(());
+        }
+        if tail % B != 0 {
+            let i = (tail / B) as usize;
+            if let Some(mut blk) = self.block(data, i, id, idx)? {
+                blk[(tail % B) as usize..].fill(0);
+                let zero = blk.iter().all(|&b| b == 0);
+                self.blocks.insert(i, (!zero).then_some(blk));
+            }
+        }
+        // Blocks past the cut read as zeros from now on, even if a later op in this
+        // transaction grows the chunk again over them: explicit zero edits, not "unchanged".
+        let first_dead = tail.div_ceil(B) as usize;
+        for i in first_dead..self.len.div_ceil(B) as usize {
+            self.blocks.insert(i, None);
+        }
+        self.len = self.canonical_len(data, tail, id, idx)?;
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.wiped = true;
+        self.len = 0;
+        self.blocks.clear();
+    }
+
+    /// The stored length once trailing zeros before `candidate` are trimmed.
+    fn canonical_len(
+        &self,
+        data: &DataArea,
+        candidate: u64,
+        id: &ObjectId,
+        idx: u64,
+    ) -> Result<u64> {
+        let mut end = candidate;
+        while end > 0 {
+            let i = ((end - 1) / B) as usize;
+            let bs = i as u64 * B;
+            // Blocks past the old length and not written read as zeros without a read.
+            let content = if self.blocks.contains_key(&i) || bs < self.len {
+                self.block(data, i, id, idx)?
+            } else {
+                None
+            };
+            if let Some(blk) = content {
+                let upto = (end - bs) as usize;
+                if let Some(p) = blk[..upto].iter().rposition(|&b| b != 0) {
+                    return Ok(bs + p as u64 + 1);
+                }
+            }
+            end = bs;
+        }
+        Ok(0)
+    }
 }
 
 enum Src<'a> {
@@ -420,32 +550,42 @@ impl Src<'_> {
 
 struct Exec<'a> {
     eng: &'a Engine,
+    data: &'a DataArea,
     max_object_size: u64,
     pgs: HashMap<PgId, PgState>,
     objs: HashMap<Vec<u8>, ObjState>,
     order: Vec<Vec<u8>>,
     /// PG wipes: emitted before everything else.
     pre: Vec<KvOp>,
+    /// AUs of wiped PGs.
+    pre_free: Vec<u64>,
     /// PG and meta bookkeeping, emitted after object mutations, in op order.
     pg_ops: Vec<(Option<PgId>, KvOp)>,
     wipe_delta: i64,
 }
 
-pub(crate) fn build(eng: &Engine, max_object_size: u64, txn: &Transaction) -> Result<Built> {
+pub(crate) fn build(
+    eng: &Engine,
+    data: &DataArea,
+    max_object_size: u64,
+    txn: &Transaction,
+) -> Result<Built> {
     let mut ex = Exec {
         eng,
+        data,
         max_object_size,
         pgs: HashMap::new(),
         objs: HashMap::new(),
         order: Vec::new(),
         pre: Vec::new(),
+        pre_free: Vec::new(),
         pg_ops: Vec::new(),
         wipe_delta: 0,
     };
     for op in &txn.ops {
         ex.apply(op)?;
     }
-    Ok(ex.finish())
+    ex.finish()
 }
 
 fn not_found(id: &ObjectId) -> StoreError {
@@ -468,42 +608,58 @@ impl ObjState {
         self.cur.get_or_insert_with(Onode::default)
     }
 
-    fn load_chunk(&self, eng: &Engine, idx: u64) -> Result<Vec<u8>> {
-        if let Some(c) = self.chunks.get(&idx) {
-            return Ok(c.clone().unwrap_or_default());
+    /// The edit of chunk `idx`, loading its stored extent on first touch.
+    fn chunk(&mut self, eng: &Engine, idx: u64) -> Result<&mut ChunkEdit> {
+        if !self.chunks.contains_key(&idx) {
+            let len = match (self.data_wiped, &self.cur) {
+                (false, Some(o)) => o.chunks.get(&idx).copied().unwrap_or(0) as u64,
+                _ => 0,
+            };
+            let base = if len > 0 {
+                let raw = eng
+                    .get(Cf::Data, &keys::chunk_key(&self.key, idx))?
+                    .ok_or_else(|| StoreError::Corrupt {
+                        object: self.id.to_string(),
+                        chunk: idx,
+                    })?;
+                Some(Extent::decode(&raw, &self.id)?)
+            } else {
+                None
+            };
+            self.chunks.insert(
+                idx,
+                ChunkEdit {
+                    base,
+                    wiped: false,
+                    len,
+                    blocks: BTreeMap::new(),
+                },
+            );
         }
-        let Some(&len) = self.cur.as_ref().and_then(|o| o.chunks.get(&idx)) else {
-            return Ok(Vec::new());
-        };
-        if self.data_wiped {
-            return Ok(Vec::new());
-        }
-        let raw = eng
-            .get(Cf::Data, &keys::chunk_key(&self.key, idx))?
-            .ok_or_else(|| StoreError::Corrupt {
-                object: self.id.to_string(),
-                chunk: idx,
-            })?;
-        Ok(verify_chunk(&raw, len, &self.id, idx)?.to_vec())
+        self.chunks
+            .get_mut(&idx)
+            .ok_or_else(|| StoreError::Io("chunk state vanished".into()))
     }
 
-    fn set_chunk(&mut self, idx: u64, content: Option<Vec<u8>>) {
+    /// Records chunk `idx`'s new length in the current onode.
+    fn sync_len(&mut self, idx: u64) {
+        let len = self.chunks.get(&idx).map_or(0, |c| c.len);
         let o = self.cur.get_or_insert_with(Onode::default);
-        match &content {
-            Some(c) => {
-                o.chunks.insert(idx, c.len() as u32);
-            }
-            None => {
-                let was_stored = o.chunks.remove(&idx).is_some();
-                if !was_stored && !self.chunks.contains_key(&idx) {
-                    return;
-                }
-            }
+        if len == 0 {
+            o.chunks.remove(&idx);
+        } else {
+            o.chunks.insert(idx, len as u32);
         }
-        self.chunks.insert(idx, content);
     }
 
-    fn write_range(&mut self, eng: &Engine, max: u64, offset: u64, src: Src<'_>) -> Result<()> {
+    fn write_range(
+        &mut self,
+        eng: &Engine,
+        data: &DataArea,
+        max: u64,
+        offset: u64,
+        src: Src<'_>,
+    ) -> Result<()> {
         let len = src.len();
         let end = offset.checked_add(len).ok_or_else(|| {
             StoreError::InvalidArgument(format!("offset {offset} + length {len} overflows"))
@@ -519,39 +675,46 @@ impl ObjState {
         if len == 0 {
             return Ok(());
         }
+        let id = self.id.clone();
         for idx in offset / CHUNK_SIZE..=(end - 1) / CHUNK_SIZE {
             let base = idx * CHUNK_SIZE;
-            let lo = (offset.max(base) - base) as usize;
-            let hi = (end.min(base + CHUNK_SIZE) - base) as usize;
-            let from = (base + lo as u64 - offset) as usize;
-            let new = if lo == 0 && hi == CHUNK_SIZE as usize {
-                // Whole chunk replaced: no read needed.
-                match &src {
-                    Src::Data(d) => canonical(d[from..from + hi].to_vec()),
-                    Src::Zeros(_) => None,
+            let lo = offset.max(base) - base;
+            let hi = end.min(base + CHUNK_SIZE) - base;
+            let piece = match &src {
+                Src::Data(d) => {
+                    Some(&d[(base + lo - offset) as usize..(base + hi - offset) as usize])
                 }
-            } else {
-                let mut cur = self.load_chunk(eng, idx)?;
-                if matches!(src, Src::Zeros(_)) && cur.len() <= lo {
-                    continue; // those bytes already read as zeros
-                }
-                if cur.len() < hi {
-                    cur.resize(hi, 0);
-                }
-                match &src {
-                    Src::Data(d) => cur[lo..hi].copy_from_slice(&d[from..from + (hi - lo)]),
-                    Src::Zeros(_) => cur[lo..hi].fill(0),
-                }
-                canonical(cur)
+                Src::Zeros(_) => None,
             };
-            self.set_chunk(idx, new);
+            let stored = self.cur.as_ref().and_then(|o| o.chunks.get(&idx)).is_some()
+                || self.chunks.contains_key(&idx);
+            if piece.is_none() && !stored {
+                continue; // zeros over a hole
+            }
+            self.chunk(eng, idx)?
+                .write(data, lo, piece, hi - lo, &id, idx)?;
+            self.sync_len(idx);
         }
         let o = self.ensure();
         o.size = o.size.max(end);
         Ok(())
     }
 
-    fn truncate(&mut self, eng: &Engine, max: u64, size: u64) -> Result<()> {
+    /// Empties every stored chunk (remove, write_full).
+    fn clear_chunks(&mut self, eng: &Engine) -> Result<()> {
+        let stored: Vec<u64> = self
+            .cur
+            .as_ref()
+            .map(|o| o.chunks.keys().copied().collect())
+            .unwrap_or_default();
+        for idx in stored {
+            self.chunk(eng, idx)?.clear();
+            self.sync_len(idx);
+        }
+        Ok(())
+    }
+
+    fn truncate(&mut self, eng: &Engine, data: &DataArea, max: u64, size: u64) -> Result<()> {
         if size > max {
             return Err(StoreError::TooLarge {
                 object: self.id.to_string(),
@@ -563,34 +726,113 @@ impl ObjState {
         if size < o.size {
             let first_dead = size.div_ceil(CHUNK_SIZE);
             let dead: Vec<u64> = o.chunks.range(first_dead..).map(|(&i, _)| i).collect();
-            let tail = (size % CHUNK_SIZE) as usize;
             let partial = size / CHUNK_SIZE;
-            let partial_len = o.chunks.get(&partial).copied();
+            let tail = size % CHUNK_SIZE;
+            let partial_stored = o.chunks.contains_key(&partial);
             for idx in dead {
-                self.set_chunk(idx, None);
+                self.chunk(eng, idx)?.clear();
+                self.sync_len(idx);
             }
-            if let Some(len) = partial_len {
-                if tail > 0 && len as usize > tail {
-                    let mut c = self.load_chunk(eng, partial)?;
-                    c.truncate(tail);
-                    self.set_chunk(partial, canonical(c));
-                }
+            if tail > 0 && partial_stored {
+                let id = self.id.clone();
+                self.chunk(eng, partial)?
+                    .truncate(data, tail, &id, partial)?;
+                self.sync_len(partial);
             }
         }
         self.require()?.size = size;
         Ok(())
     }
 
-    fn remove(&mut self) -> Result<()> {
+    fn remove(&mut self, eng: &Engine) -> Result<()> {
         self.require()?;
+        self.clear_chunks(eng)?;
         self.cur = None;
         self.data_wiped = true;
-        self.chunks.clear();
         self.omap_ops = vec![KvOp::DeleteRange(
             Cf::Omap,
             self.key.clone(),
             prefix_end(&self.key),
         )];
+        Ok(())
+    }
+
+    /// Emits the chunk changes: extent records, blocks to write, AUs taken and freed.
+    fn emit_chunks(&mut self, data: &DataArea, rec: &mut Record) -> Result<()> {
+        for (idx, c) in std::mem::take(&mut self.chunks) {
+            let ck = keys::chunk_key(&self.key, idx);
+            if c.len == 0 {
+                if let Some(b) = &c.base {
+                    rec.kv.push(KvOp::Delete(Cf::Data, ck));
+                    rec.free.push(b.au);
+                }
+                continue;
+            }
+            let nblocks = c.len.div_ceil(B) as usize;
+            // A chunk rewritten whole goes straight to a fresh AU (written once, here, in the
+            // caller's thread); the old AU is freed. Smaller writes are journaled and written
+            // home in place later.
+            if (0..nblocks).all(|i| c.blocks.contains_key(&i))
+                && nblocks * B as usize == CHUNK_SIZE as usize
+            {
+                let au = data.allocate()?;
+                rec.alloc.push(au);
+                if let Some(b) = &c.base {
+                    rec.free.push(b.au);
+                }
+                let mut content = vec![0u8; CHUNK_SIZE as usize];
+                let mut ext = Extent {
+                    au,
+                    blocks: Vec::with_capacity(nblocks),
+                };
+                for i in 0..nblocks {
+                    let blk = c.blocks.get(&i).cloned().flatten();
+                    ext.blocks.push(blk.as_ref().map(|b| block_crc(b)));
+                    if let Some(b) = blk {
+                        content[i * B as usize..(i + 1) * B as usize].copy_from_slice(&b);
+                    }
+                }
+                data.write_direct(au, &content)?;
+                rec.direct = true;
+                rec.kv.push(KvOp::Put(Cf::Data, ck, ext.encode()));
+                continue;
+            }
+            let au = match &c.base {
+                Some(b) => b.au,
+                None => {
+                    let au = data.allocate()?;
+                    rec.alloc.push(au);
+                    au
+                }
+            };
+            let mut ext = Extent {
+                au,
+                blocks: Vec::with_capacity(nblocks),
+            };
+            for i in 0..nblocks {
+                let crc = match c.blocks.get(&i) {
+                    Some(Some(content)) => {
+                        let crc = block_crc(content);
+                        rec.blocks.push(BlockWrite {
+                            au,
+                            block: i as u16,
+                            data: Bytes::from(content.clone()),
+                        });
+                        Some(crc)
+                    }
+                    Some(None) => None,
+                    None if c.wiped => None,
+                    None => c
+                        .base
+                        .as_ref()
+                        .and_then(|b| b.blocks.get(i).copied().flatten()),
+                };
+                ext.blocks.push(crc);
+            }
+            if c.base.as_ref() != Some(&ext) {
+                rec.kv.push(KvOp::Put(Cf::Data, ck, ext.encode()));
+            }
+        }
         Ok(())
     }
 }
@@ -643,7 +885,7 @@ impl Exec<'_> {
                     cur: base.clone(),
                     base,
                     onode_dirty: false,
-                    data_wiped: false,
+                    data_wiped: wiped,
                     chunks: BTreeMap::new(),
                     omap_ops: Vec::new(),
                 },
@@ -656,6 +898,7 @@ impl Exec<'_> {
 
     fn apply(&mut self, op: &Op) -> Result<()> {
         let eng = self.eng;
+        let data = self.data;
         let max = self.max_object_size;
         match op {
             Op::Create { obj, exclusive } => {
@@ -667,31 +910,32 @@ impl Exec<'_> {
                 }
                 st.ensure();
             }
-            Op::Write { obj, offset, data } => {
+            Op::Write {
+                obj,
+                offset,
+                data: bytes,
+            } => {
                 self.obj(obj)?
-                    .write_range(eng, max, *offset, Src::Data(data))?;
+                    .write_range(eng, data, max, *offset, Src::Data(bytes))?;
             }
-            Op::WriteFull { obj, data } => {
+            Op::WriteFull { obj, data: bytes } => {
                 let st = self.obj(obj)?;
-                let o = st.ensure();
-                let old: Vec<u64> = o.chunks.keys().copied().collect();
-                o.size = 0;
-                for idx in old {
-                    st.set_chunk(idx, None);
-                }
-                st.write_range(eng, max, 0, Src::Data(data))?;
+                st.ensure();
+                st.clear_chunks(eng)?;
+                st.ensure().size = 0;
+                st.write_range(eng, data, max, 0, Src::Data(bytes))?;
             }
-            Op::Append { obj, data } => {
+            Op::Append { obj, data: bytes } => {
                 let st = self.obj(obj)?;
                 let offset = st.ensure().size;
-                st.write_range(eng, max, offset, Src::Data(data))?;
+                st.write_range(eng, data, max, offset, Src::Data(bytes))?;
             }
-            Op::Truncate { obj, size } => self.obj(obj)?.truncate(eng, max, *size)?,
+            Op::Truncate { obj, size } => self.obj(obj)?.truncate(eng, data, max, *size)?,
             Op::Zero { obj, offset, len } => {
                 self.obj(obj)?
-                    .write_range(eng, max, *offset, Src::Zeros(*len))?;
+                    .write_range(eng, data, max, *offset, Src::Zeros(*len))?;
             }
-            Op::Remove { obj } => self.obj(obj)?.remove()?,
+            Op::Remove { obj } => self.obj(obj)?.remove(eng)?,
             Op::SetMeta { obj, meta } => {
                 check_len("object version", meta.version.len(), MAX_REQID_LEN)?;
                 self.obj(obj)?.require()?.meta = meta.clone();
@@ -894,7 +1138,24 @@ impl Exec<'_> {
                     _ => break,
                 }
             }
+            // So do their allocation units.
+            let mut start = prefix.clone();
+            loop {
+                let page = self.eng.scan(Cf::Data, &start, &end, 1024)?;
+                for (_, v) in &page {
+                    self.pre_free.push(Extent::decode(v, &pg)?.au);
+                }
+                match page.last() {
+                    Some((k, _)) if page.len() == 1024 => {
+                        start = k.clone();
+                        start.push(0);
+                    }
+                    _ => break,
+                }
+            }
         }
+        // Chunks this transaction already touched in the PG: their stored AUs are in the
+        // scan above; AUs they were about to take were never taken (taken at finish).
         self.objs.retain(|_, st| st.id.pg() != pg);
         let objs = &self.objs;
         self.order.retain(|k| objs.contains_key(k));
@@ -974,49 +1235,52 @@ impl Exec<'_> {
         Ok(())
     }
 
-    fn finish(self) -> Built {
+    fn finish(self) -> Result<Built> {
         let Exec {
             mut objs,
             order,
             pre,
+            pre_free,
             pg_ops,
             wipe_delta,
+            data,
             ..
         } = self;
-        let mut ops = pre;
+        let mut rec = Record {
+            kv: pre,
+            free: pre_free,
+            ..Record::default()
+        };
         let mut delta = wipe_delta;
-        for key in order {
-            let Some(st) = objs.remove(&key) else {
-                continue;
-            };
-            if st.data_wiped {
-                ops.push(KvOp::DeleteRange(Cf::Data, key.clone(), prefix_end(&key)));
+        let res = (|| {
+            for key in order {
+                let Some(mut st) = objs.remove(&key) else {
+                    continue;
+                };
+                st.emit_chunks(data, &mut rec)?;
+                rec.kv.extend(std::mem::take(&mut st.omap_ops));
+                if st.onode_dirty {
+                    rec.kv.push(match &st.cur {
+                        Some(o) => KvOp::Put(Cf::Onode, key.clone(), Bytes::from(o.encode())),
+                        None => KvOp::Delete(Cf::Onode, key.clone()),
+                    });
+                }
+                let charged =
+                    |o: &Option<Onode>| o.as_ref().map_or(0, |o| o.charged_bytes() as i64);
+                delta += charged(&st.cur) - charged(&st.base);
             }
-            for (idx, c) in st.chunks {
-                let ck = keys::chunk_key(&key, idx);
-                ops.push(match c {
-                    Some(data) => KvOp::Put(Cf::Data, ck, Bytes::from(encode_chunk(&data))),
-                    None => KvOp::Delete(Cf::Data, ck),
-                });
-            }
-            ops.extend(st.omap_ops);
-            if st.onode_dirty {
-                ops.push(match &st.cur {
-                    Some(o) => KvOp::Put(Cf::Onode, key.clone(), Bytes::from(o.encode())),
-                    None => KvOp::Delete(Cf::Onode, key.clone()),
-                });
-            }
-            let charged = |o: &Option<Onode>| o.as_ref().map_or(0, |o| o.charged_bytes() as i64);
-            delta += charged(&st.cur) - charged(&st.base);
+            Ok(())
+        })();
+        if let Err(e) = res {
+            // Nothing was committed: the AUs taken so far go back.
+            let _ = data.release(&rec.alloc);
+            return Err(e);
         }
-        ops.extend(pg_ops.into_iter().map(|(_, op)| op));
-        if delta != 0 {
-            ops.push(KvOp::AddUsed(delta));
-        }
-        Built {
-            ops,
+        rec.kv.extend(pg_ops.into_iter().map(|(_, op)| op));
+        Ok(Built {
+            rec,
             used_delta: delta,
-        }
+        })
     }
 }
 
@@ -1036,57 +1300,70 @@ pub(crate) fn decode_dup(v: &[u8]) -> Result<(u64, Bytes)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::engine::MemEngine;
+    use crate::store::{Store, StoreConfig};
 
     fn pg() -> PgId {
         PgId { pool: 1, seed: 0 }
     }
 
-    fn engine_with_object(size: usize) -> (Engine, ObjectId) {
-        let eng = Engine::Memory(MemEngine::default());
+    fn store_with_object(size: usize) -> (Store, ObjectId) {
+        let s = Store::in_memory(StoreConfig::default()).unwrap();
         let o = ObjectId::new(pg(), "rbd_data.1");
         let mut t = Transaction::new();
         t.pg_create(pg()).write_full(&o, vec![7u8; size]);
-        let built = build(&eng, DEFAULT_MAX_OBJECT_SIZE, &t).unwrap();
-        eng.write(built.ops, false).unwrap();
-        (eng, o)
+        s.submit_blocking(&t).unwrap();
+        (s, o)
     }
 
-    fn data_puts(ops: &[KvOp]) -> Vec<usize> {
-        ops.iter()
-            .filter_map(|op| match op {
-                KvOp::Put(Cf::Data, _, v) => Some(v.len()),
-                _ => None,
-            })
-            .collect()
+    fn built(s: &Store, t: &Transaction) -> Built {
+        build(s.engine(), s.data(), DEFAULT_MAX_OBJECT_SIZE, t).unwrap()
     }
 
     #[test]
-    fn small_write_into_big_object_rewrites_only_its_chunks() {
-        let (eng, o) = engine_with_object(4 << 20);
+    fn small_write_into_big_object_writes_only_its_blocks() {
+        let (s, o) = store_with_object(4 << 20);
         let mut t = Transaction::new();
         t.write(&o, 12 * CHUNK_SIZE + 4096, vec![1u8; 4096]);
-        let built = build(&eng, DEFAULT_MAX_OBJECT_SIZE, &t).unwrap();
-        // One 64 KiB chunk (+ digest), one onode, nothing else.
-        assert_eq!(data_puts(&built.ops), vec![CHUNK_SIZE as usize + 32]);
-        assert_eq!(built.ops.len(), 2);
-        assert_eq!(built.used_delta, 0);
+        let b = built(&s, &t);
+        // One 4 KiB block, its chunk's extent record and the onode; no read-modify-write.
+        assert_eq!(b.rec.blocks.len(), 1);
+        assert_eq!(b.rec.blocks[0].block, 1);
+        assert_eq!(b.rec.kv.len(), 2);
+        assert!(b.rec.alloc.is_empty() && b.rec.free.is_empty());
+        assert_eq!(b.used_delta, 0);
 
-        // Straddling a chunk boundary touches exactly two chunks.
+        // Straddling a chunk boundary touches exactly two blocks in two chunks.
         let mut t = Transaction::new();
         t.write(&o, 3 * CHUNK_SIZE - 2048, vec![1u8; 4096]);
-        let built = build(&eng, DEFAULT_MAX_OBJECT_SIZE, &t).unwrap();
-        assert_eq!(data_puts(&built.ops).len(), 2);
-        assert_eq!(built.ops.len(), 3);
+        let b = built(&s, &t);
+        assert_eq!(b.rec.blocks.len(), 2);
+        assert_eq!(b.rec.kv.len(), 3);
     }
 
     #[test]
-    fn onode_of_a_4mib_object_stays_small() {
-        let (eng, o) = engine_with_object(4 << 20);
-        let raw = eng
-            .get(Cf::Onode, &crate::store::keys::onode_key(&o))
+    fn onode_and_extents_of_a_4mib_object_stay_small() {
+        let (s, o) = store_with_object(4 << 20);
+        let key = keys::onode_key(&o);
+        let raw = s.engine().get(Cf::Onode, &key).unwrap().unwrap();
+        assert!(raw.len() < 512, "onode is {} bytes", raw.len());
+        let ext = s
+            .engine()
+            .get(Cf::Data, &keys::chunk_key(&key, 5))
             .unwrap()
             .unwrap();
-        assert!(raw.len() < 512, "onode is {} bytes", raw.len());
+        assert!(ext.len() < 100, "extent record is {} bytes", ext.len());
+    }
+
+    #[test]
+    fn zeros_free_space_and_removal_frees_every_au() {
+        let (s, o) = store_with_object(4 << 20);
+        let mut t = Transaction::new();
+        t.zero(&o, 0, CHUNK_SIZE);
+        let b = built(&s, &t);
+        assert_eq!(b.rec.free.len(), 1, "an all-zero chunk gives its AU back");
+        assert!(b.rec.blocks.is_empty());
+        let mut t = Transaction::new();
+        t.remove(&o);
+        assert_eq!(built(&s, &t).rec.free.len(), 64);
     }
 }

@@ -189,31 +189,20 @@ impl Superblock {
     }
 }
 
-/// How the RocksDB store turns concurrent submits into WAL fsyncs. See the module docs and
-/// BENCHMARKS.md for the measurements behind the default.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CommitMode {
-    /// Every submitting thread calls `DB::write` with `sync=true`; RocksDB's write-group leader
-    /// writes and fsyncs the WAL once for all writers queued behind it.
-    ConcurrentWriters,
-    /// Submitting threads hand their batches to one committer thread, which concatenates
-    /// everything queued into one `WriteBatch` and writes it with `sync=true`.
-    CommitterThread,
-}
-
 /// Tunables. `Default` is what the OSD uses.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
     /// Refuse transactions that would grow the stored bytes past this (see [`StoreStats`]).
     pub capacity_bytes: Option<u64>,
     pub max_object_size: u64,
-    pub commit_mode: CommitMode,
-    /// fsync the WAL before a submit returns. Only benchmarks and throwaway stores turn this off.
+    /// fdatasync the journal before a commit is durable. Only benchmarks and throwaway stores
+    /// turn this off.
     pub sync: bool,
     /// RocksDB block cache shared by all column families.
     pub block_cache_bytes: usize,
-    /// Keep chunk values in RocksDB blob files (BlobDB) instead of the LSM tree.
-    pub blob_files: bool,
+    /// Size of the journal ring, fixed at mkfs (zero-filled then, so appending never changes
+    /// file metadata). A commit may use at most half of it.
+    pub journal_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -221,10 +210,9 @@ impl Default for StoreConfig {
         StoreConfig {
             capacity_bytes: None,
             max_object_size: DEFAULT_MAX_OBJECT_SIZE,
-            commit_mode: CommitMode::CommitterThread,
             sync: true,
             block_cache_bytes: 64 * 1024 * 1024,
-            blob_files: true,
+            journal_bytes: 128 * 1024 * 1024,
         }
     }
 }
@@ -236,8 +224,8 @@ pub struct StoreStats {
     /// onodes and PG logs are not charged (they are small next to data; see the module docs).
     pub used_bytes: u64,
     pub capacity_bytes: Option<u64>,
-    /// RocksDB's own estimate of its on-disk footprint (SST + blob files + memtables); `None`
-    /// for the in-memory store.
+    /// RocksDB's own estimate of its footprint (SST files + memtables); `None` for the
+    /// in-memory store.
     pub db_bytes: Option<u64>,
 }
 
@@ -261,9 +249,10 @@ pub struct OmapListing {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChunkScrub {
     pub index: u64,
-    /// The digest stored beside the chunk (`None`: the onode lists the chunk but it is missing).
+    /// Digest of the chunk's stored per-block checksums (`None`: the onode lists the chunk but
+    /// its extent record is missing).
     pub stored: Option<[u8; 32]>,
-    /// blake3 of the chunk bytes as read back now.
+    /// The same digest over checksums recomputed from the blocks as read back now.
     pub computed: Option<[u8; 32]>,
 }
 
@@ -278,8 +267,8 @@ impl ChunkScrub {
 pub struct ScrubReport {
     pub size: u64,
     pub chunks: Vec<ChunkScrub>,
-    /// Digest of the object's data, from (size, index and recomputed digest of every stored
-    /// chunk). Stored chunks are canonical (trailing zeros trimmed, all-zero chunks absent), so
+    /// Digest of the object's data: size, then index and blake3 of the bytes of every stored
+    /// chunk. Stored chunks are canonical (trailing zeros trimmed, all-zero chunks absent), so
     /// replicas holding the same bytes agree regardless of their write history.
     pub data_digest: [u8; 32],
     /// Digest of the omap header and entries.
