@@ -211,15 +211,17 @@ pub fn describe_metrics() {
         "basalt_osd_op_stage_seconds",
         "Time per stage of the op path: on the primary queue (receipt to holding the object's \
          order lock with the PG active), dup_check, execute, local_apply (written, visible), \
-         local_sync (WAL fsync), replica_wait (waiting for the slowest replica after the local \
+         local_sync (journal fdatasync), replica_wait (waiting for the slowest replica after the local \
          sync); on a replica sub_op_decode, sub_op_apply, sub_op_sync"
     );
     metrics::describe_histogram!(
         "basalt_store_stage_seconds",
         "Time per stage of a store commit: build (reading what the transaction modifies and \
-         encoding it), apply (a split commit's wait until its batch is visible), queue (waiting \
-         for the committer thread), write (the committer's RocksDB write of a whole group, no \
-         fsync), wal_sync (the syncer's WAL fsync covering every group written before it)"
+         encoding it, whole chunks written to the data area), queue (waiting for the committer \
+         thread), append (the committer's journal write, RocksDB apply and block staging of a \
+         whole group), journal_write (its journal pwrite alone), journal_sync (the syncer's \
+         journal fdatasync covering every group appended before it), checkpoint (the \
+         committer's checkpoint: data file sync and RocksDB flush)"
     );
     metrics::describe_histogram!(
         "basalt_store_group_commit_transactions",

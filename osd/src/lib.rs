@@ -2,9 +2,10 @@
 //!
 //! `basalt-osd` holds everything an OSD is (DESIGN §3):
 //!
-//! - the [`store`] — objects in 64 KiB checksummed chunks, xattrs, omap and PG bookkeeping (log,
-//!   info, reqid dups), applied as atomic, fsynced, group-committed transactions on RocksDB, with
-//!   an in-memory twin for simulations and fast tests;
+//! - the [`store`] — objects in 64 KiB chunks of crc32c-checked 4 KiB blocks, xattrs, omap and
+//!   PG bookkeeping (log, info, reqid dups), applied as atomic transactions through a write-ahead
+//!   journal with group commit (one fdatasync per group), metadata in RocksDB, with the same
+//!   code on memory for simulations and fast tests;
 //! - the [`daemon`]'s life cycle with the monitors — format or open the store (refusing another
 //!   cluster's), boot and get an id, follow the OSDMap (persisting its epoch), beacon, heartbeat
 //!   peers and report the silent ones, boot again when wrongly marked down, stop cleanly;

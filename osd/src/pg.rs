@@ -617,7 +617,7 @@ pub struct NameRange {
 }
 
 /// Builds this OSD's scrub map of the objects of `pg` in `range` (at most `max`): sizes and
-/// versions, plus every chunk read back and checked against its blake3 when `deep`.
+/// versions, plus every chunk read back and checked against its blocks' crc32c when `deep`.
 pub fn scrub_map(
     store: &Store,
     pg: PgId,

@@ -173,6 +173,21 @@ impl Pg {
         self.changed.send_modify(|v| *v += 1);
     }
 
+    /// Waits `RETRY_PAUSE` or until the PG changes, then fails with `IntervalChanged` if the
+    /// interval of `generation` is over (the caller's retry loop then stops).
+    async fn pause_before_retry(&self, generation: u64) -> Result<(), OpError> {
+        let mut rx = self.changed.subscribe();
+        let _ = tokio::time::timeout(RETRY_PAUSE, rx.changed()).await;
+        let (g, _, epoch) = self.snapshot();
+        if g != generation {
+            return Err(OpError::IntervalChanged {
+                pg: self.id.to_string(),
+                epoch,
+            });
+        }
+        Ok(())
+    }
+
     /// Resolves once the PG has left interval `generation` (a new map changed its acting
     /// set, or it re-peers): work waiting on a member of the old interval can stop.
     async fn left_generation(&self, generation: u64) {
@@ -1065,15 +1080,7 @@ impl OsdCore {
                 }
                 other => return other,
             }
-            let mut rx = pg.changed.subscribe();
-            let _ = tokio::time::timeout(RETRY_PAUSE, rx.changed()).await;
-            let (g, _, epoch) = pg.snapshot();
-            if g != generation {
-                return Err(OpError::IntervalChanged {
-                    pg: pg.id.to_string(),
-                    epoch,
-                });
-            }
+            pg.pause_before_retry(generation).await?;
         }
     }
 
@@ -1778,15 +1785,7 @@ impl OsdCore {
                     return Err(e);
                 }
                 tracing::debug!(pg = %pg.id, osd, error = %e, "push on write failed; retrying");
-                let mut rx = pg.changed.subscribe();
-                let _ = tokio::time::timeout(RETRY_PAUSE, rx.changed()).await;
-                let (g, _, epoch) = pg.snapshot();
-                if g != generation {
-                    return Err(OpError::IntervalChanged {
-                        pg: pg.id.to_string(),
-                        epoch,
-                    });
-                }
+                pg.pause_before_retry(generation).await?;
             }
             metrics::counter!("basalt_osd_recovered_objects_total").increment(1);
             let mut s = lock(&pg.state);

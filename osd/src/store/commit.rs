@@ -539,7 +539,7 @@ fn run_committer(sh: Arc<Shared>, mut core: Core, rx: mpsc::Receiver<Job>) {
         }
         let started = Instant::now();
         let res = core.append(&sh, recs, false);
-        super::stage("apply", started);
+        super::stage("append", started);
         match res {
             Ok(g) => {
                 for a in applied {

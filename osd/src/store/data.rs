@@ -167,15 +167,7 @@ fn poisoned<T>(_: T) -> StoreError {
 }
 
 fn io_err(what: &str) -> impl Fn(std::io::Error) -> StoreError + '_ {
-    move |e| {
-        if e.raw_os_error() == Some(libc::ENOSPC) {
-            StoreError::Full {
-                reason: format!("the disk is full ({what}: {e}); free disk space"),
-            }
-        } else {
-            StoreError::Io(format!("{what}: {e}"))
-        }
-    }
+    move |e| StoreError::from_io(what, e)
 }
 
 impl DataArea {

@@ -18,8 +18,9 @@ pub enum StoreError {
     #[error("PG {pg} already exists on this store")]
     PgExists { pg: PgId },
 
-    /// A stored chunk failed its blake3 check (or is missing although the onode lists it). The
-    /// bytes are never returned; the PG layer repairs the object from another replica.
+    /// A stored 4 KiB block failed its crc32c check (or the chunk's extent record is missing
+    /// although the onode lists it). The bytes are never returned; the PG layer repairs the
+    /// object from another replica.
     #[error("corrupt data: object {object}, chunk {chunk} fails its checksum")]
     Corrupt { object: String, chunk: u64 },
 
@@ -28,9 +29,10 @@ pub enum StoreError {
     #[error("corrupt metadata ({what}): {detail}")]
     CorruptMetadata { what: String, detail: String },
 
-    /// The configured capacity would be exceeded, or the disk itself is full (ENOSPC). The store
-    /// stays readable. Under a capacity limit, removals and other shrinking transactions are still
-    /// accepted; after a real ENOSPC RocksDB refuses every write until the store is reopened
+    /// The configured capacity would be exceeded, or the disk itself is full (ENOSPC: the data
+    /// area cannot grow, or RocksDB cannot write a checkpoint). The store stays readable.
+    /// Removals and other shrinking transactions are still accepted while only growth is
+    /// refused; after a failed checkpoint the store refuses every write until it is reopened
     /// with free disk space. `reason` says which, and what to do.
     #[error("store full: {reason}")]
     Full { reason: String },
@@ -59,6 +61,17 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 impl StoreError {
+    /// An OS error from `what`: ENOSPC is `Full` (callers branch on it), anything else `Io`.
+    pub(crate) fn from_io(what: &str, e: std::io::Error) -> Self {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            StoreError::Full {
+                reason: format!("the disk is full ({what}: {e}); free disk space"),
+            }
+        } else {
+            StoreError::Io(format!("{what}: {e}"))
+        }
+    }
+
     pub(crate) fn corrupt_meta(what: impl Into<String>, detail: impl ToString) -> Self {
         StoreError::CorruptMetadata {
             what: what.into(),

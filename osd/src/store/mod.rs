@@ -251,15 +251,7 @@ fn check_config(cfg: &StoreConfig) -> Result<()> {
 }
 
 fn io_err(what: String) -> impl Fn(std::io::Error) -> StoreError {
-    move |e| {
-        if e.raw_os_error() == Some(libc::ENOSPC) {
-            StoreError::Full {
-                reason: format!("the disk is full ({what}: {e}); free disk space"),
-            }
-        } else {
-            StoreError::Io(format!("{what}: {e}"))
-        }
-    }
+    move |e| StoreError::from_io(&what, e)
 }
 
 /// Opened pieces, before recovery.
