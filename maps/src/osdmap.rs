@@ -595,7 +595,11 @@ mod tests {
         assert!(err(map.pool_with("rbd", "pg_num", "4")).contains("merging"));
         assert_eq!(map.pool_with("rbd", "pg_num", "8").map(|p| p.pg_num), Ok(8));
         let grown = map.pool_with("rbd", "pg_num", "16").expect("grow");
-        assert_eq!((grown.pg_num, grown.pgp_num), (16, 8), "pgp_num moves separately");
+        assert_eq!(
+            (grown.pg_num, grown.pgp_num),
+            (16, 8),
+            "pgp_num moves separately"
+        );
         assert_eq!(
             map.pool_with("rbd", "pgp_num", "4").map(|p| p.pgp_num),
             Ok(4)

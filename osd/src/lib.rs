@@ -13,12 +13,16 @@
 //!   halves of peering and scrub; [`peering`] decides, without IO, whether a PG may go active,
 //!   which copy is authoritative and how each other copy catches up (log or backfill);
 //!   [`service`] runs it all — client ops with primary-copy replication, peering, recovery,
-//!   backfill, scheduled scrubs, watch/notify — over gRPC.
+//!   backfill, scheduled scrubs, watch/notify — over gRPC;
+//! - PG [`split`]ting: when a pool's `pg_num` grows, each copy of a PG divides its objects,
+//!   log and history among its children in one store transaction, before the OSD serves the
+//!   map that grew it.
 
 pub mod daemon;
 pub mod peering;
 pub mod pg;
 pub mod service;
+pub mod split;
 pub mod store;
 
 pub use store::{ObjectId, Store, StoreConfig, StoreError, Transaction};

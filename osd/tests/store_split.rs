@@ -14,7 +14,10 @@ use rand::{Rng, RngCore, SeedableRng};
 const POOL: u32 = 3;
 const OLD_PG_NUM: u32 = 4;
 const NEW_PG_NUM: u32 = 16;
-const PARENT: PgId = PgId { pool: POOL, seed: 1 };
+const PARENT: PgId = PgId {
+    pool: POOL,
+    seed: 1,
+};
 
 fn pg(seed: u32) -> PgId {
     PgId { pool: POOL, seed }
@@ -38,7 +41,15 @@ fn parent_names(n: usize) -> Vec<String> {
 #[derive(Clone, Debug, Default, PartialEq)]
 struct PgContent {
     /// name → (data, xattrs, omap header, omap)
-    objects: BTreeMap<String, (Bytes, BTreeMap<String, Bytes>, Option<Bytes>, Vec<(Bytes, Bytes)>)>,
+    objects: BTreeMap<
+        String,
+        (
+            Bytes,
+            BTreeMap<String, Bytes>,
+            Option<Bytes>,
+            Vec<(Bytes, Bytes)>,
+        ),
+    >,
     log: BTreeMap<u64, Bytes>,
     dups: BTreeMap<Vec<u8>, (u64, Bytes)>,
 }
@@ -78,7 +89,11 @@ fn content(s: &Store, pg: PgId, reqids: &[Vec<u8>]) -> PgContent {
             None => break,
         }
     }
-    c.log = s.pg_log_scan(pg, 0, usize::MAX).unwrap().into_iter().collect();
+    c.log = s
+        .pg_log_scan(pg, 0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .collect();
     for r in reqids {
         if let Some(d) = s.dup_lookup(pg, r).unwrap() {
             c.dups.insert(r.clone(), d);
@@ -119,7 +134,10 @@ fn fill(s: &Store, rng: &mut StdRng, n: usize) -> Vec<Vec<u8>> {
         }
         if rng.random_bool(0.5) {
             t.omap_set_header(&o, format!("header-{i}"));
-            t.omap_set(&o, (0..rng.random_range(1..5)).map(|k| (format!("key{k}"), format!("value{i}.{k}"))));
+            t.omap_set(
+                &o,
+                (0..rng.random_range(1..5)).map(|k| (format!("key{k}"), format!("value{i}.{k}"))),
+            );
         }
         let reqid = format!("client.{i}").into_bytes();
         t.pg_log_append(PARENT, version, name.clone().into_bytes());
@@ -193,7 +211,11 @@ fn a_split_puts_every_object_log_entry_and_dup_where_the_new_pg_num_maps_it() {
     assert_eq!(after, want);
     // Every child got some of the objects, and the parent kept some (60 objects, 4 PGs).
     assert!(after.values().all(|c| !c.objects.is_empty()));
-    assert_eq!(s.stats().used_bytes, used, "no data moved, none charged twice");
+    assert_eq!(
+        s.stats().used_bytes,
+        used,
+        "no data moved, none charged twice"
+    );
     // The moved objects are gone from the parent's keys and work in their child.
     let moved = want
         .iter()
@@ -207,9 +229,17 @@ fn a_split_puts_every_object_log_entry_and_dup_where_the_new_pg_num_maps_it() {
     assert_eq!(&s.read(&o, 0, 15).unwrap()[..], b"after the split");
     // Splitting again (a replayed map) finds nothing more to move.
     let mut t = Transaction::new();
-    t.pg_split(PARENT, NEW_PG_NUM, split_children(PARENT.seed, OLD_PG_NUM, NEW_PG_NUM), vec![]);
+    t.pg_split(
+        PARENT,
+        NEW_PG_NUM,
+        split_children(PARENT.seed, OLD_PG_NUM, NEW_PG_NUM),
+        vec![],
+    );
     s.submit_blocking(&t).unwrap();
-    assert_eq!(content(&s, PARENT, &reqids).objects, want[&PARENT.seed].objects);
+    assert_eq!(
+        content(&s, PARENT, &reqids).objects,
+        want[&PARENT.seed].objects
+    );
 }
 
 #[test]

@@ -405,15 +405,27 @@ fn growing_pg_num_moves_objects_only_into_their_pgs_children() {
             );
             assert_eq!(split_parent(c, old), p);
         }
-        let mut all: Vec<u32> = (0..old)
-            .flat_map(|p| split_children(p, old, new))
-            .collect();
+        let mut all: Vec<u32> = (0..old).flat_map(|p| split_children(p, old, new)).collect();
         all.sort();
-        assert_eq!(all, (old..new).collect::<Vec<_>>(), "every new seed has one parent");
+        assert_eq!(
+            all,
+            (old..new).collect::<Vec<_>>(),
+            "every new seed has one parent"
+        );
         for seed in old..new {
             let parent = split_parent(seed, old);
             let child = map_pg(&m, &after, PgId { pool: 1, seed }, &AllUp, None).unwrap();
-            let parent = map_pg(&m, &before, PgId { pool: 1, seed: parent }, &AllUp, None).unwrap();
+            let parent = map_pg(
+                &m,
+                &before,
+                PgId {
+                    pool: 1,
+                    seed: parent,
+                },
+                &AllUp,
+                None,
+            )
+            .unwrap();
             assert_eq!(child.raw, parent.raw);
         }
     }

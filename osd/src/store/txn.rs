@@ -1229,7 +1229,11 @@ impl Exec<'_> {
         children: &[u32],
         log_moves: &[(u64, u32)],
     ) -> Result<()> {
-        let refuse = |why: String| Err(StoreError::InvalidArgument(format!("split of pg {parent}: {why}")));
+        let refuse = |why: String| {
+            Err(StoreError::InvalidArgument(format!(
+                "split of pg {parent}: {why}"
+            )))
+        };
         if self.require_pg(parent)? {
             return refuse("the PG was removed earlier in this transaction".into());
         }
@@ -1245,7 +1249,9 @@ impl Exec<'_> {
                 return refuse("a PG is not its own child".into());
             }
             if self.require_pg(child)? {
-                return refuse(format!("child {child} was removed earlier in this transaction"));
+                return refuse(format!(
+                    "child {child} was removed earlier in this transaction"
+                ));
             }
         }
         let touched = |pg: PgId| pg == parent || child_ids.contains(&pg);
@@ -1325,7 +1331,10 @@ impl Exec<'_> {
         // Dups: a copy in every child (a reqid is looked up only by its own object's PG).
         let dup_prefix = keys::pglog_key(parent, keys::PGLOG_DUP, &[]);
         let dup_end = prefix_end(&dup_prefix);
-        for (k, v) in self.eng.scan(Cf::PgLog, &dup_prefix, &dup_end, usize::MAX)? {
+        for (k, v) in self
+            .eng
+            .scan(Cf::PgLog, &dup_prefix, &dup_end, usize::MAX)?
+        {
             let reqid = &k[dup_prefix.len()..];
             let (version, _) = decode_dup(&v)?;
             for &child in &child_ids {
