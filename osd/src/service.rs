@@ -551,7 +551,7 @@ impl OsdCore {
                 from = old_pg_num,
                 to = new_pg_num,
                 ms = started.elapsed().as_millis() as u64,
-                "split"
+                "PG copy split into its children"
             );
             split.insert(parent);
             for seed in basalt_placement::split_children(parent.seed, old_pg_num, new_pg_num) {
