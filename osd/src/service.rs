@@ -139,6 +139,9 @@ struct PgState {
     /// Primary of an active PG: the authority's `last_update` at activation (every member's
     /// `last_update_floor` from then on).
     activated_at: Eversion,
+    /// A split ended the PG's interval: the next map applied gives it a new one (and peers
+    /// it) even if its acting set is the same.
+    split: bool,
 }
 
 /// Wall-clock times (unix ms) of a PG's last scrub and deep scrub on this OSD.
@@ -524,6 +527,7 @@ impl OsdCore {
             if let Some(pg) = &instance {
                 let mut s = lock(&pg.state);
                 s.generation += 1;
+                s.split = true;
                 s.interval_epoch = map.epoch;
                 s.peered_interval = map.epoch;
                 if s.status != PgStatus::Replica && s.status != PgStatus::Stray {
@@ -615,6 +619,7 @@ impl OsdCore {
                                     scrub_stamps: None,
                                     missing: BTreeMap::new(),
                                     activated_at: Eversion::ZERO,
+                                    split: false,
                                 }),
                                 changed: watch::channel(0).0,
                                 objects: Mutex::new(HashMap::new()),
@@ -628,10 +633,11 @@ impl OsdCore {
                         && s.primary == mapping.acting_primary
                         && s.min_size == pool.min_size
                         && s.generation > 0
-                        && !split.contains(&id)
+                        && !s.split
                     {
                         continue;
                     }
+                    s.split = false;
                     s.interval_epoch = map.epoch;
                     s.acting = mapping.acting.clone();
                     s.primary = mapping.acting_primary;
