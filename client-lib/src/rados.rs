@@ -16,17 +16,17 @@ use std::time::Duration;
 
 use basalt_config::ClusterConfig;
 use basalt_maps::{Epoch, OsdMap, PoolId};
+use basalt_messenger::{CallError, Peer};
 use basalt_ops::{
     decode, encode, LockKind, LockState, NotifyResult, ObjOp, OpError, OpOutput, OpResult,
     WatcherInfo, MAX_MESSAGE_BYTES,
 };
 use basalt_placement::{object_to_pg_ns, PgId};
-use basalt_proto::osd as pb;
-use basalt_messenger::{CallError, Peer};
 use basalt_proto::data_path;
+use basalt_proto::osd as pb;
 use basalt_proto::osd::osd_client::OsdClient;
-use prost::Message;
 use bytes::Bytes;
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -248,10 +248,13 @@ impl Rados {
                     };
                     async move {
                         let mut grpc = c.grpc;
-                        grpc.pg_command(req).await.map_err(AttemptError::from).map(|r| {
-                            let r = r.into_inner();
-                            (r.epoch, r.result)
-                        })
+                        grpc.pg_command(req)
+                            .await
+                            .map_err(AttemptError::from)
+                            .map(|r| {
+                                let r = r.into_inner();
+                                (r.epoch, r.result)
+                            })
                     }
                 },
             )
@@ -475,7 +478,7 @@ impl Inner {
 
 /// Records how long one stage of an object op took in this client
 /// (`basalt_client_op_stage_seconds`): `encode`, each `rpc` attempt (request sent to reply
-/// decoded by gRPC), and the whole `op` (routing, waits for maps and resends included).
+/// decoded), and the whole `op` (routing, waits for maps and resends included).
 fn stage(name: &'static str, since: std::time::Instant) {
     metrics::histogram!("basalt_client_op_stage_seconds", "stage" => name)
         .record(since.elapsed().as_secs_f64());
@@ -961,10 +964,13 @@ impl IoCtx {
                     };
                     async move {
                         let mut grpc = c.grpc;
-                        grpc.list_objects(req).await.map_err(AttemptError::from).map(|r| {
-                            let r = r.into_inner();
-                            (r.epoch, r.result)
-                        })
+                        grpc.list_objects(req)
+                            .await
+                            .map_err(AttemptError::from)
+                            .map(|r| {
+                                let r = r.into_inner();
+                                (r.epoch, r.result)
+                            })
                     }
                 },
             )

@@ -207,12 +207,20 @@ mod tests {
             kind: Kind::Request,
             tag: 7,
             id,
-            payload: Bytes::from((0..len).map(|i| (i * 31 + id as usize) as u8).collect::<Vec<_>>()),
+            payload: Bytes::from(
+                (0..len)
+                    .map(|i| (i * 31 + id as usize) as u8)
+                    .collect::<Vec<_>>(),
+            ),
         }
     }
 
     /// Feeds `bytes` to a codec in pieces of the given sizes, as a socket would deliver them.
-    fn feed(bytes: &[u8], pieces: &mut dyn FnMut() -> usize, max: usize) -> Result<Vec<Frame>, FrameError> {
+    fn feed(
+        bytes: &[u8],
+        pieces: &mut dyn FnMut() -> usize,
+        max: usize,
+    ) -> Result<Vec<Frame>, FrameError> {
         let mut codec = FrameCodec::new(max);
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
@@ -231,12 +239,17 @@ mod tests {
 
     #[test]
     fn frames_survive_any_split_of_the_stream() {
-        let frames: Vec<Frame> = [0, 1, 4096, 100_000, 3].iter().enumerate().map(|(i, &l)| frame(i as u64, l)).collect();
+        let frames: Vec<Frame> = [0, 1, 4096, 100_000, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| frame(i as u64, l))
+            .collect();
         let bytes = wire(&frames);
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for _ in 0..50 {
             let max_piece = rng.random_range(1..5000);
-            let got = feed(&bytes, &mut || rng.random_range(1..=max_piece), 1 << 20).expect("valid stream");
+            let got = feed(&bytes, &mut || rng.random_range(1..=max_piece), 1 << 20)
+                .expect("valid stream");
             assert_eq!(got, frames);
         }
     }
@@ -257,7 +270,10 @@ mod tests {
         let f = frame(1, 2048);
         let bytes = wire(&[f]);
         match feed(&bytes, &mut || 30, 1024) {
-            Err(FrameError::TooLarge { len: 2048, max: 1024 }) => {}
+            Err(FrameError::TooLarge {
+                len: 2048,
+                max: 1024,
+            }) => {}
             other => panic!("expected TooLarge, got {other:?}"),
         }
     }
@@ -266,7 +282,10 @@ mod tests {
     /// returns frames or an error, never panics, and never reserves beyond its limit.
     #[test]
     fn random_input_never_panics_or_allocates_without_bound() {
-        let base: u64 = std::env::var("MESSENGER_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
+        let base: u64 = std::env::var("MESSENGER_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed);
         let valid = wire(&[frame(1, 10), frame(2, 300), frame(3, 0)]);
         for case in 0..3000u64 {
             let seed = base.wrapping_add(case);
@@ -290,7 +309,10 @@ mod tests {
                 let mut piece_rng = rand::rngs::StdRng::seed_from_u64(seed ^ 1);
                 feed(&bytes, &mut || piece_rng.random_range(1..64), max).map(|f| f.len())
             });
-            assert!(r.is_ok(), "decoder panicked; replay with MESSENGER_FUZZ_SEED={seed}");
+            assert!(
+                r.is_ok(),
+                "decoder panicked; replay with MESSENGER_FUZZ_SEED={seed}"
+            );
         }
     }
 }

@@ -37,7 +37,10 @@ impl CallError {
     /// Whether the peer could not be reached or the connection broke: another attempt
     /// (after a map change, to the same or another peer) may succeed.
     pub fn is_connection_failure(&self) -> bool {
-        matches!(self, CallError::Connect { .. } | CallError::Disconnected { .. })
+        matches!(
+            self,
+            CallError::Connect { .. } | CallError::Disconnected { .. }
+        )
     }
 }
 
@@ -150,7 +153,9 @@ impl Link {
                                 addr: a.clone(),
                                 why: String::from_utf8_lossy(&f.payload).into_owned(),
                             }),
-                            Kind::Request => break "the peer sent a request on a client connection".into(),
+                            Kind::Request => {
+                                break "the peer sent a request on a client connection".into()
+                            }
                         };
                         let _ = s.send(r);
                     }

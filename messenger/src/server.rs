@@ -113,7 +113,8 @@ pub fn split_listener(
             let handler = handler.clone();
             tokio::spawn(async move {
                 let mut first = [0u8; 1];
-                let peeked = tokio::time::timeout(FIRST_BYTES_TIMEOUT, socket.peek(&mut first)).await;
+                let peeked =
+                    tokio::time::timeout(FIRST_BYTES_TIMEOUT, socket.peek(&mut first)).await;
                 match peeked {
                     Ok(Ok(1)) if first[0] == BANNER[0] => {
                         if let Err(e) = serve_connection(socket, handler, max_payload).await {
@@ -183,15 +184,24 @@ mod tests {
     async fn errors_and_limits_are_typed() {
         let (addr, _others) = server().await;
         let peer = Peer::new(&addr, Duration::from_secs(2), 1 << 20);
-        assert!(matches!(peer.call(9, Bytes::new()).await, Err(CallError::Refused { .. })));
+        assert!(matches!(
+            peer.call(9, Bytes::new()).await,
+            Err(CallError::Refused { .. })
+        ));
         // The connection survives a refused request.
-        assert_eq!(peer.call(1, Bytes::from_static(b"x")).await, Ok(Bytes::from_static(b"x")));
+        assert_eq!(
+            peer.call(1, Bytes::from_static(b"x")).await,
+            Ok(Bytes::from_static(b"x"))
+        );
         assert!(matches!(
             peer.call(1, Bytes::from(vec![0; (1 << 20) + 1])).await,
             Err(CallError::TooLarge { .. })
         ));
         let nobody = Peer::new("127.0.0.1:1", Duration::from_secs(2), 1 << 20);
-        let e = nobody.call(1, Bytes::new()).await.expect_err("nothing listens on port 1");
+        let e = nobody
+            .call(1, Bytes::new())
+            .await
+            .expect_err("nothing listens on port 1");
         assert!(e.is_connection_failure() && matches!(e, CallError::Connect { .. }));
     }
 
@@ -212,13 +222,19 @@ mod tests {
             drop(s);
             l
         });
-        let e = peer.call(3, Bytes::new()).await.expect_err("the connection was dropped");
+        let e = peer
+            .call(3, Bytes::new())
+            .await
+            .expect_err("the connection was dropped");
         assert!(matches!(e, CallError::Disconnected { .. }), "{e:?}");
         // Same address served properly now: the peer reconnects on its next call.
         let l = dropper.await.expect("dropper");
         drop(l);
         let peer = Peer::new(&addr2, Duration::from_secs(2), 1 << 20);
-        assert_eq!(peer.call(1, Bytes::from_static(b"y")).await, Ok(Bytes::from_static(b"y")));
+        assert_eq!(
+            peer.call(1, Bytes::from_static(b"y")).await,
+            Ok(Bytes::from_static(b"y"))
+        );
     }
 
     #[tokio::test]
@@ -227,7 +243,10 @@ mod tests {
         let peer = Peer::new(&addr, Duration::from_secs(2), 1 << 20);
         let r = tokio::time::timeout(Duration::from_millis(50), peer.call(3, Bytes::new())).await;
         assert!(r.is_err());
-        assert_eq!(peer.call(1, Bytes::from_static(b"z")).await, Ok(Bytes::from_static(b"z")));
+        assert_eq!(
+            peer.call(1, Bytes::from_static(b"z")).await,
+            Ok(Bytes::from_static(b"z"))
+        );
     }
 
     #[tokio::test]
@@ -242,7 +261,10 @@ mod tests {
             .expect("a socket");
         let mut got = [0u8; 3];
         let mut handed = handed;
-        handed.read_exact(&mut got).await.expect("the bytes are still there");
+        handed
+            .read_exact(&mut got)
+            .await
+            .expect("the bytes are still there");
         assert_eq!(&got, b"PRI");
     }
 }

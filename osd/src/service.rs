@@ -42,14 +42,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use basalt_client::MonClient;
 use basalt_config::OsdTuning;
 use basalt_maps::{Epoch, OsdMap};
+use basalt_messenger::Peer;
 use basalt_ops::{
     decode, encode, Eversion, NotifyResult, ObjOp, OpError, OpResult, ReqId, WatcherInfo,
     MAX_MESSAGE_BYTES, MAX_OPS_PER_REQUEST,
 };
 use basalt_placement::{object_to_pg_ns, OsdId, PgId};
-use basalt_proto::osd as pb;
-use basalt_messenger::Peer;
 use basalt_proto::data_path;
+use basalt_proto::osd as pb;
 use basalt_proto::osd::osd_client::OsdClient;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -1134,8 +1134,9 @@ impl OsdCore {
                     .call(data_path::SUB_OP, request.clone())
                     .await
                     .map_err(|e| OpError::Io(format!("osd.{osd}: {e}")))?;
-                let reply = pb::SubOpReply::decode(reply)
-                    .map_err(|e| OpError::Io(format!("osd.{osd}: undecodable sub-op reply: {e}")))?;
+                let reply = pb::SubOpReply::decode(reply).map_err(|e| {
+                    OpError::Io(format!("osd.{osd}: undecodable sub-op reply: {e}"))
+                })?;
                 decode::<Result<(), OpError>>(&reply.result, "sub-op reply")?
             };
             // A frozen replica never answers; once the monitors mark it down the interval
@@ -2774,7 +2775,9 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::SubOpRequest>,
     ) -> Result<Response<pb::SubOpReply>, Status> {
-        Ok(Response::new(self.core.serve_sub_op(req.into_inner()).await))
+        Ok(Response::new(
+            self.core.serve_sub_op(req.into_inner()).await,
+        ))
     }
 
     async fn pg_query(
