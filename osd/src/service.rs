@@ -1023,9 +1023,8 @@ impl OsdCore {
         let local = match local {
             Ok(durable) => {
                 let started = std::time::Instant::now();
-                let r = self
-                    .on_store(move |_| durable.wait().map_err(pg::store_error))
-                    .await;
+                // Woken by the syncer thread itself: no blocking thread waits for the sync.
+                let r = durable.done().await.map_err(pg::store_error);
                 stage("local_sync", started);
                 r
             }
@@ -2087,9 +2086,7 @@ impl OsdCore {
         drop(order);
         let durable = applied?;
         let started = std::time::Instant::now();
-        let r = self
-            .on_store(move |_| durable.wait().map_err(pg::store_error))
-            .await;
+        let r = durable.done().await.map_err(pg::store_error);
         stage("sub_op_sync", started);
         metrics::histogram!("basalt_osd_commit_seconds").record(committing.elapsed().as_secs_f64());
         r
