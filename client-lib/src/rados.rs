@@ -445,8 +445,7 @@ impl Inner {
                         Ok(v) => return Ok(v),
                         Err(e) => e,
                     };
-                    let behind =
-                        matches!(e, OpError::Io(ref m) if m.contains("has not seen OSDMap"));
+                    let behind = matches!(e, OpError::MapBehind { .. });
                     let inactive = matches!(e, OpError::Inactive { .. });
                     if !e.is_resend() && !behind && !inactive {
                         return Err(op_error(e, what));
@@ -555,7 +554,8 @@ fn op_error(e: OpError, what: &str) -> ClientError {
         OpError::Io(m) => ClientError::Io(format!("{what}: {m}")),
         e @ (OpError::Inactive { .. }
         | OpError::NotPrimary { .. }
-        | OpError::IntervalChanged { .. }) => ClientError::Unavailable(format!("{what}: {e}")),
+        | OpError::IntervalChanged { .. }
+        | OpError::MapBehind { .. }) => ClientError::Unavailable(format!("{what}: {e}")),
     }
 }
 
@@ -1107,7 +1107,7 @@ impl IoCtx {
                         .newer_map(map.epoch, None, Duration::from_secs(1))
                         .await;
                 }
-                Some(OpError::Io(m)) if m.contains("has not seen OSDMap") => {
+                Some(OpError::MapBehind { .. }) => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Some(e) => return fail(&mut ready, op_error(e, &what)),

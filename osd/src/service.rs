@@ -645,9 +645,10 @@ impl OsdCore {
         .await;
         match found {
             Ok(Some(m)) => Ok(m),
-            _ => Err(OpError::Io(format!(
-                "this OSD has not seen OSDMap epoch {epoch} yet; retry"
-            ))),
+            _ => Err(OpError::MapBehind {
+                have: self.current_map().map_or(0, |m| m.epoch),
+                want: epoch,
+            }),
         }
     }
 
