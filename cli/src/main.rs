@@ -158,8 +158,15 @@ enum PoolCmd {
         name: String,
         key: Option<String>,
     },
+    /// Change a pool setting: size, min_size, pg_num or pgp_num.
+    ///
+    /// `pg_num` only grows: every OSD splits each PG's objects and log into its new child PGs
+    /// when it applies the map (shrinking needs PG merging, which is not built). The children
+    /// stay on their parent's OSDs until `pgp_num` is raised to match, which moves them by
+    /// backfill; raise it in steps to bound the data in motion.
     Set {
         name: String,
+        /// size, min_size, pg_num or pgp_num.
         key: String,
         value: String,
     },

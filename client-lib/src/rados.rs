@@ -906,16 +906,30 @@ impl IoCtx {
         }
     }
 
-    /// Every object name in the pool (this namespace), PG by PG.
+    /// Every object name in the pool (this namespace), PG by PG. A listing during which the
+    /// pool's PGs were split starts again: objects of the PGs already listed may have moved
+    /// into new PGs (OSDs refuse a page asked for with the old `pg_num`).
     pub async fn list_objects(&self) -> Result<Vec<String>, ClientError> {
+        loop {
+            let pg_num = self.pg_num()?;
+            let out = self.list_objects_of(pg_num).await?;
+            if self.pg_num()? == pg_num {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn pg_num(&self) -> Result<u32, ClientError> {
+        let map = self.inner.sub.current();
+        Ok(map
+            .pools
+            .get(&self.pool)
+            .ok_or_else(|| ClientError::NotFound(format!("pool {}", self.pool_name)))?
+            .pg_num)
+    }
+
+    async fn list_objects_of(&self, pg_num: u32) -> Result<Vec<String>, ClientError> {
         let mut out = Vec::new();
-        let pg_num = {
-            let map = self.inner.sub.current();
-            map.pools
-                .get(&self.pool)
-                .ok_or_else(|| ClientError::NotFound(format!("pool {}", self.pool_name)))?
-                .pg_num
-        };
         for seed in 0..pg_num {
             let mut after: Option<(String, String)> = None;
             loop {
@@ -961,6 +975,7 @@ impl IoCtx {
                         start_after: start_after.clone(),
                         max: 1000,
                         timeout_ms: osd_wait_ms(remaining),
+                        pg_num: map.pools.get(&self.pool).map_or(0, |p| p.pg_num),
                     };
                     async move {
                         let mut grpc = c.grpc;

@@ -1,8 +1,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use basalt_placement::{
-    map_pg, object_to_pg, CrushMap, DeviceStates, PgId, PgMapping, PlacementError, PoolPlacement,
-    DEFAULT_RULE, WEIGHT_ONE,
+    map_pg, object_to_pg, split_parent, CrushMap, DeviceStates, PgId, PgMapping, PlacementError,
+    PoolPlacement, DEFAULT_RULE, WEIGHT_ONE,
 };
 use serde::{Deserialize, Serialize};
 
@@ -342,7 +342,24 @@ impl OsdMap {
             }
             Change::UpdatePool(pool) => {
                 if let Some(p) = self.pools.get_mut(&pool.id) {
+                    let old_pg_num = p.pg_num;
                     *p = pool.clone();
+                    // A split child holds a share of its parent's objects on the parent's
+                    // members, so the parent's last activation names every copy that may
+                    // hold its acknowledged writes: peering the child needs one of them too.
+                    for seed in old_pg_num..pool.pg_num {
+                        let parent = PgId {
+                            pool: pool.id,
+                            seed: split_parent(seed, old_pg_num),
+                        };
+                        let child = PgId {
+                            pool: pool.id,
+                            seed,
+                        };
+                        if let Some(a) = self.pg_activations.get(&parent).cloned() {
+                            self.pg_activations.entry(child).or_insert(a);
+                        }
+                    }
                 }
             }
             Change::BlocklistAdd { entity, expires_ms } => {
@@ -445,14 +462,13 @@ impl OsdMap {
         let n: u32 = value.parse().map_err(|_| {
             MapError::InvalidPool(format!("{key} needs a whole number, got '{value}'"))
         })?;
-        // Object keys carry their PG: a pg_num change without splitting (or merging) each PG's
-        // objects, log and stats into the new PGs would hide about half the objects.
-        if key == "pg_num" && n != *field {
+        // Growing pg_num splits PGs (every OSD splits its copies when it applies the map);
+        // shrinking would need PG merging, which is not built.
+        if key == "pg_num" && n < *field {
             return Err(MapError::InvalidPool(format!(
-                "pg_num cannot change (it is {}): PG splitting and merging are not built yet, \
-                 and without them the moved objects would no longer be found; create a pool \
-                 with the pg_num you need (`basalt pool create NAME --pg-num {n}`) and copy \
-                 the data into it",
+                "pg_num cannot shrink (it is {}, asked {n}): merging PGs is not built; keep \
+                 pg_num, or create a pool with the pg_num you need (`basalt pool create NAME \
+                 --pg-num {n}`) and copy the data into it",
                 *field
             )));
         }
@@ -575,9 +591,15 @@ mod tests {
             map.new_pool("rbd", 3, 2, 8),
             Err(MapError::PoolExists("rbd".into()))
         );
-        assert!(err(map.pool_with("rbd", "pg_num", "4")).contains("pg_num cannot change"));
-        assert!(err(map.pool_with("rbd", "pg_num", "16")).contains("splitting"));
+        assert!(err(map.pool_with("rbd", "pg_num", "4")).contains("pg_num cannot shrink"));
+        assert!(err(map.pool_with("rbd", "pg_num", "4")).contains("merging"));
         assert_eq!(map.pool_with("rbd", "pg_num", "8").map(|p| p.pg_num), Ok(8));
+        let grown = map.pool_with("rbd", "pg_num", "16").expect("grow");
+        assert_eq!(
+            (grown.pg_num, grown.pgp_num),
+            (16, 8),
+            "pgp_num moves separately"
+        );
         assert_eq!(
             map.pool_with("rbd", "pgp_num", "4").map(|p| p.pgp_num),
             Ok(4)
@@ -586,6 +608,32 @@ mod tests {
         assert!(err(map.pool_with("rbd", "colour", "4")).contains("unknown pool setting"));
         assert!(err(map.pool_with("nope", "size", "4")).contains("does not exist"));
         assert_eq!(map.pool_with("rbd", "size", "2").map(|p| p.size), Ok(2));
+    }
+
+    #[test]
+    fn a_split_gives_each_child_its_parents_activation() {
+        let mut map = cluster();
+        let pool = map.new_pool("rbd", 3, 2, 4).expect("pool");
+        let i = inc(&map, vec![Change::CreatePool(pool)]);
+        map.apply(&i).expect("apply");
+        let pg = |seed| PgId { pool: 1, seed };
+        let i = inc(
+            &map,
+            vec![Change::PgActivated {
+                pg: pg(1),
+                interval: 2,
+                acting: vec![0, 2, 4],
+            }],
+        );
+        map.apply(&i).expect("apply");
+        let grown = map.pool_with("rbd", "pg_num", "16").expect("grow");
+        let i = inc(&map, vec![Change::UpdatePool(grown)]);
+        map.apply(&i).expect("apply");
+        let recorded: Vec<u32> = map.pg_activations.keys().map(|p| p.seed).collect();
+        assert_eq!(recorded, vec![1, 5, 9, 13], "pg 1's children are 5, 9, 13");
+        for seed in [5, 9, 13] {
+            assert_eq!(map.pg_activations[&pg(seed)], map.pg_activations[&pg(1)]);
+        }
     }
 
     #[test]

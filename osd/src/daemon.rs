@@ -609,7 +609,14 @@ impl Daemon {
                 );
                 self.start_boot(map.epoch);
             }
-            self.core.on_map(id, map.clone()).await;
+            if let Err(e) = self.core.on_map(id, map.clone()).await {
+                tracing::error!(
+                    epoch = map.epoch,
+                    error = %e,
+                    "cannot apply the OSDMap; serving the previous one until a later map applies"
+                );
+                return;
+            }
             self.update_peers(&map, id);
         }
         self.map = Some(map);

@@ -15,13 +15,17 @@
 //!   [`service`] runs it all — client ops with primary-copy replication, peering, recovery,
 //!   backfill, scheduled scrubs, watch/notify — over gRPC;
 //! - the [`data_path`]: client ops and replication sub-ops over `basalt-messenger`, on the
-//!   same port as the gRPC service, answered by the same handlers.
+//!   same port as the gRPC service, answered by the same handlers;
+//! - PG [`split`]ting: when a pool's `pg_num` grows, each copy of a PG divides its objects,
+//!   log and history among its children in one store transaction, before the OSD serves the
+//!   map that grew it.
 
 pub mod daemon;
 pub mod data_path;
 pub mod peering;
 pub mod pg;
 pub mod service;
+pub mod split;
 pub mod store;
 
 pub use store::{ObjectId, Store, StoreConfig, StoreError, Transaction};

@@ -44,6 +44,35 @@ pub struct PgInfo {
     /// its PG went active before recovering it (a superset: an object recovered since may
     /// still be listed). A copy with missing objects is never anyone's authority.
     pub missing: Vec<ObjectName>,
+    /// The copy's `last_update` is at least this even when its log says less: a PG split
+    /// from a parent continues the parent's version sequence (its log holds only its own
+    /// objects' share of the parent's entries, maybe none), and activation carries it on.
+    pub last_update_floor: Eversion,
+}
+
+/// [`PgInfo`] as stored before splitting existed (postcard has no optional trailing
+/// fields): read back as a `PgInfo` with no floor.
+#[derive(Deserialize)]
+struct PgInfoV1 {
+    les: Epoch,
+    backfill: Option<BackfillProgress>,
+    missing: Vec<ObjectName>,
+}
+
+impl PgInfo {
+    /// Decodes a stored info of this or the previous layout.
+    pub fn decode(b: &[u8]) -> Result<PgInfo, basalt_ops::OpError> {
+        if let Ok(info) = postcard::from_bytes::<PgInfo>(b) {
+            return Ok(info);
+        }
+        let v1: PgInfoV1 = basalt_ops::decode(b, "PG info")?;
+        Ok(PgInfo {
+            les: v1.les,
+            backfill: v1.backfill,
+            missing: v1.missing,
+            last_update_floor: Eversion::ZERO,
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

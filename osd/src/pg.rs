@@ -501,7 +501,7 @@ pub fn read_log(store: &Store, pg: PgId) -> Result<Vec<LogEntry>, OpError> {
 /// The PG info this OSD stores for `pg` (default when never written).
 pub fn read_info(store: &Store, pg: PgId) -> Result<PgInfo, OpError> {
     match store.pg_info(pg).map_err(store_error)? {
-        Some(b) => basalt_ops::decode(&b, "PG info"),
+        Some(b) => PgInfo::decode(&b),
         None => Ok(PgInfo::default()),
     }
 }
@@ -512,9 +512,13 @@ pub fn peer_state(store: &Store, pg: PgId) -> Result<PeerState, OpError> {
         return Ok(PeerState::default());
     }
     let log = read_log(store, pg)?;
+    let info = read_info(store, pg)?;
     Ok(PeerState {
-        info: read_info(store, pg)?,
-        last_update: log.last().map_or(Eversion::ZERO, |e| e.version),
+        last_update: log
+            .last()
+            .map_or(Eversion::ZERO, |e| e.version)
+            .max(info.last_update_floor),
+        info,
         log,
     })
 }
@@ -554,11 +558,18 @@ pub fn scan_objects(
     Ok(out)
 }
 
-/// Builds the transaction that applies `push` to this OSD's copy of `pg`.
-pub fn apply_push(store: &Store, pg: PgId, push: &Push) -> Result<Transaction, OpError> {
+/// Builds the transaction that applies `push` to this OSD's copy of `pg`; a copy it creates
+/// is laid out for `pg_num` PGs (its pool's in the map the push was checked against).
+pub fn apply_push(
+    store: &Store,
+    pg: PgId,
+    pg_num: u32,
+    push: &Push,
+) -> Result<Transaction, OpError> {
     let mut txn = Transaction::new();
     if !store.pg_exists(pg).map_err(store_error)? {
         txn.pg_create(pg);
+        crate::split::record_layout(&mut txn, pg, pg_num);
     }
     let mut seen = BTreeSet::new();
     for st in &push.objects {
@@ -1022,7 +1033,7 @@ mod tests {
             log: Some(auth_state.log.clone()),
             info: Some(auth_state.info.clone()),
         };
-        let txn = apply_push(&peer, pg, &push).expect("push");
+        let txn = apply_push(&peer, pg, 8, &push).expect("push");
         peer.submit_blocking(&txn).expect("apply");
         assert_eq!(peer_state(&peer, pg).expect("s"), auth_state);
         assert_eq!(

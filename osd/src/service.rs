@@ -61,6 +61,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::peering::{self, BackfillProgress, Catchup, PeerState, PgInfo};
 use crate::pg::{self, ObjectName, Push};
+use crate::split;
 use crate::store::{ObjectId, Store, Transaction};
 
 /// How long a peer RPC may take before the caller retries.
@@ -138,6 +139,12 @@ struct PgState {
     scrub_stamps: Option<ScrubStamps>,
     /// Primary of an active PG: objects each replica still lacks (recovering while active).
     missing: BTreeMap<OsdId, BTreeSet<ObjectName>>,
+    /// Primary of an active PG: the authority's `last_update` at activation (every member's
+    /// `last_update_floor` from then on).
+    activated_at: Eversion,
+    /// A split ended the PG's interval: the next map applied gives it a new one (and peers
+    /// it) even if its acting set is the same.
+    split: bool,
 }
 
 /// Wall-clock times (unix ms) of a PG's last scrub and deep scrub on this OSD.
@@ -478,10 +485,102 @@ impl OsdCore {
         out
     }
 
-    /// Applies a new OSDMap: new intervals for PGs whose acting set or primary changed
-    /// (starting peering where this OSD is primary), creation of PGs newly mapped here.
-    pub async fn on_map(self: &Arc<Self>, me: OsdId, map: Arc<OsdMap>) {
+    /// Splits this OSD's copies of PGs laid out for fewer PGs than their pool has in `map`
+    /// (see [`crate::split`]); returns the PGs split, parents and children. Runs before
+    /// `map` is published here, so nothing is served under `map` before the split, and
+    /// each parent's interval ends first: ops queued on it abort (their clients resend
+    /// under the new map), sub-ops and pushes of the old interval are refused, and writes
+    /// in flight finish or abort before the copy is read (the PG's gate).
+    async fn split_for(self: &Arc<Self>, map: &OsdMap) -> Result<BTreeSet<PgId>, OpError> {
+        let mut split = BTreeSet::new();
+        let unchanged = self.current_map().is_some_and(|prev| {
+            map.pools.values().all(|p| {
+                prev.pools
+                    .get(&p.id)
+                    .is_none_or(|old| old.pg_num == p.pg_num)
+            })
+        });
+        if unchanged {
+            return Ok(split);
+        }
+        let pools: BTreeMap<u32, u32> = map.pools.values().map(|p| (p.id, p.pg_num)).collect();
+        let layouts = pools.clone();
+        let todo: Vec<(PgId, u32)> = self
+            .on_store(move |store| {
+                let pools = layouts;
+                let mut todo = Vec::new();
+                // Copies written before splitting existed carry no layout: record this map's.
+                let mut legacy = Transaction::new();
+                for id in store.list_pgs().map_err(pg::store_error)? {
+                    let Some(&pg_num) = pools.get(&id.pool) else {
+                        continue;
+                    };
+                    match split::read_layout(store, id)? {
+                        Some(old) if old < pg_num => todo.push((id, old)),
+                        Some(_) => {}
+                        None => split::record_layout(&mut legacy, id, pg_num),
+                    }
+                }
+                if !legacy.is_empty() {
+                    store.submit_blocking(&legacy).map_err(pg::store_error)?;
+                }
+                Ok(todo)
+            })
+            .await?;
+        for (parent, old_pg_num) in todo {
+            let new_pg_num = pools[&parent.pool];
+            let instance = self.pg(parent);
+            if let Some(pg) = &instance {
+                let mut s = lock(&pg.state);
+                s.generation += 1;
+                s.split = true;
+                s.interval_epoch = map.epoch;
+                s.peered_interval = map.epoch;
+                if s.status != PgStatus::Replica && s.status != PgStatus::Stray {
+                    s.status = PgStatus::Peering;
+                }
+                drop(s);
+                pg.bump();
+            }
+            let _quiesced = match &instance {
+                Some(pg) => Some(pg.gate.write().await),
+                None => None,
+            };
+            let started = std::time::Instant::now();
+            let txn = self
+                .on_store(move |store| split::split_txn(store, parent, old_pg_num, new_pg_num))
+                .await?;
+            self.store.submit(txn).await.map_err(|e| {
+                OpError::Io(format!(
+                    "cannot split pg {parent} from {old_pg_num} to {new_pg_num} PGs: {e}"
+                ))
+            })?;
+            metrics::counter!("basalt_osd_pg_splits_total").increment(1);
+            tracing::info!(
+                pg = %parent,
+                from = old_pg_num,
+                to = new_pg_num,
+                ms = started.elapsed().as_millis() as u64,
+                "PG copy split into its children"
+            );
+            split.insert(parent);
+            for seed in basalt_placement::split_children(parent.seed, old_pg_num, new_pg_num) {
+                split.insert(PgId {
+                    pool: parent.pool,
+                    seed,
+                });
+            }
+        }
+        Ok(split)
+    }
+
+    /// Applies a new OSDMap: splits of PGs whose pool grew `pg_num`, new intervals for PGs
+    /// whose acting set or primary changed (starting peering where this OSD is primary),
+    /// creation of PGs newly mapped here. A split that fails leaves the map unapplied (this
+    /// OSD serves the older map, never a half-split PG); the next map tries again.
+    pub async fn on_map(self: &Arc<Self>, me: OsdId, map: Arc<OsdMap>) -> Result<(), OpError> {
         self.whoami.store(me, Ordering::Relaxed);
+        let split = self.split_for(&map).await?;
         let mut to_create = Vec::new();
         let mut to_peer = Vec::new();
         let mut to_remove = Vec::new();
@@ -498,7 +597,11 @@ impl OsdCore {
                         continue;
                     };
                     let in_acting = mapping.acting.contains(&me);
-                    if !in_acting && !pgs.contains_key(&id) && !stored.contains(&id) {
+                    if !in_acting
+                        && !pgs.contains_key(&id)
+                        && !stored.contains(&id)
+                        && !split.contains(&id)
+                    {
                         continue;
                     }
                     let pg = pgs
@@ -521,6 +624,8 @@ impl OsdCore {
                                     inconsistent: vec![],
                                     scrub_stamps: None,
                                     missing: BTreeMap::new(),
+                                    activated_at: Eversion::ZERO,
+                                    split: false,
                                 }),
                                 changed: watch::channel(0).0,
                                 objects: Mutex::new(HashMap::new()),
@@ -534,9 +639,11 @@ impl OsdCore {
                         && s.primary == mapping.acting_primary
                         && s.min_size == pool.min_size
                         && s.generation > 0
+                        && !s.split
                     {
                         continue;
                     }
+                    s.split = false;
                     s.interval_epoch = map.epoch;
                     s.acting = mapping.acting.clone();
                     s.primary = mapping.acting_primary;
@@ -590,6 +697,7 @@ impl OsdCore {
                     for id in ids {
                         if store.pg_exists(id).unwrap_or(false) {
                             txn.pg_remove(id);
+                            txn.meta_remove(split::layout_key(id));
                         }
                     }
                     Ok(txn)
@@ -607,12 +715,17 @@ impl OsdCore {
         }
         if !to_create.is_empty() {
             let ids = to_create.clone();
+            let pg_nums: BTreeMap<u32, u32> =
+                map.pools.values().map(|p| (p.id, p.pg_num)).collect();
             let txn = self
                 .on_store(move |store| {
                     let mut txn = Transaction::new();
                     for id in ids {
                         if !store.pg_exists(id).unwrap_or(true) {
                             txn.pg_create(id);
+                            if let Some(&pg_num) = pg_nums.get(&id.pool) {
+                                split::record_layout(&mut txn, id, pg_num);
+                            }
                         }
                     }
                     Ok(txn)
@@ -631,6 +744,7 @@ impl OsdCore {
             let core = self.clone();
             tokio::spawn(async move { core.peer(pg, generation).await });
         }
+        Ok(())
     }
 
     /// Waits (bounded) until this OSD has a map at least `epoch`.
@@ -654,6 +768,57 @@ impl OsdCore {
 
     fn pg(&self, id: PgId) -> Option<Arc<Pg>> {
         lock(&self.pgs).get(&id).cloned()
+    }
+
+    /// `pg_num` of `pool` in the current map (0 if unknown: then no layout is recorded
+    /// that a split could act on).
+    fn pg_num_of(&self, pool: u32) -> u32 {
+        self.current_map()
+            .and_then(|m| m.pools.get(&pool).map(|p| p.pg_num))
+            .unwrap_or(0)
+    }
+
+    /// Refuses an op that found its PG under an older map when the current map puts its
+    /// object in another PG (a split moved it into a child): `NotPrimary` makes the client
+    /// wait for this map and send the op to the object's PG.
+    fn check_still_maps(&self, pg: &Pg, namespace: &str, name: &str) -> Result<(), OpError> {
+        let Some(map) = self.current_map() else {
+            return Ok(());
+        };
+        let Some(pool) = map.pools.get(&pg.id.pool) else {
+            return Err(OpError::NoSuchPool(pg.id.pool));
+        };
+        if object_to_pg_ns(&pool.placement(), namespace, name) != pg.id {
+            return Err(OpError::NotPrimary {
+                pg: pg.id.to_string(),
+                epoch: map.epoch,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes `pg`'s gate shared (as writes do) for reading its objects, and checks that the
+    /// PG is still in interval `generation` and still holds `object` (a name; None for a
+    /// listing, checked by the caller): a split or peering of the PG either finished before
+    /// (the generation changed) or waits until the read is done.
+    async fn read_gate<'a>(
+        &self,
+        pg: &'a Pg,
+        generation: u64,
+        object: Option<(&str, &str)>,
+    ) -> Result<tokio::sync::RwLockReadGuard<'a, ()>, OpError> {
+        let gate = pg.gate.read().await;
+        let (g, _, epoch) = pg.snapshot();
+        if g != generation {
+            return Err(OpError::IntervalChanged {
+                pg: pg.id.to_string(),
+                epoch,
+            });
+        }
+        if let Some((namespace, name)) = object {
+            self.check_still_maps(pg, namespace, name)?;
+        }
+        Ok(gate)
     }
 
     fn peer_client(&self, osd: OsdId) -> Result<OsdClient<Channel>, OpError> {
@@ -831,6 +996,9 @@ impl OsdCore {
         };
         // The interval may have changed while we queued behind another op.
         let generation = self.wait_active(&pg, deadline).await?;
+        let gate = self
+            .read_gate(&pg, generation, Some((&req.namespace, &req.object)))
+            .await?;
         // The epoch barrier, checked again now that this op holds its object: the check above
         // may have used a map older than the blocklist, and while this op queued, the lock
         // breaker's ops (which carry the blocklist's epoch, so this OSD waited for that map
@@ -868,6 +1036,8 @@ impl OsdCore {
                 ex.map(Ok)
             })
             .await;
+        // The write takes the gate again itself (and checks the interval once more).
+        drop(gate);
         let ex = match executed {
             Ok(Ok(ex)) => ex,
             Ok(Err(recorded)) => {
@@ -1303,7 +1473,7 @@ impl OsdCore {
     ) -> Result<(), OpError> {
         let me = self.me().unwrap_or(u32::MAX);
         if target == me {
-            let txn = pg::apply_push(&self.store, id, push)?;
+            let txn = pg::apply_push(&self.store, id, self.pg_num_of(id.pool), push)?;
             return self.store.submit(txn).await.map_err(pg::store_error);
         }
         let push = encode(push);
@@ -1428,6 +1598,7 @@ impl OsdCore {
         // must not look newer than it is.
         let done = PgInfo {
             les: target_state.info.les,
+            last_update_floor: auth.last_update,
             ..PgInfo::default()
         };
         match peering::catchup(auth, target_state) {
@@ -1493,6 +1664,7 @@ impl OsdCore {
                             done_through: through,
                         }),
                         missing: vec![],
+                        last_update_floor: target_state.info.last_update_floor,
                     };
                     let last = match &end {
                         Some(e) => (target_state.log.clone(), progress(Some(e.clone()))),
@@ -1687,9 +1859,11 @@ impl OsdCore {
                     les: states[&osd].info.les,
                     backfill: None,
                     missing: missing.iter().cloned().collect(),
+                    last_update_floor: auth.last_update,
                 },
                 None => PgInfo {
                     les: interval_epoch,
+                    last_update_floor: auth.last_update,
                     ..PgInfo::default()
                 },
             };
@@ -1711,6 +1885,7 @@ impl OsdCore {
             return Ok(true);
         }
         s.next_seq = auth.last_update.seq + 1;
+        s.activated_at = auth.last_update;
         s.status = PgStatus::Active;
         s.missing = deferred.clone();
         drop(s);
@@ -1867,16 +2042,17 @@ impl OsdCore {
             }
         }
         loop {
-            let (acting, interval_epoch) = {
+            let (acting, interval_epoch, activated_at) = {
                 let s = lock(&pg.state);
                 if s.generation != generation {
                     return;
                 }
-                (s.acting.clone(), s.interval_epoch)
+                (s.acting.clone(), s.interval_epoch, s.activated_at)
             };
             let complete = Push {
                 info: Some(PgInfo {
                     les: interval_epoch,
+                    last_update_floor: activated_at,
                     ..PgInfo::default()
                 }),
                 ..Push::default()
@@ -1981,6 +2157,9 @@ impl OsdCore {
         let pg = self
             .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
             .await?;
+        // Under the gate, so a split of this PG (which ends the interval first) never runs
+        // between the interval check and the commit.
+        let _write = pg.gate.read().await;
         if lock(&pg.state).peered_interval != req.interval_epoch {
             return Err(OpError::IntervalChanged {
                 pg: pg.id.to_string(),
@@ -1989,8 +2168,9 @@ impl OsdCore {
         }
         let push: Push = decode(&req.push, "push")?;
         let id = pg.id;
+        let pg_num = self.pg_num_of(id.pool);
         let txn = self
-            .on_store(move |store| pg::apply_push(store, id, &push))
+            .on_store(move |store| pg::apply_push(store, id, pg_num, &push))
             .await?;
         let r = self.store.submit(txn).await.map_err(pg::store_error);
         pg.applied.send_modify(|n| *n += 1);
@@ -2370,7 +2550,19 @@ impl OsdCore {
             .await?;
         let deadline =
             Instant::now() + Duration::from_millis(u64::from(req.timeout_ms.clamp(100, 600_000)));
-        self.wait_active(&pg, deadline).await?;
+        let generation = self.wait_active(&pg, deadline).await?;
+        let _gate = self.read_gate(&pg, generation, None).await?;
+        // A client listing with another pg_num would miss what a split moved into the new
+        // PGs (or list it twice): it must list again with this map.
+        if let Some(map) = self.current_map() {
+            let pg_num = map.pools.get(&req.pool).map_or(0, |p| p.pg_num);
+            if req.pg_num != 0 && req.pg_num != pg_num {
+                return Err(OpError::NotPrimary {
+                    pg: pg.id.to_string(),
+                    epoch: map.epoch,
+                });
+            }
+        }
         let after: Option<ObjectName> = if req.start_after.is_empty() {
             None
         } else {
@@ -2499,11 +2691,22 @@ impl OsdCore {
             }
         };
         // Watches need the object (as in Ceph).
+        let gate = match self
+            .read_gate(&pg, generation, Some((&first.namespace, &first.object)))
+            .await
+        {
+            Ok(g) => g,
+            Err(e) => {
+                refuse(e);
+                return Ok(rx);
+            }
+        };
         let obj = ObjectId::with_namespace(pg.id, first.namespace.clone(), first.object.clone());
         let exists = self
             .on_store(move |store| Ok(store.exists(&obj).unwrap_or(false)))
             .await
             .unwrap_or(false);
+        drop(gate);
         if !exists {
             refuse(OpError::NotFound);
             return Ok(rx);
@@ -2572,6 +2775,8 @@ impl OsdCore {
             .await?;
         let timeout = Duration::from_millis(u64::from(req.timeout_ms.clamp(100, 600_000)));
         self.wait_active(&pg, Instant::now() + timeout).await?;
+        // Watches of an object that a split moved live under its new PG.
+        self.check_still_maps(&pg, &req.namespace, &req.object)?;
         let key: WatchKey = (pg.id, req.namespace.clone(), req.object.clone());
         let id = self.next_notify.fetch_add(1, Ordering::Relaxed);
         let (done_tx, done_rx) = oneshot::channel();

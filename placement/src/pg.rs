@@ -74,6 +74,23 @@ pub fn stable_mod(x: u32, b: u32, bmask: u32) -> u32 {
     }
 }
 
+/// The PG that seed `seed` (of a pool grown to more than `old_pg_num` PGs) split from: the
+/// seed its objects belonged to while the pool had `old_pg_num` PGs. A seed below
+/// `old_pg_num` is its own parent.
+pub fn split_parent(seed: u32, old_pg_num: u32) -> u32 {
+    stable_mod(seed, old_pg_num, pg_mask(old_pg_num))
+}
+
+/// The new seeds `parent` splits into when its pool grows from `old_pg_num` to `new_pg_num`
+/// PGs (ascending; empty when it does not split). Every object of `parent` maps, under
+/// `new_pg_num`, either to `parent` itself or to one of these, because `stable_mod` only
+/// ever moves an input from seed `s` to `s + 2^k`.
+pub fn split_children(parent: u32, old_pg_num: u32, new_pg_num: u32) -> Vec<u32> {
+    (old_pg_num..new_pg_num)
+        .filter(|&s| split_parent(s, old_pg_num) == parent)
+        .collect()
+}
+
 /// Placement hash of an object name in a namespace. An empty namespace hashes the bare name; a
 /// non-empty one hashes `ns 0x1f name` so `("a", "bc")` and `("ab", "c")` differ.
 pub fn object_hash(namespace: &str, name: &str) -> u32 {

@@ -382,6 +382,55 @@ fn pgp_num_lag_keeps_children_on_parent_osds() {
     }
 }
 
+/// What PG splitting relies on: growing `pg_num` (by any amount, powers of two or not) moves
+/// an object from its PG only into one of that PG's `split_children`, and each child's
+/// `split_parent` is that PG; with `pgp_num` left behind a child maps where its parent did.
+#[test]
+fn growing_pg_num_moves_objects_only_into_their_pgs_children() {
+    let m = grid(6, 2, WEIGHT_ONE);
+    for (old, new) in [(16, 64), (8, 12), (12, 13), (5, 40), (1, 7), (64, 65)] {
+        let before = pool(old, 3);
+        let after = PoolPlacement {
+            pg_num: new,
+            pgp_num: old,
+            ..before
+        };
+        for i in 0..2000u32 {
+            let name = format!("obj-{old}-{new}-{i}");
+            let p = object_to_pg(&before, &name).seed;
+            let c = object_to_pg(&after, &name).seed;
+            assert!(
+                c == p || split_children(p, old, new).contains(&c),
+                "{name}: {p} -> {c} with pg_num {old} -> {new}"
+            );
+            assert_eq!(split_parent(c, old), p);
+        }
+        let mut all: Vec<u32> = (0..old).flat_map(|p| split_children(p, old, new)).collect();
+        all.sort();
+        assert_eq!(
+            all,
+            (old..new).collect::<Vec<_>>(),
+            "every new seed has one parent"
+        );
+        for seed in old..new {
+            let parent = split_parent(seed, old);
+            let child = map_pg(&m, &after, PgId { pool: 1, seed }, &AllUp, None).unwrap();
+            let parent = map_pg(
+                &m,
+                &before,
+                PgId {
+                    pool: 1,
+                    seed: parent,
+                },
+                &AllUp,
+                None,
+            )
+            .unwrap();
+            assert_eq!(child.raw, parent.raw);
+        }
+    }
+}
+
 #[test]
 fn pgid_display_fromstr_roundtrip() {
     for pg in [

@@ -154,7 +154,10 @@ fn bad_input_gets_clear_errors_and_no_crash() {
             "unknown pool setting",
         ),
         (&["pool", "set", "rbd", "size", "many"], "whole number"),
-        (&["pool", "set", "rbd", "pg_num", "32"], "PG splitting"),
+        (
+            &["pool", "set", "rbd", "pg_num", "8"],
+            "pg_num cannot shrink",
+        ),
         (&["pool", "get", "nope"], "does not exist"),
         (&["osd", "out", "42"], "osd.42 does not exist"),
         (&["osd", "reweight", "0", "1.5"], "between 0.0 and 1.0"),

@@ -53,6 +53,14 @@ pub(crate) fn onode_key(o: &ObjectId) -> Vec<u8> {
     k
 }
 
+/// `key` (an onode, extent or omap key of some PG) under `pg`'s prefix instead: where the
+/// same object's record lives once a split moved the object into `pg`.
+pub(crate) fn rekey_to_pg(key: &[u8], pg: PgId) -> Vec<u8> {
+    let mut k = pg_prefix(pg);
+    k.extend_from_slice(key.get(8..).unwrap_or_default());
+    k
+}
+
 /// Chunk extent key: `onode key | chunk index (u32)`.
 pub(crate) fn chunk_key(okey: &[u8], index: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(okey.len() + 4);

@@ -92,6 +92,12 @@ pub enum Op {
     PgRemove {
         pg: PgId,
     },
+    PgSplit {
+        parent: PgId,
+        pg_num: u32,
+        children: Vec<u32>,
+        log_moves: Vec<(u64, u32)>,
+    },
     PgLogAppend {
         pg: PgId,
         version: u64,
@@ -282,6 +288,34 @@ impl Transaction {
     }
     pub fn pg_remove(&mut self, pg: PgId) -> &mut Self {
         self.push(Op::PgRemove { pg })
+    }
+    /// Splits `parent` for its pool's new PG count `pg_num`: every object of `parent` whose
+    /// placement hash now maps to another PG moves there (its onode, extent records, omap
+    /// and xattrs: keys only, the data blocks stay where they are), that PG being one of
+    /// `children` (seeds of the same pool, already created, e.g. by `pg_create` earlier in
+    /// this transaction). The log entries at the versions in `log_moves` move to the child
+    /// seed given with each (the store cannot read the opaque entries; the caller knows
+    /// their objects), and every dup record of `parent` is copied to every child, so a
+    /// resent request is recognised wherever its object went.
+    ///
+    /// It reads the stored state of `parent`, so it must come before any other op on
+    /// `parent` or on a child's objects in its transaction, and no op after it may touch
+    /// their objects (both refused with `InvalidArgument`); PG records (info, log, dups) of
+    /// the children may follow. Everything moves in the one atomic record of the
+    /// transaction, so a crash leaves the PG either whole or split.
+    pub fn pg_split(
+        &mut self,
+        parent: PgId,
+        pg_num: u32,
+        children: Vec<u32>,
+        log_moves: Vec<(u64, u32)>,
+    ) -> &mut Self {
+        self.push(Op::PgSplit {
+            parent,
+            pg_num,
+            children,
+            log_moves,
+        })
     }
     /// Stores an opaque log entry under `(pg, version)`; an existing entry at that version is
     /// replaced.
@@ -562,6 +596,9 @@ struct Exec<'a> {
     /// PG and meta bookkeeping, emitted after object mutations, in op order.
     pg_ops: Vec<(Option<PgId>, KvOp)>,
     wipe_delta: i64,
+    /// PGs a `pg_split` of this transaction moved objects between: their objects are not
+    /// in the overlay, so later object ops on them are refused.
+    split: Vec<PgId>,
 }
 
 pub(crate) fn build(
@@ -581,6 +618,7 @@ pub(crate) fn build(
         pre_free: Vec::new(),
         pg_ops: Vec::new(),
         wipe_delta: 0,
+        split: Vec::new(),
     };
     for op in &txn.ops {
         ex.apply(op)?;
@@ -865,6 +903,12 @@ impl Exec<'_> {
 
     fn obj(&mut self, id: &ObjectId) -> Result<&mut ObjState> {
         check_object(id)?;
+        if self.split.contains(&id.pg()) {
+            return Err(StoreError::InvalidArgument(format!(
+                "object {id}: its PG was split earlier in this transaction; submit object ops \
+                 in a transaction of their own"
+            )));
+        }
         let wiped = self.require_pg(id.pg())?;
         let key = keys::onode_key(id);
         if !self.objs.contains_key(&key) {
@@ -1019,6 +1063,12 @@ impl Exec<'_> {
                 ));
             }
             Op::PgRemove { pg } => self.pg_remove(*pg)?,
+            Op::PgSplit {
+                parent,
+                pg_num,
+                children,
+                log_moves,
+            } => self.pg_split(*parent, *pg_num, children, log_moves)?,
             Op::PgLogAppend { pg, version, entry } => {
                 check_len("PG log entry", entry.len(), MAX_PG_BLOB_LEN)?;
                 self.require_pg(*pg)?;
@@ -1169,6 +1219,143 @@ impl Exec<'_> {
         let st = self.pg_state(pg)?;
         st.exists = false;
         st.wiped = true;
+        Ok(())
+    }
+
+    fn pg_split(
+        &mut self,
+        parent: PgId,
+        pg_num: u32,
+        children: &[u32],
+        log_moves: &[(u64, u32)],
+    ) -> Result<()> {
+        let refuse = |why: String| {
+            Err(StoreError::InvalidArgument(format!(
+                "split of pg {parent}: {why}"
+            )))
+        };
+        if self.require_pg(parent)? {
+            return refuse("the PG was removed earlier in this transaction".into());
+        }
+        let child_ids: Vec<PgId> = children
+            .iter()
+            .map(|&seed| PgId {
+                pool: parent.pool,
+                seed,
+            })
+            .collect();
+        for &child in &child_ids {
+            if child == parent {
+                return refuse("a PG is not its own child".into());
+            }
+            if self.require_pg(child)? {
+                return refuse(format!(
+                    "child {child} was removed earlier in this transaction"
+                ));
+            }
+        }
+        let touched = |pg: PgId| pg == parent || child_ids.contains(&pg);
+        if self.objs.values().any(|st| touched(st.id.pg()))
+            || self.pg_ops.iter().any(|(p, _)| *p == Some(parent))
+        {
+            return refuse("it must come before every other op on its PGs".into());
+        }
+        self.split.push(parent);
+        self.split.extend(child_ids.iter().copied());
+
+        // Objects: onode, extent records and omap move under the child's key prefix.
+        let mask = basalt_placement::pg_mask(pg_num);
+        let prefix = keys::pg_prefix(parent);
+        let end = prefix_end(&prefix);
+        let mut start = prefix.clone();
+        loop {
+            let page = self.eng.scan(Cf::Onode, &start, &end, 1024)?;
+            for (okey, onode) in &page {
+                let id = keys::decode_onode_key(okey)?;
+                let seed = basalt_placement::stable_mod(id.hash(), pg_num, mask);
+                if seed == parent.seed {
+                    continue;
+                }
+                let Some(&child) = child_ids.iter().find(|c| c.seed == seed) else {
+                    return refuse(format!(
+                        "object {id} maps to seed {seed}, which is not among the children \
+                         {children:?}"
+                    ));
+                };
+                let okey_end = prefix_end(okey);
+                for cf in [Cf::Data, Cf::Omap] {
+                    for (k, v) in self.eng.scan(cf, okey, &okey_end, usize::MAX)? {
+                        self.pg_ops
+                            .push((Some(child), KvOp::Put(cf, keys::rekey_to_pg(&k, child), v)));
+                    }
+                    self.pg_ops.push((
+                        Some(parent),
+                        KvOp::DeleteRange(cf, okey.clone(), okey_end.clone()),
+                    ));
+                }
+                self.pg_ops.push((
+                    Some(child),
+                    KvOp::Put(Cf::Onode, keys::rekey_to_pg(okey, child), onode.clone()),
+                ));
+                self.pg_ops
+                    .push((Some(parent), KvOp::Delete(Cf::Onode, okey.clone())));
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == 1024 => {
+                    start = k.clone();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+
+        // Log entries named by the caller.
+        for &(version, seed) in log_moves {
+            let Some(&child) = child_ids.iter().find(|c| c.seed == seed) else {
+                return refuse(format!(
+                    "log entry {version} goes to seed {seed}, not among the children {children:?}"
+                ));
+            };
+            let from = keys::pglog_entry_key(parent, version);
+            let Some(entry) = self.eng.get(Cf::PgLog, &from)? else {
+                return refuse(format!("it has no log entry at version {version}"));
+            };
+            self.pg_ops.push((
+                Some(child),
+                KvOp::Put(Cf::PgLog, keys::pglog_entry_key(child, version), entry),
+            ));
+            self.pg_ops
+                .push((Some(parent), KvOp::Delete(Cf::PgLog, from)));
+        }
+
+        // Dups: a copy in every child (a reqid is looked up only by its own object's PG).
+        let dup_prefix = keys::pglog_key(parent, keys::PGLOG_DUP, &[]);
+        let dup_end = prefix_end(&dup_prefix);
+        for (k, v) in self
+            .eng
+            .scan(Cf::PgLog, &dup_prefix, &dup_end, usize::MAX)?
+        {
+            let reqid = &k[dup_prefix.len()..];
+            let (version, _) = decode_dup(&v)?;
+            for &child in &child_ids {
+                self.pg_ops.push((
+                    Some(child),
+                    KvOp::Put(
+                        Cf::PgLog,
+                        keys::pglog_key(child, keys::PGLOG_DUP, reqid),
+                        v.clone(),
+                    ),
+                ));
+                self.pg_ops.push((
+                    Some(child),
+                    KvOp::Put(
+                        Cf::PgLog,
+                        keys::dup_index_key(child, version, reqid),
+                        Bytes::new(),
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
