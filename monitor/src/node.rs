@@ -47,6 +47,8 @@ pub enum Request {
     },
     Beacon {
         id: OsdId,
+        /// The OSD's store use, if it measured one.
+        usage: Option<basalt_maps::OsdUsage>,
         reply: Reply<Epoch>,
     },
     Failure {
@@ -358,11 +360,11 @@ impl Node {
                     }
                 }
             }
-            Request::Beacon { id, reply } => {
+            Request::Beacon { id, usage, reply } => {
                 let r = if leader {
                     let now = self.now_ms();
                     self.service
-                        .beacon(id, now)
+                        .beacon(id, usage, now)
                         .map(|_| self.store.osdmap().epoch)
                         .map_err(MonError::from)
                 } else {

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use basalt_client::{ClientError, MapSubscription, MonClient};
 use basalt_config::ClusterConfig;
-use basalt_maps::{Epoch, OsdId, OsdMap};
+use basalt_maps::{Epoch, Fullness, OsdId, OsdMap, OsdUsage};
 use basalt_proto::osd::osd_client::OsdClient;
 use basalt_proto::osd::osd_server::OsdServer;
 use basalt_proto::osd::PingRequest;
@@ -666,8 +666,18 @@ impl Daemon {
             let mon = self.mon.clone();
             let tx = self.events_tx.clone();
             let epoch = self.map.as_ref().map_or(0, |m| m.epoch);
+            let store = self.store.clone();
+            let data = self.cfg.data.clone();
             tokio::spawn(async move {
-                let ok = match mon.osd_beacon(id, epoch).await {
+                // statvfs is a syscall on the data dir's filesystem: off the runtime threads.
+                let usage = tokio::task::spawn_blocking(move || store_usage(&store, &data))
+                    .await
+                    .ok()
+                    .flatten();
+                if let Some(u) = usage {
+                    metrics::gauge!("basalt_osd_store_total_bytes").set(u.total_bytes as f64);
+                }
+                let ok = match mon.osd_beacon(id, epoch, usage).await {
                     Ok(_) => true,
                     Err(e) => {
                         tracing::warn!(error = %e, "beacon not acknowledged");
@@ -799,6 +809,15 @@ impl Daemon {
     }
 
     fn update_store_metric(&self) {
+        if let Some(map) = &self.map {
+            if let Some((id, _)) = self.booted {
+                let full = map.fullness(id);
+                for level in [Fullness::Nearfull, Fullness::Backfillfull, Fullness::Full] {
+                    metrics::gauge!("basalt_osd_fullness", "state" => level.name())
+                        .set(if full == level { 1.0 } else { 0.0 });
+                }
+            }
+        }
         metrics::gauge!("basalt_osd_store_used_bytes").set(self.store.stats().used_bytes as f64);
         let mut by_state: BTreeMap<&'static str, u64> = [
             "peering",
@@ -969,4 +988,51 @@ mod tests {
         let err = open_or_mkfs(dir.path(), "fsid-a", None).expect_err("non-empty");
         assert!(matches!(err, DaemonError::NotAStore { .. }), "{err}");
     }
+}
+
+/// What this OSD reports to the monitors as its use: the store's charged bytes against
+/// `--capacity-bytes`, or the data directory's filesystem (used and size, from statvfs) when
+/// that is smaller or no capacity is set. The filesystem also holds the journal and RocksDB,
+/// which the store does not charge, so only the filesystem's own figures say when it fills.
+/// None if neither can be measured.
+pub fn store_usage(store: &Store, data: &Path) -> Option<OsdUsage> {
+    let stats = store.stats();
+    let capped = stats.capacity_bytes.map(|cap| OsdUsage {
+        used_bytes: stats.used_bytes,
+        total_bytes: cap,
+    });
+    let fs = match filesystem_usage(data) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            tracing::warn!(path = %data.display(), error = %e, "cannot measure the data filesystem");
+            None
+        }
+    };
+    match (capped, fs) {
+        (Some(c), Some(f)) if f.total_bytes < c.total_bytes => Some(f),
+        (Some(c), _) => Some(c),
+        (None, f) => f,
+    }
+}
+
+/// The filesystem holding `path`: bytes used (size less what an unprivileged writer may still
+/// take, as `df` counts them) and its size.
+pub fn filesystem_usage(path: &Path) -> std::io::Result<OsdUsage> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c_path` is a valid NUL-terminated string and `st` a properly sized, writable
+    // statvfs struct that the call fills; nothing is kept past the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize as u64;
+    let total = (st.f_blocks as u64).saturating_mul(frsize);
+    let avail = (st.f_bavail as u64).saturating_mul(frsize);
+    Ok(OsdUsage {
+        used_bytes: total.saturating_sub(avail),
+        total_bytes: total,
+    })
 }

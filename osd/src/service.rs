@@ -863,6 +863,7 @@ impl OsdCore {
                 let client = instance.clone();
                 let watchers = self.watchers_of(&(pg.id, req.namespace.clone(), req.object));
                 let obj2 = obj.clone();
+                let ops = ops.clone();
                 self.on_store(move |store| {
                     pg::execute(store, &obj2, &client, &ops, &|| watchers.clone())
                 })
@@ -876,6 +877,29 @@ impl OsdCore {
                 version: ex.version_before,
                 outputs: ex.outputs,
             });
+        }
+        // A full pool refuses a new write here: after the dup lookup (a resend of a write
+        // that was applied before the pool filled gets its recorded result, never a failure
+        // for something visible) and before a version is assigned or anything replicated, so
+        // the refused write leaves no trace. A write that got past this point is completed
+        // whatever the fullness (see `write`).
+        if let Some(map) = self.current_map() {
+            let full = map.full_osds_of_pool(pg.id.pool);
+            if !full.is_empty() {
+                if let Err(why) = pg::full_verdict(&ops, req.full_try, ex.created) {
+                    metrics::counter!("basalt_osd_full_refusals_total").increment(1);
+                    let pool = map
+                        .pools
+                        .get(&pg.id.pool)
+                        .map_or_else(|| pg.id.pool.to_string(), |p| p.name.clone());
+                    let osds: Vec<String> = full.iter().map(|o| format!("osd.{o}")).collect();
+                    tracing::debug!(pg = %pg.id, object = %name.1, why, "pool full: write refused");
+                    return Err(OpError::PoolFull {
+                        pool,
+                        osds: osds.join(", "),
+                    });
+                }
+            }
         }
         let Some(order) = exclusive else {
             return Err(OpError::Io("write without its object's order lock".into()));
