@@ -192,6 +192,19 @@ pub fn describe_metrics() {
         "Bytes of object data and xattrs charged in the object store"
     );
     metrics::describe_gauge!(
+        "basalt_osd_store_total_bytes",
+        "Bytes this OSD may use as it reports them to the monitors: --capacity-bytes, or the \
+         data filesystem's size when smaller"
+    );
+    metrics::describe_gauge!(
+        "basalt_osd_fullness",
+        "1 for this OSD's fullness state in the map (nearfull, backfillfull, full)"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_full_refusals_total",
+        "Client writes refused up front (ENOSPC) because their pool is full"
+    );
+    metrics::describe_gauge!(
         "basalt_osd_pgs",
         "PG instances on this OSD by state (primary: peering/active/inactive; replica; stray)"
     );
@@ -823,6 +836,7 @@ impl Daemon {
             "peering",
             "recovering",
             "backfilling",
+            "backfill_toofull",
             "down",
             "incomplete",
             "active",

@@ -41,7 +41,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use basalt_client::MonClient;
 use basalt_config::OsdTuning;
-use basalt_maps::{Epoch, OsdMap};
+use basalt_maps::{Epoch, Fullness, OsdMap};
 use basalt_ops::{
     decode, encode, Eversion, NotifyResult, ObjOp, OpError, OpResult, ReqId, WatcherInfo,
     MAX_MESSAGE_BYTES, MAX_OPS_PER_REQUEST,
@@ -85,6 +85,10 @@ pub enum PgStatus {
     Recovering,
     /// Primary, copying whole object ranges to members the log cannot catch up.
     Backfilling,
+    /// Primary that must backfill a member at or past the backfillfull ratio: it waits,
+    /// pushing nothing, until the member has room or the ratio is raised (the reason names
+    /// the OSD and its use).
+    BackfillToofull(String),
     /// Primary that must not serve: no member of the last active interval answered.
     Down(String),
     /// Primary that must not serve: no complete copy answered.
@@ -105,6 +109,7 @@ impl PgStatus {
             PgStatus::Peering => "peering".into(),
             PgStatus::Recovering => "recovering".into(),
             PgStatus::Backfilling => "backfilling".into(),
+            PgStatus::BackfillToofull(why) => format!("backfill_toofull ({why})"),
             PgStatus::Down(why) => format!("down ({why})"),
             PgStatus::Incomplete(why) => format!("incomplete ({why})"),
             PgStatus::Active => "active".into(),
@@ -135,6 +140,9 @@ struct PgState {
     scrub_stamps: Option<ScrubStamps>,
     /// Primary of an active PG: objects each replica still lacks (recovering while active).
     missing: BTreeMap<OsdId, BTreeSet<ObjectName>>,
+    /// Primary of an active PG: background recovery waits because every replica it still
+    /// has to fill is backfillfull (what the reason says).
+    recovery_toofull: Option<String>,
 }
 
 /// Wall-clock times (unix ms) of a PG's last scrub and deep scrub on this OSD.
@@ -427,6 +435,12 @@ impl OsdCore {
                 "+inconsistent"
             };
             let state = match &s.status {
+                PgStatus::Active if recovering && s.recovery_toofull.is_some() => {
+                    format!(
+                        "active+recovery_toofull+{}degraded{damaged}",
+                        if short { "undersized+" } else { "" }
+                    )
+                }
                 PgStatus::Active if recovering && short => {
                     format!("active+recovering+undersized+degraded{damaged}")
                 }
@@ -438,17 +452,25 @@ impl OsdCore {
                 PgStatus::Recovering => "recovering+degraded".to_string(),
                 PgStatus::Backfilling if short => "backfilling+undersized+degraded".to_string(),
                 PgStatus::Backfilling => "backfilling+degraded".to_string(),
+                PgStatus::BackfillToofull(_) if short => {
+                    "backfill_toofull+undersized+degraded".to_string()
+                }
+                PgStatus::BackfillToofull(_) => "backfill_toofull+degraded".to_string(),
                 PgStatus::Down(_) => "down".to_string(),
                 PgStatus::Incomplete(_) => "incomplete".to_string(),
                 PgStatus::Inactive(_) => "undersized+peered".to_string(),
                 other => other.name(),
             };
             let mut detail = match &s.status {
-                PgStatus::Down(why) | PgStatus::Incomplete(why) | PgStatus::Inactive(why) => {
-                    why.clone()
-                }
+                PgStatus::Down(why)
+                | PgStatus::Incomplete(why)
+                | PgStatus::Inactive(why)
+                | PgStatus::BackfillToofull(why) => why.clone(),
                 _ => String::new(),
             };
+            if let Some(why) = &s.recovery_toofull {
+                detail.push_str(&format!("{why}; "));
+            }
             for (osd, objects) in s.missing.iter().filter(|(_, m)| !m.is_empty()) {
                 detail.push_str(&format!(
                     "osd.{osd} still lacks {} objects; ",
@@ -515,6 +537,7 @@ impl OsdCore {
                                     inconsistent: vec![],
                                     scrub_stamps: None,
                                     missing: BTreeMap::new(),
+                                    recovery_toofull: None,
                                 }),
                                 changed: watch::channel(0).0,
                                 objects: Mutex::new(HashMap::new()),
@@ -726,6 +749,7 @@ impl OsdCore {
                 PgStatus::Peering
                 | PgStatus::Recovering
                 | PgStatus::Backfilling
+                | PgStatus::BackfillToofull(_)
                 | PgStatus::Down(_)
                 | PgStatus::Incomplete(_)
                 | PgStatus::Inactive(_) => {}
@@ -949,7 +973,7 @@ impl OsdCore {
         let _write = pg.gate.read().await;
         // A replica still recovering this object gets it first, so the write applies to the
         // same state on every member.
-        if self.recover_object(&pg, generation, &name).await? > 0 {
+        if self.recover_object(&pg, generation, &name, &[]).await? > 0 {
             metrics::counter!("basalt_osd_recovered_on_write_total").increment(1);
         }
         // Version assignment and the generation check happen together, so a write is never
@@ -1446,12 +1470,14 @@ impl OsdCore {
                 metrics::counter!("basalt_osd_recoveries_total", "kind" => "backfill").increment(1);
                 tracing::info!(pg = %id, from = source, to = target, resume_after = ?after, "backfill");
                 loop {
-                    if lock(&pg.state).generation != generation {
+                    // A target that filled up mid-backfill gets nothing more until it has room.
+                    if !self.wait_backfill_room(pg, generation, &[target]).await {
                         return Err(OpError::IntervalChanged {
                             pg: id.to_string(),
                             epoch: interval_epoch,
                         });
                     }
+                    self.set_status(pg, generation, PgStatus::Backfilling);
                     let wanted = self
                         .scan(id, interval_epoch, source, after.as_ref())
                         .await?;
@@ -1507,6 +1533,63 @@ impl OsdCore {
                         None => return Ok(()),
                     }
                 }
+            }
+        }
+    }
+
+    /// Which of `targets` are at or past the backfillfull ratio in this OSD's map, described
+    /// for `pg ls` (None: all have room).
+    fn toofull(&self, targets: &[OsdId]) -> Option<String> {
+        let map = self.current_map()?;
+        let full: Vec<String> = targets
+            .iter()
+            .filter(|o| map.fullness(**o) >= Fullness::Backfillfull)
+            .map(|o| {
+                let pct = map
+                    .osds
+                    .get(o)
+                    .and_then(|i| i.usage)
+                    .map(|u| u.percent_str());
+                format!(
+                    "osd.{o} is {} at {} (backfillfull_ratio {})",
+                    map.fullness(*o).name(),
+                    pct.unwrap_or_default(),
+                    basalt_maps::ratio_str(map.full_ratios.backfillfull)
+                )
+            })
+            .collect();
+        (!full.is_empty()).then(|| full.join(", "))
+    }
+
+    /// Resolves when this OSD has a map newer than `epoch`, or after a second (a bounded
+    /// wait the callers repeat).
+    async fn next_map_or_timeout(&self, epoch: Epoch) {
+        let mut rx = self.map_tx.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            rx.wait_for(|m| m.as_ref().is_some_and(|m| m.epoch > epoch)),
+        )
+        .await;
+    }
+
+    /// Waits while any of `targets` is backfillfull, showing `backfill_toofull`; re-checked
+    /// at every new map. False when the interval ended meanwhile.
+    async fn wait_backfill_room(&self, pg: &Pg, generation: u64, targets: &[OsdId]) -> bool {
+        loop {
+            if lock(&pg.state).generation != generation {
+                return false;
+            }
+            let epoch = self.current_map().map_or(0, |m| m.epoch);
+            let Some(why) = self.toofull(targets) else {
+                return true;
+            };
+            if !matches!(lock(&pg.state).status, PgStatus::BackfillToofull(_)) {
+                tracing::warn!(pg = %pg.id, "backfill_toofull: {why}");
+            }
+            self.set_status(pg, generation, PgStatus::BackfillToofull(why));
+            tokio::select! {
+                () = self.next_map_or_timeout(epoch) => {}
+                () = pg.left_generation(generation) => return false,
             }
         }
     }
@@ -1635,6 +1718,19 @@ impl OsdCore {
             .filter(|(o, c)| **c != Catchup::UpToDate && !deferred.contains_key(o))
             .map(|(o, _)| *o)
             .collect();
+        // Backfill pushes nothing to a backfillfull member (Ceph's backfill_toofull): the PG
+        // waits, without a recovery slot, until the member has room or the ratio is raised.
+        let backfill_targets: Vec<OsdId> = plans
+            .iter()
+            .filter(|(_, c)| matches!(c, Catchup::Backfill { .. }))
+            .map(|(o, _)| *o)
+            .collect();
+        if !self
+            .wait_backfill_room(pg, generation, &backfill_targets)
+            .await
+        {
+            return Ok(true);
+        }
         if !blocking.is_empty() {
             // Only PGs with copying to do wait for a slot; the others go active at once.
             let _slot = self
@@ -1758,6 +1854,7 @@ impl OsdCore {
         pg: &Pg,
         generation: u64,
         name: &ObjectName,
+        skip: &[OsdId],
     ) -> Result<usize, OpError> {
         let (targets, interval_epoch) = {
             let s = lock(&pg.state);
@@ -1770,7 +1867,7 @@ impl OsdCore {
             let t: Vec<OsdId> = s
                 .missing
                 .iter()
-                .filter(|(_, set)| set.contains(name))
+                .filter(|(o, set)| set.contains(name) && !skip.contains(o))
                 .map(|(o, _)| *o)
                 .collect();
             (t, s.interval_epoch)
@@ -1842,16 +1939,57 @@ impl OsdCore {
                 if s.generation != generation {
                     return;
                 }
-                s.missing
-                    .values()
-                    .find_map(|set| set.iter().next().cloned())
+                s.missing.clone()
             };
-            let Some(name) = next else { break };
+            if next.values().all(BTreeSet::is_empty) {
+                break;
+            }
+            // Replicas past the backfillfull ratio get no background pushes (a write to an
+            // object one lacks still pushes it first: the write must land on every member).
+            let with_room: Vec<OsdId> = next
+                .iter()
+                .filter(|(o, set)| !set.is_empty() && self.toofull(&[**o]).is_none())
+                .map(|(o, _)| *o)
+                .collect();
+            let Some(name) = with_room
+                .first()
+                .and_then(|o| next.get(o))
+                .and_then(|set| set.iter().next().cloned())
+            else {
+                let waiting: Vec<OsdId> = next
+                    .iter()
+                    .filter(|(_, set)| !set.is_empty())
+                    .map(|(o, _)| *o)
+                    .collect();
+                let why = self.toofull(&waiting);
+                let epoch = self.current_map().map_or(0, |m| m.epoch);
+                {
+                    let mut s = lock(&pg.state);
+                    if s.generation != generation {
+                        return;
+                    }
+                    s.recovery_toofull = why;
+                }
+                pg.bump();
+                tokio::select! {
+                    () = self.next_map_or_timeout(epoch) => {}
+                    () = pg.left_generation(generation) => return,
+                }
+                continue;
+            };
+            if lock(&pg.state).recovery_toofull.take().is_some() {
+                pg.bump();
+            }
+            let toofull: Vec<OsdId> = next
+                .keys()
+                .copied()
+                .filter(|o| !with_room.contains(o))
+                .collect();
             self.recovery_sleep().await;
             let slot = pg.object_slot(&name);
             let _order = slot.order.write().await;
             slot.drained().await;
-            if let Err(e) = self.recover_object(&pg, generation, &name).await {
+            if let Err(e) = self.recover_object(&pg, generation, &name, &toofull).await {
                 if !still_current() {
                     return;
                 }
