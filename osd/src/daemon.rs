@@ -1005,9 +1005,11 @@ mod tests {
 }
 
 /// What this OSD reports to the monitors as its use: the store's charged bytes against
-/// `--capacity-bytes`, or the data directory's filesystem (used and size, from statvfs) when
-/// that is smaller or no capacity is set. The filesystem also holds the journal and RocksDB,
-/// which the store does not charge, so only the filesystem's own figures say when it fills.
+/// `--capacity-bytes`, or the data directory's filesystem (from statvfs) when that is smaller
+/// or no capacity is set. The filesystem also holds the journal and RocksDB, which the store
+/// does not charge, so only its own figures say when it fills; but the data file keeps the
+/// space of removed objects for reuse, so that space counts as free (as BlueStore counts its
+/// allocator's free space), or deleting data would never clear a full disk.
 /// None if neither can be measured.
 pub fn store_usage(store: &Store, data: &Path) -> Option<OsdUsage> {
     let stats = store.stats();
@@ -1016,7 +1018,10 @@ pub fn store_usage(store: &Store, data: &Path) -> Option<OsdUsage> {
         total_bytes: cap,
     });
     let fs = match filesystem_usage(data) {
-        Ok(u) => Some(u),
+        Ok(u) => Some(OsdUsage {
+            used_bytes: u.used_bytes.saturating_sub(stats.data_free_bytes),
+            total_bytes: u.total_bytes,
+        }),
         Err(e) => {
             tracing::warn!(path = %data.display(), error = %e, "cannot measure the data filesystem");
             None
@@ -1029,8 +1034,8 @@ pub fn store_usage(store: &Store, data: &Path) -> Option<OsdUsage> {
     }
 }
 
-/// The filesystem holding `path`: bytes used (size less what an unprivileged writer may still
-/// take, as `df` counts them) and its size.
+/// The filesystem holding `path` as `df` counts it: bytes used, and as total the used bytes
+/// plus what an unprivileged writer may still take (blocks reserved for root excluded).
 pub fn filesystem_usage(path: &Path) -> std::io::Result<OsdUsage> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
@@ -1043,10 +1048,12 @@ pub fn filesystem_usage(path: &Path) -> std::io::Result<OsdUsage> {
         return Err(std::io::Error::last_os_error());
     }
     let frsize = st.f_frsize as u64;
-    let total = (st.f_blocks as u64).saturating_mul(frsize);
+    let used = (st.f_blocks as u64)
+        .saturating_sub(st.f_bfree as u64)
+        .saturating_mul(frsize);
     let avail = (st.f_bavail as u64).saturating_mul(frsize);
     Ok(OsdUsage {
-        used_bytes: total.saturating_sub(avail),
-        total_bytes: total,
+        used_bytes: used,
+        total_bytes: used.saturating_add(avail),
     })
 }
