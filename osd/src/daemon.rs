@@ -681,12 +681,14 @@ impl Daemon {
             let epoch = self.map.as_ref().map_or(0, |m| m.epoch);
             let store = self.store.clone();
             let data = self.cfg.data.clone();
+            let core = self.core.clone();
             tokio::spawn(async move {
                 // statvfs is a syscall on the data dir's filesystem: off the runtime threads.
                 let usage = tokio::task::spawn_blocking(move || store_usage(&store, &data))
                     .await
                     .ok()
                     .flatten();
+                core.set_measured_usage(usage);
                 if let Some(u) = usage {
                     metrics::gauge!("basalt_osd_store_total_bytes").set(u.total_bytes as f64);
                 }

@@ -41,7 +41,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use basalt_client::MonClient;
 use basalt_config::OsdTuning;
-use basalt_maps::{Epoch, Fullness, OsdMap};
+use basalt_maps::{Epoch, Fullness, OsdMap, OsdUsage};
 use basalt_ops::{
     decode, encode, Eversion, NotifyResult, ObjOp, OpError, OpResult, ReqId, WatcherInfo,
     MAX_MESSAGE_BYTES, MAX_OPS_PER_REQUEST,
@@ -323,6 +323,8 @@ pub struct OsdCore {
     /// PGs found in the store at start: their data matters to peering even where this OSD
     /// is no longer acting, so they get (stray) instances.
     stored_pgs: Mutex<BTreeSet<PgId>>,
+    /// This OSD's use as the daemon last measured it (what it reports in beacons).
+    measured_usage: Mutex<Option<OsdUsage>>,
 }
 
 fn now_ms() -> u64 {
@@ -370,7 +372,31 @@ impl OsdCore {
             watches: Mutex::new(HashMap::new()),
             notifies: Mutex::new(HashMap::new()),
             next_notify: AtomicU64::new(1),
+            measured_usage: Mutex::new(None),
         })
+    }
+
+    /// The daemon's latest measure of this OSD's use (`daemon::store_usage`).
+    pub fn set_measured_usage(&self, usage: Option<OsdUsage>) {
+        *lock(&self.measured_usage) = usage;
+    }
+
+    /// This OSD's own use now, as a primary checks it before admitting a write: the store's
+    /// charged bytes against its capacity are exact at every write (no beacon lag); a
+    /// filesystem's use is the daemon's latest measure.
+    fn own_usage(&self) -> Option<OsdUsage> {
+        let measured = *lock(&self.measured_usage);
+        let stats = self.store.stats();
+        let live = stats.capacity_bytes.map(|cap| OsdUsage {
+            used_bytes: stats.used_bytes,
+            total_bytes: cap,
+        });
+        match (live, measured) {
+            // The measure picked the filesystem (smaller than the capacity): keep it.
+            (Some(l), Some(m)) if m.total_bytes < l.total_bytes => Some(m),
+            (Some(l), _) => Some(l),
+            (None, m) => m,
+        }
     }
 
     /// Runs `f` on the store off the async workers (RocksDB calls block).
@@ -908,7 +934,17 @@ impl OsdCore {
         // the refused write leaves no trace. A write that got past this point is completed
         // whatever the fullness (see `write`).
         if let Some(map) = self.current_map() {
-            let full = map.full_osds_of_pool(pg.id.pool);
+            let mut full = map.full_osds_of_pool(pg.id.pool);
+            // This primary's own fullness counts at once, before its beacon has made it into
+            // the map (Ceph's OSD-side full check): a fast writer would otherwise fill the
+            // disk to its hard limit in the beacon interval, where an admitted write waits.
+            let me = self.me();
+            let own_full = self
+                .own_usage()
+                .is_some_and(|u| map.full_ratios.classify(&u) == Fullness::Full);
+            if let Some(me) = me.filter(|me| own_full && !full.contains(me)) {
+                full.push(me);
+            }
             if !full.is_empty() {
                 if let Err(why) = pg::full_verdict(&ops, req.full_try, ex.created) {
                     metrics::counter!("basalt_osd_full_refusals_total").increment(1);
