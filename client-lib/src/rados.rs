@@ -16,14 +16,17 @@ use std::time::Duration;
 
 use basalt_config::ClusterConfig;
 use basalt_maps::{Epoch, OsdMap, PoolId};
+use basalt_messenger::{CallError, Peer};
 use basalt_ops::{
     decode, encode, LockKind, LockState, NotifyResult, ObjOp, OpError, OpOutput, OpResult,
     WatcherInfo, MAX_MESSAGE_BYTES,
 };
 use basalt_placement::{object_to_pg_ns, PgId};
+use basalt_proto::data_path;
 use basalt_proto::osd as pb;
 use basalt_proto::osd::osd_client::OsdClient;
 use bytes::Bytes;
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -52,7 +55,7 @@ struct Inner {
     /// `<entity>/<incarnation>`: see [`Rados::instance`].
     instance: String,
     next_tid: AtomicU64,
-    osds: Mutex<HashMap<String, OsdClient<Channel>>>,
+    osds: Mutex<HashMap<String, OsdConn>>,
     /// Bound on object ops (`osd_op_timeout_ms`); None waits as long as it takes.
     op_timeout: Option<Duration>,
     /// Bound on waits for the monitors (`client_op_timeout_ms`), e.g. for a map epoch.
@@ -162,7 +165,7 @@ impl Rados {
         let mut reported: BTreeMap<(u32, u32), basalt_ops::PgStat> = BTreeMap::new();
         let mut asks = Vec::new();
         for info in map.osds.values().filter(|o| o.up) {
-            let mut c = self.inner.osd(&info.addr)?;
+            let mut c = self.inner.osd(&info.addr)?.grpc;
             asks.push(async move {
                 tokio::time::timeout(Duration::from_secs(5), c.pg_stats(pb::PgStatsRequest {}))
                     .await
@@ -237,7 +240,7 @@ impl Rados {
                 |_| Ok(pg),
                 &format!("PG {pg}"),
                 inner.deadline(),
-                |mut c, map, _, _| {
+                |c, map, _, _| {
                     let req = pb::PgCommandRequest {
                         pool: pg.pool,
                         pg_seed: pg.seed,
@@ -245,10 +248,14 @@ impl Rados {
                         command: command.clone(),
                     };
                     async move {
-                        c.pg_command(req).await.map(|r| {
-                            let r = r.into_inner();
-                            (r.epoch, r.result)
-                        })
+                        let mut grpc = c.grpc;
+                        grpc.pg_command(req)
+                            .await
+                            .map_err(AttemptError::from)
+                            .map(|r| {
+                                let r = r.into_inner();
+                                (r.epoch, r.result)
+                            })
                     }
                 },
             )
@@ -289,16 +296,19 @@ fn rand_u64() -> u64 {
 }
 
 impl Inner {
-    fn osd(&self, addr: &str) -> Result<OsdClient<Channel>, ClientError> {
+    fn osd(&self, addr: &str) -> Result<OsdConn, ClientError> {
         let mut m = self.osds.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = m.get(addr) {
             return Ok(c.clone());
         }
         let channel = crate::lazy_channel(addr, Duration::from_secs(2))
             .map_err(|e| ClientError::Internal(format!("OSD: {e}")))?;
-        let c = OsdClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let c = OsdConn {
+            grpc: OsdClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            data: Arc::new(Peer::new(addr, Duration::from_secs(2), MAX_MESSAGE_BYTES)),
+        };
         m.insert(addr.to_string(), c.clone());
         Ok(c)
     }
@@ -374,8 +384,8 @@ impl Inner {
     ) -> Result<T, ClientError>
     where
         T: for<'de> serde::Deserialize<'de>,
-        F: FnMut(OsdClient<Channel>, &OsdMap, PgId, Duration) -> Fut,
-        Fut: std::future::Future<Output = Result<(Epoch, Bytes), tonic::Status>>,
+        F: FnMut(OsdConn, &OsdMap, PgId, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<(Epoch, Bytes), AttemptError>>,
     {
         let mut last_err: Option<String> = None;
         let timed_out = |last: Option<String>| {
@@ -421,13 +431,11 @@ impl Inner {
             };
             match reply {
                 None => return Err(timed_out(last_err)),
-                Some(Err(status)) if !is_connection_failure(&status) => {
-                    return Err(ClientError::from(status))
-                }
-                Some(Err(status)) => {
+                Some(Err(AttemptError::Failed(e))) => return Err(e),
+                Some(Err(AttemptError::Unreachable(why))) => {
                     // The primary is unreachable (dead, restarting): the monitors will mark
                     // it down; resend to whoever the next map names.
-                    last_err = Some(format!("OSD {addr}: {}", status.message()));
+                    last_err = Some(format!("OSD {addr}: {why}"));
                     self.newer_map(map.epoch, deadline, Duration::from_millis(500))
                         .await;
                 }
@@ -438,8 +446,7 @@ impl Inner {
                         Ok(v) => return Ok(v),
                         Err(e) => e,
                     };
-                    let behind =
-                        matches!(e, OpError::Io(ref m) if m.contains("has not seen OSDMap"));
+                    let behind = matches!(e, OpError::MapBehind { .. });
                     let inactive = matches!(e, OpError::Inactive { .. });
                     if !e.is_resend() && !behind && !inactive {
                         return Err(op_error(e, what));
@@ -471,10 +478,49 @@ impl Inner {
 
 /// Records how long one stage of an object op took in this client
 /// (`basalt_client_op_stage_seconds`): `encode`, each `rpc` attempt (request sent to reply
-/// decoded by gRPC), and the whole `op` (routing, waits for maps and resends included).
+/// decoded), and the whole `op` (routing, waits for maps and resends included).
 fn stage(name: &'static str, since: std::time::Instant) {
     metrics::histogram!("basalt_client_op_stage_seconds", "stage" => name)
         .record(since.elapsed().as_secs_f64());
+}
+
+/// The ways to one OSD: the data-path messenger for object ops, gRPC for the rest
+/// (listing, notify, PG commands). Cheap to clone.
+#[derive(Clone)]
+struct OsdConn {
+    grpc: OsdClient<Channel>,
+    data: Arc<Peer>,
+}
+
+/// How one attempt to have a primary answer failed.
+enum AttemptError {
+    /// Not reached, or the connection broke mid-request (it may or may not have landed):
+    /// resend, with the same request id, to whoever the next map names.
+    Unreachable(String),
+    /// Answered, and the answer is the outcome.
+    Failed(ClientError),
+}
+
+impl From<tonic::Status> for AttemptError {
+    fn from(s: tonic::Status) -> Self {
+        if is_connection_failure(&s) {
+            AttemptError::Unreachable(s.message().to_string())
+        } else {
+            AttemptError::Failed(ClientError::from(s))
+        }
+    }
+}
+
+impl From<CallError> for AttemptError {
+    fn from(e: CallError) -> Self {
+        if e.is_connection_failure() {
+            AttemptError::Unreachable(e.to_string())
+        } else {
+            // The OSD could not decode what this client sent: a bug on one side, and
+            // resending the same bytes would not help.
+            AttemptError::Failed(ClientError::Internal(e.to_string()))
+        }
+    }
 }
 
 /// Whether a gRPC failure means the OSD could not be reached or the connection broke (the
@@ -510,7 +556,8 @@ fn op_error(e: OpError, what: &str) -> ClientError {
         OpError::Io(m) => ClientError::Io(format!("{what}: {m}")),
         e @ (OpError::Inactive { .. }
         | OpError::NotPrimary { .. }
-        | OpError::IntervalChanged { .. }) => ClientError::Unavailable(format!("{what}: {e}")),
+        | OpError::IntervalChanged { .. }
+        | OpError::MapBehind { .. }) => ClientError::Unavailable(format!("{what}: {e}")),
     }
 }
 
@@ -620,7 +667,7 @@ impl IoCtx {
                 |map| self.pg_of(map, oid),
                 &self.what(oid),
                 deadline,
-                |mut c, map, pg, remaining| {
+                |c, map, pg, remaining| {
                     let req = pb::OpRequest {
                         pool: self.pool,
                         pg_seed: pg.seed,
@@ -634,10 +681,19 @@ impl IoCtx {
                     };
                     async move {
                         let sent = std::time::Instant::now();
-                        let reply = c.op(req).await.map(|r| {
-                            let r = r.into_inner();
-                            (r.epoch, r.result)
-                        });
+                        let reply = c
+                            .data
+                            .call(data_path::OP, Bytes::from(req.encode_to_vec()))
+                            .await
+                            .map_err(AttemptError::from)
+                            .and_then(|b| {
+                                let r = pb::OpReply::decode(b).map_err(|e| {
+                                    AttemptError::Failed(ClientError::Decode(format!(
+                                        "OSD op reply: {e}"
+                                    )))
+                                })?;
+                                Ok((r.epoch, r.result))
+                            });
                         stage("rpc", sent);
                         reply
                     }
@@ -910,7 +966,7 @@ impl IoCtx {
                 |_| Ok(pg),
                 &format!("PG {pg}"),
                 inner.deadline(),
-                |mut c, map, _, remaining| {
+                |c, map, _, remaining| {
                     let req = pb::ListRequest {
                         pool: self.pool,
                         pg_seed: seed,
@@ -921,10 +977,14 @@ impl IoCtx {
                         timeout_ms: osd_wait_ms(remaining),
                     };
                     async move {
-                        c.list_objects(req).await.map(|r| {
-                            let r = r.into_inner();
-                            (r.epoch, r.result)
-                        })
+                        let mut grpc = c.grpc;
+                        grpc.list_objects(req)
+                            .await
+                            .map_err(AttemptError::from)
+                            .map(|r| {
+                                let r = r.into_inner();
+                                (r.epoch, r.result)
+                            })
                     }
                 },
             )
@@ -1000,7 +1060,7 @@ impl IoCtx {
                 continue;
             };
             let mut client = match inner.osd(&addr) {
-                Ok(c) => c,
+                Ok(c) => c.grpc,
                 Err(e) => return fail(&mut ready, e),
             };
             let first = pb::WatchPing {
@@ -1061,7 +1121,7 @@ impl IoCtx {
                         .newer_map(map.epoch, None, Duration::from_secs(1))
                         .await;
                 }
-                Some(OpError::Io(m)) if m.contains("has not seen OSDMap") => {
+                Some(OpError::MapBehind { .. }) => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Some(e) => return fail(&mut ready, op_error(e, &what)),
@@ -1095,7 +1155,7 @@ impl IoCtx {
                 |map| self.pg_of(map, oid),
                 &self.what(oid),
                 deadline,
-                |mut c, map, pg, _| {
+                |c, map, pg, _| {
                     let req = pb::NotifyRequest {
                         pool: self.pool,
                         pg_seed: pg.seed,
@@ -1107,7 +1167,8 @@ impl IoCtx {
                         timeout_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
                     };
                     async move {
-                        c.notify(req).await.map(|r| {
+                        let mut grpc = c.grpc;
+                        grpc.notify(req).await.map_err(AttemptError::from).map(|r| {
                             let r = r.into_inner();
                             (r.epoch, r.result)
                         })
@@ -1131,7 +1192,7 @@ impl IoCtx {
         let addr = inner
             .primary(&map, self.pool, pg)
             .ok_or_else(|| ClientError::Unavailable(format!("PG {pg} has no primary")))?;
-        let mut client = inner.osd(&addr)?;
+        let mut client = inner.osd(&addr)?.grpc;
         let req = pb::NotifyAckRequest {
             pool: self.pool,
             pg_seed: pg.seed,

@@ -430,6 +430,12 @@ pub enum OpError {
     Corrupt(String),
     #[error("OSD error: {0}")]
     Io(String),
+    /// The request needs OSDMap epoch `want` and this OSD has only `have` after waiting for
+    /// it: resend (same request id) shortly; the OSD is catching up with the monitors.
+    #[error(
+        "this OSD has OSDMap epoch {have}, the request needs {want}; resend once it catches up"
+    )]
+    MapBehind { have: u64, want: u64 },
 }
 
 impl OpError {

@@ -412,7 +412,13 @@ impl Daemon {
         })
         .max_decoding_message_size(basalt_ops::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(basalt_ops::MAX_MESSAGE_BYTES);
-        let incoming = basalt_proto::transport::incoming(listener);
+        // Client ops and sub-ops arrive on the messenger, everything else on gRPC: one port,
+        // told apart by the first byte a connection sends.
+        let data_path: Arc<dyn basalt_messenger::Handler> = Arc::new(crate::data_path::DataPath {
+            core: self.core.clone(),
+        });
+        let incoming =
+            basalt_messenger::split_listener(listener, data_path, basalt_ops::MAX_MESSAGE_BYTES);
         let grpc = tokio::spawn(
             basalt_proto::transport::server()
                 .add_service(service)

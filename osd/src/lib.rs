@@ -13,9 +13,12 @@
 //!   halves of peering and scrub; [`peering`] decides, without IO, whether a PG may go active,
 //!   which copy is authoritative and how each other copy catches up (log or backfill);
 //!   [`service`] runs it all — client ops with primary-copy replication, peering, recovery,
-//!   backfill, scheduled scrubs, watch/notify — over gRPC.
+//!   backfill, scheduled scrubs, watch/notify — over gRPC;
+//! - the [`data_path`]: client ops and replication sub-ops over `basalt-messenger`, on the
+//!   same port as the gRPC service, answered by the same handlers.
 
 pub mod daemon;
+pub mod data_path;
 pub mod peering;
 pub mod pg;
 pub mod service;

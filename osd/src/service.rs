@@ -42,15 +42,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use basalt_client::MonClient;
 use basalt_config::OsdTuning;
 use basalt_maps::{Epoch, Fullness, OsdMap, OsdUsage};
+use basalt_messenger::Peer;
 use basalt_ops::{
     decode, encode, Eversion, NotifyResult, ObjOp, OpError, OpResult, ReqId, WatcherInfo,
     MAX_MESSAGE_BYTES, MAX_OPS_PER_REQUEST,
 };
 use basalt_placement::{object_to_pg_ns, OsdId, PgId};
+use basalt_proto::data_path;
 use basalt_proto::osd as pb;
 use basalt_proto::osd::osd_client::OsdClient;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -312,6 +315,8 @@ pub struct OsdCore {
     map_tx: watch::Sender<Option<Arc<OsdMap>>>,
     pgs: Mutex<HashMap<PgId, Arc<Pg>>>,
     peers: Mutex<HashMap<String, OsdClient<Channel>>>,
+    /// Data-path connections to other OSDs (sub-ops), by address.
+    messengers: Mutex<HashMap<String, Arc<Peer>>>,
     watches: Mutex<HashMap<WatchKey, Vec<WatchEntry>>>,
     notifies: Mutex<HashMap<u64, PendingNotify>>,
     next_notify: AtomicU64,
@@ -369,6 +374,7 @@ impl OsdCore {
             map_tx,
             pgs: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
+            messengers: Mutex::new(HashMap::new()),
             watches: Mutex::new(HashMap::new()),
             notifies: Mutex::new(HashMap::new()),
             next_notify: AtomicU64::new(1),
@@ -688,9 +694,10 @@ impl OsdCore {
         .await;
         match found {
             Ok(Some(m)) => Ok(m),
-            _ => Err(OpError::Io(format!(
-                "this OSD has not seen OSDMap epoch {epoch} yet; retry"
-            ))),
+            _ => Err(OpError::MapBehind {
+                have: self.current_map().map_or(0, |m| m.epoch),
+                want: epoch,
+            }),
         }
     }
 
@@ -713,6 +720,26 @@ impl OsdCore {
         let c = osd_client(&info.addr)?;
         peers.insert(info.addr.clone(), c.clone());
         Ok(c)
+    }
+
+    /// The data-path connection to `osd` (at its address in the current map).
+    fn peer_messenger(&self, osd: OsdId) -> Result<Arc<Peer>, OpError> {
+        let map = self
+            .current_map()
+            .ok_or_else(|| OpError::Io("no OSDMap yet".into()))?;
+        let info = map
+            .osds
+            .get(&osd)
+            .ok_or_else(|| OpError::Io(format!("osd.{osd} is not in the map")))?;
+        let mut peers = lock(&self.messengers);
+        let peer = peers.entry(info.addr.clone()).or_insert_with(|| {
+            Arc::new(Peer::new(
+                &info.addr,
+                Duration::from_secs(2),
+                MAX_MESSAGE_BYTES,
+            ))
+        });
+        Ok(peer.clone())
     }
 
     /// Finds the PG `object` maps to and checks that this OSD is its primary, waiting first
@@ -1081,9 +1108,8 @@ impl OsdCore {
         let local = match local {
             Ok(durable) => {
                 let started = std::time::Instant::now();
-                let r = self
-                    .on_store(move |_| durable.wait().map_err(pg::store_error))
-                    .await;
+                // Woken by the syncer thread itself: no blocking thread waits for the sync.
+                let r = durable.done().await.map_err(pg::store_error);
                 stage("local_sync", started);
                 r
             }
@@ -1176,6 +1202,8 @@ impl OsdCore {
         req: pb::SubOpRequest,
     ) -> Result<(), OpError> {
         let mut warned_full = false;
+        // Encoded once: every retry sends the same bytes.
+        let request = Bytes::from(req.encode_to_vec());
         loop {
             let (g, _, epoch) = pg.snapshot();
             if g != generation {
@@ -1185,12 +1213,15 @@ impl OsdCore {
                 });
             }
             let attempt = async {
-                let mut c = self.peer_client(osd)?;
-                let reply = c
-                    .sub_op(req.clone())
+                let peer = self.peer_messenger(osd)?;
+                let reply = peer
+                    .call(data_path::SUB_OP, request.clone())
                     .await
-                    .map_err(|s| OpError::Io(format!("osd.{osd}: {}", s.message())))?;
-                decode::<Result<(), OpError>>(&reply.get_ref().result, "sub-op reply")?
+                    .map_err(|e| OpError::Io(format!("osd.{osd}: {e}")))?;
+                let reply = pb::SubOpReply::decode(reply).map_err(|e| {
+                    OpError::Io(format!("osd.{osd}: undecodable sub-op reply: {e}"))
+                })?;
+                decode::<Result<(), OpError>>(&reply.result, "sub-op reply")?
             };
             // A frozen replica never answers; once the monitors mark it down the interval
             // changes, and the client's resend should not wait out the RPC timeout.
@@ -2254,9 +2285,7 @@ impl OsdCore {
         drop(order);
         let durable = applied?;
         let started = std::time::Instant::now();
-        let r = self
-            .on_store(move |_| durable.wait().map_err(pg::store_error))
-            .await;
+        let r = durable.done().await.map_err(pg::store_error);
         stage("sub_op_sync", started);
         metrics::histogram!("basalt_osd_commit_seconds").record(committing.elapsed().as_secs_f64());
         r
@@ -2807,6 +2836,45 @@ impl OsdCore {
     }
 }
 
+impl OsdCore {
+    /// Answers a client's op, whichever transport it came on (the data-path messenger, or
+    /// the gRPC service for older clients).
+    pub async fn serve_op(self: &Arc<Self>, req: pb::OpRequest) -> pb::OpReply {
+        let started = std::time::Instant::now();
+        let bytes_in = req.ops.len() as u64;
+        let (kind, r) = match decode::<Vec<ObjOp>>(&req.ops, "ops") {
+            Ok(ops) => {
+                let kind = if ops.iter().any(ObjOp::is_write) {
+                    "write"
+                } else {
+                    "read"
+                };
+                (kind, self.handle_op(req, ops).await)
+            }
+            Err(e) => ("malformed", Err(e)),
+        };
+        metrics::counter!("basalt_osd_client_ops_total", "kind" => kind, "result" => if r.is_ok() { "ok" } else { "error" }).increment(1);
+        metrics::histogram!("basalt_osd_client_op_seconds", "kind" => kind)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("basalt_osd_client_bytes_total", "direction" => "in").increment(bytes_in);
+        let result = encode(&r);
+        metrics::counter!("basalt_osd_client_bytes_total", "direction" => "out")
+            .increment(result.len() as u64);
+        pb::OpReply {
+            epoch: reply_epoch(self),
+            result,
+        }
+    }
+
+    /// Answers a primary's sub-op, whichever transport it came on.
+    pub async fn serve_sub_op(&self, req: pb::SubOpRequest) -> pb::SubOpReply {
+        let started = std::time::Instant::now();
+        let r = self.handle_sub_op(req).await;
+        metrics::histogram!("basalt_osd_sub_op_seconds").record(started.elapsed().as_secs_f64());
+        pb::SubOpReply { result: encode(&r) }
+    }
+}
+
 /// Records how long one stage of the op path took (`basalt_osd_op_stage_seconds`).
 fn stage(name: &'static str, since: std::time::Instant) {
     metrics::histogram!("basalt_osd_op_stage_seconds", "stage" => name)
@@ -2854,31 +2922,7 @@ impl pb::osd_server::Osd for OsdService {
     }
 
     async fn op(&self, req: Request<pb::OpRequest>) -> Result<Response<pb::OpReply>, Status> {
-        let req = req.into_inner();
-        let started = std::time::Instant::now();
-        let bytes_in = req.ops.len() as u64;
-        let (kind, r) = match decode::<Vec<ObjOp>>(&req.ops, "ops") {
-            Ok(ops) => {
-                let kind = if ops.iter().any(ObjOp::is_write) {
-                    "write"
-                } else {
-                    "read"
-                };
-                (kind, self.core.handle_op(req, ops).await)
-            }
-            Err(e) => ("malformed", Err(e)),
-        };
-        metrics::counter!("basalt_osd_client_ops_total", "kind" => kind, "result" => if r.is_ok() { "ok" } else { "error" }).increment(1);
-        metrics::histogram!("basalt_osd_client_op_seconds", "kind" => kind)
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("basalt_osd_client_bytes_total", "direction" => "in").increment(bytes_in);
-        let result = encode(&r);
-        metrics::counter!("basalt_osd_client_bytes_total", "direction" => "out")
-            .increment(result.len() as u64);
-        Ok(Response::new(pb::OpReply {
-            epoch: reply_epoch(&self.core),
-            result,
-        }))
+        Ok(Response::new(self.core.serve_op(req.into_inner()).await))
     }
 
     async fn list_objects(
@@ -2927,10 +2971,9 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::SubOpRequest>,
     ) -> Result<Response<pb::SubOpReply>, Status> {
-        let started = std::time::Instant::now();
-        let r = self.core.handle_sub_op(req.into_inner()).await;
-        metrics::histogram!("basalt_osd_sub_op_seconds").record(started.elapsed().as_secs_f64());
-        Ok(Response::new(pb::SubOpReply { result: encode(&r) }))
+        Ok(Response::new(
+            self.core.serve_sub_op(req.into_inner()).await,
+        ))
     }
 
     async fn pg_query(

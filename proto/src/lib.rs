@@ -3,6 +3,7 @@
 //! Owns the service and envelope definitions and how every endpoint's HTTP/2 transport is
 //! tuned ([`transport`]); the cluster maps carried inside them are encoded by `basalt-maps`.
 
+pub mod data_path;
 pub mod transport;
 
 #[allow(clippy::all, missing_docs)]

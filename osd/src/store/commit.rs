@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
 use super::data::{Bitmap, DataArea};
 use super::engine::{Cf, Engine, KvOp};
@@ -337,38 +338,56 @@ fn op_bytes(op: &KvOp) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Drivers
 
-/// Resolves once a commit is durable.
+/// Resolves once a commit is durable: [`Durable::wait`] from a thread that may block,
+/// [`Durable::done`] from async code. The syncer thread answers through a tokio oneshot, so
+/// an async caller is woken by it directly rather than through a parked blocking thread.
 pub struct Durable(Pending);
 
+/// The syncer's answer to one commit.
+type DurableSender = oneshot::Sender<Result<()>>;
+
 enum Pending {
-    Channel(mpsc::Receiver<Result<()>>),
+    Channel(oneshot::Receiver<Result<()>>),
     Inline(Arc<Shared>, Arc<Mutex<Core>>, u64),
 }
 
+fn syncer_gone<T>(_: T) -> StoreError {
+    StoreError::Io("the store's journal sync thread exited".into())
+}
+
 impl Durable {
-    /// Blocks until the commit is durable.
+    /// Blocks until the commit is durable (not from an async task: use [`Durable::done`]).
     pub fn wait(self) -> Result<()> {
         match self.0 {
-            Pending::Channel(rx) => rx
-                .recv()
-                .map_err(|_| StoreError::Io("committer thread exited".into()))?,
-            Pending::Inline(sh, core, seq) => {
-                let mut core = core.lock().map_err(poisoned)?;
-                let durable = sh.progress.lock().map_err(poisoned)?.durable;
-                if durable < seq {
-                    core.settle_inline(&sh)?;
-                }
-                Ok(())
-            }
+            Pending::Channel(rx) => rx.blocking_recv().map_err(syncer_gone)?,
+            Pending::Inline(sh, core, seq) => settle_inline_to(&sh, &core, seq),
         }
     }
+
+    /// Resolves once the commit is durable. The in-memory store's inline pipeline settles
+    /// right here (memory writes, no disk wait).
+    pub async fn done(self) -> Result<()> {
+        match self.0 {
+            Pending::Channel(rx) => rx.await.map_err(syncer_gone)?,
+            Pending::Inline(sh, core, seq) => settle_inline_to(&sh, &core, seq),
+        }
+    }
+}
+
+fn settle_inline_to(sh: &Shared, core: &Mutex<Core>, seq: u64) -> Result<()> {
+    let mut core = core.lock().map_err(poisoned)?;
+    let durable = sh.progress.lock().map_err(poisoned)?.durable;
+    if durable < seq {
+        core.settle_inline(sh)?;
+    }
+    Ok(())
 }
 
 struct Job {
     rec: Record,
     used_delta: i64,
     applied: mpsc::SyncSender<Result<()>>,
-    durable: mpsc::SyncSender<Result<()>>,
+    durable: DurableSender,
     queued: Instant,
     bytes: usize,
 }
@@ -428,7 +447,7 @@ impl Pipeline {
             }
             Mode::Threads { tx, .. } => {
                 let (applied, applied_rx) = mpsc::sync_channel(1);
-                let (durable, durable_rx) = mpsc::sync_channel(1);
+                let (durable, durable_rx) = oneshot::channel();
                 let tx = tx.lock().map_err(poisoned)?;
                 tx.as_ref()
                     .ok_or_else(|| StoreError::Io("store is closing".into()))?
@@ -485,7 +504,7 @@ impl Drop for Pipeline {
 }
 
 fn run_committer(sh: Arc<Shared>, mut core: Core, rx: mpsc::Receiver<Job>) {
-    type Waiters = Vec<mpsc::SyncSender<Result<()>>>;
+    type Waiters = Vec<DurableSender>;
     let (to_syncer, synced_rx) = mpsc::channel::<(Group, Waiters)>();
     let (to_flusher, flush_rx) = mpsc::channel::<Group>();
     let syncer = {
@@ -574,7 +593,7 @@ fn run_committer(sh: Arc<Shared>, mut core: Core, rx: mpsc::Receiver<Job>) {
 /// One journal fdatasync for every group appended since the last one.
 fn run_syncer(
     sh: &Shared,
-    groups: mpsc::Receiver<(Group, Vec<mpsc::SyncSender<Result<()>>>)>,
+    groups: mpsc::Receiver<(Group, Vec<DurableSender>)>,
     to_flusher: mpsc::Sender<Group>,
 ) {
     while let Ok(first) = groups.recv() {

@@ -1,0 +1,270 @@
+//! The serving side: answer each request of a connection with its handler's reply, and share
+//! one listening port with gRPC.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::codec::FramedRead;
+
+use crate::frame::{FrameCodec, FrameError, Kind, BANNER};
+use crate::write::{write_frames, Outgoing};
+
+/// What a handler returns: the reply's payload, or why the request could not be handled
+/// (sent back as an error frame; the connection stays up).
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + 'static>>;
+
+/// Answers requests. One call per request; calls of one connection run concurrently.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, tag: u8, payload: Bytes) -> HandlerFuture;
+}
+
+/// Requests of one connection being handled at once, at most: a client that pipelines
+/// without bound waits for the socket instead of growing the server's memory.
+const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
+/// How long a new connection may take to send its first bytes.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one connection until the peer closes it or sends something that is not a frame.
+pub async fn serve_connection(
+    mut stream: TcpStream,
+    handler: Arc<dyn Handler>,
+    max_payload: usize,
+) -> Result<(), FrameError> {
+    let mut banner = [0u8; BANNER.len()];
+    tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.read_exact(&mut banner))
+        .await
+        .map_err(|_| FrameError::Banner)??;
+    if &banner != BANNER {
+        return Err(FrameError::Banner);
+    }
+    stream.write_all(BANNER).await?;
+    let (read, write) = stream.into_split();
+    let (queue, outgoing) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_frames(write, outgoing));
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+    let mut frames = FramedRead::new(read, FrameCodec::new(max_payload));
+    let ended = loop {
+        let frame = match frames.next().await {
+            None => break Ok(()),
+            Some(Err(e)) => break Err(e),
+            Some(Ok(f)) => f,
+        };
+        if frame.kind != Kind::Request {
+            break Err(FrameError::UnknownKind(frame.kind as u8));
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        let handler = handler.clone();
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let reply = match handler.handle(frame.tag, frame.payload).await {
+                Ok(payload) => Outgoing::new(Kind::Reply, frame.tag, frame.id, payload),
+                Err(why) => Outgoing::new(Kind::Error, frame.tag, frame.id, Bytes::from(why)),
+            };
+            // The peer may be gone; its request ran anyway (a resend is answered from the
+            // PG log), so a reply with nowhere to go is dropped.
+            let _ = queue.send(reply);
+            drop(permit);
+        });
+    };
+    // Replies still being computed hold queue clones; the writer ends after the last.
+    drop(queue);
+    drop(writer);
+    ended
+}
+
+/// Accepts on `listener` and serves the messenger's connections itself; every other
+/// connection (gRPC's HTTP/2, whose preface starts with `P`) is handed on through the
+/// returned stream, for `tonic`'s `serve_with_incoming`. One port per daemon, as Ceph's
+/// msgr2 tells protocols apart by banner. `TCP_NODELAY` is set on every accepted socket.
+/// Accepting stops when the returned stream is dropped.
+pub fn split_listener(
+    listener: TcpListener,
+    handler: Arc<dyn Handler>,
+    max_payload: usize,
+) -> ReceiverStream<std::io::Result<TcpStream>> {
+    let (others, stream) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = others.closed() => return,
+            };
+            let (socket, from) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = socket.set_nodelay(true);
+            let others = others.clone();
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                let peeked =
+                    tokio::time::timeout(FIRST_BYTES_TIMEOUT, socket.peek(&mut first)).await;
+                match peeked {
+                    Ok(Ok(1)) if first[0] == BANNER[0] => {
+                        if let Err(e) = serve_connection(socket, handler, max_payload).await {
+                            tracing::debug!(peer = %from, error = %e, "messenger connection closed");
+                        }
+                    }
+                    Ok(Ok(n)) if n > 0 => {
+                        let _ = others.send(Ok(socket)).await;
+                    }
+                    // Closed or silent before saying anything: nothing to serve.
+                    _ => {}
+                }
+            });
+        }
+    });
+    ReceiverStream::new(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CallError, Peer};
+
+    struct Echo;
+
+    impl Handler for Echo {
+        fn handle(&self, tag: u8, payload: Bytes) -> HandlerFuture {
+            Box::pin(async move {
+                match tag {
+                    1 => Ok(payload),
+                    // Answers after a delay given in the payload, to reorder replies.
+                    2 => {
+                        let ms = payload.first().copied().unwrap_or(0) as u64;
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        Ok(payload)
+                    }
+                    // Never answers (a frozen handler).
+                    3 => std::future::pending().await,
+                    t => Err(format!("unknown tag {t}")),
+                }
+            })
+        }
+    }
+
+    async fn server() -> (String, ReceiverStream<std::io::Result<TcpStream>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        (addr.clone(), split_listener(l, Arc::new(Echo), 1 << 20))
+    }
+
+    #[tokio::test]
+    async fn pipelined_calls_get_their_own_replies() {
+        let (addr, _others) = server().await;
+        let peer = Arc::new(Peer::new(&addr, Duration::from_secs(2), 1 << 20));
+        let calls = (0..200u32).map(|i| {
+            let peer = peer.clone();
+            async move {
+                let body = Bytes::from(vec![(i % 7) as u8; 1 + (i as usize * 997) % 70_000]);
+                let got = peer.call(2, body.clone()).await.expect("reply");
+                assert_eq!(got, body, "call {i} got another call's reply");
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    #[tokio::test]
+    async fn errors_and_limits_are_typed() {
+        let (addr, _others) = server().await;
+        let peer = Peer::new(&addr, Duration::from_secs(2), 1 << 20);
+        assert!(matches!(
+            peer.call(9, Bytes::new()).await,
+            Err(CallError::Refused { .. })
+        ));
+        // The connection survives a refused request.
+        assert_eq!(
+            peer.call(1, Bytes::from_static(b"x")).await,
+            Ok(Bytes::from_static(b"x"))
+        );
+        assert!(matches!(
+            peer.call(1, Bytes::from(vec![0; (1 << 20) + 1])).await,
+            Err(CallError::TooLarge { .. })
+        ));
+        let nobody = Peer::new("127.0.0.1:1", Duration::from_secs(2), 1 << 20);
+        let e = nobody
+            .call(1, Bytes::new())
+            .await
+            .expect_err("nothing listens on port 1");
+        assert!(e.is_connection_failure() && matches!(e, CallError::Connect { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_broken_connection_fails_waiting_calls_and_the_next_call_reconnects() {
+        // A server that answers the banner, takes one request and drops the connection.
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let (addr2, _others) = server().await;
+        let peer = Peer::new(&addr, Duration::from_secs(2), 1 << 20);
+        let dropper = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).await.expect("banner");
+            s.write_all(BANNER).await.expect("banner");
+            let mut h = [0u8; 24];
+            s.read_exact(&mut h).await.expect("a request");
+            drop(s);
+            l
+        });
+        let e = peer
+            .call(3, Bytes::new())
+            .await
+            .expect_err("the connection was dropped");
+        assert!(matches!(e, CallError::Disconnected { .. }), "{e:?}");
+        // Same address served properly now: the peer reconnects on its next call.
+        let l = dropper.await.expect("dropper");
+        drop(l);
+        let peer = Peer::new(&addr2, Duration::from_secs(2), 1 << 20);
+        assert_eq!(
+            peer.call(1, Bytes::from_static(b"y")).await,
+            Ok(Bytes::from_static(b"y"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_is_forgotten_and_the_connection_serves_on() {
+        let (addr, _others) = server().await;
+        let peer = Peer::new(&addr, Duration::from_secs(2), 1 << 20);
+        let r = tokio::time::timeout(Duration::from_millis(50), peer.call(3, Bytes::new())).await;
+        assert!(r.is_err());
+        assert_eq!(
+            peer.call(1, Bytes::from_static(b"z")).await,
+            Ok(Bytes::from_static(b"z"))
+        );
+    }
+
+    #[tokio::test]
+    async fn other_protocols_on_the_port_are_handed_on() {
+        let (addr, mut others) = server().await;
+        let mut c = TcpStream::connect(&addr).await.expect("connect");
+        c.write_all(b"PRI * HTTP/2.0\r\n").await.expect("write");
+        let handed = tokio::time::timeout(Duration::from_secs(10), others.next())
+            .await
+            .expect("handed on in time")
+            .expect("a stream item")
+            .expect("a socket");
+        let mut got = [0u8; 3];
+        let mut handed = handed;
+        handed
+            .read_exact(&mut got)
+            .await
+            .expect("the bytes are still there");
+        assert_eq!(&got, b"PRI");
+    }
+}
