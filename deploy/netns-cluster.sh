@@ -23,7 +23,10 @@
 #
 # Environment: BASALT_BIN_DIR (default ~/.cache/basalt-target/release),
 # BASALT_NETNS_PREFIX (default basalt; at most 8 characters),
-# BASALT_NETNS_NET (first three octets of a private /24, default 10.77.0).
+# BASALT_NETNS_NET (first three octets of a private /24, default 10.77.0),
+# BASALT_NETNS_OSD_CAPACITY (bytes: each OSD's --capacity-bytes; unset, the OSDs report
+# the use of the disk DIR is on, and all six share it, so a crowded disk makes them
+# nearfull or full).
 set -euo pipefail
 
 PREFIX=${BASALT_NETNS_PREFIX:-basalt}
@@ -69,7 +72,7 @@ daemons() {
     echo "mon basalt-mon --config $conf --id $((n - 1)) --metrics $ip:9280"
     local k
     for ((k = 0; k < OSDS_PER_HOST; k++)); do
-        echo "osd$k basalt-osd --config $conf --data $dir/h$n/osd$k --host h$n --listen $ip:0 --metrics $ip:$((9281 + k))"
+        echo "osd$k basalt-osd --config $conf --data $dir/h$n/osd$k --host h$n --listen $ip:0 --metrics $ip:$((9281 + k))${BASALT_NETNS_OSD_CAPACITY:+ --capacity-bytes $BASALT_NETNS_OSD_CAPACITY}"
     done
     echo "gw basalt-gw --config $conf --listen $ip:10809 --name client.gw-h$n --metrics $ip:9283"
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use basalt_client::{MonClient, Rados};
 use basalt_config::ClusterConfig;
-use basalt_maps::{HealthCheck, HealthStatus, OsdMap, Severity};
+use basalt_maps::{parse_ratio, ratio_str, HealthCheck, HealthStatus, OsdMap, RatioKind, Severity};
 use basalt_placement::{pg_distribution, NodeKind, WEIGHT_ONE};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
@@ -90,7 +90,8 @@ enum MonCmd {
 enum OsdCmd {
     /// The CRUSH hierarchy with up/in state.
     Tree,
-    /// Placement groups per OSD and deviation from each OSD's weight share.
+    /// Use of each OSD's store (as it last reported it), its fullness, and its placement
+    /// groups with their deviation from the OSD's weight share.
     Df,
     /// Where an object lives: its PG, up set and primary.
     Map { pool: String, object: String },
@@ -119,6 +120,12 @@ enum OsdCmd {
     Set { flag: String },
     /// Clear a cluster flag.
     Unset { flag: String },
+    /// Use at which an OSD is reported nearfull (health warning), e.g. 0.85.
+    SetNearfullRatio { ratio: String },
+    /// Use at which backfill and recovery stop pushing to an OSD, e.g. 0.90.
+    SetBackfillfullRatio { ratio: String },
+    /// Use at which an OSD makes its pools full (new writes fail with ENOSPC), e.g. 0.95.
+    SetFullRatio { ratio: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -588,27 +595,57 @@ async fn osd(mon: &MonClient, json: bool, cmd: OsdCmd) -> anyhow::Result<()> {
                     (*id, n, expected, dev)
                 })
                 .collect();
+            let r = &map.full_ratios;
             if json {
                 let v: Vec<_> = rows
                     .iter()
-                    .map(|(id, n, e, d)| json!({"id": id, "pgs": n, "expected_pgs": e, "deviation_pct": d}))
+                    .map(|(id, n, e, d)| {
+                        let usage = map.osds.get(id).and_then(|o| o.usage);
+                        json!({"id": id, "pgs": n, "expected_pgs": e, "deviation_pct": d,
+                            "used_bytes": usage.map(|u| u.used_bytes),
+                            "total_bytes": usage.map(|u| u.total_bytes),
+                            "utilization_pct": usage.map(|u| u.ratio() as f64 / 100.0),
+                            "state": map.fullness(*id).name()})
+                    })
                     .collect();
-                print_json(json!({ "epoch": map.epoch, "osds": v }));
+                print_json(json!({ "epoch": map.epoch, "osds": v,
+                    "nearfull_ratio": ratio_str(r.nearfull),
+                    "backfillfull_ratio": ratio_str(r.backfillfull),
+                    "full_ratio": ratio_str(r.full) }));
                 return Ok(());
             }
             println!(
-                "{:<6} {:>8} {:>10} {:>10}",
-                "ID", "PGS", "EXPECTED", "DEVIATION"
+                "{:<6} {:>10} {:>10} {:>7} {:>8} {:>10} {:>10}  STATUS",
+                "ID", "SIZE", "USE", "%USE", "PGS", "EXPECTED", "DEVIATION"
             );
             for (id, n, e, d) in rows {
+                let usage = map.osds.get(&id).and_then(|o| o.usage);
+                let (size, used, pct) = match usage {
+                    Some(u) => (
+                        rbd::human(u.total_bytes),
+                        rbd::human(u.used_bytes),
+                        u.percent_str(),
+                    ),
+                    None => ("-".into(), "-".into(), "-".into()),
+                };
                 println!(
-                    "{:<6} {:>8} {:>10.1} {:>9.1}%",
+                    "{:<6} {:>10} {:>10} {:>7} {:>8} {:>10.1} {:>9.1}%  {}",
                     format!("osd.{id}"),
+                    size,
+                    used,
+                    pct,
                     n,
                     e,
-                    d
+                    d,
+                    map.fullness(id).name()
                 );
             }
+            println!(
+                "nearfull_ratio {}  backfillfull_ratio {}  full_ratio {}",
+                ratio_str(r.nearfull),
+                ratio_str(r.backfillfull),
+                ratio_str(r.full)
+            );
         }
         OsdCmd::Map { pool, object } => {
             let map = mon.osdmap().await?;
@@ -666,6 +703,18 @@ async fn osd(mon: &MonClient, json: bool, cmd: OsdCmd) -> anyhow::Result<()> {
         }
         OsdCmd::Set { flag } => done(mon.set_flag(&flag).await?),
         OsdCmd::Unset { flag } => done(mon.unset_flag(&flag).await?),
+        OsdCmd::SetNearfullRatio { ratio } => done(
+            mon.set_full_ratio(RatioKind::Nearfull, parse_ratio(&ratio)?)
+                .await?,
+        ),
+        OsdCmd::SetBackfillfullRatio { ratio } => done(
+            mon.set_full_ratio(RatioKind::Backfillfull, parse_ratio(&ratio)?)
+                .await?,
+        ),
+        OsdCmd::SetFullRatio { ratio } => done(
+            mon.set_full_ratio(RatioKind::Full, parse_ratio(&ratio)?)
+                .await?,
+        ),
         OsdCmd::Blocklist(BlocklistCmd::Add { entity, expire }) => {
             if expire == 0 {
                 bail!("--expire must be at least 1 second");

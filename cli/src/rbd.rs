@@ -242,7 +242,7 @@ fn info_json(pool: &str, i: &ImageInfo) -> serde_json::Value {
     })
 }
 
-fn human(bytes: u64) -> String {
+pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -262,7 +262,20 @@ fn human(bytes: u64) -> String {
 pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Result<()> {
     let (pool, image, plan) = plan(cmd)?;
     let rados = Rados::connect(config).await?;
-    let io = rados.ioctx(&pool)?;
+    let mut io = rados.ioctx(&pool)?;
+    // Removing or shrinking an image frees space, so it must work on a full pool (Ceph's
+    // FULL_TRY): the OSDs then let its header and lock updates through, but still refuse
+    // anything that would create an object or store data.
+    if matches!(
+        plan,
+        Plan::Rm
+            | Plan::Resize {
+                allow_shrink: true,
+                ..
+            }
+    ) {
+        io.set_full_try(true);
+    }
     let rbd = Rbd::new(Arc::new(RadosBackend::new(
         rados.clone(),
         io,

@@ -28,6 +28,10 @@ pub enum ClientError {
     Busy(String),
     #[error("no space left: {0}")]
     NoSpace(String),
+    /// The pool is full (an OSD serving it is past the full ratio): the write was refused
+    /// before it was applied anywhere. Block devices report it as ENOSPC.
+    #[error("no space left: {0}")]
+    PoolFull(String),
     /// The data is temporarily unservable (PG inactive, no primary); retrying later may work.
     #[error("unavailable: {0}")]
     Unavailable(String),

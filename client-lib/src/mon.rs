@@ -8,8 +8,8 @@ use basalt_maps::{decode, Epoch, Incremental, MonMap, OsdMap};
 use basalt_proto::mon::{
     command_request::Command, map_update, monitor_client::MonitorClient, BlocklistAdd, BlocklistRm,
     CommandReply, CommandRequest, GetMapRequest, MapKind, OsdBeaconRequest, OsdBootRequest,
-    OsdFailureRequest, OsdId, OsdReweight, PoolCreate, PoolRm, PoolSet, StatusReply, StatusRequest,
-    SubscribeRequest,
+    OsdFailureRequest, OsdId, OsdReweight, PoolCreate, PoolRm, PoolSet, SetFullRatio, StatusReply,
+    StatusRequest, SubscribeRequest,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -293,6 +293,21 @@ impl MonClient {
         self.command(Command::UnsetFlag(flag.into())).await
     }
 
+    /// `osd set-nearfull-ratio|set-backfillfull-ratio|set-full-ratio`: `ratio` in units of
+    /// 1/10000 (`basalt_maps::parse_ratio`). The monitor keeps nearfull <= backfillfull <=
+    /// full <= 1.
+    pub async fn set_full_ratio(
+        &self,
+        kind: basalt_maps::RatioKind,
+        ratio: u32,
+    ) -> Result<CommandReply, ClientError> {
+        self.command(Command::SetFullRatio(SetFullRatio {
+            which: kind.name().into(),
+            ratio,
+        }))
+        .await
+    }
+
     /// Registers an OSD daemon (by its data directory's uuid); returns its id and the epoch it is up in.
     pub async fn osd_boot(
         &self,
@@ -316,12 +331,25 @@ impl MonClient {
         Ok((reply.osd_id, reply.epoch))
     }
 
-    pub async fn osd_beacon(&self, osd_id: u32, epoch: Epoch) -> Result<Epoch, ClientError> {
+    /// A beacon: OSD `osd_id` is alive at map `epoch`, and its store uses `usage` (if it
+    /// could measure it).
+    pub async fn osd_beacon(
+        &self,
+        osd_id: u32,
+        epoch: Epoch,
+        usage: Option<basalt_maps::OsdUsage>,
+    ) -> Result<Epoch, ClientError> {
+        let (used_bytes, total_bytes) = usage.map_or((0, 0), |u| (u.used_bytes, u.total_bytes));
         self.call(|mut c| async move {
-            Ok(c.osd_beacon(OsdBeaconRequest { osd_id, epoch })
-                .await?
-                .into_inner()
-                .epoch)
+            Ok(c.osd_beacon(OsdBeaconRequest {
+                osd_id,
+                epoch,
+                used_bytes,
+                total_bytes,
+            })
+            .await?
+            .into_inner()
+            .epoch)
         })
         .await
     }

@@ -154,6 +154,7 @@ impl Rados {
             pool: p.id,
             pool_name: pool.to_string(),
             namespace: String::new(),
+            full_try: false,
         })
     }
 
@@ -548,6 +549,7 @@ fn op_error(e: OpError, what: &str) -> ClientError {
         OpError::CmpFailed(m) => ClientError::FailedPrecondition(format!("{what}: {m}")),
         OpError::InvalidArgument(m) => ClientError::InvalidArgument(format!("{what}: {m}")),
         OpError::NoSpace(m) => ClientError::NoSpace(format!("{what}: {m}")),
+        e @ OpError::PoolFull { .. } => ClientError::PoolFull(format!("{what}: {e}")),
         OpError::Blocklisted(m) => ClientError::Blocklisted(m),
         OpError::NoSuchPool(p) => ClientError::NotFound(format!("pool {p}")),
         OpError::Corrupt(m) => ClientError::Io(format!("{what}: {m}")),
@@ -566,6 +568,8 @@ pub struct IoCtx {
     pool: PoolId,
     pool_name: String,
     namespace: String,
+    /// Requests carry Ceph's FULL_TRY ([`IoCtx::set_full_try`]).
+    full_try: bool,
 }
 
 /// An event on a [`Watch`].
@@ -605,6 +609,15 @@ impl IoCtx {
 
     pub fn pool_id(&self) -> PoolId {
         self.pool
+    }
+
+    /// Marks every later request of this IoCtx as freeing space (librados'
+    /// `set_osdmap_full_try`): on a full pool the OSD then also runs requests that change the
+    /// metadata of existing objects (an image header, its lock), which `rbd rm` and a shrink
+    /// need, but still refuses any that would create an object or store data. Without it a
+    /// full pool runs only requests whose ops can only free space (removes, truncates...).
+    pub fn set_full_try(&mut self, full_try: bool) {
+        self.full_try = full_try;
     }
 
     /// The same pool in namespace `ns`.
@@ -664,6 +677,7 @@ impl IoCtx {
                         reqid: Some(reqid.clone()),
                         ops: ops.clone(),
                         timeout_ms: osd_wait_ms(remaining),
+                        full_try: self.full_try,
                     };
                     async move {
                         let sent = std::time::Instant::now();

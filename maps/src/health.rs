@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::OsdMap;
+use crate::{ratio_str, Fullness, OsdMap};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Severity {
@@ -59,10 +59,10 @@ impl HealthCheck {
 }
 
 impl OsdMap {
-    /// Checks that follow from this map: down OSDs, flags set, pools that
-    /// cannot place `size` copies on distinct hosts.
+    /// Checks that follow from this map: down OSDs, full OSDs and pools, flags set, pools
+    /// that cannot place `size` copies on distinct hosts.
     pub fn health(&self) -> Vec<HealthCheck> {
-        let mut checks = Vec::new();
+        let mut checks = self.fullness_checks();
         let down: Vec<String> = self
             .osds
             .iter()
@@ -119,6 +119,84 @@ impl OsdMap {
                 },
                 format!("{} pool(s) cannot place all copies", short.len()),
                 short,
+            ));
+        }
+        checks
+    }
+
+    /// OSD_FULL, OSD_BACKFILLFULL, OSD_NEARFULL (each OSD once, under its fullest state,
+    /// with its use) and POOL_FULL, as Ceph names them.
+    fn fullness_checks(&self) -> Vec<HealthCheck> {
+        let r = &self.full_ratios;
+        let mut checks = Vec::new();
+        for (level, code, severity, ratio, what) in [
+            (
+                Fullness::Full,
+                "OSD_FULL",
+                Severity::Err,
+                r.full,
+                "the pools they serve take no new writes; delete data (`basalt rbd rm`, \
+                 `basalt rbd resize --allow-shrink`, `basalt obj rm`), add OSDs, or raise \
+                 `basalt osd set-full-ratio`",
+            ),
+            (
+                Fullness::Backfillfull,
+                "OSD_BACKFILLFULL",
+                Severity::Warn,
+                r.backfillfull,
+                "backfill and recovery will not copy data to them",
+            ),
+            (
+                Fullness::Nearfull,
+                "OSD_NEARFULL",
+                Severity::Warn,
+                r.nearfull,
+                "add capacity or delete data before they fill",
+            ),
+        ] {
+            let detail: Vec<String> = self
+                .osds_at_least(level)
+                .into_iter()
+                .filter(|(id, _)| self.fullness(*id) == level)
+                .map(|(id, u)| {
+                    format!(
+                        "osd.{id} is {} at {} ({} of {} bytes; {} ratio {})",
+                        level.name(),
+                        u.percent_str(),
+                        u.used_bytes,
+                        u.total_bytes,
+                        level.name(),
+                        ratio_str(ratio)
+                    )
+                })
+                .collect();
+            if !detail.is_empty() {
+                checks.push(HealthCheck::new(
+                    code,
+                    severity,
+                    format!("{} {} osd(s): {what}", detail.len(), level.name()),
+                    detail,
+                ));
+            }
+        }
+        let full_pools: Vec<String> = self
+            .pools
+            .values()
+            .filter(|p| self.is_pool_full(p.id))
+            .map(|p| {
+                format!(
+                    "pool '{}' is full: new writes fail with ENOSPC; deletes, truncates and \
+                     shrinks still work",
+                    p.name
+                )
+            })
+            .collect();
+        if !full_pools.is_empty() {
+            checks.push(HealthCheck::new(
+                "POOL_FULL",
+                Severity::Warn,
+                format!("{} pool(s) full", full_pools.len()),
+                full_pools,
             ));
         }
         checks

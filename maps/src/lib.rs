@@ -1,6 +1,8 @@
 //! The cluster maps every basalt daemon and client agrees on: the [`MonMap`]
-//! and the [`OsdMap`] (OSDs, CRUSH hierarchy, pools, client blocklist, flags),
-//! and the [`Incremental`]s that move an `OsdMap` from one epoch to the next.
+//! and the [`OsdMap`] (OSDs with their reported use, CRUSH hierarchy, pools,
+//! client blocklist, flags, the nearfull/backfillfull/full ratios), and the
+//! [`Incremental`]s that move an `OsdMap` from one epoch to the next. Health
+//! checks and every OSD's fullness are derived from a map alone.
 //!
 //! Owns the map data model, its encoding and the deterministic `apply` of an
 //! incremental. It does not decide *when* maps change (that is the monitor's

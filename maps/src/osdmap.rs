@@ -38,6 +38,221 @@ pub struct OsdInfo {
     pub down_stamp_ms: u64,
     /// Marked out by the monitor (not an operator): it is marked in again on boot.
     pub auto_out: bool,
+    /// The store's use as the OSD last reported it and the leader recorded it (None until
+    /// the first report). Recorded when the OSD's fullness changes or its use moves by a
+    /// percentage point (see [`OsdUsage::worth_recording`]), not at every beacon.
+    pub usage: Option<OsdUsage>,
+}
+
+/// Ratios are kept in units of 1/10000 (0.85 is 8500), so the map stays integer-only and
+/// every monitor and client classifies an OSD the same way.
+pub const RATIO_ONE: u32 = 10_000;
+
+/// When an OSD counts as nearfull, backfillfull and full (Ceph's `mon_osd_nearfull_ratio`,
+/// `mon_osd_backfillfull_ratio`, `mon_osd_full_ratio`), in units of 1/[`RATIO_ONE`].
+/// Always `0 < nearfull <= backfillfull <= full <= RATIO_ONE` ([`FullRatios::validate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FullRatios {
+    pub nearfull: u32,
+    pub backfillfull: u32,
+    pub full: u32,
+}
+
+impl Default for FullRatios {
+    /// Ceph's defaults: 0.85 / 0.90 / 0.95.
+    fn default() -> Self {
+        FullRatios {
+            nearfull: 8_500,
+            backfillfull: 9_000,
+            full: 9_500,
+        }
+    }
+}
+
+/// Which of the three ratios a command sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RatioKind {
+    Nearfull,
+    Backfillfull,
+    Full,
+}
+
+impl RatioKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RatioKind::Nearfull => "nearfull",
+            RatioKind::Backfillfull => "backfillfull",
+            RatioKind::Full => "full",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<RatioKind, MapError> {
+        match s {
+            "nearfull" => Ok(RatioKind::Nearfull),
+            "backfillfull" => Ok(RatioKind::Backfillfull),
+            "full" => Ok(RatioKind::Full),
+            other => Err(MapError::InvalidArgument(format!(
+                "unknown ratio '{other}'; ratios: nearfull, backfillfull, full"
+            ))),
+        }
+    }
+}
+
+/// A ratio in units of 1/[`RATIO_ONE`] as a decimal, e.g. 8500 → "0.85".
+pub fn ratio_str(r: u32) -> String {
+    let s = format!("{}.{:04}", r / RATIO_ONE, r % RATIO_ONE);
+    let s = s.trim_end_matches('0');
+    if s.ends_with('.') {
+        format!("{s}0")
+    } else {
+        s.to_string()
+    }
+}
+
+/// Parses a decimal ratio ("0.9", "0.875", "1") into units of 1/[`RATIO_ONE`].
+pub fn parse_ratio(s: &str) -> Result<u32, MapError> {
+    let bad = || {
+        MapError::InvalidArgument(format!(
+            "ratio '{s}' must be a decimal between 0 and 1 with at most 4 places, e.g. 0.9"
+        ))
+    };
+    let (int, frac) = s.trim().split_once('.').unwrap_or((s.trim(), ""));
+    if int.is_empty() && frac.is_empty() || frac.len() > 4 {
+        return Err(bad());
+    }
+    if !int.chars().chain(frac.chars()).all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let int: u32 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
+    let frac: u32 = format!("{frac:0<4}").parse().map_err(|_| bad())?;
+    int.checked_mul(RATIO_ONE)
+        .and_then(|i| i.checked_add(frac))
+        .ok_or_else(bad)
+}
+
+impl FullRatios {
+    /// Ceph's rule: each ratio in (0, 1], nearfull ≤ backfillfull ≤ full (an OSD must warn
+    /// before it stops taking backfill, and stop taking backfill before it stops writes).
+    pub fn validate(&self) -> Result<(), MapError> {
+        let bad = |m: String| Err(MapError::InvalidArgument(m));
+        for (kind, r) in [
+            (RatioKind::Nearfull, self.nearfull),
+            (RatioKind::Backfillfull, self.backfillfull),
+            (RatioKind::Full, self.full),
+        ] {
+            if r == 0 || r > RATIO_ONE {
+                return bad(format!(
+                    "{}_ratio {} must be above 0 and at most 1",
+                    kind.name(),
+                    ratio_str(r)
+                ));
+            }
+        }
+        if !(self.nearfull <= self.backfillfull && self.backfillfull <= self.full) {
+            return bad(format!(
+                "ratios must keep nearfull <= backfillfull <= full, and would be {} / {} / {}; \
+                 change the others first",
+                ratio_str(self.nearfull),
+                ratio_str(self.backfillfull),
+                ratio_str(self.full)
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn with(mut self, kind: RatioKind, ratio: u32) -> FullRatios {
+        match kind {
+            RatioKind::Nearfull => self.nearfull = ratio,
+            RatioKind::Backfillfull => self.backfillfull = ratio,
+            RatioKind::Full => self.full = ratio,
+        }
+        self
+    }
+
+    /// How full `usage` is by these ratios.
+    pub fn classify(&self, usage: &OsdUsage) -> Fullness {
+        let at = |ratio: u32| {
+            usage.total_bytes > 0
+                && u128::from(usage.used_bytes) * u128::from(RATIO_ONE)
+                    >= u128::from(usage.total_bytes) * u128::from(ratio)
+        };
+        if at(self.full) {
+            Fullness::Full
+        } else if at(self.backfillfull) {
+            Fullness::Backfillfull
+        } else if at(self.nearfull) {
+            Fullness::Nearfull
+        } else {
+            Fullness::Fine
+        }
+    }
+}
+
+/// An OSD's state against the [`FullRatios`], least full first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Fullness {
+    Fine,
+    /// At or past `nearfull`: a warning only.
+    Nearfull,
+    /// At or past `backfillfull`: backfill and recovery do not push to it.
+    Backfillfull,
+    /// At or past `full`: the pools it serves take no new writes.
+    Full,
+}
+
+impl Fullness {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fullness::Fine => "",
+            Fullness::Nearfull => "nearfull",
+            Fullness::Backfillfull => "backfillfull",
+            Fullness::Full => "full",
+        }
+    }
+}
+
+/// Bytes an OSD's store uses and may use: its `--capacity-bytes` and the store's charged
+/// bytes, or its filesystem's size and use when that is smaller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OsdUsage {
+    pub used_bytes: u64,
+    pub total_bytes: u64,
+}
+
+impl OsdUsage {
+    /// Use in units of 1/[`RATIO_ONE`] (may exceed it when the store is over its capacity).
+    pub fn ratio(&self) -> u64 {
+        if self.total_bytes == 0 {
+            return 0;
+        }
+        (u128::from(self.used_bytes) * u128::from(RATIO_ONE) / u128::from(self.total_bytes)) as u64
+    }
+
+    /// Use as a percentage with one decimal, e.g. "96.1%".
+    pub fn percent_str(&self) -> String {
+        let r = self.ratio();
+        format!("{}.{}%", r / 100, (r % 100) / 10)
+    }
+
+    /// Whether a report of `self` should become a map change when the map records `old`:
+    /// when it changes the OSD's [`Fullness`] under `ratios` (which must never lag), when the
+    /// use moved by a percentage point or more, or when the total changed by 1% or more.
+    /// Smaller moves are not worth an epoch (the map would change at every beacon).
+    pub fn worth_recording(&self, old: Option<&OsdUsage>, ratios: &FullRatios) -> bool {
+        let Some(old) = old else {
+            return true;
+        };
+        if ratios.classify(self) != ratios.classify(old) {
+            return true;
+        }
+        let moved = self.ratio().abs_diff(old.ratio()) >= u64::from(RATIO_ONE / 100);
+        let resized = self.total_bytes.abs_diff(old.total_bytes) >= old.total_bytes / 100;
+        moved || (resized && self.total_bytes != old.total_bytes)
+    }
 }
 
 impl OsdInfo {
@@ -166,6 +381,13 @@ pub enum Change {
     },
     SetFlag(String),
     UnsetFlag(String),
+    /// The OSD reported this use of its store (see [`OsdInfo::usage`]).
+    OsdUsage {
+        id: OsdId,
+        usage: OsdUsage,
+    },
+    /// New nearfull/backfillfull/full ratios (validated by the monitor).
+    FullRatios(FullRatios),
 }
 
 /// The changes that take an `OsdMap` from `epoch - 1` to `epoch`.
@@ -212,6 +434,8 @@ pub struct OsdMap {
     pub flags: BTreeSet<String>,
     /// Per PG, the last interval that went active (absent: never active yet).
     pub pg_activations: BTreeMap<PgId, PgActivation>,
+    /// When OSDs count as nearfull, backfillfull and full.
+    pub full_ratios: FullRatios,
 }
 
 impl OsdMap {
@@ -228,6 +452,7 @@ impl OsdMap {
             blocklist: BTreeMap::new(),
             flags: BTreeSet::new(),
             pg_activations: BTreeMap::new(),
+            full_ratios: FullRatios::default(),
         }
     }
 
@@ -271,6 +496,7 @@ impl OsdMap {
                             down_at: 0,
                             down_stamp_ms: 0,
                             auto_out: false,
+                            usage: None,
                         },
                     );
                 }
@@ -374,7 +600,57 @@ impl OsdMap {
             Change::UnsetFlag(f) => {
                 self.flags.remove(f);
             }
+            Change::OsdUsage { id, usage } => {
+                if let Some(o) = self.osds.get_mut(id) {
+                    o.usage = Some(*usage);
+                }
+            }
+            Change::FullRatios(r) => {
+                // The monitor validated them; a map never holds ratios out of order.
+                if r.validate().is_ok() {
+                    self.full_ratios = *r;
+                }
+            }
         }
+    }
+
+    /// How full OSD `id` is. Only an up and in OSD counts: a down or out one takes no
+    /// writes, so its last report must not stop the cluster's.
+    pub fn fullness(&self, id: OsdId) -> Fullness {
+        match self.osds.get(&id) {
+            Some(o) if o.up && o.is_in() => o
+                .usage
+                .as_ref()
+                .map_or(Fullness::Fine, |u| self.full_ratios.classify(u)),
+            _ => Fullness::Fine,
+        }
+    }
+
+    /// The OSDs at `level` or fuller, with their use.
+    pub fn osds_at_least(&self, level: Fullness) -> Vec<(OsdId, OsdUsage)> {
+        self.osds
+            .iter()
+            .filter(|(id, _)| self.fullness(**id) >= level)
+            .filter_map(|(id, o)| o.usage.map(|u| (*id, u)))
+            .collect()
+    }
+
+    /// The full OSDs whose fullness stops writes to `pool`: every OSD its CRUSH rule can
+    /// place on. basalt has one hierarchy that every rule takes from, so a full OSD makes
+    /// every pool full, as a full OSD under a pool's root does in Ceph.
+    pub fn full_osds_of_pool(&self, pool: PoolId) -> Vec<OsdId> {
+        if !self.pools.contains_key(&pool) {
+            return Vec::new();
+        }
+        self.osds_at_least(Fullness::Full)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// Whether `pool` takes no new writes (Ceph's pool `FLAG_FULL`).
+    pub fn is_pool_full(&self, pool: PoolId) -> bool {
+        !self.full_osds_of_pool(pool).is_empty()
     }
 
     pub fn pool_by_name(&self, name: &str) -> Option<&Pool> {
@@ -699,5 +975,191 @@ mod tests {
         assert!(map.is_blocklisted("client.b/17", 9_999));
         assert!(!map.is_blocklisted("client.b/18", 9_999));
         assert!(!map.is_blocklisted("client.b", 9_999));
+    }
+
+    #[test]
+    fn ratios_parse_print_and_validate() {
+        assert_eq!(parse_ratio("0.85"), Ok(8_500));
+        assert_eq!(parse_ratio("0.9"), Ok(9_000));
+        assert_eq!(parse_ratio(".875"), Ok(8_750));
+        assert_eq!(parse_ratio("1"), Ok(RATIO_ONE));
+        for bad in ["", ".", "0.12345", "-0.5", "x", "0.9.1", "1e-1"] {
+            assert!(parse_ratio(bad).is_err(), "{bad}");
+        }
+        assert_eq!(ratio_str(8_500), "0.85");
+        assert_eq!(ratio_str(RATIO_ONE), "1.0");
+        assert_eq!(ratio_str(8_755), "0.8755");
+        assert_eq!(FullRatios::default().validate(), Ok(()));
+        let d = FullRatios::default();
+        assert!(
+            d.with(RatioKind::Full, 8_000).validate().is_err(),
+            "full below backfillfull"
+        );
+        assert!(
+            d.with(RatioKind::Nearfull, 9_100).validate().is_err(),
+            "nearfull above backfillfull"
+        );
+        assert!(
+            d.with(RatioKind::Full, 10_001).validate().is_err(),
+            "above 1"
+        );
+        assert!(d.with(RatioKind::Nearfull, 0).validate().is_err(), "zero");
+        assert_eq!(d.with(RatioKind::Full, RATIO_ONE).validate(), Ok(()));
+        assert_eq!(
+            d.with(RatioKind::Nearfull, 9_000).validate(),
+            Ok(()),
+            "equal is allowed"
+        );
+        assert_eq!(
+            RatioKind::parse("backfillfull"),
+            Ok(RatioKind::Backfillfull)
+        );
+        assert!(RatioKind::parse("half").is_err());
+    }
+
+    #[test]
+    fn fullness_is_classified_at_each_ratio() {
+        let r = FullRatios::default();
+        let u = |used| OsdUsage {
+            used_bytes: used,
+            total_bytes: 1_000,
+        };
+        assert_eq!(r.classify(&u(0)), Fullness::Fine);
+        assert_eq!(r.classify(&u(849)), Fullness::Fine);
+        assert_eq!(r.classify(&u(850)), Fullness::Nearfull);
+        assert_eq!(r.classify(&u(900)), Fullness::Backfillfull);
+        assert_eq!(r.classify(&u(949)), Fullness::Backfillfull);
+        assert_eq!(r.classify(&u(950)), Fullness::Full);
+        assert_eq!(r.classify(&u(2_000)), Fullness::Full, "over capacity");
+        let none = OsdUsage {
+            used_bytes: 5,
+            total_bytes: 0,
+        };
+        assert_eq!(r.classify(&none), Fullness::Fine, "nothing measured");
+        assert_eq!(u(961).percent_str(), "96.1%");
+        // Huge disks do not overflow.
+        let big = OsdUsage {
+            used_bytes: u64::MAX,
+            total_bytes: u64::MAX,
+        };
+        assert_eq!(r.classify(&big), Fullness::Full);
+    }
+
+    #[test]
+    fn usage_is_recorded_on_a_state_change_or_a_point_of_movement() {
+        let r = FullRatios::default();
+        let u = |used, total| OsdUsage {
+            used_bytes: used,
+            total_bytes: total,
+        };
+        assert!(u(1, 1_000).worth_recording(None, &r), "first report");
+        let old = u(500, 1_000);
+        assert!(
+            !u(505, 1_000).worth_recording(Some(&old), &r),
+            "half a point"
+        );
+        assert!(u(510, 1_000).worth_recording(Some(&old), &r), "one point");
+        assert!(
+            u(490, 1_000).worth_recording(Some(&old), &r),
+            "one point down"
+        );
+        // Crossing a ratio is recorded however small the move.
+        let below = u(9_499, 10_000);
+        assert!(u(9_500, 10_000).worth_recording(Some(&below), &r));
+        assert!(
+            below.worth_recording(Some(&u(9_500, 10_000)), &r),
+            "and back"
+        );
+        // A grown disk with the same share.
+        assert!(u(1_000, 2_000).worth_recording(Some(&old), &r));
+        assert!(
+            !u(500, 1_005).worth_recording(Some(&old), &r),
+            "tiny resize"
+        );
+    }
+
+    #[test]
+    fn only_up_and_in_full_osds_make_pools_full_and_raise_health() {
+        let mut map = cluster();
+        let pool = map.new_pool("rbd", 3, 2, 8).expect("pool");
+        let i = inc(&map, vec![Change::CreatePool(pool)]);
+        map.apply(&i).expect("apply");
+        let usage = |used| OsdUsage {
+            used_bytes: used,
+            total_bytes: 100,
+        };
+        let i = inc(
+            &map,
+            vec![
+                Change::OsdUsage {
+                    id: 0,
+                    usage: usage(96),
+                },
+                Change::OsdUsage {
+                    id: 1,
+                    usage: usage(91),
+                },
+                Change::OsdUsage {
+                    id: 2,
+                    usage: usage(86),
+                },
+                Change::OsdUsage {
+                    id: 3,
+                    usage: usage(10),
+                },
+            ],
+        );
+        map.apply(&i).expect("apply");
+        assert_eq!(map.fullness(0), Fullness::Full);
+        assert_eq!(map.fullness(1), Fullness::Backfillfull);
+        assert_eq!(map.fullness(2), Fullness::Nearfull);
+        assert_eq!(map.fullness(3), Fullness::Fine);
+        assert_eq!(map.full_osds_of_pool(1), vec![0]);
+        assert!(map.is_pool_full(1));
+        assert!(!map.is_pool_full(9), "no such pool");
+        let codes =
+            |m: &OsdMap| -> Vec<String> { m.health().into_iter().map(|c| c.code).collect() };
+        assert_eq!(
+            codes(&map),
+            ["OSD_FULL", "OSD_BACKFILLFULL", "OSD_NEARFULL", "POOL_FULL"]
+        );
+        let full = map.health().into_iter().next().expect("check");
+        assert_eq!(full.severity, crate::Severity::Err);
+        assert!(
+            full.detail[0].contains("osd.0 is full at 96.0%"),
+            "{:?}",
+            full.detail
+        );
+        // Raising the full ratio clears it at once; each OSD is listed once, at its level.
+        let i = inc(
+            &map,
+            vec![Change::FullRatios(
+                FullRatios::default().with(RatioKind::Full, 9_700),
+            )],
+        );
+        map.apply(&i).expect("apply");
+        assert!(!map.is_pool_full(1));
+        assert_eq!(codes(&map), ["OSD_BACKFILLFULL", "OSD_NEARFULL"]);
+        assert_eq!(map.health()[0].detail.len(), 2, "osd.0 and osd.1");
+        // Ratios out of order never land, whatever a buggy leader proposes.
+        let bad = FullRatios {
+            nearfull: 9_900,
+            backfillfull: 9_000,
+            full: 9_500,
+        };
+        let i = inc(&map, vec![Change::FullRatios(bad)]);
+        map.apply(&i).expect("apply");
+        assert_eq!(map.full_ratios.full, 9_700);
+        // A full OSD that is down or out no longer stops writes.
+        let i = inc(
+            &map,
+            vec![
+                Change::FullRatios(FullRatios::default()),
+                Change::OsdDown { id: 0 },
+            ],
+        );
+        map.apply(&i).expect("apply");
+        assert!(!map.is_pool_full(1));
+        assert_eq!(map.fullness(0), Fullness::Fine);
     }
 }

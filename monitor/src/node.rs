@@ -47,6 +47,8 @@ pub enum Request {
     },
     Beacon {
         id: OsdId,
+        /// The OSD's store use, if it measured one.
+        usage: Option<basalt_maps::OsdUsage>,
         reply: Reply<Epoch>,
     },
     Failure {
@@ -141,6 +143,14 @@ pub fn describe_metrics() {
     describe_gauge!("basalt_mon_quorum_size", "Monitors in the current quorum");
     describe_gauge!("basalt_mon_is_leader", "1 if this monitor leads the quorum");
     describe_gauge!("basalt_mon_osdmap_epoch", "Latest committed OSDMap epoch");
+    describe_gauge!(
+        "basalt_mon_osds_fullness",
+        "Up and in OSDs at each fullness state (nearfull, backfillfull, full) in the committed map"
+    );
+    describe_gauge!(
+        "basalt_mon_pools_full",
+        "Pools taking no new writes because an OSD serving them is full"
+    );
     describe_counter!(
         "basalt_mon_elections_total",
         "Elections this monitor took part in"
@@ -249,6 +259,7 @@ impl Node {
                     if changed {
                         let map = self.store.osdmap().clone();
                         metrics::gauge!("basalt_mon_osdmap_epoch").set(map.epoch as f64);
+                        fullness_metrics(&map);
                         self.service.on_commit(map);
                     }
                 }
@@ -358,11 +369,11 @@ impl Node {
                     }
                 }
             }
-            Request::Beacon { id, reply } => {
+            Request::Beacon { id, usage, reply } => {
                 let r = if leader {
                     let now = self.now_ms();
                     self.service
-                        .beacon(id, now)
+                        .beacon(id, usage, now)
                         .map(|_| self.store.osdmap().epoch)
                         .map_err(MonError::from)
                 } else {
@@ -457,4 +468,19 @@ impl Node {
         });
         self.view.send_replace(view);
     }
+}
+
+/// The committed map's full OSDs and pools as gauges (the health checks' counts).
+fn fullness_metrics(map: &basalt_maps::OsdMap) {
+    use basalt_maps::Fullness;
+    for level in [Fullness::Nearfull, Fullness::Backfillfull, Fullness::Full] {
+        let n = map
+            .osds
+            .keys()
+            .filter(|id| map.fullness(**id) == level)
+            .count();
+        metrics::gauge!("basalt_mon_osds_fullness", "state" => level.name()).set(n as f64);
+    }
+    let full_pools = map.pools.keys().filter(|p| map.is_pool_full(**p)).count();
+    metrics::gauge!("basalt_mon_pools_full").set(full_pools as f64);
 }

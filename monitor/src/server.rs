@@ -251,6 +251,11 @@ fn command_from(req: CommandRequest) -> Result<Command, Status> {
         C::BlocklistRm(b) => Command::BlocklistRm { entity: b.entity },
         C::SetFlag(f) => Command::SetFlag(f),
         C::UnsetFlag(f) => Command::UnsetFlag(f),
+        C::SetFullRatio(r) => Command::SetFullRatio {
+            kind: basalt_maps::RatioKind::parse(&r.which)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            ratio: r.ratio,
+        },
     })
 }
 
@@ -382,6 +387,11 @@ impl Monitor for MonServer {
                 request,
                 |r: OsdBeaconRequest, reply| Request::Beacon {
                     id: r.osd_id,
+                    // total 0: the OSD could not measure its use this time.
+                    usage: (r.total_bytes > 0).then_some(basalt_maps::OsdUsage {
+                        used_bytes: r.used_bytes,
+                        total_bytes: r.total_bytes,
+                    }),
                     reply,
                 },
                 |mut c, r| async move { Ok(c.osd_beacon(r).await?.into_inner().epoch) },

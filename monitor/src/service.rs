@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use basalt_maps::{
-    Change, Epoch, Incremental, MapError, OsdId, OsdMap, DEFAULT_BLOCKLIST_SECS, KNOWN_FLAGS,
+    ratio_str, Change, Epoch, Incremental, MapError, OsdId, OsdMap, OsdUsage, RatioKind,
+    DEFAULT_BLOCKLIST_SECS, KNOWN_FLAGS,
 };
 use basalt_placement::{PgId, WEIGHT_ONE};
 
@@ -57,6 +58,11 @@ pub enum Command {
     },
     SetFlag(String),
     UnsetFlag(String),
+    /// `osd set-nearfull-ratio|set-backfillfull-ratio|set-full-ratio` (units of 1/10000).
+    SetFullRatio {
+        kind: RatioKind,
+        ratio: u32,
+    },
 }
 
 /// An activation is recorded only for the interval that is current in the pending map (its
@@ -403,6 +409,14 @@ impl OsdMapService {
                     format!("{flag} is unset"),
                 )
             }
+            Command::SetFullRatio { kind, ratio } => {
+                let ratios = map.full_ratios.with(kind, ratio);
+                ratios.validate()?;
+                (
+                    vec![Change::FullRatios(ratios)],
+                    format!("{}_ratio set to {}", kind.name(), ratio_str(ratio)),
+                )
+            }
         };
         self.push(changes);
         Ok(message)
@@ -485,9 +499,22 @@ impl OsdMapService {
         Ok(id)
     }
 
-    pub fn beacon(&mut self, id: OsdId, now_ms: u64) -> Result<(), MapError> {
-        self.pending_map.osd(id)?;
+    /// A beacon from OSD `id`, with its store's use when it measured one. The use becomes
+    /// a map change only when it is worth an epoch ([`OsdUsage::worth_recording`]): always
+    /// when it moves the OSD across a ratio, so fullness in the map never lags a report.
+    pub fn beacon(
+        &mut self,
+        id: OsdId,
+        usage: Option<OsdUsage>,
+        now_ms: u64,
+    ) -> Result<(), MapError> {
+        let recorded = self.pending_map.osd(id)?.usage;
         self.last_beacon.insert(id, now_ms);
+        if let Some(usage) = usage.filter(|u| u.total_bytes > 0) {
+            if usage.worth_recording(recorded.as_ref(), &self.pending_map.full_ratios) {
+                self.push(vec![Change::OsdUsage { id, usage }]);
+            }
+        }
         Ok(())
     }
 
@@ -713,7 +740,7 @@ mod tests {
         let mut svc = booted(4);
         for t in (0..=1_500).step_by(100) {
             for id in 0..3 {
-                svc.beacon(id, t).expect("beacon");
+                svc.beacon(id, None, t).expect("beacon");
             }
             svc.tick(t, 1_000 + t);
         }
@@ -752,7 +779,7 @@ mod tests {
         let mut svc = booted(6);
         let beat = |svc: &mut OsdMapService, t| {
             for id in 0..6 {
-                svc.beacon(id, t).expect("beacon");
+                svc.beacon(id, None, t).expect("beacon");
             }
         };
         beat(&mut svc, 100);
@@ -776,7 +803,7 @@ mod tests {
     fn reports_from_before_the_targets_boot_are_dropped() {
         let mut svc = booted(6);
         for id in 0..6 {
-            svc.beacon(id, 100).expect("beacon");
+            svc.beacon(id, None, 100).expect("beacon");
         }
         let before = svc.committed().epoch;
         svc.command(Command::OsdDown(0), 0).expect("down");
@@ -966,5 +993,96 @@ mod tests {
             svc.command(Command::OsdLost(78), 0),
             Err(MapError::OsdNotFound(78))
         ));
+    }
+
+    /// Beacons carry each OSD's use; the leader records a use worth an epoch, and the map it
+    /// commits classifies the OSD against the ratios an operator can change.
+    #[test]
+    fn beacons_mark_osds_nearfull_backfillfull_and_full() {
+        use basalt_maps::Fullness;
+        let mut svc = booted(4);
+        let usage = |used| {
+            Some(OsdUsage {
+                used_bytes: used,
+                total_bytes: 1_000,
+            })
+        };
+        svc.beacon(0, usage(100), 10).expect("beacon");
+        svc.beacon(1, None, 10).expect("beacon without use");
+        svc.beacon(
+            2,
+            Some(OsdUsage {
+                used_bytes: 0,
+                total_bytes: 0,
+            }),
+            10,
+        )
+        .expect("beacon");
+        commit(&mut svc, 1);
+        let map = svc.committed().clone();
+        assert_eq!(map.osds[&0].usage, usage(100));
+        assert_eq!(map.osds[&1].usage, None);
+        assert_eq!(
+            map.osds[&2].usage, None,
+            "an unmeasured total is not recorded"
+        );
+        // A move of under a point is not worth an epoch.
+        svc.beacon(0, usage(105), 20).expect("beacon");
+        assert!(!svc.has_pending());
+        for (used, want) in [
+            (860, Fullness::Nearfull),
+            (900, Fullness::Backfillfull),
+            (950, Fullness::Full),
+            (949, Fullness::Backfillfull),
+            (100, Fullness::Fine),
+        ] {
+            svc.beacon(0, usage(used), 30).expect("beacon");
+            // The same report again while the first is pending adds nothing.
+            svc.beacon(0, usage(used), 31).expect("beacon");
+            let inc = svc.take_incremental(0).expect("a change");
+            assert_eq!(inc.changes.len(), 1, "{:?}", inc.changes);
+            let mut map = (**svc.committed()).clone();
+            map.apply(&inc).expect("apply");
+            svc.on_commit(Arc::new(map));
+            assert_eq!(svc.committed().fullness(0), want, "at {used}/1000");
+        }
+        // Lowering the full ratio makes a backfillfull OSD full without a new report.
+        svc.beacon(0, usage(920), 40).expect("beacon");
+        commit(&mut svc, 2);
+        assert_eq!(svc.committed().fullness(0), Fullness::Backfillfull);
+        let set = |kind, ratio| Command::SetFullRatio { kind, ratio };
+        svc.command(set(RatioKind::Backfillfull, 8_800), 0)
+            .expect("backfillfull down");
+        svc.command(set(RatioKind::Full, 9_100), 0)
+            .expect("full down");
+        commit(&mut svc, 3);
+        assert_eq!(svc.committed().fullness(0), Fullness::Full);
+    }
+
+    #[test]
+    fn ratio_commands_keep_the_order_against_pending_changes() {
+        let mut svc = booted(0);
+        let set = |kind, ratio| Command::SetFullRatio { kind, ratio };
+        assert!(svc.command(set(RatioKind::Full, 8_000), 0).is_err());
+        assert!(svc.command(set(RatioKind::Nearfull, 9_600), 0).is_err());
+        assert!(svc.command(set(RatioKind::Full, 10_001), 0).is_err());
+        // Raised in the right order within one batch: each is checked against the pending
+        // map, so the second sees the first.
+        svc.command(set(RatioKind::Full, 9_800), 0)
+            .expect("full up");
+        svc.command(set(RatioKind::Backfillfull, 9_700), 0)
+            .expect("backfillfull up");
+        svc.command(set(RatioKind::Nearfull, 9_600), 0)
+            .expect("nearfull up");
+        assert_eq!(
+            svc.command(set(RatioKind::Full, 9_500), 0)
+                .expect_err("below backfillfull")
+                .to_string(),
+            "invalid argument: ratios must keep nearfull <= backfillfull <= full, and would be \
+             0.96 / 0.97 / 0.95; change the others first"
+        );
+        commit(&mut svc, 1);
+        let r = svc.committed().full_ratios;
+        assert_eq!((r.nearfull, r.backfillfull, r.full), (9_600, 9_700, 9_800));
     }
 }

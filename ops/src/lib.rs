@@ -250,6 +250,35 @@ impl ObjOp {
         )
     }
 
+    /// Whether the op may make the store hold more: new data, a new object, new metadata.
+    /// The others (removes, truncates, zeroing, removing keys, xattrs or a lock) can only
+    /// free space or keep it, so a full pool still runs them for anyone: a gateway must be
+    /// able to give its image lock back when the pool is full.
+    pub fn may_use_space(&self) -> bool {
+        matches!(
+            self,
+            ObjOp::Create { .. }
+                | ObjOp::Write { .. }
+                | ObjOp::WriteFull { .. }
+                | ObjOp::Append { .. }
+                | ObjOp::SetXattr { .. }
+                | ObjOp::OmapSet { .. }
+                | ObjOp::OmapSetHeader { .. }
+                | ObjOp::Lock { .. }
+        )
+    }
+
+    /// Whether the op stores object data bytes (what a full pool refuses even to a client
+    /// that is freeing space).
+    pub fn writes_data(&self) -> bool {
+        match self {
+            ObjOp::Write { data, .. } | ObjOp::WriteFull { data } | ObjOp::Append { data } => {
+                !data.is_empty()
+            }
+            _ => false,
+        }
+    }
+
     /// Short name for metrics and logs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -369,6 +398,15 @@ pub enum OpError {
     InvalidArgument(String),
     #[error("no space: {0}")]
     NoSpace(String),
+    /// The object's pool is full (an OSD serving it is past the full ratio): the primary
+    /// refused the request before versioning or replicating anything, so it did not happen.
+    /// Deletes, truncates and requests sent with `full_try` that store no new data still run.
+    #[error(
+        "pool '{pool}' is full ({osds} past the full ratio); the write was not applied. Free \
+         space (`basalt rbd rm`, `basalt rbd resize --allow-shrink`, `basalt obj rm`), add \
+         OSDs, or raise `basalt osd set-full-ratio`"
+    )]
+    PoolFull { pool: String, osds: String },
     #[error("client {0} is blocklisted; it may no longer change or read anything")]
     Blocklisted(String),
     #[error("pool {0} does not exist")]

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use basalt_client::{ClientError, MapSubscription, MonClient};
 use basalt_config::ClusterConfig;
-use basalt_maps::{Epoch, OsdId, OsdMap};
+use basalt_maps::{Epoch, Fullness, OsdId, OsdMap, OsdUsage};
 use basalt_proto::osd::osd_client::OsdClient;
 use basalt_proto::osd::osd_server::OsdServer;
 use basalt_proto::osd::PingRequest;
@@ -190,6 +190,19 @@ pub fn describe_metrics() {
     metrics::describe_gauge!(
         "basalt_osd_store_used_bytes",
         "Bytes of object data and xattrs charged in the object store"
+    );
+    metrics::describe_gauge!(
+        "basalt_osd_store_total_bytes",
+        "Bytes this OSD may use as it reports them to the monitors: --capacity-bytes, or the \
+         data filesystem's size when smaller"
+    );
+    metrics::describe_gauge!(
+        "basalt_osd_fullness",
+        "1 for this OSD's fullness state in the map (nearfull, backfillfull, full)"
+    );
+    metrics::describe_counter!(
+        "basalt_osd_full_refusals_total",
+        "Client writes refused up front (ENOSPC) because their pool is full"
     );
     metrics::describe_gauge!(
         "basalt_osd_pgs",
@@ -679,8 +692,20 @@ impl Daemon {
             let mon = self.mon.clone();
             let tx = self.events_tx.clone();
             let epoch = self.map.as_ref().map_or(0, |m| m.epoch);
+            let store = self.store.clone();
+            let data = self.cfg.data.clone();
+            let core = self.core.clone();
             tokio::spawn(async move {
-                let ok = match mon.osd_beacon(id, epoch).await {
+                // statvfs is a syscall on the data dir's filesystem: off the runtime threads.
+                let usage = tokio::task::spawn_blocking(move || store_usage(&store, &data))
+                    .await
+                    .ok()
+                    .flatten();
+                core.set_measured_usage(usage);
+                if let Some(u) = usage {
+                    metrics::gauge!("basalt_osd_store_total_bytes").set(u.total_bytes as f64);
+                }
+                let ok = match mon.osd_beacon(id, epoch, usage).await {
                     Ok(_) => true,
                     Err(e) => {
                         tracing::warn!(error = %e, "beacon not acknowledged");
@@ -812,11 +837,21 @@ impl Daemon {
     }
 
     fn update_store_metric(&self) {
+        if let Some(map) = &self.map {
+            if let Some((id, _)) = self.booted {
+                let full = map.fullness(id);
+                for level in [Fullness::Nearfull, Fullness::Backfillfull, Fullness::Full] {
+                    metrics::gauge!("basalt_osd_fullness", "state" => level.name())
+                        .set(if full == level { 1.0 } else { 0.0 });
+                }
+            }
+        }
         metrics::gauge!("basalt_osd_store_used_bytes").set(self.store.stats().used_bytes as f64);
         let mut by_state: BTreeMap<&'static str, u64> = [
             "peering",
             "recovering",
             "backfilling",
+            "backfill_toofull",
             "down",
             "incomplete",
             "active",
@@ -982,4 +1017,58 @@ mod tests {
         let err = open_or_mkfs(dir.path(), "fsid-a", None).expect_err("non-empty");
         assert!(matches!(err, DaemonError::NotAStore { .. }), "{err}");
     }
+}
+
+/// What this OSD reports to the monitors as its use: the store's charged bytes against
+/// `--capacity-bytes`, or the data directory's filesystem (from statvfs) when that is smaller
+/// or no capacity is set. The filesystem also holds the journal and RocksDB, which the store
+/// does not charge, so only its own figures say when it fills; but the data file keeps the
+/// space of removed objects for reuse, so that space counts as free (as BlueStore counts its
+/// allocator's free space), or deleting data would never clear a full disk.
+/// None if neither can be measured.
+pub fn store_usage(store: &Store, data: &Path) -> Option<OsdUsage> {
+    let stats = store.stats();
+    let capped = stats.capacity_bytes.map(|cap| OsdUsage {
+        used_bytes: stats.used_bytes,
+        total_bytes: cap,
+    });
+    let fs = match filesystem_usage(data) {
+        Ok(u) => Some(OsdUsage {
+            used_bytes: u.used_bytes.saturating_sub(stats.data_free_bytes),
+            total_bytes: u.total_bytes,
+        }),
+        Err(e) => {
+            tracing::warn!(path = %data.display(), error = %e, "cannot measure the data filesystem");
+            None
+        }
+    };
+    match (capped, fs) {
+        (Some(c), Some(f)) if f.total_bytes < c.total_bytes => Some(f),
+        (Some(c), _) => Some(c),
+        (None, f) => f,
+    }
+}
+
+/// The filesystem holding `path` as `df` counts it: bytes used, and as total the used bytes
+/// plus what an unprivileged writer may still take (blocks reserved for root excluded).
+pub fn filesystem_usage(path: &Path) -> std::io::Result<OsdUsage> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c_path` is a valid NUL-terminated string and `st` a properly sized, writable
+    // statvfs struct that the call fills; nothing is kept past the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize as u64;
+    let used = (st.f_blocks as u64)
+        .saturating_sub(st.f_bfree as u64)
+        .saturating_mul(frsize);
+    let avail = (st.f_bavail as u64).saturating_mul(frsize);
+    Ok(OsdUsage {
+        used_bytes: used,
+        total_bytes: used.saturating_add(avail),
+    })
 }

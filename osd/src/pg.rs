@@ -79,6 +79,30 @@ pub struct Executed {
     pub is_write: bool,
     /// The object's version before the request (default if it did not exist).
     pub version_before: Eversion,
+    /// The request creates the object.
+    pub created: bool,
+}
+
+/// Whether a write request may run while its pool is full (Ceph's `FULL_TRY` rule). A request
+/// whose ops can only free or keep space (removes, truncates, zeroing, removing keys, xattrs
+/// or locks: [`ObjOp::may_use_space`]) always may. A request sent with `full_try` (the client
+/// says it is freeing space, e.g. `rbd rm` or `rbd resize --allow-shrink` updating the image
+/// header and taking its lock) may change the metadata of existing objects, but may neither
+/// create an object nor store data bytes. Anything else is refused: the answer is the reason.
+pub fn full_verdict(ops: &[ObjOp], full_try: bool, created: bool) -> Result<(), &'static str> {
+    if !ops.iter().any(ObjOp::may_use_space) {
+        return Ok(());
+    }
+    if !full_try {
+        return Err("it may store more, and only requests that free space run on a full pool");
+    }
+    if created {
+        return Err("it would create an object");
+    }
+    if ops.iter().any(ObjOp::writes_data) {
+        return Err("it would store data");
+    }
+    Ok(())
 }
 
 /// Executes `ops` against `obj`'s current state. Reads and guards see the object as it is
@@ -287,6 +311,7 @@ pub fn execute(
         version_before: head
             .and_then(|h| Eversion::decode(&h.meta().version))
             .unwrap_or_default(),
+        created: !exists_before && exists,
     })
 }
 
@@ -762,6 +787,51 @@ pub fn compare_scrub_maps(primary: OsdId, maps: &BTreeMap<OsdId, ScrubMap>) -> V
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_full_pool_runs_only_what_frees_space() {
+        use super::full_verdict;
+        use basalt_ops::ObjOp;
+        use bytes::Bytes;
+        let write = ObjOp::Write {
+            offset: 0,
+            data: Bytes::from_static(b"x"),
+        };
+        let omap = ObjOp::OmapSet {
+            entries: vec![(Bytes::from_static(b"size"), Bytes::from_static(b"1"))],
+        };
+        // Freeing ops run for anyone, with or without the flag.
+        for ops in [
+            vec![ObjOp::Remove],
+            vec![ObjOp::Truncate { size: 0 }],
+            vec![ObjOp::Zero {
+                offset: 0,
+                len: 4096,
+            }],
+            vec![ObjOp::OmapRmKeys { keys: vec![] }],
+            vec![ObjOp::Unlock {
+                name: "rbd_lock".into(),
+                cookie: "c".into(),
+            }],
+        ] {
+            assert_eq!(full_verdict(&ops, false, false), Ok(()), "{ops:?}");
+        }
+        // Ops that may store more are refused without the flag...
+        assert!(full_verdict(&[write.clone()], false, false).is_err());
+        assert!(full_verdict(&[omap.clone()], false, false).is_err());
+        // ...and with it run only on existing objects and without data.
+        assert_eq!(full_verdict(&[omap.clone()], true, false), Ok(()));
+        assert!(full_verdict(&[omap], true, true).is_err());
+        assert!(full_verdict(&[write], true, false).is_err());
+        assert_eq!(
+            full_verdict(
+                &[ObjOp::WriteFull { data: Bytes::new() }, ObjOp::Remove],
+                true,
+                false
+            ),
+            Ok(())
+        );
+    }
+
     use super::*;
     use crate::store::StoreConfig;
 

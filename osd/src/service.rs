@@ -41,7 +41,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use basalt_client::MonClient;
 use basalt_config::OsdTuning;
-use basalt_maps::{Epoch, OsdMap};
+use basalt_maps::{Epoch, Fullness, OsdMap, OsdUsage};
 use basalt_messenger::Peer;
 use basalt_ops::{
     decode, encode, Eversion, NotifyResult, ObjOp, OpError, OpResult, ReqId, WatcherInfo,
@@ -89,6 +89,10 @@ pub enum PgStatus {
     Recovering,
     /// Primary, copying whole object ranges to members the log cannot catch up.
     Backfilling,
+    /// Primary that must backfill a member at or past the backfillfull ratio: it waits,
+    /// pushing nothing, until the member has room or the ratio is raised (the reason names
+    /// the OSD and its use).
+    BackfillToofull(String),
     /// Primary that must not serve: no member of the last active interval answered.
     Down(String),
     /// Primary that must not serve: no complete copy answered.
@@ -109,6 +113,7 @@ impl PgStatus {
             PgStatus::Peering => "peering".into(),
             PgStatus::Recovering => "recovering".into(),
             PgStatus::Backfilling => "backfilling".into(),
+            PgStatus::BackfillToofull(why) => format!("backfill_toofull ({why})"),
             PgStatus::Down(why) => format!("down ({why})"),
             PgStatus::Incomplete(why) => format!("incomplete ({why})"),
             PgStatus::Active => "active".into(),
@@ -145,6 +150,9 @@ struct PgState {
     /// A split ended the PG's interval: the next map applied gives it a new one (and peers
     /// it) even if its acting set is the same.
     split: bool,
+    /// Primary of an active PG: background recovery waits because every replica it still
+    /// has to fill is backfillfull (what the reason says).
+    recovery_toofull: Option<String>,
 }
 
 /// Wall-clock times (unix ms) of a PG's last scrub and deep scrub on this OSD.
@@ -327,6 +335,8 @@ pub struct OsdCore {
     /// PGs found in the store at start: their data matters to peering even where this OSD
     /// is no longer acting, so they get (stray) instances.
     stored_pgs: Mutex<BTreeSet<PgId>>,
+    /// This OSD's use as the daemon last measured it (what it reports in beacons).
+    measured_usage: Mutex<Option<OsdUsage>>,
 }
 
 fn now_ms() -> u64 {
@@ -375,7 +385,31 @@ impl OsdCore {
             watches: Mutex::new(HashMap::new()),
             notifies: Mutex::new(HashMap::new()),
             next_notify: AtomicU64::new(1),
+            measured_usage: Mutex::new(None),
         })
+    }
+
+    /// The daemon's latest measure of this OSD's use (`daemon::store_usage`).
+    pub fn set_measured_usage(&self, usage: Option<OsdUsage>) {
+        *lock(&self.measured_usage) = usage;
+    }
+
+    /// This OSD's own use now, as a primary checks it before admitting a write: the store's
+    /// charged bytes against its capacity are exact at every write (no beacon lag); a
+    /// filesystem's use is the daemon's latest measure.
+    fn own_usage(&self) -> Option<OsdUsage> {
+        let measured = *lock(&self.measured_usage);
+        let stats = self.store.stats();
+        let live = stats.capacity_bytes.map(|cap| OsdUsage {
+            used_bytes: stats.used_bytes,
+            total_bytes: cap,
+        });
+        match (live, measured) {
+            // The measure picked the filesystem (smaller than the capacity): keep it.
+            (Some(l), Some(m)) if m.total_bytes < l.total_bytes => Some(m),
+            (Some(l), _) => Some(l),
+            (None, m) => m,
+        }
     }
 
     /// Runs `f` on the store off the async workers (RocksDB calls block).
@@ -440,6 +474,12 @@ impl OsdCore {
                 "+inconsistent"
             };
             let state = match &s.status {
+                PgStatus::Active if recovering && s.recovery_toofull.is_some() => {
+                    format!(
+                        "active+recovery_toofull+{}degraded{damaged}",
+                        if short { "undersized+" } else { "" }
+                    )
+                }
                 PgStatus::Active if recovering && short => {
                     format!("active+recovering+undersized+degraded{damaged}")
                 }
@@ -451,17 +491,25 @@ impl OsdCore {
                 PgStatus::Recovering => "recovering+degraded".to_string(),
                 PgStatus::Backfilling if short => "backfilling+undersized+degraded".to_string(),
                 PgStatus::Backfilling => "backfilling+degraded".to_string(),
+                PgStatus::BackfillToofull(_) if short => {
+                    "backfill_toofull+undersized+degraded".to_string()
+                }
+                PgStatus::BackfillToofull(_) => "backfill_toofull+degraded".to_string(),
                 PgStatus::Down(_) => "down".to_string(),
                 PgStatus::Incomplete(_) => "incomplete".to_string(),
                 PgStatus::Inactive(_) => "undersized+peered".to_string(),
                 other => other.name(),
             };
             let mut detail = match &s.status {
-                PgStatus::Down(why) | PgStatus::Incomplete(why) | PgStatus::Inactive(why) => {
-                    why.clone()
-                }
+                PgStatus::Down(why)
+                | PgStatus::Incomplete(why)
+                | PgStatus::Inactive(why)
+                | PgStatus::BackfillToofull(why) => why.clone(),
                 _ => String::new(),
             };
+            if let Some(why) = &s.recovery_toofull {
+                detail.push_str(&format!("{why}; "));
+            }
             for (osd, objects) in s.missing.iter().filter(|(_, m)| !m.is_empty()) {
                 detail.push_str(&format!(
                     "osd.{osd} still lacks {} objects; ",
@@ -626,6 +674,7 @@ impl OsdCore {
                                     missing: BTreeMap::new(),
                                     activated_at: Eversion::ZERO,
                                     split: false,
+                                    recovery_toofull: None,
                                 }),
                                 changed: watch::channel(0).0,
                                 objects: Mutex::new(HashMap::new()),
@@ -918,6 +967,7 @@ impl OsdCore {
                 PgStatus::Peering
                 | PgStatus::Recovering
                 | PgStatus::Backfilling
+                | PgStatus::BackfillToofull(_)
                 | PgStatus::Down(_)
                 | PgStatus::Incomplete(_)
                 | PgStatus::Inactive(_) => {}
@@ -1060,6 +1110,7 @@ impl OsdCore {
                 let client = instance.clone();
                 let watchers = self.watchers_of(&(pg.id, req.namespace.clone(), req.object));
                 let obj2 = obj.clone();
+                let ops = ops.clone();
                 self.on_store(move |store| {
                     pg::execute(store, &obj2, &client, &ops, &|| watchers.clone())
                 })
@@ -1073,6 +1124,39 @@ impl OsdCore {
                 version: ex.version_before,
                 outputs: ex.outputs,
             });
+        }
+        // A full pool refuses a new write here: after the dup lookup (a resend of a write
+        // that was applied before the pool filled gets its recorded result, never a failure
+        // for something visible) and before a version is assigned or anything replicated, so
+        // the refused write leaves no trace. A write that got past this point is completed
+        // whatever the fullness (see `write`).
+        if let Some(map) = self.current_map() {
+            let mut full = map.full_osds_of_pool(pg.id.pool);
+            // This primary's own fullness counts at once, before its beacon has made it into
+            // the map (Ceph's OSD-side full check): a fast writer would otherwise fill the
+            // disk to its hard limit in the beacon interval, where an admitted write waits.
+            let me = self.me();
+            let own_full = self
+                .own_usage()
+                .is_some_and(|u| map.full_ratios.classify(&u) == Fullness::Full);
+            if let Some(me) = me.filter(|me| own_full && !full.contains(me)) {
+                full.push(me);
+            }
+            if !full.is_empty() {
+                if let Err(why) = pg::full_verdict(&ops, req.full_try, ex.created) {
+                    metrics::counter!("basalt_osd_full_refusals_total").increment(1);
+                    let pool = map
+                        .pools
+                        .get(&pg.id.pool)
+                        .map_or_else(|| pg.id.pool.to_string(), |p| p.name.clone());
+                    let osds: Vec<String> = full.iter().map(|o| format!("osd.{o}")).collect();
+                    tracing::debug!(pg = %pg.id, object = %name.1, why, "pool full: write refused");
+                    return Err(OpError::PoolFull {
+                        pool,
+                        osds: osds.join(", "),
+                    });
+                }
+            }
         }
         let Some(order) = exclusive else {
             return Err(OpError::Io("write without its object's order lock".into()));
@@ -1122,7 +1206,7 @@ impl OsdCore {
         let _write = pg.gate.read().await;
         // A replica still recovering this object gets it first, so the write applies to the
         // same state on every member.
-        if self.recover_object(&pg, generation, &name).await? > 0 {
+        if self.recover_object(&pg, generation, &name, &[]).await? > 0 {
             metrics::counter!("basalt_osd_recovered_on_write_total").increment(1);
         }
         // Version assignment and the generation check happen together, so a write is never
@@ -1624,12 +1708,14 @@ impl OsdCore {
                 metrics::counter!("basalt_osd_recoveries_total", "kind" => "backfill").increment(1);
                 tracing::info!(pg = %id, from = source, to = target, resume_after = ?after, "backfill");
                 loop {
-                    if lock(&pg.state).generation != generation {
+                    // A target that filled up mid-backfill gets nothing more until it has room.
+                    if !self.wait_backfill_room(pg, generation, &[target]).await {
                         return Err(OpError::IntervalChanged {
                             pg: id.to_string(),
                             epoch: interval_epoch,
                         });
                     }
+                    self.set_status(pg, generation, PgStatus::Backfilling);
                     let wanted = self
                         .scan(id, interval_epoch, source, after.as_ref())
                         .await?;
@@ -1686,6 +1772,63 @@ impl OsdCore {
                         None => return Ok(()),
                     }
                 }
+            }
+        }
+    }
+
+    /// Which of `targets` are at or past the backfillfull ratio in this OSD's map, described
+    /// for `pg ls` (None: all have room).
+    fn toofull(&self, targets: &[OsdId]) -> Option<String> {
+        let map = self.current_map()?;
+        let full: Vec<String> = targets
+            .iter()
+            .filter(|o| map.fullness(**o) >= Fullness::Backfillfull)
+            .map(|o| {
+                let pct = map
+                    .osds
+                    .get(o)
+                    .and_then(|i| i.usage)
+                    .map(|u| u.percent_str());
+                format!(
+                    "osd.{o} is {} at {} (backfillfull_ratio {})",
+                    map.fullness(*o).name(),
+                    pct.unwrap_or_default(),
+                    basalt_maps::ratio_str(map.full_ratios.backfillfull)
+                )
+            })
+            .collect();
+        (!full.is_empty()).then(|| full.join(", "))
+    }
+
+    /// Resolves when this OSD has a map newer than `epoch`, or after a second (a bounded
+    /// wait the callers repeat).
+    async fn next_map_or_timeout(&self, epoch: Epoch) {
+        let mut rx = self.map_tx.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            rx.wait_for(|m| m.as_ref().is_some_and(|m| m.epoch > epoch)),
+        )
+        .await;
+    }
+
+    /// Waits while any of `targets` is backfillfull, showing `backfill_toofull`; re-checked
+    /// at every new map. False when the interval ended meanwhile.
+    async fn wait_backfill_room(&self, pg: &Pg, generation: u64, targets: &[OsdId]) -> bool {
+        loop {
+            if lock(&pg.state).generation != generation {
+                return false;
+            }
+            let epoch = self.current_map().map_or(0, |m| m.epoch);
+            let Some(why) = self.toofull(targets) else {
+                return true;
+            };
+            if !matches!(lock(&pg.state).status, PgStatus::BackfillToofull(_)) {
+                tracing::warn!(pg = %pg.id, "backfill_toofull: {why}");
+            }
+            self.set_status(pg, generation, PgStatus::BackfillToofull(why));
+            tokio::select! {
+                () = self.next_map_or_timeout(epoch) => {}
+                () = pg.left_generation(generation) => return false,
             }
         }
     }
@@ -1814,6 +1957,19 @@ impl OsdCore {
             .filter(|(o, c)| **c != Catchup::UpToDate && !deferred.contains_key(o))
             .map(|(o, _)| *o)
             .collect();
+        // Backfill pushes nothing to a backfillfull member (Ceph's backfill_toofull): the PG
+        // waits, without a recovery slot, until the member has room or the ratio is raised.
+        let backfill_targets: Vec<OsdId> = plans
+            .iter()
+            .filter(|(_, c)| matches!(c, Catchup::Backfill { .. }))
+            .map(|(o, _)| *o)
+            .collect();
+        if !self
+            .wait_backfill_room(pg, generation, &backfill_targets)
+            .await
+        {
+            return Ok(true);
+        }
         if !blocking.is_empty() {
             // Only PGs with copying to do wait for a slot; the others go active at once.
             let _slot = self
@@ -1940,6 +2096,7 @@ impl OsdCore {
         pg: &Pg,
         generation: u64,
         name: &ObjectName,
+        skip: &[OsdId],
     ) -> Result<usize, OpError> {
         let (targets, interval_epoch) = {
             let s = lock(&pg.state);
@@ -1952,7 +2109,7 @@ impl OsdCore {
             let t: Vec<OsdId> = s
                 .missing
                 .iter()
-                .filter(|(_, set)| set.contains(name))
+                .filter(|(o, set)| set.contains(name) && !skip.contains(o))
                 .map(|(o, _)| *o)
                 .collect();
             (t, s.interval_epoch)
@@ -2024,16 +2181,57 @@ impl OsdCore {
                 if s.generation != generation {
                     return;
                 }
-                s.missing
-                    .values()
-                    .find_map(|set| set.iter().next().cloned())
+                s.missing.clone()
             };
-            let Some(name) = next else { break };
+            if next.values().all(BTreeSet::is_empty) {
+                break;
+            }
+            // Replicas past the backfillfull ratio get no background pushes (a write to an
+            // object one lacks still pushes it first: the write must land on every member).
+            let with_room: Vec<OsdId> = next
+                .iter()
+                .filter(|(o, set)| !set.is_empty() && self.toofull(&[**o]).is_none())
+                .map(|(o, _)| *o)
+                .collect();
+            let Some(name) = with_room
+                .first()
+                .and_then(|o| next.get(o))
+                .and_then(|set| set.iter().next().cloned())
+            else {
+                let waiting: Vec<OsdId> = next
+                    .iter()
+                    .filter(|(_, set)| !set.is_empty())
+                    .map(|(o, _)| *o)
+                    .collect();
+                let why = self.toofull(&waiting);
+                let epoch = self.current_map().map_or(0, |m| m.epoch);
+                {
+                    let mut s = lock(&pg.state);
+                    if s.generation != generation {
+                        return;
+                    }
+                    s.recovery_toofull = why;
+                }
+                pg.bump();
+                tokio::select! {
+                    () = self.next_map_or_timeout(epoch) => {}
+                    () = pg.left_generation(generation) => return,
+                }
+                continue;
+            };
+            if lock(&pg.state).recovery_toofull.take().is_some() {
+                pg.bump();
+            }
+            let toofull: Vec<OsdId> = next
+                .keys()
+                .copied()
+                .filter(|o| !with_room.contains(o))
+                .collect();
             self.recovery_sleep().await;
             let slot = pg.object_slot(&name);
             let _order = slot.order.write().await;
             slot.drained().await;
-            if let Err(e) = self.recover_object(&pg, generation, &name).await {
+            if let Err(e) = self.recover_object(&pg, generation, &name, &toofull).await {
                 if !still_current() {
                     return;
                 }

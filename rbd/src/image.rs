@@ -291,6 +291,7 @@ impl Image {
             Ok(Ok(())) => Ok(guard),
             Ok(Err(Refusal::Blocklisted(who))) => Err(RbdError::Blocklisted(who)),
             Ok(Err(Refusal::TimedOut)) => Err(RbdError::LockTimeout(self.shared.name.clone())),
+            Ok(Err(Refusal::NoSpace(why))) => Err(RbdError::Backend(BackendError::NoSpace(why))),
             Ok(Err(Refusal::Closed)) | Err(_) => Err(closed()),
         }
     }

@@ -96,6 +96,11 @@ pub enum Refusal {
     TimedOut,
     /// The image is closing or closed.
     Closed,
+    /// Taking the lock was refused for lack of space (the pool is full, so the OSD runs no
+    /// lock request that may store more): the waiting writes could not have been stored
+    /// either, so they fail as writes to a full pool do. Not terminal: a later write tries
+    /// again.
+    NoSpace(String),
 }
 
 /// Inputs.
@@ -694,6 +699,13 @@ impl LockCore {
                 self.try_lock(out);
             }
             State::Acquiring(_) => {
+                if let BackendError::NoSpace(why) = &err {
+                    // Retrying would hold the writes until the pool has room: a VM gets
+                    // ENOSPC at once instead, as for a write past the lock.
+                    for (id, _) in std::mem::take(&mut self.waiting) {
+                        out.push(Action::FailWrite(id, Refusal::NoSpace(why.clone())));
+                    }
+                }
                 tracing::warn!(error = %err, "exclusive lock: acquisition step failed, will retry");
                 self.backoff(now, out);
             }

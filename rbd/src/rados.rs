@@ -47,7 +47,7 @@ fn err(e: ClientError) -> BackendError {
         ClientError::Blocklisted(m) => BackendError::Blocklisted(m),
         ClientError::Timeout(d) => BackendError::Timeout(format!("no answer within {d:?}")),
         ClientError::InvalidArgument(m) => BackendError::InvalidArgument(m),
-        ClientError::NoSpace(m) => BackendError::NoSpace(m),
+        ClientError::NoSpace(m) | ClientError::PoolFull(m) => BackendError::NoSpace(m),
         ClientError::Unavailable(m) | ClientError::NoQuorum(m) => BackendError::Timeout(m),
         other => BackendError::Io(other.to_string()),
     }

@@ -64,6 +64,10 @@ pub fn free_addr() -> SocketAddr {
     l.local_addr().expect("local addr")
 }
 
+/// The `--capacity-bytes` every test OSD gets unless a test sets another (8 GiB: more than
+/// any test stores, so the fullness it reports is its own, not the build disk's).
+pub const TEST_OSD_CAPACITY: u64 = 8 << 30;
+
 /// Timeouts small enough for tests, in the proportions of the defaults.
 pub fn test_timeouts() -> Timeouts {
     Timeouts {
@@ -309,6 +313,10 @@ impl TestCluster {
             host.to_string(),
             "--data".to_string(),
             data.display().to_string(),
+            // OSDs report their use against this rather than the disk the tests run on: a
+            // crowded build disk past the full ratio would otherwise make every pool full.
+            "--capacity-bytes".to_string(),
+            TEST_OSD_CAPACITY.to_string(),
         ];
         self.start_osd_with(args)
     }

@@ -342,7 +342,7 @@ fn osds_boot_get_marked_down_then_out() {
         rt.spawn(async move {
             loop {
                 for id in 0..5 {
-                    let _ = mon.osd_beacon(id, 0).await;
+                    let _ = mon.osd_beacon(id, 0, None).await;
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }

@@ -123,6 +123,11 @@ impl NetnsCluster {
             .env("BASALT_BIN_DIR", bin_dir())
             .env("BASALT_NETNS_PREFIX", PREFIX)
             .env("BASALT_NETNS_NET", NET)
+            // The OSDs' use is their own, not that of the disk the tests run on.
+            .env(
+                "BASALT_NETNS_OSD_CAPACITY",
+                basalt_tests::TEST_OSD_CAPACITY.to_string(),
+            )
             .env_remove("BASALT_NETNS_TIMEOUTS");
         run_bounded(&mut cmd, limit)
     }

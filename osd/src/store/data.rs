@@ -121,6 +121,24 @@ impl Bitmap {
         Ok(())
     }
 
+    /// How many of AUs `0..limit` are in use.
+    fn count_set(&self, limit: u64) -> u64 {
+        let full_words = (limit / 64) as usize;
+        let mut n: u64 = self
+            .words
+            .iter()
+            .take(full_words)
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        let rest = limit % 64;
+        if rest > 0 {
+            if let Some(w) = self.words.get(full_words) {
+                n += u64::from((w & ((1u64 << rest) - 1)).count_ones());
+            }
+        }
+        n
+    }
+
     pub fn pages(&self) -> u64 {
         (self.words.len() as u64 * 64).div_ceil(PAGE_AUS)
     }
@@ -217,6 +235,15 @@ impl DataArea {
         a.taken.set(au, true);
         a.hint = au + 1;
         Ok(au)
+    }
+
+    /// Bytes of the data file that are allocated on disk but hold no AU in use: room the
+    /// store reuses before the file grows again (a filesystem's free space does not show it).
+    pub fn free_bytes(&self) -> u64 {
+        match self.alloc.lock() {
+            Ok(a) => a.total.saturating_sub(a.taken.count_set(a.total)) * CHUNK_SIZE,
+            Err(_) => 0,
+        }
     }
 
     /// Makes AUs available to builds again.

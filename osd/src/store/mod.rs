@@ -1072,6 +1072,7 @@ impl Store {
             used_bytes: self.inner.used.load(Ordering::SeqCst).max(0) as u64,
             capacity_bytes: self.inner.cfg.capacity_bytes,
             db_bytes: self.engine().db_bytes(),
+            data_free_bytes: self.data().free_bytes(),
         }
     }
 

@@ -227,6 +227,8 @@ pub struct StoreStats {
     /// RocksDB's own estimate of its footprint (SST files + memtables); `None` for the
     /// in-memory store.
     pub db_bytes: Option<u64>,
+    /// Bytes of the data file allocated on disk but free for new data (AUs not in use).
+    pub data_free_bytes: u64,
 }
 
 /// One page of [`Store::list_objects`](crate::store::Store::list_objects).

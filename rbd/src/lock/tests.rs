@@ -636,3 +636,31 @@ fn relinquish_during_a_requested_release_still_acks_the_requester() {
 }
 
 mod sim;
+
+/// A lock request refused for lack of space (a full pool) fails the writes waiting for it at
+/// once, as the write itself would have failed, and does not end the core: the next write
+/// tries again and gets the lock once there is room.
+#[test]
+fn a_full_pool_fails_the_waiting_writes_and_a_later_write_tries_again() {
+    let mut c = LockCore::new(cfg(), "me", 7);
+    c.handle(MS, Event::WriteWanted(1));
+    c.handle(MS, Event::WriteWanted(2));
+    let a = c.handle(
+        MS,
+        Event::OpFailed(BackendError::NoSpace("pool full".into())),
+    );
+    assert_eq!(
+        a,
+        vec![
+            Action::FailWrite(1, Refusal::NoSpace("pool full".into())),
+            Action::FailWrite(2, Refusal::NoSpace("pool full".into())),
+        ]
+    );
+    assert_eq!(c.waiting(), 0);
+    assert!(!c.is_failed());
+    c.handle(200 * MS, Event::WriteWanted(3));
+    let a = c.handle(300 * MS, Event::Tick);
+    assert!(matches!(a[..], [Action::TryLock { .. }]), "{a:?}");
+    let a = c.handle(301 * MS, Event::LockAcquired);
+    assert!(a.contains(&Action::Refresh), "{a:?}");
+}
