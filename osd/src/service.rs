@@ -870,39 +870,34 @@ impl OsdCore {
         Ok(gate)
     }
 
-    fn peer_client(&self, osd: OsdId) -> Result<OsdClient<Channel>, OpError> {
+    /// `osd`'s address in the current map.
+    fn peer_addr(&self, osd: OsdId) -> Result<String, OpError> {
         let map = self
             .current_map()
             .ok_or_else(|| OpError::Io("no OSDMap yet".into()))?;
-        let info = map
-            .osds
+        map.osds
             .get(&osd)
-            .ok_or_else(|| OpError::Io(format!("osd.{osd} is not in the map")))?;
+            .map(|info| info.addr.clone())
+            .ok_or_else(|| OpError::Io(format!("osd.{osd} is not in the map")))
+    }
+
+    fn peer_client(&self, osd: OsdId) -> Result<OsdClient<Channel>, OpError> {
+        let addr = self.peer_addr(osd)?;
         let mut peers = lock(&self.peers);
-        if let Some(c) = peers.get(&info.addr) {
+        if let Some(c) = peers.get(&addr) {
             return Ok(c.clone());
         }
-        let c = osd_client(&info.addr)?;
-        peers.insert(info.addr.clone(), c.clone());
+        let c = osd_client(&addr)?;
+        peers.insert(addr, c.clone());
         Ok(c)
     }
 
     /// The data-path connection to `osd` (at its address in the current map).
     fn peer_messenger(&self, osd: OsdId) -> Result<Arc<Peer>, OpError> {
-        let map = self
-            .current_map()
-            .ok_or_else(|| OpError::Io("no OSDMap yet".into()))?;
-        let info = map
-            .osds
-            .get(&osd)
-            .ok_or_else(|| OpError::Io(format!("osd.{osd} is not in the map")))?;
+        let addr = self.peer_addr(osd)?;
         let mut peers = lock(&self.messengers);
-        let peer = peers.entry(info.addr.clone()).or_insert_with(|| {
-            Arc::new(Peer::new(
-                &info.addr,
-                Duration::from_secs(2),
-                MAX_MESSAGE_BYTES,
-            ))
+        let peer = peers.entry(addr).or_insert_with_key(|addr| {
+            Arc::new(Peer::new(addr, Duration::from_secs(2), MAX_MESSAGE_BYTES))
         });
         Ok(peer.clone())
     }
