@@ -11,6 +11,9 @@
 //!   by placement to the PG's primary and resent with the same request id
 //!   across map changes, so an op is applied at most once. Ops wait through
 //!   peering and failures with no bound unless `osd_op_timeout_ms` sets one.
+//!   Object ops travel on the data-path messenger (`basalt-messenger`, one
+//!   connection per OSD shared by every `IoCtx`); listing, watch/notify and PG
+//!   commands on gRPC.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), basalt_client::ClientError> {
