@@ -596,6 +596,29 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(body.to_string())
 }
 
+/// `tool` with Debian's `/usr/bin` first on PATH: nbdsh's and nbdcopy's Python parts need
+/// Debian's python (with libnbd's bindings), not one a user's PATH may put first (pyenv).
+pub fn client_command(tool: &str) -> Command {
+    let mut cmd = Command::new(tool);
+    cmd.env(
+        "PATH",
+        format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+    );
+    cmd
+}
+
+/// Runs a client tool ([`client_command`]) to completion, bounded at 120 s: whether it
+/// succeeded, and its stdout then stderr.
+pub fn run_client(tool: &str, args: &[&str]) -> (bool, String) {
+    let out = run_bounded(client_command(tool).args(args), Duration::from_secs(120));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Runs a command to completion, killing it after `limit`.
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
     let mut child = cmd

@@ -14,26 +14,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use basalt_config::OsdTuning;
-use basalt_tests::{run_bounded, test_timeouts, wait_for, DataCluster, TestCluster};
+use basalt_tests::{run_client, test_timeouts, wait_for, DataCluster, TestCluster};
 use bytes::Bytes;
 use serde_json::Value;
-
-/// Runs a client tool (bounded at 120 s) with Debian's python first on PATH (nbdsh).
-fn run(tool: &str, args: &[&str]) -> (bool, String) {
-    let out = run_bounded(
-        Command::new(tool).args(args).env(
-            "PATH",
-            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-        ),
-        Duration::from_secs(120),
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
 
 /// The codes of the health checks `basalt health` reports, and its status.
 fn health(cluster: &TestCluster) -> (String, Vec<String>, Value) {
@@ -170,7 +153,7 @@ fn full_pool_scenario(cluster: &mut TestCluster) {
     )
     .expect("script");
     let exec = format!("exec(open({:?}).read())", script.display().to_string());
-    let (ok, text) = run("nbdsh", &["-u", &url, "-c", &exec]);
+    let (ok, text) = run_client("nbdsh", &["-u", &url, "-c", &exec]);
     assert!(ok, "nbdsh:\n{text}");
     let refused: Vec<&str> = text
         .lines()
@@ -257,7 +240,7 @@ fn qemu_io(url: &str, cmds: &[&str]) -> (bool, String) {
         args.extend(["-c", c]);
     }
     args.push(url);
-    let (ok, text) = run("qemu-io", &args);
+    let (ok, text) = run_client("qemu-io", &args);
     let failed = text.contains("failed") || text.contains("error") || text.contains("Error");
     (ok && !failed, text)
 }

@@ -3,32 +3,12 @@
 //! that a live migration relies on (issues 7 and 21).
 
 use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_rbd::{RadosBackend, Rbd};
-use basalt_tests::{run_bounded, test_timeouts, DataCluster, TestCluster};
-
-/// Runs a client tool (bounded at 120 s); returns (success, stdout + stderr).
-fn run(tool: &str, args: &[&str]) -> (bool, String) {
-    let out = run_bounded(
-        Command::new(tool)
-            .args(args)
-            // nbdsh/nbdcopy's python bits need Debian's python, not pyenv's.
-            .env(
-                "PATH",
-                format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-            ),
-        Duration::from_secs(120),
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
+use basalt_tests::{run_client, test_timeouts, DataCluster, TestCluster};
 
 /// qemu-io commands against an NBD URL; fails the test if any command fails.
 fn qemu_io_ok(url: &str, cmds: &[&str]) -> String {
@@ -44,7 +24,7 @@ fn qemu_io(url: &str, cmds: &[&str]) -> (bool, String) {
         args.extend(["-c", c]);
     }
     args.push(url);
-    let (ok, text) = run("qemu-io", &args);
+    let (ok, text) = run_client("qemu-io", &args);
     let failed = text.contains("failed") || text.contains("error") || text.contains("Error");
     (ok && !failed, text)
 }
@@ -81,9 +61,9 @@ fn real_nbd_clients_use_an_image() {
     let url = format!("nbd://{}/rbd/vm1", f.cluster.gateway_addr(gw));
 
     // qemu-img create on an NBD export checks the size fits; info shows it.
-    let (ok, text) = run("qemu-img", &["create", "-f", "raw", &url, "64M"]);
+    let (ok, text) = run_client("qemu-img", &["create", "-f", "raw", &url, "64M"]);
     assert!(ok, "qemu-img create:\n{text}");
-    let (ok, text) = run("qemu-img", &["info", &url]);
+    let (ok, text) = run_client("qemu-img", &["info", &url]);
     assert!(ok && text.contains("64 MiB"), "qemu-img info:\n{text}");
     // qemu-img convert into the image and back out, compared byte for byte.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -96,7 +76,7 @@ fn real_nbd_clients_use_an_image() {
         }
     }
     std::fs::write(&src, &data).expect("write src");
-    let (ok, text) = run(
+    let (ok, text) = run_client(
         "qemu-img",
         &[
             "convert",
@@ -110,7 +90,7 @@ fn real_nbd_clients_use_an_image() {
         ],
     );
     assert!(ok, "qemu-img convert in:\n{text}");
-    let (ok, text) = run(
+    let (ok, text) = run_client(
         "qemu-img",
         &[
             "convert",
@@ -154,15 +134,15 @@ fn real_nbd_clients_use_an_image() {
     let (ok, text) = qemu_io(&url, &["read 63M 2M"]);
     assert!(!ok, "read past the end succeeded:\n{text}");
     let bad = format!("nbd://{}/rbd/no-such-image", f.cluster.gateway_addr(gw));
-    let (ok, text) = run("qemu-img", &["info", &bad]);
+    let (ok, text) = run_client("qemu-img", &["info", &bad]);
     assert!(!ok, "unknown export opened:\n{text}");
     qemu_io_ok(&url, &["read -P 0xab 0 64k"]);
 
-    let (ok, text) = run("nbdinfo", &["--map", &url]);
+    let (ok, text) = run_client("nbdinfo", &["--map", &url]);
     assert!(ok, "nbdinfo --map:\n{text}");
     assert!(text.contains("hole"), "no holes in a thin image:\n{text}");
     assert!(text.contains("data"), "no data extents:\n{text}");
-    let (ok, text) = run("nbdinfo", &["--can", "multi-conn", &url]);
+    let (ok, text) = run_client("nbdinfo", &["--can", "multi-conn", &url]);
     assert!(ok, "CAN_MULTI_CONN not advertised:\n{text}");
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -176,9 +156,9 @@ fn real_nbd_clients_use_an_image() {
         }
     }
     std::fs::write(&src, &data).expect("write src");
-    let (ok, text) = run("nbdcopy", &[src.to_str().expect("path"), &url]);
+    let (ok, text) = run_client("nbdcopy", &[src.to_str().expect("path"), &url]);
     assert!(ok, "nbdcopy in:\n{text}");
-    let (ok, text) = run("nbdcopy", &[&url, back.to_str().expect("path")]);
+    let (ok, text) = run_client("nbdcopy", &[&url, back.to_str().expect("path")]);
     assert!(ok, "nbdcopy out:\n{text}");
     assert!(
         std::fs::read(&back).expect("read back") == data,
@@ -194,7 +174,7 @@ fn real_nbd_clients_use_an_image() {
         basalt_tests::promtool_check(&osd_text).expect("OSD metrics pass promtool");
     }
 
-    let (ok, text) = run(
+    let (ok, text) = run_client(
         "fio",
         &[
             "--name=verify",
@@ -303,7 +283,7 @@ fn a_fenced_gateway_lands_nothing_and_its_restart_serves_at_once() {
     // A VM on host A writes the first 8 MiB over and over, 8 requests in flight.
     let dir = tempfile::tempdir().expect("tempdir");
     let fio_log = dir.path().join("fio.log");
-    let mut fio = std::process::Command::new("fio")
+    let mut fio = basalt_tests::client_command("fio")
         .args([
             "--name=vm-on-a",
             "--ioengine=nbd",
@@ -318,10 +298,6 @@ fn a_fenced_gateway_lands_nothing_and_its_restart_serves_at_once() {
         ])
         .stdout(std::fs::File::create(&fio_log).expect("fio log"))
         .stderr(std::process::Stdio::null())
-        .env(
-            "PATH",
-            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-        )
         .spawn()
         .expect("start fio");
     let writes_on_a = || {
@@ -397,12 +373,8 @@ impl HeldClient {
     /// Starts it and waits (bounded) until `script` has run; fails the test if it failed.
     fn start(url: &str, script: &str) -> HeldClient {
         let code = format!("{script}\nprint('ready', flush=True)\nimport sys\nsys.stdin.read()\n");
-        let mut child = Command::new("nbdsh")
+        let mut child = basalt_tests::client_command("nbdsh")
             .args(["-u", url, "-c", &code])
-            .env(
-                "PATH",
-                format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -452,7 +424,7 @@ fn migration_hand_over_with_the_destination_connected_first() {
     let script = MIGRATION_SCRIPT
         .replace("@A@", &url(0))
         .replace("@B@", &url(1));
-    let (ok, text) = run("nbdsh", &["-c", &script]);
+    let (ok, text) = run_client("nbdsh", &["-c", &script]);
     assert!(
         ok && text.contains("migration verified"),
         "the migration script failed:\n{text}"
