@@ -42,9 +42,9 @@
 use std::collections::BTreeMap;
 
 use basalt_ops::{Eversion, LogEntry, OpError};
-use basalt_placement::{object_hash, pg_mask, split_children, stable_mod, PgId};
+use basalt_placement::{object_seed, split_children, PgId};
 
-use crate::peering::{BackfillProgress, PgInfo};
+use crate::peering::PgInfo;
 use crate::pg::{self, ObjectName};
 use crate::store::{Store, Transaction};
 
@@ -74,7 +74,7 @@ pub fn record_layout(txn: &mut Transaction, pg: PgId, pg_num: u32) {
 
 /// Seed of object `name` when its pool has `pg_num` PGs.
 fn seed_of(name: &ObjectName, pg_num: u32) -> u32 {
-    stable_mod(object_hash(&name.0, &name.1), pg_num, pg_mask(pg_num))
+    object_seed(&name.0, &name.1, pg_num)
 }
 
 /// How one parent's log and info divide among it and its children. Pure.
@@ -101,7 +101,7 @@ pub fn plan(
     let log_moves = log
         .iter()
         .filter_map(|e| {
-            let seed = seed_of(&(e.namespace.clone(), e.object.clone()), new_pg_num);
+            let seed = object_seed(&e.namespace, &e.object, new_pg_num);
             (seed != parent.seed).then_some((e.version.seq, seed))
         })
         .collect();
@@ -117,10 +117,7 @@ pub fn plan(
                 les: info.les,
                 // A cursor bounds a listing-order range the copy already equals the
                 // authority's in; the child's objects in it are a subset, so it still holds.
-                backfill: info.backfill.as_ref().map(|b| BackfillProgress {
-                    target: b.target,
-                    done_through: b.done_through.clone(),
-                }),
+                backfill: info.backfill.clone(),
                 missing: info.missing.iter().filter(|n| mine(n)).cloned().collect(),
                 last_update_floor: last_update,
             };
@@ -145,9 +142,13 @@ pub fn split_txn(
 ) -> Result<Transaction, OpError> {
     let log = pg::read_log(store, parent)?;
     let info = pg::read_info(store, parent)?;
-    let plan = plan(parent, old_pg_num, new_pg_num, &log, &info);
+    let SplitPlan {
+        children,
+        log_moves,
+        infos,
+    } = plan(parent, old_pg_num, new_pg_num, &log, &info);
     let mut txn = Transaction::new();
-    for &seed in &plan.children {
+    for &seed in &children {
         let child = PgId {
             pool: parent.pool,
             seed,
@@ -156,16 +157,11 @@ pub fn split_txn(
             txn.pg_create(child);
         }
     }
-    txn.pg_split(
-        parent,
-        new_pg_num,
-        plan.children.clone(),
-        plan.log_moves.clone(),
-    );
-    for (&seed, info) in &plan.infos {
+    txn.pg_split(parent, new_pg_num, children, log_moves);
+    for (seed, info) in &infos {
         let id = PgId {
             pool: parent.pool,
-            seed,
+            seed: *seed,
         };
         txn.pg_info_set(id, basalt_ops::encode(info));
         record_layout(&mut txn, id, new_pg_num);
@@ -220,7 +216,7 @@ mod tests {
         let p = plan(parent, 4, 16, &log, &info);
         assert_eq!(p.children, vec![6, 10, 14]);
         for e in &log {
-            let seed = seed_of(&(String::new(), e.object.clone()), 16);
+            let seed = object_seed("", &e.object, 16);
             let moved = p.log_moves.iter().find(|(v, _)| *v == e.version.seq);
             assert_eq!(moved.map(|(_, s)| *s), (seed != 2).then_some(seed));
         }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use basalt_osd::store::*;
-use basalt_placement::{object_hash, pg_mask, split_children, stable_mod, PgId};
+use basalt_placement::{object_seed, split_children, PgId};
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -25,7 +25,7 @@ fn pg(seed: u32) -> PgId {
 
 /// Seed of `name` under `pg_num`.
 fn seed_of(name: &str, pg_num: u32) -> u32 {
-    stable_mod(object_hash("", name), pg_num, pg_mask(pg_num))
+    object_seed("", name, pg_num)
 }
 
 /// Names that live in PARENT while the pool has OLD_PG_NUM PGs.

@@ -51,8 +51,9 @@ mod pg;
 pub use map::{ChooseMode, CrushMap, NodeKind, Rule, RuleStep, TreeNode, ROOT_NAME};
 pub use mapper::CHOOSE_TOTAL_TRIES;
 pub use pg::{
-    map_pg, object_hash, object_to_pg, object_to_pg_ns, pg_crush_input, pg_distribution, pg_mask,
-    split_children, split_parent, stable_mod, PgId, PgMapping, PoolPlacement,
+    hash_to_seed, map_pg, object_hash, object_seed, object_to_pg, object_to_pg_ns, pg_crush_input,
+    pg_distribution, pg_mask, split_children, split_parent, stable_mod, PgId, PgMapping,
+    PoolPlacement,
 };
 
 pub type OsdId = u32;

@@ -78,7 +78,17 @@ pub fn stable_mod(x: u32, b: u32, bmask: u32) -> u32 {
 /// seed its objects belonged to while the pool had `old_pg_num` PGs. A seed below
 /// `old_pg_num` is its own parent.
 pub fn split_parent(seed: u32, old_pg_num: u32) -> u32 {
-    stable_mod(seed, old_pg_num, pg_mask(old_pg_num))
+    hash_to_seed(seed, old_pg_num)
+}
+
+/// The seed (PG number) placement hash `hash` maps to in a pool of `pg_num` PGs.
+pub fn hash_to_seed(hash: u32, pg_num: u32) -> u32 {
+    stable_mod(hash, pg_num, pg_mask(pg_num))
+}
+
+/// The seed of object `name` in `namespace` in a pool of `pg_num` PGs.
+pub fn object_seed(namespace: &str, name: &str, pg_num: u32) -> u32 {
+    hash_to_seed(object_hash(namespace, name), pg_num)
 }
 
 /// The new seeds `parent` splits into when its pool grows from `old_pg_num` to `new_pg_num`
@@ -113,10 +123,9 @@ pub fn object_to_pg(pool: &PoolPlacement, name: &str) -> PgId {
 
 /// PG of object `name` in `namespace`.
 pub fn object_to_pg_ns(pool: &PoolPlacement, namespace: &str, name: &str) -> PgId {
-    let ps = object_hash(namespace, name);
     PgId {
         pool: pool.id,
-        seed: stable_mod(ps, pool.pg_num, pg_mask(pool.pg_num)),
+        seed: object_seed(namespace, name, pool.pg_num),
     }
 }
 

@@ -1264,7 +1264,6 @@ impl Exec<'_> {
         self.split.extend(child_ids.iter().copied());
 
         // Objects: onode, extent records and omap move under the child's key prefix.
-        let mask = basalt_placement::pg_mask(pg_num);
         let prefix = keys::pg_prefix(parent);
         let end = prefix_end(&prefix);
         let mut start = prefix.clone();
@@ -1272,7 +1271,7 @@ impl Exec<'_> {
             let page = self.eng.scan(Cf::Onode, &start, &end, 1024)?;
             for (okey, onode) in &page {
                 let id = keys::decode_onode_key(okey)?;
-                let seed = basalt_placement::stable_mod(id.hash(), pg_num, mask);
+                let seed = basalt_placement::hash_to_seed(id.hash(), pg_num);
                 if seed == parent.seed {
                     continue;
                 }
