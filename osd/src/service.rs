@@ -1125,32 +1125,34 @@ impl OsdCore {
         // for something visible) and before a version is assigned or anything replicated, so
         // the refused write leaves no trace. A write that got past this point is completed
         // whatever the fullness (see `write`).
-        if let Some(map) = self.current_map() {
+        // The verdict first: it is cheap, and most requests may run on a full pool or not,
+        // so the OSD fullness is looked up only for one that a full pool would refuse.
+        if let (Err(why), Some(map)) = (
+            pg::full_verdict(&ops, req.full_try, ex.created),
+            self.current_map(),
+        ) {
             let mut full = map.full_osds_of_pool(pg.id.pool);
             // This primary's own fullness counts at once, before its beacon has made it into
             // the map (Ceph's OSD-side full check): a fast writer would otherwise fill the
             // disk to its hard limit in the beacon interval, where an admitted write waits.
-            let me = self.me();
             let own_full = self
                 .own_usage()
                 .is_some_and(|u| map.full_ratios.classify(&u) == Fullness::Full);
-            if let Some(me) = me.filter(|me| own_full && !full.contains(me)) {
+            if let Some(me) = self.me().filter(|me| own_full && !full.contains(me)) {
                 full.push(me);
             }
             if !full.is_empty() {
-                if let Err(why) = pg::full_verdict(&ops, req.full_try, ex.created) {
-                    metrics::counter!("basalt_osd_full_refusals_total").increment(1);
-                    let pool = map
-                        .pools
-                        .get(&pg.id.pool)
-                        .map_or_else(|| pg.id.pool.to_string(), |p| p.name.clone());
-                    let osds: Vec<String> = full.iter().map(|o| format!("osd.{o}")).collect();
-                    tracing::debug!(pg = %pg.id, object = %name.1, why, "pool full: write refused");
-                    return Err(OpError::PoolFull {
-                        pool,
-                        osds: osds.join(", "),
-                    });
-                }
+                metrics::counter!("basalt_osd_full_refusals_total").increment(1);
+                let pool = map
+                    .pools
+                    .get(&pg.id.pool)
+                    .map_or_else(|| pg.id.pool.to_string(), |p| p.name.clone());
+                let osds: Vec<String> = full.iter().map(|o| format!("osd.{o}")).collect();
+                tracing::debug!(pg = %pg.id, object = %name.1, why, "pool full: write refused");
+                return Err(OpError::PoolFull {
+                    pool,
+                    osds: osds.join(", "),
+                });
             }
         }
         let Some(order) = exclusive else {
