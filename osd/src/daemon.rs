@@ -1042,6 +1042,12 @@ pub fn store_usage(store: &Store, data: &Path) -> Option<OsdUsage> {
             None
         }
     };
+    reported_usage(capped, fs)
+}
+
+/// Of the use against `--capacity-bytes` and the filesystem's, the one that reaches its
+/// limit first: the filesystem only when it is smaller than the capacity.
+pub fn reported_usage(capped: Option<OsdUsage>, fs: Option<OsdUsage>) -> Option<OsdUsage> {
     match (capped, fs) {
         (Some(c), Some(f)) if f.total_bytes < c.total_bytes => Some(f),
         (Some(c), _) => Some(c),

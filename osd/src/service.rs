@@ -404,12 +404,8 @@ impl OsdCore {
             used_bytes: stats.used_bytes,
             total_bytes: cap,
         });
-        match (live, measured) {
-            // The measure picked the filesystem (smaller than the capacity): keep it.
-            (Some(l), Some(m)) if m.total_bytes < l.total_bytes => Some(m),
-            (Some(l), _) => Some(l),
-            (None, m) => m,
-        }
+        // Where the last measure picked the filesystem (smaller than the capacity) it stays.
+        crate::daemon::reported_usage(live, measured)
     }
 
     /// Runs `f` on the store off the async workers (RocksDB calls block).
