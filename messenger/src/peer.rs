@@ -223,10 +223,6 @@ impl Peer {
         }
     }
 
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
     /// Sends a `tag` request and waits for its reply's payload. Unbounded in time: callers
     /// bound it (dropping the future forgets the request).
     pub async fn call(&self, tag: u8, payload: Bytes) -> Result<Bytes, CallError> {
