@@ -19,10 +19,11 @@ use basalt_maps::{Epoch, OsdMap, PoolId};
 use basalt_messenger::{CallError, Peer};
 use basalt_ops::{
     decode, encode, LockKind, LockState, NotifyResult, ObjOp, OpError, OpOutput, OpResult,
-    WatcherInfo, MAX_MESSAGE_BYTES,
+    SnapContext, SnapListing, WatcherInfo, MAX_MESSAGE_BYTES,
 };
 use basalt_placement::{object_to_pg_ns, PgId};
 use basalt_proto::data_path;
+use basalt_proto::mon::{command_request::Command, SnapRemove};
 use basalt_proto::osd as pb;
 use basalt_proto::osd::osd_client::OsdClient;
 use bytes::Bytes;
@@ -155,6 +156,8 @@ impl Rados {
             pool_name: pool.to_string(),
             namespace: String::new(),
             full_try: false,
+            snapc: SnapContext::default(),
+            read_snap: 0,
         })
     }
 
@@ -570,6 +573,10 @@ pub struct IoCtx {
     namespace: String,
     /// Requests carry Ceph's FULL_TRY ([`IoCtx::set_full_try`]).
     full_try: bool,
+    /// The snap context writes carry ([`IoCtx::set_snap_context`]).
+    snapc: SnapContext,
+    /// The snapshot reads are of (0: the head; [`IoCtx::at_snap`]).
+    read_snap: u64,
 }
 
 /// An event on a [`Watch`].
@@ -618,6 +625,71 @@ impl IoCtx {
     /// full pool runs only requests whose ops can only free space (removes, truncates...).
     pub fn set_full_try(&mut self, full_try: bool) {
         self.full_try = full_try;
+    }
+
+    /// Every later write carries this snap context (librados'
+    /// `selfmanaged_snap_set_write_ctx`): `seq` the newest snapshot id the writer knows, `snaps`
+    /// the snapshots of what it writes, newest first. Checked here, so a malformed one fails
+    /// before anything is sent.
+    pub fn set_snap_context(&mut self, snapc: SnapContext) -> Result<(), ClientError> {
+        snapc
+            .validate()
+            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+        self.snapc = snapc;
+        Ok(())
+    }
+
+    /// The same pool, reading at snapshot `snap` (librados' `snap_set_read`; 0: the head).
+    /// Writes through it are refused by the OSD: snapshots are read-only.
+    pub fn at_snap(&self, snap: u64) -> IoCtx {
+        IoCtx {
+            read_snap: snap,
+            ..self.clone()
+        }
+    }
+
+    /// Allocates a new self-managed snapshot id in this pool (a Paxos-committed counter).
+    pub async fn selfmanaged_snap_create(&self) -> Result<u64, ClientError> {
+        let reply = self
+            .inner
+            .mon
+            .command(Command::SnapCreate(self.pool_name.clone()))
+            .await?;
+        match reply.snap_id {
+            0 => Err(ClientError::Decode(
+                "the monitor allocated no snapshot id".into(),
+            )),
+            id => Ok(id),
+        }
+    }
+
+    /// Marks snapshot `snap` removed: the OSDs trim its clones in the background, and no
+    /// write carries it from the map that records the removal on.
+    pub async fn selfmanaged_snap_remove(&self, snap: u64) -> Result<(), ClientError> {
+        self.inner
+            .mon
+            .command(Command::SnapRemove(SnapRemove {
+                pool: self.pool_name.clone(),
+                snap,
+            }))
+            .await
+            .map(|_| ())
+    }
+
+    /// The object's clones and what each preserves (librados' `list_snaps`).
+    pub async fn list_snaps(&self, oid: &str) -> Result<SnapListing, ClientError> {
+        match self.one(oid, ObjOp::ListSnaps).await? {
+            OpOutput::Snaps(l) => Ok(l),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    /// Makes the object what it was at snapshot `snap` (removing it if it did not exist
+    /// then), preserving the current state for newer snapshots first.
+    pub async fn rollback(&self, oid: &str, snap: u64) -> Result<(), ClientError> {
+        self.operate(oid, vec![ObjOp::Rollback { snap }])
+            .await
+            .map(|_| ())
     }
 
     /// The same pool in namespace `ns`.
@@ -678,6 +750,9 @@ impl IoCtx {
                         ops: ops.clone(),
                         timeout_ms: osd_wait_ms(remaining),
                         full_try: self.full_try,
+                        snap_seq: self.snapc.seq,
+                        snaps: self.snapc.snaps.clone(),
+                        read_snap: self.read_snap,
                     };
                     async move {
                         let sent = std::time::Instant::now();

@@ -271,6 +271,13 @@ pub struct Pool {
     pub pgp_num: u32,
     pub rule: u32,
     pub created: Epoch,
+    /// The newest self-managed snapshot id handed out in this pool (0: none yet). Ids grow
+    /// and are never reused, so a write's snap context (its newest id) orders it against
+    /// every snapshot of the pool.
+    pub snap_seq: u64,
+    /// Snapshot ids deleted by their owners: their clones are trimmed in the background by
+    /// each PG's primary, and no new write may name them.
+    pub removed_snaps: BTreeSet<u64>,
 }
 
 impl Pool {
@@ -715,6 +722,8 @@ impl OsdMap {
             pg_num,
             pgp_num: pg_num,
             rule: DEFAULT_RULE,
+            snap_seq: 0,
+            removed_snaps: BTreeSet::new(),
             created: self.epoch + 1,
         };
         pool.validate(&self.crush)?;
@@ -750,6 +759,27 @@ impl OsdMap {
         }
         *field = n;
         pool.validate(&self.crush)?;
+        Ok(pool)
+    }
+
+    /// `name` with one more self-managed snapshot id allocated; the new id is its `snap_seq`.
+    pub fn pool_with_new_snap(&self, name: &str) -> Result<Pool, MapError> {
+        let mut pool = self.pool_named(name)?.clone();
+        pool.snap_seq += 1;
+        Ok(pool)
+    }
+
+    /// `name` with snapshot `snap` marked removed. Removing an id the pool never handed out
+    /// is refused (it would poison a future snapshot); removing one twice is a no-op.
+    pub fn pool_with_removed_snap(&self, name: &str, snap: u64) -> Result<Pool, MapError> {
+        let mut pool = self.pool_named(name)?.clone();
+        if snap == 0 || snap > pool.snap_seq {
+            return Err(MapError::InvalidArgument(format!(
+                "pool '{name}' has not allocated snapshot id {snap} (its newest is {})",
+                pool.snap_seq
+            )));
+        }
+        pool.removed_snaps.insert(snap);
         Ok(pool)
     }
 

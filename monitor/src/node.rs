@@ -11,7 +11,7 @@ use basalt_maps::{encode, Epoch, MapError, OsdId, OsdMap};
 use basalt_paxos::{Input, Message, Output, Paxos, ProposalId, ProposeError, Rank, Role, Version};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::service::{Boot, Command, OsdMapService};
+use crate::service::{Boot, Command, OsdMapService, Outcome};
 use crate::store::{MonStore, MonValue};
 
 /// Why a request to the monitors failed, as the gRPC layer reports it.
@@ -39,7 +39,7 @@ pub enum Request {
     },
     Command {
         cmd: Command,
-        reply: Reply<(Epoch, String)>,
+        reply: Reply<(Epoch, Outcome)>,
     },
     Boot {
         boot: Boot,
@@ -99,7 +99,7 @@ pub struct Node {
 }
 
 enum Waiter {
-    Command(Reply<(Epoch, String)>, String),
+    Command(Reply<(Epoch, Outcome)>, Outcome),
     Boot(Reply<(OsdId, Epoch)>, OsdId),
 }
 

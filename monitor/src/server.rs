@@ -26,7 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request as GrpcRequest, Response, Status};
 
 use crate::node::{MonError, NodeView, Request};
-use crate::service::{Boot, Command};
+use crate::service::{Boot, Command, Outcome};
 use crate::store::MapHistory;
 
 /// Marks a request already forwarded once, so monitors never forward in a loop.
@@ -251,6 +251,11 @@ fn command_from(req: CommandRequest) -> Result<Command, Status> {
         C::BlocklistRm(b) => Command::BlocklistRm { entity: b.entity },
         C::SetFlag(f) => Command::SetFlag(f),
         C::UnsetFlag(f) => Command::UnsetFlag(f),
+        C::SnapCreate(pool) => Command::SnapCreate { pool },
+        C::SnapRemove(r) => Command::SnapRemove {
+            pool: r.pool,
+            snap: r.snap,
+        },
         C::SetFullRatio(r) => Command::SetFullRatio {
             kind: basalt_maps::RatioKind::parse(&r.which)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
@@ -426,7 +431,7 @@ impl Monitor for MonServer {
     ) -> Result<Response<CommandReply>, Status> {
         // Decode before any waiting, so malformed commands fail fast.
         let cmd = command_from(request.get_ref().clone())?;
-        let (epoch, message) = self
+        let (epoch, outcome) = self
             .on_leader(
                 request,
                 |_: CommandRequest, reply| Request::Command {
@@ -435,11 +440,19 @@ impl Monitor for MonServer {
                 },
                 |mut c, r| async move {
                     let rep = c.command(r).await?.into_inner();
-                    Ok((rep.epoch, rep.message))
+                    let outcome = Outcome {
+                        message: rep.message,
+                        snap_id: (rep.snap_id != 0).then_some(rep.snap_id),
+                    };
+                    Ok((rep.epoch, outcome))
                 },
             )
             .await?;
-        Ok(Response::new(CommandReply { epoch, message }))
+        Ok(Response::new(CommandReply {
+            epoch,
+            message: outcome.message,
+            snap_id: outcome.snap_id.unwrap_or(0),
+        }))
     }
 
     async fn status(

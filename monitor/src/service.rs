@@ -63,6 +63,33 @@ pub enum Command {
         kind: RatioKind,
         ratio: u32,
     },
+    /// Allocates the next self-managed snapshot id of a pool (librados'
+    /// `selfmanaged_snap_create`).
+    SnapCreate {
+        pool: String,
+    },
+    /// Marks a self-managed snapshot id removed; the PGs trim its clones.
+    SnapRemove {
+        pool: String,
+        snap: u64,
+    },
+}
+
+/// What a committed command produced: the message for the operator, and the snapshot id a
+/// `SnapCreate` allocated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub message: String,
+    pub snap_id: Option<u64>,
+}
+
+impl From<String> for Outcome {
+    fn from(message: String) -> Self {
+        Outcome {
+            message,
+            snap_id: None,
+        }
+    }
 }
 
 /// An activation is recorded only for the interval that is current in the pending map (its
@@ -236,9 +263,23 @@ impl OsdMapService {
     }
 
     /// Validates a command and queues its changes; the message describes the outcome.
-    pub fn command(&mut self, cmd: Command, wall_ms: u64) -> Result<String, MapError> {
+    pub fn command(&mut self, cmd: Command, wall_ms: u64) -> Result<Outcome, MapError> {
         let map = &self.pending_map;
+        let mut snap_id = None;
         let (changes, message) = match cmd {
+            Command::SnapCreate { pool } => {
+                let p = map.pool_with_new_snap(&pool)?;
+                snap_id = Some(p.snap_seq);
+                let msg = format!("pool '{pool}': allocated snapshot id {}", p.snap_seq);
+                (vec![Change::UpdatePool(p)], msg)
+            }
+            Command::SnapRemove { pool, snap } => {
+                let p = map.pool_with_removed_snap(&pool, snap)?;
+                (
+                    vec![Change::UpdatePool(p)],
+                    format!("pool '{pool}': snapshot id {snap} removed"),
+                )
+            }
             Command::PoolCreate {
                 name,
                 size,
@@ -419,7 +460,7 @@ impl OsdMapService {
             }
         };
         self.push(changes);
-        Ok(message)
+        Ok(Outcome { message, snap_id })
     }
 
     /// An OSD daemon booted: find or allocate its id and mark it up (and in).

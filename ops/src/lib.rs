@@ -169,6 +169,8 @@ pub enum ObjOp {
         name: String,
     },
     ListWatchers,
+    /// The object's snapshot record: which clones exist and what each preserves.
+    ListSnaps,
     // ---- writes ----
     Create {
         exclusive: bool,
@@ -224,6 +226,17 @@ pub enum ObjOp {
         client: String,
         cookie: String,
     },
+    /// Makes the head what the object was at snapshot `snap` (removed if it did not exist
+    /// then), preserving the current head for newer snapshots first (librados' rollback).
+    Rollback {
+        snap: u64,
+    },
+    /// Drops removed snapshots from the object's clones and deletes clones no snapshot needs
+    /// any more. Sent by a PG's primary (its snap trimmer); every id must be removed in the
+    /// pool's map, or the OSD refuses it.
+    TrimSnaps {
+        removed: Vec<u64>,
+    },
 }
 
 impl ObjOp {
@@ -247,6 +260,8 @@ impl ObjOp {
                 | ObjOp::Lock { .. }
                 | ObjOp::Unlock { .. }
                 | ObjOp::BreakLock { .. }
+                | ObjOp::Rollback { .. }
+                | ObjOp::TrimSnaps { .. }
         )
     }
 
@@ -265,6 +280,7 @@ impl ObjOp {
                 | ObjOp::OmapSet { .. }
                 | ObjOp::OmapSetHeader { .. }
                 | ObjOp::Lock { .. }
+                | ObjOp::Rollback { .. }
         )
     }
 
@@ -309,6 +325,9 @@ impl ObjOp {
             ObjOp::Lock { .. } => "lock",
             ObjOp::Unlock { .. } => "unlock",
             ObjOp::BreakLock { .. } => "break_lock",
+            ObjOp::ListSnaps => "list_snaps",
+            ObjOp::Rollback { .. } => "rollback",
+            ObjOp::TrimSnaps { .. } => "trim_snaps",
         }
     }
 
@@ -348,9 +367,86 @@ impl ObjOp {
                     Ok(())
                 }
             }
+            ObjOp::Rollback { snap } if *snap == 0 || *snap >= SNAP_ID_LIMIT => Err(
+                OpError::InvalidArgument(format!("rollback to snapshot id {snap}: no such id")),
+            ),
             _ => Ok(()),
         }
     }
+
+    /// Whether the op may run on a snapshot (which is read-only).
+    pub fn reads_snapshot(&self) -> bool {
+        matches!(
+            self,
+            ObjOp::AssertExists
+                | ObjOp::Read { .. }
+                | ObjOp::Stat
+                | ObjOp::GetXattr { .. }
+                | ObjOp::GetXattrs
+                | ObjOp::ListSnaps
+        )
+    }
+}
+
+/// Snapshot ids are below this; the store keeps the ids above for the head.
+pub const SNAP_ID_LIMIT: u64 = u64::MAX - 2;
+
+/// The snapshot context a write carries (librados' `SnapContext`): the newest snapshot id the
+/// writer knows of, and the snapshots that exist of what it writes, newest first. An object
+/// last written under an older `seq` is preserved for the snapshots between (copy-on-write)
+/// before this write changes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapContext {
+    pub seq: u64,
+    pub snaps: Vec<u64>,
+}
+
+impl SnapContext {
+    /// Refuses a context that would misplace clones: snaps must be strictly descending, each
+    /// in `1..=seq`.
+    pub fn validate(&self) -> Result<(), OpError> {
+        if self.seq >= SNAP_ID_LIMIT {
+            return Err(OpError::InvalidArgument(format!(
+                "snap context seq {} is out of range",
+                self.seq
+            )));
+        }
+        let mut above = self.seq + 1;
+        for &s in &self.snaps {
+            if s == 0 || s >= above {
+                return Err(OpError::InvalidArgument(format!(
+                    "snap context {self:?}: snaps must be descending ids in 1..=seq"
+                )));
+            }
+            above = s;
+        }
+        Ok(())
+    }
+}
+
+/// One clone of an object: the object as it was for the snapshots `snaps` (taken while the
+/// head was unchanged), ids in `covers_from..=id`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneSummary {
+    pub id: u64,
+    pub covers_from: u64,
+    pub snaps: Vec<u64>,
+    pub size: u64,
+    /// Byte ranges `(offset, len)` where this clone may differ from the next newer clone (or
+    /// the head): everything else reads the same there. What an incremental diff between
+    /// two snapshots has to look at.
+    pub differs: Vec<(u64, u64)>,
+}
+
+/// [`ObjOp::ListSnaps`]' answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapListing {
+    /// The newest snap context `seq` the head was written under.
+    pub seq: u64,
+    /// Whether the head exists (a deleted object whose clones remain has no head).
+    pub head_exists: bool,
+    /// Oldest first.
+    pub clones: Vec<CloneSummary>,
 }
 
 /// What one step returned, in request order (writes return `None`).
@@ -372,6 +468,7 @@ pub enum OpOutput {
     },
     Lock(LockState),
     Watchers(Vec<WatcherInfo>),
+    Snaps(SnapListing),
 }
 
 /// The reply to a successful request.

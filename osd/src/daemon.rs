@@ -271,6 +271,10 @@ pub fn describe_metrics() {
         "Objects repaired from a good copy by pg repair or an auto-repairing scheduled scrub"
     );
     metrics::describe_counter!(
+        "basalt_osd_snap_trims_total",
+        "Objects whose removed snapshots' clones this OSD trimmed as primary"
+    );
+    metrics::describe_counter!(
         "basalt_osd_scrubs_total",
         "Scrubs (kind: shallow or deep) this OSD ran as primary, on demand or scheduled"
     );
@@ -441,6 +445,7 @@ impl Daemon {
         self.update_store_metric();
 
         let scrubs = tokio::spawn(self.core.clone().run_scrub_schedule());
+        let snap_trimmer = tokio::spawn(self.core.clone().run_snap_trimmer());
         self.start_boot(0);
         let mut tick = tokio::time::interval(self.beacon_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -463,6 +468,7 @@ impl Daemon {
         }
         tracing::info!("shutting down");
         scrubs.abort();
+        snap_trimmer.abort();
         if let Some((id, _)) = self.booted {
             // Ceph's OSD asks to be marked down on a clean stop so clients do not wait out the
             // grace; best effort and bounded, since the monitors may be gone.

@@ -25,6 +25,7 @@ pub mod data_path;
 pub mod peering;
 pub mod pg;
 pub mod service;
+pub mod snaps;
 pub mod split;
 pub mod store;
 

@@ -7,13 +7,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use basalt_ops::{
-    Eversion, LockKind, LockState, Locker, LogEntry, ObjOp, OpError, OpOutput, ReqId,
+    Eversion, LockKind, LockState, Locker, LogEntry, ObjOp, OpError, OpOutput, ReqId, SnapContext,
 };
 use basalt_placement::{OsdId, PgId};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::peering::{PeerState, PgInfo};
+use crate::snaps::{self, SnapSet, SNAP_XATTR_PREFIX};
 use crate::store::{ObjectHead, ObjectId, ObjectMeta, Store, StoreError, Transaction};
 
 /// Prefix of the xattrs holding advisory locks (`lock.<name>`); hidden from `GetXattrs`.
@@ -32,6 +33,8 @@ pub struct ObjectState {
     pub omap_header: Option<Bytes>,
     pub omap: Vec<(Bytes, Bytes)>,
     pub meta: ObjectMeta,
+    /// The object's clones (snapshot id, state), which recovery copies with it.
+    pub clones: Vec<(u64, ObjectState)>,
 }
 
 /// What the primary sends a peer to make it equal to the authoritative copy.
@@ -105,22 +108,49 @@ pub fn full_verdict(ops: &[ObjOp], full_try: bool, created: bool) -> Result<(), 
     Ok(())
 }
 
+/// What a request says about snapshots: the writer's snap context, and the snapshot a read
+/// is of (0: the head).
+#[derive(Clone, Debug, Default)]
+pub struct SnapArgs {
+    pub snapc: SnapContext,
+    pub read_snap: u64,
+}
+
 /// Executes `ops` against `obj`'s current state. Reads and guards see the object as it is
 /// before the request; writes are collected into one transaction (which the store applies
-/// atomically). Lock ops are read-modify-writes of the lock xattr, safe because the caller
-/// holds the object's op lock.
+/// atomically), after the copy-on-write a snapshot taken since the last write needs. Lock ops
+/// are read-modify-writes of the lock xattr, safe because the caller holds the object's op
+/// lock.
 pub fn execute(
     store: &Store,
     obj: &ObjectId,
     client: &str,
     ops: &[ObjOp],
+    snap: &SnapArgs,
     watchers: &dyn Fn() -> Vec<basalt_ops::WatcherInfo>,
 ) -> Result<Executed, OpError> {
     // One onode read serves every read op of the request.
-    let head = store.head(obj).map_err(store_error)?;
+    let stored = store.head(obj).map_err(store_error)?;
+    if snap.read_snap != 0 {
+        return execute_at_snap(store, obj, stored.as_ref(), snap.read_snap, ops);
+    }
+    // A whiteout (a deleted object whose clones remain) is no object to a client.
+    let head = stored.as_ref().filter(|_| !snaps::is_whiteout(stored.as_ref()));
     let exists_before = head.is_some();
     let mut exists = exists_before;
     let mut txn = Transaction::new();
+    let writing = ops.iter().any(ObjOp::is_write);
+    let snaps_before = if writing {
+        SnapSet::of(stored.as_ref())?
+    } else {
+        SnapSet::default()
+    };
+    let mut snapset = if writing {
+        snap.snapc.validate()?;
+        snaps::before_write(store, obj, stored.as_ref(), &snap.snapc, ops, &mut txn)?
+    } else {
+        SnapSet::default()
+    };
     let mut outputs = Vec::with_capacity(ops.len());
     let mut is_write = false;
     // Lock states changed earlier in this request (a later op must see them).
@@ -138,13 +168,13 @@ pub fn execute(
         match op {
             ObjOp::AssertExists => need(exists)?,
             ObjOp::CmpXattr { name, value } => {
-                let head = head.as_ref().ok_or(OpError::NotFound)?;
+                let head = head.ok_or(OpError::NotFound)?;
                 if &head.xattr(name) != value {
                     return Err(OpError::CmpFailed(format!("xattr {name} differs")));
                 }
             }
             ObjOp::Read { offset, len } => {
-                let head = head.as_ref().ok_or(OpError::NotFound)?;
+                let head = head.ok_or(OpError::NotFound)?;
                 out = OpOutput::Data(
                     store
                         .read_head(obj, head, *offset, *len)
@@ -152,7 +182,7 @@ pub fn execute(
                 );
             }
             ObjOp::Stat => {
-                let st = head.as_ref().ok_or(OpError::NotFound)?.stat();
+                let st = head.ok_or(OpError::NotFound)?.stat();
                 out = OpOutput::Stat {
                     size: st.size,
                     mtime_ns: st.meta.mtime_ns,
@@ -160,13 +190,17 @@ pub fn execute(
                 };
             }
             ObjOp::GetXattr { name } => {
-                let head = head.as_ref().ok_or(OpError::NotFound)?;
-                out = OpOutput::Xattr(head.xattr(name));
+                let head = head.ok_or(OpError::NotFound)?;
+                out = OpOutput::Xattr(user_xattr(name).and_then(|n| head.xattr(n)));
             }
             ObjOp::GetXattrs => {
-                let mut all = head.as_ref().ok_or(OpError::NotFound)?.xattrs().clone();
-                all.retain(|k, _| !k.starts_with(LOCK_XATTR_PREFIX));
-                out = OpOutput::Xattrs(all);
+                out = OpOutput::Xattrs(user_xattrs(head.ok_or(OpError::NotFound)?));
+            }
+            ObjOp::ListSnaps => {
+                if stored.is_none() {
+                    return Err(OpError::NotFound);
+                }
+                out = OpOutput::Snaps(SnapSet::of(stored.as_ref())?.listing(exists_before));
             }
             ObjOp::OmapGetHeader => {
                 need(exists_before)?;
@@ -192,7 +226,7 @@ pub fn execute(
                 };
             }
             ObjOp::LockInfo { name } => {
-                out = OpOutput::Lock(read_lock(head.as_ref(), name)?);
+                out = OpOutput::Lock(read_lock(head, name)?);
             }
             ObjOp::ListWatchers => {
                 need(exists_before)?;
@@ -236,15 +270,21 @@ pub fn execute(
             }
             ObjOp::SetXattr { name, value } => {
                 need(exists)?;
-                if name.starts_with(LOCK_XATTR_PREFIX) {
+                if user_xattr(name).is_none() {
                     return Err(OpError::InvalidArgument(format!(
-                        "xattr names starting with {LOCK_XATTR_PREFIX:?} are reserved for locks"
+                        "xattr names starting with {LOCK_XATTR_PREFIX:?} or \
+                         {SNAP_XATTR_PREFIX:?} are reserved (locks, snapshots)"
                     )));
                 }
                 txn.setxattr(obj, name.clone(), value.clone());
             }
             ObjOp::RmXattr { name } => {
                 need(exists)?;
+                if user_xattr(name).is_none() {
+                    return Err(OpError::InvalidArgument(format!(
+                        "xattr {name:?} is reserved; remove a lock with unlock"
+                    )));
+                }
                 txn.rmxattr(obj, name.clone());
             }
             ObjOp::OmapSet { entries } => {
@@ -275,14 +315,14 @@ pub fn execute(
                     txn.create(obj, false);
                     exists = true;
                 }
-                let mut st = current_lock(head.as_ref(), &locks, name)?;
+                let mut st = current_lock(head, &locks, name)?;
                 lock(&mut st, client, *kind, cookie, tag, description)?;
                 txn.setxattr(obj, lock_xattr(name), basalt_ops::encode(&st));
                 locks.insert(name.clone(), st);
             }
             ObjOp::Unlock { name, cookie } => {
                 need(exists)?;
-                let mut st = current_lock(head.as_ref(), &locks, name)?;
+                let mut st = current_lock(head, &locks, name)?;
                 unlock(&mut st, client, cookie)?;
                 txn.setxattr(obj, lock_xattr(name), basalt_ops::encode(&st));
                 locks.insert(name.clone(), st);
@@ -293,14 +333,36 @@ pub fn execute(
                 cookie,
             } => {
                 need(exists)?;
-                let mut st = current_lock(head.as_ref(), &locks, name)?;
+                let mut st = current_lock(head, &locks, name)?;
                 unlock(&mut st, holder, cookie)?;
                 txn.setxattr(obj, lock_xattr(name), basalt_ops::encode(&st));
                 locks.insert(name.clone(), st);
             }
+            ObjOp::Rollback { snap } => {
+                // The snapshot as the request found it: this request's own copy-on-write
+                // only preserves the head for newer snapshots.
+                match snaps::read_at(store, obj, stored.as_ref(), *snap, 0, u64::MAX)? {
+                    Some(data) => {
+                        txn.write_full(obj, data);
+                        exists = true;
+                    }
+                    None if exists => {
+                        txn.remove(obj);
+                        exists = false;
+                        locks.clear();
+                    }
+                    None => {}
+                }
+            }
+            ObjOp::TrimSnaps { removed } => {
+                snaps::trim(store, obj, &mut snapset, removed, &mut txn)?;
+            }
         }
         is_write |= op.is_write();
         outputs.push(out);
+    }
+    if is_write {
+        snaps::finish(obj, stored.as_ref(), &snaps_before, &snapset, exists, &mut txn);
     }
     Ok(Executed {
         txn,
@@ -312,6 +374,84 @@ pub fn execute(
             .and_then(|h| Eversion::decode(&h.meta().version))
             .unwrap_or_default(),
         created: !exists_before && exists,
+    })
+}
+
+/// `name` if a client may read or change it (locks and snapshot records are the OSD's).
+fn user_xattr(name: &str) -> Option<&str> {
+    (!name.starts_with(LOCK_XATTR_PREFIX) && !name.starts_with(SNAP_XATTR_PREFIX)).then_some(name)
+}
+
+fn user_xattrs(head: &ObjectHead) -> BTreeMap<String, Bytes> {
+    let mut all = head.xattrs().clone();
+    all.retain(|k, _| user_xattr(k).is_some());
+    all
+}
+
+/// A read-only request at snapshot `snap`.
+fn execute_at_snap(
+    store: &Store,
+    obj: &ObjectId,
+    stored: Option<&ObjectHead>,
+    snap: u64,
+    ops: &[ObjOp],
+) -> Result<Executed, OpError> {
+    if let Some(op) = ops.iter().find(|op| !op.reads_snapshot()) {
+        return Err(OpError::InvalidArgument(format!(
+            "{} cannot run at snapshot {snap}: snapshots are read-only",
+            op.name()
+        )));
+    }
+    let head_live = stored.is_some() && !snaps::is_whiteout(stored);
+    let at = snaps::object_at(obj, stored, snap)?;
+    // Metadata comes from the clone that holds the snapshot (or the head); data through the
+    // chain of clones.
+    let clone = match &at {
+        Some((id, _)) if id != obj => Some(store.head(id).map_err(store_error)?.ok_or_else(
+            || OpError::Corrupt(format!("clone {id} of {obj} is missing")),
+        )?),
+        _ => None,
+    };
+    let holder = clone.as_ref().or(stored);
+    let mut outputs = Vec::with_capacity(ops.len());
+    for op in ops {
+        if *op == ObjOp::ListSnaps {
+            outputs.push(OpOutput::Snaps(SnapSet::of(stored)?.listing(head_live)));
+            continue;
+        }
+        let (Some((_, size)), Some(holder)) = (&at, holder) else {
+            return Err(OpError::NotFound);
+        };
+        outputs.push(match op {
+            ObjOp::AssertExists => OpOutput::None,
+            ObjOp::Read { offset, len } => OpOutput::Data(
+                snaps::read_at(store, obj, stored, snap, *offset, *len)?.unwrap_or_default(),
+            ),
+            ObjOp::Stat => OpOutput::Stat {
+                size: *size,
+                mtime_ns: holder.meta().mtime_ns,
+                version: Eversion::decode(&holder.meta().version).unwrap_or_default(),
+            },
+            ObjOp::GetXattr { name } => {
+                OpOutput::Xattr(user_xattr(name).and_then(|n| holder.xattr(n)))
+            }
+            ObjOp::GetXattrs => OpOutput::Xattrs(user_xattrs(holder)),
+            other => {
+                return Err(OpError::InvalidArgument(format!(
+                    "{} cannot run at a snapshot",
+                    other.name()
+                )))
+            }
+        });
+    }
+    Ok(Executed {
+        txn: Transaction::new(),
+        outputs,
+        removed: false,
+        exists_after: at.is_some(),
+        is_write: false,
+        version_before: Eversion::ZERO,
+        created: false,
     })
 }
 
@@ -440,8 +580,19 @@ pub fn finish_write(
     entry
 }
 
-/// Reads everything about an object for recovery.
-pub fn object_state(store: &Store, obj: &ObjectId) -> Result<ObjectState, StoreError> {
+/// Reads everything about an object for recovery: the head (a whiteout included) and its
+/// clones.
+pub fn object_state(store: &Store, obj: &ObjectId) -> Result<ObjectState, OpError> {
+    let head = store.head(obj).map_err(store_error)?;
+    let mut state = one_object_state(store, obj).map_err(store_error)?;
+    for clone in snaps::clone_objects(obj, head.as_ref())? {
+        let st = one_object_state(store, &clone).map_err(store_error)?;
+        state.clones.push((clone.snap(), st));
+    }
+    Ok(state)
+}
+
+fn one_object_state(store: &Store, obj: &ObjectId) -> Result<ObjectState, StoreError> {
     let st = store.stat(obj)?;
     let data = store.read(obj, 0, st.size)?;
     let xattrs = store.xattrs(obj)?;
@@ -464,23 +615,42 @@ pub fn object_state(store: &Store, obj: &ObjectId) -> Result<ObjectState, StoreE
         omap_header,
         omap,
         meta: st.meta,
+        clones: Vec::new(),
     })
 }
 
 /// [`object_state`], with an object that does not exist as `None`.
 pub fn object_if_present(store: &Store, obj: &ObjectId) -> Result<Option<ObjectState>, OpError> {
-    match object_state(store, obj) {
-        Ok(st) => Ok(Some(st)),
-        Err(StoreError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(store_error(e)),
+    if !store.exists(obj).map_err(store_error)? {
+        return Ok(None);
+    }
+    object_state(store, obj).map(Some)
+}
+
+/// Adds to `txn` what removes `obj` (whose head is `head`) with its clones.
+pub fn remove_object(txn: &mut Transaction, obj: &ObjectId, head: Option<&ObjectHead>) {
+    if head.is_some() {
+        snaps::remove_clones(obj, head, txn);
+        txn.remove(obj);
     }
 }
 
-/// Adds to `txn` what replaces `obj` (whose current existence is `exists`) with `state`.
-pub fn install_object(txn: &mut Transaction, obj: &ObjectId, exists: bool, state: &ObjectState) {
-    if exists {
-        txn.remove(obj);
+/// Adds to `txn` what replaces `obj` (whose current head is `head`) and its clones with
+/// `state`.
+pub fn install_object(
+    txn: &mut Transaction,
+    obj: &ObjectId,
+    head: Option<&ObjectHead>,
+    state: &ObjectState,
+) {
+    remove_object(txn, obj, head);
+    install_one(txn, obj, state);
+    for (snap, clone) in &state.clones {
+        install_one(txn, &obj.clone().at_snap(*snap), clone);
     }
+}
+
+fn install_one(txn: &mut Transaction, obj: &ObjectId, state: &ObjectState) {
     txn.create(obj, false);
     txn.write_full(obj, state.data.clone());
     for (k, v) in &state.xattrs {
@@ -583,6 +753,45 @@ pub fn scan_objects(
     Ok(out)
 }
 
+/// Objects of `pg` after `after` (at most `max` scanned) with clones that serve any of the
+/// `removed` snapshots, each with those snapshots; and where the next page starts (`None`:
+/// the PG is done).
+#[allow(clippy::type_complexity)]
+pub fn objects_to_trim(
+    store: &Store,
+    pg: PgId,
+    after: Option<&ObjectName>,
+    max: usize,
+    removed: &[u64],
+) -> Result<(Vec<(ObjectName, Vec<u64>)>, Option<ObjectName>), OpError> {
+    let mut out = Vec::new();
+    if !store.pg_exists(pg).map_err(store_error)? {
+        return Ok((out, None));
+    }
+    let cursor = after.map(|(ns, n)| ObjectId::with_namespace(pg, ns.clone(), n.clone()));
+    let page = store
+        .list_objects(pg, cursor.as_ref(), max)
+        .map_err(store_error)?;
+    for o in page.objects.iter().filter(|o| o.snap() == crate::store::SNAP_HEAD) {
+        let head = store.head(o).map_err(store_error)?;
+        let mut snaps: Vec<u64> = SnapSet::of(head.as_ref())?
+            .clones
+            .iter()
+            .flat_map(|c| c.snaps.iter().copied())
+            .filter(|s| removed.contains(s))
+            .collect();
+        snaps.sort_unstable();
+        snaps.dedup();
+        if !snaps.is_empty() {
+            out.push(((o.namespace().to_string(), o.name().to_string()), snaps));
+        }
+    }
+    let next = page
+        .next
+        .map(|o| (o.namespace().to_string(), o.name().to_string()));
+    Ok((out, next))
+}
+
 /// Builds the transaction that applies `push` to this OSD's copy of `pg`; a copy it creates
 /// is laid out for `pg_num` PGs (its pool's in the map the push was checked against).
 pub fn apply_push(
@@ -604,14 +813,13 @@ pub fn apply_push(
                 "object {obj} pushed twice"
             )));
         }
-        let exists = store.exists(&obj).map_err(store_error)?;
-        install_object(&mut txn, &obj, exists, st);
+        let head = store.head(&obj).map_err(store_error)?;
+        install_object(&mut txn, &obj, head.as_ref(), st);
     }
     for (ns, name) in &push.remove {
         let obj = ObjectId::with_namespace(pg, ns.clone(), name.clone());
-        if store.exists(&obj).map_err(store_error)? {
-            txn.remove(&obj);
-        }
+        let head = store.head(&obj).map_err(store_error)?;
+        remove_object(&mut txn, &obj, head.as_ref());
     }
     if let Some(log) = &push.log {
         replace_log(&mut txn, pg, log);
@@ -942,7 +1150,7 @@ mod tests {
                 value: Bytes::from_static(b"v"),
             },
         ];
-        let ex = execute(&store, &obj, "c", &ops, &none).expect("exec");
+        let ex = execute(&store, &obj, "c", &ops, &SnapArgs::default(), &none).expect("exec");
         assert!(ex.is_write && !ex.removed);
         store.submit_blocking(&ex.txn).expect("apply");
         let ops = vec![
@@ -952,7 +1160,7 @@ mod tests {
             },
             ObjOp::Remove,
         ];
-        let ex = execute(&store, &obj, "c", &ops, &none).expect("exec");
+        let ex = execute(&store, &obj, "c", &ops, &SnapArgs::default(), &none).expect("exec");
         assert_eq!(ex.outputs[0], OpOutput::Data(Bytes::from_static(b"hello")));
         assert!(ex.removed);
         // A failing guard fails the whole request.
@@ -966,7 +1174,7 @@ mod tests {
             },
         ];
         assert!(matches!(
-            execute(&store, &obj, "c", &ops, &none),
+            execute(&store, &obj, "c", &ops, &SnapArgs::default(), &none),
             Err(OpError::CmpFailed(_))
         ));
         // Reserved names are refused.
@@ -974,7 +1182,7 @@ mod tests {
             name: "lock.x".into(),
             value: Bytes::new(),
         }];
-        assert!(execute(&store, &obj, "c", &ops, &none).is_err());
+        assert!(execute(&store, &obj, "c", &ops, &SnapArgs::default(), &none).is_err());
     }
 
     #[test]
@@ -1052,7 +1260,7 @@ mod tests {
             let ops = vec![ObjOp::WriteFull {
                 data: Bytes::from_static(data),
             }];
-            let mut ex = execute(s, &obj, "c", &ops, &|| vec![]).expect("exec");
+            let mut ex = execute(s, &obj, "c", &ops, &SnapArgs::default(), &|| vec![]).expect("exec");
             let reqid = ReqId {
                 client: "c".into(),
                 incarnation: 1,

@@ -79,6 +79,10 @@ const BACKFILL_SCAN: usize = 256;
 const SCRUB_CHUNK: usize = 25;
 /// Longest a request waits for the OSD to catch up with the sender's map.
 const MAP_WAIT: Duration = Duration::from_secs(10);
+/// How often the snap trimmer looks for removed snapshots to trim.
+const SNAP_TRIM_TICK: Duration = Duration::from_secs(1);
+/// Objects per snap trimmer scan page.
+const SNAP_TRIM_SCAN: usize = 256;
 
 /// Where a PG instance on this OSD stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,6 +157,8 @@ struct PgState {
     /// Primary of an active PG: background recovery waits because every replica it still
     /// has to fill is backfillfull (what the reason says).
     recovery_toofull: Option<String>,
+    /// Primary: the snap trimmer is deleting removed snapshots' clones.
+    snaptrim: bool,
 }
 
 /// Wall-clock times (unix ms) of a PG's last scrub and deep scrub on this OSD.
@@ -160,6 +166,11 @@ struct PgState {
 struct ScrubStamps {
     shallow_ms: u64,
     deep_ms: u64,
+}
+
+/// The removed snapshots of a PG's pool whose clones this OSD, as primary, has trimmed.
+fn snap_trimmed_key(pg: PgId) -> Vec<u8> {
+    format!("snap_trimmed.{pg}").into_bytes()
 }
 
 fn scrub_stamps_key(pg: PgId) -> Vec<u8> {
@@ -464,10 +475,11 @@ impl OsdCore {
                 .map_or(0, |p| p.size as usize);
             let short = s.acting.len() < size;
             let recovering = s.missing.values().any(|m| !m.is_empty());
-            let damaged = if s.inconsistent.is_empty() {
-                ""
-            } else {
-                "+inconsistent"
+            let damaged = match (s.inconsistent.is_empty(), s.snaptrim) {
+                (true, false) => "",
+                (true, true) => "+snaptrim",
+                (false, false) => "+inconsistent",
+                (false, true) => "+snaptrim+inconsistent",
             };
             let state = match &s.status {
                 PgStatus::Active if recovering && s.recovery_toofull.is_some() => {
@@ -671,6 +683,7 @@ impl OsdCore {
                                     activated_at: Eversion::ZERO,
                                     split: false,
                                     recovery_toofull: None,
+                                    snaptrim: false,
                                 }),
                                 changed: watch::channel(0).0,
                                 objects: Mutex::new(HashMap::new()),
@@ -1007,6 +1020,25 @@ impl OsdCore {
         for op in &ops {
             op.validate()?;
         }
+        let mut req = req;
+        if let Some(map) = self.current_map() {
+            if let Some(pool) = map.pools.get(&req.pool) {
+                // A writer that has not yet heard of a snapshot's removal would otherwise
+                // make a clone for it that nothing trims (Ceph filters the same way).
+                req.snaps.retain(|s| !pool.removed_snaps.contains(s));
+                if let Some(ObjOp::TrimSnaps { removed }) =
+                    ops.iter().find(|op| matches!(op, ObjOp::TrimSnaps { .. }))
+                {
+                    if let Some(s) = removed.iter().find(|s| !pool.removed_snaps.contains(s)) {
+                        return Err(OpError::InvalidArgument(format!(
+                            "snapshot {s} of pool {} is not removed; only removed snapshots \
+                             are trimmed",
+                            pool.name
+                        )));
+                    }
+                }
+            }
+        }
         if req.object.is_empty() {
             return Err(OpError::InvalidArgument("empty object name".into()));
         }
@@ -1060,6 +1092,14 @@ impl OsdCore {
         let dup_key = is_write.then(|| reqid.key());
         let ops2 = ops.clone();
         let obj2 = obj.clone();
+        let snap = pg::SnapArgs {
+            snapc: basalt_ops::SnapContext {
+                seq: req.snap_seq,
+                snaps: req.snaps.clone(),
+            },
+            read_snap: req.read_snap,
+        };
+        let snap2 = snap.clone();
         // The dup check and the execution share one trip to a blocking thread.
         let executed = self
             .on_store(move |store| {
@@ -1072,7 +1112,7 @@ impl OsdCore {
                     }
                 }
                 let started = std::time::Instant::now();
-                let ex = pg::execute(store, &obj2, &client, &ops2, &|| watchers.clone());
+                let ex = pg::execute(store, &obj2, &client, &ops2, &snap2, &|| watchers.clone());
                 stage("execute", started);
                 ex.map(Ok)
             })
@@ -1103,7 +1143,7 @@ impl OsdCore {
                 let obj2 = obj.clone();
                 let ops = ops.clone();
                 self.on_store(move |store| {
-                    pg::execute(store, &obj2, &client, &ops, &|| watchers.clone())
+                    pg::execute(store, &obj2, &client, &ops, &snap, &|| watchers.clone())
                 })
                 .await?
             }
@@ -2569,6 +2609,127 @@ impl OsdCore {
     /// Scrubs, one PG at a time (Ceph's `osd_max_scrubs` 1), every active PG this OSD is
     /// primary of whose last scrub or deep scrub is older than its interval; repairs what
     /// it finds when `scrub_auto_repair` is set. Runs until the process ends.
+    /// The snap trimmer: for every PG this OSD is primary of, deletes the clones that only
+    /// removed snapshots still needed, one object at a time through the write path (so each
+    /// trim is logged and replicated like any write), with the recovery sleep between
+    /// objects. Which removed snapshots a PG has been trimmed of is persisted after each
+    /// complete pass, so a restart resumes with the snapshots not yet done (re-trimming an
+    /// object is a no-op).
+    pub async fn run_snap_trimmer(self: Arc<Self>) {
+        let incarnation = now_ns();
+        let mut tid = 0u64;
+        loop {
+            tokio::time::sleep(SNAP_TRIM_TICK).await;
+            let (Some(map), Some(me)) = (self.current_map(), self.me()) else {
+                continue;
+            };
+            let pgs: Vec<Arc<Pg>> = lock(&self.pgs).values().cloned().collect();
+            for pg in pgs {
+                let Some(pool) = map.pools.get(&pg.id.pool) else {
+                    continue;
+                };
+                if pool.removed_snaps.is_empty() {
+                    continue;
+                }
+                let generation = {
+                    let s = lock(&pg.state);
+                    let recovering = s.missing.values().any(|m| !m.is_empty());
+                    if s.primary != Some(me) || s.status != PgStatus::Active || recovering {
+                        continue;
+                    }
+                    s.generation
+                };
+                let done: BTreeSet<u64> = self
+                    .store
+                    .meta_get(&snap_trimmed_key(pg.id))
+                    .ok()
+                    .flatten()
+                    .and_then(|b| decode(&b, "trimmed snapshots").ok())
+                    .unwrap_or_default();
+                let todo: Vec<u64> = pool.removed_snaps.difference(&done).copied().collect();
+                if todo.is_empty() {
+                    continue;
+                }
+                lock(&pg.state).snaptrim = true;
+                let trimmed = self
+                    .trim_pg(&pg, generation, me, map.epoch, &todo, incarnation, &mut tid)
+                    .await;
+                lock(&pg.state).snaptrim = false;
+                match trimmed {
+                    Ok(objects) => {
+                        let mut txn = Transaction::new();
+                        txn.meta_set(snap_trimmed_key(pg.id), encode(&pool.removed_snaps));
+                        if let Err(e) = self.store.submit(txn).await {
+                            tracing::warn!(pg = %pg.id, error = %e, "cannot record the trimmed snapshots");
+                        }
+                        tracing::info!(pg = %pg.id, objects, snaps = ?todo, "snap trim done");
+                    }
+                    Err(e) => {
+                        tracing::info!(pg = %pg.id, error = %e, "snap trim did not finish; will resume")
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pass of the snap trimmer over `pg`; returns how many objects it trimmed.
+    #[allow(clippy::too_many_arguments)]
+    async fn trim_pg(
+        self: &Arc<Self>,
+        pg: &Arc<Pg>,
+        generation: u64,
+        me: OsdId,
+        epoch: Epoch,
+        removed: &[u64],
+        incarnation: u64,
+        tid: &mut u64,
+    ) -> Result<u64, OpError> {
+        let id = pg.id;
+        let mut after: Option<ObjectName> = None;
+        let mut trimmed = 0;
+        loop {
+            if lock(&pg.state).generation != generation {
+                return Err(OpError::IntervalChanged {
+                    pg: id.to_string(),
+                    epoch: pg.snapshot().2,
+                });
+            }
+            let (cursor, wanted) = (after.clone(), removed.to_vec());
+            let (page, next) = self
+                .on_store(move |store| {
+                    pg::objects_to_trim(store, id, cursor.as_ref(), SNAP_TRIM_SCAN, &wanted)
+                })
+                .await?;
+            for (name, snaps) in page {
+                *tid += 1;
+                let req = pb::OpRequest {
+                    pool: id.pool,
+                    pg_seed: id.seed,
+                    namespace: name.0.clone(),
+                    object: name.1.clone(),
+                    epoch,
+                    reqid: Some(pb::ReqId {
+                        client: format!("osd.{me}.snaptrim"),
+                        incarnation,
+                        tid: *tid,
+                    }),
+                    timeout_ms: 30_000,
+                    full_try: true,
+                    ..Default::default()
+                };
+                self.handle_op(req, vec![ObjOp::TrimSnaps { removed: snaps }])
+                    .await?;
+                metrics::counter!("basalt_osd_snap_trims_total").increment(1);
+                trimmed += 1;
+                self.recovery_sleep().await;
+            }
+            match next {
+                Some(n) => after = Some(n),
+                None => return Ok(trimmed),
+            }
+        }
+    }
+
     pub async fn run_scrub_schedule(self: Arc<Self>) {
         let (shallow, deep) = (
             self.tuning.scrub_interval_secs * 1000,
@@ -2766,13 +2927,16 @@ impl OsdCore {
             let page = store
                 .list_objects(id, start.as_ref(), max)
                 .map_err(pg::store_error)?;
+            let mut objects = Vec::with_capacity(page.objects.len());
+            for o in page.objects.iter().filter(|o| o.snap() == crate::store::SNAP_HEAD) {
+                // A whiteout (deleted, its clones kept for snapshots) is no object to list.
+                let head = store.head(o).map_err(pg::store_error)?;
+                if head.is_some() && !crate::snaps::is_whiteout(head.as_ref()) {
+                    objects.push((o.namespace().to_string(), o.name().to_string()));
+                }
+            }
             Ok(pg::Listing {
-                objects: page
-                    .objects
-                    .iter()
-                    .filter(|o| o.snap() == crate::store::SNAP_HEAD)
-                    .map(|o| (o.namespace().to_string(), o.name().to_string()))
-                    .collect(),
+                objects,
                 next: page
                     .next
                     .map(|o| (o.namespace().to_string(), o.name().to_string())),
