@@ -77,6 +77,75 @@ pub enum RbdCmd {
         spec: String,
         file: PathBuf,
     },
+    /// Snapshots of an image: create, ls, rm, rollback, protect, unprotect, purge.
+    #[command(subcommand)]
+    Snap(SnapCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapCmd {
+    /// Take a crash-consistent snapshot (a writer elsewhere hands its lock over for it).
+    Create {
+        /// POOL/IMAGE@SNAP
+        spec: String,
+    },
+    /// List an image's snapshots.
+    Ls {
+        /// POOL/IMAGE
+        spec: String,
+    },
+    /// Remove a snapshot (not a protected one); the OSDs free its data in the background.
+    Rm {
+        /// POOL/IMAGE@SNAP
+        spec: String,
+    },
+    /// Make the image what it was at the snapshot (the image's current data is lost unless
+    /// another snapshot holds it).
+    Rollback {
+        /// POOL/IMAGE@SNAP
+        spec: String,
+    },
+    /// Protect a snapshot from removal.
+    Protect {
+        /// POOL/IMAGE@SNAP
+        spec: String,
+    },
+    Unprotect {
+        /// POOL/IMAGE@SNAP
+        spec: String,
+    },
+    /// Remove every unprotected snapshot of an image.
+    Purge {
+        /// POOL/IMAGE
+        spec: String,
+    },
+}
+
+/// What a `snap` command does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SnapOp {
+    Create,
+    Ls,
+    Rm,
+    Rollback,
+    Protect,
+    Unprotect,
+    Purge,
+}
+
+/// Splits `POOL/IMAGE@SNAP`.
+fn parse_snap_spec(spec: &str) -> anyhow::Result<(String, String, String)> {
+    match spec.split_once('@') {
+        Some((image, snap)) if !snap.is_empty() => {
+            let (pool, image) = parse_spec(image)?;
+            basalt_rbd::snap::check_name(snap)
+                .map_err(|why| anyhow::anyhow!("bad snapshot in '{spec}': {why}"))?;
+            Ok((pool, image, snap.to_string()))
+        }
+        _ => bail!(
+            "bad snapshot spec '{spec}': write it as POOL/IMAGE@SNAP, e.g. rbd/vm1@before-upgrade"
+        ),
+    }
 }
 
 /// Parses a size like `10G`, `4M`, `512K`, `4MiB` or `1024` (bytes); binary units.
@@ -121,6 +190,7 @@ enum Plan {
     Rename { new: String },
     Import { file: PathBuf, order: u8 },
     Export { file: PathBuf },
+    Snap { op: SnapOp, snap: String },
 }
 
 fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
@@ -184,6 +254,29 @@ fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
                 file,
             },
         ),
+        RbdCmd::Snap(cmd) => {
+            let (op, spec, with_snap) = match cmd {
+                SnapCmd::Create { spec } => (SnapOp::Create, spec, true),
+                SnapCmd::Ls { spec } => (SnapOp::Ls, spec, false),
+                SnapCmd::Rm { spec } => (SnapOp::Rm, spec, true),
+                SnapCmd::Rollback { spec } => (SnapOp::Rollback, spec, true),
+                SnapCmd::Protect { spec } => (SnapOp::Protect, spec, true),
+                SnapCmd::Unprotect { spec } => (SnapOp::Unprotect, spec, true),
+                SnapCmd::Purge { spec } => (SnapOp::Purge, spec, false),
+            };
+            if with_snap {
+                let (pool, image, snap) = parse_snap_spec(&spec)?;
+                Ok((pool, Some(image), Plan::Snap { op, snap }))
+            } else {
+                with_image(
+                    &spec,
+                    Plan::Snap {
+                        op,
+                        snap: String::new(),
+                    },
+                )
+            }
+        }
         RbdCmd::Export { spec, file } => {
             if file.as_os_str() == "-" {
                 bail!("export to stdout is not supported (the output is written sparse): give a file path");
@@ -196,8 +289,15 @@ fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
 /// Turns the image layer's errors into one line saying what to do.
 fn explain(e: RbdError, pool: &str) -> anyhow::Error {
     match e {
+        RbdError::NotFound(img) if img.contains('@') => anyhow::anyhow!(
+            "snapshot {pool}/{img} does not exist (basalt rbd snap ls {pool}/{} lists them)",
+            img.split('@').next().unwrap_or_default()
+        ),
         RbdError::NotFound(img) => anyhow::anyhow!(
             "image {pool}/{img} does not exist (basalt rbd ls {pool} lists the images)"
+        ),
+        RbdError::Exists(img) if img.contains('@') => anyhow::anyhow!(
+            "snapshot {pool}/{img} already exists (pick another name)"
         ),
         RbdError::Exists(img) => anyhow::anyhow!(
             "image {pool}/{img} already exists (pick another name, or basalt rbd rm {pool}/{img} first)"
@@ -444,6 +544,103 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
                     human(stats.bytes),
                     human(stats.data_bytes)
                 );
+            }
+        }
+        Plan::Snap { op, snap } => {
+            let img = rbd.open(&image).await.map_err(ex)?;
+            let r = run_snap(&img, &pool, &image, op, &snap, json).await;
+            let closed = img.close().await;
+            r.map_err(ex)?;
+            closed.map_err(ex)?;
+        }
+    }
+    Ok(())
+}
+
+fn snap_json(pool: &str, image: &str, s: &basalt_rbd::snap::SnapInfo) -> serde_json::Value {
+    json!({
+        "pool": pool, "image": image, "id": s.id, "name": s.name, "size": s.size,
+        "protected": s.protected, "created_ms": s.created_ms,
+    })
+}
+
+async fn run_snap(
+    img: &basalt_rbd::Image,
+    pool: &str,
+    image: &str,
+    op: SnapOp,
+    snap: &str,
+    json: bool,
+) -> basalt_rbd::Result<()> {
+    let said = |what: &str| {
+        if json {
+            crate::print_json(json!({ "pool": pool, "image": image, "snap": snap, "done": what }));
+        } else {
+            eprintln!("{what} {pool}/{image}@{snap}");
+        }
+    };
+    match op {
+        SnapOp::Create => {
+            let s = img.snap_create(snap).await?;
+            if json {
+                crate::print_json(snap_json(pool, image, &s));
+            } else {
+                eprintln!("created snapshot {pool}/{image}@{snap} (id {})", s.id);
+            }
+        }
+        SnapOp::Ls => {
+            let snaps = img.snapshots().await?;
+            if json {
+                crate::print_json(json!(snaps
+                    .iter()
+                    .map(|s| snap_json(pool, image, s))
+                    .collect::<Vec<_>>()));
+            } else {
+                println!("{:>6}  {:<24} {:>12}  PROTECTED", "SNAPID", "NAME", "SIZE");
+                for s in snaps {
+                    println!(
+                        "{:>6}  {:<24} {:>12}  {}",
+                        s.id,
+                        s.name,
+                        human(s.size),
+                        if s.protected { "yes" } else { "" }
+                    );
+                }
+            }
+        }
+        SnapOp::Rm => {
+            img.snap_remove(snap).await?;
+            said("removed snapshot");
+        }
+        SnapOp::Rollback => {
+            let pb = progress_bar("Rolling back to snapshot", false);
+            let cb = |done: u64, total: u64| {
+                pb.set_length(total);
+                pb.set_position(done);
+            };
+            let r = img.snap_rollback(snap, &cb).await;
+            pb.finish_and_clear();
+            r?;
+            said("rolled back to snapshot");
+        }
+        SnapOp::Protect => {
+            img.snap_set_protected(snap, true).await?;
+            said("protected snapshot");
+        }
+        SnapOp::Unprotect => {
+            img.snap_set_protected(snap, false).await?;
+            said("unprotected snapshot");
+        }
+        SnapOp::Purge => {
+            let mut removed = Vec::new();
+            for s in img.snapshots().await?.iter().filter(|s| !s.protected) {
+                img.snap_remove(&s.name).await?;
+                removed.push(s.name.clone());
+            }
+            if json {
+                crate::print_json(json!({ "pool": pool, "image": image, "removed": removed }));
+            } else {
+                eprintln!("removed {} snapshots of {pool}/{image}", removed.len());
             }
         }
     }

@@ -135,7 +135,9 @@ pub fn execute(
         return execute_at_snap(store, obj, stored.as_ref(), snap.read_snap, ops);
     }
     // A whiteout (a deleted object whose clones remain) is no object to a client.
-    let head = stored.as_ref().filter(|_| !snaps::is_whiteout(stored.as_ref()));
+    let head = stored
+        .as_ref()
+        .filter(|_| !snaps::is_whiteout(stored.as_ref()));
     let exists_before = head.is_some();
     let mut exists = exists_before;
     let mut txn = Transaction::new();
@@ -362,7 +364,14 @@ pub fn execute(
         outputs.push(out);
     }
     if is_write {
-        snaps::finish(obj, stored.as_ref(), &snaps_before, &snapset, exists, &mut txn);
+        snaps::finish(
+            obj,
+            stored.as_ref(),
+            &snaps_before,
+            &snapset,
+            exists,
+            &mut txn,
+        );
     }
     Ok(Executed {
         txn,
@@ -407,9 +416,12 @@ fn execute_at_snap(
     // Metadata comes from the clone that holds the snapshot (or the head); data through the
     // chain of clones.
     let clone = match &at {
-        Some((id, _)) if id != obj => Some(store.head(id).map_err(store_error)?.ok_or_else(
-            || OpError::Corrupt(format!("clone {id} of {obj} is missing")),
-        )?),
+        Some((id, _)) if id != obj => Some(
+            store
+                .head(id)
+                .map_err(store_error)?
+                .ok_or_else(|| OpError::Corrupt(format!("clone {id} of {obj} is missing")))?,
+        ),
         _ => None,
     };
     let holder = clone.as_ref().or(stored);
@@ -772,7 +784,11 @@ pub fn objects_to_trim(
     let page = store
         .list_objects(pg, cursor.as_ref(), max)
         .map_err(store_error)?;
-    for o in page.objects.iter().filter(|o| o.snap() == crate::store::SNAP_HEAD) {
+    for o in page
+        .objects
+        .iter()
+        .filter(|o| o.snap() == crate::store::SNAP_HEAD)
+    {
         let head = store.head(o).map_err(store_error)?;
         let mut snaps: Vec<u64> = SnapSet::of(head.as_ref())?
             .clones
@@ -1260,7 +1276,8 @@ mod tests {
             let ops = vec![ObjOp::WriteFull {
                 data: Bytes::from_static(data),
             }];
-            let mut ex = execute(s, &obj, "c", &ops, &SnapArgs::default(), &|| vec![]).expect("exec");
+            let mut ex =
+                execute(s, &obj, "c", &ops, &SnapArgs::default(), &|| vec![]).expect("exec");
             let reqid = ReqId {
                 client: "c".into(),
                 incarnation: 1,

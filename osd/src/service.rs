@@ -2928,7 +2928,11 @@ impl OsdCore {
                 .list_objects(id, start.as_ref(), max)
                 .map_err(pg::store_error)?;
             let mut objects = Vec::with_capacity(page.objects.len());
-            for o in page.objects.iter().filter(|o| o.snap() == crate::store::SNAP_HEAD) {
+            for o in page
+                .objects
+                .iter()
+                .filter(|o| o.snap() == crate::store::SNAP_HEAD)
+            {
                 // A whiteout (deleted, its clones kept for snapshots) is no object to list.
                 let head = store.head(o).map_err(pg::store_error)?;
                 if head.is_some() && !crate::snaps::is_whiteout(head.as_ref()) {

@@ -213,9 +213,7 @@ pub fn before_write(
                 continue;
             }
             let len = CHUNK_SIZE.min(newest.size - start);
-            let data = store
-                .read_head(obj, h, start, len)
-                .map_err(store_error)?;
+            let data = store.read_head(obj, h, start, len).map_err(store_error)?;
             txn.write(&cid, start, data);
             newest.owned.insert(k);
         }

@@ -79,7 +79,7 @@ fn split_name(name: &str) -> Result<(&str, &str), NbdError> {
             Ok((pool, image))
         }
         _ => Err(NbdError::NotFound(format!(
-            "export {name:?} is not POOL/IMAGE (e.g. nbd://HOST:PORT/rbd/vm1)"
+            "export {name:?} is not POOL/IMAGE or POOL/IMAGE@SNAP (e.g. nbd://HOST:PORT/rbd/vm1)"
         ))),
     }
 }
@@ -91,6 +91,7 @@ fn nbd_error(e: RbdError) -> NbdError {
         e @ RbdError::Blocklisted(_) => NbdError::PermissionDenied(e.to_string()),
         RbdError::Backend(basalt_rbd::BackendError::NoSpace(m)) => NbdError::NoSpace(m),
         RbdError::Closed(m) => NbdError::Shutdown(m),
+        e @ RbdError::ReadOnly(_) => NbdError::PermissionDenied(e.to_string()),
         other => NbdError::Io(other.to_string()),
     }
 }
@@ -107,7 +108,12 @@ impl ExportRegistry for ImageRegistry {
             return Ok(Arc::new(Connection::new(e.clone())));
         }
         let rbd = self.rbd(pool).await?;
-        let img = rbd.open(image).await.map_err(nbd_error)?;
+        // `IMAGE@SNAP` exports the snapshot, read-only.
+        let img = match image.split_once('@') {
+            Some((image, snap)) => rbd.open_snapshot(image, snap).await,
+            None => rbd.open(image).await,
+        }
+        .map_err(nbd_error)?;
         tracing::info!(export = name, size = img.size(), "image opened");
         let export = Arc::new(ImageExport {
             name: name.to_string(),
@@ -255,7 +261,7 @@ impl Export for ImageExport {
     }
 
     fn read_only(&self) -> bool {
-        false
+        self.image.snapshot().is_some()
     }
 
     fn can_multi_conn(&self) -> bool {

@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+pub use basalt_client::ops::SnapContext;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
@@ -97,6 +100,21 @@ pub trait ObjectBackend: Send + Sync + 'static {
     /// breaker blocklists it, e.g. "client.gw.host1/4242" (name/nonce): unique per process
     /// even when the name is fixed.
     fn client_id(&self) -> String;
+    /// The same pool whose writes carry `snapc` (the image's snapshots): the first write to
+    /// an object after a snapshot preserves what it changes for that snapshot.
+    /// `InvalidArgument` for a malformed context (ids not descending in `1..=seq`).
+    fn with_snap_context(&self, snapc: SnapContext)
+        -> Result<Arc<dyn ObjectBackend>, BackendError>;
+    /// The same pool read at snapshot `snap`: reads and stats see the objects as they were
+    /// then (`NotFound` for one that did not exist); writes are refused.
+    fn at_snap(&self, snap: u64) -> Arc<dyn ObjectBackend>;
+    /// Allocates a new snapshot id in the pool (self-managed snapshots).
+    async fn snap_alloc(&self) -> Result<u64, BackendError>;
+    /// Releases snapshot id `snap`: its preserved data is trimmed in the background.
+    async fn snap_release(&self, snap: u64) -> Result<(), BackendError>;
+    /// Makes `oid` what it was at snapshot `snap` (removed if it did not exist then),
+    /// preserving its current state for this backend's snap context first.
+    async fn rollback(&self, oid: &str, snap: u64) -> Result<(), BackendError>;
     /// `NotFound` if absent; short at EOF.
     async fn read(&self, oid: &str, off: u64, len: u64) -> Result<Bytes, BackendError>;
     /// Creates the object if absent.

@@ -22,6 +22,11 @@ pub enum RbdError {
     LockTimeout(String),
     #[error("image {0} is closed")]
     Closed(String),
+    /// A write to an image opened at a snapshot.
+    #[error("read-only: {0}; snapshots cannot be written (roll the image back to one with `basalt rbd snap rollback`)")]
+    ReadOnly(String),
+    #[error("snapshot {0} is protected; unprotect it first (`basalt rbd snap unprotect`)")]
+    SnapshotProtected(String),
     #[error("image {0} has corrupt metadata: {1}")]
     Corrupt(String, String),
     /// Reading the import source or writing the export target failed.

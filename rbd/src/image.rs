@@ -28,6 +28,7 @@ use crate::backend::{BackendError, ObjectBackend, WatchEvent, Watcher};
 use crate::error::{RbdError, Result};
 use crate::layout::{self, Header};
 use crate::lock::{Action, Event, LockConfig, LockCore, LockOwner, Refusal, WriteId};
+use crate::snap::{self, SnapInfo};
 
 /// How many object operations one request keeps in flight.
 pub(crate) const OBJECT_CONCURRENCY: usize = 16;
@@ -115,6 +116,12 @@ pub(crate) struct Shared {
     handovers: AtomicU64,
     /// Set once the lock core failed for good (blocklisted).
     failure: Mutex<Option<RbdError>>,
+    /// What data objects are read and written through: the backend with the image's snap
+    /// context (replaced when a refresh finds a new one), or, for an image opened at a
+    /// snapshot, the backend reading at it.
+    data: Mutex<Arc<dyn ObjectBackend>>,
+    /// Set when the image was opened at this snapshot: read-only, of the snapshot's size.
+    snap: Option<SnapInfo>,
 }
 
 impl Shared {
@@ -126,15 +133,68 @@ impl Shared {
         layout::data_oid(&self.prefix, objectno)
     }
 
+    fn data(&self) -> Arc<dyn ObjectBackend> {
+        match self.data.lock() {
+            Ok(d) => d.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The header keys a refresh reads.
+    fn refresh_keys() -> Vec<String> {
+        vec!["size".to_string(), snap::SNAP_CONTEXT_KEY.to_string()]
+    }
+
+    /// Takes the size and snap context of a header read with [`Shared::refresh_keys`]
+    /// (an image open at a snapshot keeps its own).
+    fn apply_header(
+        &self,
+        m: &std::collections::BTreeMap<String, Bytes>,
+    ) -> std::result::Result<u64, BackendError> {
+        let bad = |why: String| BackendError::Io(format!("{}: {why}", self.header_oid));
+        let size = size_in(m).ok_or_else(|| bad("bad size in header".into()))?;
+        if let Some(at) = &self.snap {
+            return Ok(at.size);
+        }
+        let snapc = snap::context_in(m).map_err(bad)?;
+        let data = self.backend.with_snap_context(snapc)?;
+        match self.data.lock() {
+            Ok(mut d) => *d = data,
+            Err(poisoned) => *poisoned.into_inner() = data,
+        }
+        self.size.store(size, Ordering::SeqCst);
+        Ok(size)
+    }
+
     async fn refresh_size(&self) -> std::result::Result<u64, BackendError> {
         let m = self
             .backend
-            .omap_get(&self.header_oid, &["size".to_string()])
+            .omap_get(&self.header_oid, &Self::refresh_keys())
             .await?;
-        let v = size_in(&m)
-            .ok_or_else(|| BackendError::Io(format!("{}: bad size in header", self.header_oid)))?;
-        self.size.store(v, Ordering::SeqCst);
-        Ok(v)
+        self.apply_header(&m)
+    }
+
+    async fn snapshots(&self) -> Result<Vec<SnapInfo>> {
+        read_snapshots(self.backend.as_ref(), &self.name, &self.header_oid).await
+    }
+
+    /// The `seq` of the image's snap context as the header has it.
+    async fn context_seq(&self) -> Result<u64> {
+        let m = self
+            .backend
+            .omap_get(&self.header_oid, &Self::refresh_keys())
+            .await?;
+        Ok(snap::context_in(&m)
+            .map_err(|why| RbdError::Corrupt(self.name.clone(), why))?
+            .seq)
+    }
+
+    fn snap_named(infos: &[SnapInfo], image: &str, name: &str) -> Result<SnapInfo> {
+        infos
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| RbdError::NotFound(format!("{image}@{name}")))
     }
 }
 
@@ -186,21 +246,57 @@ impl Image {
         name: &str,
         opts: ImageOptions,
     ) -> Result<Image> {
+        Self::open_at(backend, name, opts, None).await
+    }
+
+    /// Opens `name` at its snapshot `snap_name`: read-only, of the snapshot's size, reading
+    /// the data as it was when the snapshot was taken.
+    pub async fn open_snapshot(
+        backend: Arc<dyn ObjectBackend>,
+        name: &str,
+        snap_name: &str,
+        opts: ImageOptions,
+    ) -> Result<Image> {
+        Self::open_at(backend, name, opts, Some(snap_name)).await
+    }
+
+    async fn open_at(
+        backend: Arc<dyn ObjectBackend>,
+        name: &str,
+        opts: ImageOptions,
+        snap_name: Option<&str>,
+    ) -> Result<Image> {
         let id = read_id(backend.as_ref(), name).await?;
         let header_oid = layout::header_oid(&id);
         let header = read_header(backend.as_ref(), name, &header_oid).await?;
+        let (snap, data, size) = match snap_name {
+            Some(s) => {
+                let infos = read_snapshots(backend.as_ref(), name, &header_oid).await?;
+                let at = Shared::snap_named(&infos, name, s)?;
+                let data = backend.at_snap(at.id);
+                let size = at.size;
+                (Some(at), data, size)
+            }
+            None => (
+                None,
+                backend.with_snap_context(header.snapc.clone())?,
+                header.size,
+            ),
+        };
         let (cookie, watch_rx) = backend.watch(&header_oid).await.map_err(|e| match e {
             BackendError::NotFound(_) => RbdError::NotFound(name.to_string()),
             e => e.into(),
         })?;
         let shared = Arc::new(Shared {
+            data: Mutex::new(data),
+            snap,
             backend: backend.clone(),
             name: name.to_string(),
             id,
             header_oid,
             prefix: header.object_prefix,
             order: header.order,
-            size: AtomicU64::new(header.size),
+            size: AtomicU64::new(size),
             handovers: AtomicU64::new(0),
             failure: Mutex::new(None),
         });
@@ -278,6 +374,12 @@ impl Image {
 
     /// Wait for the exclusive lock (taken lazily) and admission.
     async fn admit(&self) -> Result<WriteGuard> {
+        if let Some(at) = &self.shared.snap {
+            return Err(RbdError::ReadOnly(format!(
+                "{}@{} is a snapshot",
+                self.shared.name, at.name
+            )));
+        }
         let id = self.next_write.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let closed = || RbdError::Closed(self.shared.name.clone());
@@ -311,9 +413,10 @@ impl Image {
         let n = usize::try_from(len)
             .map_err(|_| RbdError::InvalidArgument(format!("read of {len} bytes")))?;
         let sh = &self.shared;
+        let data = &sh.data();
         let parts = try_join_all(layout::object_extents(off, len, sh.order).into_iter().map(
             |e| async move {
-                match sh.backend.read(&sh.oid(e.objectno), e.offset, e.len).await {
+                match data.read(&sh.oid(e.objectno), e.offset, e.len).await {
                     Ok(b) => Ok((e, b)),
                     Err(BackendError::NotFound(_)) => Ok((e, Bytes::new())),
                     Err(err) => Err(RbdError::from(err)),
@@ -340,6 +443,7 @@ impl Image {
         // The size may have changed while another client held the lock.
         self.check_range(off, len)?;
         let sh = &self.shared;
+        let backend = &sh.data();
         let writing = std::time::Instant::now();
         try_join_all(
             layout::object_extents(off, len, sh.order)
@@ -347,7 +451,7 @@ impl Image {
                 .map(|e| {
                     let piece = data.slice(e.buf_offset as usize..(e.buf_offset + e.len) as usize);
                     async move {
-                        sh.backend
+                        backend
                             .write(&sh.oid(e.objectno), e.offset, piece)
                             .await
                             .map_err(|err| self.write_error(err))
@@ -368,15 +472,16 @@ impl Image {
         self.check_range(off, len)?;
         let sh = &self.shared;
         let os = sh.object_size();
+        let backend = &sh.data();
         try_join_all(
             layout::object_extents(off, len, sh.order)
                 .into_iter()
                 .map(|e| async move {
                     let oid = sh.oid(e.objectno);
                     let r = if e.offset == 0 && e.len == os {
-                        sh.backend.remove(&oid).await
+                        backend.remove(&oid).await
                     } else {
-                        sh.backend.zero(&oid, e.offset, e.len).await
+                        backend.zero(&oid, e.offset, e.len).await
                     };
                     match r {
                         Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
@@ -414,9 +519,10 @@ impl Image {
         // Owned object names: a future borrowing the extent would not be Send for every
         // lifetime, which callers holding it across awaits (the NBD server) need.
         let oids: Vec<String> = exts.iter().map(|e| sh.oid(e.objectno)).collect();
+        let data = &sh.data();
         let sizes: Vec<Option<u64>> =
             futures::stream::iter(oids.into_iter().map(|oid| async move {
-                match sh.backend.stat(&oid).await {
+                match data.stat(&oid).await {
                     Ok(s) => Ok(Some(s)),
                     Err(BackendError::NotFound(_)) => Ok(None),
                     Err(err) => Err(RbdError::from(err)),
@@ -465,7 +571,8 @@ impl Image {
             sh.size.store(new_size, Ordering::SeqCst);
             let first_gone = layout::num_objects(new_size, sh.order);
             let last = layout::num_objects(old, sh.order);
-            let gone = data_objects_in(sh.backend.as_ref(), &sh.prefix, first_gone, last)
+            let data = sh.data();
+            let gone = data_objects_in(data.as_ref(), &sh.prefix, first_gone, last)
                 .await
                 .map_err(|e| self.write_error(e))?;
             let total = gone.len() as u64 + u64::from(!new_size.is_multiple_of(os));
@@ -473,7 +580,7 @@ impl Image {
             let tick = || progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
             if !new_size.is_multiple_of(os) {
                 let oid = sh.oid(new_size >> sh.order);
-                match sh.backend.zero(&oid, new_size % os, os).await {
+                match data.zero(&oid, new_size % os, os).await {
                     Ok(()) | Err(BackendError::NotFound(_)) => {}
                     Err(e) => return Err(self.write_error(e)),
                 }
@@ -481,8 +588,9 @@ impl Image {
             }
             futures::stream::iter(gone.into_iter().map(|n| {
                 let oid = sh.oid(n);
+                let data = &data;
                 async move {
-                    match sh.backend.remove(&oid).await {
+                    match data.remove(&oid).await {
                         Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
                         Err(e) => Err(self.write_error(e)),
                     }
@@ -513,6 +621,172 @@ impl Image {
                 .await;
         }
         Ok(())
+    }
+
+    /// The snapshot this image was opened at, if any.
+    pub fn snapshot(&self) -> Option<&SnapInfo> {
+        self.shared.snap.as_ref()
+    }
+
+    /// The image's snapshots, oldest first.
+    pub async fn snapshots(&self) -> Result<Vec<SnapInfo>> {
+        self.shared.snapshots().await
+    }
+
+    /// Takes snapshot `name` under the exclusive lock: a writer elsewhere first finishes its
+    /// in-flight writes and hands the lock over, so the snapshot holds exactly the writes
+    /// acknowledged before it; its next write takes the lock back with the new context.
+    pub async fn snap_create(&self, name: &str) -> Result<SnapInfo> {
+        snap::check_name(name).map_err(RbdError::InvalidArgument)?;
+        let _guard = self.admit().await?;
+        let sh = &self.shared;
+        let mut infos = sh.snapshots().await?;
+        if infos.iter().any(|s| s.name == name) {
+            return Err(RbdError::Exists(format!("{}@{name}", sh.name)));
+        }
+        let id = sh
+            .backend
+            .snap_alloc()
+            .await
+            .map_err(|e| self.write_error(e))?;
+        let info = SnapInfo {
+            id,
+            name: name.to_string(),
+            size: self.size(),
+            protected: false,
+            created_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        infos.push(info.clone());
+        let mut kv = std::collections::BTreeMap::new();
+        kv.insert(snap::snapshot_key(id), snap::encode_info(&info));
+        self.write_snapshots(kv, &[], id, &infos).await?;
+        Ok(info)
+    }
+
+    /// Removes snapshot `name` (refused while protected); its preserved data is trimmed by
+    /// the OSDs in the background.
+    pub async fn snap_remove(&self, name: &str) -> Result<()> {
+        let _guard = self.admit().await?;
+        let sh = &self.shared;
+        let mut infos = sh.snapshots().await?;
+        let at = Shared::snap_named(&infos, &sh.name, name)?;
+        if at.protected {
+            return Err(RbdError::SnapshotProtected(format!("{}@{name}", sh.name)));
+        }
+        infos.retain(|s| s.id != at.id);
+        let seq = sh.context_seq().await?;
+        self.write_snapshots(
+            Default::default(),
+            &[snap::snapshot_key(at.id)],
+            seq,
+            &infos,
+        )
+        .await?;
+        // After the header no longer names it: a crash in between leaks the id's clones
+        // (never trimmed) rather than leaving a snapshot whose data is being trimmed.
+        sh.backend
+            .snap_release(at.id)
+            .await
+            .map_err(|e| self.write_error(e))
+    }
+
+    /// Sets or clears the protection of snapshot `name`.
+    pub async fn snap_set_protected(&self, name: &str, protected: bool) -> Result<()> {
+        let _guard = self.admit().await?;
+        let sh = &self.shared;
+        let mut at = Shared::snap_named(&sh.snapshots().await?, &sh.name, name)?;
+        at.protected = protected;
+        let mut kv = std::collections::BTreeMap::new();
+        kv.insert(snap::snapshot_key(at.id), snap::encode_info(&at));
+        sh.backend
+            .omap_set(&sh.header_oid, kv)
+            .await
+            .map_err(|e| self.write_error(e))
+    }
+
+    /// Makes the image what it was at snapshot `name`: every object is rolled back on its
+    /// OSD (the current data is first preserved for the image's snapshots), then the size.
+    pub async fn snap_rollback(
+        &self,
+        name: &str,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<()> {
+        let _guard = self.admit().await?;
+        let sh = &self.shared;
+        let at = Shared::snap_named(&sh.snapshots().await?, &sh.name, name)?;
+        let objects = layout::num_objects(self.size().max(at.size), sh.order);
+        let data = sh.data();
+        let done = AtomicU64::new(0);
+        futures::stream::iter((0..objects).map(|n| {
+            let (oid, data) = (sh.oid(n), &data);
+            async move {
+                match data.rollback(&oid, at.id).await {
+                    Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
+                    Err(e) => Err(self.write_error(e)),
+                }
+            }
+        }))
+        .buffer_unordered(OBJECT_CONCURRENCY)
+        .try_for_each(|()| async {
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, objects);
+            Ok(())
+        })
+        .await?;
+        let mut kv = std::collections::BTreeMap::new();
+        kv.insert("size".to_string(), layout::u64_bytes(at.size));
+        sh.backend
+            .omap_set(&sh.header_oid, kv)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        sh.size.store(at.size, Ordering::SeqCst);
+        self.notify_header_update().await;
+        Ok(())
+    }
+
+    /// Writes snapshot records (`set`, `remove`) with the context for `infos`, takes the
+    /// context here, and tells other open handles.
+    async fn write_snapshots(
+        &self,
+        mut set: std::collections::BTreeMap<String, Bytes>,
+        remove: &[String],
+        seq: u64,
+        infos: &[SnapInfo],
+    ) -> Result<()> {
+        let sh = &self.shared;
+        let context = snap::context_of(seq, infos);
+        set.insert(
+            snap::SNAP_CONTEXT_KEY.to_string(),
+            snap::encode_context(&context),
+        );
+        if !remove.is_empty() {
+            sh.backend
+                .omap_rm(&sh.header_oid, remove)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
+        sh.backend
+            .omap_set(&sh.header_oid, set)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        let data = sh.backend.with_snap_context(context)?;
+        match sh.data.lock() {
+            Ok(mut d) => *d = data,
+            Err(poisoned) => *poisoned.into_inner() = data,
+        }
+        self.notify_header_update().await;
+        Ok(())
+    }
+
+    async fn notify_header_update(&self) {
+        let sh = &self.shared;
+        if let Ok(payload) = postcard::to_allocvec(&NotifyMsg::HeaderUpdate) {
+            let _ = sh
+                .backend
+                .notify(&sh.header_oid, payload.into(), Duration::from_secs(5))
+                .await;
+        }
     }
 
     /// Hand the exclusive lock back now if it is held (after the admitted writes finish),
@@ -550,7 +824,7 @@ impl Image {
     ) -> Result<Option<Bytes>> {
         match self
             .shared
-            .backend
+            .data()
             .read(&self.shared.oid(objectno), off, len)
             .await
         {
@@ -584,6 +858,25 @@ pub(crate) async fn read_id(backend: &dyn ObjectBackend, name: &str) -> Result<S
         .ok()
         .filter(|s| !s.is_empty())
         .ok_or_else(|| RbdError::Corrupt(name.to_string(), "id object is not a UTF-8 id".into()))
+}
+
+/// An image's snapshots as its header lists them, oldest first.
+pub(crate) async fn read_snapshots(
+    backend: &dyn ObjectBackend,
+    name: &str,
+    header_oid: &str,
+) -> Result<Vec<SnapInfo>> {
+    let mut entries = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (page, more) = backend.omap_list(header_oid, &after, 1024).await?;
+        after = page.last().map(|(k, _)| k.clone()).unwrap_or_default();
+        entries.extend(page);
+        if !more || after.is_empty() {
+            break;
+        }
+    }
+    snap::infos_in(&entries).map_err(|why| RbdError::Corrupt(name.to_string(), why))
 }
 
 pub(crate) async fn read_header(
@@ -844,11 +1137,12 @@ impl Driver {
                             layout::LOCK_NAME,
                             &cookie,
                             "basalt-rbd auto",
-                            &["size".to_string()],
+                            &Shared::refresh_keys(),
                         )
                         .await
                     {
-                        Ok(header) => Internal::Locked(size_in(&header)),
+                        // The snap context is taken here, before the refresh admits a write.
+                        Ok(header) => Internal::Locked(sh.apply_header(&header).ok()),
                         Err(BackendError::Busy(_)) => Internal::Core(
                             match b.lock_info(&sh.header_oid, layout::LOCK_NAME).await {
                                 Ok(l) => Event::LockBusy {

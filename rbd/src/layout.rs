@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+use crate::backend::SnapContext;
+
 pub const DIRECTORY: &str = "rbd_directory";
 /// The cls_lock name of the exclusive lock, as librbd names it.
 pub const LOCK_NAME: &str = "rbd_lock";
@@ -127,9 +129,11 @@ pub struct Header {
     pub stripe_unit: u64,
     pub stripe_count: u64,
     pub create_timestamp: u64,
+    /// What writes carry for the image's snapshots ([`crate::snap`]).
+    pub snapc: SnapContext,
 }
 
-pub const HEADER_KEYS: [&str; 8] = [
+pub const HEADER_KEYS: [&str; 9] = [
     "size",
     "order",
     "object_prefix",
@@ -138,6 +142,7 @@ pub const HEADER_KEYS: [&str; 8] = [
     "stripe_unit",
     "stripe_count",
     "create_timestamp",
+    crate::snap::SNAP_CONTEXT_KEY,
 ];
 
 pub fn u64_bytes(v: u64) -> Bytes {
@@ -158,6 +163,12 @@ impl Header {
         m.insert("stripe_unit".into(), u64_bytes(self.stripe_unit));
         m.insert("stripe_count".into(), u64_bytes(self.stripe_count));
         m.insert("create_timestamp".into(), u64_bytes(self.create_timestamp));
+        if self.snapc != SnapContext::default() {
+            m.insert(
+                crate::snap::SNAP_CONTEXT_KEY.into(),
+                crate::snap::encode_context(&self.snapc),
+            );
+        }
         m
     }
 
@@ -190,6 +201,7 @@ impl Header {
             stripe_unit: u64_of("stripe_unit").unwrap_or(1 << order),
             stripe_count: u64_of("stripe_count").unwrap_or(1),
             create_timestamp: u64_of("create_timestamp").unwrap_or(0),
+            snapc: crate::snap::context_in(m)?,
         };
         if h.stripe_unit != 1 << order || h.stripe_count != 1 {
             return Err(format!(
@@ -310,6 +322,7 @@ mod tests {
             stripe_unit: 4 << 20,
             stripe_count: 1,
             create_timestamp: 1_700_000_000,
+            snapc: SnapContext::default(),
         };
         assert_eq!(Header::decode(&h.encode()).unwrap(), h);
         let mut m = h.encode();

@@ -33,6 +33,7 @@ pub mod lock;
 pub mod mem;
 pub mod rados;
 mod rbd;
+pub mod snap;
 
 pub use backend::{
     BackendError, Locker, NotifyAck, NotifyEvent, NotifyResult, ObjectBackend, WatchEvent, Watcher,

@@ -6,7 +6,7 @@
 //! so nothing here retries.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,7 +16,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::backend::{
-    BackendError, Locker, NotifyAck, NotifyEvent, NotifyResult, ObjectBackend, WatchEvent, Watcher,
+    BackendError, Locker, NotifyAck, NotifyEvent, NotifyResult, ObjectBackend, SnapContext,
+    WatchEvent, Watcher,
 };
 
 /// One pool of a real cluster as the image layer's backend.
@@ -67,6 +68,39 @@ impl ObjectBackend for RadosBackend {
         // The instance, not the name: a breaker must fence exactly the process holding the
         // lock, never a restart of it under the same name.
         self.rados.instance().to_string()
+    }
+
+    fn with_snap_context(
+        &self,
+        snapc: SnapContext,
+    ) -> Result<Arc<dyn ObjectBackend>, BackendError> {
+        let mut io = self.io.clone();
+        io.set_snap_context(snapc).map_err(err)?;
+        Ok(Arc::new(RadosBackend::new(
+            self.rados.clone(),
+            io,
+            self.watch_timeout,
+        )))
+    }
+
+    fn at_snap(&self, snap: u64) -> Arc<dyn ObjectBackend> {
+        Arc::new(RadosBackend::new(
+            self.rados.clone(),
+            self.io.at_snap(snap),
+            self.watch_timeout,
+        ))
+    }
+
+    async fn snap_alloc(&self) -> Result<u64, BackendError> {
+        self.io.selfmanaged_snap_create().await.map_err(err)
+    }
+
+    async fn snap_release(&self, snap: u64) -> Result<(), BackendError> {
+        self.io.selfmanaged_snap_remove(snap).await.map_err(err)
+    }
+
+    async fn rollback(&self, oid: &str, snap: u64) -> Result<(), BackendError> {
+        self.io.rollback(oid, snap).await.map_err(err)
     }
 
     async fn read(&self, oid: &str, off: u64, len: u64) -> Result<Bytes, BackendError> {

@@ -103,6 +103,7 @@ impl Rbd {
             create_timestamp: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            snapc: Default::default(),
         };
         let mut dir = BTreeMap::new();
         dir.insert(layout::dir_name_key(name), Bytes::from(id.clone()));
@@ -159,6 +160,11 @@ impl Rbd {
     /// Open an image with this handle's options.
     pub async fn open(&self, name: &str) -> Result<Image> {
         Image::open_with(self.backend.clone(), name, self.opts.clone()).await
+    }
+
+    /// Opens `name` at its snapshot `snap`, read-only.
+    pub async fn open_snapshot(&self, name: &str, snap: &str) -> Result<Image> {
+        Image::open_snapshot(self.backend.clone(), name, snap, self.opts.clone()).await
     }
 
     /// Grow or shrink. Takes the exclusive lock (asking a current writer to

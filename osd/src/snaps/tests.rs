@@ -90,7 +90,8 @@ impl Rig {
         ];
         match execute(&self.store, &self.obj, "c", &ops, &args, &|| vec![]) {
             Ok(ex) => {
-                let (OpOutput::Stat { size, .. }, OpOutput::Data(d)) = (&ex.outputs[0], &ex.outputs[1])
+                let (OpOutput::Stat { size, .. }, OpOutput::Data(d)) =
+                    (&ex.outputs[0], &ex.outputs[1])
                 else {
                     panic!("unexpected outputs {:?}", ex.outputs)
                 };
@@ -148,7 +149,10 @@ fn a_snapshot_keeps_what_a_later_write_changes_copying_only_touched_chunks() {
     assert_eq!(l.clones[0].differs, vec![(C as u64, 2 * C as u64)]);
     // The clone holds two chunks, not the object.
     let clone = r.obj.clone().at_snap(1);
-    assert_eq!(r.store.stat(&clone).expect("clone").stored_bytes, 2 * C as u64);
+    assert_eq!(
+        r.store.stat(&clone).expect("clone").stored_bytes,
+        2 * C as u64
+    );
 
     // Snapshot 2 and a write to chunk 1 again: each snapshot reads its own past.
     let s2 = snapc(2, &[2, 1]);
@@ -316,7 +320,10 @@ fn run_model(seed: u64) {
                     h[off as usize..end].fill(0);
                 }
             }
-            (vec![ObjOp::Zero { offset: off, len }], format!("zero {off}+{len}"))
+            (
+                vec![ObjOp::Zero { offset: off, len }],
+                format!("zero {off}+{len}"),
+            )
         } else if what < 68 {
             if head.is_none() {
                 continue;
@@ -328,13 +335,19 @@ fn run_model(seed: u64) {
             next_snap += 1;
             continue;
         } else if what < 90 {
-            let Some(&s) = snaps.keys().nth(rng.below(snaps.len().max(1) as u64) as usize) else {
+            let Some(&s) = snaps
+                .keys()
+                .nth(rng.below(snaps.len().max(1) as u64) as usize)
+            else {
                 continue;
             };
             head = snaps[&s].clone();
             (vec![ObjOp::Rollback { snap: s }], format!("rollback {s}"))
         } else {
-            let Some(&s) = snaps.keys().nth(rng.below(snaps.len().max(1) as u64) as usize) else {
+            let Some(&s) = snaps
+                .keys()
+                .nth(rng.below(snaps.len().max(1) as u64) as usize)
+            else {
                 continue;
             };
             snaps.remove(&s);

@@ -1,0 +1,220 @@
+//! Image snapshots on a real cluster (issue 19): qemu-io patterns through the gateway, a
+//! snapshot exported read-only over NBD, protect/rollback/rm through the CLI, trimming after
+//! removal, and a snapshot of an image being written that holds exactly a prefix of the
+//! acknowledged writes (crash-consistent).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_rbd::{ImageOptions, RadosBackend, Rbd};
+use basalt_tests::{run_client, test_timeouts, wait_for, DataCluster};
+use bytes::Bytes;
+
+/// qemu-io exits 0 even when a command fails, so failures are read from its output.
+fn qemu_io(url: &str, cmds: &[&str]) -> (bool, String) {
+    qemu_io_with(&["-f", "raw"], url, cmds)
+}
+
+/// Read-only: a snapshot export has NBD's read-only flag, and qemu refuses to open such an
+/// export for writing.
+fn qemu_io_ro_ok(url: &str, cmds: &[&str]) {
+    let (ok, text) = qemu_io_with(&["-r", "-f", "raw"], url, cmds);
+    assert!(ok, "qemu-io -r {cmds:?} on {url} failed:\n{text}");
+}
+
+fn qemu_io_with(opts: &[&str], url: &str, cmds: &[&str]) -> (bool, String) {
+    let mut args = opts.to_vec();
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(url);
+    let (ok, text) = run_client("qemu-io", &args);
+    let failed = text.contains("failed") || text.contains("error") || text.contains("Error");
+    (ok && !failed, text)
+}
+
+fn qemu_io_ok(url: &str, cmds: &[&str]) {
+    let (ok, text) = qemu_io(url, cmds);
+    assert!(ok, "qemu-io {cmds:?} on {url} failed:\n{text}");
+}
+
+#[test]
+fn snapshots_through_the_cli_the_gateway_and_a_live_writer() {
+    basalt_tests::require_tool("qemu-io", "qemu-utils");
+    let d = DataCluster::start(test_timeouts(), "rbd").expect("cluster with pool rbd");
+    let raw_io = d.io.clone();
+    let backend = Arc::new(RadosBackend::new(
+        d.rados.clone(),
+        d.io.clone(),
+        Duration::from_secs(30),
+    ));
+    let rbd = Rbd::new(backend);
+    let mut cluster = d.cluster;
+    let rt = d.rt;
+    rt.block_on(rbd.create("vm1", 64 << 20, 22))
+        .expect("create image");
+    let gw = cluster.start_gateway("gw0", &[]).expect("gateway");
+    let head = format!("nbd://{}/rbd/vm1", cluster.gateway_addr(gw));
+    let at_s1 = format!("{head}@s1");
+
+    // Write A, snapshot, write B: the snapshot reads A, the head B.
+    qemu_io_ok(&head, &["write -P 0xaa 0 8M"]);
+    cluster
+        .cli_ok(&["rbd", "snap", "create", "rbd/vm1@s1"])
+        .expect("snap create");
+    qemu_io_ok(&head, &["write -P 0xbb 0 4M", "write -P 0xcc 6M 64k"]);
+    qemu_io_ro_ok(&at_s1, &["read -P 0xaa 0 8M", "read -P 0 8M 1M"]);
+    qemu_io_ok(
+        &head,
+        &[
+            "read -P 0xbb 0 4M",
+            "read -P 0xaa 4M 2M",
+            "read -P 0xcc 6M 64k",
+        ],
+    );
+    // The snapshot export is read-only.
+    let (ok, text) = qemu_io(&at_s1, &["write -P 0xdd 0 4k"]);
+    assert!(!ok, "a write to a snapshot export succeeded:\n{text}");
+    let ls = cluster
+        .cli_json(&["rbd", "snap", "ls", "rbd/vm1"])
+        .expect("snap ls");
+    assert_eq!(ls[0]["name"], "s1", "{ls}");
+    assert_eq!(ls[0]["size"], 64 << 20, "{ls}");
+    // Only the touched 64 KiB chunks were copied: the first object's clone holds what
+    // the 4 MiB write replaced, the second object's clone (0xcc at 6M) one chunk.
+    let prefix = rt.block_on(rbd.info("vm1")).expect("info").object_prefix;
+    let listing = rt
+        .block_on(raw_io.list_snaps(&format!("{prefix}.0000000000000001")))
+        .expect("list snaps");
+    assert_eq!(listing.clones.len(), 1, "{listing:?}");
+    assert_eq!(
+        listing.clones[0].differs,
+        vec![(2 << 20, 64 << 10)],
+        "{listing:?}"
+    );
+
+    // Protected snapshots cannot be removed.
+    cluster
+        .cli_ok(&["rbd", "snap", "protect", "rbd/vm1@s1"])
+        .expect("protect");
+    let out = cluster.cli(&["rbd", "snap", "rm", "rbd/vm1@s1"]);
+    assert!(!out.status.success(), "removed a protected snapshot");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("protected"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster
+        .cli_ok(&["rbd", "snap", "unprotect", "rbd/vm1@s1"])
+        .expect("unprotect");
+
+    // Rollback makes the head read A again.
+    cluster
+        .cli_ok(&["rbd", "snap", "rollback", "rbd/vm1@s1"])
+        .expect("rollback");
+    qemu_io_ok(&head, &["read -P 0xaa 0 8M", "read -P 0 8M 1M"]);
+
+    // Removing the snapshot trims its clones on the OSDs.
+    cluster
+        .cli_ok(&["rbd", "snap", "rm", "rbd/vm1@s1"])
+        .expect("snap rm");
+    let out = cluster.cli(&["rbd", "snap", "rm", "rbd/vm1@s1"]);
+    assert!(!out.status.success(), "removed a snapshot twice");
+    wait_for(
+        "the removed snapshot's clones trimmed",
+        Duration::from_secs(60),
+        || {
+            (0..2)
+                .map(|n| rt.block_on(raw_io.list_snaps(&format!("{prefix}.{n:016x}"))))
+                .all(|l| l.is_ok_and(|l| l.clones.is_empty()))
+                .then_some(())
+        },
+    )
+    .expect("trim");
+
+    // A snapshot of an image another client is writing holds exactly the writes
+    // acknowledged before it: a prefix of this sequential writer's blocks.
+    rt.block_on(rbd.create("vm2", 64 << 20, 22))
+        .expect("create vm2");
+    let writer = rt.block_on(rbd.open("vm2")).expect("open vm2 for writing");
+    let other = rt
+        .block_on(basalt_client::Rados::connect(cluster.config.clone()))
+        .expect("second client");
+    let other_io = other.ioctx("rbd").expect("ioctx");
+    let snapper = Rbd::with_options(
+        Arc::new(RadosBackend::new(other, other_io, Duration::from_secs(30))),
+        ImageOptions::default(),
+    );
+    const BLOCKS: u64 = 240;
+    const STRIDE: u64 = 80 << 10; // crosses chunks and objects
+    let block = |k: u64| Bytes::from(vec![(k % 250 + 1) as u8; 4096]);
+    let acked = Arc::new(AtomicU64::new(0));
+    let started = Arc::new(AtomicU64::new(0));
+    let (acked_before, started_after) = rt.block_on(async {
+        let (a, s) = (acked.clone(), started.clone());
+        let writing = async move {
+            for k in 0..BLOCKS {
+                s.store(k + 1, Ordering::SeqCst);
+                writer.write(k * STRIDE, block(k)).await.expect("write");
+                a.store(k + 1, Ordering::SeqCst);
+            }
+            writer
+        };
+        let snapping = async {
+            while acked.load(Ordering::SeqCst) < 60 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let before = acked.load(Ordering::SeqCst);
+            let img = snapper.open("vm2").await.expect("open vm2 to snapshot");
+            img.snap_create("mid")
+                .await
+                .expect("snapshot while writing");
+            let after = started.load(Ordering::SeqCst);
+            img.close().await.expect("close");
+            (before, after)
+        };
+        let (writer, cut) = tokio::join!(writing, snapping);
+        writer.close().await.expect("close writer");
+        cut
+    });
+    let snap = rt
+        .block_on(rbd.open_snapshot("vm2", "mid"))
+        .expect("open the snapshot");
+    let mut prefix_len = 0;
+    for k in 0..BLOCKS {
+        let got = rt
+            .block_on(snap.read(k * STRIDE, 4096))
+            .expect("read snapshot");
+        if got == block(k) && prefix_len == k {
+            prefix_len = k + 1;
+        } else {
+            assert!(
+                got.iter().all(|&b| b == 0),
+                "block {k} of the snapshot holds data after the cut at {prefix_len}"
+            );
+        }
+    }
+    eprintln!(
+        "snapshot cut at block {prefix_len} (acknowledged before: {acked_before}, started by \
+         its end: {started_after}, of {BLOCKS})"
+    );
+    assert!(
+        (acked_before..=started_after).contains(&prefix_len),
+        "the snapshot holds {prefix_len} blocks; acknowledged before it: {acked_before}, \
+         started by its end: {started_after}"
+    );
+    // The head has them all.
+    let head_img = rt.block_on(rbd.open("vm2")).expect("open vm2");
+    for k in [0, prefix_len, BLOCKS - 1] {
+        assert_eq!(
+            rt.block_on(head_img.read(k * STRIDE, 4096)).expect("read"),
+            block(k)
+        );
+    }
+    // A snapshot cannot be written.
+    assert!(matches!(
+        rt.block_on(snap.write(0, block(0))),
+        Err(basalt_rbd::RbdError::ReadOnly(_))
+    ));
+}
