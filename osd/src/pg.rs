@@ -78,6 +78,10 @@ pub struct Executed {
     pub removed: bool,
     /// The object exists after the request.
     pub exists_after: bool,
+    /// The store holds the object's head after the request: the object, or a whiteout
+    /// keeping its clones. Its metadata then records the write's version (so backfill sees
+    /// a changed whiteout as changed).
+    pub stored_after: bool,
     /// The request changes something (needs a version, log entry and replication).
     pub is_write: bool,
     /// The object's version before the request (default if it did not exist).
@@ -363,8 +367,8 @@ pub fn execute(
         is_write |= op.is_write();
         outputs.push(out);
     }
-    if is_write {
-        snaps::finish(
+    let whiteout_after = is_write
+        && snaps::finish(
             obj,
             stored.as_ref(),
             &snaps_before,
@@ -372,12 +376,12 @@ pub fn execute(
             exists,
             &mut txn,
         );
-    }
     Ok(Executed {
         txn,
         outputs,
         removed: exists_before && !exists,
         exists_after: exists,
+        stored_after: exists || whiteout_after,
         is_write,
         version_before: head
             .and_then(|h| Eversion::decode(&h.meta().version))
@@ -461,6 +465,7 @@ fn execute_at_snap(
         outputs,
         removed: false,
         exists_after: at.is_some(),
+        stored_after: stored.is_some(),
         is_write: false,
         version_before: Eversion::ZERO,
         created: false,
@@ -1283,7 +1288,7 @@ mod tests {
                 incarnation: 1,
                 tid: v.seq,
             };
-            let (exists, removed) = (ex.exists_after, ex.removed);
+            let (exists, removed) = (ex.stored_after, ex.removed);
             finish_write(
                 &mut ex.txn,
                 &obj,

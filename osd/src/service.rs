@@ -1276,7 +1276,7 @@ impl OsdCore {
         pg::finish_write(
             &mut txn,
             &obj,
-            ex.exists_after,
+            ex.stored_after,
             ex.removed,
             version,
             &reqid,

@@ -247,7 +247,8 @@ fn copy_omap(
 
 /// Stores `ss` with the write: on the head if it exists after the write; if the write
 /// removed it while clones remain, the head becomes a whiteout instead (the caller has
-/// already added the removal); a whiteout whose last clone went is removed.
+/// already added the removal); a whiteout whose last clone went is removed. Returns whether
+/// the head is a whiteout after the write.
 pub fn finish(
     obj: &ObjectId,
     head: Option<&ObjectHead>,
@@ -255,7 +256,7 @@ pub fn finish(
     ss: &SnapSet,
     exists_after: bool,
     txn: &mut Transaction,
-) {
+) -> bool {
     let was_whiteout = is_whiteout(head);
     if exists_after {
         if was_whiteout {
@@ -268,14 +269,19 @@ pub fn finish(
                 txn.setxattr(obj, SNAPSET_XATTR, basalt_ops::encode(ss));
             }
         }
+        false
     } else if !ss.clones.is_empty() {
         // The removal (already in `txn`, or a whiteout already there) is followed by an
         // empty head that keeps the record.
         txn.create(obj, false);
         txn.setxattr(obj, WHITEOUT_XATTR, Bytes::new());
         txn.setxattr(obj, SNAPSET_XATTR, basalt_ops::encode(ss));
-    } else if was_whiteout {
-        txn.remove(obj);
+        true
+    } else {
+        if was_whiteout {
+            txn.remove(obj);
+        }
+        false
     }
 }
 

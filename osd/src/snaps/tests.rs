@@ -43,7 +43,7 @@ impl Rig {
                 incarnation: 1,
                 tid: self.seq,
             };
-            let (exists, removed) = (ex.exists_after, ex.removed);
+            let (exists, removed) = (ex.stored_after, ex.removed);
             let v = Eversion {
                 epoch: 1,
                 seq: self.seq,
