@@ -80,6 +80,24 @@ pub enum RbdCmd {
     /// Snapshots of an image: create, ls, rm, rollback, protect, unprotect, purge.
     #[command(subcommand)]
     Snap(SnapCmd),
+    /// Create CHILD as a copy-on-write clone of a protected snapshot (instant; the child
+    /// reads the snapshot until it writes).
+    Clone {
+        /// POOL/IMAGE@SNAP (protected)
+        parent: String,
+        /// POOL/CHILD
+        child: String,
+    },
+    /// Copy every block a clone still reads from its parent into it, and unlink it.
+    Flatten {
+        /// POOL/IMAGE
+        spec: String,
+    },
+    /// List the clones of a snapshot.
+    Children {
+        /// POOL/IMAGE@SNAP
+        spec: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -182,15 +200,40 @@ fn parse_spec(spec: &str) -> anyhow::Result<(String, String)> {
 
 /// The command with every argument checked, ready to run.
 enum Plan {
-    Create { size: u64, order: u8 },
+    Create {
+        size: u64,
+        order: u8,
+    },
     Ls,
     Info,
-    Resize { size: u64, allow_shrink: bool },
+    Resize {
+        size: u64,
+        allow_shrink: bool,
+    },
     Rm,
-    Rename { new: String },
-    Import { file: PathBuf, order: u8 },
-    Export { file: PathBuf },
-    Snap { op: SnapOp, snap: String },
+    Rename {
+        new: String,
+    },
+    Import {
+        file: PathBuf,
+        order: u8,
+    },
+    Export {
+        file: PathBuf,
+    },
+    Snap {
+        op: SnapOp,
+        snap: String,
+    },
+    Clone {
+        parent_pool: String,
+        parent: String,
+        snap: String,
+    },
+    Flatten,
+    Children {
+        snap: String,
+    },
 }
 
 fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
@@ -277,6 +320,24 @@ fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
                 )
             }
         }
+        RbdCmd::Clone { parent, child } => {
+            let (parent_pool, parent, snap) = parse_snap_spec(&parent)?;
+            let (pool, child) = parse_spec(&child)?;
+            Ok((
+                pool,
+                Some(child),
+                Plan::Clone {
+                    parent_pool,
+                    parent,
+                    snap,
+                },
+            ))
+        }
+        RbdCmd::Flatten { spec } => with_image(&spec, Plan::Flatten),
+        RbdCmd::Children { spec } => {
+            let (pool, image, snap) = parse_snap_spec(&spec)?;
+            Ok((pool, Some(image), Plan::Children { snap }))
+        }
         RbdCmd::Export { spec, file } => {
             if file.as_os_str() == "-" {
                 bail!("export to stdout is not supported (the output is written sparse): give a file path");
@@ -335,11 +396,18 @@ fn info_json(pool: &str, i: &ImageInfo) -> serde_json::Value {
     if i.features & (1 << 2) != 0 {
         features.push("exclusive-lock");
     }
-    json!({
+    let mut v = json!({
         "pool": pool, "name": i.name, "id": i.id, "size": i.size, "objects": i.num_objs,
         "order": i.order, "object_size": i.object_size, "block_name_prefix": i.object_prefix,
         "format": 2, "features": features,
-    })
+    });
+    if let Some(p) = &i.parent {
+        v["parent"] = json!({
+            "pool": p.pool, "image": p.image_name, "id": p.image_id, "snapshot": p.snap_name,
+            "overlap": p.overlap,
+        });
+    }
+    v
 }
 
 pub fn human(bytes: u64) -> String {
@@ -413,6 +481,15 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
                 println!("\tid: {}", i.id);
                 println!("\tblock_name_prefix: {}", i.object_prefix);
                 println!("\tformat: 2");
+                if let Some(p) = &i.parent {
+                    println!(
+                        "\tparent: {}/{}@{} (overlap {})",
+                        p.pool,
+                        p.image_name,
+                        p.snap_name,
+                        human(p.overlap)
+                    );
+                }
                 println!(
                     "\tfeatures: {}",
                     info_json(&pool, &i)["features"]
@@ -544,6 +621,60 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
                     human(stats.bytes),
                     human(stats.data_bytes)
                 );
+            }
+        }
+        Plan::Clone {
+            parent_pool,
+            parent,
+            snap,
+        } => {
+            let parent_rbd = if parent_pool == pool {
+                rbd.clone()
+            } else {
+                let io = rados.ioctx(&parent_pool)?;
+                Rbd::new(Arc::new(RadosBackend::new(
+                    rados.clone(),
+                    io,
+                    DEFAULT_WATCH_TIMEOUT,
+                )))
+            };
+            let info = rbd
+                .clone_image(&parent_rbd, &parent, &snap, &image)
+                .await
+                .map_err(|e| explain(e, &parent_pool))?;
+            if json {
+                crate::print_json(info_json(&pool, &info));
+            } else {
+                eprintln!("cloned {parent_pool}/{parent}@{snap} as {pool}/{image}");
+            }
+        }
+        Plan::Flatten => {
+            let img = rbd.open(&image).await.map_err(ex)?;
+            let pb = progress_bar("Flattening", false);
+            let cb = |done: u64, total: u64| {
+                pb.set_length(total);
+                pb.set_position(done);
+            };
+            let r = img.flatten(&cb).await;
+            pb.finish_and_clear();
+            let closed = img.close().await;
+            r.map_err(ex)?;
+            closed.map_err(ex)?;
+            if !json {
+                eprintln!("flattened {pool}/{image}");
+            }
+        }
+        Plan::Children { snap } => {
+            let children = rbd.children(&image, &snap).await.map_err(ex)?;
+            if json {
+                crate::print_json(json!(children
+                    .iter()
+                    .map(|(p, n)| json!({ "pool": p, "image": n }))
+                    .collect::<Vec<_>>()));
+            } else {
+                for (p, n) in children {
+                    println!("{p}/{n}");
+                }
             }
         }
         Plan::Snap { op, snap } => {

@@ -108,6 +108,13 @@ pub trait ObjectBackend: Send + Sync + 'static {
     /// The same pool read at snapshot `snap`: reads and stats see the objects as they were
     /// then (`NotFound` for one that did not exist); writes are refused.
     fn at_snap(&self, snap: u64) -> Arc<dyn ObjectBackend>;
+    /// This backend's pool, by name.
+    fn pool_name(&self) -> String;
+    /// The same client on pool `pool` (a clone's parent may live in another pool).
+    fn other_pool(&self, pool: &str) -> Result<Arc<dyn ObjectBackend>, BackendError>;
+    /// Creates `oid` holding `data`, atomically, unless it exists (then `Ok(false)`): a
+    /// clone's copy-up, which must never overwrite what the child wrote itself.
+    async fn copyup(&self, oid: &str, data: Bytes) -> Result<bool, BackendError>;
     /// Allocates a new snapshot id in the pool (self-managed snapshots).
     async fn snap_alloc(&self) -> Result<u64, BackendError>;
     /// Releases snapshot id `snap`: its preserved data is trimmed in the background.

@@ -27,6 +27,10 @@ pub enum RbdError {
     ReadOnly(String),
     #[error("snapshot {0} is protected; unprotect it first (`basalt rbd snap unprotect`)")]
     SnapshotProtected(String),
+    #[error("snapshot {0} has {1} clone(s); flatten or remove them first (`basalt rbd children` lists them)")]
+    SnapshotHasChildren(String, usize),
+    #[error("image {0} has {1} snapshot(s); remove them first (`basalt rbd snap purge`)")]
+    HasSnapshots(String, usize),
     #[error("image {0} has corrupt metadata: {1}")]
     Corrupt(String, String),
     /// Reading the import source or writing the export target failed.

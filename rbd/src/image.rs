@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::backend::{BackendError, ObjectBackend, WatchEvent, Watcher};
 use crate::error::{RbdError, Result};
+use crate::layering::{self, ParentSpec};
 use crate::layout::{self, Header};
 use crate::lock::{Action, Event, LockConfig, LockCore, LockOwner, Refusal, WriteId};
 use crate::snap::{self, SnapInfo};
@@ -122,6 +123,40 @@ pub(crate) struct Shared {
     data: Mutex<Arc<dyn ObjectBackend>>,
     /// Set when the image was opened at this snapshot: read-only, of the snapshot's size.
     snap: Option<SnapInfo>,
+    /// A clone's parent: where objects it has not written read from.
+    parent: Option<Parent>,
+}
+
+/// A clone's view of its parent ([`crate::layering`]).
+pub(crate) struct Parent {
+    spec: ParentSpec,
+    /// The parent's pool, reading at the snapshot.
+    data: Arc<dyn ObjectBackend>,
+    prefix: String,
+    /// Bytes of the child that still map onto the parent.
+    overlap: AtomicU64,
+    /// Objects known to exist in the child (copied up or written): no copy-up needed.
+    copied: Mutex<std::collections::HashSet<u64>>,
+}
+
+impl Parent {
+    /// How many bytes of object `objectno` (of `os` bytes) map onto the parent.
+    fn mapped(&self, objectno: u64, os: u64) -> u64 {
+        self.overlap
+            .load(Ordering::SeqCst)
+            .saturating_sub(objectno * os)
+            .min(os)
+    }
+
+    fn is_copied(&self, objectno: u64) -> bool {
+        self.copied.lock().map_or(false, |c| c.contains(&objectno))
+    }
+
+    fn mark_copied(&self, objectno: u64) {
+        if let Ok(mut c) = self.copied.lock() {
+            c.insert(objectno);
+        }
+    }
 }
 
 impl Shared {
@@ -131,6 +166,49 @@ impl Shared {
 
     fn oid(&self, objectno: u64) -> String {
         layout::data_oid(&self.prefix, objectno)
+    }
+
+    /// Bytes `[off, off + len)` of object `objectno` from the parent, if this is a clone and
+    /// the range maps onto it (short or empty past the overlap); `None` if it does not.
+    async fn read_parent(
+        &self,
+        objectno: u64,
+        off: u64,
+        len: u64,
+    ) -> std::result::Result<Option<Bytes>, BackendError> {
+        let Some(p) = &self.parent else {
+            return Ok(None);
+        };
+        let mapped = p.mapped(objectno, self.object_size());
+        if off >= mapped {
+            return Ok(None);
+        }
+        let oid = layout::data_oid(&p.prefix, objectno);
+        match p.data.read(&oid, off, len.min(mapped - off)).await {
+            Ok(b) => Ok(Some(b)),
+            Err(BackendError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Before a clone changes object `objectno`: copies the parent's object up if the child
+    /// does not have it yet. Returns whether the object maps onto the parent.
+    async fn copy_up(&self, objectno: u64) -> std::result::Result<bool, BackendError> {
+        let Some(p) = &self.parent else {
+            return Ok(false);
+        };
+        let mapped = p.mapped(objectno, self.object_size());
+        if mapped == 0 {
+            return Ok(false);
+        }
+        if p.is_copied(objectno) {
+            return Ok(true);
+        }
+        if let Some(data) = self.read_parent(objectno, 0, mapped).await? {
+            self.data().copyup(&self.oid(objectno), data).await?;
+        }
+        p.mark_copied(objectno);
+        Ok(true)
     }
 
     fn data(&self) -> Arc<dyn ObjectBackend> {
@@ -287,9 +365,27 @@ impl Image {
             BackendError::NotFound(_) => RbdError::NotFound(name.to_string()),
             e => e.into(),
         })?;
+        let parent = match &header.parent {
+            Some(spec) => {
+                let pool = if spec.pool == backend.pool_name() {
+                    backend.clone()
+                } else {
+                    backend.other_pool(&spec.pool)?
+                };
+                Some(Parent {
+                    data: pool.at_snap(spec.snap_id),
+                    prefix: layout::object_prefix(&spec.image_id),
+                    overlap: AtomicU64::new(spec.overlap),
+                    copied: Mutex::new(Default::default()),
+                    spec: spec.clone(),
+                })
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             data: Mutex::new(data),
             snap,
+            parent,
             backend: backend.clone(),
             name: name.to_string(),
             id,
@@ -418,7 +514,10 @@ impl Image {
             |e| async move {
                 match data.read(&sh.oid(e.objectno), e.offset, e.len).await {
                     Ok(b) => Ok((e, b)),
-                    Err(BackendError::NotFound(_)) => Ok((e, Bytes::new())),
+                    Err(BackendError::NotFound(_)) => {
+                        let parent = sh.read_parent(e.objectno, e.offset, e.len).await?;
+                        Ok((e, parent.unwrap_or_default()))
+                    }
                     Err(err) => Err(RbdError::from(err)),
                 }
             },
@@ -451,6 +550,9 @@ impl Image {
                 .map(|e| {
                     let piece = data.slice(e.buf_offset as usize..(e.buf_offset + e.len) as usize);
                     async move {
+                        sh.copy_up(e.objectno)
+                            .await
+                            .map_err(|err| self.write_error(err))?;
                         backend
                             .write(&sh.oid(e.objectno), e.offset, piece)
                             .await
@@ -478,10 +580,16 @@ impl Image {
                 .into_iter()
                 .map(|e| async move {
                     let oid = sh.oid(e.objectno);
-                    let r = if e.offset == 0 && e.len == os {
-                        backend.remove(&oid).await
-                    } else {
-                        backend.zero(&oid, e.offset, e.len).await
+                    // In a clone, an object that maps onto the parent stays (empty, or
+                    // copied up and zeroed), or the parent's data would show again.
+                    let layered = sh.copy_up(e.objectno).await;
+                    let r = match layered {
+                        Err(err) => Err(err),
+                        Ok(true) if e.offset == 0 && e.len == os => {
+                            backend.write_full(&oid, Bytes::new()).await
+                        }
+                        Ok(false) if e.offset == 0 && e.len == os => backend.remove(&oid).await,
+                        Ok(_) => backend.zero(&oid, e.offset, e.len).await,
                     };
                     match r {
                         Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
@@ -518,13 +626,23 @@ impl Image {
         let exts = layout::object_extents(off, len, sh.order);
         // Owned object names: a future borrowing the extent would not be Send for every
         // lifetime, which callers holding it across awaits (the NBD server) need.
-        let oids: Vec<String> = exts.iter().map(|e| sh.oid(e.objectno)).collect();
+        let oids: Vec<(u64, String)> = exts
+            .iter()
+            .map(|e| (e.objectno, sh.oid(e.objectno)))
+            .collect();
         let data = &sh.data();
         let sizes: Vec<Option<u64>> =
-            futures::stream::iter(oids.into_iter().map(|oid| async move {
+            futures::stream::iter(oids.into_iter().map(|(n, oid)| async move {
                 match data.stat(&oid).await {
                     Ok(s) => Ok(Some(s)),
-                    Err(BackendError::NotFound(_)) => Ok(None),
+                    // A clone's unwritten object is data where it maps onto the parent
+                    // (reported as such without asking the parent: allocation there is
+                    // the parent's business).
+                    Err(BackendError::NotFound(_)) => Ok(sh
+                        .parent
+                        .as_ref()
+                        .map(|p| p.mapped(n, sh.object_size()))
+                        .filter(|m| *m > 0)),
                     Err(err) => Err(RbdError::from(err)),
                 }
             }))
@@ -569,6 +687,25 @@ impl Image {
         let os = sh.object_size();
         if new_size < old {
             sh.size.store(new_size, Ordering::SeqCst);
+            // A shrunk clone maps less onto its parent: growing it again must read zeros
+            // there, not the parent's data (Ceph lowers the overlap the same way).
+            if let Some(p) = sh
+                .parent
+                .as_ref()
+                .filter(|p| p.overlap.load(Ordering::SeqCst) > new_size)
+            {
+                let spec = ParentSpec {
+                    overlap: new_size,
+                    ..p.spec.clone()
+                };
+                let mut kv = std::collections::BTreeMap::new();
+                kv.insert(layering::PARENT_KEY.to_string(), layering::encode(&spec));
+                sh.backend
+                    .omap_set(&sh.header_oid, kv)
+                    .await
+                    .map_err(|e| self.write_error(e))?;
+                p.overlap.store(new_size, Ordering::SeqCst);
+            }
             let first_gone = layout::num_objects(new_size, sh.order);
             let last = layout::num_objects(old, sh.order);
             let data = sh.data();
@@ -620,6 +757,61 @@ impl Image {
                 .notify(&sh.header_oid, payload.into(), Duration::from_secs(5))
                 .await;
         }
+        Ok(())
+    }
+
+    /// A clone's parent link (`None` for an image that is not a clone, or was flattened
+    /// after this handle opened).
+    pub fn parent(&self) -> Option<ParentSpec> {
+        self.shared.parent.as_ref().map(|p| ParentSpec {
+            overlap: p.overlap.load(Ordering::SeqCst),
+            ..p.spec.clone()
+        })
+    }
+
+    /// Copies every object of a clone that still reads from its parent up into the clone,
+    /// then drops the link (the parent's record of this child too): the clone stands alone.
+    pub async fn flatten(&self, progress: &(dyn Fn(u64, u64) + Send + Sync)) -> Result<()> {
+        let sh = &self.shared;
+        let Some(p) = &sh.parent else {
+            return Err(RbdError::InvalidArgument(format!(
+                "image {} is not a clone",
+                sh.name
+            )));
+        };
+        let _guard = self.admit().await?;
+        let objects = layout::num_objects(p.overlap.load(Ordering::SeqCst), sh.order);
+        let done = AtomicU64::new(0);
+        futures::stream::iter(
+            (0..objects)
+                .map(|n| async move { sh.copy_up(n).await.map_err(|e| self.write_error(e)) }),
+        )
+        .buffer_unordered(OBJECT_CONCURRENCY)
+        .try_for_each(|_| async {
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, objects);
+            Ok(())
+        })
+        .await?;
+        sh.backend
+            .omap_rm(&sh.header_oid, &[layering::PARENT_KEY.to_string()])
+            .await
+            .map_err(|e| self.write_error(e))?;
+        // Every object is the child's own now, so the parent is never read again.
+        p.overlap.store(0, Ordering::SeqCst);
+        let pool = if p.spec.pool == sh.backend.pool_name() {
+            sh.backend.clone()
+        } else {
+            sh.backend.other_pool(&p.spec.pool)?
+        };
+        let key = layering::child_key(p.spec.snap_id, &sh.backend.pool_name(), &sh.id);
+        match pool
+            .omap_rm(&layout::header_oid(&p.spec.image_id), &[key])
+            .await
+        {
+            Ok(()) | Err(BackendError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.notify_header_update().await;
         Ok(())
     }
 
@@ -697,6 +889,16 @@ impl Image {
         let _guard = self.admit().await?;
         let sh = &self.shared;
         let mut at = Shared::snap_named(&sh.snapshots().await?, &sh.name, name)?;
+        if !protected {
+            let children =
+                read_children(sh.backend.as_ref(), &sh.name, &sh.header_oid, at.id).await?;
+            if !children.is_empty() {
+                return Err(RbdError::SnapshotHasChildren(
+                    format!("{}@{name}", sh.name),
+                    children.len(),
+                ));
+            }
+        }
         at.protected = protected;
         let mut kv = std::collections::BTreeMap::new();
         kv.insert(snap::snapshot_key(at.id), snap::encode_info(&at));
@@ -860,12 +1062,11 @@ pub(crate) async fn read_id(backend: &dyn ObjectBackend, name: &str) -> Result<S
         .ok_or_else(|| RbdError::Corrupt(name.to_string(), "id object is not a UTF-8 id".into()))
 }
 
-/// An image's snapshots as its header lists them, oldest first.
-pub(crate) async fn read_snapshots(
+/// Every omap entry of an image's header.
+async fn header_entries(
     backend: &dyn ObjectBackend,
-    name: &str,
     header_oid: &str,
-) -> Result<Vec<SnapInfo>> {
+) -> Result<Vec<(String, Bytes)>> {
     let mut entries = Vec::new();
     let mut after = String::new();
     loop {
@@ -873,10 +1074,30 @@ pub(crate) async fn read_snapshots(
         after = page.last().map(|(k, _)| k.clone()).unwrap_or_default();
         entries.extend(page);
         if !more || after.is_empty() {
-            break;
+            return Ok(entries);
         }
     }
+}
+
+/// An image's snapshots as its header lists them, oldest first.
+pub(crate) async fn read_snapshots(
+    backend: &dyn ObjectBackend,
+    name: &str,
+    header_oid: &str,
+) -> Result<Vec<SnapInfo>> {
+    let entries = header_entries(backend, header_oid).await?;
     snap::infos_in(&entries).map_err(|why| RbdError::Corrupt(name.to_string(), why))
+}
+
+/// The clones of an image's snapshot `snap_id`, as its header lists them.
+pub(crate) async fn read_children(
+    backend: &dyn ObjectBackend,
+    name: &str,
+    header_oid: &str,
+    snap_id: u64,
+) -> Result<Vec<layering::ChildRef>> {
+    let entries = header_entries(backend, header_oid).await?;
+    layering::children_in(&entries, snap_id).map_err(|why| RbdError::Corrupt(name.to_string(), why))
 }
 
 pub(crate) async fn read_header(

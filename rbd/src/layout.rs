@@ -131,9 +131,11 @@ pub struct Header {
     pub create_timestamp: u64,
     /// What writes carry for the image's snapshots ([`crate::snap`]).
     pub snapc: SnapContext,
+    /// A clone's parent ([`crate::layering`]).
+    pub parent: Option<crate::layering::ParentSpec>,
 }
 
-pub const HEADER_KEYS: [&str; 9] = [
+pub const HEADER_KEYS: [&str; 10] = [
     "size",
     "order",
     "object_prefix",
@@ -143,6 +145,7 @@ pub const HEADER_KEYS: [&str; 9] = [
     "stripe_count",
     "create_timestamp",
     crate::snap::SNAP_CONTEXT_KEY,
+    crate::layering::PARENT_KEY,
 ];
 
 pub fn u64_bytes(v: u64) -> Bytes {
@@ -167,6 +170,12 @@ impl Header {
             m.insert(
                 crate::snap::SNAP_CONTEXT_KEY.into(),
                 crate::snap::encode_context(&self.snapc),
+            );
+        }
+        if let Some(p) = &self.parent {
+            m.insert(
+                crate::layering::PARENT_KEY.into(),
+                crate::layering::encode(p),
             );
         }
         m
@@ -202,6 +211,7 @@ impl Header {
             stripe_count: u64_of("stripe_count").unwrap_or(1),
             create_timestamp: u64_of("create_timestamp").unwrap_or(0),
             snapc: crate::snap::context_in(m)?,
+            parent: crate::layering::parent_in(m)?,
         };
         if h.stripe_unit != 1 << order || h.stripe_count != 1 {
             return Err(format!(
@@ -323,6 +333,7 @@ mod tests {
             stripe_count: 1,
             create_timestamp: 1_700_000_000,
             snapc: SnapContext::default(),
+            parent: None,
         };
         assert_eq!(Header::decode(&h.encode()).unwrap(), h);
         let mut m = h.encode();

@@ -28,6 +28,7 @@
 pub mod backend;
 pub mod error;
 pub mod image;
+pub mod layering;
 pub mod layout;
 pub mod lock;
 pub mod mem;

@@ -43,6 +43,9 @@ use crate::backend::{
     WatchEvent, Watcher,
 };
 
+/// The name of a [`MemCluster`]'s one pool.
+pub const MEM_POOL: &str = "mem";
+
 /// Capacity of each watch's event channel.
 const WATCH_CHANNEL: usize = 256;
 
@@ -447,6 +450,31 @@ impl ObjectBackend for MemBackend {
 
     fn at_snap(&self, snap: u64) -> Arc<dyn ObjectBackend> {
         self.derived(self.snapc.clone(), snap)
+    }
+
+    fn pool_name(&self) -> String {
+        MEM_POOL.to_string()
+    }
+
+    fn other_pool(&self, pool: &str) -> Result<Arc<dyn ObjectBackend>, BackendError> {
+        if pool == MEM_POOL {
+            return Ok(self.derived(self.snapc.clone(), self.read_snap));
+        }
+        Err(BackendError::NotFound(format!(
+            "pool {pool}: a MemCluster has one pool, {MEM_POOL}"
+        )))
+    }
+
+    async fn copyup(&self, oid: &str, data: Bytes) -> Result<bool, BackendError> {
+        if data.len() as u64 > MAX_OBJECT {
+            return Err(BackendError::InvalidArgument(format!("{oid}: too large")));
+        }
+        let mut st = self.enter_write(oid).await?;
+        if st.objects.contains_key(oid) {
+            return Ok(false);
+        }
+        st.objects.entry(oid.to_string()).or_default().data = data.to_vec();
+        Ok(true)
     }
 
     async fn snap_alloc(&self) -> Result<u64, BackendError> {

@@ -91,6 +91,34 @@ impl ObjectBackend for RadosBackend {
         ))
     }
 
+    fn pool_name(&self) -> String {
+        self.io.pool_name().to_string()
+    }
+
+    fn other_pool(&self, pool: &str) -> Result<Arc<dyn ObjectBackend>, BackendError> {
+        let io = self.rados.ioctx(pool).map_err(err)?;
+        Ok(Arc::new(RadosBackend::new(
+            self.rados.clone(),
+            io,
+            self.watch_timeout,
+        )))
+    }
+
+    async fn copyup(&self, oid: &str, data: Bytes) -> Result<bool, BackendError> {
+        match self
+            .io
+            .operate(
+                oid,
+                vec![ObjOp::Create { exclusive: true }, ObjOp::WriteFull { data }],
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(ClientError::Exists(_)) => Ok(false),
+            Err(e) => Err(err(e)),
+        }
+    }
+
     async fn snap_alloc(&self) -> Result<u64, BackendError> {
         self.io.selfmanaged_snap_create().await.map_err(err)
     }

@@ -32,6 +32,8 @@ pub struct ImageInfo {
     pub object_prefix: String,
     pub num_objs: u64,
     pub features: u64,
+    /// A clone's parent.
+    pub parent: Option<crate::layering::ParentSpec>,
 }
 
 /// What an import wrote.
@@ -104,6 +106,7 @@ impl Rbd {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             snapc: Default::default(),
+            parent: None,
         };
         let mut dir = BTreeMap::new();
         dir.insert(layout::dir_name_key(name), Bytes::from(id.clone()));
@@ -191,6 +194,14 @@ impl Rbd {
             Err(RbdError::Corrupt(..)) => None,
             Err(e) => return Err(e),
         };
+        // Snapshots first: a refusal that does not depend on timing (a watch of a client
+        // that just closed the image may linger for a moment).
+        if header.is_some() {
+            let snaps = crate::image::read_snapshots(b, name, &header_oid).await?;
+            if !snaps.is_empty() {
+                return Err(RbdError::HasSnapshots(name.to_string(), snaps.len()));
+            }
+        }
         match b.list_watchers(&header_oid).await {
             Ok(w) if !w.is_empty() => {
                 let who: Vec<String> = w.iter().map(|w| w.client.clone()).collect();
@@ -233,6 +244,16 @@ impl Rbd {
             Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
             Err(e) => Err(RbdError::from(e)),
         };
+        // A clone leaves its parent's list of children.
+        if let Some(spec) = header.as_ref().and_then(|h| h.parent.as_ref()) {
+            let key = crate::layering::child_key(spec.snap_id, &b.pool_name(), &id);
+            let parent_pool = self.pool_of(&spec.pool)?;
+            ignore_missing(
+                parent_pool
+                    .omap_rm(&layout::header_oid(&spec.image_id), &[key])
+                    .await,
+            )?;
+        }
         ignore_missing(b.remove(&header_oid).await)?;
         ignore_missing(
             b.omap_rm(
@@ -244,6 +265,91 @@ impl Rbd {
         ignore_missing(b.remove(&layout::id_oid(name)).await)?;
         tracing::info!(image = name, %id, "image removed");
         Ok(())
+    }
+
+    /// This client's backend on pool `pool` (this one's when it is the same pool).
+    fn pool_of(&self, pool: &str) -> Result<Arc<dyn ObjectBackend>> {
+        if pool == self.backend.pool_name() {
+            Ok(self.backend.clone())
+        } else {
+            Ok(self.backend.other_pool(pool)?)
+        }
+    }
+
+    /// Creates `child` in this pool as a clone of `parent@snap` in `parent_pool`'s pool
+    /// (librbd's `clone`, layering): instant, whatever the size; the child reads the
+    /// snapshot until it writes. The snapshot must be protected (so it cannot go away while
+    /// the child needs it).
+    pub async fn clone_image(
+        &self,
+        parent_pool: &Rbd,
+        parent: &str,
+        snap: &str,
+        child: &str,
+    ) -> Result<ImageInfo> {
+        let pb = parent_pool.backend.as_ref();
+        let parent_id = read_id(pb, parent).await?;
+        let parent_header_oid = layout::header_oid(&parent_id);
+        let parent_header = read_header(pb, parent, &parent_header_oid).await?;
+        let snaps = crate::image::read_snapshots(pb, parent, &parent_header_oid).await?;
+        let at = snaps
+            .iter()
+            .find(|s| s.name == snap)
+            .cloned()
+            .ok_or_else(|| RbdError::NotFound(format!("{parent}@{snap}")))?;
+        if !at.protected {
+            return Err(RbdError::InvalidArgument(format!(
+                "snapshot {parent}@{snap} is not protected; protect it first (`basalt rbd snap \
+                 protect`): a clone needs it to stay"
+            )));
+        }
+        let info = self.create(child, at.size, parent_header.order).await?;
+        // Listed as a child first: from here on the snapshot cannot be unprotected. A crash
+        // before the link below leaves a plain empty image and a stale child entry.
+        let mut kv = BTreeMap::new();
+        kv.insert(
+            crate::layering::child_key(at.id, &self.backend.pool_name(), &info.id),
+            crate::layering::encode(&crate::layering::ChildRef {
+                pool: self.backend.pool_name(),
+                image_id: info.id.clone(),
+                image_name: child.to_string(),
+            }),
+        );
+        pb.omap_set(&parent_header_oid, kv).await?;
+        let spec = crate::layering::ParentSpec {
+            pool: pb.pool_name(),
+            image_id: parent_id,
+            image_name: parent.to_string(),
+            snap_id: at.id,
+            snap_name: at.name,
+            overlap: at.size,
+        };
+        let mut kv = BTreeMap::new();
+        kv.insert(
+            crate::layering::PARENT_KEY.to_string(),
+            crate::layering::encode(&spec),
+        );
+        self.backend
+            .omap_set(&layout::header_oid(&info.id), kv)
+            .await?;
+        Ok(ImageInfo {
+            parent: Some(spec),
+            ..info
+        })
+    }
+
+    /// The clones of `name@snap`: (pool, image name) each.
+    pub async fn children(&self, name: &str, snap: &str) -> Result<Vec<(String, String)>> {
+        let b = self.backend.as_ref();
+        let id = read_id(b, name).await?;
+        let header_oid = layout::header_oid(&id);
+        let snaps = crate::image::read_snapshots(b, name, &header_oid).await?;
+        let at = snaps
+            .iter()
+            .find(|s| s.name == snap)
+            .ok_or_else(|| RbdError::NotFound(format!("{name}@{snap}")))?;
+        let refs = crate::image::read_children(b, name, &header_oid, at.id).await?;
+        Ok(refs.into_iter().map(|c| (c.pool, c.image_name)).collect())
     }
 
     /// Rename; open images keep working (they address objects by id).
@@ -324,6 +430,7 @@ fn info_of(name: &str, id: &str, h: &Header) -> ImageInfo {
         object_prefix: h.object_prefix.clone(),
         num_objs: layout::num_objects(h.size, h.order),
         features: h.features,
+        parent: h.parent.clone(),
     }
 }
 

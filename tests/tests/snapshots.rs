@@ -218,3 +218,101 @@ fn snapshots_through_the_cli_the_gateway_and_a_live_writer() {
         Err(basalt_rbd::RbdError::ReadOnly(_))
     ));
 }
+
+#[test]
+fn a_clone_reads_its_parent_until_it_writes_and_stands_alone_once_flattened() {
+    basalt_tests::require_tool("qemu-io", "qemu-utils");
+    let d = DataCluster::start(test_timeouts(), "rbd").expect("cluster with pool rbd");
+    let rbd = Rbd::new(Arc::new(RadosBackend::new(
+        d.rados.clone(),
+        d.io.clone(),
+        Duration::from_secs(30),
+    )));
+    let mut cluster = d.cluster;
+    let rt = d.rt;
+    rt.block_on(async {
+        rbd.create("golden", 32 << 20, 22).await?;
+        let img = rbd.open("golden").await?;
+        img.write(0, Bytes::from(vec![0xaa; 8 << 20])).await?;
+        img.write(12 << 20, Bytes::from(vec![0xbb; 1 << 20]))
+            .await?;
+        img.close().await
+    })
+    .expect("golden image");
+    cluster
+        .cli_ok(&["rbd", "snap", "create", "rbd/golden@base"])
+        .expect("snap");
+    // Only a protected snapshot can be cloned.
+    let out = cluster.cli(&["rbd", "clone", "rbd/golden@base", "rbd/vm-a"]);
+    assert!(!out.status.success(), "cloned an unprotected snapshot");
+    cluster
+        .cli_ok(&["rbd", "snap", "protect", "rbd/golden@base"])
+        .expect("protect");
+    cluster
+        .cli_ok(&["rbd", "clone", "rbd/golden@base", "rbd/vm-a"])
+        .expect("clone");
+    let children = cluster
+        .cli_json(&["rbd", "children", "rbd/golden@base"])
+        .expect("children");
+    assert_eq!(children[0]["image"], "vm-a", "{children}");
+    let info = cluster
+        .cli_json(&["rbd", "info", "rbd/vm-a"])
+        .expect("info");
+    assert_eq!(info["parent"]["snapshot"], "base", "{info}");
+    let out = cluster.cli(&["rbd", "rm", "rbd/golden"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("snapshot"),
+        "removed an image with snapshots: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let gw = cluster.start_gateway("gw0", &[]).expect("gateway");
+    let child = format!("nbd://{}/rbd/vm-a", cluster.gateway_addr(gw));
+    let parent = format!("nbd://{}/rbd/golden", cluster.gateway_addr(gw));
+    let check_child = || {
+        qemu_io_ok(
+            &child,
+            &[
+                "read -P 0xaa 0 4M",
+                "read -P 0xcc 4M 64k",
+                "read -P 0xaa 4160k 4032k",
+                "read -P 0 8M 4M",
+                "read -P 0 12M 1M",
+                "read -P 0 13M 1M",
+            ],
+        )
+    };
+    // Reads fall through; a write copies its object up first; a discard hides the parent.
+    qemu_io_ok(&child, &["read -P 0xaa 0 8M", "read -P 0xbb 12M 1M"]);
+    qemu_io_ok(&child, &["write -P 0xcc 4M 64k", "discard 12M 1M"]);
+    check_child();
+    // The parent and its snapshot are untouched.
+    qemu_io_ok(&parent, &["read -P 0xaa 0 8M", "read -P 0xbb 12M 1M"]);
+    qemu_io_ro_ok(
+        &format!("{parent}@base"),
+        &["read -P 0xaa 0 8M", "read -P 0xbb 12M 1M"],
+    );
+    // The snapshot cannot be unprotected while it has a clone.
+    let out = cluster.cli(&["rbd", "snap", "unprotect", "rbd/golden@base"]);
+    assert!(!out.status.success(), "unprotected a snapshot with a clone");
+
+    // Flattened, the clone no longer needs the parent: its snapshot and the parent go.
+    cluster
+        .cli_ok(&["rbd", "flatten", "rbd/vm-a"])
+        .expect("flatten");
+    let children = cluster
+        .cli_json(&["rbd", "children", "rbd/golden@base"])
+        .expect("children");
+    assert_eq!(children, serde_json::json!([]));
+    for args in [
+        ["rbd", "snap", "unprotect", "rbd/golden@base"],
+        ["rbd", "snap", "rm", "rbd/golden@base"],
+    ] {
+        cluster.cli_ok(&args).expect("unprotect, rm");
+    }
+    check_child();
+    let info = cluster
+        .cli_json(&["rbd", "info", "rbd/vm-a"])
+        .expect("info");
+    assert!(info.get("parent").is_none(), "{info}");
+}
