@@ -98,6 +98,23 @@ pub enum RbdCmd {
         /// POOL/IMAGE@SNAP
         spec: String,
     },
+    /// Write what changed between two snapshots (or since nothing) to FILE (`-`: stdout),
+    /// in Ceph's "rbd diff v1" format.
+    ExportDiff {
+        /// The older snapshot (default: a full diff of the data).
+        #[arg(long)]
+        from_snap: Option<String>,
+        /// POOL/IMAGE@SNAP, or POOL/IMAGE for the head.
+        spec: String,
+        file: PathBuf,
+    },
+    /// Apply a diff from FILE (`-`: stdin) to POOL/IMAGE, which must have the diff's start
+    /// snapshot; the diff's end snapshot is created on it.
+    ImportDiff {
+        file: PathBuf,
+        /// POOL/IMAGE
+        spec: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -234,6 +251,14 @@ enum Plan {
     Children {
         snap: String,
     },
+    ExportDiff {
+        from: Option<String>,
+        snap: Option<String>,
+        file: PathBuf,
+    },
+    ImportDiff {
+        file: PathBuf,
+    },
 }
 
 fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
@@ -334,6 +359,33 @@ fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
             ))
         }
         RbdCmd::Flatten { spec } => with_image(&spec, Plan::Flatten),
+        RbdCmd::ExportDiff {
+            from_snap,
+            spec,
+            file,
+        } => {
+            let (pool, image, snap) = if spec.contains('@') {
+                let (p, i, s) = parse_snap_spec(&spec)?;
+                (p, i, Some(s))
+            } else {
+                let (p, i) = parse_spec(&spec)?;
+                (p, i, None)
+            };
+            if let Some(f) = &from_snap {
+                basalt_rbd::snap::check_name(f)
+                    .map_err(|why| anyhow::anyhow!("bad --from-snap: {why}"))?;
+            }
+            Ok((
+                pool,
+                Some(image),
+                Plan::ExportDiff {
+                    from: from_snap,
+                    snap,
+                    file,
+                },
+            ))
+        }
+        RbdCmd::ImportDiff { file, spec } => with_image(&spec, Plan::ImportDiff { file }),
         RbdCmd::Children { spec } => {
             let (pool, image, snap) = parse_snap_spec(&spec)?;
             Ok((pool, Some(image), Plan::Children { snap }))
@@ -664,6 +716,48 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
                 eprintln!("flattened {pool}/{image}");
             }
         }
+        Plan::ExportDiff { from, snap, file } => {
+            let img = match &snap {
+                Some(s) => rbd.open_snapshot(&image, s).await,
+                None => rbd.open(&image).await,
+            }
+            .map_err(ex)?;
+            let r = export_diff(&img, from.as_deref(), &file).await;
+            let closed = img.close().await;
+            let stats = r?;
+            closed.map_err(ex)?;
+            if json {
+                crate::print_json(json!({
+                    "pool": pool, "image": image, "from": from, "to": snap,
+                    "data_bytes": stats.data_bytes, "zero_bytes": stats.zero_bytes,
+                }));
+            } else {
+                eprintln!(
+                    "exported the diff of {pool}/{image} ({} of data, {} zeroed)",
+                    human(stats.data_bytes),
+                    human(stats.zero_bytes)
+                );
+            }
+        }
+        Plan::ImportDiff { file } => {
+            let img = rbd.open(&image).await.map_err(ex)?;
+            let r = import_diff(&img, &file).await;
+            let closed = img.close().await;
+            let stats = r?;
+            closed.map_err(ex)?;
+            if json {
+                crate::print_json(json!({
+                    "pool": pool, "image": image,
+                    "data_bytes": stats.data_bytes, "zero_bytes": stats.zero_bytes,
+                }));
+            } else {
+                eprintln!(
+                    "applied the diff to {pool}/{image} ({} of data, {} zeroed)",
+                    human(stats.data_bytes),
+                    human(stats.zero_bytes)
+                );
+            }
+        }
         Plan::Children { snap } => {
             let children = rbd.children(&image, &snap).await.map_err(ex)?;
             if json {
@@ -686,6 +780,75 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+async fn export_diff(
+    img: &basalt_rbd::Image,
+    from: Option<&str>,
+    file: &Path,
+) -> anyhow::Result<basalt_rbd::diff::DiffStats> {
+    let from = match from {
+        Some(name) => Some(
+            img.snapshots()
+                .await?
+                .into_iter()
+                .find(|s| s.name == name)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "image {} has no snapshot {name} (basalt rbd snap ls lists them)",
+                        img.name()
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let pb = progress_bar("Exporting diff", false);
+    let cb = |done: u64, total: u64| {
+        pb.set_length(total);
+        pb.set_position(done);
+    };
+    let stats = if file.as_os_str() == "-" {
+        let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
+        basalt_rbd::diff::export_diff(img, from.as_ref(), &mut out, &cb).await
+    } else {
+        let f = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(file)
+            .await
+            .with_context(|| format!("creating {} (it must not exist)", file.display()))?;
+        let mut out = tokio::io::BufWriter::new(f);
+        let r = basalt_rbd::diff::export_diff(img, from.as_ref(), &mut out, &cb).await;
+        if r.is_err() {
+            let _ = std::fs::remove_file(file);
+        }
+        r
+    };
+    pb.finish_and_clear();
+    Ok(stats?)
+}
+
+async fn import_diff(
+    img: &basalt_rbd::Image,
+    file: &Path,
+) -> anyhow::Result<basalt_rbd::diff::DiffStats> {
+    let pb = progress_bar("Importing diff", true);
+    let cb = |done: u64, total: u64| {
+        pb.set_length(total);
+        pb.set_position(done);
+    };
+    let r = if file.as_os_str() == "-" {
+        let mut input = tokio::io::BufReader::new(tokio::io::stdin());
+        basalt_rbd::diff::import_diff(img, &mut input, &cb).await
+    } else {
+        let f = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("opening {}", file.display()))?;
+        let mut input = tokio::io::BufReader::new(f);
+        basalt_rbd::diff::import_diff(img, &mut input, &cb).await
+    };
+    pb.finish_and_clear();
+    Ok(r?)
 }
 
 fn snap_json(pool: &str, image: &str, s: &basalt_rbd::snap::SnapInfo) -> serde_json::Value {

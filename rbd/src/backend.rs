@@ -8,7 +8,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-pub use basalt_client::ops::SnapContext;
+pub use basalt_client::ops::{CloneSummary, SnapContext, SnapListing};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
@@ -115,6 +115,9 @@ pub trait ObjectBackend: Send + Sync + 'static {
     /// Creates `oid` holding `data`, atomically, unless it exists (then `Ok(false)`): a
     /// clone's copy-up, which must never overwrite what the child wrote itself.
     async fn copyup(&self, oid: &str, data: Bytes) -> Result<bool, BackendError>;
+    /// `oid`'s clones and what each may hold differently from the next newer version
+    /// (`NotFound` if neither the object nor any clone of it exists).
+    async fn list_snaps(&self, oid: &str) -> Result<SnapListing, BackendError>;
     /// Allocates a new snapshot id in the pool (self-managed snapshots).
     async fn snap_alloc(&self) -> Result<u64, BackendError>;
     /// Releases snapshot id `snap`: its preserved data is trimmed in the background.

@@ -815,6 +815,23 @@ impl Image {
         Ok(())
     }
 
+    /// What data objects are read through (the snapshot's view for an image opened at one).
+    pub(crate) fn data_backend(&self) -> Arc<dyn ObjectBackend> {
+        self.shared.data()
+    }
+
+    pub(crate) fn object_name(&self, objectno: u64) -> String {
+        self.shared.oid(objectno)
+    }
+
+    /// Whether object `objectno` of this clone still maps onto its parent.
+    pub(crate) fn maps_onto_parent(&self, objectno: u64) -> bool {
+        self.shared
+            .parent
+            .as_ref()
+            .is_some_and(|p| p.mapped(objectno, self.object_size()) > 0)
+    }
+
     /// The snapshot this image was opened at, if any.
     pub fn snapshot(&self) -> Option<&SnapInfo> {
         self.shared.snap.as_ref()

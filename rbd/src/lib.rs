@@ -26,6 +26,7 @@
 //! journaling, caches (writes are durable when the backend acks them).
 
 pub mod backend;
+pub mod diff;
 pub mod error;
 pub mod image;
 pub mod layering;

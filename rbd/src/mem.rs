@@ -39,8 +39,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::backend::{
-    BackendError, Locker, NotifyAck, NotifyEvent, NotifyResult, ObjectBackend, SnapContext,
-    WatchEvent, Watcher,
+    BackendError, CloneSummary, Locker, NotifyAck, NotifyEvent, NotifyResult, ObjectBackend,
+    SnapContext, SnapListing, WatchEvent, Watcher,
 };
 
 /// The name of a [`MemCluster`]'s one pool.
@@ -475,6 +475,34 @@ impl ObjectBackend for MemBackend {
         }
         st.objects.entry(oid.to_string()).or_default().data = data.to_vec();
         Ok(true)
+    }
+
+    async fn list_snaps(&self, oid: &str) -> Result<SnapListing, BackendError> {
+        let st = self.enter().await?;
+        let head = st.objects.get(oid);
+        let snaps = st.snaps.get(oid);
+        if head.is_none() && snaps.is_none_or(|s| s.clones.is_empty()) {
+            return Err(BackendError::NotFound(oid.to_string()));
+        }
+        // Whole copies: each clone may differ from the next version anywhere.
+        Ok(SnapListing {
+            seq: snaps.map_or(0, |s| s.seq),
+            head_exists: head.is_some(),
+            clones: snaps
+                .map(|s| {
+                    s.clones
+                        .iter()
+                        .map(|(id, from, data)| CloneSummary {
+                            id: *id,
+                            covers_from: *from,
+                            snaps: vec![*id],
+                            size: data.len() as u64,
+                            differs: vec![(0, data.len() as u64)],
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
     }
 
     async fn snap_alloc(&self) -> Result<u64, BackendError> {

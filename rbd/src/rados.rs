@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::backend::{
     BackendError, Locker, NotifyAck, NotifyEvent, NotifyResult, ObjectBackend, SnapContext,
-    WatchEvent, Watcher,
+    SnapListing, WatchEvent, Watcher,
 };
 
 /// One pool of a real cluster as the image layer's backend.
@@ -117,6 +117,10 @@ impl ObjectBackend for RadosBackend {
             Err(ClientError::Exists(_)) => Ok(false),
             Err(e) => Err(err(e)),
         }
+    }
+
+    async fn list_snaps(&self, oid: &str) -> Result<SnapListing, BackendError> {
+        self.io.list_snaps(oid).await.map_err(err)
     }
 
     async fn snap_alloc(&self) -> Result<u64, BackendError> {
