@@ -115,6 +115,42 @@ pub enum RbdCmd {
         /// POOL/IMAGE
         spec: String,
     },
+    /// The trash: mv, ls, restore, rm, purge.
+    #[command(subcommand)]
+    Trash(TrashCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TrashCmd {
+    /// Move an image to the trash (its name is freed; its data stays until removed).
+    Mv {
+        /// POOL/IMAGE
+        spec: String,
+        /// Keep it restorable for at least this many seconds (`trash rm` needs --force
+        /// before then, and `trash purge` leaves it).
+        #[arg(long, default_value_t = 0)]
+        delay: u64,
+    },
+    /// List the trashed images of a pool.
+    Ls { pool: String },
+    /// Bring a trashed image back.
+    Restore {
+        /// POOL/ID (the id `trash ls` shows)
+        spec: String,
+        /// Restore under this name instead of the old one.
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// Delete a trashed image for good.
+    Rm {
+        /// POOL/ID
+        spec: String,
+        /// Even before its delay ends.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete every trashed image of a pool whose delay has ended.
+    Purge { pool: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -259,6 +295,7 @@ enum Plan {
     ImportDiff {
         file: PathBuf,
     },
+    Trash(TrashCmd),
 }
 
 fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
@@ -386,6 +423,28 @@ fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
             ))
         }
         RbdCmd::ImportDiff { file, spec } => with_image(&spec, Plan::ImportDiff { file }),
+        RbdCmd::Trash(cmd) => {
+            let pool_only = |pool: &str| {
+                if pool.is_empty() || pool.contains('/') {
+                    bail!("bad pool name '{pool}': give a pool name");
+                }
+                Ok(pool.to_string())
+            };
+            match &cmd {
+                TrashCmd::Mv { spec, .. } => {
+                    let (pool, image) = parse_spec(spec)?;
+                    Ok((pool, Some(image), Plan::Trash(cmd)))
+                }
+                TrashCmd::Restore { spec, .. } | TrashCmd::Rm { spec, .. } => {
+                    let (pool, id) = parse_spec(spec)
+                        .map_err(|_| anyhow::anyhow!("bad trash spec '{spec}': write POOL/ID"))?;
+                    Ok((pool, Some(id), Plan::Trash(cmd)))
+                }
+                TrashCmd::Ls { pool } | TrashCmd::Purge { pool } => {
+                    Ok((pool_only(pool)?, None, Plan::Trash(cmd)))
+                }
+            }
+        }
         RbdCmd::Children { spec } => {
             let (pool, image, snap) = parse_snap_spec(&spec)?;
             Ok((pool, Some(image), Plan::Children { snap }))
@@ -758,6 +817,9 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
                 );
             }
         }
+        Plan::Trash(cmd) => run_trash(&rbd, &pool, &image, cmd, json)
+            .await
+            .map_err(ex)?,
         Plan::Children { snap } => {
             let children = rbd.children(&image, &snap).await.map_err(ex)?;
             if json {
@@ -849,6 +911,71 @@ async fn import_diff(
     };
     pb.finish_and_clear();
     Ok(r?)
+}
+
+async fn run_trash(
+    rbd: &Rbd,
+    pool: &str,
+    target: &str,
+    cmd: TrashCmd,
+    json: bool,
+) -> basalt_rbd::Result<()> {
+    let entry_json = |e: &basalt_rbd::trash::TrashEntry| {
+        json!({
+            "pool": pool, "id": e.id, "name": e.name, "deleted_ms": e.deleted_ms,
+            "deferment_end_ms": e.deferment_end_ms,
+        })
+    };
+    match cmd {
+        TrashCmd::Mv { delay, .. } => {
+            let e = rbd.trash_move(target, delay.saturating_mul(1000)).await?;
+            if json {
+                crate::print_json(entry_json(&e));
+            } else {
+                eprintln!("moved {pool}/{target} to the trash as {pool}/{}", e.id);
+            }
+        }
+        TrashCmd::Ls { .. } => {
+            let entries = rbd.trash_list().await?;
+            if json {
+                crate::print_json(json!(entries.iter().map(entry_json).collect::<Vec<_>>()));
+            } else {
+                for e in entries {
+                    println!("{} {}", e.id, e.name);
+                }
+            }
+        }
+        TrashCmd::Restore { image, .. } => {
+            let name = rbd.trash_restore(target, image.as_deref()).await?;
+            if json {
+                crate::print_json(json!({ "pool": pool, "id": target, "name": name }));
+            } else {
+                eprintln!("restored {pool}/{name}");
+            }
+        }
+        TrashCmd::Rm { force, .. } => {
+            let pb = progress_bar("Removing", false);
+            let cb = |done: u64, total: u64| {
+                pb.set_length(total);
+                pb.set_position(done);
+            };
+            let r = rbd.trash_remove(target, force, &cb).await;
+            pb.finish_and_clear();
+            r?;
+            if !json {
+                eprintln!("removed {pool}/{target} from the trash");
+            }
+        }
+        TrashCmd::Purge { .. } => {
+            let names = rbd.trash_purge(&|_, _| {}).await?;
+            if json {
+                crate::print_json(json!({ "pool": pool, "removed": names }));
+            } else {
+                eprintln!("purged {} trashed images of {pool}", names.len());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn snap_json(pool: &str, image: &str, s: &basalt_rbd::snap::SnapInfo) -> serde_json::Value {

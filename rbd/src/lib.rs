@@ -36,6 +36,7 @@ pub mod mem;
 pub mod rados;
 mod rbd;
 pub mod snap;
+pub mod trash;
 
 pub use backend::{
     BackendError, Locker, NotifyAck, NotifyEvent, NotifyResult, ObjectBackend, WatchEvent, Watcher,

@@ -185,8 +185,21 @@ impl Rbd {
     /// Not fenced against an open racing the watcher check (librbd takes the
     /// exclusive lock for that); the window is one round trip.
     pub async fn remove(&self, name: &str, progress: Progress<'_>) -> Result<()> {
+        let id = read_id(self.backend.as_ref(), name).await?;
+        self.remove_by_id(name, &id, true, progress).await
+    }
+
+    /// Removes image `id` (`name` for messages): its data, header and, if `listed` (it is
+    /// in the directory rather than the trash), its directory entries and id object.
+    pub(crate) async fn remove_by_id(
+        &self,
+        name: &str,
+        id: &str,
+        listed: bool,
+        progress: Progress<'_>,
+    ) -> Result<()> {
         let b = self.backend.as_ref();
-        let id = read_id(b, name).await?;
+        let id = id.to_string();
         let header_oid = layout::header_oid(&id);
         let header = match read_header(b, name, &header_oid).await {
             Ok(h) => Some(h),
@@ -255,14 +268,16 @@ impl Rbd {
             )?;
         }
         ignore_missing(b.remove(&header_oid).await)?;
-        ignore_missing(
-            b.omap_rm(
-                layout::DIRECTORY,
-                &[layout::dir_name_key(name), layout::dir_id_key(&id)],
-            )
-            .await,
-        )?;
-        ignore_missing(b.remove(&layout::id_oid(name)).await)?;
+        if listed {
+            ignore_missing(
+                b.omap_rm(
+                    layout::DIRECTORY,
+                    &[layout::dir_name_key(name), layout::dir_id_key(&id)],
+                )
+                .await,
+            )?;
+            ignore_missing(b.remove(&layout::id_oid(name)).await)?;
+        }
         tracing::info!(image = name, %id, "image removed");
         Ok(())
     }

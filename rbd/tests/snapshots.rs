@@ -121,3 +121,45 @@ async fn a_clone_copies_up_on_write_and_shrinking_lowers_its_overlap() {
     child.close().await.unwrap();
     gold.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_trash_keeps_an_image_restorable_until_it_is_removed() {
+    let cluster = MemCluster::new();
+    let rbd = Rbd::with_options(cluster.client(), fast());
+    rbd.create("vm", 8 * MIB, DEFAULT_ORDER).await.unwrap();
+    let img = rbd.open("vm").await.unwrap();
+    img.write(0, bytes(5, MIB)).await.unwrap();
+    // Open images cannot be trashed.
+    assert!(matches!(
+        rbd.trash_move("vm", 0).await,
+        Err(RbdError::Busy(..))
+    ));
+    img.close().await.unwrap();
+    let e = rbd.trash_move("vm", 3_600_000).await.unwrap();
+    assert!(rbd.list().await.unwrap().is_empty());
+    assert_eq!(rbd.trash_list().await.unwrap(), vec![e.clone()]);
+    // The name is free again; the trashed image cannot come back under it.
+    rbd.create("vm", MIB, DEFAULT_ORDER).await.unwrap();
+    assert!(matches!(
+        rbd.trash_restore(&e.id, None).await,
+        Err(RbdError::Exists(_))
+    ));
+    // Within its delay it is neither purged nor removed without force.
+    assert!(rbd.trash_purge(&no_progress).await.unwrap().is_empty());
+    assert!(rbd.trash_remove(&e.id, false, &no_progress).await.is_err());
+    assert_eq!(
+        rbd.trash_restore(&e.id, Some("vm-back")).await.unwrap(),
+        "vm-back"
+    );
+    let back = rbd.open("vm-back").await.unwrap();
+    assert_eq!(back.read(0, MIB).await.unwrap(), bytes(5, MIB));
+    back.close().await.unwrap();
+    // Removed for good, it leaves nothing, and the other image keeps its name.
+    let e = rbd.trash_move("vm-back", 3_600_000).await.unwrap();
+    rbd.trash_remove(&e.id, true, &no_progress).await.unwrap();
+    assert!(rbd.trash_list().await.unwrap().is_empty());
+    assert!(cluster
+        .object_names(&format!("rbd_data.{}", e.id))
+        .is_empty());
+    assert_eq!(rbd.list().await.unwrap(), vec!["vm"]);
+}

@@ -381,4 +381,28 @@ fn a_clone_reads_its_parent_until_it_writes_and_stands_alone_once_flattened() {
         .cli_json(&["rbd", "info", "rbd/vm-a"])
         .expect("info");
     assert!(info.get("parent").is_none(), "{info}");
+
+    // The trash: a removed disk comes back within its delay.
+    rt.block_on(rbd.create("scratch", 4 << 20, 22))
+        .expect("create");
+    let moved = cluster
+        .cli_json(&["rbd", "trash", "mv", "rbd/scratch", "--delay", "3600"])
+        .expect("trash mv");
+    let id = moved["id"].as_str().expect("id").to_string();
+    let listed = cluster.cli_json(&["rbd", "ls", "rbd"]).expect("ls");
+    assert!(!listed.to_string().contains("scratch"), "{listed}");
+    let trash = cluster
+        .cli_json(&["rbd", "trash", "ls", "rbd"])
+        .expect("trash ls");
+    assert_eq!(trash[0]["name"], "scratch", "{trash}");
+    let out = cluster.cli(&["rbd", "trash", "rm", &format!("rbd/{id}")]);
+    assert!(
+        !out.status.success(),
+        "removed a trashed image before its delay"
+    );
+    cluster
+        .cli_ok(&["rbd", "trash", "restore", &format!("rbd/{id}")])
+        .expect("trash restore");
+    let listed = cluster.cli_json(&["rbd", "ls", "rbd"]).expect("ls");
+    assert!(listed.to_string().contains("scratch"), "{listed}");
 }
