@@ -1,10 +1,13 @@
 //! `basalt cluster up|down|status`: a whole cluster on this machine, in the background.
 //!
 //! `up` writes `DIR/cluster.toml` and `DIR/local.toml` (the shape: monitors, hosts, OSDs per
-//! host, gateways) on first use and starts every daemon detached from the terminal, with a pid
+//! host, gateways) on first use, and the keys: `DIR/keyring` (client.admin) and
+//! `DIR/mon.keyring` (the monitors' `mon.` key plus client.admin, which the first leader
+//! commits into the new auth database); it starts every daemon detached from the terminal, with a pid
 //! file and a log per daemon; on an existing DIR it starts whatever is not running with the
 //! same data (the power-loss path). It then waits for quorum, every OSD up, pool `rbd`, every
-//! PG serving, and a demo image, and prints how to use them. `down` stops only the processes
+//! PG serving, and a demo image, creates the keys of the OSDs (`DIR/osd.N.keyring`) and
+//! gateways (`DIR/gwN.keyring`) through the monitors, and prints how to use them. `down` stops only the processes
 //! named by DIR's pid files (checking that each pid still runs a basalt daemon of DIR).
 
 use std::net::SocketAddr;
@@ -15,8 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use basalt_auth::{Caps, EntityName, Keyring, Secret};
 use basalt_client::{ClientError, MonClient, Rados};
 use basalt_config::{ClusterConfig, ClusterSection, MonEntry};
+use basalt_proto::mon::{auth_request, AuthEntityCaps};
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +95,8 @@ impl Layout {
                     conf.clone(),
                     "--id".into(),
                     rank.to_string(),
+                    "--keyring".into(),
+                    dir.join("mon.keyring").display().to_string(),
                     "--metrics".into(),
                     next_metrics(),
                 ],
@@ -238,6 +245,7 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
             wanted
         }
     };
+    bootstrap_keyrings(dir)?;
     let bins = bin_dir()?;
     for d in layout.daemons(dir, &conf) {
         if pid_of(dir, &d.name).is_some() {
@@ -292,6 +300,34 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
         }
     })
     .await?;
+    step("the auth database");
+    retry(deadline, "client.admin in the auth database", || async {
+        mon.auth(auth_request::Command::Get("client.admin".into()))
+            .await
+            .map(|_| ())
+    })
+    .await?;
+    let osd_ids: Vec<u32> = mon.osdmap().await?.osds.keys().copied().collect();
+    for id in osd_ids {
+        daemon_keyring(
+            &mon,
+            dir,
+            &EntityName::osd(id),
+            &["mon", "allow profile osd", "osd", "allow *"],
+            &format!("osd.{id}.keyring"),
+        )
+        .await?;
+    }
+    for g in 0..layout.gateways {
+        daemon_keyring(
+            &mon,
+            dir,
+            &EntityName::client(&format!("gw{g}"))?,
+            &["mon", "allow profile rbd", "osd", "allow profile rbd"],
+            &format!("gw{g}.keyring"),
+        )
+        .await?;
+    }
     let size = layout.hosts.min(3);
     if mon.osdmap().await?.pool_by_name("rbd").is_none() {
         step("pool rbd");
@@ -320,6 +356,10 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
         conf.display()
     );
     println!("  logs and pids: {}/*.log, *.pid", dir.display());
+    println!(
+        "  keyrings:      {}/keyring (client.admin), mon.keyring, osd.N.keyring, gwN.keyring",
+        dir.display()
+    );
     if layout.gateways > 0 {
         let url = format!("nbd://127.0.0.1:{}/rbd/demo", layout.nbd_port);
         println!("  demo image:    {url}");
@@ -330,6 +370,74 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
         "  stop it with:  basalt cluster down --dir {}",
         dir.display()
     );
+    Ok(())
+}
+
+/// Writes DIR's admin and monitor keyrings unless they exist: a fresh `client.admin` key
+/// with every cap, and the monitors' `mon.` key. The monitors' bootstrap keyring holds both,
+/// so the first leader commits client.admin into the new auth database.
+fn bootstrap_keyrings(dir: &Path) -> anyhow::Result<()> {
+    let admin_path = dir.join("keyring");
+    let mon_path = dir.join("mon.keyring");
+    if admin_path.exists() && mon_path.exists() {
+        return Ok(());
+    }
+    let admin = EntityName::client("admin")?;
+    let admin_caps = Caps::from_pairs(&["mon", "allow *", "osd", "allow *"])?;
+    let admin_key = match Keyring::load(&admin_path) {
+        Ok(k) => k.key(&admin)?.clone(),
+        Err(_) => Secret::generate()?,
+    };
+    let mut admin_ring = Keyring::new();
+    admin_ring.insert(admin.clone(), admin_key.clone(), admin_caps.clone());
+    let mut mon_ring = admin_ring.clone();
+    mon_ring.insert(
+        EntityName::mon(),
+        Secret::generate()?,
+        Caps::from_pairs(&["mon", "allow *", "osd", "allow *"])?,
+    );
+    admin_ring
+        .save(&admin_path)
+        .with_context(|| format!("cannot write {}", admin_path.display()))?;
+    mon_ring
+        .save(&mon_path)
+        .with_context(|| format!("cannot write {}", mon_path.display()))?;
+    eprintln!(
+        "created the admin keyring {} and the monitors' keyring {}",
+        admin_path.display(),
+        mon_path.display()
+    );
+    Ok(())
+}
+
+/// Creates (or fetches) a daemon's key in the auth database and writes its keyring to
+/// DIR/FILE.
+async fn daemon_keyring(
+    mon: &MonClient,
+    dir: &Path,
+    entity: &EntityName,
+    caps: &[&str],
+    file: &str,
+) -> anyhow::Result<()> {
+    let caps = Caps::from_pairs(caps)?;
+    let reply = mon
+        .auth(auth_request::Command::GetOrCreate(AuthEntityCaps {
+            entity: entity.to_string(),
+            caps: caps
+                .iter()
+                .map(|(s, c)| (s.to_string(), c.to_string()))
+                .collect(),
+        }))
+        .await
+        .with_context(|| format!("cannot create the key of {entity}"))?;
+    let Some(e) = reply.entities.first() else {
+        bail!("the monitors returned no key for {entity}");
+    };
+    let mut ring = Keyring::new();
+    ring.insert(entity.clone(), Secret::from_base64(&e.key)?, caps);
+    let path = dir.join(file);
+    ring.save(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use basalt_placement::{pg_distribution, NodeKind, WEIGHT_ONE};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+mod auth;
 mod bench;
 mod cluster;
 mod obj;
@@ -57,6 +58,12 @@ enum Cmd {
     /// Monitor commands.
     #[command(subcommand)]
     Mon(MonCmd),
+    /// Keys and caps of the cluster's entities: add, get-or-create, get, ls, rm, caps.
+    #[command(subcommand)]
+    Auth(auth::AuthCmd),
+    /// Keyring files on this host, offline: gen.
+    #[command(subcommand)]
+    Keyring(auth::KeyringCmd),
     /// OSD commands.
     #[command(subcommand)]
     Osd(OsdCmd),
@@ -216,6 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // A local cluster writes its own config, so it is handled before any config is loaded.
     let command = match cli.command {
         Cmd::Cluster(cmd) => return cluster::run(cmd, json).await,
+        Cmd::Keyring(cmd) => return auth::run_keyring(cmd),
         other => other,
     };
     let cli = Cli { command, ..cli };
@@ -239,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Status => status(&mon, config, json).await,
         Cmd::Health { detail } => health(&mon, config, json, detail.is_some()).await,
         Cmd::Mon(MonCmd::Stat) => mon_stat(&mon, json).await,
+        Cmd::Auth(cmd) => auth::run(&mon, json, cmd).await,
         Cmd::Osd(cmd) => osd(&mon, json, cmd).await,
         Cmd::Pool(cmd) => pool(&mon, json, cmd).await,
         Cmd::Obj(cmd) => {
@@ -250,6 +259,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pg::run(&rados, json, cmd).await
         }
         Cmd::Cluster(cmd) => cluster::run(cmd, json).await,
+        Cmd::Keyring(cmd) => auth::run_keyring(cmd),
         Cmd::Rbd(cmd) => rbd::run(config, json, cmd).await,
         Cmd::Bench(cmd) => bench::run(config, json, cmd).await,
     }

@@ -6,10 +6,10 @@ use std::time::Duration;
 use basalt_config::ClusterConfig;
 use basalt_maps::{decode, Epoch, Incremental, MonMap, OsdMap};
 use basalt_proto::mon::{
-    command_request::Command, map_update, monitor_client::MonitorClient, BlocklistAdd, BlocklistRm,
-    CommandReply, CommandRequest, GetMapRequest, MapKind, OsdBeaconRequest, OsdBootRequest,
-    OsdFailureRequest, OsdId, OsdReweight, PoolCreate, PoolRm, PoolSet, SetFullRatio, StatusReply,
-    StatusRequest, SubscribeRequest,
+    auth_request, command_request::Command, map_update, monitor_client::MonitorClient, AuthReply,
+    AuthRequest, BlocklistAdd, BlocklistRm, CommandReply, CommandRequest, GetMapRequest, MapKind,
+    OsdBeaconRequest, OsdBootRequest, OsdFailureRequest, OsdId, OsdReweight, PoolCreate, PoolRm,
+    PoolSet, SetFullRatio, StatusReply, StatusRequest, SubscribeRequest,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -182,6 +182,18 @@ impl MonClient {
         self.call(|mut c| {
             let req = req.clone();
             async move { Ok(c.command(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// One `auth` command (keys and caps); mutations return after they commit.
+    pub async fn auth(&self, command: auth_request::Command) -> Result<AuthReply, ClientError> {
+        let req = AuthRequest {
+            command: Some(command),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { Ok(c.auth(req).await?.into_inner()) }
         })
         .await
     }

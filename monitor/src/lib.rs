@@ -9,9 +9,11 @@
 //! reads only under a valid lease.
 //!
 //! Modules: [`node`] is the single state owner (`select` → `apply` loop),
-//! [`service`] the pure OSDMap policy, [`store`] the durable state, [`server`]
+//! [`service`] the pure OSDMap policy, [`auth`] the auth database's commands (keys and
+//! caps, committed through Paxos like the map), [`store`] the durable state, [`server`]
 //! the gRPC front, [`peers`] the outbound consensus traffic.
 
+pub mod auth;
 pub mod node;
 pub mod peers;
 pub mod server;

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use basalt_auth::Keyring;
 use basalt_config::ClusterConfig;
+use basalt_mon::auth::AuthService;
 use basalt_mon::node::Node;
 use basalt_mon::server::MonServer;
 use basalt_mon::service::{OsdMapService, Policy};
@@ -27,6 +29,11 @@ struct Args {
     /// Store directory (default: the [[mon]] entry's `data`).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Bootstrap keyring: the entities (keys and caps) a new cluster's auth database starts
+    /// with, committed by the first leader; ignored once the database holds anything.
+    /// Default: `mon.keyring` beside the config file, if there is one.
+    #[arg(long)]
+    keyring: Option<PathBuf>,
     #[command(flatten)]
     telemetry: basalt_telemetry::TelemetryArgs,
 }
@@ -76,6 +83,26 @@ async fn main() -> anyhow::Result<()> {
         down_out_interval_ms: t.down_out_interval_secs.saturating_mul(1000),
     };
     let service = OsdMapService::new(store.osdmap().clone(), policy);
+    let keyring_path = args.keyring.clone().or_else(|| {
+        let beside = args.config.with_file_name("mon.keyring");
+        beside.exists().then_some(beside)
+    });
+    let bootstrap = match &keyring_path {
+        Some(p) => Keyring::load(p)
+            .with_context(|| format!("cannot read the bootstrap keyring {}", p.display()))?,
+        None => Keyring::new(),
+    };
+    if store.auth().version == 0 {
+        match &keyring_path {
+            Some(p) => {
+                tracing::info!(keyring = %p.display(), entities = bootstrap.iter().count(), "new auth database: will be seeded from the bootstrap keyring")
+            }
+            None => tracing::warn!(
+                "new auth database and no bootstrap keyring (--keyring): it starts empty"
+            ),
+        }
+    }
+    let auth = AuthService::new(store.auth().clone(), bootstrap);
     let history = store.reader();
     let outbox = basalt_mon::peers::spawn_peer_senders(&config, me.rank);
     let (node, view) = Node::new(
@@ -83,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         paxos,
         store,
         service,
+        auth,
         outbox,
         Duration::from_millis(t.propose_interval_ms),
     );

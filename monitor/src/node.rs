@@ -1,5 +1,5 @@
-//! The monitor's state owner: one task owns the Paxos core, the store and the
-//! OSDMap service, and runs a `select` → `apply` loop over peer messages,
+//! The monitor's state owner: one task owns the Paxos core, the store, the
+//! OSDMap service and the auth service, and runs a `select` → `apply` loop over peer messages,
 //! client requests and the tick. Everything else (gRPC handlers, peer
 //! senders, subscription streams) talks to it through channels and reads the
 //! [`NodeView`] it publishes.
@@ -11,6 +11,9 @@ use basalt_maps::{encode, Epoch, MapError, OsdId, OsdMap};
 use basalt_paxos::{Input, Message, Output, Paxos, ProposalId, ProposeError, Rank, Role, Version};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use basalt_auth::{AuthDb, AuthEntry, EntityName};
+
+use crate::auth::{AuthCmdError, AuthCommand, AuthService};
 use crate::service::{Boot, Command, OsdMapService, Outcome};
 use crate::store::{MonStore, MonValue};
 
@@ -25,9 +28,15 @@ pub enum MonError {
     Ambiguous,
     #[error(transparent)]
     Map(#[from] MapError),
+    #[error(transparent)]
+    Auth(#[from] AuthCmdError),
     #[error("monitor store failure: {0}")]
     Store(String),
 }
+
+/// What an auth command's reply carries: the entity and its committed record (none once
+/// removed), and the auth database version that holds it.
+pub type AuthOutcome = (EntityName, Option<AuthEntry>, u64);
 
 pub type Reply<T> = oneshot::Sender<Result<T, MonError>>;
 
@@ -44,6 +53,10 @@ pub enum Request {
     Boot {
         boot: Boot,
         reply: Reply<(OsdId, Epoch)>,
+    },
+    Auth {
+        cmd: AuthCommand,
+        reply: Reply<AuthOutcome>,
     },
     Beacon {
         id: OsdId,
@@ -75,6 +88,8 @@ pub struct NodeView {
     pub readable: bool,
     pub osdmap: Arc<OsdMap>,
     pub first_epoch: Epoch,
+    /// The committed auth database.
+    pub auth: Arc<AuthDb>,
 }
 
 /// Outbound consensus messages, one queue per peer rank.
@@ -85,6 +100,7 @@ pub struct Node {
     paxos: Paxos,
     store: MonStore,
     service: OsdMapService,
+    auth: AuthService,
     outbox: PeerOutbox,
     view: watch::Sender<NodeView>,
     started: Instant,
@@ -101,11 +117,17 @@ pub struct Node {
 enum Waiter {
     Command(Reply<(Epoch, Outcome)>, Outcome),
     Boot(Reply<(OsdId, Epoch)>, OsdId),
+    Auth(Reply<AuthOutcome>, EntityName, Option<AuthEntry>),
 }
 
 impl Waiter {
-    fn succeed(self, epoch: Epoch) {
+    /// The proposal committed: OSDMap waiters get the map's epoch, auth waiters the auth
+    /// database's version.
+    fn succeed(self, epoch: Epoch, auth_version: u64) {
         match self {
+            Waiter::Auth(tx, entity, entry) => {
+                let _ = tx.send(Ok((entity, entry, auth_version)));
+            }
             Waiter::Command(tx, msg) => {
                 let _ = tx.send(Ok((epoch, msg)));
             }
@@ -121,6 +143,9 @@ impl Waiter {
                 let _ = tx.send(Err(err));
             }
             Waiter::Boot(tx, _) => {
+                let _ = tx.send(Err(err));
+            }
+            Waiter::Auth(tx, _, _) => {
                 let _ = tx.send(Err(err));
             }
         }
@@ -183,6 +208,7 @@ impl Node {
         paxos: Paxos,
         store: MonStore,
         service: OsdMapService,
+        auth: AuthService,
         outbox: PeerOutbox,
         propose_interval: Duration,
     ) -> (Self, watch::Receiver<NodeView>) {
@@ -197,6 +223,7 @@ impl Node {
             readable: false,
             osdmap: store.osdmap().clone(),
             first_epoch: store.first_epoch(),
+            auth: store.auth().clone(),
         };
         let (tx, rx) = watch::channel(view);
         let now = Instant::now();
@@ -206,6 +233,7 @@ impl Node {
                 paxos,
                 store,
                 service,
+                auth,
                 outbox,
                 view: tx,
                 started: now,
@@ -256,11 +284,14 @@ impl Node {
                         .store
                         .persist(&ops)
                         .map_err(|e| MonError::Store(e.to_string()))?;
-                    if changed {
+                    if changed.osdmap {
                         let map = self.store.osdmap().clone();
                         metrics::gauge!("basalt_mon_osdmap_epoch").set(map.epoch as f64);
                         fullness_metrics(&map);
                         self.service.on_commit(map);
+                    }
+                    if changed.auth {
+                        self.auth.on_commit(self.store.auth().clone());
                     }
                 }
                 Output::ProposalDone { id, result } => self.on_proposal_done(id, result),
@@ -284,13 +315,15 @@ impl Node {
                 metrics::histogram!("basalt_mon_paxos_commit_seconds")
                     .record(proposed_at.elapsed().as_secs_f64());
                 let epoch = self.store.osdmap().epoch;
+                let auth_version = self.store.auth().version;
                 for w in waiters {
-                    w.succeed(epoch);
+                    w.succeed(epoch, auth_version);
                 }
             }
             Err(e) => {
                 tracing::info!(error = %e, "proposal did not commit");
                 self.service.abandon_in_flight();
+                self.auth.abandon_in_flight();
                 for w in waiters {
                     w.fail(MonError::Ambiguous);
                 }
@@ -324,6 +357,7 @@ impl Node {
                 }
             }
             self.service.reset(self.now_ms());
+            self.auth.reset();
             self.was_leader = is_leader;
         }
     }
@@ -363,6 +397,20 @@ impl Node {
                     let now = self.now_ms();
                     match self.service.boot(boot, now) {
                         Ok(id) => self.waiting.push(Waiter::Boot(reply, id)),
+                        Err(e) => {
+                            let _ = reply.send(Err(e.into()));
+                        }
+                    }
+                }
+            }
+            Request::Auth { cmd, reply } => {
+                if !leader {
+                    let _ = reply.send(Err(self.not_leader()));
+                } else {
+                    match self.auth.command(cmd) {
+                        Ok((entity, entry)) => {
+                            self.waiting.push(Waiter::Auth(reply, entity, entry))
+                        }
                         Err(e) => {
                             let _ = reply.send(Err(e.into()));
                         }
@@ -410,17 +458,21 @@ impl Node {
         }
         let now = self.now_ms();
         self.service.tick(now, wall_ms());
+        self.auth.seed_if_new();
         if self.paxos.can_propose()
             && self.in_flight.is_none()
-            && self.service.has_pending()
+            && (self.service.has_pending() || self.auth.has_pending())
             && self.last_propose.elapsed() >= self.propose_interval
         {
-            if let Some(inc) = self.service.take_incremental(wall_ms()) {
+            let value = MonValue {
+                osdmap: self.service.take_incremental(wall_ms()),
+                auth: self.auth.take_changes(),
+            };
+            if value.osdmap.is_some() || !value.auth.is_empty() {
                 let id = self.next_proposal;
                 self.next_proposal += 1;
                 self.last_propose = Instant::now();
                 self.in_flight = Some((id, Instant::now(), std::mem::take(&mut self.waiting)));
-                let value = MonValue { osdmap: Some(inc) };
                 self.step(Input::Propose {
                     id,
                     value: encode(&value).into(),
@@ -442,6 +494,7 @@ impl Node {
             readable: self.paxos.readable(paxos_clock_ms()),
             osdmap: self.store.osdmap().clone(),
             first_epoch: self.store.first_epoch(),
+            auth: self.store.auth().clone(),
         };
         let old = self.view.borrow();
         let unchanged = old.role == view.role
@@ -450,7 +503,8 @@ impl Node {
             && old.election_epoch == view.election_epoch
             && old.last_committed == view.last_committed
             && old.readable == view.readable
-            && Arc::ptr_eq(&old.osdmap, &view.osdmap);
+            && Arc::ptr_eq(&old.osdmap, &view.osdmap)
+            && Arc::ptr_eq(&old.auth, &view.auth);
         drop(old);
         if unchanged {
             return;

@@ -14,10 +14,11 @@ use basalt_config::ClusterConfig;
 use basalt_maps::{decode, encode, MapError, MonInfo, MonMap};
 use basalt_paxos::{Rank, Role};
 use basalt_proto::mon::{
-    command_request, map_update, mon_peer_server::MonPeer, monitor_client::MonitorClient,
-    monitor_server::Monitor, Ack, CommandReply, CommandRequest, EpochReply, GetMapRequest, MapKind,
-    MapReply, MapUpdate, MonMember, OsdBeaconRequest, OsdBootReply, OsdBootRequest,
-    OsdFailureRequest, PeerEnvelope, StatusReply, StatusRequest, SubscribeRequest,
+    auth_request, command_request, map_update, mon_peer_server::MonPeer,
+    monitor_client::MonitorClient, monitor_server::Monitor, Ack, AuthEntity, AuthReply,
+    AuthRequest, CommandReply, CommandRequest, EpochReply, GetMapRequest, MapKind, MapReply,
+    MapUpdate, MonMember, OsdBeaconRequest, OsdBootReply, OsdBootRequest, OsdFailureRequest,
+    PeerEnvelope, StatusReply, StatusRequest, SubscribeRequest,
 };
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
@@ -25,6 +26,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request as GrpcRequest, Response, Status};
 
+use crate::auth::{AuthCmdError, AuthCommand};
 use crate::node::{MonError, NodeView, Request};
 use crate::service::{Boot, Command, Outcome};
 use crate::store::MapHistory;
@@ -195,6 +197,14 @@ pub fn to_status(e: MonError) -> Status {
         MonError::Unavailable(m) => Status::unavailable(m),
         MonError::Ambiguous => Status::aborted(e.to_string()),
         MonError::Store(m) => Status::internal(m),
+        MonError::Auth(a) => {
+            let code = match &a {
+                AuthCmdError::NotFound(_) => Code::NotFound,
+                AuthCmdError::Exists(_) => Code::AlreadyExists,
+                AuthCmdError::Random(_) => Code::Internal,
+            };
+            Status::new(code, a.to_string())
+        }
         MonError::Map(m) => {
             let code = match &m {
                 MapError::PoolExists(_) => Code::AlreadyExists,
@@ -261,6 +271,90 @@ fn command_from(req: CommandRequest) -> Result<Command, Status> {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
             ratio: r.ratio,
         },
+    })
+}
+
+fn entity_from(text: &str) -> Result<basalt_auth::EntityName, Status> {
+    text.parse()
+        .map_err(|e: basalt_auth::EntityError| Status::invalid_argument(e.to_string()))
+}
+
+fn caps_from(caps: std::collections::HashMap<String, String>) -> Result<basalt_auth::Caps, Status> {
+    let mut pairs: Vec<(String, String)> = caps.into_iter().collect();
+    pairs.sort();
+    let words: Vec<String> = pairs.into_iter().flat_map(|(s, c)| [s, c]).collect();
+    basalt_auth::Caps::from_pairs(&words).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn auth_entity(entity: &basalt_auth::EntityName, entry: &basalt_auth::AuthEntry) -> AuthEntity {
+    AuthEntity {
+        entity: entity.to_string(),
+        key: entry.key.to_base64(),
+        caps: entry
+            .caps
+            .iter()
+            .map(|(s, c)| (s.to_string(), c.to_string()))
+            .collect(),
+    }
+}
+
+/// A forwarded mutation's reply, back in the form the state owner gives it.
+fn outcome_from_reply(reply: AuthReply) -> Result<crate::node::AuthOutcome, Status> {
+    let bad = |what: String| Status::internal(format!("the leader's auth reply {what}"));
+    let entity = reply
+        .entity
+        .parse()
+        .map_err(|err| bad(format!("names no entity: {err}")))?;
+    let entry = match reply.entities.into_iter().next() {
+        Some(e) => Some(basalt_auth::AuthEntry {
+            key: basalt_auth::Secret::from_base64(&e.key)
+                .map_err(|err| bad(format!("holds a bad key: {err}")))?,
+            caps: caps_from(e.caps)?,
+        }),
+        // A removal.
+        None => None,
+    };
+    Ok((entity, entry, reply.version))
+}
+
+/// An `auth` request: a read of the committed database, or a mutation for the leader.
+enum AuthOp {
+    Get(basalt_auth::EntityName),
+    Ls,
+    Change(AuthCommand),
+}
+
+fn auth_op_from(req: AuthRequest) -> Result<AuthOp, Status> {
+    use auth_request::Command as C;
+    let cmd = req
+        .command
+        .ok_or_else(|| Status::invalid_argument("empty auth command"))?;
+    Ok(match cmd {
+        C::Add(a) => AuthOp::Change(AuthCommand::Add {
+            entity: entity_from(&a.entity)?,
+            key: if a.key.is_empty() {
+                None
+            } else {
+                Some(
+                    basalt_auth::Secret::from_base64(&a.key)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                )
+            },
+            caps: caps_from(a.caps)?,
+        }),
+        C::GetOrCreate(g) => AuthOp::Change(AuthCommand::GetOrCreate {
+            entity: entity_from(&g.entity)?,
+            caps: caps_from(g.caps)?,
+        }),
+        C::Get(e) => AuthOp::Get(entity_from(&e)?),
+        C::Ls(_) => AuthOp::Ls,
+        C::Rm(e) => AuthOp::Change(AuthCommand::Remove {
+            entity: entity_from(&e)?,
+        }),
+        C::Caps(c) => AuthOp::Change(AuthCommand::SetCaps {
+            entity: entity_from(&c.entity)?,
+            caps: caps_from(c.caps)?,
+        }),
     })
 }
 
@@ -452,6 +546,56 @@ impl Monitor for MonServer {
             epoch,
             message: outcome.message,
             snap_id: outcome.snap_id.unwrap_or(0),
+        }))
+    }
+
+    async fn auth(&self, request: GrpcRequest<AuthRequest>) -> Result<Response<AuthReply>, Status> {
+        // Decode before any waiting, so malformed commands fail fast.
+        let cmd = match auth_op_from(request.get_ref().clone())? {
+            AuthOp::Get(entity) => {
+                let view = self.readable_view().await?;
+                let entry = view.auth.get(&entity).ok_or_else(|| {
+                    Status::not_found(AuthCmdError::NotFound(entity.clone()).to_string())
+                })?;
+                return Ok(Response::new(AuthReply {
+                    version: view.auth.version,
+                    entities: vec![auth_entity(&entity, entry)],
+                    message: String::new(),
+                    entity: entity.to_string(),
+                }));
+            }
+            AuthOp::Ls => {
+                let view = self.readable_view().await?;
+                return Ok(Response::new(AuthReply {
+                    version: view.auth.version,
+                    entities: view.auth.iter().map(|(n, e)| auth_entity(n, e)).collect(),
+                    message: String::new(),
+                    entity: String::new(),
+                }));
+            }
+            AuthOp::Change(cmd) => cmd,
+        };
+        let removal = matches!(cmd, AuthCommand::Remove { .. });
+        let (entity, entry, version) = self
+            .on_leader(
+                request,
+                |_: AuthRequest, reply| Request::Auth {
+                    cmd: cmd.clone(),
+                    reply,
+                },
+                |mut c, r| async move { outcome_from_reply(c.auth(r).await?.into_inner()) },
+            )
+            .await?;
+        let message = if removal {
+            format!("removed {entity}")
+        } else {
+            format!("{entity} as of auth version {version}")
+        };
+        Ok(Response::new(AuthReply {
+            version,
+            entities: entry.iter().map(|e| auth_entity(&entity, e)).collect(),
+            message,
+            entity: entity.to_string(),
         }))
     }
 

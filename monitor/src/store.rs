@@ -1,4 +1,5 @@
-//! Durable monitor state: the Paxos state and values, and the OSDMap history.
+//! Durable monitor state: the Paxos state and values, the OSDMap history and the auth
+//! database.
 //!
 //! Everything goes through [`KvStore`], an ordered key-value store with atomic,
 //! durable batches: RocksDB in production, an in-memory map in unit tests. A
@@ -9,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use basalt_auth::{AuthChange, AuthDb};
 use basalt_maps::{decode, encode, Epoch, Incremental, OsdMap};
 use basalt_paxos::{PersistOp, PersistentState, Version};
 use bytes::Bytes;
@@ -127,6 +129,7 @@ impl KvStore for MemStore {
 const KEY_PAXOS_STATE: &[u8] = b"s";
 const KEY_OSDMAP_LATEST: &[u8] = b"m";
 const KEY_OSDMAP_FIRST: &[u8] = b"f";
+const KEY_AUTH_DB: &[u8] = b"a";
 const PREFIX_PAXOS_VALUE: u8 = b'p';
 const PREFIX_OSDMAP_INC: u8 = b'i';
 const PREFIX_OSDMAP_FULL: u8 = b'F';
@@ -142,12 +145,22 @@ fn key(prefix: u8, n: u64) -> Vec<u8> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MonValue {
     pub osdmap: Option<Incremental>,
+    /// Auth database changes, applied as one batch (one auth version) when non-empty.
+    pub auth: Vec<AuthChange>,
 }
 
 /// The replicated state a lagging monitor installs wholesale.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MonSnapshot {
     pub osdmap: OsdMap,
+    pub auth: AuthDb,
+}
+
+/// What a persisted Paxos step changed in the replicated state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    pub osdmap: bool,
+    pub auth: bool,
 }
 
 /// History retention for the OSDMap.
@@ -164,6 +177,7 @@ pub struct MonStore {
     osdmap: Arc<OsdMap>,
     first_epoch: Epoch,
     retention: Retention,
+    auth: Arc<AuthDb>,
 }
 
 impl MonStore {
@@ -191,12 +205,19 @@ impl MonStore {
             Some(b) => decode(&b, "first epoch").map_err(|e| StoreError::Corrupt(e.to_string()))?,
             None => osdmap.epoch,
         };
+        let auth: AuthDb = match kv.get(KEY_AUTH_DB)? {
+            Some(b) => {
+                decode(&b, "auth database").map_err(|e| StoreError::Corrupt(e.to_string()))?
+            }
+            None => AuthDb::default(),
+        };
         Ok(MonStore {
             kv,
             paxos,
             osdmap: Arc::new(osdmap),
             first_epoch,
             retention,
+            auth: Arc::new(auth),
         })
     }
 
@@ -206,6 +227,11 @@ impl MonStore {
 
     pub fn osdmap(&self) -> &Arc<OsdMap> {
         &self.osdmap
+    }
+
+    /// The committed auth database.
+    pub fn auth(&self) -> &Arc<AuthDb> {
+        &self.auth
     }
 
     /// Oldest OSDMap epoch whose incremental (or full map) is still kept.
@@ -224,13 +250,14 @@ impl MonStore {
     /// values, and the OSDMap epochs they produce, in one atomic batch. The
     /// Paxos fields change exactly as the core changes its own copy, so a
     /// restarted monitor resumes from the state it had in memory.
-    /// Returns whether the OSDMap changed.
-    pub fn persist(&mut self, ops: &[PersistOp]) -> Result<bool, StoreError> {
+    /// Returns what changed.
+    pub fn persist(&mut self, ops: &[PersistOp]) -> Result<Changed, StoreError> {
         let mut batch = Batch::default();
         let mut paxos = self.paxos.clone();
         let mut map = (*self.osdmap).clone();
         let mut first_epoch = self.first_epoch;
         let mut map_changed = false;
+        let mut auth: Option<AuthDb> = None;
         for op in ops {
             if matches!(op, PersistOp::Commit { version, .. } if *version <= paxos.last_committed) {
                 // Already applied; applying an incremental twice would fail.
@@ -252,6 +279,10 @@ impl MonStore {
                         }
                         map_changed = true;
                     }
+                    if !value.auth.is_empty() {
+                        auth.get_or_insert_with(|| (*self.auth).clone())
+                            .apply(&value.auth);
+                    }
                 }
                 PersistOp::InstallSnapshot { data, .. } => {
                     let snap: MonSnapshot = decode(data, "monitor snapshot")
@@ -266,6 +297,7 @@ impl MonStore {
                         key(PREFIX_OSDMAP_FULL, u64::MAX),
                     );
                     map = snap.osdmap;
+                    auth = Some(snap.auth);
                     batch.put(key(PREFIX_OSDMAP_FULL, map.epoch), encode(&map));
                     first_epoch = map.epoch;
                     map_changed = true;
@@ -303,6 +335,9 @@ impl MonStore {
             batch.put(KEY_OSDMAP_LATEST.to_vec(), encode(&map));
         }
         batch.put(KEY_OSDMAP_FIRST.to_vec(), encode(&first_epoch));
+        if let Some(db) = &auth {
+            batch.put(KEY_AUTH_DB.to_vec(), encode(db));
+        }
         batch.put(KEY_PAXOS_STATE.to_vec(), encode(&paxos));
         self.kv.write(batch)?;
         self.paxos = paxos;
@@ -310,7 +345,14 @@ impl MonStore {
             self.osdmap = Arc::new(map);
         }
         self.first_epoch = first_epoch;
-        Ok(map_changed)
+        let auth_changed = auth.is_some();
+        if let Some(db) = auth {
+            self.auth = Arc::new(db);
+        }
+        Ok(Changed {
+            osdmap: map_changed,
+            auth: auth_changed,
+        })
     }
 
     /// The full map at `epoch` (≤ the latest), rebuilt from the nearest full map.
@@ -339,6 +381,7 @@ impl MonStore {
     pub fn snapshot(&self) -> (Version, Bytes) {
         let snap = MonSnapshot {
             osdmap: (*self.osdmap).clone(),
+            auth: (*self.auth).clone(),
         };
         (self.paxos.last_committed, Bytes::from(encode(&snap)))
     }
@@ -431,7 +474,10 @@ mod tests {
             stamp_ms: epoch,
             changes: vec![Change::CreatePool(pool)],
         };
-        Bytes::from(encode(&MonValue { osdmap: Some(inc) }))
+        Bytes::from(encode(&MonValue {
+            osdmap: Some(inc),
+            auth: Vec::new(),
+        }))
     }
 
     fn store(kv: &MemStore, keep: u64) -> MonStore {
@@ -456,7 +502,7 @@ mod tests {
                     },
                 ])
                 .expect("persist");
-            assert!(changed);
+            assert!(changed.osdmap && !changed.auth);
         }
         let s = store(&kv, 100);
         assert_eq!(s.paxos_state().last_committed, 10);
@@ -507,5 +553,49 @@ mod tests {
         let behind = store(&kv2, 3);
         assert_eq!(behind.paxos_state().last_committed, 20);
         assert_eq!(behind.osdmap().as_ref(), s.osdmap().as_ref());
+    }
+
+    #[test]
+    fn auth_changes_commit_with_the_value_and_travel_in_snapshots() {
+        use basalt_auth::{Caps, Secret};
+        let kv = MemStore::default();
+        let mut s = store(&kv, 100);
+        let admin: basalt_auth::EntityName = "client.admin".parse().expect("name");
+        let key = Secret::generate().expect("random");
+        let value = MonValue {
+            osdmap: None,
+            auth: vec![AuthChange::Put {
+                entity: admin.clone(),
+                key: key.clone(),
+                caps: Caps::from_pairs(&["mon", "allow *"]).expect("caps"),
+            }],
+        };
+        let changed = s
+            .persist(&[PersistOp::Commit {
+                version: 1,
+                value: Bytes::from(encode(&value)),
+            }])
+            .expect("persist");
+        assert_eq!(
+            changed,
+            Changed {
+                osdmap: false,
+                auth: true
+            }
+        );
+        let s = store(&kv, 100);
+        assert_eq!(s.auth().version, 1);
+        assert_eq!(s.auth().get(&admin).expect("kept").key, key);
+
+        let (v, snap) = s.snapshot();
+        let kv2 = MemStore::default();
+        let mut behind = store(&kv2, 100);
+        behind
+            .persist(&[PersistOp::InstallSnapshot {
+                version: v,
+                data: snap,
+            }])
+            .expect("install");
+        assert_eq!(store(&kv2, 100).auth().as_ref(), s.auth().as_ref());
     }
 }

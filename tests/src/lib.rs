@@ -87,6 +87,21 @@ pub fn test_timeouts() -> Timeouts {
     }
 }
 
+/// Writes the keyrings `basalt cluster up` writes: DIR/keyring (client.admin) and
+/// DIR/mon.keyring beside the config (the monitors' bootstrap keyring, which they read by
+/// default), so every test cluster's auth database starts with client.admin.
+fn write_keyrings(dir: &Path) -> anyhow::Result<()> {
+    use basalt_auth::{Caps, EntityName, Keyring, Secret};
+    let admin = EntityName::client("admin")?;
+    let caps = Caps::from_pairs(&["mon", "allow *", "osd", "allow *"])?;
+    let mut ring = Keyring::new();
+    ring.insert(admin, Secret::generate()?, caps.clone());
+    ring.save(&dir.join("keyring"))?;
+    ring.insert(EntityName::mon(), Secret::generate()?, caps);
+    ring.save(&dir.join("mon.keyring"))?;
+    Ok(())
+}
+
 /// Polls `cond` every 100 ms until it returns `Some`, or fails after `limit`.
 pub fn wait_for<T>(
     what: &str,
@@ -186,6 +201,7 @@ impl TestCluster {
         };
         let config_path = dir.path().join("cluster.toml");
         std::fs::write(&config_path, config.to_toml())?;
+        write_keyrings(dir.path())?;
         Ok(TestCluster {
             dir,
             config,
@@ -268,6 +284,11 @@ impl TestCluster {
         // A client-side config: ranks must be 0..n, so renumber.
         c.mons[0].rank = 0;
         c
+    }
+
+    /// The admin keyring (`client.admin`, every cap), as `basalt cluster up` writes it.
+    pub fn admin_keyring_path(&self) -> PathBuf {
+        self.dir.path().join("keyring")
     }
 
     /// Runs the CLI against this cluster (bounded at 120 s).
