@@ -862,6 +862,15 @@ pub struct ScrubObject {
     pub attrs_digest: [u8; 32],
     /// Chunks whose stored checksum does not match their bytes (deep scrub only).
     pub bad_chunks: Vec<u64>,
+    /// Snapshot clones with such chunks (deep scrub only). The clones' digests are folded
+    /// into the head's, so a clone that differs between copies makes the object differ.
+    pub bad_clones: Vec<u64>,
+}
+
+impl ScrubObject {
+    fn verifies(&self) -> bool {
+        self.bad_chunks.is_empty() && self.bad_clones.is_empty()
+    }
 }
 
 /// One member's view of a PG for scrub.
@@ -916,6 +925,7 @@ pub fn scrub_map(
                 omap_digest: [0; 32],
                 attrs_digest: [0; 32],
                 bad_chunks: vec![],
+                bad_clones: vec![],
             };
             if deep {
                 let r = store.deep_scrub_object(o).map_err(store_error)?;
@@ -923,6 +933,23 @@ pub fn scrub_map(
                 entry.data_digest = r.data_digest;
                 entry.omap_digest = r.omap_digest;
                 entry.attrs_digest = r.attrs_digest;
+                let head = store.head(o).map_err(store_error)?;
+                let clones = snaps::clone_objects(o, head.as_ref())?;
+                if !clones.is_empty() {
+                    let mut h = blake3::Hasher::new();
+                    h.update(&entry.data_digest);
+                    for c in clones {
+                        let r = store.deep_scrub_object(&c).map_err(store_error)?;
+                        if !r.bad_chunks().is_empty() {
+                            entry.bad_clones.push(c.snap());
+                        }
+                        h.update(&c.snap().to_be_bytes());
+                        h.update(&r.data_digest);
+                        h.update(&r.omap_digest);
+                        h.update(&r.attrs_digest);
+                    }
+                    entry.data_digest = *h.finalize().as_bytes();
+                }
             }
             out.insert(name, entry);
         }
@@ -965,7 +992,7 @@ pub fn compare_scrub_maps(primary: OsdId, maps: &BTreeMap<OsdId, ScrubMap>) -> V
         };
         let mut votes: BTreeMap<_, Vec<OsdId>> = BTreeMap::new();
         for (&osd, c) in &copies {
-            if let Some(c) = c.filter(|c| c.bad_chunks.is_empty()) {
+            if let Some(c) = c.filter(|c| c.verifies()) {
                 votes.entry(key(c)).or_default().push(osd);
             }
         }
@@ -992,6 +1019,13 @@ pub fn compare_scrub_maps(primary: OsdId, maps: &BTreeMap<OsdId, ScrubMap>) -> V
                     why.push(format!(
                         "osd.{osd}: chunks {:?} fail their checksum",
                         c.bad_chunks
+                    ));
+                }
+                Some(c) if !c.bad_clones.is_empty() => {
+                    bad.push(osd);
+                    why.push(format!(
+                        "osd.{osd}: snapshot clones {:?} fail their checksum",
+                        c.bad_clones
                     ));
                 }
                 Some(c) if Some(key(c)) != auth_key => {
@@ -1080,6 +1114,7 @@ mod tests {
             omap_digest: [0; 32],
             attrs_digest: [0; 32],
             bad_chunks: bad.to_vec(),
+            bad_clones: vec![],
         }
     }
 

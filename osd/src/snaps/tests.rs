@@ -385,3 +385,40 @@ fn check(
         );
     }
 }
+
+/// Deep scrub covers clones: a copy whose clone lost a byte, or holds other bytes, is found.
+#[test]
+fn deep_scrub_checks_clones() {
+    use crate::pg::{compare_scrub_maps, scrub_map, NameRange};
+    let build = || {
+        let mut r = Rig::new();
+        r.write(0, vec![b'a'; 2 * C], &snapc(0, &[]));
+        r.write(0, vec![b'b'; 4096], &snapc(1, &[1]));
+        r
+    };
+    let (good, rotten, other) = (build(), build(), build());
+    let clone = good.obj.clone().at_snap(1);
+    // The clone holds chunk 0 only: flip a byte of it on one copy.
+    rotten
+        .store
+        .inject_bitflip_for_testing(&clone, 0, 100)
+        .expect("bitflip");
+    // And give another copy's clone different bytes with valid checksums.
+    let mut t = Transaction::new();
+    t.write(&clone, 0, Bytes::from(vec![b'x'; 4096]));
+    other.store.submit_blocking(&t).expect("apply");
+    let pg = good.obj.pg();
+    let map = |r: &Rig| scrub_map(&r.store, pg, true, &NameRange::default(), 100).expect("map");
+    let maps = [
+        (0, map(&good)),
+        (1, map(&rotten)),
+        (2, map(&good)),
+        (3, map(&other)),
+    ]
+    .into_iter()
+    .collect();
+    let found = compare_scrub_maps(0, &maps);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].bad, vec![1, 3], "{found:?}");
+    assert!(found[0].why.contains("clones [1]"), "{found:?}");
+}
