@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/snapshot.sh — what a snapshot costs a VM disk's writes (issue 19): fio 4k randwrite
 # QD32 through the gateway with no snapshot, right after one (every first write to a 64 KiB
-# chunk copies it), and again once most chunks were copied; plus how long `rbd snap create`
+# chunk copies it), and twice more as the copies run out; plus how long `rbd snap create`
 # and `rbd clone` of a 10 GiB image take. The ratios are within one run on one cluster.
 #
 # Usage: bench/snapshot.sh [BIN]   (BIN: directory with basalt, basalt-mon, basalt-osd,
@@ -55,6 +55,7 @@ for ((round = 1; round <= rounds; round++)); do
   timed "rbd snap create" "$bin/basalt" rbd snap create rbd/bench@s1
   fio_job "first run after a snapshot"
   fio_job "second run after it"
+  fio_job "third run after it"
   "$bin/basalt" rbd create rbd/big --size 10G >/dev/null
   "$bin/basalt" rbd snap create rbd/big@base >/dev/null
   "$bin/basalt" rbd snap protect rbd/big@base >/dev/null
