@@ -406,3 +406,96 @@ fn a_clone_reads_its_parent_until_it_writes_and_stands_alone_once_flattened() {
     let listed = cluster.cli_json(&["rbd", "ls", "rbd"]).expect("ls");
     assert!(listed.to_string().contains("scratch"), "{listed}");
 }
+
+/// Removing a snapshot frees its clones' space on every OSD and leaves no clone in any store.
+/// Measured with the OSDs' store metrics, which `osd df` reports with a lag.
+#[test]
+fn removed_snapshots_are_trimmed_and_free_their_space() {
+    const MIB: u64 = 1 << 20;
+    let tuning = basalt_config::OsdTuning {
+        // Slow the trimmer (it sleeps like recovery between objects), so `pg ls` shows it.
+        recovery_sleep_ms: 200,
+        ..basalt_config::OsdTuning::default()
+    };
+    let d = DataCluster::start_tuned(test_timeouts(), tuning, "rbd").expect("cluster");
+    let rbd = Rbd::new(Arc::new(RadosBackend::new(
+        d.rados.clone(),
+        d.io.clone(),
+        Duration::from_secs(30),
+    )));
+    let mut cluster = d.cluster;
+    let rt = d.rt;
+    // What the stores hold, live from each OSD's metrics (`osd df` shows what the beacons
+    // last put in the map, which records only changes large against the capacity).
+    let used = |cluster: &basalt_tests::TestCluster| -> Option<u64> {
+        (0..6)
+            .map(|i| {
+                let text = cluster.osd_metrics(i).ok()?;
+                Some(basalt_tests::metric_sum(&text, "basalt_osd_store_used_bytes", "") as u64)
+            })
+            .sum()
+    };
+    // 64 objects of 1 MiB, snapshotted, then all overwritten: every object has a full clone.
+    rt.block_on(async {
+        rbd.create("vm", 64 * MIB, 20).await?;
+        let img = rbd.open("vm").await?;
+        img.write(0, Bytes::from(vec![1u8; 64 << 20])).await?;
+        img.snap_create("s").await?;
+        img.write(0, Bytes::from(vec![2u8; 64 << 20])).await?;
+        img.close().await
+    })
+    .expect("image, snapshot, overwrite");
+    // Three copies of the head and of the clones.
+    wait_for(
+        "the clones counted by the stores",
+        Duration::from_secs(60),
+        || used(&cluster).filter(|u| *u >= 6 * 64 * MIB * 95 / 100),
+    )
+    .expect("stores holding the clones");
+
+    cluster
+        .cli_ok(&["rbd", "snap", "rm", "rbd/vm@s"])
+        .expect("snap rm");
+    wait_for("a PG trimming", Duration::from_secs(30), || {
+        let pgs = cluster.cli_json(&["pg", "ls"]).ok()?;
+        pgs.to_string().contains("snaptrim").then_some(())
+    })
+    .expect("snaptrim in pg ls");
+    let prefix = rt.block_on(rbd.info("vm")).expect("info").object_prefix;
+    let io = d.io.clone();
+    wait_for(
+        "every object's clones trimmed",
+        Duration::from_secs(120),
+        || {
+            (0..64)
+                .map(|n| rt.block_on(io.list_snaps(&format!("{prefix}.{n:016x}"))))
+                .all(|l| l.is_ok_and(|l| l.clones.is_empty()))
+                .then_some(())
+        },
+    )
+    .expect("trim");
+    wait_for("the clones' space freed", Duration::from_secs(60), || {
+        used(&cluster).filter(|u| *u <= 3 * 64 * MIB * 105 / 100)
+    })
+    .expect("stores after trimming");
+    // The head is intact, and no store holds a clone any more.
+    let img = rt.block_on(rbd.open("vm")).expect("open");
+    assert_eq!(
+        rt.block_on(img.read(0, 64 * MIB)).expect("read"),
+        Bytes::from(vec![2u8; 64 << 20])
+    );
+    rt.block_on(img.close()).expect("close");
+    let stores = basalt_tests::stores_after_stop(&mut cluster, 6);
+    for (i, s) in stores.iter().enumerate() {
+        for pg in s.list_pgs().expect("pgs") {
+            let page = s.list_objects(pg, None, 100_000).expect("list");
+            let clones: Vec<String> = page
+                .objects
+                .iter()
+                .filter(|o| o.snap() != basalt_osd::store::SNAP_HEAD)
+                .map(|o| o.to_string())
+                .collect();
+            assert!(clones.is_empty(), "osd#{i} still holds clones {clones:?}");
+        }
+    }
+}
