@@ -159,6 +159,11 @@ struct PgState {
     recovery_toofull: Option<String>,
     /// Primary: the snap trimmer is deleting removed snapshots' clones.
     snaptrim: bool,
+    /// The `up_from` epoch of each acting member when the interval began. A member that
+    /// restarted (booted again) lost the interval it was peered in, so its return starts a
+    /// new interval even when the monitors never saw it down (as Ceph's `up_from` does):
+    /// otherwise the primary's sub-ops to it would be refused forever.
+    acting_up_from: Vec<Epoch>,
 }
 
 /// Wall-clock times (unix ms) of a PG's last scrub and deep scrub on this OSD.
@@ -684,6 +689,7 @@ impl OsdCore {
                                     split: false,
                                     recovery_toofull: None,
                                     snaptrim: false,
+                                    acting_up_from: vec![],
                                 }),
                                 changed: watch::channel(0).0,
                                 objects: Mutex::new(HashMap::new()),
@@ -692,8 +698,14 @@ impl OsdCore {
                             })
                         })
                         .clone();
+                    let up_from: Vec<Epoch> = mapping
+                        .acting
+                        .iter()
+                        .map(|o| map.osds.get(o).map_or(0, |i| i.up_from))
+                        .collect();
                     let mut s = lock(&pg.state);
                     if s.acting == mapping.acting
+                        && s.acting_up_from == up_from
                         && s.primary == mapping.acting_primary
                         && s.min_size == pool.min_size
                         && s.generation > 0
@@ -704,6 +716,7 @@ impl OsdCore {
                     s.split = false;
                     s.interval_epoch = map.epoch;
                     s.acting = mapping.acting.clone();
+                    s.acting_up_from = up_from;
                     s.primary = mapping.acting_primary;
                     s.min_size = pool.min_size;
                     s.generation += 1;

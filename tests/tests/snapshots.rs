@@ -407,13 +407,15 @@ fn a_clone_reads_its_parent_until_it_writes_and_stands_alone_once_flattened() {
     assert!(listed.to_string().contains("scratch"), "{listed}");
 }
 
-/// Removing a snapshot frees its clones' space on every OSD and leaves no clone in any store.
-/// Measured with the OSDs' store metrics, which `osd df` reports with a lag.
+/// Removing a snapshot frees its clones' space on every OSD and leaves no clone in any store,
+/// even when an OSD is killed and restarted while its PGs trim. Space is measured with the
+/// OSDs' store metrics, which `osd df` reports with a lag.
 #[test]
 fn removed_snapshots_are_trimmed_and_free_their_space() {
     const MIB: u64 = 1 << 20;
     let tuning = basalt_config::OsdTuning {
-        // Slow the trimmer (it sleeps like recovery between objects), so `pg ls` shows it.
+        // Slow the trimmer (it sleeps like recovery between objects), so `pg ls` shows it
+        // and the kill below lands while PGs trim.
         recovery_sleep_ms: 200,
         ..basalt_config::OsdTuning::default()
     };
@@ -461,6 +463,10 @@ fn removed_snapshots_are_trimmed_and_free_their_space() {
         pgs.to_string().contains("snaptrim").then_some(())
     })
     .expect("snaptrim in pg ls");
+    // Killed and back at once, before the monitors notice: its PGs start a new interval
+    // (it booted again) and the trim goes on.
+    cluster.kill_osd(0);
+    cluster.restart_osd(0).expect("restart osd 0");
     let prefix = rt.block_on(rbd.info("vm")).expect("info").object_prefix;
     let io = d.io.clone();
     wait_for(
