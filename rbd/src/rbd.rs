@@ -215,17 +215,7 @@ impl Rbd {
                 return Err(RbdError::HasSnapshots(name.to_string(), snaps.len()));
             }
         }
-        match b.list_watchers(&header_oid).await {
-            Ok(w) if !w.is_empty() => {
-                let who: Vec<String> = w.iter().map(|w| w.client.clone()).collect();
-                return Err(RbdError::Busy(
-                    name.to_string(),
-                    format!("{} watcher(s): {}", w.len(), who.join(", ")),
-                ));
-            }
-            Ok(_) | Err(BackendError::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        refuse_if_open(b, name, &header_oid).await?;
         // Without a readable header the data objects are still found by their prefix.
         let (prefix, count) = match &header {
             Some(h) => (
@@ -432,6 +422,25 @@ impl Rbd {
         let r = export_from(&img, &mut writer, progress).await;
         img.close().await?;
         r
+    }
+}
+
+/// `Busy` if a client has image `name` open (watches its header), as `rbd rm` refuses.
+pub(crate) async fn refuse_if_open(
+    b: &dyn ObjectBackend,
+    name: &str,
+    header_oid: &str,
+) -> Result<()> {
+    match b.list_watchers(header_oid).await {
+        Ok(w) if !w.is_empty() => {
+            let who: Vec<String> = w.iter().map(|w| w.client.clone()).collect();
+            Err(RbdError::Busy(
+                name.to_string(),
+                format!("{} watcher(s): {}", w.len(), who.join(", ")),
+            ))
+        }
+        Ok(_) | Err(BackendError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

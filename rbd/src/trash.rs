@@ -17,7 +17,7 @@ use crate::backend::BackendError;
 use crate::error::{RbdError, Result};
 use crate::image::{read_header, read_id};
 use crate::layout;
-use crate::rbd::{Progress, Rbd};
+use crate::rbd::{refuse_if_open, Progress, Rbd};
 
 /// The pool's trash object.
 pub const TRASH: &str = "rbd_trash";
@@ -51,17 +51,7 @@ impl Rbd {
         let id = read_id(b.as_ref(), name).await?;
         let header_oid = layout::header_oid(&id);
         read_header(b.as_ref(), name, &header_oid).await?;
-        match b.list_watchers(&header_oid).await {
-            Ok(w) if !w.is_empty() => {
-                let who: Vec<String> = w.iter().map(|w| w.client.clone()).collect();
-                return Err(RbdError::Busy(
-                    name.to_string(),
-                    format!("{} watcher(s): {}", w.len(), who.join(", ")),
-                ));
-            }
-            Ok(_) | Err(BackendError::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        refuse_if_open(b.as_ref(), name, &header_oid).await?;
         let now = now_ms();
         let entry = TrashEntry {
             id: id.clone(),

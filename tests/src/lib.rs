@@ -817,6 +817,31 @@ pub fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// qemu-io with `opts` (e.g. `-f raw`, `-r`) running `cmds` on `url`. qemu-io exits 0 even
+/// when a command fails, so failures are read from its output.
+pub fn qemu_io_with(opts: &[&str], url: &str, cmds: &[&str]) -> (bool, String) {
+    let mut args = opts.to_vec();
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(url);
+    let (ok, text) = run_client("qemu-io", &args);
+    let failed = text.contains("failed") || text.contains("error") || text.contains("Error");
+    (ok && !failed, text)
+}
+
+/// [`qemu_io_with`] on a raw image, read-write.
+pub fn qemu_io(url: &str, cmds: &[&str]) -> (bool, String) {
+    qemu_io_with(&["-f", "raw"], url, cmds)
+}
+
+/// [`qemu_io`], failing the test if any command fails.
+pub fn qemu_io_ok(url: &str, cmds: &[&str]) -> String {
+    let (ok, text) = qemu_io(url, cmds);
+    assert!(ok, "qemu-io {cmds:?} on {url} failed:\n{text}");
+    text
+}
+
 /// Deterministic pseudo-random bytes (xorshift), different per `seed`.
 pub fn pattern(seed: u64, len: usize) -> bytes::Bytes {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -14,7 +14,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use basalt_config::OsdTuning;
-use basalt_tests::{run_client, test_timeouts, wait_for, DataCluster, TestCluster};
+use basalt_tests::{
+    qemu_io, qemu_io_ok, run_client, test_timeouts, wait_for, DataCluster, TestCluster,
+};
 use bytes::Bytes;
 use serde_json::Value;
 
@@ -231,24 +233,6 @@ fn full_pool_scenario(cluster: &mut TestCluster) {
     assert!(text.contains("wrote 1048576"), "{text}");
     let metrics = cluster.mon_metrics(0).expect("monitor metrics");
     assert!(metrics.contains("basalt_mon_pools_full 0"), "{metrics}");
-}
-
-/// qemu-io commands against an NBD URL; (no command failed, the output).
-fn qemu_io(url: &str, cmds: &[&str]) -> (bool, String) {
-    let mut args = vec!["-f", "raw"];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(url);
-    let (ok, text) = run_client("qemu-io", &args);
-    let failed = text.contains("failed") || text.contains("error") || text.contains("Error");
-    (ok && !failed, text)
-}
-
-fn qemu_io_ok(url: &str, cmds: &[&str]) -> String {
-    let (ok, text) = qemu_io(url, cmds);
-    assert!(ok, "qemu-io {cmds:?} on {url} failed:\n{text}");
-    text
 }
 
 #[test]

@@ -8,26 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_rbd::{RadosBackend, Rbd};
-use basalt_tests::{run_client, test_timeouts, DataCluster, TestCluster};
-
-/// qemu-io commands against an NBD URL; fails the test if any command fails.
-fn qemu_io_ok(url: &str, cmds: &[&str]) -> String {
-    let (ok, text) = qemu_io(url, cmds);
-    assert!(ok, "qemu-io {cmds:?} on {url} failed:\n{text}");
-    text
-}
-
-/// qemu-io exits 0 even when a command fails, so failures are read from its output.
-fn qemu_io(url: &str, cmds: &[&str]) -> (bool, String) {
-    let mut args = vec!["-f", "raw"];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(url);
-    let (ok, text) = run_client("qemu-io", &args);
-    let failed = text.contains("failed") || text.contains("error") || text.contains("Error");
-    (ok && !failed, text)
-}
+use basalt_tests::{qemu_io, qemu_io_ok, run_client, test_timeouts, DataCluster, TestCluster};
 
 struct Fixture {
     rt: tokio::runtime::Runtime,

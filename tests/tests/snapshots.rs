@@ -7,14 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use basalt_rbd::{ImageOptions, RadosBackend, Rbd};
-use basalt_tests::{run_client, test_timeouts, wait_for, DataCluster};
+use basalt_rbd::{RadosBackend, Rbd};
+use basalt_tests::{
+    qemu_io, qemu_io_ok, qemu_io_with, run_client, test_timeouts, wait_for, DataCluster,
+};
 use bytes::Bytes;
-
-/// qemu-io exits 0 even when a command fails, so failures are read from its output.
-fn qemu_io(url: &str, cmds: &[&str]) -> (bool, String) {
-    qemu_io_with(&["-f", "raw"], url, cmds)
-}
 
 /// Read-only: a snapshot export has NBD's read-only flag, and qemu refuses to open such an
 /// export for writing.
@@ -23,20 +20,31 @@ fn qemu_io_ro_ok(url: &str, cmds: &[&str]) {
     assert!(ok, "qemu-io -r {cmds:?} on {url} failed:\n{text}");
 }
 
-fn qemu_io_with(opts: &[&str], url: &str, cmds: &[&str]) -> (bool, String) {
-    let mut args = opts.to_vec();
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(url);
-    let (ok, text) = run_client("qemu-io", &args);
-    let failed = text.contains("failed") || text.contains("error") || text.contains("Error");
-    (ok && !failed, text)
+/// The image layer on pool `io` of client `rados`.
+fn rbd_of(rados: &basalt_client::Rados, io: basalt_client::IoCtx) -> Rbd {
+    Rbd::new(Arc::new(RadosBackend::new(
+        rados.clone(),
+        io,
+        Duration::from_secs(30),
+    )))
 }
 
-fn qemu_io_ok(url: &str, cmds: &[&str]) {
-    let (ok, text) = qemu_io(url, cmds);
-    assert!(ok, "qemu-io {cmds:?} on {url} failed:\n{text}");
+/// Waits (bounded) until none of the first `objects` data objects of the image whose objects
+/// are `prefix.<16 hex>` has a clone left.
+fn wait_trimmed(
+    rt: &tokio::runtime::Runtime,
+    io: &basalt_client::IoCtx,
+    prefix: &str,
+    objects: u64,
+    limit: Duration,
+) {
+    wait_for("every clone trimmed", limit, || {
+        (0..objects)
+            .map(|n| rt.block_on(io.list_snaps(&format!("{prefix}.{n:016x}"))))
+            .all(|l| l.is_ok_and(|l| l.clones.is_empty()))
+            .then_some(())
+    })
+    .expect("trim");
 }
 
 #[test]
@@ -44,12 +52,7 @@ fn snapshots_through_the_cli_the_gateway_and_a_live_writer() {
     basalt_tests::require_tool("qemu-io", "qemu-utils");
     let d = DataCluster::start(test_timeouts(), "rbd").expect("cluster with pool rbd");
     let raw_io = d.io.clone();
-    let backend = Arc::new(RadosBackend::new(
-        d.rados.clone(),
-        d.io.clone(),
-        Duration::from_secs(30),
-    ));
-    let rbd = Rbd::new(backend);
+    let rbd = rbd_of(&d.rados, d.io.clone());
     let mut cluster = d.cluster;
     let rt = d.rt;
     rt.block_on(rbd.create("vm1", 64 << 20, 22))
@@ -121,17 +124,7 @@ fn snapshots_through_the_cli_the_gateway_and_a_live_writer() {
         .expect("snap rm");
     let out = cluster.cli(&["rbd", "snap", "rm", "rbd/vm1@s1"]);
     assert!(!out.status.success(), "removed a snapshot twice");
-    wait_for(
-        "the removed snapshot's clones trimmed",
-        Duration::from_secs(60),
-        || {
-            (0..2)
-                .map(|n| rt.block_on(raw_io.list_snaps(&format!("{prefix}.{n:016x}"))))
-                .all(|l| l.is_ok_and(|l| l.clones.is_empty()))
-                .then_some(())
-        },
-    )
-    .expect("trim");
+    wait_trimmed(&rt, &raw_io, &prefix, 2, Duration::from_secs(60));
 
     // A snapshot of an image another client is writing holds exactly the writes
     // acknowledged before it: a prefix of this sequential writer's blocks.
@@ -142,10 +135,7 @@ fn snapshots_through_the_cli_the_gateway_and_a_live_writer() {
         .block_on(basalt_client::Rados::connect(cluster.config.clone()))
         .expect("second client");
     let other_io = other.ioctx("rbd").expect("ioctx");
-    let snapper = Rbd::with_options(
-        Arc::new(RadosBackend::new(other, other_io, Duration::from_secs(30))),
-        ImageOptions::default(),
-    );
+    let snapper = rbd_of(&other, other_io);
     const BLOCKS: u64 = 240;
     const STRIDE: u64 = 80 << 10; // crosses chunks and objects
     let block = |k: u64| Bytes::from(vec![(k % 250 + 1) as u8; 4096]);
@@ -289,11 +279,7 @@ fn snapshots_through_the_cli_the_gateway_and_a_live_writer() {
 fn a_clone_reads_its_parent_until_it_writes_and_stands_alone_once_flattened() {
     basalt_tests::require_tool("qemu-io", "qemu-utils");
     let d = DataCluster::start(test_timeouts(), "rbd").expect("cluster with pool rbd");
-    let rbd = Rbd::new(Arc::new(RadosBackend::new(
-        d.rados.clone(),
-        d.io.clone(),
-        Duration::from_secs(30),
-    )));
+    let rbd = rbd_of(&d.rados, d.io.clone());
     let mut cluster = d.cluster;
     let rt = d.rt;
     rt.block_on(async {
@@ -420,11 +406,7 @@ fn removed_snapshots_are_trimmed_and_free_their_space() {
         ..basalt_config::OsdTuning::default()
     };
     let d = DataCluster::start_tuned(test_timeouts(), tuning, "rbd").expect("cluster");
-    let rbd = Rbd::new(Arc::new(RadosBackend::new(
-        d.rados.clone(),
-        d.io.clone(),
-        Duration::from_secs(30),
-    )));
+    let rbd = rbd_of(&d.rados, d.io.clone());
     let mut cluster = d.cluster;
     let rt = d.rt;
     // What the stores hold, live from each OSD's metrics (`osd df` shows what the beacons
@@ -469,17 +451,7 @@ fn removed_snapshots_are_trimmed_and_free_their_space() {
     cluster.restart_osd(0).expect("restart osd 0");
     let prefix = rt.block_on(rbd.info("vm")).expect("info").object_prefix;
     let io = d.io.clone();
-    wait_for(
-        "every object's clones trimmed",
-        Duration::from_secs(120),
-        || {
-            (0..64)
-                .map(|n| rt.block_on(io.list_snaps(&format!("{prefix}.{n:016x}"))))
-                .all(|l| l.is_ok_and(|l| l.clones.is_empty()))
-                .then_some(())
-        },
-    )
-    .expect("trim");
+    wait_trimmed(&rt, &io, &prefix, 64, Duration::from_secs(120));
     wait_for("the clones' space freed", Duration::from_secs(60), || {
         used(&cluster).filter(|u| *u <= 3 * 64 * MIB * 105 / 100)
     })
