@@ -39,6 +39,18 @@ pub enum BackendError {
     Io(String),
 }
 
+/// `backend`'s client on pool `pool`: `backend` itself when it is that pool.
+pub fn on_pool(
+    backend: &Arc<dyn ObjectBackend>,
+    pool: &str,
+) -> Result<Arc<dyn ObjectBackend>, BackendError> {
+    if pool == backend.pool_name() {
+        Ok(backend.clone())
+    } else {
+        backend.other_pool(pool)
+    }
+}
+
 /// One holder of a cls_lock-like lock.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Locker {

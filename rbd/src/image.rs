@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::backend::{BackendError, ObjectBackend, WatchEvent, Watcher};
+use crate::backend::{on_pool, BackendError, ObjectBackend, SnapContext, WatchEvent, Watcher};
 use crate::error::{RbdError, Result};
 use crate::layering::{self, ParentSpec};
 use crate::layout::{self, Header};
@@ -218,6 +218,16 @@ impl Shared {
         }
     }
 
+    /// Data objects are written with snap context `snapc` from now on.
+    fn set_snap_context(&self, snapc: SnapContext) -> std::result::Result<(), BackendError> {
+        let data = self.backend.with_snap_context(snapc)?;
+        match self.data.lock() {
+            Ok(mut d) => *d = data,
+            Err(poisoned) => *poisoned.into_inner() = data,
+        }
+        Ok(())
+    }
+
     /// The header keys a refresh reads.
     fn refresh_keys() -> Vec<String> {
         vec!["size".to_string(), snap::SNAP_CONTEXT_KEY.to_string()]
@@ -234,12 +244,7 @@ impl Shared {
         if let Some(at) = &self.snap {
             return Ok(at.size);
         }
-        let snapc = snap::context_in(m).map_err(bad)?;
-        let data = self.backend.with_snap_context(snapc)?;
-        match self.data.lock() {
-            Ok(mut d) => *d = data,
-            Err(poisoned) => *poisoned.into_inner() = data,
-        }
+        self.set_snap_context(snap::context_in(m).map_err(bad)?)?;
         self.size.store(size, Ordering::SeqCst);
         Ok(size)
     }
@@ -366,20 +371,13 @@ impl Image {
             e => e.into(),
         })?;
         let parent = match &header.parent {
-            Some(spec) => {
-                let pool = if spec.pool == backend.pool_name() {
-                    backend.clone()
-                } else {
-                    backend.other_pool(&spec.pool)?
-                };
-                Some(Parent {
-                    data: pool.at_snap(spec.snap_id),
-                    prefix: layout::object_prefix(&spec.image_id),
-                    overlap: AtomicU64::new(spec.overlap),
-                    copied: Mutex::new(Default::default()),
-                    spec: spec.clone(),
-                })
-            }
+            Some(spec) => Some(Parent {
+                data: on_pool(&backend, &spec.pool)?.at_snap(spec.snap_id),
+                prefix: layout::object_prefix(&spec.image_id),
+                overlap: AtomicU64::new(spec.overlap),
+                copied: Mutex::new(Default::default()),
+                spec: spec.clone(),
+            }),
             None => None,
         };
         let shared = Arc::new(Shared {
@@ -699,7 +697,7 @@ impl Image {
                     ..p.spec.clone()
                 };
                 let mut kv = std::collections::BTreeMap::new();
-                kv.insert(layering::PARENT_KEY.to_string(), layering::encode(&spec));
+                kv.insert(layering::PARENT_KEY.to_string(), layout::encode(&spec));
                 sh.backend
                     .omap_set(&sh.header_oid, kv)
                     .await
@@ -798,11 +796,7 @@ impl Image {
             .map_err(|e| self.write_error(e))?;
         // Every object is the child's own now, so the parent is never read again.
         p.overlap.store(0, Ordering::SeqCst);
-        let pool = if p.spec.pool == sh.backend.pool_name() {
-            sh.backend.clone()
-        } else {
-            sh.backend.other_pool(&p.spec.pool)?
-        };
+        let pool = on_pool(&sh.backend, &p.spec.pool)?;
         let key = layering::child_key(p.spec.snap_id, &sh.backend.pool_name(), &sh.id);
         match pool
             .omap_rm(&layout::header_oid(&p.spec.image_id), &[key])
@@ -869,7 +863,7 @@ impl Image {
         };
         infos.push(info.clone());
         let mut kv = std::collections::BTreeMap::new();
-        kv.insert(snap::snapshot_key(id), snap::encode_info(&info));
+        kv.insert(snap::snapshot_key(id), layout::encode(&info));
         self.write_snapshots(kv, &[], id, &infos).await?;
         Ok(info)
     }
@@ -918,7 +912,7 @@ impl Image {
         }
         at.protected = protected;
         let mut kv = std::collections::BTreeMap::new();
-        kv.insert(snap::snapshot_key(at.id), snap::encode_info(&at));
+        kv.insert(snap::snapshot_key(at.id), layout::encode(&at));
         sh.backend
             .omap_set(&sh.header_oid, kv)
             .await
@@ -975,10 +969,7 @@ impl Image {
     ) -> Result<()> {
         let sh = &self.shared;
         let context = snap::context_of(seq, infos);
-        set.insert(
-            snap::SNAP_CONTEXT_KEY.to_string(),
-            snap::encode_context(&context),
-        );
+        set.insert(snap::SNAP_CONTEXT_KEY.to_string(), layout::encode(&context));
         if !remove.is_empty() {
             sh.backend
                 .omap_rm(&sh.header_oid, remove)
@@ -989,11 +980,7 @@ impl Image {
             .omap_set(&sh.header_oid, set)
             .await
             .map_err(|e| self.write_error(e))?;
-        let data = sh.backend.with_snap_context(context)?;
-        match sh.data.lock() {
-            Ok(mut d) => *d = data,
-            Err(poisoned) => *poisoned.into_inner() = data,
-        }
+        sh.set_snap_context(context)?;
         self.notify_header_update().await;
         Ok(())
     }

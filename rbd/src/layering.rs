@@ -56,10 +56,6 @@ pub fn children_in(entries: &[(String, Bytes)], snap_id: u64) -> Result<Vec<Chil
         .collect()
 }
 
-pub fn encode<T: Serialize>(v: &T) -> Bytes {
-    Bytes::from(postcard::to_allocvec(v).unwrap_or_default())
-}
-
 pub fn parent_in(
     m: &std::collections::BTreeMap<String, Bytes>,
 ) -> Result<Option<ParentSpec>, String> {

@@ -148,6 +148,12 @@ pub const HEADER_KEYS: [&str; 10] = [
     crate::layering::PARENT_KEY,
 ];
 
+/// A header value the image layer keeps as postcard (snapshot records, the snap context,
+/// parent and child links). Encoding our own types cannot fail short of memory exhaustion.
+pub fn encode<T: serde::Serialize>(v: &T) -> Bytes {
+    Bytes::from(postcard::to_allocvec(v).unwrap_or_default())
+}
+
 pub fn u64_bytes(v: u64) -> Bytes {
     Bytes::copy_from_slice(&v.to_le_bytes())
 }
@@ -167,16 +173,10 @@ impl Header {
         m.insert("stripe_count".into(), u64_bytes(self.stripe_count));
         m.insert("create_timestamp".into(), u64_bytes(self.create_timestamp));
         if self.snapc != SnapContext::default() {
-            m.insert(
-                crate::snap::SNAP_CONTEXT_KEY.into(),
-                crate::snap::encode_context(&self.snapc),
-            );
+            m.insert(crate::snap::SNAP_CONTEXT_KEY.into(), encode(&self.snapc));
         }
         if let Some(p) = &self.parent {
-            m.insert(
-                crate::layering::PARENT_KEY.into(),
-                crate::layering::encode(p),
-            );
+            m.insert(crate::layering::PARENT_KEY.into(), encode(p));
         }
         m
     }

@@ -250,7 +250,7 @@ impl Rbd {
         // A clone leaves its parent's list of children.
         if let Some(spec) = header.as_ref().and_then(|h| h.parent.as_ref()) {
             let key = crate::layering::child_key(spec.snap_id, &b.pool_name(), &id);
-            let parent_pool = self.pool_of(&spec.pool)?;
+            let parent_pool = crate::backend::on_pool(&self.backend, &spec.pool)?;
             ignore_missing(
                 parent_pool
                     .omap_rm(&layout::header_oid(&spec.image_id), &[key])
@@ -270,15 +270,6 @@ impl Rbd {
         }
         tracing::info!(image = name, %id, "image removed");
         Ok(())
-    }
-
-    /// This client's backend on pool `pool` (this one's when it is the same pool).
-    fn pool_of(&self, pool: &str) -> Result<Arc<dyn ObjectBackend>> {
-        if pool == self.backend.pool_name() {
-            Ok(self.backend.clone())
-        } else {
-            Ok(self.backend.other_pool(pool)?)
-        }
     }
 
     /// Creates `child` in this pool as a clone of `parent@snap` in `parent_pool`'s pool
@@ -314,7 +305,7 @@ impl Rbd {
         let mut kv = BTreeMap::new();
         kv.insert(
             crate::layering::child_key(at.id, &self.backend.pool_name(), &info.id),
-            crate::layering::encode(&crate::layering::ChildRef {
+            layout::encode(&crate::layering::ChildRef {
                 pool: self.backend.pool_name(),
                 image_id: info.id.clone(),
                 image_name: child.to_string(),
@@ -332,7 +323,7 @@ impl Rbd {
         let mut kv = BTreeMap::new();
         kv.insert(
             crate::layering::PARENT_KEY.to_string(),
-            crate::layering::encode(&spec),
+            layout::encode(&spec),
         );
         self.backend
             .omap_set(&layout::header_oid(&info.id), kv)

@@ -55,10 +55,6 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub fn encode_info(info: &SnapInfo) -> Bytes {
-    Bytes::from(postcard::to_allocvec(info).unwrap_or_default())
-}
-
 /// The snapshots among a header's omap entries, oldest first.
 pub fn infos_in(entries: &[(String, Bytes)]) -> Result<Vec<SnapInfo>, String> {
     let mut out: Vec<SnapInfo> = entries
@@ -68,10 +64,6 @@ pub fn infos_in(entries: &[(String, Bytes)]) -> Result<Vec<SnapInfo>, String> {
         .collect::<Result<_, _>>()?;
     out.sort_by_key(|s| s.id);
     Ok(out)
-}
-
-pub fn encode_context(c: &SnapContext) -> Bytes {
-    Bytes::from(postcard::to_allocvec(c).unwrap_or_default())
 }
 
 /// The write context in a header's omap values (an image never snapshotted has none).
@@ -121,7 +113,7 @@ mod tests {
         let entries: Vec<(String, Bytes)> = infos
             .iter()
             .rev()
-            .map(|i| (snapshot_key(i.id), encode_info(i)))
+            .map(|i| (snapshot_key(i.id), crate::layout::encode(i)))
             .chain([("size".to_string(), Bytes::from_static(b"x"))])
             .collect();
         assert_eq!(infos_in(&entries).expect("decode"), infos);
