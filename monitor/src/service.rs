@@ -83,15 +83,6 @@ pub struct Outcome {
     pub snap_id: Option<u64>,
 }
 
-impl From<String> for Outcome {
-    fn from(message: String) -> Self {
-        Outcome {
-            message,
-            snap_id: None,
-        }
-    }
-}
-
 /// An activation is recorded only for the interval that is current in the pending map (its
 /// members being of that interval's acting set): a primary whose interval has already ended
 /// must not overwrite what its successor records.

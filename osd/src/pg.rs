@@ -146,16 +146,22 @@ pub fn execute(
     let mut exists = exists_before;
     let mut txn = Transaction::new();
     let writing = ops.iter().any(ObjOp::is_write);
-    let snaps_before = if writing {
-        SnapSet::of(stored.as_ref())?
-    } else {
-        SnapSet::default()
-    };
-    let mut snapset = if writing {
+    // The snap set as found, and as it will be after the write (`finish` compares them).
+    let (snaps_before, mut snapset) = if writing {
         snap.snapc.validate()?;
-        snaps::before_write(store, obj, stored.as_ref(), &snap.snapc, ops, &mut txn)?
+        let before = SnapSet::of(stored.as_ref())?;
+        let after = snaps::before_write(
+            store,
+            obj,
+            stored.as_ref(),
+            before.clone(),
+            &snap.snapc,
+            ops,
+            &mut txn,
+        )?;
+        (before, after)
     } else {
-        SnapSet::default()
+        (SnapSet::default(), SnapSet::default())
     };
     let mut outputs = Vec::with_capacity(ops.len());
     let mut is_write = false;

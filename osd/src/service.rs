@@ -159,6 +159,9 @@ struct PgState {
     recovery_toofull: Option<String>,
     /// Primary: the snap trimmer is deleting removed snapshots' clones.
     snaptrim: bool,
+    /// Primary: the removed snapshots this OSD has trimmed the PG of (loaded lazily by the
+    /// snap trimmer from the store, where each finished pass records them).
+    trimmed_snaps: Option<BTreeSet<u64>>,
     /// The `up_from` epoch of each acting member when the interval began. A member that
     /// restarted (booted again) lost the interval it was peered in, so its return starts a
     /// new interval even when the monitors never saw it down (as Ceph's `up_from` does):
@@ -689,6 +692,7 @@ impl OsdCore {
                                     split: false,
                                     recovery_toofull: None,
                                     snaptrim: false,
+                                    trimmed_snaps: None,
                                     acting_up_from: vec![],
                                 }),
                                 changed: watch::channel(0).0,
@@ -2644,32 +2648,34 @@ impl OsdCore {
                 if pool.removed_snaps.is_empty() {
                     continue;
                 }
-                let generation = {
-                    let s = lock(&pg.state);
+                let (generation, todo) = {
+                    let mut s = lock(&pg.state);
                     let recovering = s.missing.values().any(|m| !m.is_empty());
                     if s.primary != Some(me) || s.status != PgStatus::Active || recovering {
                         continue;
                     }
-                    s.generation
+                    let done = s.trimmed_snaps.get_or_insert_with(|| {
+                        self.store
+                            .meta_get(&snap_trimmed_key(pg.id))
+                            .ok()
+                            .flatten()
+                            .and_then(|b| decode(&b, "trimmed snapshots").ok())
+                            .unwrap_or_default()
+                    });
+                    let todo: Vec<u64> = pool.removed_snaps.difference(done).copied().collect();
+                    if todo.is_empty() {
+                        continue;
+                    }
+                    s.snaptrim = true;
+                    (s.generation, todo)
                 };
-                let done: BTreeSet<u64> = self
-                    .store
-                    .meta_get(&snap_trimmed_key(pg.id))
-                    .ok()
-                    .flatten()
-                    .and_then(|b| decode(&b, "trimmed snapshots").ok())
-                    .unwrap_or_default();
-                let todo: Vec<u64> = pool.removed_snaps.difference(&done).copied().collect();
-                if todo.is_empty() {
-                    continue;
-                }
-                lock(&pg.state).snaptrim = true;
                 let trimmed = self
                     .trim_pg(&pg, generation, me, map.epoch, &todo, incarnation, &mut tid)
                     .await;
                 lock(&pg.state).snaptrim = false;
                 match trimmed {
                     Ok(objects) => {
+                        lock(&pg.state).trimmed_snaps = Some(pool.removed_snaps.clone());
                         let mut txn = Transaction::new();
                         txn.meta_set(snap_trimmed_key(pg.id), encode(&pool.removed_snaps));
                         if let Err(e) = self.store.submit(txn).await {

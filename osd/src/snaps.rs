@@ -161,19 +161,19 @@ pub fn chunks_touched(ops: &[ObjOp], size: u64) -> BTreeSet<u64> {
     out
 }
 
-/// Before a write of `ops` under `snapc` changes `obj` (whose head is `head`): adds to `txn`
-/// the clone a new snapshot needs and the copies of the chunks the write touches, and
-/// returns the snap set as it must be after the write (the caller stores it with
-/// [`finish`]).
+/// Before a write of `ops` under `snapc` changes `obj` (whose head is `head`, with snap set
+/// `ss` as stored there): adds to `txn` the clone a new snapshot needs and the copies of the
+/// chunks the write touches, and returns the snap set as it must be after the write (the
+/// caller stores it with [`finish`]).
 pub fn before_write(
     store: &Store,
     obj: &ObjectId,
     head: Option<&ObjectHead>,
+    mut ss: SnapSet,
     snapc: &SnapContext,
     ops: &[ObjOp],
     txn: &mut Transaction,
 ) -> Result<SnapSet, OpError> {
-    let mut ss = SnapSet::of(head)?;
     let live = head.filter(|_| !is_whiteout(head));
     if let Some(h) = live {
         let newer: Vec<u64> = snapc
