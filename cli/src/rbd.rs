@@ -502,6 +502,14 @@ fn progress_bar(what: &str, bytes: bool) -> ProgressBar {
     pb
 }
 
+/// A progress callback `(done, total)` that moves `pb`.
+fn follow(pb: &ProgressBar) -> impl Fn(u64, u64) + Send + Sync + '_ {
+    move |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    }
+}
+
 fn info_json(pool: &str, i: &ImageInfo) -> serde_json::Value {
     let mut features = Vec::new();
     if i.features & (1 << 2) != 0 {
@@ -624,10 +632,7 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
                 );
             }
             let pb = progress_bar("Resizing image", false);
-            let cb = |done: u64, total: u64| {
-                pb.set_length(total);
-                pb.set_position(done);
-            };
+            let cb = follow(&pb);
             rbd.resize(&image, size, &cb).await.map_err(ex)?;
             pb.finish_and_clear();
             eprintln!(
@@ -638,10 +643,7 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
         }
         Plan::Rm => {
             let pb = progress_bar("Removing image", false);
-            let cb = |done: u64, total: u64| {
-                pb.set_length(total);
-                pb.set_position(done);
-            };
+            let cb = follow(&pb);
             rbd.remove(&image, &cb).await.map_err(ex)?;
             pb.finish_and_clear();
             eprintln!("removed image {pool}/{image}");
@@ -652,10 +654,7 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
         }
         Plan::Import { file, order } => {
             let pb = progress_bar("Importing image", true);
-            let cb = |done: u64, total: u64| {
-                pb.set_length(total);
-                pb.set_position(done);
-            };
+            let cb = follow(&pb);
             let stats = if file.as_os_str() == "-" {
                 let mut data = Vec::new();
                 std::io::stdin()
@@ -708,10 +707,7 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
                     }
                 })?;
             let pb = progress_bar("Exporting image", true);
-            let cb = |done: u64, total: u64| {
-                pb.set_length(total);
-                pb.set_position(done);
-            };
+            let cb = follow(&pb);
             let r = rbd.export(&image, f, &cb).await;
             pb.finish_and_clear();
             let stats = match r {
@@ -762,10 +758,7 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
         Plan::Flatten => {
             let img = rbd.open(&image).await.map_err(ex)?;
             let pb = progress_bar("Flattening", false);
-            let cb = |done: u64, total: u64| {
-                pb.set_length(total);
-                pb.set_position(done);
-            };
+            let cb = follow(&pb);
             let r = img.flatten(&cb).await;
             pb.finish_and_clear();
             let closed = img.close().await;
@@ -865,10 +858,7 @@ async fn export_diff(
         None => None,
     };
     let pb = progress_bar("Exporting diff", false);
-    let cb = |done: u64, total: u64| {
-        pb.set_length(total);
-        pb.set_position(done);
-    };
+    let cb = follow(&pb);
     let stats = if file.as_os_str() == "-" {
         let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
         basalt_rbd::diff::export_diff(img, from.as_ref(), &mut out, &cb).await
@@ -895,10 +885,7 @@ async fn import_diff(
     file: &Path,
 ) -> anyhow::Result<basalt_rbd::diff::DiffStats> {
     let pb = progress_bar("Importing diff", true);
-    let cb = |done: u64, total: u64| {
-        pb.set_length(total);
-        pb.set_position(done);
-    };
+    let cb = follow(&pb);
     let r = if file.as_os_str() == "-" {
         let mut input = tokio::io::BufReader::new(tokio::io::stdin());
         basalt_rbd::diff::import_diff(img, &mut input, &cb).await
@@ -955,10 +942,7 @@ async fn run_trash(
         }
         TrashCmd::Rm { force, .. } => {
             let pb = progress_bar("Removing", false);
-            let cb = |done: u64, total: u64| {
-                pb.set_length(total);
-                pb.set_position(done);
-            };
+            let cb = follow(&pb);
             let r = rbd.trash_remove(target, force, &cb).await;
             pb.finish_and_clear();
             r?;
@@ -1035,10 +1019,7 @@ async fn run_snap(
         }
         SnapOp::Rollback => {
             let pb = progress_bar("Rolling back to snapshot", false);
-            let cb = |done: u64, total: u64| {
-                pb.set_length(total);
-                pb.set_position(done);
-            };
+            let cb = follow(&pb);
             let r = img.snap_rollback(snap, &cb).await;
             pb.finish_and_clear();
             r?;
