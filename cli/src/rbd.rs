@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use basalt_client::{Rados, DEFAULT_WATCH_TIMEOUT};
 use basalt_config::ClusterConfig;
-use basalt_rbd::{ImageInfo, RadosBackend, Rbd, RbdError};
+use basalt_rbd::{layout, ImageInfo, RadosBackend, Rbd, RbdError};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
@@ -118,6 +118,46 @@ pub enum RbdCmd {
     /// The trash: mv, ls, restore, rm, purge.
     #[command(subcommand)]
     Trash(TrashCmd),
+    /// Space used by an image and each of its snapshots (or by every image of a pool),
+    /// from the object maps.
+    Du {
+        /// POOL or POOL/IMAGE
+        spec: String,
+    },
+    /// The object map: rebuild.
+    #[command(subcommand)]
+    ObjectMap(ObjectMapCmd),
+    /// Turn image features on or off (object-map and fast-diff, together).
+    #[command(subcommand)]
+    Feature(FeatureCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ObjectMapCmd {
+    /// Recompute the object maps of an image and its snapshots from the objects, and clear
+    /// the invalid flag.
+    Rebuild {
+        /// POOL/IMAGE
+        spec: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FeatureCmd {
+    /// Enable features: object-map fast-diff (builds the maps).
+    Enable {
+        /// POOL/IMAGE
+        spec: String,
+        #[arg(required = true)]
+        features: Vec<String>,
+    },
+    /// Disable features: object-map fast-diff (removes the maps).
+    Disable {
+        /// POOL/IMAGE
+        spec: String,
+        #[arg(required = true)]
+        features: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -242,6 +282,13 @@ fn parse_order(s: Option<&str>) -> anyhow::Result<u8> {
 }
 
 /// Splits `POOL/IMAGE`.
+fn parse_pool(pool: &str) -> anyhow::Result<String> {
+    if pool.is_empty() || pool.contains('/') {
+        bail!("bad pool name '{pool}': give a pool name");
+    }
+    Ok(pool.to_string())
+}
+
 fn parse_spec(spec: &str) -> anyhow::Result<(String, String)> {
     match spec.split_once('/') {
         Some((pool, image)) if !pool.is_empty() && !image.is_empty() && !image.contains('/') => {
@@ -296,6 +343,32 @@ enum Plan {
         file: PathBuf,
     },
     Trash(TrashCmd),
+    /// `None`: every image of the pool.
+    Du,
+    RebuildObjectMap,
+    SetObjectMap(bool),
+}
+
+/// The features `feature enable|disable` takes: object-map and fast-diff, named together
+/// (the map's dirty bits are always kept, so one without the other has no meaning here).
+fn object_map_features(features: &[String]) -> anyhow::Result<()> {
+    let mut names: Vec<&str> = features
+        .iter()
+        .flat_map(|f| f.split(','))
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    if names != ["fast-diff", "object-map"] {
+        bail!(
+            "unsupported feature list '{}': basalt turns object-map and fast-diff on and off \
+             together (`object-map fast-diff`); exclusive-lock is always on and other Ceph \
+             features are not implemented",
+            features.join(" ")
+        );
+    }
+    Ok(())
 }
 
 fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
@@ -315,12 +388,7 @@ fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
                 order: parse_order(object_size.as_deref())?,
             },
         ),
-        RbdCmd::Ls { pool } => {
-            if pool.is_empty() || pool.contains('/') {
-                bail!("bad pool name '{pool}': rbd ls takes a pool name");
-            }
-            Ok((pool, None, Plan::Ls))
-        }
+        RbdCmd::Ls { pool } => Ok((parse_pool(&pool)?, None, Plan::Ls)),
         RbdCmd::Info { spec } => with_image(&spec, Plan::Info),
         RbdCmd::Resize {
             spec,
@@ -423,31 +491,38 @@ fn plan(cmd: RbdCmd) -> anyhow::Result<(String, Option<String>, Plan)> {
             ))
         }
         RbdCmd::ImportDiff { file, spec } => with_image(&spec, Plan::ImportDiff { file }),
-        RbdCmd::Trash(cmd) => {
-            let pool_only = |pool: &str| {
-                if pool.is_empty() || pool.contains('/') {
-                    bail!("bad pool name '{pool}': give a pool name");
-                }
-                Ok(pool.to_string())
-            };
-            match &cmd {
-                TrashCmd::Mv { spec, .. } => {
-                    let (pool, image) = parse_spec(spec)?;
-                    Ok((pool, Some(image), Plan::Trash(cmd)))
-                }
-                TrashCmd::Restore { spec, .. } | TrashCmd::Rm { spec, .. } => {
-                    let (pool, id) = parse_spec(spec)
-                        .map_err(|_| anyhow::anyhow!("bad trash spec '{spec}': write POOL/ID"))?;
-                    Ok((pool, Some(id), Plan::Trash(cmd)))
-                }
-                TrashCmd::Ls { pool } | TrashCmd::Purge { pool } => {
-                    Ok((pool_only(pool)?, None, Plan::Trash(cmd)))
-                }
+        RbdCmd::Trash(cmd) => match &cmd {
+            TrashCmd::Mv { spec, .. } => {
+                let (pool, image) = parse_spec(spec)?;
+                Ok((pool, Some(image), Plan::Trash(cmd)))
             }
-        }
+            TrashCmd::Restore { spec, .. } | TrashCmd::Rm { spec, .. } => {
+                let (pool, id) = parse_spec(spec)
+                    .map_err(|_| anyhow::anyhow!("bad trash spec '{spec}': write POOL/ID"))?;
+                Ok((pool, Some(id), Plan::Trash(cmd)))
+            }
+            TrashCmd::Ls { pool } | TrashCmd::Purge { pool } => {
+                Ok((parse_pool(pool)?, None, Plan::Trash(cmd)))
+            }
+        },
         RbdCmd::Children { spec } => {
             let (pool, image, snap) = parse_snap_spec(&spec)?;
             Ok((pool, Some(image), Plan::Children { snap }))
+        }
+        RbdCmd::Du { spec } => match spec.split_once('/') {
+            Some(_) => with_image(&spec, Plan::Du),
+            None => Ok((parse_pool(&spec)?, None, Plan::Du)),
+        },
+        RbdCmd::ObjectMap(ObjectMapCmd::Rebuild { spec }) => {
+            with_image(&spec, Plan::RebuildObjectMap)
+        }
+        RbdCmd::Feature(cmd) => {
+            let (spec, features, enable) = match cmd {
+                FeatureCmd::Enable { spec, features } => (spec, features, true),
+                FeatureCmd::Disable { spec, features } => (spec, features, false),
+            };
+            object_map_features(&features)?;
+            with_image(&spec, Plan::SetObjectMap(enable))
         }
         RbdCmd::Export { spec, file } => {
             if file.as_os_str() == "-" {
@@ -511,14 +586,11 @@ fn follow(pb: &ProgressBar) -> impl Fn(u64, u64) + Send + Sync + '_ {
 }
 
 fn info_json(pool: &str, i: &ImageInfo) -> serde_json::Value {
-    let mut features = Vec::new();
-    if i.features & (1 << 2) != 0 {
-        features.push("exclusive-lock");
-    }
     let mut v = json!({
         "pool": pool, "name": i.name, "id": i.id, "size": i.size, "objects": i.num_objs,
         "order": i.order, "object_size": i.object_size, "block_name_prefix": i.object_prefix,
-        "format": 2, "features": features,
+        "format": 2, "features": layout::feature_names(i.features),
+        "flags": layout::flag_names(i.flags),
     });
     if let Some(p) = &i.parent {
         v["parent"] = json!({
@@ -611,15 +683,9 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
                 }
                 println!(
                     "\tfeatures: {}",
-                    info_json(&pool, &i)["features"]
-                        .as_array()
-                        .map(|f| f
-                            .iter()
-                            .filter_map(|v| v.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "))
-                        .unwrap_or_default()
+                    layout::feature_names(i.features).join(", ")
                 );
+                println!("\tflags: {}", layout::flag_names(i.flags).join(", "));
             }
         }
         Plan::Resize { size, allow_shrink } => {
@@ -753,6 +819,23 @@ pub async fn run(config: ClusterConfig, json: bool, cmd: RbdCmd) -> anyhow::Resu
                 crate::print_json(info_json(&pool, &info));
             } else {
                 eprintln!("cloned {parent_pool}/{parent}@{snap} as {pool}/{image}");
+            }
+        }
+        Plan::Du => run_du(&rbd, &pool, &image, json).await.map_err(ex)?,
+        Plan::RebuildObjectMap | Plan::SetObjectMap(_) => {
+            let img = rbd.open(&image).await.map_err(ex)?;
+            let pb = progress_bar("Object map", false);
+            let cb = follow(&pb);
+            let r = match plan {
+                Plan::SetObjectMap(enable) => img.set_object_map(enable, &cb).await,
+                _ => img.rebuild_object_map(&cb).await,
+            };
+            pb.finish_and_clear();
+            let closed = img.close().await;
+            r.map_err(ex)?;
+            closed.map_err(ex)?;
+            if !json {
+                eprintln!("object map of {pool}/{image} updated");
             }
         }
         Plan::Flatten => {
@@ -898,6 +981,85 @@ async fn import_diff(
     };
     pb.finish_and_clear();
     Ok(r?)
+}
+
+/// `rbd du`: rows per snapshot and head, a total per image, and a pool total when listing
+/// a pool (Ceph's columns).
+async fn run_du(rbd: &Rbd, pool: &str, image: &str, json: bool) -> Result<(), RbdError> {
+    let images = if image.is_empty() {
+        rbd.list().await?
+    } else {
+        vec![image.to_string()]
+    };
+    let pb = progress_bar("Reading objects (no object map)", false);
+    let cb = follow(&pb);
+    let mut usage = Vec::new();
+    for name in &images {
+        let du = rbd.du(name, &cb).await;
+        match du {
+            Ok(du) => usage.push(du),
+            // Removed between the listing and now.
+            Err(RbdError::NotFound(_)) if image.is_empty() => {}
+            Err(e) => {
+                pb.finish_and_clear();
+                return Err(e);
+            }
+        }
+    }
+    pb.finish_and_clear();
+    for du in usage.iter().filter(|d| !d.from_object_map) {
+        eprintln!(
+            "warning: {pool}/{} has no valid object map, so every object was read (slow on \
+             a large image): `basalt rbd object-map rebuild {pool}/{}` fixes that",
+            du.image, du.image
+        );
+    }
+    let (provisioned, used) = usage
+        .iter()
+        .map(|d| d.total())
+        .fold((0, 0), |a, t| (a.0 + t.0, a.1 + t.1));
+    if json {
+        let images: Vec<_> = usage
+            .iter()
+            .flat_map(|d| {
+                d.rows.iter().map(move |r| {
+                    json!({"name": d.image, "snapshot": r.snap, "provisioned_size": r.provisioned,
+                           "used_size": r.used})
+                })
+            })
+            .collect();
+        crate::print_json(json!({
+            "images": images, "total_provisioned_size": provisioned, "total_used_size": used,
+        }));
+        return Ok(());
+    }
+    println!("{:<32} {:>12} {:>12}", "NAME", "PROVISIONED", "USED");
+    for d in &usage {
+        for r in &d.rows {
+            let name = match &r.snap {
+                Some(s) => format!("{}@{s}", d.image),
+                None => d.image.clone(),
+            };
+            println!(
+                "{name:<32} {:>12} {:>12}",
+                human(r.provisioned),
+                human(r.used)
+            );
+        }
+        if d.rows.len() > 1 && usage.len() == 1 {
+            let (p, u) = d.total();
+            println!("{:<32} {:>12} {:>12}", "<TOTAL>", human(p), human(u));
+        }
+    }
+    if usage.len() > 1 {
+        println!(
+            "{:<32} {:>12} {:>12}",
+            "<TOTAL>",
+            human(provisioned),
+            human(used)
+        );
+    }
+    Ok(())
 }
 
 async fn run_trash(

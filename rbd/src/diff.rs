@@ -43,7 +43,7 @@ pub struct DiffStats {
 
 /// Which version of an object snapshot `snap` reads (`None`: the head): an index into the
 /// listing's clones, `clones.len()` for the head, `None` if the object did not exist then.
-fn version_at(l: &SnapListing, snap: Option<u64>) -> Option<usize> {
+pub(crate) fn version_at(l: &SnapListing, snap: Option<u64>) -> Option<usize> {
     let Some(s) = snap else {
         return l.head_exists.then_some(l.clones.len());
     };

@@ -29,6 +29,8 @@ use crate::error::{RbdError, Result};
 use crate::layering::{self, ParentSpec};
 use crate::layout::{self, Header};
 use crate::lock::{Action, Event, LockConfig, LockCore, LockOwner, Refusal, WriteId};
+use crate::object_map::scan::{scan, Point};
+use crate::object_map::{self, live::LiveMap, ObjectMap, ObjectState};
 use crate::snap::{self, SnapInfo};
 
 /// How many object operations one request keeps in flight.
@@ -125,6 +127,12 @@ pub(crate) struct Shared {
     snap: Option<SnapInfo>,
     /// A clone's parent: where objects it has not written read from.
     parent: Option<Parent>,
+    /// The header's `features` and `flags` as last read.
+    features: AtomicU64,
+    flags: AtomicU64,
+    /// The head's object map, while this client holds the exclusive lock and the image keeps
+    /// a valid one (loaded by the refresh that follows taking the lock).
+    object_map: Mutex<Option<Arc<LiveMap>>>,
 }
 
 /// A clone's view of its parent ([`crate::layering`]).
@@ -168,6 +176,13 @@ impl Shared {
         layout::data_oid(&self.prefix, objectno)
     }
 
+    /// Whether object `objectno` of this clone still maps onto its parent.
+    fn maps_onto_parent(&self, objectno: u64) -> bool {
+        self.parent
+            .as_ref()
+            .is_some_and(|p| p.mapped(objectno, self.object_size()) > 0)
+    }
+
     /// Bytes `[off, off + len)` of object `objectno` from the parent, if this is a clone and
     /// the range maps onto it (short or empty past the overlap); `None` if it does not.
     async fn read_parent(
@@ -204,6 +219,7 @@ impl Shared {
         if p.is_copied(objectno) {
             return Ok(true);
         }
+        let _mark = self.mark_written(objectno).await?;
         if let Some(data) = self.read_parent(objectno, 0, mapped).await? {
             self.data().copyup(&self.oid(objectno), data).await?;
         }
@@ -228,9 +244,204 @@ impl Shared {
         Ok(())
     }
 
+    fn live_map(&self) -> Option<Arc<LiveMap>> {
+        match self.object_map.lock() {
+            Ok(m) => m.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn set_live_map(&self, map: Option<LiveMap>) {
+        let map = map.map(Arc::new);
+        match self.object_map.lock() {
+            Ok(mut m) => *m = map,
+            Err(poisoned) => *poisoned.into_inner() = map,
+        }
+    }
+
+    /// Before writing object `objectno`: the object map says it exists (if one is kept).
+    async fn mark_written(
+        &self,
+        objectno: u64,
+    ) -> std::result::Result<Option<object_map::live::WriteMark>, BackendError> {
+        match self.live_map() {
+            Some(m) => m.before_write(objectno).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the image keeps an object map that can be trusted.
+    fn keeps_object_map(&self) -> bool {
+        self.features.load(Ordering::SeqCst) & object_map::FEATURE_OBJECT_MAP != 0
+            && self.flags.load(Ordering::SeqCst) & object_map::FLAG_OBJECT_MAP_INVALID == 0
+    }
+
+    /// After taking the lock: reads the head's object map (another client may have changed
+    /// it). A missing or malformed one is flagged invalid in the header (until `rbd
+    /// object-map rebuild`) and the image is written without one meanwhile.
+    async fn load_object_map(&self) -> std::result::Result<(), BackendError> {
+        if self.snap.is_some() || !self.keeps_object_map() {
+            self.set_live_map(None);
+            return Ok(());
+        }
+        let oid = object_map::map_oid(&self.id, None);
+        let size = self.size.load(Ordering::SeqCst);
+        match object_map::read(self.backend.as_ref(), &oid, size, self.order).await? {
+            Ok(map) => {
+                self.set_live_map(Some(LiveMap::start(self.backend.clone(), oid, &map)));
+                Ok(())
+            }
+            Err(why) => self.invalidate_object_map(&why.to_string()).await,
+        }
+    }
+
+    /// Stores the head map for a new size: objects past the end forgotten, new ones absent.
+    async fn resize_object_map(&self, new_size: u64) -> std::result::Result<(), BackendError> {
+        let Some(live) = self.live_map() else {
+            return Ok(());
+        };
+        let objects = match object_map::objects_for(new_size, self.order) {
+            Ok(n) => n,
+            Err(too_large) => return self.invalidate_object_map(&too_large.to_string()).await,
+        };
+        let mut map = live.current();
+        map.resize(objects);
+        self.install_object_map(map).await
+    }
+
+    /// Stores `map` as the head's and keeps it (its length may differ from the current one).
+    async fn install_object_map(&self, map: ObjectMap) -> std::result::Result<(), BackendError> {
+        let oid = object_map::map_oid(&self.id, None);
+        self.backend.write_full(&oid, map.encode()).await?;
+        self.set_live_map(Some(LiveMap::start(self.backend.clone(), oid, &map)));
+        Ok(())
+    }
+
+    /// After snapshot `snap` was taken: stores the head map as the snapshot's, then marks
+    /// the head's objects unchanged since it (fast-diff). Without a head map the snapshot
+    /// has none either, and `rbd du` reads its objects instead.
+    async fn snapshot_object_map(&self, snap: u64) -> std::result::Result<(), BackendError> {
+        let Some(live) = self.live_map() else {
+            return Ok(());
+        };
+        let mut map = live.current();
+        self.backend
+            .write_full(&object_map::map_oid(&self.id, Some(snap)), map.encode())
+            .await?;
+        map.mark_clean();
+        live.replace(map).await
+    }
+
+    /// Before snapshot `removed` goes: what changed in it moves to the next newer map (the
+    /// oldest later snapshot's, else the head's), whose unchanged bits were relative to it;
+    /// then its map is removed. Without its map, the next one counts everything as changed.
+    async fn forget_snapshot_map(
+        &self,
+        removed: &SnapInfo,
+        later: Option<&SnapInfo>,
+    ) -> std::result::Result<(), BackendError> {
+        if !self.keeps_object_map() {
+            return Ok(());
+        }
+        let removed_oid = object_map::map_oid(&self.id, Some(removed.id));
+        let old = object_map::read(
+            self.backend.as_ref(),
+            &removed_oid,
+            removed.size,
+            self.order,
+        )
+        .await?
+        .ok();
+        let absorb = |next: &mut ObjectMap| match &old {
+            Some(old) => next.absorb_removed(old),
+            None => next.mark_dirty(),
+        };
+        match later {
+            Some(s) => {
+                let oid = object_map::map_oid(&self.id, Some(s.id));
+                if let Ok(mut next) =
+                    object_map::read(self.backend.as_ref(), &oid, s.size, self.order).await?
+                {
+                    absorb(&mut next);
+                    self.backend.write_full(&oid, next.encode()).await?;
+                }
+            }
+            None => {
+                if let Some(live) = self.live_map() {
+                    let mut next = live.current();
+                    absorb(&mut next);
+                    live.replace(next).await?;
+                }
+            }
+        }
+        match self.backend.remove(&removed_oid).await {
+            Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Before a rollback to `at`: the head's map also marks what exists at the snapshot
+    /// (objects the rollback brings back), so it stays a superset meanwhile. Returns the
+    /// snapshot's map, for [`Shared::rolled_back_object_map`]. Without the snapshot's map,
+    /// the head's is flagged invalid until rebuilt.
+    async fn rollback_object_map(
+        &self,
+        at: &SnapInfo,
+    ) -> std::result::Result<Option<ObjectMap>, BackendError> {
+        let Some(live) = self.live_map() else {
+            return Ok(None);
+        };
+        let oid = object_map::map_oid(&self.id, Some(at.id));
+        match object_map::read(self.backend.as_ref(), &oid, at.size, self.order).await? {
+            Ok(mut target) => {
+                let mut union = live.current();
+                union.resize(union.len().max(target.len()));
+                for (n, s) in target.states().iter().enumerate() {
+                    if s.exists() {
+                        union.set(n as u64, ObjectState::Exists);
+                    }
+                }
+                self.install_object_map(union).await?;
+                // Everything the rollback wrote counts as changed since the latest snapshot.
+                target.mark_dirty();
+                Ok(Some(target))
+            }
+            Err(why) => self
+                .invalidate_object_map(&why.to_string())
+                .await
+                .map(|()| None),
+        }
+    }
+
+    /// Flags the object map invalid in the header and stops keeping it.
+    async fn invalidate_object_map(&self, why: &str) -> std::result::Result<(), BackendError> {
+        tracing::warn!(image = %self.name, why, "object map invalid: run `basalt rbd object-map rebuild`");
+        self.set_live_map(None);
+        let flags = self.flags.load(Ordering::SeqCst)
+            | object_map::FLAG_OBJECT_MAP_INVALID
+            | object_map::FLAG_FAST_DIFF_INVALID;
+        self.set_header_u64("flags", flags, &self.flags).await
+    }
+
+    /// Stores header value `key` and, once stored, its copy in memory.
+    async fn set_header_u64(
+        &self,
+        key: &str,
+        value: u64,
+        copy: &AtomicU64,
+    ) -> std::result::Result<(), BackendError> {
+        let mut kv = std::collections::BTreeMap::new();
+        kv.insert(key.to_string(), layout::u64_bytes(value));
+        self.backend.omap_set(&self.header_oid, kv).await?;
+        copy.store(value, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// The header keys a refresh reads.
     fn refresh_keys() -> Vec<String> {
-        vec!["size".to_string(), snap::SNAP_CONTEXT_KEY.to_string()]
+        ["size", "features", "flags", snap::SNAP_CONTEXT_KEY]
+            .map(String::from)
+            .to_vec()
     }
 
     /// Takes the size and snap context of a header read with [`Shared::refresh_keys`]
@@ -241,6 +452,11 @@ impl Shared {
     ) -> std::result::Result<u64, BackendError> {
         let bad = |why: String| BackendError::Io(format!("{}: {why}", self.header_oid));
         let size = size_in(m).ok_or_else(|| bad("bad size in header".into()))?;
+        for (key, slot) in [("features", &self.features), ("flags", &self.flags)] {
+            if let Some(v) = m.get(key).and_then(|b| layout::u64_of_bytes(b)) {
+                slot.store(v, Ordering::SeqCst);
+            }
+        }
         if let Some(at) = &self.snap {
             return Ok(at.size);
         }
@@ -393,6 +609,9 @@ impl Image {
             size: AtomicU64::new(size),
             handovers: AtomicU64::new(0),
             failure: Mutex::new(None),
+            features: AtomicU64::new(header.features),
+            flags: AtomicU64::new(header.flags),
+            object_map: Mutex::new(None),
         });
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let core = LockCore::new(opts.lock.clone(), backend.client_id(), cookie);
@@ -548,6 +767,10 @@ impl Image {
                 .map(|e| {
                     let piece = data.slice(e.buf_offset as usize..(e.buf_offset + e.len) as usize);
                     async move {
+                        let _mark = sh
+                            .mark_written(e.objectno)
+                            .await
+                            .map_err(|err| self.write_error(err))?;
                         sh.copy_up(e.objectno)
                             .await
                             .map_err(|err| self.write_error(err))?;
@@ -578,16 +801,34 @@ impl Image {
                 .into_iter()
                 .map(|e| async move {
                     let oid = sh.oid(e.objectno);
+                    let whole = e.offset == 0 && e.len == os;
+                    let map = sh.live_map();
                     // In a clone, an object that maps onto the parent stays (empty, or
                     // copied up and zeroed), or the parent's data would show again.
-                    let layered = sh.copy_up(e.objectno).await;
-                    let r = match layered {
-                        Err(err) => Err(err),
-                        Ok(true) if e.offset == 0 && e.len == os => {
-                            backend.write_full(&oid, Bytes::new()).await
+                    let r = if sh.maps_onto_parent(e.objectno) {
+                        async {
+                            let _mark = sh.mark_written(e.objectno).await?;
+                            sh.copy_up(e.objectno).await?;
+                            if whole {
+                                backend.write_full(&oid, Bytes::new()).await
+                            } else {
+                                backend.zero(&oid, e.offset, e.len).await
+                            }
                         }
-                        Ok(false) if e.offset == 0 && e.len == os => backend.remove(&oid).await,
-                        Ok(_) => backend.zero(&oid, e.offset, e.len).await,
+                        .await
+                    } else if whole {
+                        // The map forgets the object only once it is gone (its invariant).
+                        let marked = map.as_ref().is_some_and(|m| m.begin_remove(e.objectno));
+                        match backend.remove(&oid).await {
+                            Ok(()) | Err(BackendError::NotFound(_)) => match &map {
+                                Some(m) if marked => m.removed(e.objectno).await,
+                                _ => Ok(()),
+                            },
+                            Err(err) => Err(err),
+                        }
+                    } else {
+                        // Zeroing never creates an object: the map is unchanged.
+                        backend.zero(&oid, e.offset, e.len).await
                     };
                     match r {
                         Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
@@ -738,6 +979,14 @@ impl Image {
             })
             .await?;
         }
+        // The map covers the new objects before the header makes them writable, and
+        // forgets removed ones after (a crash in between leaves a longer map, whose tail
+        // a load drops).
+        if new_size > old {
+            sh.resize_object_map(new_size)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
         let mut kv = std::collections::BTreeMap::new();
         kv.insert("size".to_string(), layout::u64_bytes(new_size));
         sh.backend
@@ -745,6 +994,11 @@ impl Image {
             .await
             .map_err(|e| self.write_error(e))?;
         sh.size.store(new_size, Ordering::SeqCst);
+        if new_size < old {
+            sh.resize_object_map(new_size)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
         if new_size >= old {
             progress(1, 1);
         }
@@ -820,10 +1074,7 @@ impl Image {
 
     /// Whether object `objectno` of this clone still maps onto its parent.
     pub(crate) fn maps_onto_parent(&self, objectno: u64) -> bool {
-        self.shared
-            .parent
-            .as_ref()
-            .is_some_and(|p| p.mapped(objectno, self.object_size()) > 0)
+        self.shared.maps_onto_parent(objectno)
     }
 
     /// The snapshot this image was opened at, if any.
@@ -865,6 +1116,9 @@ impl Image {
         let mut kv = std::collections::BTreeMap::new();
         kv.insert(snap::snapshot_key(id), layout::encode(&info));
         self.write_snapshots(kv, &[], id, &infos).await?;
+        sh.snapshot_object_map(id)
+            .await
+            .map_err(|e| self.write_error(e))?;
         Ok(info)
     }
 
@@ -879,6 +1133,10 @@ impl Image {
             return Err(RbdError::SnapshotProtected(format!("{}@{name}", sh.name)));
         }
         infos.retain(|s| s.id != at.id);
+        let later = infos.iter().filter(|s| s.id > at.id).min_by_key(|s| s.id);
+        sh.forget_snapshot_map(&at, later)
+            .await
+            .map_err(|e| self.write_error(e))?;
         let seq = sh.context_seq().await?;
         self.write_snapshots(
             Default::default(),
@@ -929,6 +1187,10 @@ impl Image {
         let _guard = self.admit().await?;
         let sh = &self.shared;
         let at = Shared::snap_named(&sh.snapshots().await?, &sh.name, name)?;
+        let rolled_back_map = sh
+            .rollback_object_map(&at)
+            .await
+            .map_err(|e| self.write_error(e))?;
         let objects = layout::num_objects(self.size().max(at.size), sh.order);
         let data = sh.data();
         let done = AtomicU64::new(0);
@@ -954,6 +1216,11 @@ impl Image {
             .await
             .map_err(|e| self.write_error(e))?;
         sh.size.store(at.size, Ordering::SeqCst);
+        if let Some(map) = rolled_back_map {
+            sh.install_object_map(map)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
         self.notify_header_update().await;
         Ok(())
     }
@@ -993,6 +1260,105 @@ impl Image {
                 .notify(&sh.header_oid, payload.into(), Duration::from_secs(5))
                 .await;
         }
+    }
+
+    /// Recomputes the object maps of the head and every snapshot from the objects' snapshot
+    /// records and clears the invalid flags (`rbd object-map rebuild`), under the exclusive
+    /// lock so no write changes an object meanwhile.
+    pub async fn rebuild_object_map(
+        &self,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<()> {
+        let _guard = self.admit().await?;
+        let sh = &self.shared;
+        if sh.features.load(Ordering::SeqCst) & object_map::FEATURE_OBJECT_MAP == 0 {
+            return Err(RbdError::InvalidArgument(format!(
+                "image {} keeps no object map; enable it with `basalt rbd feature enable \
+                 POOL/{} object-map fast-diff`",
+                sh.name, sh.name
+            )));
+        }
+        let mut infos = sh.snapshots().await?;
+        infos.sort_by_key(|s| s.id);
+        let points: Vec<Point> = infos
+            .iter()
+            .map(|s| Point {
+                snap: Some(s.id),
+                size: s.size,
+            })
+            .chain([Point {
+                snap: None,
+                size: self.size(),
+            }])
+            .collect();
+        for p in &points {
+            object_map::objects_for(p.size, sh.order)
+                .map_err(|e| RbdError::InvalidArgument(e.to_string()))?;
+        }
+        let mut maps = scan(sh.backend.as_ref(), &sh.prefix, sh.order, &points, progress)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        let head = maps.pop().unwrap_or_default();
+        for (info, map) in infos.iter().zip(maps) {
+            sh.backend
+                .write_full(&object_map::map_oid(&sh.id, Some(info.id)), map.encode())
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
+        sh.install_object_map(head)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        let flags = sh.flags.load(Ordering::SeqCst)
+            & !(object_map::FLAG_OBJECT_MAP_INVALID | object_map::FLAG_FAST_DIFF_INVALID);
+        sh.set_header_u64("flags", flags, &sh.flags)
+            .await
+            .map_err(|e| self.write_error(e))
+    }
+
+    /// Turns the object map (with fast-diff: here the two go together) on — building the
+    /// maps as [`Image::rebuild_object_map`] does — or off, removing them.
+    pub async fn set_object_map(
+        &self,
+        enable: bool,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<()> {
+        let bits = object_map::FEATURE_OBJECT_MAP | object_map::FEATURE_FAST_DIFF;
+        {
+            let _guard = self.admit().await?;
+            let sh = &self.shared;
+            let features = sh.features.load(Ordering::SeqCst);
+            let features = if enable {
+                features | bits
+            } else {
+                features & !bits
+            };
+            sh.set_header_u64("features", features, &sh.features)
+                .await
+                .map_err(|e| self.write_error(e))?;
+            if !enable {
+                sh.set_live_map(None);
+                let mut oids = vec![object_map::map_oid(&sh.id, None)];
+                oids.extend(
+                    sh.snapshots()
+                        .await?
+                        .iter()
+                        .map(|s| object_map::map_oid(&sh.id, Some(s.id))),
+                );
+                for oid in oids {
+                    match sh.backend.remove(&oid).await {
+                        Ok(()) | Err(BackendError::NotFound(_)) => {}
+                        Err(e) => return Err(self.write_error(e)),
+                    }
+                }
+                let flags = sh.flags.load(Ordering::SeqCst)
+                    & !(object_map::FLAG_OBJECT_MAP_INVALID | object_map::FLAG_FAST_DIFF_INVALID);
+                return sh
+                    .set_header_u64("flags", flags, &sh.flags)
+                    .await
+                    .map_err(|e| self.write_error(e));
+            }
+        }
+        self.rebuild_object_map(progress).await
     }
 
     /// Hand the exclusive lock back now if it is held (after the admitted writes finish),
@@ -1455,20 +1821,24 @@ impl Driver {
                     Err(e) => failed(e),
                 }
             })),
-            Action::Refresh => match self.header_with_lock.take() {
-                // The header as the lock found it: nothing newer can exist.
-                Some(size) => {
-                    sh.size.store(size, Ordering::SeqCst);
-                    let _ = int_tx.send(Internal::Core(Event::Refreshed));
-                }
-                None => spawn(Box::pin(async move {
-                    // No read cache to drop yet; the header may have changed.
-                    match sh.refresh_size().await {
-                        Ok(_) => Event::Refreshed,
+            Action::Refresh => {
+                // The header as the lock found it (nothing newer can exist), else read again.
+                let header_with_lock = self.header_with_lock.take();
+                spawn(Box::pin(async move {
+                    let refreshed = match header_with_lock {
+                        Some(size) => {
+                            sh.size.store(size, Ordering::SeqCst);
+                            Ok(size)
+                        }
+                        None => sh.refresh_size().await,
+                    };
+                    // No read cache to drop yet; the object map may have changed.
+                    match refreshed.and(sh.load_object_map().await) {
+                        Ok(()) => Event::Refreshed,
                         Err(e) => failed(e),
                     }
-                })),
-            },
+                }))
+            }
             // Writes are durable when the backend acks them: nothing buffered.
             Action::Flush => {
                 let _ = int_tx.send(Internal::Core(Event::Flushed));

@@ -21,8 +21,40 @@ pub const MAX_ORDER: u8 = 25;
 /// 4 MiB objects.
 pub const DEFAULT_ORDER: u8 = 22;
 
-/// RBD_FEATURE_EXCLUSIVE_LOCK: the only feature this layer implements.
+/// RBD_FEATURE_EXCLUSIVE_LOCK (every image has it). The object map's features are in
+/// [`crate::object_map`].
 pub const FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
+
+/// Ceph's names of the feature bits an image has.
+pub fn feature_names(features: u64) -> Vec<&'static str> {
+    [
+        (FEATURE_EXCLUSIVE_LOCK, "exclusive-lock"),
+        (crate::object_map::FEATURE_OBJECT_MAP, "object-map"),
+        (crate::object_map::FEATURE_FAST_DIFF, "fast-diff"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| features & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
+}
+
+/// Ceph's names of an image's flags.
+pub fn flag_names(flags: u64) -> Vec<&'static str> {
+    [
+        (
+            crate::object_map::FLAG_OBJECT_MAP_INVALID,
+            "object map invalid",
+        ),
+        (
+            crate::object_map::FLAG_FAST_DIFF_INVALID,
+            "fast diff invalid",
+        ),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
+}
 
 pub fn id_oid(name: &str) -> String {
     format!("rbd_id.{name}")
@@ -156,6 +188,11 @@ pub fn encode<T: serde::Serialize>(v: &T) -> Bytes {
 
 pub fn u64_bytes(v: u64) -> Bytes {
     Bytes::copy_from_slice(&v.to_le_bytes())
+}
+
+/// A little-endian u64 header value, if it is 8 bytes.
+pub fn u64_of_bytes(b: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(b.try_into().ok()?))
 }
 
 impl Header {

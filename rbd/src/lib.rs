@@ -22,8 +22,9 @@
 //!
 //! Everything is written against [`ObjectBackend`] — one pool as a librados
 //! `IoCtx` sees it — so it runs on the real client library and, in tests,
-//! on [`mem::MemCluster`]. Not here: snapshots, clones, the object map,
-//! journaling, caches (writes are durable when the backend acks them).
+//! on [`mem::MemCluster`]. Also here: snapshots ([`snap`]), clones ([`layering`]),
+//! incremental diffs ([`diff`]), the trash ([`trash`]) and the object map ([`object_map`]).
+//! Not here: journaling, caches (writes are durable when the backend acks them).
 
 pub mod backend;
 pub mod diff;
@@ -33,10 +34,12 @@ pub mod layering;
 pub mod layout;
 pub mod lock;
 pub mod mem;
+pub mod object_map;
 pub mod rados;
 mod rbd;
 pub mod snap;
 pub mod trash;
+pub mod usage;
 
 pub use backend::{
     BackendError, Locker, NotifyAck, NotifyEvent, NotifyResult, ObjectBackend, WatchEvent, Watcher,

@@ -14,6 +14,7 @@ use crate::image::{
     data_objects_in, read_header, read_id, Image, ImageOptions, OBJECT_CONCURRENCY,
 };
 use crate::layout::{self, Header};
+use crate::object_map::{self, ObjectMap};
 
 /// A progress callback: `(done, total)` in the operation's own unit (bytes
 /// for import/export, objects for resize/remove).
@@ -32,6 +33,8 @@ pub struct ImageInfo {
     pub object_prefix: String,
     pub num_objs: u64,
     pub features: u64,
+    /// `FLAG_*` of [`crate::object_map`] (an invalid object map).
+    pub flags: u64,
     /// A clone's parent.
     pub parent: Option<crate::layering::ParentSpec>,
 }
@@ -94,11 +97,17 @@ impl Rbd {
             Err(e) => return Err(e.into()),
         }
         let header_oid = layout::header_oid(&id);
+        // Every image that can have an object map gets one (Ceph's default features since
+        // Jewel include object-map and fast-diff).
+        let map_objects = object_map::objects_for(size, order).ok();
+        let map_features = map_objects.map_or(0, |_| {
+            object_map::FEATURE_OBJECT_MAP | object_map::FEATURE_FAST_DIFF
+        });
         let header = Header {
             size,
             order,
             object_prefix: layout::object_prefix(&id),
-            features: layout::FEATURE_EXCLUSIVE_LOCK,
+            features: layout::FEATURE_EXCLUSIVE_LOCK | map_features,
             flags: 0,
             stripe_unit: 1 << order,
             stripe_count: 1,
@@ -113,12 +122,20 @@ impl Rbd {
         dir.insert(layout::dir_id_key(&id), Bytes::from(name.to_string()));
         let rest = async {
             b.write_full(&id_oid, Bytes::from(id.clone())).await?;
+            if let Some(objects) = map_objects {
+                b.write_full(
+                    &object_map::map_oid(&id, None),
+                    ObjectMap::new(objects).encode(),
+                )
+                .await?;
+            }
             b.create(&header_oid, true).await?;
             b.omap_set(&header_oid, header.encode()).await?;
             b.omap_set(layout::DIRECTORY, dir).await
         };
         if let Err(e) = rest.await {
             let _ = b.remove(&header_oid).await;
+            let _ = b.remove(&object_map::map_oid(&id, None)).await;
             let _ = b.remove(&id_oid).await;
             return Err(e.into());
         }
@@ -256,6 +273,12 @@ impl Rbd {
                     .omap_rm(&layout::header_oid(&spec.image_id), &[key])
                     .await,
             )?;
+        }
+        if header
+            .as_ref()
+            .is_none_or(|h| h.features & object_map::FEATURE_OBJECT_MAP != 0)
+        {
+            ignore_missing(b.remove(&object_map::map_oid(&id, None)).await)?;
         }
         ignore_missing(b.remove(&header_oid).await)?;
         if listed {
@@ -445,6 +468,7 @@ fn info_of(name: &str, id: &str, h: &Header) -> ImageInfo {
         object_prefix: h.object_prefix.clone(),
         num_objs: layout::num_objects(h.size, h.order),
         features: h.features,
+        flags: h.flags,
         parent: h.parent.clone(),
     }
 }

@@ -641,6 +641,17 @@ pub fn run_client(tool: &str, args: &[&str]) -> (bool, String) {
 }
 
 /// Runs a command to completion, killing it after `limit`.
+/// A client process killed (and reaped) when this is dropped, so a failed assertion leaves
+/// nothing running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
     let mut child = cmd
         .stdin(Stdio::null())
