@@ -640,7 +640,6 @@ pub fn run_client(tool: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Runs a command to completion, killing it after `limit`.
 /// A client process killed (and reaped) when this is dropped, so a failed assertion leaves
 /// nothing running.
 pub struct KillOnDrop(pub std::process::Child);
@@ -652,6 +651,7 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Runs a command to completion, killing it after `limit`.
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
     let mut child = cmd
         .stdin(Stdio::null())

@@ -687,3 +687,107 @@ fn a_snapshot_taken_under_fio_is_crash_consistent() {
         "fio's verify of the snapshot's {prefix} blocks failed:\n{out}"
     );
 }
+
+/// A golden image holding a small ext4 filesystem: a clone of its protected snapshot gets a
+/// new file through NBD while the parent and its snapshot stay as they were (`e2fsck` and
+/// `debugfs` on copies read back over NBD); once flattened, the parent's snapshot can go and
+/// the clone still holds both files.
+#[test]
+fn a_filesystem_clone_leaves_its_parent_alone_and_stands_alone_once_flattened() {
+    for tool in ["mkfs.ext4", "debugfs", "e2fsck"] {
+        basalt_tests::require_tool(tool, "e2fsprogs");
+    }
+    basalt_tests::require_tool("nbdcopy", "libnbd-bin");
+    let d = DataCluster::start(test_timeouts(), "rbd").expect("cluster with pool rbd");
+    let mut cluster = d.cluster;
+    let dir = cluster.dir.path().to_path_buf();
+    let path = |name: &str| dir.join(name).to_str().expect("utf-8 path").to_string();
+    let run = |tool: &str, args: &[&str]| -> String {
+        let (ok, out) = run_client(tool, args);
+        assert!(ok, "{tool} {args:?} failed:\n{out}");
+        out
+    };
+    // The golden filesystem: /hello.txt, built by mkfs from a directory.
+    let root = dir.join("root");
+    std::fs::create_dir(&root).expect("mkdir");
+    std::fs::write(root.join("hello.txt"), "hello from the golden image\n").expect("write");
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            root.to_str().expect("path"),
+            &path("golden.img"),
+            "64M",
+        ],
+    );
+    cluster
+        .cli_ok(&["rbd", "import", &path("golden.img"), "rbd/golden"])
+        .expect("import");
+    for args in [
+        &["rbd", "snap", "create", "rbd/golden@base"][..],
+        &["rbd", "snap", "protect", "rbd/golden@base"],
+        &["rbd", "clone", "rbd/golden@base", "rbd/vm"],
+    ] {
+        cluster.cli_ok(args).expect("snapshot and clone");
+    }
+    let gw = cluster.start_gateway("gw0", &[]).expect("gateway");
+    let url = |spec: &str| format!("nbd://{}/rbd/{spec}", cluster.gateway_addr(gw));
+    // Reads an export into a file and checks the filesystem there; returns the files'
+    // contents as debugfs prints them.
+    let check = |spec: &str| -> String {
+        let copy = path(&format!("{}.img", spec.replace('@', "-")));
+        let _ = std::fs::remove_file(&copy);
+        run("nbdcopy", &[&url(spec), &copy]);
+        run("e2fsck", &["-f", "-n", &copy]);
+        let mut out = run("debugfs", &["-R", "cat /hello.txt", &copy]);
+        out += &run_client("debugfs", &["-R", "cat /vm.txt", &copy]).1;
+        out
+    };
+    // The VM adds a file: edited in a local copy, written back over NBD.
+    let vm = check("vm");
+    assert!(vm.contains("hello from the golden image"), "{vm}");
+    std::fs::write(dir.join("vm.txt"), "written by the clone\n").expect("write");
+    run(
+        "debugfs",
+        &[
+            "-w",
+            "-R",
+            &format!("write {} vm.txt", path("vm.txt")),
+            &path("vm.img"),
+        ],
+    );
+    run("nbdcopy", &[&path("vm.img"), &url("vm")]);
+
+    let vm = check("vm");
+    assert!(
+        vm.contains("hello from the golden image") && vm.contains("written by the clone"),
+        "{vm}"
+    );
+    for spec in ["golden", "golden@base"] {
+        let parent = check(spec);
+        assert!(
+            parent.contains("hello from the golden image"),
+            "{spec}: {parent}"
+        );
+        assert!(
+            !parent.contains("written by the clone"),
+            "{spec} changed: {parent}"
+        );
+    }
+    for args in [
+        &["rbd", "flatten", "rbd/vm"][..],
+        &["rbd", "snap", "unprotect", "rbd/golden@base"],
+        &["rbd", "snap", "rm", "rbd/golden@base"],
+    ] {
+        cluster
+            .cli_ok(args)
+            .expect("flatten and remove the parent's snapshot");
+    }
+    let vm = check("vm");
+    assert!(
+        vm.contains("hello from the golden image") && vm.contains("written by the clone"),
+        "{vm}"
+    );
+}
