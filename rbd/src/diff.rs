@@ -14,7 +14,8 @@
 //! What changed is found per object from the OSDs' snapshot records (`list_snaps`: which
 //! version of the object each snapshot reads, and the ranges where each clone may differ
 //! from the next), so an incremental diff reads only the changed 64 KiB chunks, not the
-//! image. Ranges that read as zeros become 'z' records (or nothing, where the older
+//! image; with fast-diff object maps, objects the maps say are unchanged over the range are
+//! not asked at all. Ranges that read as zeros become 'z' records (or nothing, where the older
 //! version had no data either).
 
 use bytes::Bytes;
@@ -171,7 +172,17 @@ pub async fn export_diff<W: AsyncWrite + Unpin>(
     let objects = layout::num_objects(size.max(from_size), image.order());
     let data = image.data_backend();
     let mut stats = DiffStats::default();
+    // With fast-diff maps, objects unchanged over the range are not asked at all.
+    let changed = image.changed_objects(from).await?;
     for n in 0..objects {
+        let unchanged = changed
+            .as_ref()
+            .is_some_and(|c| !c.get(n as usize).copied().unwrap_or(false));
+        // A clone's unwritten object still reads its parent's data in a full diff.
+        if unchanged && !(from.is_none() && image.maps_onto_parent(n)) {
+            progress(n + 1, objects);
+            continue;
+        }
         let base = n * os;
         // The part of this object inside the image at each end.
         let end_to = size.saturating_sub(base).min(os);

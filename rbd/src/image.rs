@@ -29,7 +29,7 @@ use crate::error::{RbdError, Result};
 use crate::layering::{self, ParentSpec};
 use crate::layout::{self, Header};
 use crate::lock::{Action, Event, LockConfig, LockCore, LockOwner, Refusal, WriteId};
-use crate::object_map::scan::{scan, Point};
+use crate::object_map::scan::{self, scan};
 use crate::object_map::{self, live::LiveMap, ObjectMap, ObjectState};
 use crate::snap::{self, SnapInfo};
 
@@ -268,6 +268,25 @@ impl Shared {
             Some(m) => m.before_write(objectno).await.map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Zeroes part of object `objectno` where it is (never creating it: `NotFound` if it
+    /// does not exist), marking it changed in the object map first.
+    async fn zero_in_place(
+        &self,
+        objectno: u64,
+        off: u64,
+        len: u64,
+    ) -> std::result::Result<(), BackendError> {
+        let _mark = match self.live_map() {
+            Some(m) => match m.before_change(objectno).await? {
+                Some(mark) => Some(mark),
+                // The map knows it does not exist: nothing to zero.
+                None => return Ok(()),
+            },
+            None => None,
+        };
+        self.data().zero(&self.oid(objectno), off, len).await
     }
 
     /// Whether the image keeps an object map that can be trusted.
@@ -842,8 +861,7 @@ impl Image {
                         }
                         r
                     } else {
-                        // Zeroing never creates an object: the map is unchanged.
-                        backend.zero(&oid, e.offset, e.len).await
+                        sh.zero_in_place(e.objectno, e.offset, e.len).await
                     };
                     match r {
                         Ok(()) | Err(BackendError::NotFound(_)) => Ok(()),
@@ -970,8 +988,10 @@ impl Image {
             let done = AtomicU64::new(0);
             let tick = || progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
             if !new_size.is_multiple_of(os) {
-                let oid = sh.oid(new_size >> sh.order);
-                match data.zero(&oid, new_size % os, os).await {
+                match sh
+                    .zero_in_place(new_size >> sh.order, new_size % os, os)
+                    .await
+                {
                     Ok(()) | Err(BackendError::NotFound(_)) => {}
                     Err(e) => return Err(self.write_error(e)),
                 }
@@ -1090,6 +1110,33 @@ impl Image {
     /// Whether object `objectno` of this clone still maps onto its parent.
     pub(crate) fn maps_onto_parent(&self, objectno: u64) -> bool {
         self.shared.maps_onto_parent(objectno)
+    }
+
+    /// Which objects changed between snapshot `from` (`None`: nothing) and what this image
+    /// reads (its snapshot or its head), from the object maps; `None` when they cannot say.
+    pub(crate) async fn changed_objects(
+        &self,
+        from: Option<&SnapInfo>,
+    ) -> Result<Option<Vec<bool>>> {
+        let sh = &self.shared;
+        let kept = object_map::FEATURE_OBJECT_MAP | object_map::FEATURE_FAST_DIFF;
+        let invalid = object_map::FLAG_OBJECT_MAP_INVALID | object_map::FLAG_FAST_DIFF_INVALID;
+        if sh.features.load(Ordering::SeqCst) & kept != kept
+            || sh.flags.load(Ordering::SeqCst) & invalid != 0
+        {
+            return Ok(None);
+        }
+        let snaps = sh.snapshots().await?;
+        Ok(object_map::changed_between(
+            sh.backend.as_ref(),
+            &sh.id,
+            sh.order,
+            snaps,
+            from,
+            self.snapshot(),
+            self.size(),
+        )
+        .await?)
     }
 
     /// The snapshot this image was opened at, if any.
@@ -1296,18 +1343,7 @@ impl Image {
             )));
         }
         let mut infos = sh.snapshots().await?;
-        infos.sort_by_key(|s| s.id);
-        let points: Vec<Point> = infos
-            .iter()
-            .map(|s| Point {
-                snap: Some(s.id),
-                size: s.size,
-            })
-            .chain([Point {
-                snap: None,
-                size: self.size(),
-            }])
-            .collect();
+        let points = scan::points(&mut infos, self.size());
         for p in &points {
             object_map::objects_for(p.size, sh.order)
                 .map_err(|e| RbdError::InvalidArgument(e.to_string()))?;

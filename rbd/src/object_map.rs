@@ -251,6 +251,61 @@ pub async fn read(
     }
 }
 
+/// Which objects of an image changed between snapshot `from` (`None`: nothing) and `to`
+/// (`None`: the head of `head_size` bytes), from the maps of `from` and of every point after
+/// it up to `to` (fast-diff): an object changed if it exists at one end and not the other, or
+/// if any of those points marks it written since the point before. `None` if a map is
+/// missing or unusable (then every object must be asked).
+pub(crate) async fn changed_between(
+    backend: &dyn ObjectBackend,
+    image_id: &str,
+    order: u8,
+    mut snaps: Vec<crate::snap::SnapInfo>,
+    from: Option<&crate::snap::SnapInfo>,
+    to: Option<&crate::snap::SnapInfo>,
+    head_size: u64,
+) -> Result<Option<Vec<bool>>, BackendError> {
+    let mut points = scan::points(&mut snaps, head_size);
+    points.retain(|p| match p.snap {
+        Some(s) => from.is_none_or(|f| s > f.id) && to.is_none_or(|t| s <= t.id),
+        None => to.is_none(),
+    });
+    let mut maps = Vec::with_capacity(points.len());
+    for p in &points {
+        match read(backend, &map_oid(image_id, p.snap), p.size, order).await? {
+            Ok(m) => maps.push(m),
+            Err(_) => return Ok(None),
+        }
+    }
+    let start = match from {
+        Some(f) => match read(backend, &map_oid(image_id, Some(f.id)), f.size, order).await? {
+            Ok(m) => Some(m),
+            Err(_) => return Ok(None),
+        },
+        None => None,
+    };
+    let Some(end) = maps.last() else {
+        return Ok(None);
+    };
+    let objects = maps
+        .iter()
+        .chain(&start)
+        .map(ObjectMap::len)
+        .max()
+        .unwrap_or(0);
+    Ok(Some(
+        (0..objects)
+            .map(|n| match &start {
+                None => end.get(n).exists(),
+                Some(s) => {
+                    s.get(n).exists() != end.get(n).exists()
+                        || maps.iter().any(|m| m.get(n).dirty())
+                }
+            })
+            .collect(),
+    ))
+}
+
 /// Object `n`'s state in a stored map.
 pub(crate) fn state_in(bytes: &[u8], n: u64) -> ObjectState {
     let b = bytes.get((n / 4) as usize).copied().unwrap_or(0);

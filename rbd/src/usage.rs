@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::error::{RbdError, Result};
 use crate::image::{read_header, read_id, read_snapshots};
 use crate::layout;
-use crate::object_map::scan::{scan, Point};
+use crate::object_map::scan::{self, scan};
 use crate::object_map::{self, DuRow, ObjectMap};
 use crate::rbd::{Progress, Rbd};
 
@@ -41,18 +41,7 @@ impl Rbd {
         let header_oid = layout::header_oid(&id);
         let header = read_header(b, name, &header_oid).await?;
         let mut snaps = read_snapshots(b, name, &header_oid).await?;
-        snaps.sort_by_key(|s| s.id);
-        let points: Vec<Point> = snaps
-            .iter()
-            .map(|s| Point {
-                snap: Some(s.id),
-                size: s.size,
-            })
-            .chain([Point {
-                snap: None,
-                size: header.size,
-            }])
-            .collect();
+        let points = scan::points(&mut snaps, header.size);
         let invalid = object_map::FLAG_OBJECT_MAP_INVALID | object_map::FLAG_FAST_DIFF_INVALID;
         let kept = object_map::FEATURE_OBJECT_MAP | object_map::FEATURE_FAST_DIFF;
         let mut maps = None;

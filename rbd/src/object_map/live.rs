@@ -146,6 +146,28 @@ impl LiveMap {
         Ok(mark)
     }
 
+    /// Before changing object `n`'s data in place without creating it (zeroing part of it):
+    /// with fast-diff the stored map must say changed too. `None` when the map knows the
+    /// object does not exist, so there is nothing to change.
+    pub(crate) async fn before_change(&self, n: u64) -> Result<Option<WriteMark>, BackendError> {
+        if let Some(c) = self.slots.writes_in_flight.get(n as usize) {
+            c.fetch_add(1, Ordering::SeqCst);
+        }
+        let mark = WriteMark {
+            slots: self.slots.clone(),
+            n,
+        };
+        match self.slots.get(n) {
+            ObjectState::Nonexistent if n < self.len() => return Ok(None),
+            ObjectState::ExistsClean => {
+                self.ask(|r| Change::Mark(n, ObjectState::Exists, r))
+                    .await?
+            }
+            _ => {}
+        }
+        Ok(Some(mark))
+    }
+
     /// Before removing object `n` as a whole: whether it was marked existing (then call
     /// [`LiveMap::removed`] once it is gone).
     pub(crate) fn begin_remove(&self, n: u64) -> bool {

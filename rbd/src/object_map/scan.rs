@@ -14,12 +14,30 @@ use crate::diff::version_at;
 use crate::image::{data_objects_in, OBJECT_CONCURRENCY};
 use crate::layout;
 use crate::rbd::Progress;
+use crate::snap::SnapInfo;
 
 /// One point in an image's history: a snapshot (`Some(id)`) or the head, and its size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Point {
     pub snap: Option<u64>,
     pub size: u64,
+}
+
+/// An image's points, oldest first: its snapshots (`snaps`, sorted here by id) and the
+/// head of `head_size` bytes.
+pub(crate) fn points(snaps: &mut [SnapInfo], head_size: u64) -> Vec<Point> {
+    snaps.sort_by_key(|s| s.id);
+    snaps
+        .iter()
+        .map(|s| Point {
+            snap: Some(s.id),
+            size: s.size,
+        })
+        .chain([Point {
+            snap: None,
+            size: head_size,
+        }])
+        .collect()
 }
 
 /// The maps of `points` (oldest first, the head last if present) of the image whose data
