@@ -412,7 +412,7 @@ impl Shared {
 
     /// Before a rollback to `at`: the head's map also marks what exists at the snapshot
     /// (objects the rollback brings back), so it stays a superset meanwhile. Returns the
-    /// snapshot's map, for [`Shared::rolled_back_object_map`]. Without the snapshot's map,
+    /// snapshot's map, to install once the rollback is done. Without the snapshot's map,
     /// the head's is flagged invalid until rebuilt.
     async fn rollback_object_map(
         &self,
@@ -447,9 +447,7 @@ impl Shared {
     async fn invalidate_object_map(&self, why: &str) -> std::result::Result<(), BackendError> {
         tracing::warn!(image = %self.name, why, "object map invalid: run `basalt rbd object-map rebuild`");
         self.set_live_map(None);
-        let flags = self.flags.load(Ordering::SeqCst)
-            | object_map::FLAG_OBJECT_MAP_INVALID
-            | object_map::FLAG_FAST_DIFF_INVALID;
+        let flags = self.flags.load(Ordering::SeqCst) | object_map::INVALID_FLAGS;
         self.set_header_u64("flags", flags, &self.flags).await
     }
 
@@ -1119,11 +1117,10 @@ impl Image {
         from: Option<&SnapInfo>,
     ) -> Result<Option<Vec<bool>>> {
         let sh = &self.shared;
-        let kept = object_map::FEATURE_OBJECT_MAP | object_map::FEATURE_FAST_DIFF;
-        let invalid = object_map::FLAG_OBJECT_MAP_INVALID | object_map::FLAG_FAST_DIFF_INVALID;
-        if sh.features.load(Ordering::SeqCst) & kept != kept
-            || sh.flags.load(Ordering::SeqCst) & invalid != 0
-        {
+        if !object_map::usable(
+            sh.features.load(Ordering::SeqCst),
+            sh.flags.load(Ordering::SeqCst),
+        ) {
             return Ok(None);
         }
         let snaps = sh.snapshots().await?;
@@ -1361,8 +1358,7 @@ impl Image {
         sh.install_object_map(head)
             .await
             .map_err(|e| self.write_error(e))?;
-        let flags = sh.flags.load(Ordering::SeqCst)
-            & !(object_map::FLAG_OBJECT_MAP_INVALID | object_map::FLAG_FAST_DIFF_INVALID);
+        let flags = sh.flags.load(Ordering::SeqCst) & !object_map::INVALID_FLAGS;
         sh.set_header_u64("flags", flags, &sh.flags)
             .await
             .map_err(|e| self.write_error(e))
@@ -1375,15 +1371,18 @@ impl Image {
         enable: bool,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<()> {
-        let bits = object_map::FEATURE_OBJECT_MAP | object_map::FEATURE_FAST_DIFF;
         {
             let _guard = self.admit().await?;
             let sh = &self.shared;
+            if enable {
+                object_map::objects_for(self.size(), sh.order)
+                    .map_err(|e| RbdError::InvalidArgument(e.to_string()))?;
+            }
             let features = sh.features.load(Ordering::SeqCst);
             let features = if enable {
-                features | bits
+                features | object_map::FEATURES
             } else {
-                features & !bits
+                features & !object_map::FEATURES
             };
             sh.set_header_u64("features", features, &sh.features)
                 .await
@@ -1403,8 +1402,7 @@ impl Image {
                         Err(e) => return Err(self.write_error(e)),
                     }
                 }
-                let flags = sh.flags.load(Ordering::SeqCst)
-                    & !(object_map::FLAG_OBJECT_MAP_INVALID | object_map::FLAG_FAST_DIFF_INVALID);
+                let flags = sh.flags.load(Ordering::SeqCst) & !object_map::INVALID_FLAGS;
                 return sh
                     .set_header_u64("flags", flags, &sh.flags)
                     .await

@@ -42,6 +42,16 @@ pub const FLAG_OBJECT_MAP_INVALID: u64 = 1 << 0;
 /// RBD_FLAG_FAST_DIFF_INVALID.
 pub const FLAG_FAST_DIFF_INVALID: u64 = 1 << 1;
 
+/// Both map features: this implementation turns them on and off together.
+pub const FEATURES: u64 = FEATURE_OBJECT_MAP | FEATURE_FAST_DIFF;
+/// Both invalid flags: a map found unusable is unusable for both.
+pub const INVALID_FLAGS: u64 = FLAG_OBJECT_MAP_INVALID | FLAG_FAST_DIFF_INVALID;
+
+/// Whether an image with these header `features` and `flags` has maps to trust.
+pub fn usable(features: u64, flags: u64) -> bool {
+    features & FEATURES == FEATURES && flags & INVALID_FLAGS == 0
+}
+
 /// The largest image an object map is kept for: 256 Mi objects (a 64 MiB map), Ceph's limit.
 pub const MAX_OBJECTS: u64 = 256 << 20;
 

@@ -100,9 +100,7 @@ impl Rbd {
         // Every image that can have an object map gets one (Ceph's default features since
         // Jewel include object-map and fast-diff).
         let map_objects = object_map::objects_for(size, order).ok();
-        let map_features = map_objects.map_or(0, |_| {
-            object_map::FEATURE_OBJECT_MAP | object_map::FEATURE_FAST_DIFF
-        });
+        let map_features = map_objects.map_or(0, |_| object_map::FEATURES);
         let header = Header {
             size,
             order,

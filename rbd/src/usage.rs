@@ -42,10 +42,8 @@ impl Rbd {
         let header = read_header(b, name, &header_oid).await?;
         let mut snaps = read_snapshots(b, name, &header_oid).await?;
         let points = scan::points(&mut snaps, header.size);
-        let invalid = object_map::FLAG_OBJECT_MAP_INVALID | object_map::FLAG_FAST_DIFF_INVALID;
-        let kept = object_map::FEATURE_OBJECT_MAP | object_map::FEATURE_FAST_DIFF;
         let mut maps = None;
-        if header.features & kept == kept && header.flags & invalid == 0 {
+        if object_map::usable(header.features, header.flags) {
             let mut read = Vec::with_capacity(points.len());
             for p in &points {
                 let oid = object_map::map_oid(&id, p.snap);
