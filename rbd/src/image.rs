@@ -279,10 +279,20 @@ impl Shared {
         len: u64,
     ) -> std::result::Result<(), BackendError> {
         let _mark = match self.live_map() {
-            Some(m) => match m.before_change(objectno).await? {
-                Some(mark) => Some(mark),
+            Some(m) => match m.before_change(objectno).await {
+                Ok(Some(mark)) => Some(mark),
                 // The map knows it does not exist: nothing to zero.
-                None => return Ok(()),
+                Ok(None) => return Ok(()),
+                // A full pool refuses the map write but lets a shrink (sent with full_try)
+                // update the header: the maps are then flagged invalid rather than wrong,
+                // and the zero that frees space goes ahead.
+                Err(e @ BackendError::NoSpace(_)) => {
+                    self.invalidate_object_map(&format!("no room to mark a change: {e}"))
+                        .await
+                        .map_err(|_| e)?;
+                    None
+                }
+                Err(e) => return Err(e),
             },
             None => None,
         };
