@@ -129,16 +129,21 @@ impl LiveMap {
         rx.await.map_err(|_| gone())?
     }
 
-    /// Before writing object `n`: counts the write in flight and makes sure the stored map
-    /// says `Exists` (dirty) first. Keep the mark until the write is answered.
-    pub(crate) async fn before_write(&self, n: u64) -> Result<WriteMark, BackendError> {
+    /// Counts a write to object `n` in flight until the mark drops.
+    fn track(&self, n: u64) -> WriteMark {
         if let Some(c) = self.slots.writes_in_flight.get(n as usize) {
             c.fetch_add(1, Ordering::SeqCst);
         }
-        let mark = WriteMark {
+        WriteMark {
             slots: self.slots.clone(),
             n,
-        };
+        }
+    }
+
+    /// Before writing object `n`: counts the write in flight and makes sure the stored map
+    /// says `Exists` (dirty) first. Keep the mark until the write is answered.
+    pub(crate) async fn before_write(&self, n: u64) -> Result<WriteMark, BackendError> {
+        let mark = self.track(n);
         if n < self.len() && self.slots.get(n) != ObjectState::Exists {
             self.ask(|r| Change::Mark(n, ObjectState::Exists, r))
                 .await?;
@@ -150,13 +155,7 @@ impl LiveMap {
     /// with fast-diff the stored map must say changed too. `None` when the map knows the
     /// object does not exist, so there is nothing to change.
     pub(crate) async fn before_change(&self, n: u64) -> Result<Option<WriteMark>, BackendError> {
-        if let Some(c) = self.slots.writes_in_flight.get(n as usize) {
-            c.fetch_add(1, Ordering::SeqCst);
-        }
-        let mark = WriteMark {
-            slots: self.slots.clone(),
-            n,
-        };
+        let mark = self.track(n);
         match self.slots.get(n) {
             ObjectState::Nonexistent if n < self.len() => return Ok(None),
             ObjectState::ExistsClean => {
