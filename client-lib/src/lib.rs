@@ -55,6 +55,7 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
 mod error;
 mod mon;
 mod rados;
@@ -90,6 +91,7 @@ pub fn describe_metrics() {
     );
 }
 
+pub use auth::Credentials;
 pub use basalt_ops as ops;
 pub use error::ClientError;
 pub use mon::{MapSubscription, MonClient};
