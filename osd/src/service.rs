@@ -3057,7 +3057,10 @@ impl OsdCore {
                 ..Default::default()
             }));
         };
-        if let Err(e) = self.check_pool(peer, first.pool, Perm::R.union(Perm::X)) {
+        if let Err(e) = self
+            .check_pool(peer, first.pool, first.epoch, Perm::R.union(Perm::X))
+            .await
+        {
             refuse(e);
             return Ok(rx);
         }
@@ -3259,16 +3262,31 @@ fn op_needs(op: &ObjOp) -> Perm {
 }
 
 impl OsdCore {
-    /// Whether `peer`'s osd caps grant `need` on pool `pool` (by its name in this OSD's map).
-    pub fn check_pool(
+    /// Whether `peer`'s osd caps grant `need` on pool `pool`, by its name in this OSD's map
+    /// once it is at least the request's `epoch` (a pool the client knows of may be newer
+    /// than this OSD's map; 0: the current map).
+    pub async fn check_pool(
         &self,
+        peer: &Authenticated,
+        pool: PoolId,
+        epoch: Epoch,
+        need: Perm,
+    ) -> Result<(), OpError> {
+        let map = match epoch {
+            0 => self
+                .current_map()
+                .ok_or_else(|| OpError::Io("no OSDMap yet".into()))?,
+            e => self.map_at_least(e).await?,
+        };
+        Self::pool_allows(&map, peer, pool, need)
+    }
+
+    fn pool_allows(
+        map: &OsdMap,
         peer: &Authenticated,
         pool: PoolId,
         need: Perm,
     ) -> Result<(), OpError> {
-        let map = self
-            .current_map()
-            .ok_or_else(|| OpError::Io("no OSDMap yet".into()))?;
         let name = map
             .pools
             .get(&pool)
@@ -3303,7 +3321,7 @@ impl OsdCore {
                     "read"
                 };
                 let need = ops.iter().map(op_needs).fold(Perm::default(), Perm::union);
-                match self.check_pool(peer, req.pool, need) {
+                match self.check_pool(peer, req.pool, req.epoch, need).await {
                     Ok(()) => (kind, self.handle_op(req, ops).await),
                     Err(e) => ("denied", Err(e)),
                 }
@@ -3396,7 +3414,8 @@ impl pb::osd_server::Osd for OsdService {
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListReply>, Status> {
         let who = peer(&req)?;
-        let r = match self.core.check_pool(&who, req.get_ref().pool, Perm::R) {
+        let (pool, epoch) = (req.get_ref().pool, req.get_ref().epoch);
+        let r = match self.core.check_pool(&who, pool, epoch, Perm::R).await {
             Ok(()) => self.core.handle_list(req.into_inner()).await,
             Err(e) => Err(e),
         };
@@ -3424,7 +3443,8 @@ impl pb::osd_server::Osd for OsdService {
         req: Request<pb::NotifyRequest>,
     ) -> Result<Response<pb::NotifyReply>, Status> {
         let who = peer(&req)?;
-        let r = match self.core.check_pool(&who, req.get_ref().pool, Perm::X) {
+        let (pool, epoch) = (req.get_ref().pool, req.get_ref().epoch);
+        let r = match self.core.check_pool(&who, pool, epoch, Perm::X).await {
             Ok(()) => self.core.handle_notify(req.into_inner()).await,
             Err(e) => Err(e),
         };
@@ -3439,7 +3459,11 @@ impl pb::osd_server::Osd for OsdService {
         req: Request<pb::NotifyAckRequest>,
     ) -> Result<Response<pb::NotifyAckReply>, Status> {
         let who = peer(&req)?;
-        if let Err(e) = self.core.check_pool(&who, req.get_ref().pool, Perm::X) {
+        if let Err(e) = self
+            .core
+            .check_pool(&who, req.get_ref().pool, 0, Perm::X)
+            .await
+        {
             return Err(Status::permission_denied(e.to_string()));
         }
         self.core.handle_notify_ack(req.into_inner());
@@ -3517,7 +3541,8 @@ impl pb::osd_server::Osd for OsdService {
     ) -> Result<Response<pb::PgCommandReply>, Status> {
         // Scrub and repair read and rewrite every object of the PG.
         let who = peer(&req)?;
-        let r = match self.core.check_pool(&who, req.get_ref().pool, Perm::RWX) {
+        let (pool, epoch) = (req.get_ref().pool, req.get_ref().epoch);
+        let r = match self.core.check_pool(&who, pool, epoch, Perm::RWX).await {
             Ok(()) => self.core.handle_pg_command(req.into_inner()).await,
             Err(e) => Err(e),
         };
@@ -3533,11 +3558,15 @@ impl pb::osd_server::Osd for OsdService {
     ) -> Result<Response<pb::PgStatsReply>, Status> {
         // Only the PGs of pools the peer may read.
         let who = peer(&req)?;
+        let map = self.core.current_map();
         let stats: Vec<_> = self
             .core
             .primary_pg_stats()
             .into_iter()
-            .filter(|s| self.core.check_pool(&who, s.pool, Perm::R).is_ok())
+            .filter(|s| {
+                map.as_ref()
+                    .is_some_and(|m| OsdCore::pool_allows(m, &who, s.pool, Perm::R).is_ok())
+            })
             .collect();
         Ok(Response::new(pb::PgStatsReply {
             epoch: reply_epoch(&self.core),

@@ -184,6 +184,20 @@ impl TestCluster {
         Ok(cluster)
     }
 
+    /// As [`TestCluster::start_mons`], with the config changed by `edit` before any monitor
+    /// reads it.
+    pub fn start_mons_with(
+        n: u32,
+        timeouts: Timeouts,
+        edit: impl FnOnce(&mut ClusterConfig),
+    ) -> anyhow::Result<Self> {
+        let mut cluster = Self::config_only(n, timeouts)?;
+        edit(&mut cluster.config);
+        std::fs::write(&cluster.config_path, cluster.config.to_toml())?;
+        cluster.spawn_mons(n)?;
+        Ok(cluster)
+    }
+
     /// Writes a config naming `n` monitors on free ports but starts none (a cluster whose
     /// monitors are all unreachable).
     pub fn config_only(n: u32, timeouts: Timeouts) -> anyhow::Result<Self> {
