@@ -66,15 +66,44 @@ need_root() { [[ $(id -u) -eq 0 ]] || die "needs root (ip netns, veth, bridge)";
 ns_exists() { ip netns list 2>/dev/null | awk '{print $1}' | grep -qx "$1"; }
 link_exists() { ip link show dev "$1" >/dev/null 2>&1; }
 
+# The OSD id of host N's K-th OSD: its key (osd.ID) exists before it first boots.
+osd_id() { echo $((($1 - 1) * OSDS_PER_HOST + $2)); }
+
+# Writes DIR's keyrings on first `up` (as `basalt cluster up` does): DIR/keyring
+# (client.admin, read by the CLI beside the config), DIR/osd.ID.keyring and
+# DIR/gw-hN.keyring (each daemon's own key), and DIR/mon.keyring (the monitors' shared
+# `mon.` key plus every key above: the first leader seeds the auth database from it).
+write_keyrings() {
+    local dir=$1 n k id
+    [[ -f $dir/mon.keyring ]] && return 0
+    [[ -x $BIN/basalt ]] || die "$BIN/basalt is missing (set BASALT_BIN_DIR)"
+    gen() { "$BIN/basalt" keyring gen "$@" 2>/dev/null || die "cannot write keyring $1"; }
+    rm -f "$dir/keyring" "$dir/mon.keyring.tmp" "$dir"/osd.*.keyring "$dir"/gw-h*.keyring
+    gen "$dir/keyring" client.admin mon 'allow *' osd 'allow *'
+    cp "$dir/keyring" "$dir/mon.keyring.tmp"
+    gen "$dir/mon.keyring.tmp" mon. mon 'allow *'
+    for ((n = 1; n <= HOSTS; n++)); do
+        for ((k = 0; k < OSDS_PER_HOST; k++)); do
+            id=$(osd_id "$n" "$k")
+            gen "$dir/osd.$id.keyring" "osd.$id" mon 'allow profile osd' osd 'allow *'
+            cat "$dir/osd.$id.keyring" >>"$dir/mon.keyring.tmp"
+        done
+        gen "$dir/gw-h$n.keyring" "client.gw-h$n" mon 'allow profile rbd' osd 'allow profile rbd'
+        cat "$dir/gw-h$n.keyring" >>"$dir/mon.keyring.tmp"
+    done
+    chmod 600 "$dir/mon.keyring.tmp"
+    mv "$dir/mon.keyring.tmp" "$dir/mon.keyring"
+}
+
 # Daemons of host N: "name binary args..." lines.
 daemons() {
     local n=$1 dir=$2 conf=$2/cluster.toml ip=$NET.$1
     echo "mon basalt-mon --config $conf --id $((n - 1)) --metrics $ip:9280"
     local k
     for ((k = 0; k < OSDS_PER_HOST; k++)); do
-        echo "osd$k basalt-osd --config $conf --data $dir/h$n/osd$k --host h$n --listen $ip:0 --metrics $ip:$((9281 + k))${BASALT_NETNS_OSD_CAPACITY:+ --capacity-bytes $BASALT_NETNS_OSD_CAPACITY}"
+        echo "osd$k basalt-osd --config $conf --data $dir/h$n/osd$k --host h$n --listen $ip:0 --keyring $dir/osd.$(osd_id "$n" "$k").keyring --metrics $ip:$((9281 + k))${BASALT_NETNS_OSD_CAPACITY:+ --capacity-bytes $BASALT_NETNS_OSD_CAPACITY}"
     done
-    echo "gw basalt-gw --config $conf --listen $ip:10809 --name client.gw-h$n --metrics $ip:9283"
+    echo "gw basalt-gw --config $conf --listen $ip:10809 --name client.gw-h$n --keyring $dir/gw-h$n.keyring --metrics $ip:9283"
 }
 
 # The pid in DIR/hN/NAME.pid if that process is alive and is a basalt daemon of DIR.
@@ -208,6 +237,7 @@ cmd_up() {
     done
     net_up
     write_config "$dir"
+    write_keyrings "$dir"
     start_daemons "$dir"
     wait_serving "$dir"
     cat <<EOF

@@ -187,6 +187,8 @@ pub enum MonAccess {
     OsdDaemon,
     /// Adding or removing a blocklist entry (an image lock breaker's fencing).
     Blocklist,
+    /// Creating or removing a pool's self-managed snapshot id (`rbd snap create|rm`).
+    Snapshots,
 }
 
 impl MonAccess {
@@ -197,7 +199,9 @@ impl MonAccess {
             MonAccess::Write => "mon 'allow rw'",
             MonAccess::AuthAdmin => "mon 'allow *'",
             MonAccess::OsdDaemon => "mon 'allow profile osd'",
-            MonAccess::Blocklist => "mon 'allow w' or mon 'allow profile rbd'",
+            MonAccess::Blocklist | MonAccess::Snapshots => {
+                "mon 'allow w' or mon 'allow profile rbd'"
+            }
         }
     }
 }
@@ -248,7 +252,9 @@ impl MonCap {
                 MonAccess::Write => g.perm.write,
                 MonAccess::AuthAdmin => false,
                 MonAccess::OsdDaemon => profile == Some("osd"),
-                MonAccess::Blocklist => g.perm.write || profile == Some("rbd"),
+                MonAccess::Blocklist | MonAccess::Snapshots => {
+                    g.perm.write || profile == Some("rbd")
+                }
             }
         })
     }

@@ -8,7 +8,7 @@
 //!                                     ◀──     Challenge{sc, HMAC(K, "server"|E|cc|sc)}
 //!   (checks the monitor knows K)
 //!   Proof{HMAC(K, "client"|E|sc|cc)}  ──▶     (checks the client knows K)
-//!                                     ◀──     Granted{ticket, AEAD_K(session key)}
+//!                                     ◀──     Granted{per service: ticket, AEAD_K(session key)}
 //! ```
 //!
 //! Neither side sends K; each proves it knows K over the other's fresh challenge, so a
@@ -62,6 +62,10 @@ pub enum AuthError {
     Replayed,
     #[error("the service's reply does not prove it opened the ticket")]
     ServiceNotAuthentic,
+    #[error("this service has no service secrets yet (it has not authenticated with the monitors); retry shortly")]
+    NoServiceSecrets,
+    #[error("no randomness from the operating system: {0}")]
+    NoRandomness(String),
 }
 
 fn hmac(key: &Secret, parts: &[&[u8]]) -> [u8; 32] {
@@ -85,14 +89,17 @@ fn hmac_ok(key: &Secret, parts: &[&[u8]], tag: &[u8]) -> bool {
     mac.verify_slice(tag).is_ok()
 }
 
-fn seal(key: &Secret, nonce: [u8; 12], plain: &[u8]) -> Vec<u8> {
+/// Seals `plain` (ChaCha20-Poly1305) with `key`: how a monitor hands an OSD the service
+/// secrets under the OSD's session key.
+pub fn seal(key: &Secret, nonce: [u8; 12], plain: &[u8]) -> Vec<u8> {
     let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_bytes()));
     cipher
         .encrypt(Nonce::from_slice(&nonce), plain)
         .expect("in-memory AEAD encryption does not fail")
 }
 
-fn open(key: &Secret, nonce: [u8; 12], sealed: &[u8]) -> Option<Vec<u8>> {
+/// Opens what [`seal`] sealed; `None` if the key is wrong or the bytes were altered.
+pub fn open(key: &Secret, nonce: [u8; 12], sealed: &[u8]) -> Option<Vec<u8>> {
     let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_bytes()));
     cipher.decrypt(Nonce::from_slice(&nonce), sealed).ok()
 }
@@ -132,12 +139,49 @@ pub struct SealedTicket {
     pub sealed: Vec<u8>,
 }
 
+/// A ticket for one service, with its session key sealed for the client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Granted {
+pub struct ServiceGrant {
+    pub service: Service,
+    /// When the ticket expires (also sealed inside it): when the client should renew.
+    pub expires_ms: u64,
     pub ticket: SealedTicket,
     /// The session key, sealed with the entity's own secret.
     pub nonce: [u8; 12],
     pub session_key: Vec<u8>,
+}
+
+/// What a monitor grants after a successful handshake: one ticket per service, each with its
+/// own session key (a service that opens its ticket learns nothing it could use at another).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Granted {
+    pub tickets: Vec<ServiceGrant>,
+}
+
+/// The services tickets are issued for. Each has its own rotating secrets: the monitors hold
+/// both, OSDs only `Osd`'s, so an OSD cannot mint tickets the monitors accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Service {
+    Mon,
+    Osd,
+}
+
+impl Service {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::Mon => "mon",
+            Service::Osd => "osd",
+        }
+    }
+}
+
+/// What a client holds for one service after a handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientTicket {
+    pub service: Service,
+    pub expires_ms: u64,
+    pub ticket: SealedTicket,
+    pub session_key: Secret,
 }
 
 /// The rotating service secrets: the newest seals, every kept one opens, so tickets sealed
@@ -154,6 +198,35 @@ impl ServiceKeys {
         while self.keys.len() > keep.max(1) {
             self.keys.pop_first();
         }
+    }
+
+    /// The kept secrets, oldest first.
+    pub fn secrets(&self) -> impl Iterator<Item = (u64, &Secret)> {
+        self.keys.iter().map(|(id, k)| (*id, k))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The secrets of `service` for the rotation periods `first..=last` (of `period_ms`
+    /// each), derived from the monitors' shared `mon.` key: every monitor derives the same
+    /// secrets without coordinating, and they rotate with the wall clock. Only holders of the
+    /// `mon.` key can derive them; OSDs get the `osd` service's from a monitor.
+    pub fn derived(mon_key: &Secret, service: Service, first: u64, last: u64) -> ServiceKeys {
+        let mut keys = BTreeMap::new();
+        for id in first..=last {
+            let bytes = hmac(
+                mon_key,
+                &[
+                    b"service-secret",
+                    service.as_str().as_bytes(),
+                    &id.to_le_bytes(),
+                ],
+            );
+            keys.insert(id, Secret::from_bytes(bytes));
+        }
+        ServiceKeys { keys }
     }
 
     fn current(&self) -> Option<(u64, &Secret)> {
@@ -242,18 +315,27 @@ impl ClientHandshake {
         })
     }
 
-    /// The session key and ticket the monitor granted.
-    pub fn on_granted(self, g: Granted) -> Result<(Secret, SealedTicket), AuthError> {
+    /// The tickets (with their session keys) the monitor granted.
+    pub fn on_granted(self, g: Granted) -> Result<Vec<ClientTicket>, AuthError> {
         if self.server_challenge.is_none() {
             return Err(AuthError::ServerNotAuthentic(self.entity));
         }
-        let plain = open(&self.key, g.nonce, &g.session_key)
-            .ok_or_else(|| AuthError::ServerNotAuthentic(self.entity.clone()))?;
-        let bytes: [u8; 32] = plain
-            .as_slice()
-            .try_into()
-            .map_err(|_| AuthError::ServerNotAuthentic(self.entity.clone()))?;
-        Ok((Secret::from_bytes(bytes), g.ticket))
+        let mut out = Vec::new();
+        for grant in g.tickets {
+            let plain = open(&self.key, grant.nonce, &grant.session_key)
+                .ok_or_else(|| AuthError::ServerNotAuthentic(self.entity.clone()))?;
+            let bytes: [u8; 32] = plain
+                .as_slice()
+                .try_into()
+                .map_err(|_| AuthError::ServerNotAuthentic(self.entity.clone()))?;
+            out.push(ClientTicket {
+                service: grant.service,
+                expires_ms: grant.expires_ms,
+                ticket: grant.ticket,
+                session_key: Secret::from_bytes(bytes),
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -300,17 +382,16 @@ impl ServerHandshake {
         ))
     }
 
-    /// Checks the client's proof and grants a ticket valid for `ttl_ms` from `now_ms`.
-    /// `session_key` and the nonces are fresh random inputs.
+    /// Checks the client's proof and grants one ticket per service in `grants`, valid for
+    /// `ttl_ms` from `now_ms`. Each grant names the service, its secrets, a fresh session key
+    /// and two fresh nonces (the ticket's and the sealed session key's).
     pub fn on_proof(
         self,
         proof: &Proof,
-        service: &ServiceKeys,
         now_ms: u64,
         ttl_ms: u64,
-        session_key: Secret,
-        nonces: ([u8; 12], [u8; 12]),
-    ) -> Result<(Ticket, Granted), AuthError> {
+        grants: Vec<(Service, &ServiceKeys, Secret, [u8; 12], [u8; 12])>,
+    ) -> Result<(EntityName, Granted), AuthError> {
         let name = self.entity.to_string();
         if !hmac_ok(
             &self.key,
@@ -324,21 +405,26 @@ impl ServerHandshake {
         ) {
             return Err(AuthError::BadProof(self.entity));
         }
-        let ticket = Ticket {
-            entity: self.entity,
-            caps: self.caps,
-            expires_ms: now_ms.saturating_add(ttl_ms),
-            session_key: session_key.clone(),
-        };
-        let sealed = service
-            .seal(&ticket, nonces.0)
-            .ok_or(AuthError::BadTicket)?;
-        let granted = Granted {
-            ticket: sealed,
-            nonce: nonces.1,
-            session_key: seal(&self.key, nonces.1, session_key.as_bytes()),
-        };
-        Ok((ticket, granted))
+        let mut tickets = Vec::new();
+        for (service, keys, session_key, ticket_nonce, key_nonce) in grants {
+            let ticket = Ticket {
+                entity: self.entity.clone(),
+                caps: self.caps.clone(),
+                expires_ms: now_ms.saturating_add(ttl_ms),
+                session_key: session_key.clone(),
+            };
+            let sealed = keys
+                .seal(&ticket, ticket_nonce)
+                .ok_or(AuthError::BadTicket)?;
+            tickets.push(ServiceGrant {
+                service,
+                expires_ms: ticket.expires_ms,
+                ticket: sealed,
+                nonce: key_nonce,
+                session_key: seal(&self.key, key_nonce, session_key.as_bytes()),
+            });
+        }
+        Ok((self.entity, Granted { tickets }))
     }
 }
 
@@ -470,6 +556,10 @@ mod tests {
         s
     }
 
+    fn grant(svc: &ServiceKeys) -> Vec<(Service, &ServiceKeys, Secret, [u8; 12], [u8; 12])> {
+        vec![(Service::Osd, svc, key(9), [3; 12], [4; 12])]
+    }
+
     fn admin() -> EntityName {
         "client.admin".parse().unwrap()
     }
@@ -490,9 +580,12 @@ mod tests {
         let (server, challenge) =
             ServerHandshake::on_hello(&hello, Some((&db_key, &caps)), [2; 16])?;
         let proof = client.on_challenge(&challenge)?;
-        let (_, granted) =
-            server.on_proof(&proof, &service(), now, TTL, key(9), ([3; 12], [4; 12]))?;
-        client.on_granted(granted)
+        let svc = service();
+        let (_, granted) = server.on_proof(&proof, now, TTL, grant(&svc))?;
+        let mut tickets = client.on_granted(granted)?;
+        let t = tickets.pop().expect("one ticket granted");
+        assert_eq!(t.service, Service::Osd);
+        Ok((t.session_key, t.ticket))
     }
 
     #[test]
@@ -522,7 +615,7 @@ mod tests {
         };
         assert_eq!(
             server
-                .on_proof(&forged, &service(), 0, TTL, key(9), ([3; 12], [4; 12]))
+                .on_proof(&forged, 0, TTL, grant(&service()))
                 .unwrap_err(),
             AuthError::BadProof(admin())
         );
@@ -540,15 +633,13 @@ mod tests {
         let (server, challenge) =
             ServerHandshake::on_hello(&hello, Some((&key(7), &caps)), [2; 16]).unwrap();
         let proof = client.on_challenge(&challenge).unwrap();
-        server
-            .on_proof(&proof, &service(), 0, TTL, key(9), ([3; 12], [4; 12]))
-            .unwrap();
+        server.on_proof(&proof, 0, TTL, grant(&service())).unwrap();
         // ...and replays it: the monitor's new challenge makes the old proof worthless.
         let (server, _) =
             ServerHandshake::on_hello(&hello, Some((&key(7), &caps)), [5; 16]).unwrap();
         assert_eq!(
             server
-                .on_proof(&proof, &service(), 0, TTL, key(9), ([3; 12], [4; 12]))
+                .on_proof(&proof, 0, TTL, grant(&service()))
                 .unwrap_err(),
             AuthError::BadProof(admin())
         );

@@ -17,9 +17,12 @@
 //!   a replay window. Randomness and time are inputs; unit tests cover wrong keys, replay,
 //!   expiry and forgery.
 //!
-//! Not built yet (see README "Status"): carrying the handshake on the wire (gRPC and the
-//! messenger) and enforcing caps in the daemons; nothing calls [`handshake`] outside its
-//! tests yet.
+//! - [`live`]: the thin std-only drivers every daemon and client shares around that core: the
+//!   wall clock and randomness, a client's current ticket per service ([`TicketCell`]), a
+//!   service's [`Guard`] (secrets + replay memory) and [`Authenticated`] peers with the cap
+//!   checks that refuse with a typed [`PermissionDenied`]. The transports carry it:
+//!   `basalt-proto::auth` (gRPC metadata) and `basalt-messenger` (an exchange when a
+//!   connection opens).
 
 pub mod caps;
 mod db;
@@ -27,9 +30,11 @@ mod entity;
 pub mod handshake;
 mod key;
 mod keyring;
+pub mod live;
 
 pub use caps::{Caps, CapsError, MonAccess, MonCap, OsdCap, Perm};
 pub use db::{AuthChange, AuthDb, AuthEntry};
 pub use entity::{EntityError, EntityName, EntityType};
 pub use key::{Secret, SecretError};
 pub use keyring::{Keyring, KeyringEntry, KeyringError};
+pub use live::{Authenticated, Guard, PermissionDenied, TicketCell};

@@ -21,7 +21,6 @@ use anyhow::{bail, Context};
 use basalt_auth::{Caps, EntityName, Keyring, Secret};
 use basalt_client::{ClientError, MonClient, Rados};
 use basalt_config::{ClusterConfig, ClusterSection, MonEntry};
-use basalt_proto::mon::{auth_request, AuthEntityCaps};
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
@@ -115,6 +114,8 @@ impl Layout {
                         dir.join(format!("osd{i}")).display().to_string(),
                         "--host".into(),
                         format!("host{h}"),
+                        "--keyring".into(),
+                        dir.join(format!("osd.{i}.keyring")).display().to_string(),
                         "--metrics".into(),
                         next_metrics(),
                     ],
@@ -132,6 +133,8 @@ impl Layout {
                     format!("127.0.0.1:{}", self.nbd_port + g as u16),
                     "--name".into(),
                     format!("client.gw{g}"),
+                    "--keyring".into(),
+                    dir.join(format!("gw{g}.keyring")).display().to_string(),
                     "--metrics".into(),
                     next_metrics(),
                 ],
@@ -235,6 +238,7 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
                 paxos: Default::default(),
                 client: Default::default(),
                 osd: Default::default(),
+                auth: Default::default(),
             };
             std::fs::write(&conf, config.to_toml()).context("cannot write cluster.toml")?;
             std::fs::write(
@@ -245,7 +249,7 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
             wanted
         }
     };
-    bootstrap_keyrings(dir)?;
+    bootstrap_keyrings(dir, &layout)?;
     let bins = bin_dir()?;
     for d in layout.daemons(dir, &conf) {
         if pid_of(dir, &d.name).is_some() {
@@ -300,34 +304,6 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
         }
     })
     .await?;
-    step("the auth database");
-    retry(deadline, "client.admin in the auth database", || async {
-        mon.auth(auth_request::Command::Get("client.admin".into()))
-            .await
-            .map(|_| ())
-    })
-    .await?;
-    let osd_ids: Vec<u32> = mon.osdmap().await?.osds.keys().copied().collect();
-    for id in osd_ids {
-        daemon_keyring(
-            &mon,
-            dir,
-            &EntityName::osd(id),
-            &["mon", "allow profile osd", "osd", "allow *"],
-            &format!("osd.{id}.keyring"),
-        )
-        .await?;
-    }
-    for g in 0..layout.gateways {
-        daemon_keyring(
-            &mon,
-            dir,
-            &EntityName::client(&format!("gw{g}"))?,
-            &["mon", "allow profile rbd", "osd", "allow profile rbd"],
-            &format!("gw{g}.keyring"),
-        )
-        .await?;
-    }
     let size = layout.hosts.min(3);
     if mon.osdmap().await?.pool_by_name("rbd").is_none() {
         step("pool rbd");
@@ -373,10 +349,13 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes DIR's admin and monitor keyrings unless they exist: a fresh `client.admin` key
-/// with every cap, and the monitors' `mon.` key. The monitors' bootstrap keyring holds both,
-/// so the first leader commits client.admin into the new auth database.
-fn bootstrap_keyrings(dir: &Path) -> anyhow::Result<()> {
+/// Writes DIR's keyrings unless they exist: a fresh `client.admin` key with every cap
+/// (`keyring`), each OSD's `osd.N` key (`osd.N.keyring`) and each gateway's `client.gwN` key
+/// (`gwN.keyring`), and the monitors' keyring (`mon.keyring`): the monitors' shared `mon.`
+/// key plus all of the above, so the first leader commits every key into the new auth
+/// database. Every daemon's key thus exists before it first starts (an OSD boots as the id
+/// of its key: Ceph's `osd new`).
+fn bootstrap_keyrings(dir: &Path, layout: &Layout) -> anyhow::Result<()> {
     let admin_path = dir.join("keyring");
     let mon_path = dir.join("mon.keyring");
     if admin_path.exists() && mon_path.exists() {
@@ -396,6 +375,29 @@ fn bootstrap_keyrings(dir: &Path) -> anyhow::Result<()> {
         Secret::generate()?,
         Caps::from_pairs(&["mon", "allow *", "osd", "allow *"])?,
     );
+    let osd_caps = Caps::from_pairs(&["mon", "allow profile osd", "osd", "allow *"])?;
+    let gw_caps = Caps::from_pairs(&["mon", "allow profile rbd", "osd", "allow profile rbd"])?;
+    let daemons = (0..layout.hosts * layout.osds_per_host)
+        .map(|i| {
+            (
+                EntityName::osd(i),
+                osd_caps.clone(),
+                format!("osd.{i}.keyring"),
+            )
+        })
+        .chain((0..layout.gateways).filter_map(|g| {
+            let name = EntityName::client(&format!("gw{g}")).ok()?;
+            Some((name, gw_caps.clone(), format!("gw{g}.keyring")))
+        }));
+    for (entity, caps, file) in daemons {
+        let key = Secret::generate()?;
+        let mut ring = Keyring::new();
+        ring.insert(entity.clone(), key.clone(), caps.clone());
+        let path = dir.join(file);
+        ring.save(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        mon_ring.insert(entity, key, caps);
+    }
     admin_ring
         .save(&admin_path)
         .with_context(|| format!("cannot write {}", admin_path.display()))?;
@@ -407,37 +409,6 @@ fn bootstrap_keyrings(dir: &Path) -> anyhow::Result<()> {
         admin_path.display(),
         mon_path.display()
     );
-    Ok(())
-}
-
-/// Creates (or fetches) a daemon's key in the auth database and writes its keyring to
-/// DIR/FILE.
-async fn daemon_keyring(
-    mon: &MonClient,
-    dir: &Path,
-    entity: &EntityName,
-    caps: &[&str],
-    file: &str,
-) -> anyhow::Result<()> {
-    let caps = Caps::from_pairs(caps)?;
-    let reply = mon
-        .auth(auth_request::Command::GetOrCreate(AuthEntityCaps {
-            entity: entity.to_string(),
-            caps: caps
-                .iter()
-                .map(|(s, c)| (s.to_string(), c.to_string()))
-                .collect(),
-        }))
-        .await
-        .with_context(|| format!("cannot create the key of {entity}"))?;
-    let Some(e) = reply.entities.first() else {
-        bail!("the monitors returned no key for {entity}");
-    };
-    let mut ring = Keyring::new();
-    ring.insert(entity.clone(), Secret::from_base64(&e.key)?, caps);
-    let path = dir.join(file);
-    ring.save(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

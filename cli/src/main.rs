@@ -36,6 +36,24 @@ struct Cli {
     /// client_op_timeout_ms, for monitor requests and object operations alike).
     #[arg(long, global = true)]
     timeout: Option<u64>,
+    /// Keyring holding this client's key (default: the config's `[client] keyring`, else the
+    /// file `keyring` beside the config, as `basalt cluster up` writes it).
+    #[arg(
+        id = "keyring_file",
+        long = "keyring",
+        global = true,
+        env = "BASALT_KEYRING"
+    )]
+    keyring: Option<PathBuf>,
+    /// Entity to authenticate as (default: client.admin, or the keyring's only key).
+    #[arg(
+        id = "entity_name",
+        short = 'n',
+        long = "name",
+        global = true,
+        env = "BASALT_NAME"
+    )]
+    entity_name: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -236,6 +254,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_millis(config.timeouts.client_op_timeout_ms));
     let mut config = config;
+    if let Some(k) = &cli.keyring {
+        config.client.keyring = Some(k.clone());
+    }
+    if let Some(n) = &cli.entity_name {
+        // Checked here so a name the keyring lacks fails at once, naming both.
+        let entity: basalt_auth::EntityName = n.parse()?;
+        let keyring = config
+            .client
+            .keyring
+            .clone()
+            .context("--name needs a keyring (--keyring FILE)")?;
+        basalt_client::Credentials::load(&keyring, Some(&entity))?;
+        config.client.name = Some(n.clone());
+    }
     config.timeouts.client_op_timeout_ms = timeout.as_millis() as u64;
     // Someone waits at a prompt: object operations give up after the same bound instead of
     // waiting through an outage as block clients do (osd_op_timeout_ms = 0).

@@ -19,8 +19,15 @@ pub enum ClientError {
     Ambiguous(String),
     #[error("this client is blocklisted: {0}")]
     Blocklisted(String),
-    #[error("permission denied: {0}")]
+    /// Authenticated, but the entity's caps do not allow the request; the text names the
+    /// missing cap. Nothing was applied.
+    #[error("{0}")]
     PermissionDenied(String),
+    /// The cluster could not authenticate this client (no or wrong key, unknown entity, an
+    /// expired or replayed ticket), or this client could not authenticate the cluster.
+    /// Nothing was applied.
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
     #[error("refused: {0}")]
     FailedPrecondition(String),
     /// A lock or resource is held by someone else.
@@ -70,7 +77,8 @@ impl From<tonic::Status> for ClientError {
                 "the connection broke mid-request ({msg}); it may or may not have been applied"
             )),
             Code::PermissionDenied if msg.contains("blocklist") => ClientError::Blocklisted(msg),
-            Code::PermissionDenied | Code::Unauthenticated => ClientError::PermissionDenied(msg),
+            Code::PermissionDenied => ClientError::PermissionDenied(msg),
+            Code::Unauthenticated => ClientError::Unauthenticated(msg),
             Code::FailedPrecondition => ClientError::FailedPrecondition(msg),
             _ => ClientError::Internal(msg),
         }

@@ -2,6 +2,11 @@
 //!
 //! Owns talking to the cluster on behalf of applications, OSDs and the CLI:
 //!
+//! - [`Credentials`] (a keyring's key) and the session behind every client: the handshake
+//!   with a monitor, the `mon` and `osd` tickets it grants (renewed before they expire),
+//!   and a fresh authorizer on every request and messenger connection. A refusal is
+//!   [`ClientError::Unauthenticated`] (who we are) or [`ClientError::PermissionDenied`]
+//!   (what our caps allow), never a retry.
 //! - [`MonClient`] finds a monitor that can answer, retries on another when one
 //!   is down or without quorum (bounded by the op timeout), maps gRPC failures
 //!   to typed [`ClientError`]s, and keeps a subscribed, always-current OSDMap
@@ -55,6 +60,7 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
 mod error;
 mod mon;
 mod rados;
@@ -90,6 +96,7 @@ pub fn describe_metrics() {
     );
 }
 
+pub use auth::Credentials;
 pub use basalt_ops as ops;
 pub use error::ClientError;
 pub use mon::{MapSubscription, MonClient};

@@ -3,8 +3,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use basalt_auth::{EntityName, TicketCell};
 use basalt_config::ClusterConfig;
 use basalt_maps::{decode, Epoch, Incremental, MonMap, OsdMap};
+use basalt_proto::auth::AuthChannel;
 use basalt_proto::mon::{
     auth_request, command_request::Command, map_update, monitor_client::MonitorClient, AuthReply,
     AuthRequest, BlocklistAdd, BlocklistRm, CommandReply, CommandRequest, GetMapRequest, MapKind,
@@ -13,8 +15,8 @@ use basalt_proto::mon::{
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
+use crate::auth::{Credentials, Session};
 use crate::ClientError;
 
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -26,15 +28,18 @@ pub struct MonClient {
 }
 
 struct Inner {
-    mons: Vec<(u32, MonitorClient<Channel>)>,
+    mons: Vec<(u32, MonitorClient<AuthChannel>)>,
+    /// The tickets every request (to monitors and OSDs) is authenticated with.
+    session: Arc<Session>,
     /// Index of the monitor that answered last: asked first next time.
     preferred: AtomicUsize,
     op_timeout: Duration,
 }
 
 impl MonClient {
-    /// A client for the monitors in `config`. Connections are made lazily and
-    /// driven by the tokio runtime, so call this inside one.
+    /// A client for the monitors in `config`, authenticated with the config's keyring
+    /// ([`Credentials::from_config`]). Connections are made lazily and driven by the tokio
+    /// runtime, so call this inside one.
     pub fn new(config: ClusterConfig) -> Result<Self, ClientError> {
         let op_timeout = Duration::from_millis(config.timeouts.client_op_timeout_ms);
         Self::with_timeout(config, op_timeout)
@@ -42,21 +47,44 @@ impl MonClient {
 
     /// As [`MonClient::new`], with an explicit bound on each operation.
     pub fn with_timeout(config: ClusterConfig, op_timeout: Duration) -> Result<Self, ClientError> {
+        let creds = Credentials::from_config(&config, config.client.name.as_deref())?;
+        Self::with_credentials(config, op_timeout, creds)
+    }
+
+    /// As [`MonClient::with_timeout`], authenticated as `creds`.
+    pub fn with_credentials(
+        config: ClusterConfig,
+        op_timeout: Duration,
+        creds: Credentials,
+    ) -> Result<Self, ClientError> {
         let mut mons = Vec::new();
+        let mut channels = Vec::new();
         for m in &config.mons {
             let channel = crate::lazy_channel(&m.addr.to_string(), Duration::from_millis(500))
                 .map_err(|e| ClientError::Config(format!("mon.{}: {e}", m.rank)))?;
-            let client = MonitorClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            mons.push((m.rank, client));
+            channels.push(channel.clone());
+            mons.push((m.rank, channel));
         }
         if mons.is_empty() {
             return Err(ClientError::Config("the config lists no monitors".into()));
         }
+        let session = Session::start(creds, channels);
+        let mons = mons
+            .into_iter()
+            .map(|(rank, channel)| {
+                let client = MonitorClient::new(basalt_proto::auth::authorized(
+                    channel,
+                    session.mon.clone(),
+                ))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                (rank, client)
+            })
+            .collect();
         Ok(MonClient {
             inner: Arc::new(Inner {
                 mons,
+                session,
                 preferred: AtomicUsize::new(0),
                 op_timeout,
             }),
@@ -67,14 +95,25 @@ impl MonClient {
         self.inner.op_timeout
     }
 
+    /// The entity this client authenticates as.
+    pub fn entity(&self) -> &EntityName {
+        &self.inner.session.entity
+    }
+
+    /// This client's ticket for the OSDs (what its OSD requests and connections present).
+    pub fn osd_ticket(&self) -> Arc<TicketCell> {
+        self.inner.session.osd.clone()
+    }
+
     /// Runs `op` against monitors in turn until one answers with something
     /// other than "no quorum / unreachable", or the op timeout passes.
     async fn call<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
     where
-        F: Fn(MonitorClient<Channel>) -> Fut,
+        F: Fn(MonitorClient<AuthChannel>) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
         let deadline = Instant::now() + self.inner.op_timeout;
+        self.inner.session.ready(deadline).await?;
         let n = self.inner.mons.len();
         let mut last = None;
         // Set once an attempt may have been applied (a monitor's connection broke mid-request
@@ -321,14 +360,17 @@ impl MonClient {
     }
 
     /// Registers an OSD daemon (by its data directory's uuid); returns its id and the epoch it is up in.
+    /// Boots OSD `osd_id` (the id this client authenticated as, `osd.N`).
     pub async fn osd_boot(
         &self,
+        osd_id: u32,
         uuid: &str,
         addr: &str,
         host: &str,
         crush_weight: u32,
     ) -> Result<(u32, Epoch), ClientError> {
         let req = OsdBootRequest {
+            osd_id,
             uuid: uuid.into(),
             addr: addr.into(),
             host: host.into(),
@@ -341,6 +383,33 @@ impl MonClient {
             })
             .await?;
         Ok((reply.osd_id, reply.epoch))
+    }
+
+    /// The osd service's current secrets, for an OSD daemon (authenticated as `osd.N`) to
+    /// check its clients' tickets with; sealed by the monitor with this client's session key.
+    pub async fn service_keys(&self) -> Result<basalt_auth::handshake::ServiceKeys, ClientError> {
+        let reply = self
+            .call(|mut c| async move {
+                Ok(c.service_keys(basalt_proto::mon::ServiceKeysRequest {})
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        let nonce: [u8; 12] =
+            reply.nonce.as_ref().try_into().map_err(|_| {
+                ClientError::Decode("the service keys' nonce is not 12 bytes".into())
+            })?;
+        let key = self.inner.session.mon.session_key().ok_or_else(|| {
+            ClientError::Unauthenticated("no mon ticket to open the service keys with".into())
+        })?;
+        // A ticket renewed between request and reply has another session key: the caller
+        // retries.
+        let plain = basalt_auth::handshake::open(&key, nonce, &reply.sealed).ok_or_else(|| {
+            ClientError::Unavailable(
+                "the service keys do not open with the current session key (the ticket was just renewed); retry".into(),
+            )
+        })?;
+        postcard::from_bytes(&plain).map_err(|e| ClientError::Decode(format!("service keys: {e}")))
     }
 
     /// A beacon: OSD `osd_id` is alive at map `epoch`, and its store uses `usage` (if it

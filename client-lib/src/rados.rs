@@ -22,6 +22,7 @@ use basalt_ops::{
     SnapContext, SnapListing, WatcherInfo, MAX_MESSAGE_BYTES,
 };
 use basalt_placement::{object_to_pg_ns, PgId};
+use basalt_proto::auth::AuthChannel;
 use basalt_proto::data_path;
 use basalt_proto::mon::{command_request::Command, SnapRemove};
 use basalt_proto::osd as pb;
@@ -30,9 +31,8 @@ use bytes::Bytes;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
-use crate::{ClientError, MapSubscription, MonClient};
+use crate::{ClientError, Credentials, MapSubscription, MonClient};
 
 /// Default watch timeout (Ceph's `osd_client_watch_timeout`).
 pub const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -85,7 +85,19 @@ impl Rados {
     }
 
     /// As [`Rados::connect`] with a chosen entity name (what the blocklist and locks show).
+    /// It authenticates with that entity's key if the config's keyring holds it, else as
+    /// [`Credentials::from_config`] picks.
     pub async fn connect_as(config: ClusterConfig, entity: &str) -> Result<Rados, ClientError> {
+        let creds = Credentials::from_config(&config, Some(entity))?;
+        Self::connect_with(config, entity, creds).await
+    }
+
+    /// As [`Rados::connect_as`], authenticated as `creds`.
+    pub async fn connect_with(
+        config: ClusterConfig,
+        entity: &str,
+        creds: Credentials,
+    ) -> Result<Rados, ClientError> {
         if entity.is_empty() || entity.len() > 256 || entity.contains('/') {
             return Err(ClientError::InvalidArgument(format!(
                 "client name {entity:?} must be 1..=256 bytes without '/' \
@@ -97,7 +109,7 @@ impl Rados {
             ms => Some(Duration::from_millis(ms.max(100))),
         };
         let mon_timeout = Duration::from_millis(config.timeouts.client_op_timeout_ms.max(100));
-        let mon = MonClient::new(config)?;
+        let mon = MonClient::with_credentials(config, mon_timeout, creds)?;
         let sub = mon.subscribe().await?;
         let incarnation = rand_u64();
         Ok(Rados {
@@ -307,10 +319,18 @@ impl Inner {
         let channel = crate::lazy_channel(addr, Duration::from_secs(2))
             .map_err(|e| ClientError::Internal(format!("OSD: {e}")))?;
         let c = OsdConn {
-            grpc: OsdClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            data: Arc::new(Peer::new(addr, Duration::from_secs(2), MAX_MESSAGE_BYTES)),
+            grpc: OsdClient::new(basalt_proto::auth::authorized(
+                channel,
+                self.mon.osd_ticket(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            data: Arc::new(Peer::new(
+                addr,
+                Duration::from_secs(2),
+                MAX_MESSAGE_BYTES,
+                self.mon.osd_ticket(),
+            )),
         };
         m.insert(addr.to_string(), c.clone());
         Ok(c)
@@ -491,7 +511,7 @@ fn stage(name: &'static str, since: std::time::Instant) {
 /// (listing, notify, PG commands). Cheap to clone.
 #[derive(Clone)]
 struct OsdConn {
-    grpc: OsdClient<Channel>,
+    grpc: OsdClient<AuthChannel>,
     data: Arc<Peer>,
 }
 
@@ -518,6 +538,8 @@ impl From<CallError> for AttemptError {
     fn from(e: CallError) -> Self {
         if e.is_connection_failure() {
             AttemptError::Unreachable(e.to_string())
+        } else if let CallError::Unauthenticated { .. } = e {
+            AttemptError::Failed(ClientError::Unauthenticated(e.to_string()))
         } else {
             // The OSD could not decode what this client sent: a bug on one side, and
             // resending the same bytes would not help.
@@ -554,6 +576,7 @@ fn op_error(e: OpError, what: &str) -> ClientError {
         OpError::NoSpace(m) => ClientError::NoSpace(format!("{what}: {m}")),
         e @ OpError::PoolFull { .. } => ClientError::PoolFull(format!("{what}: {e}")),
         OpError::Blocklisted(m) => ClientError::Blocklisted(m),
+        OpError::PermissionDenied(m) => ClientError::PermissionDenied(m),
         OpError::NoSuchPool(p) => ClientError::NotFound(format!("pool {p}")),
         OpError::Corrupt(m) => ClientError::Io(format!("{what}: {m}")),
         OpError::Io(m) => ClientError::Io(format!("{what}: {m}")),

@@ -39,6 +39,27 @@ pub struct ClusterConfig {
     pub client: ClientSection,
     #[serde(default)]
     pub osd: OsdTuning,
+    #[serde(default)]
+    pub auth: AuthSection,
+}
+
+/// Authentication (README "Authentication"). There is no switch to turn it off: every
+/// daemon and client authenticates.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// How long a ticket the monitors grant is valid (Ceph's `auth_service_ticket_ttl`);
+    /// clients renew theirs at two thirds of it. The services' rotating secrets change every
+    /// this long too.
+    pub ticket_ttl_secs: u64,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            ticket_ttl_secs: 3600,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -187,6 +208,10 @@ pub struct ClientSection {
     /// instance. Unset, each client process picks a random `client.<16 hex>`;
     /// `basalt-gw --name` overrides it.
     pub name: Option<String>,
+    /// The keyring holding this client's key (`basalt --keyring` overrides it). Unset: the
+    /// file `keyring` beside the config file, if there is one. A relative path is taken
+    /// relative to the config file's directory.
+    pub keyring: Option<PathBuf>,
 }
 
 impl ClusterConfig {
@@ -196,7 +221,14 @@ impl ClusterConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        config.client.keyring = match config.client.keyring.take() {
+            Some(k) if k.is_relative() => Some(dir.join(k)),
+            Some(k) => Some(k),
+            None => Some(dir.join("keyring")).filter(|k| k.exists()),
+        };
+        Ok(config)
     }
 
     /// Parses and validates config text; `path` only names the source in errors.
@@ -262,6 +294,9 @@ impl ClusterConfig {
         }
         if self.osd.pg_log_entries < 10 {
             return Err("[osd] pg_log_entries must be at least 10".into());
+        }
+        if self.auth.ticket_ttl_secs < 2 {
+            return Err("[auth] ticket_ttl_secs must be at least 2".into());
         }
         if self.osd.recovery_max_active == 0 {
             return Err("[osd] recovery_max_active must be at least 1".into());

@@ -1,7 +1,8 @@
 //! The wire format: a banner once per connection, then frames.
 //!
 //! ```text
-//! connection: client sends BANNER (8 bytes), server answers BANNER, then frames both ways
+//! connection: client sends BANNER (8 bytes), server answers BANNER, then the auth exchange
+//!             (`auth.rs`: the client's authorizer, the server's verdict), then frames both ways
 //! frame:      header (24 bytes) | payload (len bytes)
 //! header:     version u8 | kind u8 | tag u8 | flags u8 (0) | request id u64 LE
 //!             | payload len u32 LE | crc32c(payload) u32 LE | crc32c(header[0..20]) u32 LE
@@ -64,6 +65,8 @@ pub enum FrameError {
     TooLarge { len: usize, max: usize },
     #[error("payload checksum mismatch in frame {id}")]
     PayloadChecksum { id: u64 },
+    #[error("the peer was not authenticated: {0}")]
+    Unauthenticated(String),
     #[error("the peer did not open with the basalt messenger banner")]
     Banner,
     #[error("connection I/O: {0}")]

@@ -21,11 +21,17 @@
 //! payload into its buffer, and a 1 MiB write should go to the kernel from the caller's
 //! buffer (`writev` of header and payload slices).
 //!
+//! **Authentication.** A connection opens with an auth exchange (`auth.rs`): the caller's
+//! authorizer for its `osd` ticket, checked by the server's `basalt_auth::Guard` before any
+//! frame is read, and the server's proof back, checked by the caller. The handler learns who
+//! the peer is ([`Handler::handle`]'s `peer`) and checks caps per request.
+//!
 //! **Outcome of a broken connection.** A request whose connection breaks before its reply is
 //! [`CallError::Disconnected`]: it may or may not have been applied. The data path resends such
 //! a request with the same request id, and the OSD's PG log answers a resend of one that
 //! landed, so nothing is applied twice.
 
+mod auth;
 pub mod frame;
 mod peer;
 mod server;

@@ -12,6 +12,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
+use basalt_auth::TicketCell;
+
+use crate::auth::{read_verdict, write_authorizer};
 use crate::frame::{Frame, FrameCodec, Kind, BANNER};
 use crate::write::{write_frames, Outgoing};
 
@@ -31,6 +34,10 @@ pub enum CallError {
     Refused { addr: String, why: String },
     #[error("a {len}-byte request exceeds the messenger's {max}-byte limit")]
     TooLarge { len: usize, max: usize },
+    /// The connection's auth exchange failed (no ticket yet, a ticket the peer refused, or
+    /// a peer that could not prove it holds the service secret): nothing was sent.
+    #[error("{addr} and this client could not authenticate each other: {why}")]
+    Unauthenticated { addr: String, why: String },
 }
 
 impl CallError {
@@ -101,10 +108,24 @@ impl Link {
         lock(&self.waiting).broken.is_some()
     }
 
-    async fn connect(addr: &str, timeout: Duration, max_payload: usize) -> Result<Link, CallError> {
+    async fn connect(
+        addr: &str,
+        timeout: Duration,
+        max_payload: usize,
+        ticket: &TicketCell,
+    ) -> Result<Link, CallError> {
         let fail = |why: String| CallError::Connect {
             addr: addr.to_string(),
             why,
+        };
+        let unauthenticated = |why: String| CallError::Unauthenticated {
+            addr: addr.to_string(),
+            why,
+        };
+        let Some((authorizer, session_key)) = ticket.authorizer() else {
+            return Err(unauthenticated(
+                "no osd ticket yet (not authenticated with the monitors)".into(),
+            ));
         };
         let opened = async {
             let mut s = TcpStream::connect(addr).await?;
@@ -113,9 +134,14 @@ impl Link {
             s.write_all(BANNER).await?;
             let mut answer = [0u8; BANNER.len()];
             s.read_exact(&mut answer).await?;
-            Ok::<_, std::io::Error>((s, answer))
+            if &answer != BANNER {
+                return Ok((s, answer, None));
+            }
+            write_authorizer(&mut s, &authorizer).await?;
+            let verdict = read_verdict(&mut s).await?;
+            Ok::<_, std::io::Error>((s, answer, Some(verdict)))
         };
-        let (stream, answer) = tokio::time::timeout(timeout, opened)
+        let (stream, answer, verdict) = tokio::time::timeout(timeout, opened)
             .await
             .map_err(|_| fail(format!("no answer within {timeout:?}")))?
             .map_err(|e| fail(e.to_string()))?;
@@ -123,6 +149,13 @@ impl Link {
             return Err(fail(
                 "the peer does not speak the basalt messenger (an older daemon?)".into(),
             ));
+        }
+        match verdict {
+            Some(Ok(proof)) => authorizer
+                .check_reply(&session_key, &proof)
+                .map_err(|e| unauthenticated(e.to_string()))?,
+            Some(Err(why)) => return Err(unauthenticated(why)),
+            None => return Err(unauthenticated("no verdict".into())),
         }
         let (read, write) = stream.into_split();
         let (queue, outgoing) = mpsc::unbounded_channel();
@@ -209,16 +242,25 @@ pub struct Peer {
     addr: String,
     connect_timeout: Duration,
     max_payload: usize,
+    /// The caller's `osd` ticket: each new connection presents an authorizer from it.
+    ticket: Arc<TicketCell>,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
 }
 
 impl Peer {
-    /// A peer at `addr` (`host:port`); nothing is connected until the first call.
-    pub fn new(addr: &str, connect_timeout: Duration, max_payload: usize) -> Peer {
+    /// A peer at `addr` (`host:port`); nothing is connected until the first call, which
+    /// authenticates with an authorizer from `ticket`.
+    pub fn new(
+        addr: &str,
+        connect_timeout: Duration,
+        max_payload: usize,
+        ticket: Arc<TicketCell>,
+    ) -> Peer {
         Peer {
             addr: addr.to_string(),
             connect_timeout,
             max_payload,
+            ticket,
             link: tokio::sync::Mutex::new(None),
         }
     }
@@ -244,7 +286,15 @@ impl Peer {
             return Ok(l.clone());
         }
         *slot = None;
-        let l = Arc::new(Link::connect(&self.addr, self.connect_timeout, self.max_payload).await?);
+        let l = Arc::new(
+            Link::connect(
+                &self.addr,
+                self.connect_timeout,
+                self.max_payload,
+                &self.ticket,
+            )
+            .await?,
+        );
         *slot = Some(l.clone());
         Ok(l)
     }

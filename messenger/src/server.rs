@@ -14,6 +14,9 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::codec::FramedRead;
 
+use basalt_auth::{Authenticated, Guard};
+
+use crate::auth::{read_authorizer, write_verdict};
 use crate::frame::{FrameCodec, FrameError, Kind, BANNER};
 use crate::write::{write_frames, Outgoing};
 
@@ -22,8 +25,9 @@ use crate::write::{write_frames, Outgoing};
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + 'static>>;
 
 /// Answers requests. One call per request; calls of one connection run concurrently.
+/// `peer` is who the connection authenticated as (checked once, when it opened).
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, tag: u8, payload: Bytes) -> HandlerFuture;
+    fn handle(&self, peer: &Arc<Authenticated>, tag: u8, payload: Bytes) -> HandlerFuture;
 }
 
 /// Requests of one connection being handled at once, at most: a client that pipelines
@@ -33,10 +37,13 @@ const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1024;
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one connection until the peer closes it or sends something that is not a frame.
+/// Before any request: the banner, then the peer's authorizer, checked by `guard`; a peer
+/// that sends none (or a bad one) gets a refusal naming why, and the connection closes.
 pub async fn serve_connection(
     mut stream: TcpStream,
     handler: Arc<dyn Handler>,
     max_payload: usize,
+    guard: Arc<Guard>,
 ) -> Result<(), FrameError> {
     let mut banner = [0u8; BANNER.len()];
     tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.read_exact(&mut banner))
@@ -46,6 +53,27 @@ pub async fn serve_connection(
         return Err(FrameError::Banner);
     }
     stream.write_all(BANNER).await?;
+    let authorizer =
+        match tokio::time::timeout(FIRST_BYTES_TIMEOUT, read_authorizer(&mut stream)).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(FrameError::Unauthenticated(why))) => {
+                write_verdict(&mut stream, Err(&why)).await?;
+                return Err(FrameError::Unauthenticated(why));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(FrameError::Unauthenticated("no authorizer in time".into())),
+        };
+    let peer = match guard.verify(&authorizer) {
+        Ok((peer, proof)) => {
+            write_verdict(&mut stream, Ok(&proof)).await?;
+            Arc::new(peer)
+        }
+        Err(e) => {
+            let why = format!("authentication refused: {e}");
+            write_verdict(&mut stream, Err(&why)).await?;
+            return Err(FrameError::Unauthenticated(why));
+        }
+    };
     let (read, write) = stream.into_split();
     let (queue, outgoing) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_frames(write, outgoing));
@@ -65,8 +93,9 @@ pub async fn serve_connection(
         };
         let handler = handler.clone();
         let queue = queue.clone();
+        let peer = peer.clone();
         tokio::spawn(async move {
-            let reply = match handler.handle(frame.tag, frame.payload).await {
+            let reply = match handler.handle(&peer, frame.tag, frame.payload).await {
                 Ok(payload) => Outgoing::new(Kind::Reply, frame.tag, frame.id, payload),
                 Err(why) => Outgoing::new(Kind::Error, frame.tag, frame.id, Bytes::from(why)),
             };
@@ -91,6 +120,7 @@ pub fn split_listener(
     listener: TcpListener,
     handler: Arc<dyn Handler>,
     max_payload: usize,
+    guard: Arc<Guard>,
 ) -> ReceiverStream<std::io::Result<TcpStream>> {
     let (others, stream) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -111,13 +141,15 @@ pub fn split_listener(
             let _ = socket.set_nodelay(true);
             let others = others.clone();
             let handler = handler.clone();
+            let guard = guard.clone();
             tokio::spawn(async move {
                 let mut first = [0u8; 1];
                 let peeked =
                     tokio::time::timeout(FIRST_BYTES_TIMEOUT, socket.peek(&mut first)).await;
                 match peeked {
                     Ok(Ok(1)) if first[0] == BANNER[0] => {
-                        if let Err(e) = serve_connection(socket, handler, max_payload).await {
+                        if let Err(e) = serve_connection(socket, handler, max_payload, guard).await
+                        {
                             tracing::debug!(peer = %from, error = %e, "messenger connection closed");
                         }
                     }
@@ -137,11 +169,48 @@ pub fn split_listener(
 mod tests {
     use super::*;
     use crate::{CallError, Peer};
+    use basalt_auth::handshake::{ClientTicket, Service, ServiceKeys, Ticket};
+    use basalt_auth::{Caps, EntityName, Secret, TicketCell};
+
+    fn keys(mon: u8) -> ServiceKeys {
+        ServiceKeys::derived(&Secret::from_bytes([mon; 32]), Service::Osd, 1, 1)
+    }
+
+    /// A service guard holding the secrets of a cluster whose `mon.` key is all `mon`s.
+    fn guard(mon: u8) -> Arc<Guard> {
+        let g = Guard::default();
+        g.set_keys(keys(mon));
+        Arc::new(g)
+    }
+
+    /// An `osd` ticket for client.test sealed by cluster `mon`'s secret.
+    fn ticket(mon: u8) -> Arc<TicketCell> {
+        let session = Secret::from_bytes([9; 32]);
+        let t = Ticket {
+            entity: EntityName::client("test").expect("name"),
+            caps: Caps::default(),
+            expires_ms: basalt_auth::live::now_ms() + 600_000,
+            session_key: session.clone(),
+        };
+        let cell = TicketCell::default();
+        cell.set(ClientTicket {
+            service: Service::Osd,
+            expires_ms: t.expires_ms,
+            ticket: keys(mon).seal(&t, [1; 12]).expect("seal"),
+            session_key: session,
+        });
+        Arc::new(cell)
+    }
+
+    fn client_to(addr: &str) -> Peer {
+        Peer::new(addr, Duration::from_secs(2), 1 << 20, ticket(1))
+    }
 
     struct Echo;
 
     impl Handler for Echo {
-        fn handle(&self, tag: u8, payload: Bytes) -> HandlerFuture {
+        fn handle(&self, peer: &Arc<Authenticated>, tag: u8, payload: Bytes) -> HandlerFuture {
+            assert_eq!(peer.entity.to_string(), "client.test");
             Box::pin(async move {
                 match tag {
                     1 => Ok(payload),
@@ -162,13 +231,16 @@ mod tests {
     async fn server() -> (String, ReceiverStream<std::io::Result<TcpStream>>) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
-        (addr.clone(), split_listener(l, Arc::new(Echo), 1 << 20))
+        (
+            addr.clone(),
+            split_listener(l, Arc::new(Echo), 1 << 20, guard(1)),
+        )
     }
 
     #[tokio::test]
     async fn pipelined_calls_get_their_own_replies() {
         let (addr, _others) = server().await;
-        let peer = Arc::new(Peer::new(&addr, Duration::from_secs(2), 1 << 20));
+        let peer = Arc::new(client_to(&addr));
         let calls = (0..200u32).map(|i| {
             let peer = peer.clone();
             async move {
@@ -183,7 +255,7 @@ mod tests {
     #[tokio::test]
     async fn errors_and_limits_are_typed() {
         let (addr, _others) = server().await;
-        let peer = Peer::new(&addr, Duration::from_secs(2), 1 << 20);
+        let peer = client_to(&addr);
         assert!(matches!(
             peer.call(9, Bytes::new()).await,
             Err(CallError::Refused { .. })
@@ -197,7 +269,7 @@ mod tests {
             peer.call(1, Bytes::from(vec![0; (1 << 20) + 1])).await,
             Err(CallError::TooLarge { .. })
         ));
-        let nobody = Peer::new("127.0.0.1:1", Duration::from_secs(2), 1 << 20);
+        let nobody = client_to("127.0.0.1:1");
         let e = nobody
             .call(1, Bytes::new())
             .await
@@ -211,12 +283,15 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         let (addr2, _others) = server().await;
-        let peer = Peer::new(&addr, Duration::from_secs(2), 1 << 20);
+        let peer = client_to(&addr);
         let dropper = tokio::spawn(async move {
             let (mut s, _) = l.accept().await.expect("accept");
             let mut b = [0u8; 8];
             s.read_exact(&mut b).await.expect("banner");
             s.write_all(BANNER).await.expect("banner");
+            let a = read_authorizer(&mut s).await.expect("an authorizer");
+            let (_, proof) = guard(1).verify(&a).expect("a good authorizer");
+            write_verdict(&mut s, Ok(&proof)).await.expect("verdict");
             let mut h = [0u8; 24];
             s.read_exact(&mut h).await.expect("a request");
             drop(s);
@@ -230,7 +305,7 @@ mod tests {
         // Same address served properly now: the peer reconnects on its next call.
         let l = dropper.await.expect("dropper");
         drop(l);
-        let peer = Peer::new(&addr2, Duration::from_secs(2), 1 << 20);
+        let peer = client_to(&addr2);
         assert_eq!(
             peer.call(1, Bytes::from_static(b"y")).await,
             Ok(Bytes::from_static(b"y"))
@@ -238,9 +313,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_without_a_valid_ticket_is_refused_before_any_request() {
+        let (addr, _others) = server().await;
+        // No ticket at all: nothing is sent.
+        let none = Peer::new(&addr, Duration::from_secs(2), 1 << 20, Arc::default());
+        let e = none.call(1, Bytes::new()).await.expect_err("no ticket");
+        assert!(matches!(e, CallError::Unauthenticated { .. }), "{e:?}");
+        // A ticket sealed by another cluster's secret: the server refuses it, saying why.
+        let stranger = Peer::new(&addr, Duration::from_secs(2), 1 << 20, ticket(2));
+        match stranger.call(1, Bytes::new()).await {
+            Err(CallError::Unauthenticated { why, .. }) => {
+                assert!(why.contains("ticket cannot be opened"), "{why}")
+            }
+            other => panic!("a foreign ticket was not refused: {other:?}"),
+        }
+        // A server that cannot prove it opened the ticket (another cluster's secrets).
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let fake = l.local_addr().expect("addr").to_string();
+        let _o = split_listener(l, Arc::new(Echo), 1 << 20, guard(2));
+        let e = client_to(&fake)
+            .call(1, Bytes::new())
+            .await
+            .expect_err("refused");
+        assert!(matches!(e, CallError::Unauthenticated { .. }), "{e:?}");
+        // A raw connection that skips the exchange gets no frame served.
+        let mut raw = TcpStream::connect(&addr).await.expect("connect");
+        raw.write_all(BANNER).await.expect("banner");
+        let mut b = [0u8; 8];
+        raw.read_exact(&mut b).await.expect("banner back");
+        raw.write_all(&[0xff; 64]).await.expect("garbage");
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut rest)).await;
+        assert!(
+            !rest.is_empty() && rest[0] == 1,
+            "refused with a reason: {rest:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_caller_that_gives_up_is_forgotten_and_the_connection_serves_on() {
         let (addr, _others) = server().await;
-        let peer = Peer::new(&addr, Duration::from_secs(2), 1 << 20);
+        let peer = client_to(&addr);
         let r = tokio::time::timeout(Duration::from_millis(50), peer.call(3, Bytes::new())).await;
         assert!(r.is_err());
         assert_eq!(

@@ -10,10 +10,13 @@
 //!
 //! Modules: [`node`] is the single state owner (`select` → `apply` loop),
 //! [`service`] the pure OSDMap policy, [`auth`] the auth database's commands (keys and
-//! caps, committed through Paxos like the map), [`store`] the durable state, [`server`]
-//! the gRPC front, [`peers`] the outbound consensus traffic.
+//! caps, committed through Paxos like the map), [`gate`] authentication on the wire (the
+//! services' rotating secrets, handshakes, this monitor's own ticket), [`store`] the durable
+//! state, [`server`] the gRPC front (every request authenticated, caps checked), [`peers`]
+//! the outbound consensus traffic.
 
 pub mod auth;
+pub mod gate;
 pub mod node;
 pub mod peers;
 pub mod server;

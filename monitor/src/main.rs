@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use basalt_auth::Keyring;
+use basalt_auth::{EntityName, Keyring};
 use basalt_config::ClusterConfig;
 use basalt_mon::auth::AuthService;
 use basalt_mon::node::Node;
@@ -13,8 +13,11 @@ use basalt_mon::server::MonServer;
 use basalt_mon::service::{OsdMapService, Policy};
 use basalt_mon::store::{MonStore, Retention, RocksStore};
 use basalt_paxos::Paxos;
-use basalt_proto::mon::{mon_peer_server::MonPeerServer, monitor_server::MonitorServer};
+use basalt_proto::mon::{
+    mon_auth_server::MonAuthServer, mon_peer_server::MonPeerServer, monitor_server::MonitorServer,
+};
 use clap::Parser;
+use tonic::service::interceptor::InterceptedService;
 
 /// A basalt monitor: keeps the cluster map by Paxos with its peers.
 #[derive(Parser, Debug)]
@@ -29,9 +32,10 @@ struct Args {
     /// Store directory (default: the [[mon]] entry's `data`).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Bootstrap keyring: the entities (keys and caps) a new cluster's auth database starts
-    /// with, committed by the first leader; ignored once the database holds anything.
-    /// Default: `mon.keyring` beside the config file, if there is one.
+    /// The monitors' keyring: the `mon.` key every monitor shares (required: the services'
+    /// secrets derive from it, and monitors prove it to each other), plus the entities (keys
+    /// and caps) a new cluster's auth database starts with, committed by the first leader and
+    /// ignored once the database holds anything. Default: `mon.keyring` beside the config.
     #[arg(long)]
     keyring: Option<PathBuf>,
     #[command(flatten)]
@@ -87,24 +91,32 @@ async fn main() -> anyhow::Result<()> {
         let beside = args.config.with_file_name("mon.keyring");
         beside.exists().then_some(beside)
     });
-    let bootstrap = match &keyring_path {
-        Some(p) => Keyring::load(p)
-            .with_context(|| format!("cannot read the bootstrap keyring {}", p.display()))?,
-        None => Keyring::new(),
+    let Some(keyring_path) = keyring_path else {
+        bail!(
+            "no monitor keyring: pass --keyring FILE or put mon.keyring beside {} (`basalt cluster up` writes one; `basalt keyring gen mon.keyring mon. mon 'allow *'` makes one by hand, the same file on every monitor)",
+            args.config.display()
+        );
     };
+    let bootstrap = Keyring::load(&keyring_path)
+        .with_context(|| format!("cannot read the monitor keyring {}", keyring_path.display()))?;
+    let mon_key = bootstrap
+        .key(&EntityName::mon())
+        .with_context(|| {
+            format!(
+                "{} holds no `mon.` key, which every monitor needs (the same on each)",
+                keyring_path.display()
+            )
+        })?
+        .clone();
+    let keys =
+        basalt_mon::gate::MonKeys::new(mon_key, config.auth.ticket_ttl_secs.saturating_mul(1000));
+    let _refresher = keys.clone().spawn_refresher();
     if store.auth().version == 0 {
-        match &keyring_path {
-            Some(p) => {
-                tracing::info!(keyring = %p.display(), entities = bootstrap.iter().count(), "new auth database: will be seeded from the bootstrap keyring")
-            }
-            None => tracing::warn!(
-                "new auth database and no bootstrap keyring (--keyring): it starts empty"
-            ),
-        }
+        tracing::info!(keyring = %keyring_path.display(), entities = bootstrap.iter().count(), "new auth database: will be seeded from the bootstrap keyring");
     }
     let auth = AuthService::new(store.auth().clone(), bootstrap);
     let history = store.reader();
-    let outbox = basalt_mon::peers::spawn_peer_senders(&config, me.rank);
+    let outbox = basalt_mon::peers::spawn_peer_senders(&config, me.rank, keys.own_ticket.clone());
     let (node, view) = Node::new(
         me.rank,
         paxos,
@@ -121,23 +133,29 @@ async fn main() -> anyhow::Result<()> {
         req_tx,
         view,
         history,
+        keys.clone(),
     ));
     tracing::info!(rank = me.rank, addr = %me.addr, data = %data.display(), "monitor starting");
     let listener = tokio::net::TcpListener::bind(me.addr)
         .await
         .with_context(|| format!("cannot listen on {}; is another monitor using it?", me.addr))?;
     let incoming = basalt_proto::transport::incoming(listener);
+    // Every service but the handshake needs an authorizer for the mon service.
+    let verify = basalt_proto::auth::Verify(keys.guard.clone());
     let grpc = basalt_proto::transport::server()
-        .add_service(
+        .add_service(MonAuthServer::from_arc(server.clone()))
+        .add_service(InterceptedService::new(
             MonitorServer::from_arc(server.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
+            verify.clone(),
+        ))
+        .add_service(InterceptedService::new(
             MonPeerServer::from_arc(server)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            verify,
+        ))
         .serve_with_incoming_shutdown(incoming, basalt_telemetry::shutdown_signal());
     tokio::select! {
         r = node.run(req_rx) => r.context("monitor state owner stopped")?,

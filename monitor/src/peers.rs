@@ -6,16 +6,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use basalt_auth::TicketCell;
 use basalt_config::ClusterConfig;
 use basalt_maps::encode;
 use basalt_paxos::{Message, Rank};
+use basalt_proto::auth::AuthChannel;
 use basalt_proto::mon::{mon_peer_client::MonPeerClient, PeerEnvelope};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::node::PeerOutbox;
 
-pub fn spawn_peer_senders(config: &ClusterConfig, me: Rank) -> PeerOutbox {
+/// `ticket` is this monitor's own `mon.` ticket: peers accept consensus traffic only from
+/// holders of the monitors' key.
+pub fn spawn_peer_senders(config: &ClusterConfig, me: Rank, ticket: Arc<TicketCell>) -> PeerOutbox {
     let mut queues = Vec::new();
     for mon in &config.mons {
         if mon.rank == me {
@@ -24,7 +28,13 @@ pub fn spawn_peer_senders(config: &ClusterConfig, me: Rank) -> PeerOutbox {
         }
         let (tx, rx) = mpsc::channel::<Message>(1024);
         let addr = format!("http://{}", mon.addr);
-        tokio::spawn(send_loop(addr, me, config.cluster.fsid.clone(), rx));
+        tokio::spawn(send_loop(
+            addr,
+            me,
+            config.cluster.fsid.clone(),
+            rx,
+            ticket.clone(),
+        ));
         queues.push(Some(tx));
     }
     let queues = Arc::new(queues);
@@ -37,8 +47,14 @@ pub fn spawn_peer_senders(config: &ClusterConfig, me: Rank) -> PeerOutbox {
     })
 }
 
-async fn send_loop(addr: String, me: Rank, fsid: String, mut rx: mpsc::Receiver<Message>) {
-    let mut client: Option<MonPeerClient<Channel>> = None;
+async fn send_loop(
+    addr: String,
+    me: Rank,
+    fsid: String,
+    mut rx: mpsc::Receiver<Message>,
+    ticket: Arc<TicketCell>,
+) {
+    let mut client: Option<MonPeerClient<AuthChannel>> = None;
     while let Some(msg) = rx.recv().await {
         if client.is_none() {
             let Ok(endpoint) = Endpoint::from_shared(addr.clone()) else {
@@ -48,7 +64,10 @@ async fn send_loop(addr: String, me: Rank, fsid: String, mut rx: mpsc::Receiver<
                 .connect_timeout(Duration::from_millis(500))
                 .timeout(Duration::from_secs(2))
                 .connect_lazy();
-            client = Some(MonPeerClient::new(channel));
+            client = Some(MonPeerClient::new(basalt_proto::auth::authorized(
+                channel,
+                ticket.clone(),
+            )));
         }
         let Some(c) = client.as_mut() else { continue };
         let env = PeerEnvelope {

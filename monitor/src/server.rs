@@ -4,29 +4,40 @@
 //! mutations go to the leader's state owner (forwarded over gRPC when this
 //! monitor is a peon). Every wait is bounded, so a monitor without quorum
 //! answers "no quorum" instead of hanging.
+//!
+//! Authentication: `MonAuth` (the handshake) is the only service served without an
+//! authorizer; `Monitor` and `MonPeer` sit behind `basalt_proto::auth::Verify`, and each
+//! handler checks the peer's caps ([`MonAccess`]) and, for what OSDs send, that the id in the
+//! message is the peer's own. A peon forwards a checked mutation to the leader as `mon.`.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use basalt_auth::handshake::{Hello, Proof, ServerHandshake, Service};
+use basalt_auth::live::{now_ms, random, random_secret};
+use basalt_auth::{Authenticated, MonAccess, PermissionDenied};
 use basalt_config::ClusterConfig;
 use basalt_maps::{decode, encode, MapError, MonInfo, MonMap};
 use basalt_paxos::{Rank, Role};
+use basalt_proto::auth::{denied, peer, AuthChannel};
 use basalt_proto::mon::{
-    auth_request, command_request, map_update, mon_peer_server::MonPeer,
-    monitor_client::MonitorClient, monitor_server::Monitor, Ack, AuthEntity, AuthReply,
-    AuthRequest, CommandReply, CommandRequest, EpochReply, GetMapRequest, MapKind, MapReply,
-    MapUpdate, MonMember, OsdBeaconRequest, OsdBootReply, OsdBootRequest, OsdFailureRequest,
-    PeerEnvelope, StatusReply, StatusRequest, SubscribeRequest,
+    auth_request, command_request, map_update, mon_auth_server::MonAuth, mon_peer_server::MonPeer,
+    monitor_client::MonitorClient, monitor_server::Monitor, Ack, AuthChallenge, AuthEntity,
+    AuthGranted, AuthHello, AuthProve, AuthReply, AuthRequest, CommandReply, CommandRequest,
+    EpochReply, GetMapRequest, MapKind, MapReply, MapUpdate, MonMember, OsdBeaconRequest,
+    OsdBootReply, OsdBootRequest, OsdFailureRequest, PeerEnvelope, ServiceKeysReply,
+    ServiceKeysRequest, StatusReply, StatusRequest, SubscribeRequest,
 };
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Request as GrpcRequest, Response, Status};
 
 use crate::auth::{AuthCmdError, AuthCommand};
+use crate::gate::{Handshakes, MonKeys};
 use crate::node::{MonError, NodeView, Request};
 use crate::service::{Boot, Command, Outcome};
 use crate::store::MapHistory;
@@ -42,7 +53,9 @@ pub struct MonServer {
     history: MapHistory,
     /// Upper bound on how long one request waits for quorum or a commit.
     wait: Duration,
-    leaders: Mutex<HashMap<Rank, MonitorClient<Channel>>>,
+    leaders: Mutex<HashMap<Rank, MonitorClient<AuthChannel>>>,
+    keys: Arc<MonKeys>,
+    handshakes: Handshakes,
 }
 
 impl MonServer {
@@ -52,6 +65,7 @@ impl MonServer {
         requests: mpsc::Sender<Request>,
         view: watch::Receiver<NodeView>,
         history: MapHistory,
+        keys: Arc<MonKeys>,
     ) -> Self {
         let t = &config.timeouts;
         // Long enough for a whole leader change: lease loss noticed (2 × lease),
@@ -68,6 +82,8 @@ impl MonServer {
             history,
             wait,
             leaders: Mutex::new(HashMap::new()),
+            keys,
+            handshakes: Handshakes::default(),
         }
     }
 
@@ -111,7 +127,7 @@ impl MonServer {
         }
     }
 
-    async fn leader_client(&self, rank: Rank) -> Result<MonitorClient<Channel>, Status> {
+    async fn leader_client(&self, rank: Rank) -> Result<MonitorClient<AuthChannel>, Status> {
         let mut leaders = self.leaders.lock().await;
         if let Some(c) = leaders.get(&rank) {
             return Ok(c.clone());
@@ -125,7 +141,10 @@ impl MonServer {
             .connect_timeout(Duration::from_millis(500))
             .timeout(self.wait)
             .connect_lazy();
-        let client = MonitorClient::new(channel);
+        let client = MonitorClient::new(basalt_proto::auth::authorized(
+            channel,
+            self.keys.own_ticket.clone(),
+        ));
         leaders.insert(rank, client.clone());
         Ok(client)
     }
@@ -141,10 +160,11 @@ impl MonServer {
     where
         Req: Clone,
         Local: Fn(Req, oneshot::Sender<Result<T, MonError>>) -> Request,
-        Fwd: Fn(MonitorClient<Channel>, GrpcRequest<Req>) -> FwdFut,
+        Fwd: Fn(MonitorClient<AuthChannel>, GrpcRequest<Req>) -> FwdFut,
         FwdFut: std::future::Future<Output = Result<T, Status>>,
     {
-        let forwarded = request.metadata().contains_key(FORWARDED);
+        // Only a monitor forwards: it checked the original sender's caps itself.
+        let forwarded = request.metadata().contains_key(FORWARDED) && peer(&request)?.is_mon();
         let body = request.into_inner();
         let deadline = Instant::now() + self.wait;
         loop {
@@ -183,6 +203,38 @@ impl MonServer {
                 other => return other,
             }
         }
+    }
+}
+
+/// The request's authenticated peer, if its caps allow `access`.
+fn allowed<T>(request: &GrpcRequest<T>, access: MonAccess) -> Result<Arc<Authenticated>, Status> {
+    let who = peer(request)?;
+    who.check_mon(access).map_err(denied)?;
+    Ok(who)
+}
+
+/// What an OSD daemon sends (boot, beacons, failure reports): the peer must be `osd.N` with
+/// `mon 'allow profile osd'` and the message must be about N, or the peer is a monitor
+/// forwarding it.
+fn from_osd<T>(request: &GrpcRequest<T>, claimed: u32) -> Result<(), Status> {
+    let who = peer(request)?;
+    if who.is_mon() {
+        return Ok(());
+    }
+    who.check_mon(MonAccess::OsdDaemon).map_err(denied)?;
+    who.check_is_osd(Some(claimed)).map_err(denied)?;
+    Ok(())
+}
+
+/// What a command asks of the monitors.
+fn command_access(cmd: &Command, who: &Authenticated) -> MonAccess {
+    match cmd {
+        Command::PgActivated { .. } => MonAccess::OsdDaemon,
+        Command::BlocklistAdd { .. } | Command::BlocklistRm { .. } => MonAccess::Blocklist,
+        Command::SnapCreate { .. } | Command::SnapRemove { .. } => MonAccess::Snapshots,
+        // An OSD marks itself down when it stops.
+        Command::OsdDown(id) if who.osd_id() == Some(*id) => MonAccess::OsdDaemon,
+        _ => MonAccess::Write,
     }
 }
 
@@ -366,6 +418,7 @@ impl Monitor for MonServer {
         &self,
         request: GrpcRequest<GetMapRequest>,
     ) -> Result<Response<MapReply>, Status> {
+        allowed(&request, MonAccess::Read)?;
         let req = request.into_inner();
         if req.kind == MapKind::Monmap as i32 {
             let monmap = self.monmap();
@@ -406,6 +459,7 @@ impl Monitor for MonServer {
         &self,
         request: GrpcRequest<SubscribeRequest>,
     ) -> Result<Response<UpdateStream>, Status> {
+        allowed(&request, MonAccess::Read)?;
         let start = request.into_inner().start_epoch;
         let view = self.readable_view().await?;
         let (tx, rx) = mpsc::channel(64);
@@ -456,11 +510,13 @@ impl Monitor for MonServer {
         &self,
         request: GrpcRequest<OsdBootRequest>,
     ) -> Result<Response<OsdBootReply>, Status> {
+        from_osd(&request, request.get_ref().osd_id)?;
         let (osd_id, epoch) = self
             .on_leader(
                 request,
                 |r: OsdBootRequest, reply| Request::Boot {
                     boot: Boot {
+                        id: r.osd_id,
                         uuid: r.uuid,
                         addr: r.addr,
                         host: r.host,
@@ -481,6 +537,7 @@ impl Monitor for MonServer {
         &self,
         request: GrpcRequest<OsdBeaconRequest>,
     ) -> Result<Response<EpochReply>, Status> {
+        from_osd(&request, request.get_ref().osd_id)?;
         let epoch = self
             .on_leader(
                 request,
@@ -503,6 +560,7 @@ impl Monitor for MonServer {
         &self,
         request: GrpcRequest<OsdFailureRequest>,
     ) -> Result<Response<EpochReply>, Status> {
+        from_osd(&request, request.get_ref().reporter)?;
         let epoch = self
             .on_leader(
                 request,
@@ -525,6 +583,13 @@ impl Monitor for MonServer {
     ) -> Result<Response<CommandReply>, Status> {
         // Decode before any waiting, so malformed commands fail fast.
         let cmd = command_from(request.get_ref().clone())?;
+        let who = peer(&request)?;
+        let access = command_access(&cmd, &who);
+        who.check_mon(access).map_err(denied)?;
+        if access == MonAccess::OsdDaemon && !who.is_mon() {
+            // PG activations and self mark-downs come from OSD daemons only.
+            who.check_is_osd(None).map_err(denied)?;
+        }
         let (epoch, outcome) = self
             .on_leader(
                 request,
@@ -550,6 +615,8 @@ impl Monitor for MonServer {
     }
 
     async fn auth(&self, request: GrpcRequest<AuthRequest>) -> Result<Response<AuthReply>, Status> {
+        // Keys are secrets: reading them is as privileged as changing them.
+        allowed(&request, MonAccess::AuthAdmin)?;
         // Decode before any waiting, so malformed commands fail fast.
         let cmd = match auth_op_from(request.get_ref().clone())? {
             AuthOp::Get(entity) => {
@@ -599,10 +666,28 @@ impl Monitor for MonServer {
         }))
     }
 
+    async fn service_keys(
+        &self,
+        request: GrpcRequest<ServiceKeysRequest>,
+    ) -> Result<Response<ServiceKeysReply>, Status> {
+        let who = allowed(&request, MonAccess::OsdDaemon)?;
+        who.check_is_osd(None).map_err(denied)?;
+        let session_key = who.session_key.clone();
+        let keys = self.keys.accepting(Service::Osd, now_ms());
+        let plain =
+            postcard::to_stdvec(&keys).map_err(|e| Status::internal(format!("encode: {e}")))?;
+        let nonce = random::<12>().map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ServiceKeysReply {
+            nonce: nonce.to_vec().into(),
+            sealed: basalt_auth::handshake::seal(&session_key, nonce, &plain).into(),
+        }))
+    }
+
     async fn status(
         &self,
-        _request: GrpcRequest<StatusRequest>,
+        request: GrpcRequest<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
+        allowed(&request, MonAccess::Read)?;
         let view = self.readable_view().await?;
         Ok(Response::new(StatusReply {
             fsid: self.config.cluster.fsid.clone(),
@@ -629,6 +714,14 @@ impl Monitor for MonServer {
 #[tonic::async_trait]
 impl MonPeer for MonServer {
     async fn deliver(&self, request: GrpcRequest<PeerEnvelope>) -> Result<Response<Ack>, Status> {
+        // Consensus traffic only from holders of the monitors' key.
+        let who = peer(&request)?;
+        if !who.is_mon() {
+            return Err(denied(PermissionDenied {
+                entity: who.entity.clone(),
+                missing: "the monitors' key (mon.) to send Paxos messages".into(),
+            }));
+        }
         let env = request.into_inner();
         if env.fsid != self.config.cluster.fsid {
             return Err(Status::permission_denied(format!(
@@ -650,5 +743,70 @@ impl MonPeer for MonServer {
             msg,
         });
         Ok(Response::new(Ack {}))
+    }
+}
+
+#[tonic::async_trait]
+impl MonAuth for MonServer {
+    async fn hello(
+        &self,
+        request: GrpcRequest<AuthHello>,
+    ) -> Result<Response<AuthChallenge>, Status> {
+        let hello: Hello = postcard::from_bytes(&request.get_ref().hello)
+            .map_err(|_| Status::invalid_argument("the Hello cannot be decoded"))?;
+        let view = self.readable_view().await?;
+        if view.auth.version == 0 {
+            // A new cluster whose first leader has not committed the bootstrap keyring yet.
+            return Err(Status::unavailable(
+                "the auth database is not seeded yet (a new cluster's first commit); retry",
+            ));
+        }
+        let entry = view.auth.get(&hello.entity);
+        let server_challenge = random::<16>().map_err(|e| Status::internal(e.to_string()))?;
+        let (handshake, challenge) =
+            ServerHandshake::on_hello(&hello, entry.map(|e| (&e.key, &e.caps)), server_challenge)
+                .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let handshake_id = self
+            .handshakes
+            .insert(handshake)
+            .ok_or_else(|| Status::internal("no randomness from the OS"))?;
+        Ok(Response::new(AuthChallenge {
+            handshake_id,
+            challenge: postcard::to_stdvec(&challenge)
+                .map_err(|e| Status::internal(e.to_string()))?
+                .into(),
+        }))
+    }
+
+    async fn prove(
+        &self,
+        request: GrpcRequest<AuthProve>,
+    ) -> Result<Response<AuthGranted>, Status> {
+        let req = request.into_inner();
+        let proof: Proof = postcard::from_bytes(&req.proof)
+            .map_err(|_| Status::invalid_argument("the Proof cannot be decoded"))?;
+        let handshake = self.handshakes.take(req.handshake_id).ok_or_else(|| {
+            Status::unauthenticated(
+                "no such handshake on this monitor (expired, already used, or begun on another monitor); start again",
+            )
+        })?;
+        let rnd = |_| random::<12>().map_err(|e| Status::internal(e.to_string()));
+        let now = now_ms();
+        let mon_keys = self.keys.sealing(Service::Mon, now);
+        let osd_keys = self.keys.sealing(Service::Osd, now);
+        let secret = || random_secret().map_err(|e| Status::internal(e.to_string()));
+        let grants = vec![
+            (Service::Mon, &mon_keys, secret()?, rnd(0)?, rnd(1)?),
+            (Service::Osd, &osd_keys, secret()?, rnd(2)?, rnd(3)?),
+        ];
+        let (entity, granted) = handshake
+            .on_proof(&proof, now, self.keys.ttl_ms(), grants)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        tracing::debug!(%entity, "authenticated");
+        Ok(Response::new(AuthGranted {
+            granted: postcard::to_stdvec(&granted)
+                .map_err(|e| Status::internal(e.to_string()))?
+                .into(),
+        }))
     }
 }

@@ -164,6 +164,10 @@ pub struct OsdMapService {
 /// Boot of an OSD daemon.
 #[derive(Clone, Debug)]
 pub struct Boot {
+    /// The id the OSD authenticated as (`osd.N`): its key exists before it boots, so the id
+    /// is chosen by whoever made the key (`basalt cluster up`, `basalt auth get-or-create
+    /// osd.N`), not by the monitors.
+    pub id: OsdId,
     pub uuid: String,
     pub addr: String,
     pub host: String,
@@ -454,7 +458,8 @@ impl OsdMapService {
         Ok(Outcome { message, snap_id })
     }
 
-    /// An OSD daemon booted: find or allocate its id and mark it up (and in).
+    /// An OSD daemon booted as `boot.id`: check the id is its store's (or free) and mark it
+    /// up (and in).
     pub fn boot(&mut self, boot: Boot, now_ms: u64) -> Result<OsdId, MapError> {
         if boot.addr.is_empty() || boot.host.is_empty() || boot.uuid.is_empty() {
             return Err(MapError::InvalidArgument(
@@ -467,6 +472,19 @@ impl OsdMapService {
             .iter()
             .find(|(_, o)| o.uuid == boot.uuid)
             .map(|(id, o)| (*id, o.clone()));
+        if let Some((id, _)) = &existing {
+            if *id != boot.id {
+                return Err(MapError::InvalidArgument(format!(
+                    "this OSD's store (uuid {}) is osd.{id}, but it authenticated as osd.{}: start it with osd.{id}'s keyring",
+                    boot.uuid, boot.id
+                )));
+            }
+        } else if let Some(other) = map.osds.get(&boot.id) {
+            return Err(MapError::InvalidArgument(format!(
+                "osd.{} belongs to another store (uuid {}); give this OSD a key of its own id, or `basalt osd rm {}` the old one first",
+                boot.id, other.uuid, boot.id
+            )));
+        }
         let mut changes = Vec::new();
         let id = match existing {
             Some((id, info)) => {
@@ -500,7 +518,7 @@ impl OsdMapService {
                 id
             }
             None => {
-                let id = (0..).find(|i| !map.osds.contains_key(i)).unwrap_or(0);
+                let id = boot.id;
                 changes.push(Change::NewOsd {
                     id,
                     uuid: boot.uuid.clone(),
@@ -692,6 +710,7 @@ mod tests {
         svc.reset(0);
         for i in 0..n {
             let boot = Boot {
+                id: i,
                 uuid: format!("u{i}"),
                 addr: format!("a{i}"),
                 host: format!("h{}", i / 2),
@@ -744,16 +763,41 @@ mod tests {
     }
 
     #[test]
-    fn boot_reuses_ids_by_uuid() {
+    fn boot_keeps_ids_by_uuid_and_checks_the_authenticated_id() {
         let mut svc = booted(4);
         let again = Boot {
+            id: 2,
             uuid: "u2".into(),
             addr: "new".into(),
             host: "h1".into(),
             crush_weight: 0,
         };
         assert_eq!(svc.boot(again, 5), Ok(2));
+        // A store booting under another id's key, or a new store under a taken id: refused.
+        let wrong = Boot {
+            id: 1,
+            uuid: "u2".into(),
+            addr: "new".into(),
+            host: "h1".into(),
+            crush_weight: 0,
+        };
+        assert!(matches!(
+            svc.boot(wrong, 5),
+            Err(MapError::InvalidArgument(_))
+        ));
+        let taken = Boot {
+            id: 3,
+            uuid: "u8".into(),
+            addr: "y".into(),
+            host: "h8".into(),
+            crush_weight: 0,
+        };
+        assert!(matches!(
+            svc.boot(taken, 5),
+            Err(MapError::InvalidArgument(_))
+        ));
         let fresh = Boot {
+            id: 4,
             uuid: "u9".into(),
             addr: "x".into(),
             host: "h9".into(),
@@ -796,6 +840,7 @@ mod tests {
         assert!(!map.osds[&3].is_in() && map.osds[&3].auto_out);
         // It comes back: marked in again.
         let boot = Boot {
+            id: 3,
             uuid: "u3".into(),
             addr: "a3".into(),
             host: "h1".into(),
@@ -841,6 +886,7 @@ mod tests {
         svc.command(Command::OsdDown(0), 0).expect("down");
         commit(&mut svc, 1);
         let boot = Boot {
+            id: 0,
             uuid: "u0".into(),
             addr: "a0".into(),
             host: "h0".into(),

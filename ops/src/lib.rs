@@ -533,6 +533,10 @@ pub enum OpError {
         "this OSD has OSDMap epoch {have}, the request needs {want}; resend once it catches up"
     )]
     MapBehind { have: u64, want: u64 },
+    /// The client's caps do not allow the request (the text names the missing cap, e.g.
+    /// `osd 'allow w pool=rbd'`); nothing was applied.
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 impl OpError {

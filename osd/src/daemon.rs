@@ -31,15 +31,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use basalt_auth::Guard;
 use basalt_client::{ClientError, MapSubscription, MonClient};
 use basalt_config::ClusterConfig;
 use basalt_maps::{Epoch, Fullness, OsdId, OsdMap, OsdUsage};
+use basalt_proto::auth::AuthChannel;
 use basalt_proto::osd::osd_client::OsdClient;
 use basalt_proto::osd::osd_server::OsdServer;
 use basalt_proto::osd::PingRequest;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::service::{OsdCore, OsdService};
 use crate::store::{Store, StoreConfig, StoreError, Superblock, Transaction};
@@ -298,6 +300,8 @@ pub struct DaemonConfig {
     pub addr: SocketAddr,
     /// CRUSH weight, 16.16 fixed point.
     pub crush_weight: u32,
+    /// The OSD's key (`osd.N`): it authenticates as osd.N and boots as OSD N.
+    pub creds: basalt_client::Credentials,
 }
 
 /// Results of spawned network work, handed back to the state owner.
@@ -325,7 +329,7 @@ enum PingAnswer {
 /// What this OSD knows about one peer it heartbeats.
 struct Peer {
     addr: String,
-    client: OsdClient<Channel>,
+    client: OsdClient<AuthChannel>,
     /// Last answer, or when we started watching it (a new peer gets a full grace).
     last_ok: Instant,
     /// When we last told the monitors it failed (None = not reported).
@@ -336,6 +340,10 @@ struct Peer {
 /// The state owner.
 pub struct Daemon {
     cfg: DaemonConfig,
+    /// The id this OSD authenticates (and boots) as.
+    osd_id: OsdId,
+    /// Checks clients' and peers' tickets with the osd service secrets from the monitors.
+    guard: Arc<Guard>,
     store: Store,
     mon: MonClient,
     core: Arc<OsdCore>,
@@ -373,7 +381,13 @@ impl Daemon {
                 .min(t.osd_beacon_grace_ms / 2)
                 .max(1_000),
         );
-        let mon = MonClient::with_timeout(cfg.cluster.clone(), op_timeout)
+        let Some(osd_id) = cfg.creds.entity.osd_id() else {
+            return Err(DaemonError::Config(format!(
+                "an OSD authenticates as osd.N, not {}",
+                cfg.creds.entity
+            )));
+        };
+        let mon = MonClient::with_credentials(cfg.cluster.clone(), op_timeout, cfg.creds.clone())
             .map_err(|e| DaemonError::Config(e.to_string()))?;
         let persisted_epoch = last_map_epoch(&store)?;
         let (events_tx, events) = mpsc::channel(1024);
@@ -382,6 +396,8 @@ impl Daemon {
         let epoch = Arc::new(AtomicU64::new(persisted_epoch));
         Ok(Daemon {
             cfg,
+            osd_id,
+            guard: Arc::new(Guard::default()),
             store,
             mon,
             core,
@@ -410,19 +426,27 @@ impl Daemon {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let (stop_tx, mut stop_rx) = watch::channel(false);
-        let service = OsdServer::new(OsdService {
-            core: self.core.clone(),
-            epoch: self.epoch.clone(),
-        })
-        .max_decoding_message_size(basalt_ops::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(basalt_ops::MAX_MESSAGE_BYTES);
+        // Every gRPC request needs an authorizer for the osd service.
+        let service = InterceptedService::new(
+            OsdServer::new(OsdService {
+                core: self.core.clone(),
+                epoch: self.epoch.clone(),
+            })
+            .max_decoding_message_size(basalt_ops::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(basalt_ops::MAX_MESSAGE_BYTES),
+            basalt_proto::auth::Verify(self.guard.clone()),
+        );
         // Client ops and sub-ops arrive on the messenger, everything else on gRPC: one port,
         // told apart by the first byte a connection sends.
         let data_path: Arc<dyn basalt_messenger::Handler> = Arc::new(crate::data_path::DataPath {
             core: self.core.clone(),
         });
-        let incoming =
-            basalt_messenger::split_listener(listener, data_path, basalt_ops::MAX_MESSAGE_BYTES);
+        let incoming = basalt_messenger::split_listener(
+            listener,
+            data_path,
+            basalt_ops::MAX_MESSAGE_BYTES,
+            self.guard.clone(),
+        );
         let grpc = tokio::spawn(
             basalt_proto::transport::server()
                 .add_service(service)
@@ -444,6 +468,13 @@ impl Daemon {
         metrics::counter!("basalt_osd_heartbeat_failures_reported_total").increment(0);
         self.update_store_metric();
 
+        let service_keys = tokio::spawn(refresh_service_keys(
+            self.mon.clone(),
+            self.guard.clone(),
+            Duration::from_millis(
+                (self.cfg.cluster.auth.ticket_ttl_secs.saturating_mul(1000) / 4).clamp(500, 60_000),
+            ),
+        ));
         let scrubs = tokio::spawn(self.core.clone().run_scrub_schedule());
         let snap_trimmer = tokio::spawn(self.core.clone().run_snap_trimmer());
         self.start_boot(0);
@@ -469,6 +500,7 @@ impl Daemon {
         tracing::info!("shutting down");
         scrubs.abort();
         snap_trimmer.abort();
+        service_keys.abort();
         if let Some((id, _)) = self.booted {
             // Ceph's OSD asks to be marked down on a clean stop so clients do not wait out the
             // grace; best effort and bounded, since the monitors may be gone.
@@ -502,10 +534,23 @@ impl Daemon {
         let addr = self.cfg.addr.to_string();
         let host = self.cfg.host.clone();
         let weight = self.cfg.crush_weight;
+        let osd_id = self.osd_id;
+        let guard = self.guard.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match mon.osd_boot(&uuid, &addr, &host, weight).await {
+                // Peers and clients find this OSD once it is up in the map: it must be able to
+                // check their tickets by then.
+                let ready = if guard.has_keys() {
+                    Ok(())
+                } else {
+                    mon.service_keys().await.map(|k| guard.set_keys(k))
+                };
+                let booted = match ready {
+                    Ok(()) => mon.osd_boot(osd_id, &uuid, &addr, &host, weight).await,
+                    Err(e) => Err(e),
+                };
+                match booted {
                     Ok(r) => {
                         let _ = tx.send(Event::Booted(Ok(r))).await;
                         return;
@@ -675,7 +720,10 @@ impl Daemon {
                 id,
                 Peer {
                     addr: o.addr.clone(),
-                    client: OsdClient::new(channel),
+                    client: OsdClient::new(basalt_proto::auth::authorized(
+                        channel,
+                        self.mon.osd_ticket(),
+                    )),
                     last_ok: now,
                     reported_at: None,
                     ping_in_flight: false,
@@ -941,7 +989,10 @@ fn is_refused(status: &tonic::Status) -> bool {
 fn retryable(e: &ClientError) -> bool {
     matches!(
         e,
-        ClientError::NoQuorum(_) | ClientError::Timeout(_) | ClientError::Ambiguous(_)
+        ClientError::NoQuorum(_)
+            | ClientError::Timeout(_)
+            | ClientError::Ambiguous(_)
+            | ClientError::Unavailable(_)
     )
 }
 
@@ -1083,4 +1134,22 @@ pub fn filesystem_usage(path: &Path) -> std::io::Result<OsdUsage> {
         used_bytes: used,
         total_bytes: used.saturating_add(avail),
     })
+}
+
+/// Keeps the guard's osd service secrets current: fetched from the monitors every `every`
+/// (a quarter of a ticket's life), so tickets sealed after a rotation open here.
+async fn refresh_service_keys(mon: MonClient, guard: Arc<Guard>, every: Duration) {
+    loop {
+        let wait = match mon.service_keys().await {
+            Ok(keys) => {
+                guard.set_keys(keys);
+                every
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot fetch the osd service secrets; retrying");
+                Duration::from_millis(500)
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
 }

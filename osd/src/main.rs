@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+use basalt_auth::{EntityName, Keyring};
+use basalt_client::Credentials;
 use basalt_config::ClusterConfig;
 use basalt_osd::daemon::{open_or_mkfs, Daemon, DaemonConfig};
 use clap::Parser;
@@ -33,6 +35,14 @@ struct Args {
     /// below the disk's size, leaving room for RocksDB's own files.
     #[arg(long)]
     capacity_bytes: Option<u64>,
+    /// Keyring holding this OSD's key (`osd.N`; the OSD boots as OSD N, so the key must
+    /// exist before its first start: `basalt auth get-or-create osd.N mon 'allow profile osd'
+    /// osd 'allow *' -o FILE`). Default: the config's keyring (`keyring` beside it).
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+    /// The entity to authenticate as (`osd.N`). Default: the keyring's only `osd.*` key.
+    #[arg(long)]
+    name: Option<String>,
     #[command(flatten)]
     telemetry: basalt_telemetry::TelemetryArgs,
 }
@@ -88,6 +98,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.capacity_bytes == Some(0) {
         bail!("--capacity-bytes must be positive (omit it for no limit)");
     }
+    let keyring = args
+        .keyring
+        .clone()
+        .or_else(|| cluster.client.keyring.clone())
+        .context("no keyring: pass --keyring FILE holding this OSD's osd.N key")?;
+    let name = match &args.name {
+        Some(n) => n
+            .parse::<EntityName>()
+            .with_context(|| format!("--name {n}"))?,
+        None => {
+            let ring = Keyring::load(&keyring)
+                .with_context(|| format!("cannot read the keyring {}", keyring.display()))?;
+            let osds: Vec<EntityName> = ring
+                .iter()
+                .map(|(n, _)| n.clone())
+                .filter(|n| n.osd_id().is_some())
+                .collect();
+            match osds.as_slice() {
+                [only] => only.clone(),
+                [] => bail!(
+                    "the keyring {} holds no osd.N key; create one with `basalt auth get-or-create osd.N mon 'allow profile osd' osd 'allow *' -o FILE`",
+                    keyring.display()
+                ),
+                _ => bail!(
+                    "the keyring {} holds several osd keys; say which with --name osd.N",
+                    keyring.display()
+                ),
+            }
+        }
+    };
+    if name.osd_id().is_none() {
+        bail!("--name {name}: an OSD authenticates as osd.N");
+    }
+    let creds = Credentials::load(&keyring, Some(&name))?;
     let capacity = args.capacity_bytes;
     let data = args.data.clone();
     let fsid = cluster.cluster.fsid.clone();
@@ -108,6 +152,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             host,
             addr,
             crush_weight,
+            creds,
         },
         store,
     )?;

@@ -39,8 +39,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use basalt_auth::{Authenticated, Perm, TicketCell};
 use basalt_client::MonClient;
 use basalt_config::OsdTuning;
+use basalt_maps::PoolId;
 use basalt_maps::{Epoch, Fullness, OsdMap, OsdUsage};
 use basalt_messenger::Peer;
 use basalt_ops::{
@@ -48,6 +50,7 @@ use basalt_ops::{
     MAX_MESSAGE_BYTES, MAX_OPS_PER_REQUEST,
 };
 use basalt_placement::{object_to_pg_ns, OsdId, PgId};
+use basalt_proto::auth::{denied, peer, AuthChannel};
 use basalt_proto::data_path;
 use basalt_proto::osd as pb;
 use basalt_proto::osd::osd_client::OsdClient;
@@ -56,7 +59,6 @@ use futures::{Stream, StreamExt};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::peering::{self, BackfillProgress, Catchup, PeerState, PgInfo};
@@ -340,7 +342,7 @@ pub struct OsdCore {
     whoami: AtomicU32,
     map_tx: watch::Sender<Option<Arc<OsdMap>>>,
     pgs: Mutex<HashMap<PgId, Arc<Pg>>>,
-    peers: Mutex<HashMap<String, OsdClient<Channel>>>,
+    peers: Mutex<HashMap<String, OsdClient<AuthChannel>>>,
     /// Data-path connections to other OSDs (sub-ops), by address.
     messengers: Mutex<HashMap<String, Arc<Peer>>>,
     watches: Mutex<HashMap<WatchKey, Vec<WatchEntry>>>,
@@ -372,13 +374,16 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// A gRPC client for another OSD with the data path's message limits.
-pub fn osd_client(addr: &str) -> Result<OsdClient<Channel>, OpError> {
+/// A gRPC client for another OSD with the data path's message limits, authenticated with
+/// `ticket` (this OSD's own `osd` ticket).
+pub fn osd_client(addr: &str, ticket: Arc<TicketCell>) -> Result<OsdClient<AuthChannel>, OpError> {
     let channel = basalt_client::lazy_channel(addr, Duration::from_secs(2))
         .map_err(|e| OpError::Io(format!("OSD: {e}")))?;
-    Ok(OsdClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    Ok(
+        OsdClient::new(basalt_proto::auth::authorized(channel, ticket))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
 }
 
 impl OsdCore {
@@ -907,13 +912,21 @@ impl OsdCore {
             .ok_or_else(|| OpError::Io(format!("osd.{osd} is not in the map")))
     }
 
-    fn peer_client(&self, osd: OsdId) -> Result<OsdClient<Channel>, OpError> {
+    /// This OSD's ticket for other OSDs (empty until the daemon has its monitor client).
+    pub fn osd_ticket(&self) -> Arc<TicketCell> {
+        self.mon
+            .get()
+            .map(MonClient::osd_ticket)
+            .unwrap_or_default()
+    }
+
+    fn peer_client(&self, osd: OsdId) -> Result<OsdClient<AuthChannel>, OpError> {
         let addr = self.peer_addr(osd)?;
         let mut peers = lock(&self.peers);
         if let Some(c) = peers.get(&addr) {
             return Ok(c.clone());
         }
-        let c = osd_client(&addr)?;
+        let c = osd_client(&addr, self.osd_ticket())?;
         peers.insert(addr, c.clone());
         Ok(c)
     }
@@ -921,9 +934,15 @@ impl OsdCore {
     /// The data-path connection to `osd` (at its address in the current map).
     fn peer_messenger(&self, osd: OsdId) -> Result<Arc<Peer>, OpError> {
         let addr = self.peer_addr(osd)?;
+        let ticket = self.osd_ticket();
         let mut peers = lock(&self.messengers);
         let peer = peers.entry(addr).or_insert_with_key(|addr| {
-            Arc::new(Peer::new(addr, Duration::from_secs(2), MAX_MESSAGE_BYTES))
+            Arc::new(Peer::new(
+                addr,
+                Duration::from_secs(2),
+                MAX_MESSAGE_BYTES,
+                ticket,
+            ))
         });
         Ok(peer.clone())
     }
@@ -1526,7 +1545,7 @@ impl OsdCore {
     async fn peer_rpc<T, F, Fut>(&self, osd: OsdId, what: &str, call: F) -> Result<T, OpError>
     where
         T: for<'de> serde::Deserialize<'de>,
-        F: FnOnce(OsdClient<Channel>) -> Fut,
+        F: FnOnce(OsdClient<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Bytes>, Status>>,
     {
         let c = self.peer_client(osd)?;
@@ -3024,6 +3043,7 @@ impl OsdCore {
     /// the PG keeps this OSD as primary.
     pub async fn handle_watch(
         self: &Arc<Self>,
+        peer: &Authenticated,
         mut pings: Streaming<pb::WatchPing>,
     ) -> Result<mpsc::Receiver<Result<pb::WatchEvent, Status>>, Status> {
         let first = tokio::time::timeout(Duration::from_secs(10), pings.message())
@@ -3037,6 +3057,13 @@ impl OsdCore {
                 ..Default::default()
             }));
         };
+        if let Err(e) = self
+            .check_pool(peer, first.pool, first.epoch, Perm::R.union(Perm::X))
+            .await
+        {
+            refuse(e);
+            return Ok(rx);
+        }
         if first.object.is_empty() {
             refuse(OpError::InvalidArgument("empty object name".into()));
             return Ok(rx);
@@ -3221,10 +3248,69 @@ impl OsdCore {
     }
 }
 
+/// What an object op needs of the client's osd caps: `r` to read, `w` to change, `x` for
+/// the class-style lock ops (Ceph's cls_lock).
+fn op_needs(op: &ObjOp) -> Perm {
+    let base = if op.is_write() { Perm::W } else { Perm::R };
+    match op {
+        ObjOp::Lock { .. }
+        | ObjOp::Unlock { .. }
+        | ObjOp::BreakLock { .. }
+        | ObjOp::LockInfo { .. } => base.union(Perm::X),
+        _ => base,
+    }
+}
+
 impl OsdCore {
+    /// Whether `peer`'s osd caps grant `need` on pool `pool`, by its name in this OSD's map
+    /// once it is at least the request's `epoch` (a pool the client knows of may be newer
+    /// than this OSD's map; 0: the current map).
+    pub async fn check_pool(
+        &self,
+        peer: &Authenticated,
+        pool: PoolId,
+        epoch: Epoch,
+        need: Perm,
+    ) -> Result<(), OpError> {
+        let map = match epoch {
+            0 => self
+                .current_map()
+                .ok_or_else(|| OpError::Io("no OSDMap yet".into()))?,
+            e => self.map_at_least(e).await?,
+        };
+        Self::pool_allows(&map, peer, pool, need)
+    }
+
+    fn pool_allows(
+        map: &OsdMap,
+        peer: &Authenticated,
+        pool: PoolId,
+        need: Perm,
+    ) -> Result<(), OpError> {
+        let name = map
+            .pools
+            .get(&pool)
+            .map(|p| p.name.clone())
+            .ok_or(OpError::NoSuchPool(pool))?;
+        peer.check_osd(&name, need)
+            .map_err(|e| OpError::PermissionDenied(e.to_string()))
+    }
+
+    /// Requests only OSD daemons send (sub-ops, peering, pushes): the peer must be `osd.N`
+    /// and `from` (the sender the message names) must be N.
+    pub fn check_osd_peer(peer: &Authenticated, from: OsdId) -> Result<(), OpError> {
+        peer.check_is_osd(Some(from))
+            .map(|_| ())
+            .map_err(|e| OpError::PermissionDenied(e.to_string()))
+    }
+
     /// Answers a client's op, whichever transport it came on (the data-path messenger, or
-    /// the gRPC service for older clients).
-    pub async fn serve_op(self: &Arc<Self>, req: pb::OpRequest) -> pb::OpReply {
+    /// the gRPC service for older clients), if `peer`'s caps allow every op in it.
+    pub async fn serve_op(
+        self: &Arc<Self>,
+        peer: &Authenticated,
+        req: pb::OpRequest,
+    ) -> pb::OpReply {
         let started = std::time::Instant::now();
         let bytes_in = req.ops.len() as u64;
         let (kind, r) = match decode::<Vec<ObjOp>>(&req.ops, "ops") {
@@ -3234,7 +3320,11 @@ impl OsdCore {
                 } else {
                     "read"
                 };
-                (kind, self.handle_op(req, ops).await)
+                let need = ops.iter().map(op_needs).fold(Perm::default(), Perm::union);
+                match self.check_pool(peer, req.pool, req.epoch, need).await {
+                    Ok(()) => (kind, self.handle_op(req, ops).await),
+                    Err(e) => ("denied", Err(e)),
+                }
             }
             Err(e) => ("malformed", Err(e)),
         };
@@ -3251,10 +3341,18 @@ impl OsdCore {
         }
     }
 
-    /// Answers a primary's sub-op, whichever transport it came on.
-    pub async fn serve_sub_op(&self, req: pb::SubOpRequest) -> pb::SubOpReply {
+    /// Answers a primary's sub-op, whichever transport it came on, if it is from the OSD it
+    /// names.
+    pub async fn serve_sub_op(
+        &self,
+        peer: &Authenticated,
+        req: pb::SubOpRequest,
+    ) -> pb::SubOpReply {
         let started = std::time::Instant::now();
-        let r = self.handle_sub_op(req).await;
+        let r = match Self::check_osd_peer(peer, req.from) {
+            Ok(()) => self.handle_sub_op(req).await,
+            Err(e) => Err(e),
+        };
         metrics::histogram!("basalt_osd_sub_op_seconds").record(started.elapsed().as_secs_f64());
         pb::SubOpReply { result: encode(&r) }
     }
@@ -3293,10 +3391,8 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + S
 
 #[tonic::async_trait]
 impl pb::osd_server::Osd for OsdService {
-    async fn ping(
-        &self,
-        _req: Request<pb::PingRequest>,
-    ) -> Result<Response<pb::PingReply>, Status> {
+    async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
+        peer(&req)?.check_is_osd(None).map_err(denied)?;
         let Some(osd_id) = self.core.me() else {
             return Err(Status::unavailable("this OSD has not booted yet"));
         };
@@ -3307,14 +3403,22 @@ impl pb::osd_server::Osd for OsdService {
     }
 
     async fn op(&self, req: Request<pb::OpRequest>) -> Result<Response<pb::OpReply>, Status> {
-        Ok(Response::new(self.core.serve_op(req.into_inner()).await))
+        let who = peer(&req)?;
+        Ok(Response::new(
+            self.core.serve_op(&who, req.into_inner()).await,
+        ))
     }
 
     async fn list_objects(
         &self,
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListReply>, Status> {
-        let r = self.core.handle_list(req.into_inner()).await;
+        let who = peer(&req)?;
+        let (pool, epoch) = (req.get_ref().pool, req.get_ref().epoch);
+        let r = match self.core.check_pool(&who, pool, epoch, Perm::R).await {
+            Ok(()) => self.core.handle_list(req.into_inner()).await,
+            Err(e) => Err(e),
+        };
         Ok(Response::new(pb::ListReply {
             epoch: reply_epoch(&self.core),
             result: encode(&r),
@@ -3327,7 +3431,8 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<Streaming<pb::WatchPing>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let rx = self.core.handle_watch(req.into_inner()).await?;
+        let who = peer(&req)?;
+        let rx = self.core.handle_watch(&who, req.into_inner()).await?;
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -3337,7 +3442,12 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::NotifyRequest>,
     ) -> Result<Response<pb::NotifyReply>, Status> {
-        let r = self.core.handle_notify(req.into_inner()).await;
+        let who = peer(&req)?;
+        let (pool, epoch) = (req.get_ref().pool, req.get_ref().epoch);
+        let r = match self.core.check_pool(&who, pool, epoch, Perm::X).await {
+            Ok(()) => self.core.handle_notify(req.into_inner()).await,
+            Err(e) => Err(e),
+        };
         Ok(Response::new(pb::NotifyReply {
             epoch: reply_epoch(&self.core),
             result: encode(&r),
@@ -3348,6 +3458,14 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::NotifyAckRequest>,
     ) -> Result<Response<pb::NotifyAckReply>, Status> {
+        let who = peer(&req)?;
+        if let Err(e) = self
+            .core
+            .check_pool(&who, req.get_ref().pool, 0, Perm::X)
+            .await
+        {
+            return Err(Status::permission_denied(e.to_string()));
+        }
         self.core.handle_notify_ack(req.into_inner());
         Ok(Response::new(pb::NotifyAckReply {}))
     }
@@ -3356,8 +3474,9 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::SubOpRequest>,
     ) -> Result<Response<pb::SubOpReply>, Status> {
+        let who = peer(&req)?;
         Ok(Response::new(
-            self.core.serve_sub_op(req.into_inner()).await,
+            self.core.serve_sub_op(&who, req.into_inner()).await,
         ))
     }
 
@@ -3365,7 +3484,10 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgQueryRequest>,
     ) -> Result<Response<pb::PgQueryReply>, Status> {
-        let r = self.core.handle_pg_query(req.into_inner()).await;
+        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
+            Ok(()) => self.core.handle_pg_query(req.into_inner()).await,
+            Err(e) => Err(e),
+        };
         Ok(Response::new(pb::PgQueryReply { result: encode(&r) }))
     }
 
@@ -3373,7 +3495,10 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgPullRequest>,
     ) -> Result<Response<pb::PgPullReply>, Status> {
-        let r = self.core.handle_pg_pull(req.into_inner()).await;
+        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
+            Ok(()) => self.core.handle_pg_pull(req.into_inner()).await,
+            Err(e) => Err(e),
+        };
         Ok(Response::new(pb::PgPullReply { result: encode(&r) }))
     }
 
@@ -3381,7 +3506,10 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgScanRequest>,
     ) -> Result<Response<pb::PgScanReply>, Status> {
-        let r = self.core.handle_pg_scan(req.into_inner()).await;
+        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
+            Ok(()) => self.core.handle_pg_scan(req.into_inner()).await,
+            Err(e) => Err(e),
+        };
         Ok(Response::new(pb::PgScanReply { result: encode(&r) }))
     }
 
@@ -3389,7 +3517,10 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgPushRequest>,
     ) -> Result<Response<pb::PgPushReply>, Status> {
-        let r = self.core.handle_pg_push(req.into_inner()).await;
+        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
+            Ok(()) => self.core.handle_pg_push(req.into_inner()).await,
+            Err(e) => Err(e),
+        };
         Ok(Response::new(pb::PgPushReply { result: encode(&r) }))
     }
 
@@ -3397,7 +3528,10 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgScrubMapRequest>,
     ) -> Result<Response<pb::PgScrubMapReply>, Status> {
-        let r = self.core.handle_pg_scrub_map(req.into_inner()).await;
+        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
+            Ok(()) => self.core.handle_pg_scrub_map(req.into_inner()).await,
+            Err(e) => Err(e),
+        };
         Ok(Response::new(pb::PgScrubMapReply { result: encode(&r) }))
     }
 
@@ -3405,7 +3539,13 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgCommandRequest>,
     ) -> Result<Response<pb::PgCommandReply>, Status> {
-        let r = self.core.handle_pg_command(req.into_inner()).await;
+        // Scrub and repair read and rewrite every object of the PG.
+        let who = peer(&req)?;
+        let (pool, epoch) = (req.get_ref().pool, req.get_ref().epoch);
+        let r = match self.core.check_pool(&who, pool, epoch, Perm::RWX).await {
+            Ok(()) => self.core.handle_pg_command(req.into_inner()).await,
+            Err(e) => Err(e),
+        };
         Ok(Response::new(pb::PgCommandReply {
             epoch: reply_epoch(&self.core),
             result: encode(&r),
@@ -3414,11 +3554,23 @@ impl pb::osd_server::Osd for OsdService {
 
     async fn pg_stats(
         &self,
-        _req: Request<pb::PgStatsRequest>,
+        req: Request<pb::PgStatsRequest>,
     ) -> Result<Response<pb::PgStatsReply>, Status> {
+        // Only the PGs of pools the peer may read.
+        let who = peer(&req)?;
+        let map = self.core.current_map();
+        let stats: Vec<_> = self
+            .core
+            .primary_pg_stats()
+            .into_iter()
+            .filter(|s| {
+                map.as_ref()
+                    .is_some_and(|m| OsdCore::pool_allows(m, &who, s.pool, Perm::R).is_ok())
+            })
+            .collect();
         Ok(Response::new(pb::PgStatsReply {
             epoch: reply_epoch(&self.core),
-            stats: encode(&self.core.primary_pg_stats()),
+            stats: encode(&stats),
         }))
     }
 }

@@ -1,8 +1,10 @@
 //! gRPC wire contracts of basalt, generated from `proto/*.proto`.
 //!
-//! Owns the service and envelope definitions and how every endpoint's HTTP/2 transport is
-//! tuned ([`transport`]); the cluster maps carried inside them are encoded by `basalt-maps`.
+//! Owns the service and envelope definitions, how every endpoint's HTTP/2 transport is
+//! tuned ([`transport`]) and how an authorizer rides each request ([`auth`]); the cluster
+//! maps carried inside them are encoded by `basalt-maps`.
 
+pub mod auth;
 pub mod data_path;
 pub mod transport;
 

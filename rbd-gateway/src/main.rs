@@ -28,6 +28,11 @@ struct Args {
     /// a gateway fenced by a lock breaker serves again once restarted under the same name.
     #[arg(long)]
     name: Option<String>,
+    /// Keyring with the gateway's key (e.g. `client.gw0` with `mon 'allow profile rbd' osd
+    /// 'allow profile rbd'`). It authenticates as NAME if the keyring holds NAME's key, else
+    /// as the keyring's client.admin or only key. Default: the config's keyring.
+    #[arg(long)]
+    keyring: Option<PathBuf>,
     /// A watch with no ping for this long is dropped by the OSD; a gateway frozen that long
     /// loses its image locks to the next writer (Ceph's osd_client_watch_timeout).
     #[arg(long, default_value_t = 30_000)]
@@ -65,7 +70,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.watch_timeout_ms < 1_000 || args.notify_timeout_ms < 100 {
         bail!("--watch-timeout-ms must be at least 1000 and --notify-timeout-ms at least 100");
     }
-    let cluster = ClusterConfig::load(&args.config)?;
+    let mut cluster = ClusterConfig::load(&args.config)?;
     let name = match args.name.or_else(|| cluster.client.name.clone()) {
         Some(n) => n,
         None => {
@@ -75,7 +80,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             format!("client.gw.{host}.{:08x}", std::process::id())
         }
     };
-    let rados = basalt_client::Rados::connect_as(cluster, &name)
+    if let Some(k) = &args.keyring {
+        cluster.client.keyring = Some(k.clone());
+    }
+    let creds = basalt_client::Credentials::from_config(&cluster, Some(&name))?;
+    tracing::info!(entity = %creds.entity, "authenticating");
+    let rados = basalt_client::Rados::connect_with(cluster, &name, creds)
         .await
         .context("cannot connect to the cluster's monitors")?;
     let options = ImageOptions {

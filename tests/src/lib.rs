@@ -87,9 +87,13 @@ pub fn test_timeouts() -> Timeouts {
     }
 }
 
-/// Writes the keyrings `basalt cluster up` writes: DIR/keyring (client.admin) and
-/// DIR/mon.keyring beside the config (the monitors' bootstrap keyring, which they read by
-/// default), so every test cluster's auth database starts with client.admin.
+/// OSD keys every test cluster's auth database starts with: `osd.0` .. `osd.{N-1}`.
+pub const TEST_OSD_KEYS: u32 = 32;
+
+/// Writes the keyrings `basalt cluster up` writes: DIR/keyring (client.admin), DIR/osd.N.keyring
+/// for the first [`TEST_OSD_KEYS`] OSD ids, and DIR/mon.keyring beside the config (the
+/// monitors' `mon.` key and bootstrap keyring, which they read by default), so every test
+/// cluster authenticates, and its auth database starts with client.admin and the OSD keys.
 fn write_keyrings(dir: &Path) -> anyhow::Result<()> {
     use basalt_auth::{Caps, EntityName, Keyring, Secret};
     let admin = EntityName::client("admin")?;
@@ -98,6 +102,14 @@ fn write_keyrings(dir: &Path) -> anyhow::Result<()> {
     ring.insert(admin, Secret::generate()?, caps.clone());
     ring.save(&dir.join("keyring"))?;
     ring.insert(EntityName::mon(), Secret::generate()?, caps);
+    let osd_caps = Caps::from_pairs(&["mon", "allow profile osd", "osd", "allow *"])?;
+    for id in 0..TEST_OSD_KEYS {
+        let key = Secret::generate()?;
+        let mut own = Keyring::new();
+        own.insert(EntityName::osd(id), key.clone(), osd_caps.clone());
+        own.save(&dir.join(format!("osd.{id}.keyring")))?;
+        ring.insert(EntityName::osd(id), key, osd_caps.clone());
+    }
     ring.save(&dir.join("mon.keyring"))?;
     Ok(())
 }
@@ -172,6 +184,20 @@ impl TestCluster {
         Ok(cluster)
     }
 
+    /// As [`TestCluster::start_mons`], with the config changed by `edit` before any monitor
+    /// reads it.
+    pub fn start_mons_with(
+        n: u32,
+        timeouts: Timeouts,
+        edit: impl FnOnce(&mut ClusterConfig),
+    ) -> anyhow::Result<Self> {
+        let mut cluster = Self::config_only(n, timeouts)?;
+        edit(&mut cluster.config);
+        std::fs::write(&cluster.config_path, cluster.config.to_toml())?;
+        cluster.spawn_mons(n)?;
+        Ok(cluster)
+    }
+
     /// Writes a config naming `n` monitors on free ports but starts none (a cluster whose
     /// monitors are all unreachable).
     pub fn config_only(n: u32, timeouts: Timeouts) -> anyhow::Result<Self> {
@@ -196,8 +222,12 @@ impl TestCluster {
             mons,
             timeouts,
             paxos: PaxosTuning::default(),
-            client: Default::default(),
+            client: basalt_config::ClientSection {
+                keyring: Some(dir.path().join("keyring")),
+                ..Default::default()
+            },
             osd: Default::default(),
+            auth: Default::default(),
         };
         let config_path = dir.path().join("cluster.toml");
         std::fs::write(&config_path, config.to_toml())?;
@@ -286,6 +316,11 @@ impl TestCluster {
         c
     }
 
+    /// The keyring of the OSD with harness index `i` (`osd.i`).
+    pub fn osd_keyring_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("osd.{i}.keyring"))
+    }
+
     /// The admin keyring (`client.admin`, every cap), as `basalt cluster up` writes it.
     pub fn admin_keyring_path(&self) -> PathBuf {
         self.dir.path().join("keyring")
@@ -342,15 +377,22 @@ impl TestCluster {
         self.start_osd_with(args)
     }
 
-    /// Starts a `basalt-osd` with this cluster's config, a metrics address and `args`.
+    /// Starts a `basalt-osd` with this cluster's config, a metrics address and `args`. The
+    /// OSD with harness index `i` authenticates as `osd.i` (DIR/osd.i.keyring), so it boots
+    /// as OSD `i`.
     pub fn start_osd_with(&mut self, args: Vec<String>) -> anyhow::Result<usize> {
         let i = self.osds.len();
+        if i as u32 >= TEST_OSD_KEYS {
+            bail!("the harness made keys for {TEST_OSD_KEYS} OSDs; raise TEST_OSD_KEYS");
+        }
         let metrics = free_addr();
         let mut all = vec![
             "--config".to_string(),
             self.config_path.display().to_string(),
             "--metrics".to_string(),
             metrics.to_string(),
+            "--keyring".to_string(),
+            self.osd_keyring_path(i).display().to_string(),
         ];
         all.extend(args);
         self.osds.push(Daemon {

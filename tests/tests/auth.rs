@@ -3,8 +3,10 @@
 //! it out); keys and caps commit through Paxos, survive a leader's death, and bad input is
 //! refused with an error that names the problem, changing nothing. No timing assertions.
 //!
-//! Not tested here because not built yet: authentication on the wire and caps enforcement
-//! (README "Status").
+//! Authentication on the wire: unauthenticated clients, wrong keys, expired tickets and
+//! replayed handshakes are refused with a clear error and change nothing; caps limit what an
+//! authenticated client may do on monitors and OSDs; forged sub-ops, peering and Paxos
+//! messages from a process without the right key are refused.
 
 use std::process::Command;
 use std::time::Duration;
@@ -13,12 +15,14 @@ use basalt_auth::{EntityName, Keyring, Secret};
 use basalt_tests::{bin, run_bounded, test_timeouts, wait_for, TestCluster};
 use serde_json::Value;
 
+/// The entities `auth ls` lists, but the OSD keys every test cluster starts with.
 fn entity_names(ls: &Value) -> Vec<String> {
     ls["entities"]
         .as_array()
         .map(|a| {
             a.iter()
                 .filter_map(|e| e["entity"].as_str().map(str::to_string))
+                .filter(|n| !n.starts_with("osd."))
                 .collect()
         })
         .unwrap_or_default()
@@ -206,4 +210,474 @@ fn auth_commands_manage_keys_and_caps_through_the_quorum() {
         entity_names(&ls),
         vec!["client.admin", "client.gw9", "mon."]
     );
+}
+
+// ---- authentication on the wire ----
+
+use basalt_auth::handshake::{
+    AuthError, Authorizer, Challenge, ClientHandshake, ClientTicket, Granted, Proof, Service,
+};
+use basalt_auth::live::now_ms;
+use basalt_client::ops::{decode, OpError};
+use basalt_client::{ClientError, Credentials, MonClient, Rados};
+use basalt_proto::mon::{
+    command_request, mon_auth_client::MonAuthClient, mon_peer_client::MonPeerClient,
+    monitor_client::MonitorClient, AuthHello, AuthProve, CommandRequest, PeerEnvelope, PoolCreate,
+    StatusRequest,
+};
+use basalt_proto::osd::{osd_client::OsdClient, OpRequest, PgQueryRequest, SubOpRequest};
+use basalt_tests::DataCluster;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn channel(addr: &str) -> Channel {
+    basalt_client::lazy_channel(addr, Duration::from_secs(2)).expect("channel")
+}
+
+fn enc(v: &impl serde::Serialize) -> bytes::Bytes {
+    postcard::to_stdvec(v).expect("encode").into()
+}
+
+fn pool_create(name: &str) -> CommandRequest {
+    CommandRequest {
+        command: Some(command_request::Command::PoolCreate(PoolCreate {
+            name: name.into(),
+            size: 1,
+            min_size: 1,
+            pg_num: 8,
+        })),
+    }
+}
+
+/// `msg` carrying authorizer `a` as every basalt client sends it.
+fn authorized<T>(msg: T, a: &Authorizer) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert_bin(
+        basalt_proto::auth::AUTHORIZER_KEY,
+        tonic::metadata::MetadataValue::from_bytes(&postcard::to_stdvec(a).expect("encode")),
+    );
+    r
+}
+
+/// A whole handshake with the monitor at `ch` as `entity` with `key`: its tickets.
+async fn handshake(ch: Channel, entity: &EntityName, key: &Secret) -> Vec<ClientTicket> {
+    let mut auth = MonAuthClient::new(ch);
+    let (mut hs, hello) = ClientHandshake::start(entity.clone(), key.clone(), [3; 16]);
+    let c = auth
+        .hello(AuthHello { hello: enc(&hello) })
+        .await
+        .expect("hello")
+        .into_inner();
+    let challenge: Challenge = postcard::from_bytes(&c.challenge).expect("challenge");
+    let proof = hs
+        .on_challenge(&challenge)
+        .expect("the monitor proves the key");
+    let g = auth
+        .prove(AuthProve {
+            handshake_id: c.handshake_id,
+            proof: enc(&proof),
+        })
+        .await
+        .expect("prove")
+        .into_inner();
+    let granted: Granted = postcard::from_bytes(&g.granted).expect("granted");
+    hs.on_granted(granted).expect("tickets")
+}
+
+fn ticket_for(tickets: &[ClientTicket], service: Service) -> ClientTicket {
+    tickets
+        .iter()
+        .find(|t| t.service == service)
+        .cloned()
+        .expect("a ticket for the service")
+}
+
+fn pool_names(cluster: &TestCluster) -> Vec<String> {
+    cluster
+        .cli_json(&["pool", "ls"])
+        .expect("pool ls")
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_monitors_refuse_the_unauthenticated_wrong_keys_expired_tickets_and_replays() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _enter = rt.enter();
+    // Short tickets, so one expires within the test.
+    let cluster = TestCluster::start_mons_with(1, test_timeouts(), |c| {
+        c.auth.ticket_ttl_secs = 3;
+    })
+    .expect("start monitors");
+    wait_for("the auth database", Duration::from_secs(60), || {
+        cluster.cli_json(&["auth", "get", "client.admin"]).ok()
+    })
+    .expect("seeded");
+    let admin: EntityName = "client.admin".parse().expect("name");
+    let admin_key = Keyring::load(&cluster.admin_keyring_path())
+        .expect("admin keyring")
+        .key(&admin)
+        .expect("key")
+        .clone();
+    let addr = cluster.config.mons[0].addr.to_string();
+    let ch = channel(&addr);
+
+    rt.block_on(async {
+        // No authorizer at all: refused before anything runs.
+        let e = MonitorClient::new(ch.clone())
+            .command(pool_create("sneaky"))
+            .await
+            .expect_err("an unauthenticated command");
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        assert!(e.message().contains("no authorizer"), "{}", e.message());
+
+        // A wrong key: the client sees the monitor cannot prove the key it holds, and a
+        // proof made without the key is refused.
+        let mut auth = MonAuthClient::new(ch.clone());
+        let (mut hs, hello) =
+            ClientHandshake::start(admin.clone(), Secret::from_bytes([7; 32]), [1; 16]);
+        let c = auth
+            .hello(AuthHello { hello: enc(&hello) })
+            .await
+            .expect("hello")
+            .into_inner();
+        let challenge: Challenge = postcard::from_bytes(&c.challenge).expect("challenge");
+        assert!(matches!(
+            hs.on_challenge(&challenge),
+            Err(AuthError::ServerNotAuthentic(_))
+        ));
+        let e = auth
+            .prove(AuthProve {
+                handshake_id: c.handshake_id,
+                proof: enc(&Proof {
+                    client_proof: [0; 32],
+                }),
+            })
+            .await
+            .expect_err("a forged proof");
+        assert_eq!(e.code(), Code::Unauthenticated);
+        assert!(e.message().contains("does not match"), "{}", e.message());
+
+        // A replayed handshake: the recorded Proof is worth nothing a second time, nor
+        // against the challenge of a new Hello.
+        let (mut hs, hello) = ClientHandshake::start(admin.clone(), admin_key.clone(), [2; 16]);
+        let c = auth
+            .hello(AuthHello { hello: enc(&hello) })
+            .await
+            .expect("hello")
+            .into_inner();
+        let challenge: Challenge = postcard::from_bytes(&c.challenge).expect("challenge");
+        let proof = hs.on_challenge(&challenge).expect("proof");
+        let prove = AuthProve {
+            handshake_id: c.handshake_id,
+            proof: enc(&proof),
+        };
+        auth.prove(prove.clone()).await.expect("the real proof");
+        let e = auth.prove(prove).await.expect_err("the same proof again");
+        assert_eq!(e.code(), Code::Unauthenticated);
+        let c2 = auth
+            .hello(AuthHello { hello: enc(&hello) })
+            .await
+            .expect("hello")
+            .into_inner();
+        let e = auth
+            .prove(AuthProve {
+                handshake_id: c2.handshake_id,
+                proof: enc(&proof),
+            })
+            .await
+            .expect_err("an old proof against a new challenge");
+        assert!(e.message().contains("does not match"), "{}", e.message());
+
+        // A replayed authorizer: accepted once, refused the second time.
+        let mon = ticket_for(
+            &handshake(ch.clone(), &admin, &admin_key).await,
+            Service::Mon,
+        );
+        let a = Authorizer::new(mon.ticket.clone(), &mon.session_key, now_ms(), 1);
+        let mut client = MonitorClient::new(ch.clone());
+        client
+            .status(authorized(StatusRequest {}, &a))
+            .await
+            .expect("a fresh authorizer");
+        let e = client
+            .command(authorized(pool_create("replayed"), &a))
+            .await
+            .expect_err("the same authorizer again");
+        assert_eq!(e.code(), Code::Unauthenticated);
+        assert!(e.message().contains("already used"), "{}", e.message());
+
+        // An expired ticket (3 s), even with a fresh authorizer. (Just after expiry the
+        // secret that sealed it may also have rotated away: refused either way.)
+        let expires = mon.expires_ms;
+        wait_for("the ticket's expiry", Duration::from_secs(30), || {
+            (now_ms() > expires).then_some(())
+        })
+        .expect("expiry");
+        let a = Authorizer::new(mon.ticket.clone(), &mon.session_key, now_ms(), 2);
+        let e = client
+            .command(authorized(pool_create("expired"), &a))
+            .await
+            .expect_err("an expired ticket");
+        assert_eq!(e.code(), Code::Unauthenticated);
+        assert!(
+            e.message().contains("expired") || e.message().contains("rotated away"),
+            "{}",
+            e.message()
+        );
+
+        // Paxos messages: only from holders of the monitors' key.
+        let env = PeerEnvelope {
+            from: 1,
+            fsid: cluster.config.cluster.fsid.clone(),
+            message: bytes::Bytes::new(),
+        };
+        let e = MonPeerClient::new(ch.clone())
+            .deliver(env.clone())
+            .await
+            .expect_err("no authorizer");
+        assert_eq!(e.code(), Code::Unauthenticated);
+        let mon = ticket_for(
+            &handshake(ch.clone(), &admin, &admin_key).await,
+            Service::Mon,
+        );
+        let a = Authorizer::new(mon.ticket, &mon.session_key, now_ms(), 99);
+        let e = MonPeerClient::new(ch.clone())
+            .deliver(authorized(env, &a))
+            .await
+            .expect_err("client.admin is no monitor");
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(e.message().contains("mon."), "{}", e.message());
+    });
+    assert_eq!(
+        pool_names(&cluster),
+        Vec::<String>::new(),
+        "nothing was applied"
+    );
+
+    // The CLI: a wrong key, an unknown entity, and caps.
+    let bad = cluster.dir.path().join("bad.keyring");
+    let mut ring = Keyring::new();
+    ring.insert(
+        admin.clone(),
+        Secret::generate().expect("key"),
+        Default::default(),
+    );
+    ring.save(&bad).expect("write");
+    let out = cluster.cli(&[
+        "--keyring",
+        bad.to_str().expect("path"),
+        "pool",
+        "create",
+        "wrongkey",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("did not prove"),
+        "{err}"
+    );
+    let ghost = cluster.dir.path().join("ghost.keyring");
+    let mut ring = Keyring::new();
+    ring.insert(
+        "client.ghost".parse().expect("name"),
+        Secret::generate().expect("key"),
+        Default::default(),
+    );
+    ring.save(&ghost).expect("write");
+    let out = cluster.cli(&["--keyring", ghost.to_str().expect("path"), "mon", "stat"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not in the auth database"),
+        "{err}"
+    );
+
+    let ro = cluster.dir.path().join("ro.keyring");
+    let ro_arg = ro.to_str().expect("path");
+    cluster
+        .cli_ok(&[
+            "auth",
+            "get-or-create",
+            "client.ro",
+            "mon",
+            "allow r",
+            "-o",
+            ro_arg,
+        ])
+        .expect("client.ro");
+    cluster
+        .cli_ok(&["--keyring", ro_arg, "mon", "stat"])
+        .expect("reads are allowed");
+    for (args, needle) in [
+        (&["pool", "create", "ro-made"][..], "mon 'allow rw'"),
+        (&["auth", "ls"][..], "mon 'allow *'"),
+    ] {
+        let mut all = vec!["--keyring", ro_arg];
+        all.extend(args);
+        let out = cluster.cli(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("permission denied") && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        pool_names(&cluster),
+        Vec::<String>::new(),
+        "nothing was applied"
+    );
+}
+
+#[test]
+fn the_osds_enforce_caps_and_identities() {
+    let d = DataCluster::start(test_timeouts(), "rbd").expect("cluster");
+    let _enter = d.rt.enter();
+    let c = &d.cluster;
+    c.cli_ok(&[
+        "pool",
+        "create",
+        "vms",
+        "--size",
+        "3",
+        "--min-size",
+        "2",
+        "--pg-num",
+        "8",
+    ])
+    .expect("pool vms");
+    let ro_path = c.dir.path().join("ro.keyring");
+    c.cli_ok(&[
+        "auth",
+        "get-or-create",
+        "client.ro",
+        "mon",
+        "allow r",
+        "osd",
+        "allow r pool=rbd",
+        "-o",
+        ro_path.to_str().expect("path"),
+    ])
+    .expect("client.ro");
+    d.rt.block_on(d.io.write_full("hello", bytes::Bytes::from_static(b"hi")))
+        .expect("admin writes");
+
+    // client.ro reads pool rbd, cannot write it, and cannot list pool vms.
+    let creds = Credentials::load(&ro_path, None).expect("ro keyring");
+    assert_eq!(creds.entity.to_string(), "client.ro");
+    let ro =
+        d.rt.block_on(Rados::connect_with(c.config.clone(), "client.ro", creds))
+            .expect("connect as client.ro");
+    let io = wait_for("pool rbd visible", Duration::from_secs(30), || {
+        ro.ioctx("rbd").ok()
+    })
+    .expect("ioctx");
+    assert_eq!(
+        d.rt.block_on(io.read("hello", 0, 2)).expect("read"),
+        bytes::Bytes::from_static(b"hi")
+    );
+    match d
+        .rt
+        .block_on(io.write_full("hello", bytes::Bytes::from_static(b"no")))
+    {
+        Err(ClientError::PermissionDenied(m)) => {
+            assert!(m.contains("osd 'allow w pool=rbd'"), "{m}")
+        }
+        other => panic!("a write by client.ro was not refused: {other:?}"),
+    }
+    let vms = ro.ioctx("vms").expect("ioctx vms");
+    match d.rt.block_on(vms.list_objects()) {
+        Err(ClientError::PermissionDenied(m)) => assert!(m.contains("pool=vms"), "{m}"),
+        other => panic!("listing vms as client.ro was not refused: {other:?}"),
+    }
+    let out = c.cli(&[
+        "--keyring",
+        ro_path.to_str().expect("path"),
+        "obj",
+        "rm",
+        "rbd",
+        "hello",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("osd 'allow w pool=rbd'"),
+        "{err}"
+    );
+    assert_eq!(
+        d.rt.block_on(d.io.read("hello", 0, 2)).expect("read"),
+        bytes::Bytes::from_static(b"hi"),
+        "nothing was applied"
+    );
+
+    let map = d.rados.osdmap();
+    let pool = map.pool_by_name("rbd").expect("rbd").id;
+    let addr = map.osds[&0].addr.clone();
+    let (ch, admin_ticket) = (channel(&addr), d.rados.mon().osd_ticket());
+    d.rt.block_on(async {
+        // No authorizer, no ticket: refused before anything runs.
+        let e = OsdClient::new(ch.clone())
+            .op(OpRequest {
+                pool,
+                ..Default::default()
+            })
+            .await
+            .expect_err("an unauthenticated op");
+        assert_eq!(e.code(), Code::Unauthenticated);
+        let peer =
+            basalt_messenger::Peer::new(&addr, Duration::from_secs(2), 1 << 20, Default::default());
+        let e = peer
+            .call(basalt_proto::data_path::OP, bytes::Bytes::new())
+            .await
+            .expect_err("no ticket");
+        assert!(
+            matches!(e, basalt_messenger::CallError::Unauthenticated { .. }),
+            "{e:?}"
+        );
+
+        // A forged sub-op: client.admin (every cap) is still not an OSD.
+        let mut osd = OsdClient::new(basalt_proto::auth::authorized(ch.clone(), admin_ticket));
+        let r = osd
+            .sub_op(SubOpRequest {
+                pool,
+                from: 1,
+                object: "hello".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("answered")
+            .into_inner();
+        match decode::<Result<(), OpError>>(&r.result, "sub-op").expect("decode") {
+            Err(OpError::PermissionDenied(m)) => assert!(m.contains("osd.N"), "{m}"),
+            other => panic!("a forged sub-op was not refused: {other:?}"),
+        }
+
+        // A process with osd.5's key claiming to be osd.3 in a peering query.
+        let creds = Credentials::load(&c.osd_keyring_path(5), None).expect("osd.5 keyring");
+        let as5 = MonClient::with_credentials(c.config.clone(), Duration::from_secs(20), creds)
+            .expect("osd.5 client");
+        as5.osdmap().await.expect("authenticated as osd.5");
+        let mut osd = OsdClient::new(basalt_proto::auth::authorized(ch.clone(), as5.osd_ticket()));
+        let r = osd
+            .pg_query(PgQueryRequest {
+                pool,
+                pg_seed: 0,
+                interval_epoch: 1,
+                from: 3,
+            })
+            .await
+            .expect("answered")
+            .into_inner();
+        match decode::<Result<basalt_osd::peering::PeerState, OpError>>(&r.result, "query")
+            .expect("decode")
+        {
+            Err(OpError::PermissionDenied(m)) => assert!(m.contains("osd.3"), "{m}"),
+            other => panic!("a peering query under another OSD's id was not refused: {other:?}"),
+        }
+    });
+    // The cluster serves on.
+    d.rt.block_on(d.io.write_full("after", bytes::Bytes::from_static(b"ok")))
+        .expect("a write after the refusals");
 }

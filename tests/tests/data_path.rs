@@ -328,9 +328,11 @@ fn a_flipped_byte_is_never_returned_and_bad_input_is_refused() {
     let map = f.rados.osdmap();
     let addr = map.osds[&primary].addr.clone();
     f.rt.block_on(async {
-        let mut c = basalt_proto::osd::osd_client::OsdClient::connect(format!("http://{addr}"))
-            .await
-            .expect("connect");
+        let channel = basalt_client::lazy_channel(&addr, Duration::from_secs(2)).expect("channel");
+        let mut c = basalt_proto::osd::osd_client::OsdClient::new(basalt_proto::auth::authorized(
+            channel,
+            f.rados.mon().osd_ticket(),
+        ));
         let reply = c
             .op(basalt_proto::osd::OpRequest {
                 pool: pool.id,

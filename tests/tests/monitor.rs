@@ -293,10 +293,24 @@ fn osds_boot_get_marked_down_then_out() {
     let cluster = TestCluster::start_mons(3, timeouts).expect("start monitors");
     let mon =
         MonClient::with_timeout(cluster.config.clone(), Duration::from_secs(15)).expect("client");
+    // Each "OSD" authenticates as itself: boots, beacons and failure reports are only taken
+    // from osd.N about N.
+    let osd_mons: Vec<MonClient> = (0..6u32)
+        .map(|i| {
+            let creds = basalt_client::Credentials::load(
+                &cluster.osd_keyring_path(i as usize),
+                Some(&basalt_auth::EntityName::osd(i)),
+            )
+            .expect("osd keyring");
+            MonClient::with_credentials(cluster.config.clone(), Duration::from_secs(15), creds)
+                .expect("client")
+        })
+        .collect();
     let mut ids = Vec::new();
     for i in 0..6u32 {
         let (id, _) = rt
-            .block_on(mon.osd_boot(
+            .block_on(osd_mons[i as usize].osd_boot(
+                i,
                 &format!("uuid-{i}"),
                 &format!("127.0.0.1:{}", 7000 + i),
                 &format!("host{}", i / 2),
@@ -308,7 +322,7 @@ fn osds_boot_get_marked_down_then_out() {
     assert_eq!(ids, vec![0, 1, 2, 3, 4, 5]);
     // Re-registration with the same uuid keeps the id.
     let (again, _) = rt
-        .block_on(mon.osd_boot("uuid-3", "127.0.0.1:7103", "host1", 0))
+        .block_on(osd_mons[3].osd_boot(3, "uuid-3", "127.0.0.1:7103", "host1", 0))
         .expect("reboot");
     assert_eq!(again, 3);
 
@@ -338,11 +352,11 @@ fn osds_boot_get_marked_down_then_out() {
 
     // Beacons keep 0..4 alive; osd.5 goes silent → down, then out.
     let beacons = {
-        let mon = mon.clone();
+        let osd_mons = osd_mons.clone();
         rt.spawn(async move {
             loop {
                 for id in 0..5 {
-                    let _ = mon.osd_beacon(id, 0, None).await;
+                    let _ = osd_mons[id as usize].osd_beacon(id, 0, None).await;
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
@@ -363,9 +377,9 @@ fn osds_boot_get_marked_down_then_out() {
     // With noout, a peer-reported failure marks down but not out.
     cluster.cli_ok(&["osd", "set", "noout"]).expect("noout");
     let epoch = rt.block_on(mon.osdmap()).expect("map").epoch;
-    rt.block_on(mon.osd_failure(0, 4, 5_000, epoch, true))
+    rt.block_on(osd_mons[0].osd_failure(0, 4, 5_000, epoch, true))
         .expect("report");
-    rt.block_on(mon.osd_failure(2, 4, 5_000, epoch, true))
+    rt.block_on(osd_mons[2].osd_failure(2, 4, 5_000, epoch, true))
         .expect("report");
     let map = wait_for("osd.4 reported down", Duration::from_secs(30), || {
         rt.block_on(mon.osdmap()).ok().filter(|m| !m.osds[&4].up)
