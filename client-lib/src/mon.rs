@@ -30,6 +30,8 @@ struct Inner {
     /// Index of the monitor that answered last: asked first next time.
     preferred: AtomicUsize,
     op_timeout: Duration,
+    /// How this client dials monitors and OSDs (TLS or plain text, from `[tls]`).
+    connector: basalt_tls::Connector,
 }
 
 impl MonClient {
@@ -42,10 +44,12 @@ impl MonClient {
 
     /// As [`MonClient::new`], with an explicit bound on each operation.
     pub fn with_timeout(config: ClusterConfig, op_timeout: Duration) -> Result<Self, ClientError> {
+        let connector = crate::connector_for(&config)?;
         let mut mons = Vec::new();
         for m in &config.mons {
-            let channel = crate::lazy_channel(&m.addr.to_string(), Duration::from_millis(500))
-                .map_err(|e| ClientError::Config(format!("mon.{}: {e}", m.rank)))?;
+            let channel =
+                crate::lazy_channel(&m.addr.to_string(), &connector, Duration::from_millis(500))
+                    .map_err(|e| ClientError::Config(format!("mon.{}: {e}", m.rank)))?;
             let client = MonitorClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -59,12 +63,19 @@ impl MonClient {
                 mons,
                 preferred: AtomicUsize::new(0),
                 op_timeout,
+                connector,
             }),
         })
     }
 
     pub fn op_timeout(&self) -> Duration {
         self.inner.op_timeout
+    }
+
+    /// How this client dials (TLS against the cluster CA, or plain text): OSD connections
+    /// made on its behalf use the same.
+    pub fn connector(&self) -> &basalt_tls::Connector {
+        &self.inner.connector
     }
 
     /// Runs `op` against monitors in turn until one answers with something

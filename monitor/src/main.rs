@@ -35,6 +35,8 @@ struct Args {
     #[arg(long)]
     keyring: Option<PathBuf>,
     #[command(flatten)]
+    tls: basalt_tls::DaemonTlsArgs,
+    #[command(flatten)]
     telemetry: basalt_telemetry::TelemetryArgs,
 }
 
@@ -104,7 +106,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let auth = AuthService::new(store.auth().clone(), bootstrap);
     let history = store.reader();
-    let outbox = basalt_mon::peers::spawn_peer_senders(&config, me.rank);
+    let acceptor = args.tls.acceptor(&config.tls)?;
+    let connector = basalt_tls::Connector::for_cluster(&config.tls)
+        .context("cannot set up TLS to the other monitors ([tls] ca_file names the cluster CA)")?;
+    let outbox = basalt_mon::peers::spawn_peer_senders(&config, me.rank, &connector);
     let (node, view) = Node::new(
         me.rank,
         paxos,
@@ -121,12 +126,14 @@ async fn main() -> anyhow::Result<()> {
         req_tx,
         view,
         history,
+        connector,
     ));
-    tracing::info!(rank = me.rank, addr = %me.addr, data = %data.display(), "monitor starting");
+    tracing::info!(rank = me.rank, addr = %me.addr, data = %data.display(), tls = acceptor.is_tls(), "monitor starting");
     let listener = tokio::net::TcpListener::bind(me.addr)
         .await
         .with_context(|| format!("cannot listen on {}; is another monitor using it?", me.addr))?;
-    let incoming = basalt_proto::transport::incoming(listener);
+    // TCP_NODELAY and the TLS handshake (when on) per accepted connection.
+    let incoming = basalt_tls::incoming(listener, acceptor);
     let grpc = basalt_proto::transport::server()
         .add_service(
             MonitorServer::from_arc(server.clone())

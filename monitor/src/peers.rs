@@ -15,7 +15,11 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::node::PeerOutbox;
 
-pub fn spawn_peer_senders(config: &ClusterConfig, me: Rank) -> PeerOutbox {
+pub fn spawn_peer_senders(
+    config: &ClusterConfig,
+    me: Rank,
+    connector: &basalt_tls::Connector,
+) -> PeerOutbox {
     let mut queues = Vec::new();
     for mon in &config.mons {
         if mon.rank == me {
@@ -24,7 +28,13 @@ pub fn spawn_peer_senders(config: &ClusterConfig, me: Rank) -> PeerOutbox {
         }
         let (tx, rx) = mpsc::channel::<Message>(1024);
         let addr = format!("http://{}", mon.addr);
-        tokio::spawn(send_loop(addr, me, config.cluster.fsid.clone(), rx));
+        tokio::spawn(send_loop(
+            addr,
+            me,
+            config.cluster.fsid.clone(),
+            connector.clone(),
+            rx,
+        ));
         queues.push(Some(tx));
     }
     let queues = Arc::new(queues);
@@ -37,17 +47,23 @@ pub fn spawn_peer_senders(config: &ClusterConfig, me: Rank) -> PeerOutbox {
     })
 }
 
-async fn send_loop(addr: String, me: Rank, fsid: String, mut rx: mpsc::Receiver<Message>) {
+async fn send_loop(
+    addr: String,
+    me: Rank,
+    fsid: String,
+    connector: basalt_tls::Connector,
+    mut rx: mpsc::Receiver<Message>,
+) {
     let mut client: Option<MonPeerClient<Channel>> = None;
     while let Some(msg) = rx.recv().await {
         if client.is_none() {
             let Ok(endpoint) = Endpoint::from_shared(addr.clone()) else {
                 return;
             };
-            let channel = endpoint
+            let endpoint = endpoint
                 .connect_timeout(Duration::from_millis(500))
-                .timeout(Duration::from_secs(2))
-                .connect_lazy();
+                .timeout(Duration::from_secs(2));
+            let channel = basalt_tls::channel(endpoint, &connector);
             client = Some(MonPeerClient::new(channel));
         }
         let Some(c) = client.as_mut() else { continue };

@@ -43,6 +43,8 @@ pub struct MonServer {
     /// Upper bound on how long one request waits for quorum or a commit.
     wait: Duration,
     leaders: Mutex<HashMap<Rank, MonitorClient<Channel>>>,
+    /// How this monitor dials the leader (TLS or plain text, from `[tls]`).
+    connector: basalt_tls::Connector,
 }
 
 impl MonServer {
@@ -52,6 +54,7 @@ impl MonServer {
         requests: mpsc::Sender<Request>,
         view: watch::Receiver<NodeView>,
         history: MapHistory,
+        connector: basalt_tls::Connector,
     ) -> Self {
         let t = &config.timeouts;
         // Long enough for a whole leader change: lease loss noticed (2 × lease),
@@ -68,6 +71,7 @@ impl MonServer {
             history,
             wait,
             leaders: Mutex::new(HashMap::new()),
+            connector,
         }
     }
 
@@ -120,11 +124,11 @@ impl MonServer {
             .config
             .mon(rank)
             .ok_or_else(|| Status::internal(format!("mon.{rank} is not in the monmap")))?;
-        let channel = Endpoint::from_shared(format!("http://{}", mon.addr))
+        let endpoint = Endpoint::from_shared(format!("http://{}", mon.addr))
             .map_err(|e| Status::internal(e.to_string()))?
             .connect_timeout(Duration::from_millis(500))
-            .timeout(self.wait)
-            .connect_lazy();
+            .timeout(self.wait);
+        let channel = basalt_tls::channel(endpoint, &self.connector);
         let client = MonitorClient::new(channel);
         leaders.insert(rank, client.clone());
         Ok(client)

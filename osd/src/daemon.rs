@@ -298,6 +298,8 @@ pub struct DaemonConfig {
     pub addr: SocketAddr,
     /// CRUSH weight, 16.16 fixed point.
     pub crush_weight: u32,
+    /// How the port is served: TLS with this OSD's certificate, or plain text (`[tls]`).
+    pub acceptor: basalt_tls::Acceptor,
 }
 
 /// Results of spawned network work, handed back to the state owner.
@@ -377,7 +379,11 @@ impl Daemon {
             .map_err(|e| DaemonError::Config(e.to_string()))?;
         let persisted_epoch = last_map_epoch(&store)?;
         let (events_tx, events) = mpsc::channel(1024);
-        let core = OsdCore::new(store.clone(), cfg.cluster.osd.clone());
+        let core = OsdCore::new(
+            store.clone(),
+            cfg.cluster.osd.clone(),
+            mon.connector().clone(),
+        );
         core.set_mon(mon.clone());
         let epoch = Arc::new(AtomicU64::new(persisted_epoch));
         Ok(Daemon {
@@ -421,8 +427,12 @@ impl Daemon {
         let data_path: Arc<dyn basalt_messenger::Handler> = Arc::new(crate::data_path::DataPath {
             core: self.core.clone(),
         });
-        let incoming =
-            basalt_messenger::split_listener(listener, data_path, basalt_ops::MAX_MESSAGE_BYTES);
+        let incoming = basalt_messenger::split_listener(
+            listener,
+            self.cfg.acceptor.clone(),
+            data_path,
+            basalt_ops::MAX_MESSAGE_BYTES,
+        );
         let grpc = tokio::spawn(
             basalt_proto::transport::server()
                 .add_service(service)
@@ -667,7 +677,11 @@ impl Daemon {
             if self.peers.contains_key(&id) {
                 continue;
             }
-            let Ok(channel) = basalt_client::lazy_channel(&o.addr, self.heartbeat_grace / 2) else {
+            let Ok(channel) = basalt_client::lazy_channel(
+                &o.addr,
+                self.mon.connector(),
+                self.heartbeat_grace / 2,
+            ) else {
                 tracing::warn!(osd = id, addr = %o.addr, "peer has an unusable address; not watching it");
                 continue;
             };
@@ -980,8 +994,12 @@ mod tests {
             let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             let silent_addr = silent.local_addr().expect("addr").to_string();
             for (addr, refused) in [(closed_addr, true), (silent_addr, false)] {
-                let channel = basalt_client::lazy_channel(&addr, Duration::from_millis(500))
-                    .expect("channel");
+                let channel = basalt_client::lazy_channel(
+                    &addr,
+                    &basalt_tls::Connector::plain(),
+                    Duration::from_millis(500),
+                )
+                .expect("channel");
                 let r = tokio::time::timeout(
                     Duration::from_secs(2),
                     OsdClient::new(channel).ping(PingRequest { epoch: 0 }),

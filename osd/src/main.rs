@@ -34,6 +34,8 @@ struct Args {
     #[arg(long)]
     capacity_bytes: Option<u64>,
     #[command(flatten)]
+    tls: basalt_tls::DaemonTlsArgs,
+    #[command(flatten)]
     telemetry: basalt_telemetry::TelemetryArgs,
 }
 
@@ -89,6 +91,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bail!("--capacity-bytes must be positive (omit it for no limit)");
     }
     let capacity = args.capacity_bytes;
+    // Before the store: a missing certificate is a configuration error to report at once.
+    let acceptor = args.tls.acceptor(&cluster.tls)?;
     let data = args.data.clone();
     let fsid = cluster.cluster.fsid.clone();
     // RocksDB open/mkfs blocks; keep it off the runtime threads.
@@ -108,6 +112,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             host,
             addr,
             crush_weight,
+            acceptor,
         },
         store,
     )?;

@@ -349,6 +349,8 @@ pub struct OsdCore {
     tuning: OsdTuning,
     /// Where activations are recorded; set once the daemon has its monitor client.
     mon: OnceLock<MonClient>,
+    /// How this OSD dials its peers (TLS against the cluster CA, or plain text).
+    connector: basalt_tls::Connector,
     /// PGs recovering or backfilling at once with this OSD as primary.
     recovery_slots: Arc<tokio::sync::Semaphore>,
     /// PGs found in the store at start: their data matters to peering even where this OSD
@@ -373,8 +375,11 @@ fn now_ns() -> u64 {
 }
 
 /// A gRPC client for another OSD with the data path's message limits.
-pub fn osd_client(addr: &str) -> Result<OsdClient<Channel>, OpError> {
-    let channel = basalt_client::lazy_channel(addr, Duration::from_secs(2))
+pub fn osd_client(
+    addr: &str,
+    connector: &basalt_tls::Connector,
+) -> Result<OsdClient<Channel>, OpError> {
+    let channel = basalt_client::lazy_channel(addr, connector, Duration::from_secs(2))
         .map_err(|e| OpError::Io(format!("OSD: {e}")))?;
     Ok(OsdClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -382,7 +387,7 @@ pub fn osd_client(addr: &str) -> Result<OsdClient<Channel>, OpError> {
 }
 
 impl OsdCore {
-    pub fn new(store: Store, tuning: OsdTuning) -> Arc<Self> {
+    pub fn new(store: Store, tuning: OsdTuning, connector: basalt_tls::Connector) -> Arc<Self> {
         let (map_tx, _) = watch::channel(None);
         let stored_pgs = store.list_pgs().unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot list the PGs in the store");
@@ -394,6 +399,7 @@ impl OsdCore {
             )),
             tuning,
             mon: OnceLock::new(),
+            connector,
             stored_pgs: Mutex::new(stored_pgs.into_iter().collect()),
             store,
             whoami: AtomicU32::new(u32::MAX),
@@ -913,7 +919,7 @@ impl OsdCore {
         if let Some(c) = peers.get(&addr) {
             return Ok(c.clone());
         }
-        let c = osd_client(&addr)?;
+        let c = osd_client(&addr, &self.connector)?;
         peers.insert(addr, c.clone());
         Ok(c)
     }
@@ -923,7 +929,12 @@ impl OsdCore {
         let addr = self.peer_addr(osd)?;
         let mut peers = lock(&self.messengers);
         let peer = peers.entry(addr).or_insert_with_key(|addr| {
-            Arc::new(Peer::new(addr, Duration::from_secs(2), MAX_MESSAGE_BYTES))
+            Arc::new(Peer::new(
+                addr,
+                self.connector.clone(),
+                Duration::from_secs(2),
+                MAX_MESSAGE_BYTES,
+            ))
         });
         Ok(peer.clone())
     }

@@ -328,9 +328,11 @@ fn a_flipped_byte_is_never_returned_and_bad_input_is_refused() {
     let map = f.rados.osdmap();
     let addr = map.osds[&primary].addr.clone();
     f.rt.block_on(async {
-        let mut c = basalt_proto::osd::osd_client::OsdClient::connect(format!("http://{addr}"))
-            .await
-            .expect("connect");
+        // Over TLS, as every client of the test cluster.
+        let connector = basalt_client::connector_for(&f.cluster.config).expect("TLS");
+        let channel = basalt_client::lazy_channel(&addr, &connector, Duration::from_secs(5))
+            .expect("channel");
+        let mut c = basalt_proto::osd::osd_client::OsdClient::new(channel);
         let reply = c
             .op(basalt_proto::osd::OpRequest {
                 pool: pool.id,
