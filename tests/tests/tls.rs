@@ -134,10 +134,6 @@ fn nbd_over_tls_needs_certificates_and_shows_each_client_its_own_exports() {
         ],
     );
     assert!(!ok, "qemu-img trusting another CA must fail:\n{text}");
-    assert!(
-        cluster.gateway_log(gw).contains("TLS handshake failed"),
-        "the gateway logs the failed handshakes"
-    );
 }
 
 #[test]
