@@ -59,6 +59,12 @@ pub(crate) async fn write_frames(
         }
         write_all_vectored(&mut socket, &mut slices).await?;
         batch.clear();
+        if queue.is_empty() {
+            // TLS keeps what the socket did not take in its own buffer until the next write
+            // or a flush: without this the tail of a large frame would wait for the next
+            // frame. Plain TCP's flush does nothing.
+            socket.flush().await?;
+        }
     }
     socket.shutdown().await
 }
