@@ -107,7 +107,16 @@ async fn plain_text_and_tls_ends_refuse_each_other_clearly() {
         .expect("read");
     assert_eq!(answer, PLAIN_TEXT_REFUSAL);
 
-    let plain_addr = echo(Acceptor::plain()).await;
+    // A plain-text server that speaks first (as a messenger answering a banner would).
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let plain_addr = l.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(b"BASALTM1 plain text here\n").await;
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        }
+    });
     let e = pki
         .connector()
         .connect(&plain_addr)
