@@ -98,10 +98,12 @@ write_keyrings() {
 # Daemons of host N: "name binary args..." lines.
 daemons() {
     local n=$1 dir=$2 conf=$2/cluster.toml ip=$NET.$1
-    echo "mon basalt-mon --config $conf --id $((n - 1)) --metrics $ip:9280"
+    # The host's certificate (write_certificates), served by its monitor and OSDs.
+    local tls="--tls-cert $dir/tls/h$n-cert.pem --tls-key $dir/tls/h$n-key.pem"
+    echo "mon basalt-mon --config $conf --id $((n - 1)) --metrics $ip:9280 $tls"
     local k
     for ((k = 0; k < OSDS_PER_HOST; k++)); do
-        echo "osd$k basalt-osd --config $conf --data $dir/h$n/osd$k --host h$n --listen $ip:0 --keyring $dir/osd.$(osd_id "$n" "$k").keyring --metrics $ip:$((9281 + k))${BASALT_NETNS_OSD_CAPACITY:+ --capacity-bytes $BASALT_NETNS_OSD_CAPACITY}"
+        echo "osd$k basalt-osd --config $conf --data $dir/h$n/osd$k --host h$n --listen $ip:0 --keyring $dir/osd.$(osd_id "$n" "$k").keyring --metrics $ip:$((9281 + k))${BASALT_NETNS_OSD_CAPACITY:+ --capacity-bytes $BASALT_NETNS_OSD_CAPACITY} $tls"
     done
     echo "gw basalt-gw --config $conf --listen $ip:10809 --name client.gw-h$n --keyring $dir/gw-h$n.keyring --metrics $ip:9283"
 }
@@ -184,6 +186,19 @@ EOF
     mv "$conf.tmp" "$conf"
 }
 
+# TLS is on by default ([tls] in cluster.toml): a cluster CA in DIR/tls (its certificate at
+# tls/ca-cert.pem beside cluster.toml, where clients look by default) and one certificate
+# per host for its address, made once with the CLI (`basalt tls ca|issue`).
+write_certificates() {
+    local dir=$1 n
+    [[ -f $dir/tls/ca-cert.pem ]] || "$BIN/basalt" tls ca --dir "$dir/tls" >/dev/null
+    for ((n = 1; n <= HOSTS; n++)); do
+        [[ -f $dir/tls/h$n-cert.pem ]] && continue
+        "$BIN/basalt" tls issue "h$n" --ca-dir "$dir/tls" --addr "$NET.$n" \
+            --cert "$dir/tls/h$n-cert.pem" --key "$dir/tls/h$n-key.pem" >/dev/null
+    done
+}
+
 start_daemons() {
     local dir=$1 n
     for ((n = 1; n <= HOSTS; n++)); do
@@ -238,6 +253,7 @@ cmd_up() {
     net_up
     write_config "$dir"
     write_keyrings "$dir"
+    write_certificates "$dir"
     start_daemons "$dir"
     wait_serving "$dir"
     cat <<EOF

@@ -9,6 +9,11 @@
 //! PG serving, and a demo image, creates the keys of the OSDs (`DIR/osd.N.keyring`) and
 //! gateways (`DIR/gwN.keyring`) through the monitors, and prints how to use them. `down` stops only the processes
 //! named by DIR's pid files (checking that each pid still runs a basalt daemon of DIR).
+//!
+//! TLS: `up` also makes DIR/tls (the cluster CA, a certificate per monitor and OSD passed as
+//! `--tls-cert/--tls-key`, the gateways' NBD server directories, and `client.admin/` for
+//! QEMU and libnbd; `crate::tls::cluster_certificates`); cluster.toml's `[tls]` keeps its
+//! defaults (on, CA `tls/ca-cert.pem` beside it).
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
@@ -100,6 +105,7 @@ impl Layout {
                     next_metrics(),
                 ],
             });
+            tls_args(dir, out.last_mut());
         }
         for h in 0..self.hosts {
             for k in 0..self.osds_per_host {
@@ -120,6 +126,7 @@ impl Layout {
                         next_metrics(),
                     ],
                 });
+                tls_args(dir, out.last_mut());
             }
         }
         for g in 0..self.gateways {
@@ -137,10 +144,29 @@ impl Layout {
                     dir.join(format!("gw{g}.keyring")).display().to_string(),
                     "--metrics".into(),
                     next_metrics(),
+                    // TLS offered, not required: plain `nbd://` clients keep working;
+                    // README, "Encryption in transit", says how to require it.
+                    "--nbd-tls-dir".into(),
+                    dir.join("tls").join(format!("gw{g}")).display().to_string(),
+                    "--nbd-tls".into(),
+                    "optional".into(),
                 ],
             });
         }
         out
+    }
+}
+
+/// A monitor's or OSD's certificate flags (`crate::tls::cluster_certificates` makes them).
+fn tls_args(dir: &Path, spec: Option<&mut DaemonSpec>) {
+    if let Some(spec) = spec {
+        let (cert, key) = crate::tls::daemon_cert_paths(&dir.join("tls"), &spec.name);
+        spec.args.extend([
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ]);
     }
 }
 
@@ -239,6 +265,8 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
                 client: Default::default(),
                 osd: Default::default(),
                 auth: Default::default(),
+                // On, with the CA at tls/ca-cert.pem beside cluster.toml.
+                tls: Default::default(),
             };
             std::fs::write(&conf, config.to_toml()).context("cannot write cluster.toml")?;
             std::fs::write(
@@ -250,8 +278,15 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
         }
     };
     bootstrap_keyrings(dir, &layout)?;
+    let daemons = layout.daemons(dir, &conf);
+    let tls_daemons: Vec<String> = daemons
+        .iter()
+        .filter(|d| d.bin != "basalt-gw")
+        .map(|d| d.name.clone())
+        .collect();
+    crate::tls::cluster_certificates(&dir.join("tls"), &tls_daemons, layout.gateways)?;
     let bins = bin_dir()?;
-    for d in layout.daemons(dir, &conf) {
+    for d in daemons {
         if pid_of(dir, &d.name).is_some() {
             continue;
         }
@@ -336,11 +371,26 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
         "  keyrings:      {}/keyring (client.admin), mon.keyring, osd.N.keyring, gwN.keyring",
         dir.display()
     );
+    println!(
+        "  TLS:           {}/tls (cluster CA, daemon certificates; client.admin/ for NBD clients)",
+        dir.display()
+    );
     if layout.gateways > 0 {
         let url = format!("nbd://127.0.0.1:{}/rbd/demo", layout.nbd_port);
+        let certs = dir.join("tls").join("client.admin");
         println!("  demo image:    {url}");
         println!("    qemu-img info {url}");
         println!("    qemu-system-x86_64 -drive file={url},format=raw,if=virtio ...");
+        println!(
+            "  over TLS:      nbdinfo 'nbds://127.0.0.1:{}/rbd/demo?tls-certificates={}'",
+            layout.nbd_port,
+            certs.display()
+        );
+        println!(
+            "    qemu-img info --object tls-creds-x509,id=tls0,dir={},endpoint=client \\\n      --image-opts driver=nbd,host=127.0.0.1,port={},export=rbd/demo,tls-creds=tls0",
+            certs.display(),
+            layout.nbd_port
+        );
     }
     println!(
         "  stop it with:  basalt cluster down --dir {}",

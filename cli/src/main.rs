@@ -22,6 +22,7 @@ mod cluster;
 mod obj;
 mod pg;
 mod rbd;
+mod tls;
 
 #[derive(Parser, Debug)]
 #[command(name = "basalt", version, about = "Administer a basalt cluster")]
@@ -103,6 +104,9 @@ enum Cmd {
     /// Load generator (rados bench-like): write, read, rand, cleanup.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Certificates for encryption in transit, offline: ca, issue.
+    #[command(subcommand)]
+    Tls(tls::TlsCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -242,6 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
         Cmd::Cluster(cmd) => return cluster::run(cmd, json).await,
         Cmd::Keyring(cmd) => return auth::run_keyring(cmd),
+        Cmd::Tls(cmd) => return tls::run(cmd),
         other => other,
     };
     let cli = Cli { command, ..cli };
@@ -292,6 +297,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Cluster(cmd) => cluster::run(cmd, json).await,
         Cmd::Keyring(cmd) => auth::run_keyring(cmd),
+        Cmd::Tls(cmd) => tls::run(cmd),
         Cmd::Rbd(cmd) => rbd::run(config, json, cmd).await,
         Cmd::Bench(cmd) => bench::run(config, json, cmd).await,
     }

@@ -18,7 +18,8 @@
 //!   peering and failures with no bound unless `osd_op_timeout_ms` sets one.
 //!   Object ops travel on the data-path messenger (`basalt-messenger`, one
 //!   connection per OSD shared by every `IoCtx`); listing, watch/notify and PG
-//!   commands on gRPC.
+//!   commands on gRPC. Both are TLS unless the config's `[tls]` turns it off
+//!   (`basalt-tls`; servers verified against the cluster CA).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), basalt_client::ClientError> {
@@ -68,23 +69,39 @@ mod rados;
 use std::time::Duration;
 
 /// A lazily connected gRPC channel to `addr` (`host:port`) as every basalt client and daemon
-/// dials its peers: the data path's transport tuning ([`basalt_proto::transport::tune`]:
-/// TCP_NODELAY, windows, frame size), and HTTP/2 keepalive so a peer behind a link that went
-/// silent (no RST, as with a cut cable or a hung host) is noticed within seconds and the
-/// caller moves on to another monitor or a newer map, instead of waiting on it for the
-/// whole operation timeout.
+/// dials its peers: through `connector` (TLS verified against the cluster CA, or plain text
+/// when `[tls]` is off; it sets TCP_NODELAY), with the data path's HTTP/2 tuning
+/// ([`basalt_proto::transport::tune`]: windows, frame size), and HTTP/2 keepalive so a peer
+/// behind a link that went silent (no RST, as with a cut cable or a hung host) is noticed
+/// within seconds and the caller moves on to another monitor or a newer map, instead of
+/// waiting on it for the whole operation timeout.
 pub fn lazy_channel(
     addr: &str,
+    connector: &basalt_tls::Connector,
     connect_timeout: Duration,
 ) -> Result<tonic::transport::Channel, String> {
+    // The scheme stays http: TLS, when on, is the connector's, below HTTP/2.
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("bad address {addr}: {e}"))?;
-    Ok(basalt_proto::transport::tune(endpoint)
+    let endpoint = basalt_proto::transport::tune(endpoint)
         .connect_timeout(connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(2))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true);
+    Ok(basalt_tls::channel(endpoint, connector))
+}
+
+/// The connector `[tls]` of `config` asks for, as a client error naming the fix.
+pub fn connector_for(
+    config: &basalt_config::ClusterConfig,
+) -> Result<basalt_tls::Connector, ClientError> {
+    basalt_tls::Connector::for_cluster(&config.tls).map_err(|e| {
+        ClientError::Config(format!(
+            "{e} (TLS is on: [tls] ca_file names the cluster CA certificate, by default \
+             tls/ca-cert.pem beside cluster.toml; copy it from the cluster, or set [tls] \
+             enabled = false on a cluster without TLS)"
+        ))
+    })
 }
 
 /// Register descriptions of this crate's metrics with the installed recorder.

@@ -34,6 +34,8 @@ struct Inner {
     /// Index of the monitor that answered last: asked first next time.
     preferred: AtomicUsize,
     op_timeout: Duration,
+    /// How this client dials monitors and OSDs (TLS or plain text, from `[tls]`).
+    connector: basalt_tls::Connector,
 }
 
 impl MonClient {
@@ -57,11 +59,13 @@ impl MonClient {
         op_timeout: Duration,
         creds: Credentials,
     ) -> Result<Self, ClientError> {
+        let connector = crate::connector_for(&config)?;
         let mut mons = Vec::new();
         let mut channels = Vec::new();
         for m in &config.mons {
-            let channel = crate::lazy_channel(&m.addr.to_string(), Duration::from_millis(500))
-                .map_err(|e| ClientError::Config(format!("mon.{}: {e}", m.rank)))?;
+            let channel =
+                crate::lazy_channel(&m.addr.to_string(), &connector, Duration::from_millis(500))
+                    .map_err(|e| ClientError::Config(format!("mon.{}: {e}", m.rank)))?;
             channels.push(channel.clone());
             mons.push((m.rank, channel));
         }
@@ -87,6 +91,7 @@ impl MonClient {
                 session,
                 preferred: AtomicUsize::new(0),
                 op_timeout,
+                connector,
             }),
         })
     }
@@ -103,6 +108,12 @@ impl MonClient {
     /// This client's ticket for the OSDs (what its OSD requests and connections present).
     pub fn osd_ticket(&self) -> Arc<TicketCell> {
         self.inner.session.osd.clone()
+    }
+
+    /// How this client dials (TLS against the cluster CA, or plain text): OSD connections
+    /// made on its behalf use the same.
+    pub fn connector(&self) -> &basalt_tls::Connector {
+        &self.inner.connector
     }
 
     /// Runs `op` against monitors in turn until one answers with something

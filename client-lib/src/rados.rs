@@ -316,7 +316,8 @@ impl Inner {
         if let Some(c) = m.get(addr) {
             return Ok(c.clone());
         }
-        let channel = crate::lazy_channel(addr, Duration::from_secs(2))
+        let connector = self.mon.connector().clone();
+        let channel = crate::lazy_channel(addr, &connector, Duration::from_secs(2))
             .map_err(|e| ClientError::Internal(format!("OSD: {e}")))?;
         let c = OsdConn {
             grpc: OsdClient::new(basalt_proto::auth::authorized(
@@ -327,6 +328,7 @@ impl Inner {
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
             data: Arc::new(Peer::new(
                 addr,
+                connector,
                 Duration::from_secs(2),
                 MAX_MESSAGE_BYTES,
                 self.mon.osd_ticket(),

@@ -41,6 +41,8 @@ pub struct ClusterConfig {
     pub osd: OsdTuning,
     #[serde(default)]
     pub auth: AuthSection,
+    #[serde(default)]
+    pub tls: TlsSection,
 }
 
 /// Authentication (README "Authentication"). There is no switch to turn it off: every
@@ -214,20 +216,79 @@ pub struct ClientSection {
     pub keyring: Option<PathBuf>,
 }
 
+/// Encryption in transit (`[tls]`): every connection to a monitor or an OSD (gRPC and the
+/// data-path messenger) is TLS unless `enabled = false`, and servers are verified against
+/// the cluster CA. Relative paths are relative to the config file's directory.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// On by default; every daemon and client of a cluster must agree.
+    pub enabled: bool,
+    /// The cluster CA certificate (PEM) every server is verified against. Default
+    /// `tls/ca-cert.pem` beside the config file.
+    pub ca_file: Option<PathBuf>,
+    /// This host's daemon certificate and key (PEM), served by its monitors and OSDs;
+    /// `--tls-cert` / `--tls-key` override them per daemon.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            enabled: true,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+/// Where `[tls] ca_file` points when unset, relative to the config file's directory.
+pub const DEFAULT_CA_FILE: &str = "tls/ca-cert.pem";
+
+impl TlsSection {
+    /// The CA file (the default one when unset).
+    pub fn ca_path(&self) -> PathBuf {
+        self.ca_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CA_FILE))
+    }
+
+    /// Makes the section's paths absolute against `dir` (the config file's directory) and
+    /// fills in the default CA file.
+    pub fn resolve(&mut self, dir: &Path) {
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                dir.join(p)
+            }
+        };
+        self.ca_file = Some(abs(&self.ca_path()));
+        self.cert_file = self.cert_file.as_deref().map(abs);
+        self.key_file = self.key_file.as_deref().map(abs);
+    }
+}
+
 impl ClusterConfig {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file; `[tls]` paths come back absolute.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
         let mut config = Self::parse(&text, path)?;
-        let dir = path.parent().unwrap_or(Path::new("."));
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         config.client.keyring = match config.client.keyring.take() {
             Some(k) if k.is_relative() => Some(dir.join(k)),
             Some(k) => Some(k),
             None => Some(dir.join("keyring")).filter(|k| k.exists()),
         };
+        config.tls.resolve(&dir);
         Ok(config)
     }
 
@@ -301,6 +362,9 @@ impl ClusterConfig {
         if self.osd.recovery_max_active == 0 {
             return Err("[osd] recovery_max_active must be at least 1".into());
         }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err("[tls] cert_file and key_file go together: set both or neither".into());
+        }
         if let Some(name) = &self.client.name {
             let id = name.strip_prefix("client.").unwrap_or_default();
             if id.is_empty()
@@ -367,11 +431,26 @@ lease_ms = 1000
         );
         assert_eq!(c.cluster.name, "basalt");
         assert_eq!(c.client.name, None);
+        assert!(c.tls.enabled, "TLS is on by default");
+        assert_eq!(c.tls.ca_path(), PathBuf::from(DEFAULT_CA_FILE));
         let named = parse(&format!("{GOOD}\n[client]\nname = \"client.admin\"\n"))
             .expect("valid [client] name");
         assert_eq!(named.client.name.as_deref(), Some("client.admin"));
         let again = parse(&c.to_toml()).expect("round trip");
         assert_eq!(again, c);
+    }
+
+    #[test]
+    fn tls_paths_resolve_against_the_config_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cluster.toml");
+        let text =
+            format!("{GOOD}\n[tls]\ncert_file = \"tls/h1.pem\"\nkey_file = \"/etc/k.pem\"\n");
+        std::fs::write(&path, text).expect("write");
+        let c = ClusterConfig::load(&path).expect("load");
+        assert_eq!(c.tls.ca_file, Some(dir.path().join(DEFAULT_CA_FILE)));
+        assert_eq!(c.tls.cert_file, Some(dir.path().join("tls/h1.pem")));
+        assert_eq!(c.tls.key_file, Some(PathBuf::from("/etc/k.pem")));
     }
 
     #[test]
@@ -399,6 +478,10 @@ lease_ms = 1000
                 "osd_heartbeat_grace_ms must exceed",
             ),
             ("[cluster]\nfsid = \"x\"\n", "mon"),
+            (
+                &format!("{GOOD}\n[tls]\ncert_file = \"a.pem\"\n"),
+                "cert_file and key_file go together",
+            ),
             (
                 &GOOD.replace("127.0.0.1:6789", "not-an-addr"),
                 "not valid TOML",

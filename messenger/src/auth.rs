@@ -26,7 +26,9 @@ pub(crate) async fn write_authorizer(
     let bytes = postcard::to_stdvec(a).map_err(std::io::Error::other)?;
     let mut out = (bytes.len() as u32).to_le_bytes().to_vec();
     out.extend_from_slice(&bytes);
-    s.write_all(&out).await
+    s.write_all(&out).await?;
+    // Under TLS the bytes may wait in the session until flushed.
+    s.flush().await
 }
 
 pub(crate) async fn read_authorizer(
@@ -62,7 +64,8 @@ pub(crate) async fn write_verdict(
             out.extend_from_slice(why.as_bytes());
         }
     }
-    s.write_all(&out).await
+    s.write_all(&out).await?;
+    s.flush().await
 }
 
 /// The server's verdict: its proof, or why it refused.

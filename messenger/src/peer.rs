@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use basalt_tls::Connector;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
@@ -110,6 +110,7 @@ impl Link {
 
     async fn connect(
         addr: &str,
+        connector: &Connector,
         timeout: Duration,
         max_payload: usize,
         ticket: &TicketCell,
@@ -128,24 +129,39 @@ impl Link {
             ));
         };
         let opened = async {
-            let mut s = TcpStream::connect(addr).await?;
-            // One small frame per 4 KiB write: Nagle would hold it for the peer's delayed ACK.
-            s.set_nodelay(true)?;
-            s.write_all(BANNER).await?;
-            let mut answer = [0u8; BANNER.len()];
-            s.read_exact(&mut answer).await?;
-            if &answer != BANNER {
-                return Ok((s, answer, None));
+            // TCP_NODELAY (the connector sets it): one small frame per 4 KiB write, which
+            // Nagle would hold for the peer's delayed ACK.
+            let mut s = connector.connect(addr).await.map_err(|e| e.to_string())?;
+            let exchange = async {
+                s.write_all(BANNER).await?;
+                s.flush().await?;
+                let mut answer = [0u8; BANNER.len()];
+                s.read_exact(&mut answer).await?;
+                if &answer != BANNER {
+                    return Ok((answer, None));
+                }
+                write_authorizer(&mut s, &authorizer).await?;
+                s.flush().await?;
+                let verdict = read_verdict(&mut s).await?;
+                Ok::<_, std::io::Error>((answer, Some(verdict)))
+            };
+            match exchange.await {
+                Ok((answer, verdict)) => Ok((s, answer, verdict)),
+                Err(e) => Err(e.to_string()),
             }
-            write_authorizer(&mut s, &authorizer).await?;
-            let verdict = read_verdict(&mut s).await?;
-            Ok::<_, std::io::Error>((s, answer, Some(verdict)))
         };
-        let (stream, answer, verdict) = tokio::time::timeout(timeout, opened)
+        let (mut stream, answer, verdict) = tokio::time::timeout(timeout, opened)
             .await
             .map_err(|_| fail(format!("no answer within {timeout:?}")))?
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(fail)?;
         if &answer != BANNER {
+            if basalt_tls::PLAIN_TEXT_REFUSAL.starts_with(&answer) {
+                let mut rest = Vec::new();
+                let _ = tokio::time::timeout(timeout, stream.read_to_end(&mut rest)).await;
+                let said = String::from_utf8_lossy(&answer).into_owned()
+                    + String::from_utf8_lossy(&rest).trim_end();
+                return Err(fail(format!("the peer refused plain text: {said}")));
+            }
             return Err(fail(
                 "the peer does not speak the basalt messenger (an older daemon?)".into(),
             ));
@@ -240,6 +256,7 @@ impl Link {
 /// connection.
 pub struct Peer {
     addr: String,
+    connector: Connector,
     connect_timeout: Duration,
     max_payload: usize,
     /// The caller's `osd` ticket: each new connection presents an authorizer from it.
@@ -248,16 +265,19 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// A peer at `addr` (`host:port`); nothing is connected until the first call, which
-    /// authenticates with an authorizer from `ticket`.
+    /// A peer at `addr` (`host:port`), dialed through `connector` (TLS or plain text);
+    /// nothing is connected until the first call, which authenticates with an authorizer
+    /// from `ticket`.
     pub fn new(
         addr: &str,
+        connector: Connector,
         connect_timeout: Duration,
         max_payload: usize,
         ticket: Arc<TicketCell>,
     ) -> Peer {
         Peer {
             addr: addr.to_string(),
+            connector,
             connect_timeout,
             max_payload,
             ticket,
@@ -289,6 +309,7 @@ impl Peer {
         let l = Arc::new(
             Link::connect(
                 &self.addr,
+                &self.connector,
                 self.connect_timeout,
                 self.max_payload,
                 &self.ticket,

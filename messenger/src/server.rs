@@ -6,10 +6,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use basalt_tls::{Acceptor, Stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::codec::FramedRead;
@@ -40,7 +41,7 @@ const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 /// Before any request: the banner, then the peer's authorizer, checked by `guard`; a peer
 /// that sends none (or a bad one) gets a refusal naming why, and the connection closes.
 pub async fn serve_connection(
-    mut stream: TcpStream,
+    mut stream: Stream,
     handler: Arc<dyn Handler>,
     max_payload: usize,
     guard: Arc<Guard>,
@@ -53,6 +54,7 @@ pub async fn serve_connection(
         return Err(FrameError::Banner);
     }
     stream.write_all(BANNER).await?;
+    stream.flush().await?;
     let authorizer =
         match tokio::time::timeout(FIRST_BYTES_TIMEOUT, read_authorizer(&mut stream)).await {
             Ok(Ok(a)) => a,
@@ -111,17 +113,20 @@ pub async fn serve_connection(
     ended
 }
 
-/// Accepts on `listener` and serves the messenger's connections itself; every other
-/// connection (gRPC's HTTP/2, whose preface starts with `P`) is handed on through the
-/// returned stream, for `tonic`'s `serve_with_incoming`. One port per daemon, as Ceph's
-/// msgr2 tells protocols apart by banner. `TCP_NODELAY` is set on every accepted socket.
-/// Accepting stops when the returned stream is dropped.
+/// Accepts on `listener`, takes each connection through `acceptor` (TLS, or plain text when
+/// TLS is off), and serves the messenger's connections itself; every other connection
+/// (gRPC's HTTP/2, whose preface starts with `P`) is handed on through the returned stream,
+/// for `tonic`'s `serve_with_incoming`. One port per daemon, as Ceph's msgr2 tells protocols
+/// apart by banner; with TLS the banner is read inside the encrypted stream, so both
+/// protocols are encrypted. `TCP_NODELAY` is set on every accepted socket. Accepting stops
+/// when the returned stream is dropped.
 pub fn split_listener(
     listener: TcpListener,
+    acceptor: Acceptor,
     handler: Arc<dyn Handler>,
     max_payload: usize,
     guard: Arc<Guard>,
-) -> ReceiverStream<std::io::Result<TcpStream>> {
+) -> ReceiverStream<std::io::Result<Stream>> {
     let (others, stream) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -141,20 +146,23 @@ pub fn split_listener(
             let _ = socket.set_nodelay(true);
             let others = others.clone();
             let handler = handler.clone();
+            let acceptor = acceptor.clone();
             let guard = guard.clone();
             tokio::spawn(async move {
-                let mut first = [0u8; 1];
-                let peeked =
-                    tokio::time::timeout(FIRST_BYTES_TIMEOUT, socket.peek(&mut first)).await;
-                match peeked {
-                    Ok(Ok(1)) if first[0] == BANNER[0] => {
-                        if let Err(e) = serve_connection(socket, handler, max_payload, guard).await
+                let mut stream = match acceptor.accept(socket).await {
+                    Ok(s) => s,
+                    Err(e) => return basalt_tls::log_refused(&from.to_string(), &e),
+                };
+                let first = tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.first_byte()).await;
+                match first {
+                    Ok(Ok(Some(b))) if b == BANNER[0] => {
+                        if let Err(e) = serve_connection(stream, handler, max_payload, guard).await
                         {
                             tracing::debug!(peer = %from, error = %e, "messenger connection closed");
                         }
                     }
-                    Ok(Ok(n)) if n > 0 => {
-                        let _ = others.send(Ok(socket)).await;
+                    Ok(Ok(Some(_))) => {
+                        let _ = others.send(Ok(stream)).await;
                     }
                     // Closed or silent before saying anything: nothing to serve.
                     _ => {}
@@ -203,7 +211,13 @@ mod tests {
     }
 
     fn client_to(addr: &str) -> Peer {
-        Peer::new(addr, Duration::from_secs(2), 1 << 20, ticket(1))
+        Peer::new(
+            addr,
+            Connector::plain(),
+            Duration::from_secs(2),
+            1 << 20,
+            ticket(1),
+        )
     }
 
     struct Echo;
@@ -228,12 +242,15 @@ mod tests {
         }
     }
 
-    async fn server() -> (String, ReceiverStream<std::io::Result<TcpStream>>) {
+    use basalt_tls::Connector;
+    use tokio::net::TcpStream;
+
+    async fn server() -> (String, ReceiverStream<std::io::Result<Stream>>) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         (
             addr.clone(),
-            split_listener(l, Arc::new(Echo), 1 << 20, guard(1)),
+            split_listener(l, Acceptor::plain(), Arc::new(Echo), 1 << 20, guard(1)),
         )
     }
 
@@ -316,11 +333,23 @@ mod tests {
     async fn a_connection_without_a_valid_ticket_is_refused_before_any_request() {
         let (addr, _others) = server().await;
         // No ticket at all: nothing is sent.
-        let none = Peer::new(&addr, Duration::from_secs(2), 1 << 20, Arc::default());
+        let none = Peer::new(
+            &addr,
+            Connector::plain(),
+            Duration::from_secs(2),
+            1 << 20,
+            Arc::default(),
+        );
         let e = none.call(1, Bytes::new()).await.expect_err("no ticket");
         assert!(matches!(e, CallError::Unauthenticated { .. }), "{e:?}");
         // A ticket sealed by another cluster's secret: the server refuses it, saying why.
-        let stranger = Peer::new(&addr, Duration::from_secs(2), 1 << 20, ticket(2));
+        let stranger = Peer::new(
+            &addr,
+            Connector::plain(),
+            Duration::from_secs(2),
+            1 << 20,
+            ticket(2),
+        );
         match stranger.call(1, Bytes::new()).await {
             Err(CallError::Unauthenticated { why, .. }) => {
                 assert!(why.contains("ticket cannot be opened"), "{why}")
@@ -330,7 +359,7 @@ mod tests {
         // A server that cannot prove it opened the ticket (another cluster's secrets).
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let fake = l.local_addr().expect("addr").to_string();
-        let _o = split_listener(l, Arc::new(Echo), 1 << 20, guard(2));
+        let _o = split_listener(l, Acceptor::plain(), Arc::new(Echo), 1 << 20, guard(2));
         let e = client_to(&fake)
             .call(1, Bytes::new())
             .await
@@ -379,5 +408,69 @@ mod tests {
             .await
             .expect("the bytes are still there");
         assert_eq!(&got, b"PRI");
+    }
+
+    /// A CA, a certificate for 127.0.0.1 and the acceptor and connector built on them.
+    fn tls_pair() -> (tempfile::TempDir, Acceptor, Connector) {
+        use basalt_tls::gen::{CertificateAuthority, CA_CERT};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = CertificateAuthority::generate("messenger test CA").expect("CA");
+        ca.write(dir.path()).expect("write CA");
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        ca.issue("osd.0", &["127.0.0.1".into()])
+            .expect("issue")
+            .write(&cert, &key)
+            .expect("write");
+        let acceptor = Acceptor::tls(&cert, &key).expect("acceptor");
+        let connector = Connector::tls(&dir.path().join(CA_CERT), None).expect("connector");
+        (dir, acceptor, connector)
+    }
+
+    #[tokio::test]
+    async fn over_tls_both_protocols_share_the_port_and_plain_text_is_refused_clearly() {
+        let (_dir, acceptor, connector) = tls_pair();
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let mut others = split_listener(l, acceptor, Arc::new(Echo), 1 << 20, guard(1));
+
+        let tls_peer = Arc::new(Peer::new(
+            &addr,
+            connector.clone(),
+            Duration::from_secs(5),
+            1 << 20,
+            ticket(1),
+        ));
+        let calls = (0..50u32).map(|i| {
+            let peer = tls_peer.clone();
+            async move {
+                let body = Bytes::from(vec![i as u8; 1 + (i as usize * 4099) % 300_000]);
+                assert_eq!(peer.call(2, body.clone()).await.expect("reply"), body);
+            }
+        });
+        futures::future::join_all(calls).await;
+
+        // Another protocol inside TLS is handed on with its first bytes intact.
+        let mut c = connector.connect(&addr).await.expect("tls");
+        c.write_all(b"PRI * HTTP/2.0\r\n").await.expect("write");
+        c.flush().await.expect("flush");
+        let mut handed = tokio::time::timeout(Duration::from_secs(10), others.next())
+            .await
+            .expect("handed on in time")
+            .expect("a stream item")
+            .expect("a stream");
+        assert!(handed.is_tls());
+        let mut got = [0u8; 3];
+        handed.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"PRI");
+
+        // A plain-text messenger client is told why.
+        let e = client_to(&addr)
+            .call(1, Bytes::new())
+            .await
+            .expect_err("plain text on a TLS port");
+        assert!(
+            matches!(&e, CallError::Connect { why, .. } if why.contains("requires TLS")),
+            "{e}"
+        );
     }
 }

@@ -5,7 +5,6 @@ use std::io::IoSlice;
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
 use crate::frame::{encode_header, Kind, HEADER_LEN};
@@ -35,7 +34,7 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 /// the owner can fail what is waiting for replies. Frames queued while a write was in
 /// progress go out together in the next one.
 pub(crate) async fn write_frames(
-    mut socket: OwnedWriteHalf,
+    mut socket: basalt_tls::WriteHalf,
     mut queue: mpsc::UnboundedReceiver<Outgoing>,
 ) -> std::io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::new();
@@ -60,12 +59,18 @@ pub(crate) async fn write_frames(
         }
         write_all_vectored(&mut socket, &mut slices).await?;
         batch.clear();
+        if queue.is_empty() {
+            // TLS keeps what the socket did not take in its own buffer until the next write
+            // or a flush: without this the tail of a large frame would wait for the next
+            // frame. Plain TCP's flush does nothing.
+            socket.flush().await?;
+        }
     }
     socket.shutdown().await
 }
 
 async fn write_all_vectored(
-    socket: &mut OwnedWriteHalf,
+    socket: &mut basalt_tls::WriteHalf,
     mut slices: &mut [IoSlice<'_>],
 ) -> std::io::Result<()> {
     while !slices.is_empty() {

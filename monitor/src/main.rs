@@ -39,6 +39,8 @@ struct Args {
     #[arg(long)]
     keyring: Option<PathBuf>,
     #[command(flatten)]
+    tls: basalt_tls::DaemonTlsArgs,
+    #[command(flatten)]
     telemetry: basalt_telemetry::TelemetryArgs,
 }
 
@@ -116,7 +118,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let auth = AuthService::new(store.auth().clone(), bootstrap);
     let history = store.reader();
-    let outbox = basalt_mon::peers::spawn_peer_senders(&config, me.rank, keys.own_ticket.clone());
+    let acceptor = args.tls.acceptor(&config.tls)?;
+    let connector = basalt_tls::Connector::for_cluster(&config.tls)
+        .context("cannot set up TLS to the other monitors ([tls] ca_file names the cluster CA)")?;
+    let outbox = basalt_mon::peers::spawn_peer_senders(
+        &config,
+        me.rank,
+        &connector,
+        keys.own_ticket.clone(),
+    );
     let (node, view) = Node::new(
         me.rank,
         paxos,
@@ -134,12 +144,14 @@ async fn main() -> anyhow::Result<()> {
         view,
         history,
         keys.clone(),
+        connector,
     ));
-    tracing::info!(rank = me.rank, addr = %me.addr, data = %data.display(), "monitor starting");
+    tracing::info!(rank = me.rank, addr = %me.addr, data = %data.display(), tls = acceptor.is_tls(), "monitor starting");
     let listener = tokio::net::TcpListener::bind(me.addr)
         .await
         .with_context(|| format!("cannot listen on {}; is another monitor using it?", me.addr))?;
-    let incoming = basalt_proto::transport::incoming(listener);
+    // TCP_NODELAY and the TLS handshake (when on) per accepted connection.
+    let incoming = basalt_tls::incoming(listener, acceptor);
     // Every service but the handshake needs an authorizer for the mon service.
     let verify = basalt_proto::auth::Verify(keys.guard.clone());
     let grpc = basalt_proto::transport::server()

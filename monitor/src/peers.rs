@@ -19,7 +19,12 @@ use crate::node::PeerOutbox;
 
 /// `ticket` is this monitor's own `mon.` ticket: peers accept consensus traffic only from
 /// holders of the monitors' key.
-pub fn spawn_peer_senders(config: &ClusterConfig, me: Rank, ticket: Arc<TicketCell>) -> PeerOutbox {
+pub fn spawn_peer_senders(
+    config: &ClusterConfig,
+    me: Rank,
+    connector: &basalt_tls::Connector,
+    ticket: Arc<TicketCell>,
+) -> PeerOutbox {
     let mut queues = Vec::new();
     for mon in &config.mons {
         if mon.rank == me {
@@ -32,6 +37,7 @@ pub fn spawn_peer_senders(config: &ClusterConfig, me: Rank, ticket: Arc<TicketCe
             addr,
             me,
             config.cluster.fsid.clone(),
+            connector.clone(),
             rx,
             ticket.clone(),
         ));
@@ -51,6 +57,7 @@ async fn send_loop(
     addr: String,
     me: Rank,
     fsid: String,
+    connector: basalt_tls::Connector,
     mut rx: mpsc::Receiver<Message>,
     ticket: Arc<TicketCell>,
 ) {
@@ -60,10 +67,10 @@ async fn send_loop(
             let Ok(endpoint) = Endpoint::from_shared(addr.clone()) else {
                 return;
             };
-            let channel = endpoint
+            let endpoint = endpoint
                 .connect_timeout(Duration::from_millis(500))
-                .timeout(Duration::from_secs(2))
-                .connect_lazy();
+                .timeout(Duration::from_secs(2));
+            let channel = basalt_tls::channel(endpoint, &connector);
             client = Some(MonPeerClient::new(basalt_proto::auth::authorized(
                 channel,
                 ticket.clone(),

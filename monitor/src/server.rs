@@ -56,6 +56,8 @@ pub struct MonServer {
     leaders: Mutex<HashMap<Rank, MonitorClient<AuthChannel>>>,
     keys: Arc<MonKeys>,
     handshakes: Handshakes,
+    /// How this monitor dials the leader (TLS or plain text, from `[tls]`).
+    connector: basalt_tls::Connector,
 }
 
 impl MonServer {
@@ -66,6 +68,7 @@ impl MonServer {
         view: watch::Receiver<NodeView>,
         history: MapHistory,
         keys: Arc<MonKeys>,
+        connector: basalt_tls::Connector,
     ) -> Self {
         let t = &config.timeouts;
         // Long enough for a whole leader change: lease loss noticed (2 × lease),
@@ -84,6 +87,7 @@ impl MonServer {
             leaders: Mutex::new(HashMap::new()),
             keys,
             handshakes: Handshakes::default(),
+            connector,
         }
     }
 
@@ -136,11 +140,11 @@ impl MonServer {
             .config
             .mon(rank)
             .ok_or_else(|| Status::internal(format!("mon.{rank} is not in the monmap")))?;
-        let channel = Endpoint::from_shared(format!("http://{}", mon.addr))
+        let endpoint = Endpoint::from_shared(format!("http://{}", mon.addr))
             .map_err(|e| Status::internal(e.to_string()))?
             .connect_timeout(Duration::from_millis(500))
-            .timeout(self.wait)
-            .connect_lazy();
+            .timeout(self.wait);
+        let channel = basalt_tls::channel(endpoint, &self.connector);
         let client = MonitorClient::new(basalt_proto::auth::authorized(
             channel,
             self.keys.own_ticket.clone(),

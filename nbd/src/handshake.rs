@@ -1,5 +1,11 @@
 //! Fixed-newstyle negotiation: greeting, then options until the client
-//! picks an export (EXPORT_NAME / GO) or leaves.
+//! picks an export (EXPORT_NAME / GO), asks for TLS (STARTTLS) or leaves.
+//!
+//! STARTTLS (NBD `doc/proto.md`, "TLS support"): after the ACK the caller runs the TLS
+//! handshake on the socket and calls [`options`] again on the encrypted stream with fresh
+//! state (the spec discards everything negotiated before). On a server that requires TLS,
+//! every option but STARTTLS and ABORT gets `NBD_REP_ERR_TLS_REQD` until then, and
+//! EXPORT_NAME (which has no error reply) closes the connection.
 
 use std::sync::Arc;
 
@@ -8,7 +14,51 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use crate::proto::{self, *};
-use crate::{Export, ExportRegistry, Limits, NbdError};
+use crate::{Export, ExportAccess, ExportRegistry, Limits, NbdError};
+
+/// Where TLS stands on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsState {
+    /// The server has no certificate: STARTTLS is unsupported.
+    NotOffered,
+    /// Plain text so far; STARTTLS upgrades. `required`: nothing else is served before it.
+    Offered { required: bool },
+    /// The connection is encrypted.
+    Active,
+}
+
+/// What the negotiation knows about the connection besides the options.
+pub(crate) struct Ctx<'a> {
+    pub tls: TlsState,
+    /// The client's name from its TLS certificate (subject CN).
+    pub client: Option<&'a str>,
+    /// Which exports the client may see and open; `None`: all.
+    pub access: Option<&'a dyn ExportAccess>,
+}
+
+impl Ctx<'_> {
+    fn may_open(&self, name: &str) -> Result<(), NbdError> {
+        match self.access {
+            Some(a) if !a.allows(self.client, name) => {
+                Err(NbdError::PermissionDenied(match self.client {
+                    Some(c) => format!("{c} may not open export {name:?}"),
+                    None => format!(
+                        "export {name:?} needs a TLS client certificate that is allowed to open it"
+                    ),
+                }))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How a round of options ended.
+pub(crate) enum Step {
+    /// An export was chosen: transmission follows.
+    Export(Negotiated),
+    /// STARTTLS was acknowledged: the caller runs the TLS handshake, then options again.
+    StartTls,
+}
 
 /// What the negotiation settled on.
 pub(crate) struct Negotiated {
@@ -57,8 +107,10 @@ impl State {
     async fn open(
         &mut self,
         registry: &dyn ExportRegistry,
+        ctx: &Ctx<'_>,
         name: &str,
     ) -> Result<Arc<dyn Export>, NbdError> {
+        ctx.may_open(name)?;
         if let Some((n, e)) = &self.opened {
             if n == name {
                 return Ok(e.clone());
@@ -90,14 +142,8 @@ fn rep_err(out: &mut BytesMut, option: u32, code: u32, msg: &str) {
     );
 }
 
-/// Runs the negotiation. `Ok(None)`: the client aborted or disconnected
-/// cleanly. `Err`: a protocol violation or I/O error (the caller closes).
-pub(crate) async fn negotiate<R, W>(
-    r: &mut R,
-    w: &mut W,
-    registry: &dyn ExportRegistry,
-    limits: &Limits,
-) -> Result<Option<Negotiated>, NbdError>
+/// Sends the greeting and reads the client's flags. `Ok(None)`: the client left.
+pub(crate) async fn greet<R, W>(r: &mut R, w: &mut W) -> Result<Option<u32>, NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -105,7 +151,6 @@ where
     w.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         .await?;
     w.flush().await?;
-
     let client_flags = match r.read_u32().await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
@@ -114,6 +159,23 @@ where
     if client_flags & !(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES) != 0 {
         return Err(protocol(format!("unknown client flags {client_flags:#x}")));
     }
+    Ok(Some(client_flags))
+}
+
+/// Runs the option haggling after [`greet`]. `Ok(None)`: the client aborted or disconnected
+/// cleanly. `Err`: a protocol violation or I/O error (the caller closes).
+pub(crate) async fn options<R, W>(
+    r: &mut R,
+    w: &mut W,
+    registry: &dyn ExportRegistry,
+    limits: &Limits,
+    ctx: &Ctx<'_>,
+    client_flags: u32,
+) -> Result<Option<Step>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut st = State {
         fixed: client_flags & CLIENT_FLAG_FIXED_NEWSTYLE != 0,
         no_zeroes: client_flags & CLIENT_FLAG_NO_ZEROES != 0,
@@ -152,14 +214,58 @@ where
             )));
         }
 
+        if ctx.tls == (TlsState::Offered { required: true })
+            && !matches!(option, OPT_STARTTLS | OPT_ABORT)
+        {
+            if option == OPT_EXPORT_NAME {
+                // No error reply exists for it.
+                return Err(protocol(
+                    "EXPORT_NAME before STARTTLS on a server that requires TLS",
+                ));
+            }
+            rep_err(
+                &mut out,
+                option,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: negotiate NBD_OPT_STARTTLS first",
+            );
+            send(w, &mut out).await?;
+            continue;
+        }
+
         match option {
+            OPT_STARTTLS => match ctx.tls {
+                TlsState::NotOffered => rep_err(
+                    &mut out,
+                    option,
+                    REP_ERR_UNSUP,
+                    "TLS is not configured on this server",
+                ),
+                TlsState::Active => rep_err(
+                    &mut out,
+                    option,
+                    REP_ERR_INVALID,
+                    "TLS is already active on this connection",
+                ),
+                TlsState::Offered { .. } if !data.is_empty() => rep_err(
+                    &mut out,
+                    option,
+                    REP_ERR_INVALID,
+                    "NBD_OPT_STARTTLS takes no data",
+                ),
+                TlsState::Offered { .. } => {
+                    encode_option_reply(&mut out, option, REP_ACK, &[]);
+                    send(w, &mut out).await?;
+                    return Ok(Some(Step::StartTls));
+                }
+            },
             OPT_EXPORT_NAME => {
                 let name = std::str::from_utf8(&data)
                     .map_err(|_| protocol("export name is not UTF-8"))?
                     .to_owned();
                 // No error path exists for EXPORT_NAME: unknown → close.
                 let export = st
-                    .open(registry, &name)
+                    .open(registry, ctx, &name)
                     .await
                     .map_err(|e| protocol(format!("EXPORT_NAME {name:?}: {e}")))?;
                 let flags = transmission_flags(export.as_ref(), st.structured);
@@ -167,7 +273,7 @@ where
                 w.write_all(&encode_export_name_reply(size, flags, st.no_zeroes))
                     .await?;
                 w.flush().await?;
-                return Ok(Some(finish(st, name, export, size, flags)));
+                return Ok(Some(Step::Export(finish(st, name, export, size, flags))));
             }
             OPT_ABORT => {
                 encode_option_reply(&mut out, option, REP_ACK, &[]);
@@ -186,7 +292,8 @@ where
                 } else {
                     match registry.list().await {
                         Ok(names) => {
-                            for n in names {
+                            // Only what this client may open.
+                            for n in names.into_iter().filter(|n| ctx.may_open(n).is_ok()) {
                                 encode_option_reply(
                                     &mut out,
                                     option,
@@ -214,7 +321,7 @@ where
                     send(w, &mut out).await?;
                     continue;
                 };
-                let export = match st.open(registry, &req.name).await {
+                let export = match st.open(registry, ctx, &req.name).await {
                     Ok(e) => e,
                     Err(e) => {
                         debug!(export = %req.name, error = %e, "INFO/GO refused");
@@ -265,7 +372,9 @@ where
                 encode_option_reply(&mut out, option, REP_ACK, &[]);
                 if option == OPT_GO {
                     send(w, &mut out).await?;
-                    return Ok(Some(finish(st, req.name, export, size, flags)));
+                    return Ok(Some(Step::Export(finish(
+                        st, req.name, export, size, flags,
+                    ))));
                 }
             }
             OPT_STRUCTURED_REPLY => {
@@ -287,10 +396,10 @@ where
                     // SET replaces the selection even when it fails.
                     st.meta = None;
                 }
-                meta_context(&mut st, registry, &mut out, option, set, &data).await;
+                meta_context(&mut st, registry, ctx, &mut out, option, set, &data).await;
             }
-            // STARTTLS: we run in NOTLS mode. EXTENDED_HEADERS: not yet
-            // (phase 3 in DESIGN §5); clients fall back to compact headers.
+            // EXTENDED_HEADERS: not yet (phase 3 in DESIGN §5); clients fall back to
+            // compact headers.
             _ => {
                 rep_err(
                     &mut out,
@@ -319,6 +428,7 @@ fn finish(st: State, name: String, export: Arc<dyn Export>, size: u64, flags: u1
 async fn meta_context(
     st: &mut State,
     registry: &dyn ExportRegistry,
+    ctx: &Ctx<'_>,
     out: &mut BytesMut,
     option: u32,
     set: bool,
@@ -342,7 +452,7 @@ async fn meta_context(
         );
         return;
     };
-    if let Err(e) = st.open(registry, &req.name).await {
+    if let Err(e) = st.open(registry, ctx, &req.name).await {
         rep_err(out, option, e.rep_error(), &e.to_string());
         return;
     }

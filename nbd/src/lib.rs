@@ -20,11 +20,17 @@
 //! pipelining (many requests in flight per connection), which only our
 //! own server gives.
 //!
+//! TLS: with an [`NbdTls`] the server offers `NBD_OPT_STARTTLS` (rustls), optionally
+//! requiring it (every other option before it gets `NBD_REP_ERR_TLS_REQD`), and an
+//! [`ExportAccess`] (e.g. [`ExportRules`]) restricts which exports each client certificate
+//! may open and see in LIST. Without TLS, STARTTLS is answered ERR_UNSUP.
+//!
 //! This crate depends on no other basalt crate (nor RocksDB).
 //!
-//! Not implemented yet: TLS (STARTTLS is answered ERR_UNSUP), extended
-//! headers (ERR_UNSUP; clients fall back to compact headers), RESIZE.
+//! Not implemented yet: extended headers (ERR_UNSUP; clients fall back to compact
+//! headers), RESIZE.
 
+mod access;
 mod error;
 mod export;
 mod handshake;
@@ -36,12 +42,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{BufReader, BufWriter};
+use tokio::io::{AsyncRead, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+pub use access::{ExportAccess, ExportRules};
 pub use error::NbdError;
 pub use export::{Export, ExportRegistry, Extent, MemExport, MemRegistry, MEM_BLOCK};
 pub use metrics::describe_metrics;
@@ -127,6 +134,34 @@ impl Limits {
     }
 }
 
+/// TLS for NBD clients (`NBD_OPT_STARTTLS`).
+#[derive(Clone)]
+pub struct NbdTls {
+    /// The server's certificate and key, and how client certificates are verified (QEMU's
+    /// `tls-creds-x509` and libnbd present one when their directory holds one).
+    pub config: Arc<rustls::ServerConfig>,
+    /// Serve nothing before STARTTLS: other options get `NBD_REP_ERR_TLS_REQD`, and a
+    /// plain-text client never reaches an export.
+    pub required: bool,
+    /// The name a client's certificate (DER) gives it for [`ExportAccess`], e.g. its
+    /// subject CN.
+    pub client_name: fn(&[u8]) -> Option<String>,
+}
+
+/// TLS and export access. The default: no TLS, every export open to every client.
+#[derive(Clone, Default)]
+pub struct Security {
+    pub tls: Option<NbdTls>,
+    /// Which exports a client may open and see in LIST; `None`: all.
+    pub access: Option<Arc<dyn ExportAccess>>,
+}
+
+/// A negotiated connection, plain or encrypted.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
 /// The NBD server. Cheap to clone; clones share the registry and the
 /// shutdown signal.
 #[derive(Clone)]
@@ -137,6 +172,7 @@ pub struct NbdServer {
 struct Inner {
     registry: Arc<dyn ExportRegistry>,
     limits: Limits,
+    security: Security,
     shutdown: watch::Sender<bool>,
 }
 
@@ -159,11 +195,21 @@ impl Drop for ConnectionGauge {
 
 impl NbdServer {
     pub fn new(registry: Arc<dyn ExportRegistry>, limits: Limits) -> Self {
+        Self::with_security(registry, limits, Security::default())
+    }
+
+    /// A server with TLS and/or export access rules.
+    pub fn with_security(
+        registry: Arc<dyn ExportRegistry>,
+        limits: Limits,
+        security: Security,
+    ) -> Self {
         let (shutdown, _) = watch::channel(false);
         NbdServer {
             inner: Arc::new(Inner {
                 registry,
                 limits: limits.normalized(),
+                security,
                 shutdown,
             }),
         }
@@ -245,25 +291,13 @@ impl NbdServer {
         let peer = stream.peer_addr().ok();
         // Small replies must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
-        let mut reader = BufReader::with_capacity(256 << 10, r);
-        let mut writer: BufWriter<transmission::BoxWriter> =
-            BufWriter::with_capacity(256 << 10, Box::new(w));
         let limits = &self.inner.limits;
         let mut shutdown = self.inner.shutdown.subscribe();
         if *shutdown.borrow() {
             return Ok(());
         }
 
-        let negotiation = tokio::time::timeout(
-            limits.handshake_timeout,
-            handshake::negotiate(
-                &mut reader,
-                &mut writer,
-                self.inner.registry.as_ref(),
-                limits,
-            ),
-        );
+        let negotiation = tokio::time::timeout(limits.handshake_timeout, self.negotiate(stream));
         let negotiated = tokio::select! {
             r = negotiation => match r {
                 Ok(r) => r.inspect_err(|_| count_protocol_error())?,
@@ -276,18 +310,112 @@ impl NbdServer {
             },
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
         };
-        let Some(neg) = negotiated else {
+        let Some((conn, neg)) = negotiated else {
             debug!(?peer, "client left during negotiation");
             return Ok(());
         };
-        debug!(?peer, export = %neg.name, size = neg.size, "client selected export");
-        transmission::run(&mut reader, writer, neg, limits, shutdown)
+        debug!(?peer, export = %neg.name, size = neg.size, tls = matches!(conn, Conn::Tls(_)),
+               "client selected export");
+        let served = match conn {
+            Conn::Plain(tcp) => {
+                let (r, w) = tcp.into_split();
+                self.transmit(r, Box::new(w), neg, shutdown).await
+            }
+            Conn::Tls(tls) => {
+                // One TLS session for both directions: the halves share it behind a lock.
+                let (r, w) = tokio::io::split(*tls);
+                self.transmit(r, Box::new(w), neg, shutdown).await
+            }
+        };
+        served.inspect_err(|e| {
+            if matches!(e, NbdError::Protocol(_)) {
+                count_protocol_error();
+            }
+        })
+    }
+
+    async fn transmit<R: AsyncRead + Unpin + Send>(
+        &self,
+        r: R,
+        w: transmission::BoxWriter,
+        neg: handshake::Negotiated,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), NbdError> {
+        let mut reader = BufReader::with_capacity(256 << 10, r);
+        let writer = BufWriter::with_capacity(256 << 10, w);
+        transmission::run(&mut reader, writer, neg, &self.inner.limits, shutdown).await
+    }
+
+    /// Greeting and options, through STARTTLS when the client asks for it. Reads are
+    /// unbuffered here, so nothing a client sends after STARTTLS in plain text can be taken
+    /// for part of the encrypted session: it goes to the TLS handshake, which fails.
+    async fn negotiate(
+        &self,
+        mut tcp: TcpStream,
+    ) -> Result<Option<(Conn, handshake::Negotiated)>, NbdError> {
+        use handshake::{Ctx, Step, TlsState};
+        let registry = self.inner.registry.as_ref();
+        let limits = &self.inner.limits;
+        let access = self.inner.security.access.as_deref();
+        let tls = self.inner.security.tls.as_ref();
+        let flags = {
+            let (mut r, mut w) = tokio::io::split(&mut tcp);
+            match handshake::greet(&mut r, &mut w).await? {
+                Some(f) => f,
+                None => return Ok(None),
+            }
+        };
+        let ctx = Ctx {
+            tls: match tls {
+                None => TlsState::NotOffered,
+                Some(t) => TlsState::Offered {
+                    required: t.required,
+                },
+            },
+            client: None,
+            access,
+        };
+        let step = {
+            let (mut r, mut w) = tokio::io::split(&mut tcp);
+            handshake::options(&mut r, &mut w, registry, limits, &ctx, flags).await?
+        };
+        let tls = match (step, tls) {
+            (None, _) => return Ok(None),
+            (Some(Step::Export(neg)), _) => return Ok(Some((Conn::Plain(tcp), neg))),
+            (Some(Step::StartTls), Some(t)) => t,
+            (Some(Step::StartTls), None) => {
+                return Err(NbdError::Protocol(
+                    "STARTTLS accepted without TLS configured".into(),
+                ))
+            }
+        };
+        let mut stream = tokio_rustls::TlsAcceptor::from(tls.config.clone())
+            .accept(tcp)
             .await
-            .inspect_err(|e| {
-                if matches!(e, NbdError::Protocol(_)) {
-                    count_protocol_error();
-                }
-            })
+            .map_err(|e| NbdError::Protocol(format!("TLS handshake failed: {e}")))?;
+        let client = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|c| (tls.client_name)(c.as_ref()));
+        debug!(client = ?client, "NBD client switched to TLS");
+        let ctx = Ctx {
+            tls: TlsState::Active,
+            client: client.as_deref(),
+            access,
+        };
+        let step = {
+            let (mut r, mut w) = tokio::io::split(&mut stream);
+            handshake::options(&mut r, &mut w, registry, limits, &ctx, flags).await?
+        };
+        match step {
+            None => Ok(None),
+            Some(Step::Export(neg)) => Ok(Some((Conn::Tls(Box::new(stream)), neg))),
+            Some(Step::StartTls) => Err(NbdError::Protocol(
+                "STARTTLS accepted on an encrypted connection".into(),
+            )),
+        }
     }
 }
 

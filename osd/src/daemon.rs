@@ -302,6 +302,8 @@ pub struct DaemonConfig {
     pub crush_weight: u32,
     /// The OSD's key (`osd.N`): it authenticates as osd.N and boots as OSD N.
     pub creds: basalt_client::Credentials,
+    /// How the port is served: TLS with this OSD's certificate, or plain text (`[tls]`).
+    pub acceptor: basalt_tls::Acceptor,
 }
 
 /// Results of spawned network work, handed back to the state owner.
@@ -391,7 +393,11 @@ impl Daemon {
             .map_err(|e| DaemonError::Config(e.to_string()))?;
         let persisted_epoch = last_map_epoch(&store)?;
         let (events_tx, events) = mpsc::channel(1024);
-        let core = OsdCore::new(store.clone(), cfg.cluster.osd.clone());
+        let core = OsdCore::new(
+            store.clone(),
+            cfg.cluster.osd.clone(),
+            mon.connector().clone(),
+        );
         core.set_mon(mon.clone());
         let epoch = Arc::new(AtomicU64::new(persisted_epoch));
         Ok(Daemon {
@@ -443,6 +449,7 @@ impl Daemon {
         });
         let incoming = basalt_messenger::split_listener(
             listener,
+            self.cfg.acceptor.clone(),
             data_path,
             basalt_ops::MAX_MESSAGE_BYTES,
             self.guard.clone(),
@@ -712,7 +719,11 @@ impl Daemon {
             if self.peers.contains_key(&id) {
                 continue;
             }
-            let Ok(channel) = basalt_client::lazy_channel(&o.addr, self.heartbeat_grace / 2) else {
+            let Ok(channel) = basalt_client::lazy_channel(
+                &o.addr,
+                self.mon.connector(),
+                self.heartbeat_grace / 2,
+            ) else {
                 tracing::warn!(osd = id, addr = %o.addr, "peer has an unusable address; not watching it");
                 continue;
             };
@@ -1031,8 +1042,12 @@ mod tests {
             let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             let silent_addr = silent.local_addr().expect("addr").to_string();
             for (addr, refused) in [(closed_addr, true), (silent_addr, false)] {
-                let channel = basalt_client::lazy_channel(&addr, Duration::from_millis(500))
-                    .expect("channel");
+                let channel = basalt_client::lazy_channel(
+                    &addr,
+                    &basalt_tls::Connector::plain(),
+                    Duration::from_millis(500),
+                )
+                .expect("channel");
                 let r = tokio::time::timeout(
                     Duration::from_secs(2),
                     OsdClient::new(channel).ping(PingRequest { epoch: 0 }),

@@ -44,6 +44,8 @@ struct Args {
     #[arg(long)]
     name: Option<String>,
     #[command(flatten)]
+    tls: basalt_tls::DaemonTlsArgs,
+    #[command(flatten)]
     telemetry: basalt_telemetry::TelemetryArgs,
 }
 
@@ -133,6 +135,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let creds = Credentials::load(&keyring, Some(&name))?;
     let capacity = args.capacity_bytes;
+    // Before the store: a missing certificate is a configuration error to report at once.
+    let acceptor = args.tls.acceptor(&cluster.tls)?;
     let data = args.data.clone();
     let fsid = cluster.cluster.fsid.clone();
     // RocksDB open/mkfs blocks; keep it off the runtime threads.
@@ -153,6 +157,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             addr,
             crush_weight,
             creds,
+            acceptor,
         },
         store,
     )?;

@@ -351,6 +351,8 @@ pub struct OsdCore {
     tuning: OsdTuning,
     /// Where activations are recorded; set once the daemon has its monitor client.
     mon: OnceLock<MonClient>,
+    /// How this OSD dials its peers (TLS against the cluster CA, or plain text).
+    connector: basalt_tls::Connector,
     /// PGs recovering or backfilling at once with this OSD as primary.
     recovery_slots: Arc<tokio::sync::Semaphore>,
     /// PGs found in the store at start: their data matters to peering even where this OSD
@@ -374,10 +376,14 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// A gRPC client for another OSD with the data path's message limits, authenticated with
-/// `ticket` (this OSD's own `osd` ticket).
-pub fn osd_client(addr: &str, ticket: Arc<TicketCell>) -> Result<OsdClient<AuthChannel>, OpError> {
-    let channel = basalt_client::lazy_channel(addr, Duration::from_secs(2))
+/// A gRPC client for another OSD with the data path's message limits, dialed through
+/// `connector`, authenticated with `ticket` (this OSD's own `osd` ticket).
+pub fn osd_client(
+    addr: &str,
+    connector: &basalt_tls::Connector,
+    ticket: Arc<TicketCell>,
+) -> Result<OsdClient<AuthChannel>, OpError> {
+    let channel = basalt_client::lazy_channel(addr, connector, Duration::from_secs(2))
         .map_err(|e| OpError::Io(format!("OSD: {e}")))?;
     Ok(
         OsdClient::new(basalt_proto::auth::authorized(channel, ticket))
@@ -387,7 +393,7 @@ pub fn osd_client(addr: &str, ticket: Arc<TicketCell>) -> Result<OsdClient<AuthC
 }
 
 impl OsdCore {
-    pub fn new(store: Store, tuning: OsdTuning) -> Arc<Self> {
+    pub fn new(store: Store, tuning: OsdTuning, connector: basalt_tls::Connector) -> Arc<Self> {
         let (map_tx, _) = watch::channel(None);
         let stored_pgs = store.list_pgs().unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot list the PGs in the store");
@@ -399,6 +405,7 @@ impl OsdCore {
             )),
             tuning,
             mon: OnceLock::new(),
+            connector,
             stored_pgs: Mutex::new(stored_pgs.into_iter().collect()),
             store,
             whoami: AtomicU32::new(u32::MAX),
@@ -926,7 +933,7 @@ impl OsdCore {
         if let Some(c) = peers.get(&addr) {
             return Ok(c.clone());
         }
-        let c = osd_client(&addr, self.osd_ticket())?;
+        let c = osd_client(&addr, &self.connector, self.osd_ticket())?;
         peers.insert(addr, c.clone());
         Ok(c)
     }
@@ -939,6 +946,7 @@ impl OsdCore {
         let peer = peers.entry(addr).or_insert_with_key(|addr| {
             Arc::new(Peer::new(
                 addr,
+                self.connector.clone(),
                 Duration::from_secs(2),
                 MAX_MESSAGE_BYTES,
                 ticket,

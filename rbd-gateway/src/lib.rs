@@ -350,3 +350,26 @@ mod tests {
         }
     }
 }
+
+/// Reads the gateway's export rules (`--nbd-access FILE`): TOML mapping a client
+/// certificate's CN to the exports it may open, e.g.
+/// `"client.vm1" = ["rbd/vm1", "vms/*"]`, `"client.admin" = ["*"]`.
+pub fn load_export_rules(path: &std::path::Path) -> anyhow::Result<basalt_nbd::ExportRules> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the export rules {}", path.display()))?;
+    let table: std::collections::BTreeMap<String, Vec<String>> = toml::from_str(&text)
+        .with_context(|| {
+            format!(
+                "{} must map client names to lists of exports, e.g. \"client.vm1\" = [\"rbd/vm1\"]",
+                path.display()
+            )
+        })?;
+    let mut rules = basalt_nbd::ExportRules::new();
+    for (client, patterns) in table {
+        rules
+            .allow(&client, patterns)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(rules)
+}

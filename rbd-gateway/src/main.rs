@@ -40,8 +40,63 @@ struct Args {
     /// How long a lock request waits for the holder to answer before checking its watch.
     #[arg(long, default_value_t = 5_000)]
     notify_timeout_ms: u64,
+    /// NBD over TLS (STARTTLS): a directory in QEMU's `tls-creds-x509` layout with
+    /// server-cert.pem, server-key.pem and ca-cert.pem (client certificates are verified
+    /// against it). `basalt tls issue NAME --nbd-server DIR` makes one.
+    #[arg(long)]
+    nbd_tls_dir: Option<PathBuf>,
+    /// off, optional (plain-text clients still served) or required (every option before
+    /// STARTTLS is refused with NBD_REP_ERR_TLS_REQD). Default: required with
+    /// --nbd-tls-dir, else off.
+    #[arg(long, value_enum)]
+    nbd_tls: Option<NbdTlsMode>,
+    /// Export rules by client certificate (TOML: `"CN" = ["POOL/IMAGE", "POOL/*", "*"]`):
+    /// each client opens, and sees in LIST, only what its rule allows; a client without a
+    /// certificate or a rule sees nothing. Default: every client may open every export.
+    #[arg(long)]
+    nbd_access: Option<PathBuf>,
     #[command(flatten)]
     telemetry: basalt_telemetry::TelemetryArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum NbdTlsMode {
+    Off,
+    Optional,
+    Required,
+}
+
+/// TLS and export rules as the flags ask.
+fn nbd_security(args: &Args) -> anyhow::Result<basalt_nbd::Security> {
+    let mode = match (args.nbd_tls, &args.nbd_tls_dir) {
+        (Some(m), _) => m,
+        (None, Some(_)) => NbdTlsMode::Required,
+        (None, None) => NbdTlsMode::Off,
+    };
+    let tls = match (mode, &args.nbd_tls_dir) {
+        (NbdTlsMode::Off, _) => None,
+        (_, None) => bail!("--nbd-tls {mode:?} needs --nbd-tls-dir DIR (the server certificate)"),
+        (_, Some(dir)) => Some(basalt_nbd::NbdTls {
+            config: basalt_tls::nbd_server_config(dir)
+                .with_context(|| format!("cannot set up NBD TLS from {}", dir.display()))?,
+            required: mode == NbdTlsMode::Required,
+            client_name: basalt_tls::common_name,
+        }),
+    };
+    let access = match &args.nbd_access {
+        None => None,
+        Some(path) => {
+            let rules = basalt_gw::load_export_rules(path)?;
+            if tls.is_none() {
+                bail!(
+                    "--nbd-access names clients by their TLS certificates: it needs \
+                     --nbd-tls-dir (and --nbd-tls optional or required)"
+                );
+            }
+            Some(Arc::new(rules) as Arc<dyn basalt_nbd::ExportAccess>)
+        }
+    };
+    Ok(basalt_nbd::Security { tls, access })
 }
 
 fn main() -> ExitCode {
@@ -71,7 +126,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bail!("--watch-timeout-ms must be at least 1000 and --notify-timeout-ms at least 100");
     }
     let mut cluster = ClusterConfig::load(&args.config)?;
-    let name = match args.name.or_else(|| cluster.client.name.clone()) {
+    // Before connecting: a bad certificate or rule file is reported at once.
+    let security = nbd_security(&args)?;
+    let name = match args.name.clone().or_else(|| cluster.client.name.clone()) {
         Some(n) => n,
         None => {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -103,8 +160,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    tracing::info!(%addr, client = %name, "gateway serving NBD; exports are POOL/IMAGE");
-    let server = NbdServer::new(registry, Limits::default());
+    tracing::info!(%addr, client = %name, nbd_tls = ?security.tls.as_ref().map(|t| if t.required { "required" } else { "optional" }),
+        export_rules = security.access.is_some(), "gateway serving NBD; exports are POOL/IMAGE");
+    let server = NbdServer::with_security(registry, Limits::default(), security);
     server
         .serve(listener, basalt_telemetry::shutdown_signal())
         .await

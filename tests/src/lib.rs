@@ -13,7 +13,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use basalt_config::{ClusterConfig, ClusterSection, MonEntry, OsdTuning, PaxosTuning, Timeouts};
+use basalt_config::{
+    ClusterConfig, ClusterSection, MonEntry, OsdTuning, PaxosTuning, Timeouts, TlsSection,
+};
 
 /// Directory holding the basalt binaries.
 pub fn bin_dir() -> PathBuf {
@@ -112,6 +114,43 @@ fn write_keyrings(dir: &Path) -> anyhow::Result<()> {
     }
     ring.save(&dir.join("mon.keyring"))?;
     Ok(())
+}
+
+/// Where the harness keeps its certificates, under a test cluster's directory: the CA
+/// (`ca-cert.pem`, `ca-key.pem`), one daemon certificate for 127.0.0.1 that every test
+/// daemon serves (`daemon-cert.pem`, `daemon-key.pem`, named by `[tls]`), and QEMU-style
+/// NBD directories `nbd-server/` (the gateway's, CN `gw`) and `nbd-client-admin/` (CN
+/// `client.admin`).
+pub const TLS_DIR: &str = "tls";
+
+/// Makes the certificates `basalt cluster up` makes (in one daemon certificate instead of
+/// one per daemon) and returns the `[tls]` section naming them.
+fn write_certificates(dir: &Path) -> anyhow::Result<TlsSection> {
+    use basalt_tls::gen::{write_nbd_dir, CertificateAuthority, NbdEnd, CA_CERT};
+    let tls = dir.join(TLS_DIR);
+    let ca = CertificateAuthority::generate("basalt test CA")?;
+    ca.write(&tls)?;
+    let local = ["127.0.0.1".to_string(), "localhost".to_string()];
+    ca.issue("daemon", &local)?
+        .write(&tls.join("daemon-cert.pem"), &tls.join("daemon-key.pem"))?;
+    write_nbd_dir(
+        &tls.join("nbd-server"),
+        ca.cert_pem(),
+        &ca.issue("gw", &local)?,
+        NbdEnd::Server,
+    )?;
+    write_nbd_dir(
+        &tls.join("nbd-client-admin"),
+        ca.cert_pem(),
+        &ca.issue("client.admin", &[])?,
+        NbdEnd::Client,
+    )?;
+    Ok(TlsSection {
+        enabled: true,
+        ca_file: Some(tls.join(CA_CERT)),
+        cert_file: Some(tls.join("daemon-cert.pem")),
+        key_file: Some(tls.join("daemon-key.pem")),
+    })
 }
 
 /// Polls `cond` every 100 ms until it returns `Some`, or fails after `limit`.
@@ -228,6 +267,7 @@ impl TestCluster {
             },
             osd: Default::default(),
             auth: Default::default(),
+            tls: write_certificates(dir.path())?,
         };
         let config_path = dir.path().join("cluster.toml");
         std::fs::write(&config_path, config.to_toml())?;

@@ -230,8 +230,10 @@ use basalt_tests::DataCluster;
 use tonic::transport::Channel;
 use tonic::Code;
 
-fn channel(addr: &str) -> Channel {
-    basalt_client::lazy_channel(addr, Duration::from_secs(2)).expect("channel")
+/// A raw gRPC channel to `addr`, over TLS as every client of the test cluster.
+fn channel(config: &basalt_config::ClusterConfig, addr: &str) -> Channel {
+    let connector = basalt_client::connector_for(config).expect("TLS");
+    basalt_client::lazy_channel(addr, &connector, Duration::from_secs(2)).expect("channel")
 }
 
 fn enc(v: &impl serde::Serialize) -> bytes::Bytes {
@@ -325,7 +327,7 @@ fn the_monitors_refuse_the_unauthenticated_wrong_keys_expired_tickets_and_replay
         .expect("key")
         .clone();
     let addr = cluster.config.mons[0].addr.to_string();
-    let ch = channel(&addr);
+    let ch = channel(&cluster.config, &addr);
 
     rt.block_on(async {
         // No authorizer at all: refused before anything runs.
@@ -615,7 +617,10 @@ fn the_osds_enforce_caps_and_identities() {
     let map = d.rados.osdmap();
     let pool = map.pool_by_name("rbd").expect("rbd").id;
     let addr = map.osds[&0].addr.clone();
-    let (ch, admin_ticket) = (channel(&addr), d.rados.mon().osd_ticket());
+    let (ch, admin_ticket) = (
+        channel(&d.cluster.config, &addr),
+        d.rados.mon().osd_ticket(),
+    );
     d.rt.block_on(async {
         // No authorizer, no ticket: refused before anything runs.
         let e = OsdClient::new(ch.clone())
@@ -626,8 +631,13 @@ fn the_osds_enforce_caps_and_identities() {
             .await
             .expect_err("an unauthenticated op");
         assert_eq!(e.code(), Code::Unauthenticated);
-        let peer =
-            basalt_messenger::Peer::new(&addr, Duration::from_secs(2), 1 << 20, Default::default());
+        let peer = basalt_messenger::Peer::new(
+            &addr,
+            d.rados.mon().connector().clone(),
+            Duration::from_secs(2),
+            1 << 20,
+            Default::default(),
+        );
         let e = peer
             .call(basalt_proto::data_path::OP, bytes::Bytes::new())
             .await

@@ -328,7 +328,10 @@ fn a_flipped_byte_is_never_returned_and_bad_input_is_refused() {
     let map = f.rados.osdmap();
     let addr = map.osds[&primary].addr.clone();
     f.rt.block_on(async {
-        let channel = basalt_client::lazy_channel(&addr, Duration::from_secs(2)).expect("channel");
+        // Over TLS, as every client of the test cluster.
+        let connector = basalt_client::connector_for(&f.cluster.config).expect("TLS");
+        let channel = basalt_client::lazy_channel(&addr, &connector, Duration::from_secs(5))
+            .expect("channel");
         let mut c = basalt_proto::osd::osd_client::OsdClient::new(basalt_proto::auth::authorized(
             channel,
             f.rados.mon().osd_ticket(),
