@@ -26,12 +26,7 @@ fio_job() { # label
   load=$(cut -d' ' -f1 /proc/loadavg)
   r=$(fio --name=j --ioengine=nbd --uri=$uri --rw=randwrite --bs=4k --iodepth=32 --size=1G \
         --time_based --runtime="$secs" --output-format=json 2>/dev/null |
-      python3 -c '
-import json, sys
-t = sys.stdin.read()
-j = json.loads(t[t.index("{"):])["jobs"][0]["write"]
-print("%8.0f IOPS  avg %6.2f ms  p99 %6.2f ms" % (j["iops"], j["clat_ns"]["mean"] / 1e6,
-      j["clat_ns"]["percentile"]["99.000000"] / 1e6))')
+      python3 bench/fio_summary.py --p99)
   printf 'round %d  %-28s load %5s  %s\n' "$round" "$1" "$load" "$r" | tee -a "$out"
 }
 

@@ -52,12 +52,7 @@ one_round() { # off|on
     load=$(cut -d' ' -f1 /proc/loadavg)
     r=$(fio --name=j --ioengine=nbd --uri="$uri" --rw="$1" --bs="$2" --iodepth="$3" --size="$img" \
           --time_based --runtime="$secs" --ramp_time=2 --output-format=json 2>/dev/null |
-        python3 -c '
-import json, sys
-t = sys.stdin.read()
-j = json.loads(t[t.index("{"):])["jobs"][0]
-io = j["write"] if j["write"]["io_bytes"] else j["read"]
-print("%8.0f IOPS %7.1f MiB/s  avg %6.2f ms" % (io["iops"], io["bw"] / 1024, io["clat_ns"]["mean"] / 1e6))')
+        python3 bench/fio_summary.py)
     printf 'tls-%-3s %-15s load %5s  %s\n' "$mode" "$1-$2-qd$3" "$load" "$r" | tee -a "$out"
   done
   "$bin/basalt" cluster down --dir "$dir/c" >/dev/null

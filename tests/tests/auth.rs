@@ -236,6 +236,23 @@ fn channel(config: &basalt_config::ClusterConfig, addr: &str) -> Channel {
     basalt_client::lazy_channel(addr, &connector, Duration::from_secs(2)).expect("channel")
 }
 
+/// Runs the CLI with `keyring`'s key and asserts it fails saying every one of `needles`.
+fn cli_refused(
+    cluster: &basalt_tests::TestCluster,
+    keyring: &std::path::Path,
+    args: &[&str],
+    needles: &[&str],
+) {
+    let mut all = vec!["--keyring", keyring.to_str().expect("path")];
+    all.extend(args);
+    let out = cluster.cli(&all);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && needles.iter().all(|n| err.contains(n)),
+        "basalt {args:?} should fail saying {needles:?}: {err}"
+    );
+}
+
 fn enc(v: &impl serde::Serialize) -> bytes::Bytes {
     postcard::to_stdvec(v).expect("encode").into()
 }
@@ -471,17 +488,11 @@ fn the_monitors_refuse_the_unauthenticated_wrong_keys_expired_tickets_and_replay
         Default::default(),
     );
     ring.save(&bad).expect("write");
-    let out = cluster.cli(&[
-        "--keyring",
-        bad.to_str().expect("path"),
-        "pool",
-        "create",
-        "wrongkey",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("did not prove"),
-        "{err}"
+    cli_refused(
+        &cluster,
+        &bad,
+        &["pool", "create", "wrongkey"],
+        &["did not prove"],
     );
     let ghost = cluster.dir.path().join("ghost.keyring");
     let mut ring = Keyring::new();
@@ -491,11 +502,11 @@ fn the_monitors_refuse_the_unauthenticated_wrong_keys_expired_tickets_and_replay
         Default::default(),
     );
     ring.save(&ghost).expect("write");
-    let out = cluster.cli(&["--keyring", ghost.to_str().expect("path"), "mon", "stat"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("not in the auth database"),
-        "{err}"
+    cli_refused(
+        &cluster,
+        &ghost,
+        &["mon", "stat"],
+        &["not in the auth database"],
     );
 
     let ro = cluster.dir.path().join("ro.keyring");
@@ -518,14 +529,7 @@ fn the_monitors_refuse_the_unauthenticated_wrong_keys_expired_tickets_and_replay
         (&["pool", "create", "ro-made"][..], "mon 'allow rw'"),
         (&["auth", "ls"][..], "mon 'allow *'"),
     ] {
-        let mut all = vec!["--keyring", ro_arg];
-        all.extend(args);
-        let out = cluster.cli(&all);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains("permission denied") && err.contains(needle),
-            "{args:?}: {err}"
-        );
+        cli_refused(&cluster, &ro, args, &["permission denied", needle]);
     }
     assert_eq!(
         pool_names(&cluster),
@@ -595,18 +599,11 @@ fn the_osds_enforce_caps_and_identities() {
         Err(ClientError::PermissionDenied(m)) => assert!(m.contains("pool=vms"), "{m}"),
         other => panic!("listing vms as client.ro was not refused: {other:?}"),
     }
-    let out = c.cli(&[
-        "--keyring",
-        ro_path.to_str().expect("path"),
-        "obj",
-        "rm",
-        "rbd",
-        "hello",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("osd 'allow w pool=rbd'"),
-        "{err}"
+    cli_refused(
+        c,
+        &ro_path,
+        &["obj", "rm", "rbd", "hello"],
+        &["osd 'allow w pool=rbd'"],
     );
     assert_eq!(
         d.rt.block_on(d.io.read("hello", 0, 2)).expect("read"),
