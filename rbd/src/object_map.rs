@@ -261,6 +261,24 @@ pub async fn read(
     }
 }
 
+/// The stored maps of `points` of image `image_id`, in order; the inner error says why the
+/// first unusable one cannot be used.
+pub(crate) async fn read_points(
+    backend: &dyn ObjectBackend,
+    image_id: &str,
+    order: u8,
+    points: &[scan::Point],
+) -> Result<Result<Vec<ObjectMap>, MapError>, BackendError> {
+    let mut maps = Vec::with_capacity(points.len());
+    for p in points {
+        match read(backend, &map_oid(image_id, p.snap), p.size, order).await? {
+            Ok(m) => maps.push(m),
+            Err(why) => return Ok(Err(why)),
+        }
+    }
+    Ok(Ok(maps))
+}
+
 /// Which objects of an image changed between snapshot `from` (`None`: nothing) and `to`
 /// (`None`: the head of `head_size` bytes), from the maps of `from` and of every point after
 /// it up to `to` (fast-diff): an object changed if it exists at one end and not the other, or
@@ -280,13 +298,9 @@ pub(crate) async fn changed_between(
         Some(s) => from.is_none_or(|f| s > f.id) && to.is_none_or(|t| s <= t.id),
         None => to.is_none(),
     });
-    let mut maps = Vec::with_capacity(points.len());
-    for p in &points {
-        match read(backend, &map_oid(image_id, p.snap), p.size, order).await? {
-            Ok(m) => maps.push(m),
-            Err(_) => return Ok(None),
-        }
-    }
+    let Ok(maps) = read_points(backend, image_id, order, &points).await? else {
+        return Ok(None);
+    };
     let start = match from {
         Some(f) => match read(backend, &map_oid(image_id, Some(f.id)), f.size, order).await? {
             Ok(m) => Some(m),

@@ -44,18 +44,12 @@ impl Rbd {
         let points = scan::points(&mut snaps, header.size);
         let mut maps = None;
         if object_map::usable(header.features, header.flags) {
-            let mut read = Vec::with_capacity(points.len());
-            for p in &points {
-                let oid = object_map::map_oid(&id, p.snap);
-                match object_map::read(b, &oid, p.size, header.order).await? {
-                    Ok(m) => read.push(m),
-                    Err(why) => {
-                        tracing::info!(image = name, %why, "object map unusable: asking every object");
-                        break;
-                    }
+            match object_map::read_points(b, &id, header.order, &points).await? {
+                Ok(read) => maps = Some(read),
+                Err(why) => {
+                    tracing::info!(image = name, %why, "object map unusable: asking every object")
                 }
             }
-            maps = (read.len() == points.len()).then_some(read);
         }
         let from_object_map = maps.is_some();
         let maps: Vec<ObjectMap> = match maps {
