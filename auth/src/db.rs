@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::caps::Caps;
 use crate::entity::EntityName;
+use crate::handshake::{Service, ServiceKeys};
 use crate::key::Secret;
 
 /// One entity's record.
@@ -34,16 +35,35 @@ pub enum AuthChange {
     SetCaps { entity: EntityName, caps: Caps },
     /// Removes an entity (no effect if it is gone).
     Remove { entity: EntityName },
+    /// Adds `service`'s rotating secret `id` (its rotation period), made at random by the
+    /// leader (Ceph's rotating service keys); the [`ROTATING_SECRETS_KEPT`] newest are kept.
+    RotateSecret {
+        service: Service,
+        id: u64,
+        secret: Secret,
+    },
 }
+
+/// How many rotating secrets each service keeps: the one sealing now, the next (committed a
+/// period ahead, so every OSD has it before it is used), and the two before, which open
+/// tickets sealed before the rotation until they expire (a ticket lives one period).
+pub const ROTATING_SECRETS_KEPT: usize = 4;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthDb {
     /// Bumped by every committed batch of changes; 0 is the empty database of a new cluster.
     pub version: u64,
     entities: BTreeMap<EntityName, AuthEntry>,
+    /// Each service's rotating secrets, by period.
+    rotating: BTreeMap<Service, ServiceKeys>,
 }
 
 impl AuthDb {
+    /// `service`'s kept rotating secrets (none before the leader's first rotation commits).
+    pub fn rotating(&self, service: Service) -> ServiceKeys {
+        self.rotating.get(&service).cloned().unwrap_or_default()
+    }
+
     pub fn get(&self, entity: &EntityName) -> Option<&AuthEntry> {
         self.entities.get(entity)
     }
@@ -88,6 +108,17 @@ impl AuthDb {
                 }
                 AuthChange::Remove { entity } => {
                     self.entities.remove(entity);
+                }
+                AuthChange::RotateSecret {
+                    service,
+                    id,
+                    secret,
+                } => {
+                    self.rotating.entry(*service).or_default().rotate(
+                        *id,
+                        secret.clone(),
+                        ROTATING_SECRETS_KEPT,
+                    );
                 }
             }
         }
@@ -139,5 +170,28 @@ mod tests {
         };
         let bytes = postcard::to_stdvec(&change).unwrap();
         assert_eq!(postcard::from_bytes::<AuthChange>(&bytes).unwrap(), change);
+    }
+
+    #[test]
+    fn each_service_keeps_its_newest_rotating_secrets() {
+        let mut db = AuthDb::default();
+        assert!(db.rotating(Service::Osd).is_empty());
+        let secrets: Vec<Secret> = (0..6).map(|_| Secret::generate().unwrap()).collect();
+        for (id, secret) in secrets.iter().enumerate() {
+            db.apply(&[AuthChange::RotateSecret {
+                service: Service::Osd,
+                id: id as u64 + 10,
+                secret: secret.clone(),
+            }]);
+        }
+        let kept: Vec<(u64, Secret)> = db
+            .rotating(Service::Osd)
+            .secrets()
+            .map(|(id, k)| (id, k.clone()))
+            .collect();
+        let want: Vec<(u64, Secret)> = (12..16).zip(secrets[2..].iter().cloned()).collect();
+        assert_eq!(kept, want);
+        assert!(db.rotating(Service::Mon).is_empty());
+        assert_eq!(db.rotating(Service::Osd).up_to(13).newest_id(), Some(13));
     }
 }

@@ -184,6 +184,10 @@ pub struct ClientTicket {
     pub session_key: Secret,
 }
 
+/// The id bit of the monitors' peer secrets ([`ServiceKeys::monitor_peers`]); committed
+/// secrets are numbered by rotation period, far below it.
+pub const MONITOR_PEER_KEY_IDS: u64 = 1 << 63;
+
 /// The rotating service secrets: the newest seals, every kept one opens, so tickets sealed
 /// just before a rotation stay valid until they expire.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,22 +213,41 @@ impl ServiceKeys {
         self.keys.is_empty()
     }
 
-    /// The secrets of `service` for the rotation periods `first..=last` (of `period_ms`
-    /// each), derived from the monitors' shared `mon.` key: every monitor derives the same
-    /// secrets without coordinating, and they rotate with the wall clock. Only holders of the
-    /// `mon.` key can derive them; OSDs get the `osd` service's from a monitor.
-    pub fn derived(mon_key: &Secret, service: Service, first: u64, last: u64) -> ServiceKeys {
+    /// The newest kept secret's id.
+    pub fn newest_id(&self) -> Option<u64> {
+        self.keys.last_key_value().map(|(id, _)| *id)
+    }
+
+    /// The kept secrets with ids up to `last`: what seals now, when the newest was committed
+    /// ahead of its period.
+    pub fn up_to(&self, last: u64) -> ServiceKeys {
+        ServiceKeys {
+            keys: self
+                .keys
+                .range(..=last)
+                .map(|(id, k)| (*id, k.clone()))
+                .collect(),
+        }
+    }
+
+    /// Adds every secret of `other` (ids must not collide; `other`'s win).
+    pub fn extend(&mut self, other: &ServiceKeys) {
+        for (id, k) in &other.keys {
+            self.keys.insert(*id, k.clone());
+        }
+    }
+
+    /// The secrets the monitors seal their *own* mon-service tickets with, for the periods
+    /// `first..=last`, derived from the `mon.` key every monitor holds, so monitors
+    /// authenticate each other before any Paxos commit (the clients' and OSDs' service
+    /// secrets are random and committed through Paxos — `AuthChange::RotateSecret` — and
+    /// Paxos itself cannot wait for them). Only `mon.` holders derive them. Their ids carry
+    /// [`MONITOR_PEER_KEY_IDS`], so they never collide with the committed ones.
+    pub fn monitor_peers(mon_key: &Secret, first: u64, last: u64) -> ServiceKeys {
         let mut keys = BTreeMap::new();
-        for id in first..=last {
-            let bytes = hmac(
-                mon_key,
-                &[
-                    b"service-secret",
-                    service.as_str().as_bytes(),
-                    &id.to_le_bytes(),
-                ],
-            );
-            keys.insert(id, Secret::from_bytes(bytes));
+        for period in first..=last {
+            let bytes = hmac(mon_key, &[b"monitor-peer-secret", &period.to_le_bytes()]);
+            keys.insert(MONITOR_PEER_KEY_IDS | period, Secret::from_bytes(bytes));
         }
         ServiceKeys { keys }
     }

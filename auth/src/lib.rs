@@ -10,7 +10,8 @@
 //! - [`caps`]: capability strings (`mon 'allow r'`, `osd 'allow rw pool=rbd'`), parsed into
 //!   grants and checked against what a request needs.
 //! - [`AuthDb`]: the monitors' database of entities, keys and caps, changed only by
-//!   [`AuthChange`]s committed through Paxos (a total, deterministic `apply`, as the OSDMap's).
+//!   [`AuthChange`]s committed through Paxos (a total, deterministic `apply`, as the OSDMap's),
+//!   including each service's rotating secrets, random and made by the leader.
 //!
 //! - [`handshake`]: the protocol core, sans-IO: HMAC-SHA256 challenge–response (mutual),
 //!   tickets sealed with rotating service secrets (ChaCha20-Poly1305), and authorizers with
@@ -33,7 +34,7 @@ mod keyring;
 pub mod live;
 
 pub use caps::{Caps, CapsError, MonAccess, MonCap, OsdCap, Perm};
-pub use db::{AuthChange, AuthDb, AuthEntry};
+pub use db::{AuthChange, AuthDb, AuthEntry, ROTATING_SECRETS_KEPT};
 pub use entity::{EntityError, EntityName, EntityType};
 pub use key::{Secret, SecretError};
 pub use keyring::{Keyring, KeyringEntry, KeyringError};

@@ -215,7 +215,9 @@ mod tests {
     #[test]
     fn a_guard_admits_a_fresh_authorizer_once_and_checks_caps() {
         let mon_key = Secret::from_bytes([5; 32]);
-        let keys = ServiceKeys::derived(&mon_key, Service::Osd, 1, 2);
+        let mut keys = ServiceKeys::default();
+        keys.rotate(1, Secret::from_bytes([7; 32]), 2);
+        keys.rotate(2, Secret::from_bytes([8; 32]), 2);
         let guard = Guard::default();
         let entity: EntityName = "client.ro".parse().unwrap();
         let caps = Caps::from_pairs(&["osd", "allow r pool=rbd"]).unwrap();
@@ -250,13 +252,18 @@ mod tests {
         let osd = Authenticated::new(EntityName::osd(3), Caps::default(), session);
         assert_eq!(osd.check_is_osd(Some(3)), Ok(3));
         assert!(osd.check_is_osd(Some(4)).is_err());
-        // Secrets derived for other periods, or for the other service, differ.
-        let mon_keys = ServiceKeys::derived(&mon_key, Service::Mon, 1, 2);
-        assert_ne!(
-            mon_keys.secrets().collect::<Vec<_>>(),
-            ServiceKeys::derived(&mon_key, Service::Osd, 1, 2)
-                .secrets()
-                .collect::<Vec<_>>()
+        // The monitors' peer secrets differ per period and never share an id with a
+        // committed secret.
+        let peers = ServiceKeys::monitor_peers(&mon_key, 1, 2);
+        let ids: Vec<u64> = peers.secrets().map(|(id, _)| id).collect();
+        assert_eq!(
+            ids,
+            vec![
+                crate::handshake::MONITOR_PEER_KEY_IDS | 1,
+                crate::handshake::MONITOR_PEER_KEY_IDS | 2
+            ]
         );
+        let secrets: Vec<&Secret> = peers.secrets().map(|(_, k)| k).collect();
+        assert_ne!(secrets[0], secrets[1]);
     }
 }

@@ -181,7 +181,9 @@ mod tests {
     use basalt_auth::{Caps, EntityName, Secret, TicketCell};
 
     fn keys(mon: u8) -> ServiceKeys {
-        ServiceKeys::derived(&Secret::from_bytes([mon; 32]), Service::Osd, 1, 1)
+        let mut keys = ServiceKeys::default();
+        keys.rotate(1, Secret::from_bytes([mon; 32]), 1);
+        keys
     }
 
     /// A service guard holding the secrets of a cluster whose `mon.` key is all `mon`s.

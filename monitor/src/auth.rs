@@ -1,5 +1,6 @@
 //! Auth service: turns `auth add|get-or-create|caps|rm` into pending [`AuthChange`]s on the
-//! leader, and seeds a new cluster's database from the monitors' bootstrap keyring. Pure,
+//! leader, seeds a new cluster's database from the monitors' bootstrap keyring, and rotates
+//! the services' secrets (`rotate_if_due`). Pure apart from the randomness of new secrets,
 //! like the OSDMap service: the node calls it and proposes what it returns.
 //!
 //! Commands are validated against the *pending* database (committed + in flight +
@@ -10,6 +11,7 @@
 
 use std::sync::Arc;
 
+use basalt_auth::handshake::Service;
 use basalt_auth::{AuthChange, AuthDb, AuthEntry, Caps, EntityName, Keyring, Secret};
 
 /// An `auth` mutation, decoded from the wire.
@@ -58,16 +60,19 @@ pub struct AuthService {
     pending_db: AuthDb,
     /// Entities a new cluster starts with (the monitors' `--keyring`).
     bootstrap: Keyring,
+    /// A ticket's life, and so the rotation period of the services' secrets.
+    ttl_ms: u64,
 }
 
 impl AuthService {
-    pub fn new(committed: Arc<AuthDb>, bootstrap: Keyring) -> Self {
+    pub fn new(committed: Arc<AuthDb>, bootstrap: Keyring, ttl_ms: u64) -> Self {
         AuthService {
             pending_db: (*committed).clone(),
             committed,
             in_flight: None,
             pending: Vec::new(),
             bootstrap,
+            ttl_ms: ttl_ms.max(1),
         }
     }
 
@@ -144,6 +149,32 @@ impl AuthService {
             "seeding the auth database from the bootstrap keyring"
         );
         self.push(changes);
+    }
+
+    /// On a leader: makes sure each service has a committed secret for the current rotation
+    /// period and the next (committed a period ahead, so every monitor and OSD holds it before
+    /// any ticket is sealed with it). Each is random, made here, and reaches the other
+    /// monitors only through Paxos, so holding the `mon.` key does not give them (as Ceph's
+    /// rotating keys). Ids are periods of the wall clock; a leader with a clock behind the
+    /// others only rotates a little late.
+    pub fn rotate_if_due(&mut self, now_ms: u64, secret: impl Fn() -> Option<Secret>) {
+        let period = now_ms / self.ttl_ms;
+        for service in [Service::Mon, Service::Osd] {
+            let newest = self.pending_db.rotating(service).newest_id();
+            for id in [period, period + 1] {
+                if newest.is_some_and(|n| n >= id) {
+                    continue;
+                }
+                let Some(secret) = secret() else {
+                    return;
+                };
+                self.push(vec![AuthChange::RotateSecret {
+                    service,
+                    id,
+                    secret,
+                }]);
+            }
+        }
     }
 
     fn push(&mut self, changes: Vec<AuthChange>) {
@@ -242,7 +273,7 @@ mod tests {
     #[test]
     fn commands_are_validated_against_what_is_pending() {
         let mut db = AuthDb::default();
-        let mut svc = AuthService::new(Arc::new(db.clone()), Keyring::new());
+        let mut svc = AuthService::new(Arc::new(db.clone()), Keyring::new(), 1_000);
         let ro = caps(&["osd", "allow r pool=rbd"]);
         let (_, created) = svc
             .command(AuthCommand::GetOrCreate {
@@ -307,7 +338,7 @@ mod tests {
             caps(&["mon", "allow *"]),
         );
         let mut db = AuthDb::default();
-        let mut svc = AuthService::new(Arc::new(db.clone()), boot);
+        let mut svc = AuthService::new(Arc::new(db.clone()), boot, 1_000);
         svc.seed_if_new();
         svc.seed_if_new();
         let changes = svc.take_changes();
@@ -320,5 +351,48 @@ mod tests {
         assert_eq!(db.len(), 1);
         svc.seed_if_new();
         assert!(!svc.has_pending(), "a written database is never re-seeded");
+    }
+
+    #[test]
+    fn the_leader_commits_random_secrets_a_period_ahead() {
+        let mut db = AuthDb::default();
+        let mut svc = AuthService::new(Arc::new(db.clone()), Keyring::new(), 1_000);
+        let fresh = || Secret::generate().ok();
+        // A new cluster: the current period's secret and the next, for each service.
+        svc.rotate_if_due(5_500, fresh);
+        commit(&mut svc, &mut db);
+        for service in [Service::Mon, Service::Osd] {
+            let ids: Vec<u64> = db.rotating(service).secrets().map(|(id, _)| id).collect();
+            assert_eq!(ids, vec![5, 6], "{service:?}");
+        }
+        let mon: Vec<Secret> = db
+            .rotating(Service::Mon)
+            .secrets()
+            .map(|(_, k)| k.clone())
+            .collect();
+        let osd: Vec<Secret> = db
+            .rotating(Service::Osd)
+            .secrets()
+            .map(|(_, k)| k.clone())
+            .collect();
+        assert!(
+            mon.iter().all(|k| !osd.contains(k)),
+            "each secret is its own"
+        );
+        // Nothing is due within the period, even before the commit (pending counts).
+        svc.rotate_if_due(5_900, fresh);
+        assert!(!svc.has_pending());
+        // The next period brings the one after it.
+        svc.rotate_if_due(6_100, fresh);
+        commit(&mut svc, &mut db);
+        let ids: Vec<u64> = db
+            .rotating(Service::Osd)
+            .secrets()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, vec![5, 6, 7]);
+        // Without randomness nothing is proposed.
+        svc.rotate_if_due(9_000, || None);
+        assert!(!svc.has_pending());
     }
 }

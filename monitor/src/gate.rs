@@ -1,25 +1,30 @@
 //! The monitors' side of authentication on the wire (README "Authentication").
 //!
-//! - [`MonKeys`]: the services' rotating secrets, derived from the `mon.` key every monitor
-//!   holds (`ServiceKeys::derived`: one secret per period of `[auth] ticket_ttl_secs`), so
-//!   every monitor seals and opens the same tickets without sharing state; the [`Guard`]
-//!   that checks every gRPC request's authorizer; and this monitor's own `mon.` ticket,
-//!   minted from the mon service secret, with which it talks to its peers (Paxos, forwarded
-//!   commands).
+//! - [`MonKeys`]: the services' rotating secrets as last committed (random, made by the
+//!   leader and committed through Paxos: `AuthService::rotate_if_due`), which seal the
+//!   tickets clients get and open the ones they present; the [`Guard`] that checks every gRPC
+//!   request's authorizer; and this monitor's own `mon.` ticket for its peers (Paxos,
+//!   forwarded commands), sealed with a secret derived from the `mon.` key
+//!   (`ServiceKeys::monitor_peers`), because Paxos cannot wait for a Paxos commit.
 //! - [`Handshakes`]: the handshakes between a client's Hello and its Proof, bounded in
 //!   number and age.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use basalt_auth::handshake::{ClientTicket, ServerHandshake, Service, ServiceKeys, Ticket};
 use basalt_auth::live::{now_ms, random, random_secret};
-use basalt_auth::{Caps, EntityName, Guard, Secret, TicketCell};
+use basalt_auth::{AuthDb, Caps, EntityName, Guard, Secret, TicketCell};
+use tokio::sync::watch;
+
+use crate::node::NodeView;
 
 pub struct MonKeys {
     mon_key: Secret,
     ttl_ms: u64,
+    /// The auth database as last committed: its rotating secrets.
+    committed: RwLock<Arc<AuthDb>>,
     /// Checks the authorizers of requests to this monitor.
     pub guard: Arc<Guard>,
     /// This monitor's ticket for the mon service, as `mon.`.
@@ -27,10 +32,11 @@ pub struct MonKeys {
 }
 
 impl MonKeys {
-    pub fn new(mon_key: Secret, ttl_ms: u64) -> Arc<Self> {
+    pub fn new(mon_key: Secret, ttl_ms: u64, committed: Arc<AuthDb>) -> Arc<Self> {
         let keys = Arc::new(MonKeys {
             mon_key,
             ttl_ms: ttl_ms.max(2_000),
+            committed: RwLock::new(committed),
             guard: Arc::new(Guard::default()),
             own_ticket: Arc::new(TicketCell::default()),
         });
@@ -46,24 +52,51 @@ impl MonKeys {
         now_ms / self.ttl_ms
     }
 
-    /// The secret tickets are sealed with now: the current period's.
-    pub fn sealing(&self, service: Service, now_ms: u64) -> ServiceKeys {
-        let p = self.period(now_ms);
-        ServiceKeys::derived(&self.mon_key, service, p, p)
+    fn committed(&self) -> Arc<AuthDb> {
+        self.committed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    /// The secrets a service accepts now: the previous period's (tickets sealed just before
-    /// the rotation live on until they expire), the current one and the next (a service whose
-    /// refresh lags the rotation still opens new tickets).
-    pub fn accepting(&self, service: Service, now_ms: u64) -> ServiceKeys {
-        let p = self.period(now_ms);
-        ServiceKeys::derived(&self.mon_key, service, p.saturating_sub(1), p + 1)
+    /// The secrets tickets are sealed with now: the committed ones up to the current period
+    /// (the next one is committed ahead); `None` until the leader's first rotation commits.
+    pub fn sealing(&self, service: Service, now_ms: u64) -> Option<ServiceKeys> {
+        let keys = self
+            .committed()
+            .rotating(service)
+            .up_to(self.period(now_ms));
+        (!keys.is_empty()).then_some(keys)
     }
 
-    /// Re-derives the guard's secrets and mints a fresh own ticket.
+    /// The committed secrets `service` accepts: every kept one (the database keeps the two
+    /// before the current, whose tickets live on until they expire, and the next).
+    pub fn accepting(&self, service: Service) -> ServiceKeys {
+        self.committed().rotating(service)
+    }
+
+    /// The monitors' own peer secrets for the periods around now.
+    fn peer_keys(&self, now_ms: u64) -> ServiceKeys {
+        let p = self.period(now_ms);
+        ServiceKeys::monitor_peers(&self.mon_key, p.saturating_sub(1), p + 1)
+    }
+
+    /// A commit changed the auth database: its secrets open tickets from now on.
+    fn on_commit(&self, db: Arc<AuthDb>) {
+        *self.committed.write().unwrap_or_else(|p| p.into_inner()) = db;
+        self.set_guard_keys(now_ms());
+    }
+
+    fn set_guard_keys(&self, now_ms: u64) {
+        let mut keys = self.accepting(Service::Mon);
+        keys.extend(&self.peer_keys(now_ms));
+        self.guard.set_keys(keys);
+    }
+
+    /// Renews the guard's peer secrets and mints a fresh own ticket.
     pub fn refresh(&self) {
         let now = now_ms();
-        self.guard.set_keys(self.accepting(Service::Mon, now));
+        self.set_guard_keys(now);
         let (Ok(session_key), Ok(nonce)) = (random_secret(), random::<12>()) else {
             tracing::error!("no randomness from the OS: this monitor's own ticket is not renewed");
             return;
@@ -74,7 +107,9 @@ impl MonKeys {
             expires_ms: now + self.ttl_ms,
             session_key: session_key.clone(),
         };
-        if let Some(sealed) = self.sealing(Service::Mon, now).seal(&ticket, nonce) {
+        let p = self.period(now);
+        let sealing = ServiceKeys::monitor_peers(&self.mon_key, p, p);
+        if let Some(sealed) = sealing.seal(&ticket, nonce) {
             self.own_ticket.set(ClientTicket {
                 service: Service::Mon,
                 expires_ms: ticket.expires_ms,
@@ -84,15 +119,28 @@ impl MonKeys {
         }
     }
 
-    /// Refreshes every quarter of a ticket's life (at most every 30 s), for as long as the
-    /// monitor runs.
-    pub fn spawn_refresher(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// Follows the committed auth database, and refreshes every quarter of a ticket's life
+    /// (at most every 30 s), for as long as the monitor runs.
+    pub fn spawn_refresher(
+        self: Arc<Self>,
+        mut view: watch::Receiver<NodeView>,
+    ) -> tokio::task::JoinHandle<()> {
         let every = Duration::from_millis((self.ttl_ms / 4).clamp(500, 30_000));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
-                tick.tick().await;
-                self.refresh();
+                tokio::select! {
+                    _ = tick.tick() => self.refresh(),
+                    changed = view.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let db = view.borrow_and_update().auth.clone();
+                        if !Arc::ptr_eq(&db, &self.committed()) {
+                            self.on_commit(db);
+                        }
+                    }
+                }
             }
         })
     }

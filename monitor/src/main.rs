@@ -110,13 +110,12 @@ async fn main() -> anyhow::Result<()> {
             )
         })?
         .clone();
-    let keys =
-        basalt_mon::gate::MonKeys::new(mon_key, config.auth.ticket_ttl_secs.saturating_mul(1000));
-    let _refresher = keys.clone().spawn_refresher();
+    let ttl_ms = config.auth.ticket_ttl_secs.saturating_mul(1000);
+    let keys = basalt_mon::gate::MonKeys::new(mon_key, ttl_ms, store.auth().clone());
     if store.auth().version == 0 {
         tracing::info!(keyring = %keyring_path.display(), entities = bootstrap.iter().count(), "new auth database: will be seeded from the bootstrap keyring");
     }
-    let auth = AuthService::new(store.auth().clone(), bootstrap);
+    let auth = AuthService::new(store.auth().clone(), bootstrap, ttl_ms);
     let history = store.reader();
     let acceptor = args.tls.acceptor(&config.tls)?;
     let connector = basalt_tls::Connector::for_cluster(&config.tls)
@@ -136,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
         outbox,
         Duration::from_millis(t.propose_interval_ms),
     );
+    let _refresher = keys.clone().spawn_refresher(view.clone());
     let (req_tx, req_rx) = tokio::sync::mpsc::channel(4096);
     let server = Arc::new(MonServer::new(
         me.rank,

@@ -459,6 +459,14 @@ impl Node {
         let now = self.now_ms();
         self.service.tick(now, wall_ms());
         self.auth.seed_if_new();
+        self.auth
+            .rotate_if_due(wall_ms(), || match basalt_auth::Secret::generate() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot make a service secret; rotation waits");
+                    None
+                }
+            });
         if self.paxos.can_propose()
             && self.in_flight.is_none()
             && (self.service.has_pending() || self.auth.has_pending())

@@ -677,7 +677,12 @@ impl Monitor for MonServer {
         let who = allowed(&request, MonAccess::OsdDaemon)?;
         who.check_is_osd(None).map_err(denied)?;
         let session_key = who.session_key.clone();
-        let keys = self.keys.accepting(Service::Osd, now_ms());
+        let keys = self.keys.accepting(Service::Osd);
+        if keys.is_empty() {
+            return Err(Status::unavailable(
+                "the osd service's secrets are not committed yet (a new cluster's first commit); retry",
+            ));
+        }
         let plain =
             postcard::to_stdvec(&keys).map_err(|e| Status::internal(format!("encode: {e}")))?;
         let nonce = random::<12>().map_err(|e| Status::internal(e.to_string()))?;
@@ -796,8 +801,13 @@ impl MonAuth for MonServer {
         })?;
         let rnd = |_| random::<12>().map_err(|e| Status::internal(e.to_string()));
         let now = now_ms();
-        let mon_keys = self.keys.sealing(Service::Mon, now);
-        let osd_keys = self.keys.sealing(Service::Osd, now);
+        let not_yet = || {
+            Status::unavailable(
+                "the service secrets are not committed yet (a new cluster's first commit); retry",
+            )
+        };
+        let mon_keys = self.keys.sealing(Service::Mon, now).ok_or_else(not_yet)?;
+        let osd_keys = self.keys.sealing(Service::Osd, now).ok_or_else(not_yet)?;
         let secret = || random_secret().map_err(|e| Status::internal(e.to_string()));
         let grants = vec![
             (Service::Mon, &mon_keys, secret()?, rnd(0)?, rnd(1)?),

@@ -799,13 +799,20 @@ impl DataCluster {
 
     /// [`DataCluster::start`] with OSD settings of the test's choosing.
     pub fn start_tuned(timeouts: Timeouts, osd: OsdTuning, pool: &str) -> anyhow::Result<Self> {
+        Self::start_with(timeouts, |c| c.osd = osd, pool)
+    }
+
+    /// [`DataCluster::start`] with the config changed by `edit` before any daemon reads it.
+    pub fn start_with(
+        timeouts: Timeouts,
+        edit: impl FnOnce(&mut ClusterConfig),
+        pool: &str,
+    ) -> anyhow::Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let mut cluster = TestCluster::start_mons(3, timeouts)?;
-        cluster.config.osd = osd;
-        std::fs::write(&cluster.config_path, cluster.config.to_toml())?;
+        let mut cluster = TestCluster::start_mons_with(3, timeouts, edit)?;
         for i in 0..6 {
             cluster.start_osd(&format!("host{}", i / 2))?;
         }

@@ -688,3 +688,54 @@ fn the_osds_enforce_caps_and_identities() {
     d.rt.block_on(d.io.write_full("after", bytes::Bytes::from_static(b"ok")))
         .expect("a write after the refusals");
 }
+
+/// The services' secrets rotate every ticket life, drawn by the leader and committed through
+/// Paxos: with 3-second tickets, a client keeps reading and writing through several
+/// rotations (renewing its tickets, which OSDs open with secrets they fetched ahead), and the
+/// tickets the monitors grant are sealed with committed secrets of ever newer periods.
+#[test]
+fn io_continues_across_service_secret_rotations() {
+    let d = DataCluster::start_with(test_timeouts(), |c| c.auth.ticket_ttl_secs = 3, "rbd")
+        .expect("cluster");
+    let _enter = d.rt.enter();
+    let c = &d.cluster;
+    let admin: EntityName = "client.admin".parse().expect("name");
+    let admin_key = Keyring::load(&c.admin_keyring_path())
+        .expect("admin keyring")
+        .key(&admin)
+        .expect("key")
+        .clone();
+    let addr = c.config.mons[0].addr.to_string();
+    let osd_key_id = || {
+        let tickets =
+            d.rt.block_on(handshake(channel(&c.config, &addr), &admin, &admin_key));
+        let id = ticket_for(&tickets, Service::Osd).ticket.key_id;
+        assert!(
+            id < basalt_auth::handshake::MONITOR_PEER_KEY_IDS,
+            "an osd ticket sealed with a monitor peer secret: {id:#x}"
+        );
+        id
+    };
+    let first = osd_key_id();
+    // Four ticket lives of back-to-back I/O (a workload's length, not a wait for a state).
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    let mut n = 0u64;
+    while std::time::Instant::now() < until {
+        let name = format!("rot{}", n % 8);
+        let body = bytes::Bytes::from(n.to_le_bytes().to_vec());
+        d.rt.block_on(d.io.write_full(&name, body.clone()))
+            .unwrap_or_else(|e| panic!("write {n} failed across a rotation: {e}"));
+        assert_eq!(
+            d.rt.block_on(d.io.read(&name, 0, 8))
+                .unwrap_or_else(|e| panic!("read {n} failed across a rotation: {e}")),
+            body
+        );
+        n += 1;
+    }
+    let last = osd_key_id();
+    assert!(
+        last >= first + 3,
+        "the osd service secret did not rotate: period {first} then {last}"
+    );
+    assert!(n > 0);
+}
