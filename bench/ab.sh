@@ -12,6 +12,7 @@
 # randread QD32, 1M write QD4; each line records the 1-minute load average at its start.
 # Uses the ports of `basalt cluster up` (6789, 9280+, 10809): stop any other local cluster.
 set -euo pipefail
+. "$(dirname "$0")/plain-nbd.sh"
 cd "$(dirname "$0")/.."
 [[ $# == 2 ]] || { echo "usage: bench/ab.sh BEFORE_BIN AFTER_BIN" >&2; exit 2; }
 before=$1 after=$2 secs=${SECS:-10} rounds=${ROUNDS:-2}
@@ -25,7 +26,7 @@ one_build() { # label bin
   local label=$1 bin=$2 uri=nbd://127.0.0.1:10809/rbd/ab job load r
   rm -rf "$dir/c"
   current=$bin
-  "$bin/basalt" cluster up --dir "$dir/c" --mons 1 --hosts 3 --osds-per-host 1 --gateways 1 --pg-num 32 >/dev/null
+  "$bin/basalt" cluster up --dir "$dir/c" $(plain_nbd "$bin") --mons 1 --hosts 3 --osds-per-host 1 --gateways 1 --pg-num 32 >/dev/null
   BASALT_CONFIG=$dir/c/cluster.toml "$bin/basalt" rbd create rbd/ab --size 1G >/dev/null
   fio --name=fill --ioengine=nbd --uri=$uri --rw=write --bs=1M --iodepth=8 --size=1G >/dev/null
   for job in "randwrite 4k 1" "randwrite 4k 32" "randread 4k 32" "write 1M 4"; do

@@ -10,6 +10,7 @@
 # is the whole CLI process (connect, read, print). Each line records the 1-minute load
 # average at its start. Uses the ports of `basalt cluster up`: stop any other local cluster.
 set -euo pipefail
+. "$(dirname "$0")/plain-nbd.sh"
 cd "$(dirname "$0")/.."
 bin=${1:-${CARGO_TARGET_DIR:-$HOME/.cache/basalt-target}/release}
 out=${OUT:-bench/results/du-$(date -u +%Y%m%d-%H%M).txt}
@@ -34,7 +35,7 @@ writes() { # count
 }
 
 echo "# bench/du.sh $(date -u +%FT%TZ): bin=$bin, commit $(git rev-parse --short HEAD)" | tee -a "$out"
-"$bin/basalt" cluster up --dir "$dir/c" --mons 1 --hosts 3 --osds-per-host 1 --gateways 1 --pg-num 32 >/dev/null
+"$bin/basalt" cluster up --dir "$dir/c" $(plain_nbd "$bin") --mons 1 --hosts 3 --osds-per-host 1 --gateways 1 --pg-num 32 >/dev/null
 export BASALT_CONFIG=$dir/c/cluster.toml
 "$bin/basalt" rbd create rbd/du10g --size 10G >/dev/null
 writes 3000

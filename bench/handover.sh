@@ -30,6 +30,7 @@
 # BASALT_NETNS_PREFIX / BASALT_NETNS_NET (the netns placement's names, default bho / 10.77.21).
 # Uses ports 6789-6791 and 10809-10810 on 127.0.0.1 (stop any local cluster first).
 set -Eeuo pipefail
+. "$(dirname "$0")/plain-nbd.sh"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPS=${REPS:-50}
 ROUNDS=${ROUNDS:-2}
@@ -83,7 +84,7 @@ run() {
   case $placement in
   local)
     CURRENT="local $d/cluster $bin"
-    "$bin/basalt" cluster up --dir "$d/cluster" --gateways 2 >"$d/up.log" 2>&1 ||
+    "$bin/basalt" cluster up --dir "$d/cluster" $(plain_nbd "$bin") --gateways 2 >"$d/up.log" 2>&1 ||
       die "the local cluster did not come up (ports 6789-6791, 10809-10810 free?); see $d/up.log"
     conf=$d/cluster/cluster.toml
     uri_a=nbd://127.0.0.1:10809/rbd/handover uri_b=nbd://127.0.0.1:10810/rbd/handover

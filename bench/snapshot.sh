@@ -12,6 +12,7 @@
 # image filled with 1 MiB writes. Each line records the 1-minute load average at its start.
 # Uses the ports of `basalt cluster up` (6789, 9280+, 10809): stop any other local cluster.
 set -euo pipefail
+. "$(dirname "$0")/plain-nbd.sh"
 cd "$(dirname "$0")/.."
 bin=${1:-${CARGO_TARGET_DIR:-$HOME/.cache/basalt-target}/release}
 secs=${SECS:-20} rounds=${ROUNDS:-2}
@@ -42,7 +43,7 @@ timed() { # label command...
 echo "# bench/snapshot.sh $(date -u +%FT%TZ): bin=$bin, $secs s per fio job, commit $(git rev-parse --short HEAD)" | tee -a "$out"
 for ((round = 1; round <= rounds; round++)); do
   rm -rf "$dir/c"
-  "$bin/basalt" cluster up --dir "$dir/c" --mons 1 --hosts 3 --osds-per-host 1 --gateways 1 --pg-num 32 >/dev/null
+  "$bin/basalt" cluster up --dir "$dir/c" $(plain_nbd "$bin") --mons 1 --hosts 3 --osds-per-host 1 --gateways 1 --pg-num 32 >/dev/null
   export BASALT_CONFIG=$dir/c/cluster.toml
   "$bin/basalt" rbd create rbd/bench --size 1G >/dev/null
   fio --name=fill --ioengine=nbd --uri=$uri --rw=write --bs=1M --iodepth=8 --size=1G >/dev/null

@@ -15,6 +15,7 @@
 # randread QD32 and 1M read QD4; each line records the 1-minute load average at its start.
 # Uses the ports of `basalt cluster up` (6789, 9280+, 10809): stop any other local cluster.
 set -euo pipefail
+. "$(dirname "$0")/plain-nbd.sh"
 cd "$(dirname "$0")/.."
 bin=${1:-${CARGO_TARGET_DIR:-$HOME/.cache/basalt-target}/release}
 secs=${SECS:-20} rounds=${ROUNDS:-2} img=${IMG:-1G}
@@ -26,18 +27,20 @@ trap '"$bin/basalt" cluster down --dir "$dir/c" >/dev/null 2>&1; rm -rf "$dir"' 
 one_round() { # off|on
   local mode=$1 uri job load r
   rm -rf "$dir/c"
-  "$bin/basalt" cluster up --dir "$dir/c" --mons 1 --hosts 3 --osds-per-host 1 --gateways 1 --pg-num 32 >/dev/null
+  "$bin/basalt" cluster up --dir "$dir/c" $(plain_nbd "$bin") --mons 1 --hosts 3 --osds-per-host 1 --gateways 1 --pg-num 32 >/dev/null
   if [[ $mode == off ]]; then
     # The same cluster restarted with TLS off everywhere (the stores do not care).
     "$bin/basalt" cluster down --dir "$dir/c" >/dev/null
     sed -i '/^\[tls\]/,/^\[/ s/^enabled = true/enabled = false/' "$dir/c/cluster.toml"
     grep -q '^enabled = false' "$dir/c/cluster.toml" || { echo "cannot turn TLS off" >&2; exit 1; }
-    "$bin/basalt" cluster up --dir "$dir/c" >/dev/null
+    "$bin/basalt" cluster up --dir "$dir/c" $(plain_nbd "$bin") >/dev/null
     uri=nbd://127.0.0.1:10809/rbd/tls
   else
     # NBD itself stays plain text: fio's nbd engine cannot pass a certificate directory
     # (libnbd refuses `tls-certificates` in a URI unless the program allows local files, and
-    # fio does not), so this measures TLS between the gateway and the OSDs and among OSDs.
+    # fio does not; only libnbd's default directory would work, ~/.pki/libnbd or
+    # /etc/pki/libnbd for root), so this measures TLS between the gateway and the OSDs and
+    # among OSDs.
     uri=nbd://127.0.0.1:10809/rbd/tls
   fi
   if [[ -n ${FULL_RATIO:-} ]]; then

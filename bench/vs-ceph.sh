@@ -22,6 +22,7 @@
 # 4k randwrite QD32 job of basalt with `perf record -a`; needs linux-perf).
 # The table goes to bench/results/vs-ceph-<UTC date>.md; raw outputs stay under /tmp.
 set -Eeuo pipefail
+. "$(dirname "$0")/plain-nbd.sh"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STAMP=$(date -u +%Y%m%d-%H%M)
 OUT=${OUT:-$ROOT/bench/results/vs-ceph-$STAMP.md}
@@ -99,7 +100,7 @@ run_basalt() {  # run_basalt <bin dir> <results dir> <fio group>
   mkdir -p "$RAW"; : >"$ROWS"
   rm -rf "$CLUSTER"
   say "basalt ($bin): 1 monitor, 3 OSDs on 3 hosts, pool rbd size 3 / min_size 2 (32 PGs), one gateway"
-  "$bin/basalt" cluster up --dir "$CLUSTER" --mons 1 --hosts 3 --osds-per-host 1 --gateways 1 --pg-num 32 >/dev/null
+  "$bin/basalt" cluster up --dir "$CLUSTER" $(plain_nbd "$bin") --mons 1 --hosts 3 --osds-per-host 1 --gateways 1 --pg-num 32 >/dev/null
   export BASALT_CONFIG=$CLUSTER/cluster.toml
   "$bin/basalt" rbd create rbd/bench --size "$IMG_SIZE" >/dev/null
   PIDS=(); PNAMES=(); METRICS=()

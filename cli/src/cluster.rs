@@ -13,7 +13,8 @@
 //! TLS: `up` also makes DIR/tls (the cluster CA, a certificate per monitor and OSD passed as
 //! `--tls-cert/--tls-key`, the gateways' NBD server directories, and `client.admin/` for
 //! QEMU and libnbd; `crate::tls::cluster_certificates`); cluster.toml's `[tls]` keeps its
-//! defaults (on, CA `tls/ca-cert.pem` beside it).
+//! defaults (on, CA `tls/ca-cert.pem` beside it). Its gateways require NBD over TLS with
+//! export rules by certificate (`DIR/tls/nbd-access.toml`) unless `--nbd-tls optional|off`.
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
@@ -46,6 +47,12 @@ pub enum ClusterCmd {
         /// PGs of pool `rbd` when it is created (the first `up` of DIR).
         #[arg(long, default_value_t = 64)]
         pg_num: u32,
+        /// What the gateways ask of NBD clients: `required` (the default: TLS with a
+        /// certificate the cluster CA signed, such as DIR/tls/client.admin/), `optional`
+        /// (plain `nbd://` served too, for clients that cannot present one) or `off`.
+        /// Remembered in DIR/local.toml; given again on a restart, it changes.
+        #[arg(long, value_enum)]
+        nbd_tls: Option<NbdTls>,
     },
     /// Stop the daemons DIR's pid files name.
     Down {
@@ -59,7 +66,27 @@ pub enum ClusterCmd {
     },
 }
 
-/// The shape of a local cluster, fixed when DIR is first created.
+/// The gateways' `--nbd-tls` mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdTls {
+    #[default]
+    Required,
+    Optional,
+    Off,
+}
+
+impl NbdTls {
+    fn flag(self) -> &'static str {
+        match self {
+            NbdTls::Required => "required",
+            NbdTls::Optional => "optional",
+            NbdTls::Off => "off",
+        }
+    }
+}
+
+/// The shape of a local cluster, fixed when DIR is first created (but for `nbd_tls`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Layout {
     mons: u32,
@@ -72,6 +99,10 @@ struct Layout {
     nbd_port: u16,
     /// First metrics port: monitors, then OSDs, then gateways.
     metrics_port: u16,
+    /// Whether the gateways require TLS of NBD clients (absent in a DIR made before it
+    /// existed: required, as now).
+    #[serde(default)]
+    nbd_tls: NbdTls,
 }
 
 struct DaemonSpec {
@@ -144,14 +175,19 @@ impl Layout {
                     dir.join(format!("gw{g}.keyring")).display().to_string(),
                     "--metrics".into(),
                     next_metrics(),
-                    // TLS offered, not required: plain `nbd://` clients keep working;
-                    // README, "Encryption in transit", says how to require it.
                     "--nbd-tls-dir".into(),
                     dir.join("tls").join(format!("gw{g}")).display().to_string(),
                     "--nbd-tls".into(),
-                    "optional".into(),
+                    self.nbd_tls.flag().into(),
                 ],
             });
+            // Export rules by certificate: LIST and opens show a client only what its rule
+            // allows. (Not with `optional`: a plain client has no certificate to match, and
+            // would see nothing.)
+            if let Some(gw) = out.last_mut().filter(|_| self.nbd_tls == NbdTls::Required) {
+                gw.args.push("--nbd-access".into());
+                gw.args.push(nbd_access_path(dir).display().to_string());
+            }
         }
         out
     }
@@ -199,6 +235,7 @@ pub async fn run(cmd: ClusterCmd, json: bool) -> anyhow::Result<()> {
             osds_per_host,
             gateways,
             pg_num,
+            nbd_tls,
         } => {
             let layout = Layout {
                 mons,
@@ -208,8 +245,9 @@ pub async fn run(cmd: ClusterCmd, json: bool) -> anyhow::Result<()> {
                 mon_port: 6789,
                 nbd_port: 10809,
                 metrics_port: 9280,
+                nbd_tls: nbd_tls.unwrap_or_default(),
             };
-            up(&absolute(&dir)?, layout, pg_num).await
+            up(&absolute(&dir)?, layout, pg_num, nbd_tls).await
         }
         ClusterCmd::Down { dir } => down(&absolute(&dir)?),
         ClusterCmd::Status { dir } => status(&absolute(&dir)?, json).await,
@@ -218,6 +256,30 @@ pub async fn run(cmd: ClusterCmd, json: bool) -> anyhow::Result<()> {
 
 fn absolute(dir: &Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(dir).with_context(|| format!("cannot resolve {}", dir.display()))
+}
+
+/// The gateways' export rules (`--nbd-access`), made by `up` unless they exist.
+fn nbd_access_path(dir: &Path) -> PathBuf {
+    dir.join("tls").join("nbd-access.toml")
+}
+
+fn write_nbd_access_unless_present(dir: &Path) -> anyhow::Result<()> {
+    let path = nbd_access_path(dir);
+    if path.exists() {
+        return Ok(());
+    }
+    let rules = "# Which exports each NBD client certificate (by its CN) may open and list:\n\
+                 # \"client.vm1\" = [\"rbd/vm1\"], \"client.backup\" = [\"rbd/*\"].\n\
+                 \"client.admin\" = [\"*\"]\n";
+    std::fs::write(&path, rules).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn write_layout(dir: &Path, layout: &Layout) -> anyhow::Result<()> {
+    std::fs::write(
+        dir.join("local.toml"),
+        toml::to_string_pretty(layout).context("cannot encode the layout")?,
+    )
+    .context("cannot write local.toml")
 }
 
 fn load_layout(dir: &Path) -> anyhow::Result<Option<Layout>> {
@@ -233,15 +295,25 @@ fn load_layout(dir: &Path) -> anyhow::Result<Option<Layout>> {
     }
 }
 
-async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
+async fn up(
+    dir: &Path,
+    wanted: Layout,
+    pg_num: u32,
+    nbd_tls: Option<NbdTls>,
+) -> anyhow::Result<()> {
     if wanted.mons == 0 || wanted.hosts == 0 || wanted.osds_per_host == 0 {
         bail!("a cluster needs at least one monitor, one host and one OSD per host");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let conf = dir.join("cluster.toml");
     let layout = match load_layout(dir)? {
-        Some(l) => {
+        Some(mut l) => {
             eprintln!("restarting the cluster in {} with its data", dir.display());
+            if let Some(mode) = nbd_tls.filter(|m| *m != l.nbd_tls) {
+                // Only gateways started now get it: a running one keeps its mode.
+                l.nbd_tls = mode;
+                write_layout(dir, &l)?;
+            }
             l
         }
         None => {
@@ -269,11 +341,7 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
                 tls: Default::default(),
             };
             std::fs::write(&conf, config.to_toml()).context("cannot write cluster.toml")?;
-            std::fs::write(
-                dir.join("local.toml"),
-                toml::to_string_pretty(&wanted).context("cannot encode the layout")?,
-            )
-            .context("cannot write local.toml")?;
+            write_layout(dir, &wanted)?;
             wanted
         }
     };
@@ -285,6 +353,7 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
         .map(|d| d.name.clone())
         .collect();
     crate::tls::cluster_certificates(&dir.join("tls"), &tls_daemons, layout.gateways)?;
+    write_nbd_access_unless_present(dir)?;
     let bins = bin_dir()?;
     for d in daemons {
         if pid_of(dir, &d.name).is_some() {
@@ -376,21 +445,31 @@ async fn up(dir: &Path, wanted: Layout, pg_num: u32) -> anyhow::Result<()> {
         dir.display()
     );
     if layout.gateways > 0 {
-        let url = format!("nbd://127.0.0.1:{}/rbd/demo", layout.nbd_port);
+        let port = layout.nbd_port;
         let certs = dir.join("tls").join("client.admin");
-        println!("  demo image:    {url}");
-        println!("    qemu-img info {url}");
-        println!("    qemu-system-x86_64 -drive file={url},format=raw,if=virtio ...");
+        let certs = certs.display();
         println!(
-            "  over TLS:      nbdinfo 'nbds://127.0.0.1:{}/rbd/demo?tls-certificates={}'",
-            layout.nbd_port,
-            certs.display()
+            "  demo image:    rbd/demo on 127.0.0.1:{port} (NBD TLS {})",
+            layout.nbd_tls.flag()
         );
-        println!(
-            "    qemu-img info --object tls-creds-x509,id=tls0,dir={},endpoint=client \\\n      --image-opts driver=nbd,host=127.0.0.1,port={},export=rbd/demo,tls-creds=tls0",
-            certs.display(),
-            layout.nbd_port
-        );
+        if layout.nbd_tls != NbdTls::Off {
+            println!("    nbdinfo 'nbds://127.0.0.1:{port}/rbd/demo?tls-certificates={certs}'");
+            println!(
+                "    qemu-img info --object tls-creds-x509,id=tls0,dir={certs},endpoint=client \\\n      \
+                 --image-opts driver=nbd,host=127.0.0.1,port={port},export=rbd/demo,tls-creds=tls0"
+            );
+        }
+        if layout.nbd_tls == NbdTls::Required {
+            println!(
+                "    plain nbd:// is refused; `basalt cluster up --dir {} --nbd-tls optional` \
+                 (after `cluster down`) serves it too",
+                dir.display()
+            );
+        } else {
+            let url = format!("nbd://127.0.0.1:{port}/rbd/demo");
+            println!("    qemu-img info {url}");
+            println!("    qemu-system-x86_64 -drive file={url},format=raw,if=virtio ...");
+        }
     }
     println!(
         "  stop it with:  basalt cluster down --dir {}",
