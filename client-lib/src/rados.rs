@@ -57,10 +57,19 @@ struct Inner {
     instance: String,
     next_tid: AtomicU64,
     osds: Mutex<HashMap<String, OsdConn>>,
+    /// Each PG's acting primary address in one map epoch, so an op does not run CRUSH
+    /// (`OsdMap::map_pg`) again for a PG the map has not changed; emptied by a newer map.
+    primaries: Mutex<PrimaryCache>,
     /// Bound on object ops (`osd_op_timeout_ms`); None waits as long as it takes.
     op_timeout: Option<Duration>,
     /// Bound on waits for the monitors (`client_op_timeout_ms`), e.g. for a map epoch.
     mon_timeout: Duration,
+}
+
+#[derive(Default)]
+struct PrimaryCache {
+    epoch: Epoch,
+    by_pg: HashMap<(PoolId, PgId), Option<String>>,
 }
 
 /// Object stat.
@@ -121,6 +130,7 @@ impl Rados {
                 instance: format!("{entity}/{incarnation}"),
                 next_tid: AtomicU64::new(1),
                 osds: Mutex::new(HashMap::new()),
+                primaries: Mutex::default(),
                 op_timeout,
                 mon_timeout,
             }),
@@ -340,10 +350,26 @@ impl Inner {
 
     /// The acting primary of `pg` in `map` and its address, if any.
     fn primary(&self, map: &OsdMap, pool: PoolId, pg: PgId) -> Option<String> {
-        let p = map.pools.get(&pool)?;
-        let mapping = map.map_pg(p, pg).ok()?;
-        let primary = mapping.acting_primary?;
-        map.osds.get(&primary).map(|o| o.addr.clone())
+        let compute = || {
+            let p = map.pools.get(&pool)?;
+            let mapping = map.map_pg(p, pg).ok()?;
+            let primary = mapping.acting_primary?;
+            map.osds.get(&primary).map(|o| o.addr.clone())
+        };
+        let mut cache = self.primaries.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.epoch != map.epoch {
+            if map.epoch < cache.epoch {
+                // An older map than the cached one (a caller still on it): no caching.
+                return compute();
+            }
+            cache.epoch = map.epoch;
+            cache.by_pg.clear();
+        }
+        cache
+            .by_pg
+            .entry((pool, pg))
+            .or_insert_with(compute)
+            .clone()
     }
 
     /// When an op started now must be answered, if it has a bound.
