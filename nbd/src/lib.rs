@@ -392,7 +392,18 @@ impl NbdServer {
         let mut stream = tokio_rustls::TlsAcceptor::from(tls.config.clone())
             .accept(tcp)
             .await
-            .map_err(|e| NbdError::Protocol(format!("TLS handshake failed: {e}")))?;
+            .map_err(|e| {
+                // A client that does not trust our certificate (GnuTLS, as QEMU and libnbd
+                // use it) hangs up without an alert: say what that usually means.
+                let hint = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    " (the client hung up mid-handshake: does it trust the CA that signed \
+                     this gateway's certificate, and does the certificate name the address \
+                     it dialed?)"
+                } else {
+                    ""
+                };
+                NbdError::Protocol(format!("TLS handshake failed: {e}{hint}"))
+            })?;
         let client = stream
             .get_ref()
             .1
