@@ -491,7 +491,8 @@ impl Inner {
                         .await;
                 }
                 Some(Ok((reply_epoch, bytes))) => {
-                    let r: Result<T, OpError> = decode(&bytes, "OSD reply")
+                    // Read payloads stay slices of the received frame (no copy).
+                    let r: Result<T, OpError> = basalt_ops::decode_shared(&bytes, "OSD reply")
                         .map_err(|e| ClientError::Decode(e.to_string()))?;
                     let e = match r {
                         Ok(v) => return Ok(v),

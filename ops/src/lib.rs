@@ -15,6 +15,9 @@ use std::fmt;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+pub mod shared;
+pub use shared::decode_shared;
+
 /// Largest payload of one op (a write or a read): big enough for a 64 MiB object in one
 /// `write_full`, small enough that a malformed length cannot make an OSD allocate gigabytes.
 pub const MAX_OP_DATA: u64 = 96 * 1024 * 1024;
@@ -177,12 +180,15 @@ pub enum ObjOp {
     },
     Write {
         offset: u64,
+        #[serde(with = "crate::shared::payload")]
         data: Bytes,
     },
     WriteFull {
+        #[serde(with = "crate::shared::payload")]
         data: Bytes,
     },
     Append {
+        #[serde(with = "crate::shared::payload")]
         data: Bytes,
     },
     Truncate {
@@ -453,7 +459,7 @@ pub struct SnapListing {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpOutput {
     None,
-    Data(Bytes),
+    Data(#[serde(with = "crate::shared::payload")] Bytes),
     Stat {
         size: u64,
         mtime_ns: u64,

@@ -3321,7 +3321,8 @@ impl OsdCore {
     ) -> pb::OpReply {
         let started = std::time::Instant::now();
         let bytes_in = req.ops.len() as u64;
-        let (kind, r) = match decode::<Vec<ObjOp>>(&req.ops, "ops") {
+        // Write payloads stay slices of the received frame (no copy).
+        let (kind, r) = match basalt_ops::decode_shared::<Vec<ObjOp>>(&req.ops, "ops") {
             Ok(ops) => {
                 let kind = if ops.iter().any(ObjOp::is_write) {
                     "write"
