@@ -530,6 +530,8 @@ impl OsdCore {
                 .and_then(|m| m.pools.get(&pg.id.pool))
                 .map_or(0, |p| p.size as usize);
             let short = s.acting.len() < size;
+            // Served by a temporary acting set (pg_temp) rather than CRUSH's.
+            let remapped = map.as_ref().is_some_and(|m| m.pg_temp.contains_key(&pg.id));
             let recovering = s.missing.values().any(|m| !m.is_empty());
             let backfilling = !s.backfill.is_empty();
             let undersized = if short { "undersized+" } else { "" };
@@ -599,7 +601,15 @@ impl OsdCore {
                     objects.len()
                 ));
             }
+            if remapped {
+                detail.push_str("pg_temp: served by this set while the CRUSH primary catches up; ");
+            }
             let detail = detail.trim_end_matches("; ").to_string();
+            let state = if remapped && state.starts_with("active") {
+                format!("{state}+remapped")
+            } else {
+                state
+            };
             out.push(basalt_ops::PgStat {
                 pgid: pg.id.to_string(),
                 pool: pg.id.pool,
@@ -2098,6 +2108,26 @@ impl OsdCore {
         // serves reads), and backfill targets the PG cannot do without, catch up now.
         let min_size = lock(&pg.state).min_size as usize;
         let plan = peering::plan_activation(me, min_size, &plans);
+        // pg_temp: this CRUSH primary must catch up before it could serve. Rather than make
+        // the PG wait, a complete member serves it meanwhile, and this OSD catches up as its
+        // replica (while the PG serves); that primary gives the PG back once all are complete.
+        let under_temp = map.pg_temp.contains_key(&id);
+        let must_wait = plan.before.contains(&me) && !under_temp;
+        if let Some(temp) = peering::temp_acting(me, authority, &acting, must_wait) {
+            match self.request_pg_temp(id, temp.clone()).await {
+                Ok(()) => {
+                    metrics::counter!("basalt_osd_pg_temp_requests_total").increment(1);
+                    tracing::info!(pg = %id, acting = ?temp, "pg_temp: a complete copy serves while this primary catches up");
+                    return Ok(true);
+                }
+                Err(e) => {
+                    if lock(&pg.state).generation != generation {
+                        return Ok(true);
+                    }
+                    tracing::warn!(pg = %id, error = %e, "no pg_temp; catching up before serving")
+                }
+            }
+        }
         let deferred = plan.log_while_active.clone();
         let blocking = plan.before.clone();
         // Backfill pushes nothing to a backfillfull member (Ceph's backfill_toofull): the PG
@@ -2253,7 +2283,7 @@ impl OsdCore {
     /// the PG's activation in its current interval.
     async fn record_complete_members(&self, pg: &Pg, generation: u64) -> Result<(), OpError> {
         let _one_at_a_time = pg.recording.lock().await;
-        let (interval, members) = {
+        let (interval, members, all_complete) = {
             let s = lock(&pg.state);
             if s.generation != generation {
                 return Err(OpError::IntervalChanged {
@@ -2261,12 +2291,41 @@ impl OsdCore {
                     epoch: s.interval_epoch,
                 });
             }
+            let incomplete = s.incomplete();
             (
                 s.interval_epoch,
-                peering::complete_members(&s.acting, &s.incomplete()),
+                peering::complete_members(&s.acting, &incomplete),
+                incomplete.is_empty(),
             )
         };
-        self.record_activation(pg.id, interval, members).await
+        self.record_activation(pg.id, interval, members).await?;
+        // Every member is complete, the CRUSH primary too: a temporary acting set has done
+        // its job, and the PG goes back to CRUSH's (whose primary then peers with nothing
+        // left to copy).
+        let temp = self
+            .current_map()
+            .is_some_and(|m| m.pg_temp.contains_key(&pg.id));
+        if all_complete && temp {
+            self.request_pg_temp(pg.id, vec![]).await?;
+            tracing::info!(pg = %pg.id, "pg_temp removed: every member is complete");
+        }
+        Ok(())
+    }
+
+    /// Asks the monitors for `acting` as `id`'s temporary acting set (empty: CRUSH's again)
+    /// and waits for the map that carries it.
+    async fn request_pg_temp(&self, id: PgId, acting: Vec<OsdId>) -> Result<(), OpError> {
+        let mon = self
+            .mon
+            .get()
+            .ok_or_else(|| OpError::Io("no monitor client yet".into()))?;
+        let reply = mon.pg_temp(id, acting).await.map_err(|e| {
+            OpError::Io(format!(
+                "cannot set the PG's temporary acting set with the monitors: {e}"
+            ))
+        })?;
+        self.map_at_least(reply.epoch).await?;
+        Ok(())
     }
 
     /// Records with the monitors that `id` went active in `interval` with `members` holding
@@ -2559,6 +2618,9 @@ impl OsdCore {
         loop {
             self.wait_active_backfill_room(pg, generation, target)
                 .await?;
+            if !lock(&pg.state).backfill.contains_key(&target) {
+                return Ok(());
+            }
             let mut reach = peering::BackfillReach::Nothing;
             let mut les = 0;
             with_target(&mut |b| {
@@ -2658,7 +2720,12 @@ impl OsdCore {
             s.backfill_toofull = None;
         }
         pg.bump();
-        self.record_complete_members(pg, generation).await?;
+        // Retried here: the target is no longer in the backfill set, so a new round would
+        // not record it.
+        while let Err(e) = self.record_complete_members(pg, generation).await {
+            tracing::info!(pg = %id, error = %e, "recording the complete members failed; retrying");
+            pg.pause_before_retry(generation).await?;
+        }
         tracing::info!(pg = %id, osd = target, "backfill done");
         pg.bump();
         Ok(())

@@ -1,19 +1,26 @@
-//! Backfill while active (issue 15): an OSD marked out hands its PG copies to other OSDs,
-//! which are backfilled while the PGs keep serving a VM disk that fio writes and verifies
-//! through the NBD gateway. The PGs show `active+backfilling` and take writes meanwhile,
-//! end `active+clean`, every block verifies, and a deep scrub finds every copy identical.
+//! Availability while copies heal (issue 15). Backfill while active: an OSD marked out hands
+//! its PG copies to other OSDs, which are backfilled while the PGs keep serving a VM disk
+//! that fio writes and verifies through the NBD gateway; the PGs show `active+backfilling`
+//! and take writes meanwhile, end `active+clean`, every block verifies, and a deep scrub
+//! finds every copy identical. `pg_temp`: an OSD killed and restarted while objects are
+//! written is CRUSH primary of PGs it must catch up; a complete copy serves them meanwhile
+//! (a `pg_temp` in the map), writes go on, and the entries are gone at the end.
 
+use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use basalt_config::{OsdTuning, Timeouts};
 use basalt_rbd::{RadosBackend, Rbd};
-use basalt_tests::{metric_sum, require_tool, run_bounded, wait_for, DataCluster};
+use basalt_tests::{
+    copies_identical, metric_sum, pattern, require_tool, run_bounded, stores_after_stop, wait_for,
+    DataCluster,
+};
 
 const IMAGE: u64 = 64 << 20;
-const FIO_SIZE: u64 = 32 << 20;
+const FIO_SIZE: u64 = 16 << 20;
 
 /// One fio pass of random 4 KiB writes over the first FIO_SIZE bytes, every block written
 /// once and verified (during the run, every 256 writes, and all of them at the end).
@@ -63,7 +70,7 @@ fn pgs_serve_while_an_out_osds_copies_are_backfilled_and_end_identical() {
         // Every PG's log is trimmed far past what a new member could replay: it backfills.
         pg_log_entries: 20,
         // Slow enough that the backfills overlap fio's writes for seconds.
-        recovery_sleep_ms: 300,
+        recovery_sleep_ms: 100,
         ..OsdTuning::default()
     };
     let mut d = DataCluster::start_tuned(Timeouts::default(), tuning, "rbd").expect("cluster");
@@ -202,4 +209,151 @@ fn pgs_serve_while_an_out_osds_copies_are_backfilled_and_end_identical() {
         },
     )
     .expect("activation records complete");
+}
+
+/// Writes `p0, p1, ...` until aborted, recording each acknowledged write.
+fn continuous_writer(
+    d: &DataCluster,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<Mutex<BTreeMap<String, bytes::Bytes>>>,
+) {
+    let acked: Arc<Mutex<BTreeMap<String, bytes::Bytes>>> = Default::default();
+    let io = d.io.clone();
+    let log = acked.clone();
+    let task = d.rt.spawn(async move {
+        for i in 0u64.. {
+            let name = format!("p{i}");
+            let data = pattern(10_000 + i, 3000 + (i as usize % 11) * 700);
+            if io.write_full(&name, data.clone()).await.is_ok() {
+                log.lock().expect("lock").insert(name, data);
+            }
+        }
+    });
+    (task, acked)
+}
+
+/// pg_temp requests the running OSDs have made.
+fn pg_temp_requests(d: &DataCluster) -> f64 {
+    (0..6)
+        .filter_map(|i| d.cluster.osd_metrics(i).ok())
+        .map(|t| metric_sum(&t, "basalt_osd_pg_temp_requests_total", ""))
+        .sum()
+}
+
+#[test]
+fn a_returning_primary_hands_its_pgs_to_a_complete_copy_until_it_has_caught_up() {
+    let tuning = OsdTuning {
+        // Slow recovery, so the pg_temp entries stay long enough to be seen.
+        recovery_sleep_ms: 500,
+        ..OsdTuning::default()
+    };
+    let mut d = DataCluster::start_tuned(Timeouts::default(), tuning, "data").expect("cluster");
+    let pool = d.io.pool_id();
+    let map = d.rados.osdmap();
+    let p = map.pools.get(&pool).expect("pool").clone();
+    // The OSD that is CRUSH primary of the most PGs.
+    let primary_of = |osd: u32| {
+        (0..p.pg_num)
+            .filter(|&seed| {
+                map.map_pg(&p, basalt_placement::PgId { pool, seed })
+                    .is_ok_and(|m| m.up_primary == Some(osd))
+            })
+            .count()
+    };
+    let victim = *map
+        .osds
+        .keys()
+        .max_by_key(|&&o| primary_of(o))
+        .expect("an OSD");
+    assert!(primary_of(victim) > 0, "osd.{victim} is primary of no PG");
+    let idx = d.harness_index(victim);
+    let (writer, acked) = continuous_writer(&d);
+    let count = |acked: &Mutex<BTreeMap<String, bytes::Bytes>>| acked.lock().expect("lock").len();
+    wait_for("writes flowing", Duration::from_secs(60), || {
+        (count(&acked) >= 20).then_some(())
+    })
+    .expect("writes");
+    d.cluster.kill_osd(idx);
+    d.cluster
+        .cli_ok(&["osd", "down", &victim.to_string()])
+        .expect("mark down");
+    wait_for("the victim down", Duration::from_secs(30), || {
+        (!d.rados.osdmap().osds.get(&victim)?.up).then_some(())
+    })
+    .expect("down");
+    // Writes while it is away: every PG it is primary of moves on without it.
+    let at_kill = count(&acked);
+    wait_for("writes without the victim", Duration::from_secs(60), || {
+        (count(&acked) >= at_kill + 100).then_some(())
+    })
+    .expect("writes while away");
+    let temps_before = pg_temp_requests(&d);
+    d.cluster.restart_osd(idx).expect("restart");
+    // Its PGs are served by a complete copy while it catches up.
+    let (pg, temp) = wait_for(
+        "a pg_temp for a PG the victim is CRUSH primary of",
+        Duration::from_secs(60),
+        || {
+            let m = d.rados.osdmap();
+            let p = m.pools.get(&pool)?;
+            m.pg_temp
+                .iter()
+                .find(|(pg, acting)| {
+                    acting.first() != Some(&victim)
+                        && acting.contains(&victim)
+                        && m.map_pg(p, **pg)
+                            .is_ok_and(|mapping| mapping.up_primary == Some(victim))
+                })
+                .map(|(pg, acting)| (*pg, acting.clone()))
+        },
+    )
+    .expect("pg_temp set");
+    eprintln!("pg {pg} served by {temp:?} while osd.{victim} catches up");
+    // I/O continues meanwhile.
+    let at_temp = count(&acked);
+    let seqs = |d: &DataCluster| {
+        d.rt.block_on(d.rados.pg_stats()).ok().and_then(|s| {
+            s.iter()
+                .find(|s| s.pgid == pg.to_string())
+                .map(|s| s.last_seq)
+        })
+    };
+    let seq_at_temp = seqs(&d).unwrap_or(0);
+    wait_for(
+        "writes while the pg_temp serves",
+        Duration::from_secs(60),
+        || (count(&acked) > at_temp + 20).then_some(()),
+    )
+    .expect("writes continue");
+    // Every PG ends active+clean on its CRUSH acting set, with no pg_temp left.
+    d.wait_active_clean(Duration::from_secs(180))
+        .expect("active+clean with the victim back");
+    wait_for("no pg_temp left", Duration::from_secs(60), || {
+        d.rados.osdmap().pg_temp.is_empty().then_some(())
+    })
+    .expect("pg_temp cleared");
+    assert!(
+        pg_temp_requests(&d) > temps_before,
+        "no OSD asked for a pg_temp"
+    );
+    assert!(
+        seqs(&d).unwrap_or(0) > seq_at_temp || count(&acked) > at_temp,
+        "nothing was written after the pg_temp appeared"
+    );
+    writer.abort();
+    let written = acked.lock().expect("lock").clone();
+    for (name, data) in &written {
+        let got = d.rt.block_on(d.io.read(name, 0, 1 << 20)).expect("read");
+        assert!(got == *data, "{name} reads back wrong");
+    }
+    let map = d.rados.osdmap();
+    let stores = stores_after_stop(&mut d.cluster, 6);
+    for (name, data) in &written {
+        assert_eq!(
+            copies_identical(&map, &stores, "data", name, data),
+            3,
+            "{name}"
+        );
+    }
 }
