@@ -321,6 +321,20 @@ impl MonClient {
         .await
     }
 
+    /// Asks for `acting` as `pg`'s temporary acting set (empty: back to CRUSH's); OSD use.
+    pub async fn pg_temp(
+        &self,
+        pg: basalt_placement::PgId,
+        acting: Vec<u32>,
+    ) -> Result<CommandReply, ClientError> {
+        self.command(Command::PgTemp(basalt_proto::mon::PgTemp {
+            pool: pg.pool,
+            seed: pg.seed,
+            acting,
+        }))
+        .await
+    }
+
     /// Sets an OSD's in-weight (16.16 fixed point, 0..=0x10000).
     pub async fn osd_reweight(&self, id: u32, weight: u32) -> Result<CommandReply, ClientError> {
         self.command(Command::OsdReweight(OsdReweight { id, weight }))

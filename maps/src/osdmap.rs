@@ -367,6 +367,14 @@ pub enum Change {
         interval: Epoch,
         acting: Vec<OsdId>,
     },
+    /// `pg`'s acting set is `acting` instead of what CRUSH gives it (empty: CRUSH's again).
+    /// Asked for by the CRUSH primary when it must catch up before it could serve: the
+    /// temporary set leads with a complete copy, so the PG serves at once (see
+    /// [`OsdMap::pg_temp`]).
+    PgTemp {
+        pg: PgId,
+        acting: Vec<OsdId>,
+    },
     /// An operator declared `id`'s data gone for good: PGs stop waiting for it.
     OsdLost {
         id: OsdId,
@@ -443,6 +451,10 @@ pub struct OsdMap {
     pub pg_activations: BTreeMap<PgId, PgActivation>,
     /// When OSDs count as nearfull, backfillfull and full.
     pub full_ratios: FullRatios,
+    /// Temporary acting sets (Ceph's `pg_temp`): while a PG's CRUSH primary catches up, the
+    /// PG is served by this set, which leads with a complete copy; its primary removes the
+    /// entry once every member is complete. Members that are down are skipped, as in Ceph.
+    pub pg_temp: BTreeMap<PgId, Vec<OsdId>>,
 }
 
 impl OsdMap {
@@ -460,6 +472,7 @@ impl OsdMap {
             flags: BTreeSet::new(),
             pg_activations: BTreeMap::new(),
             full_ratios: FullRatios::default(),
+            pg_temp: BTreeMap::new(),
         }
     }
 
@@ -546,6 +559,7 @@ impl OsdMap {
             Change::RemovePool { id } => {
                 self.pools.remove(id);
                 self.pg_activations.retain(|pg, _| pg.pool != *id);
+                self.pg_temp.retain(|pg, _| pg.pool != *id);
             }
             Change::PgActivated {
                 pg,
@@ -566,6 +580,14 @@ impl OsdMap {
                             acting: acting.clone(),
                         },
                     );
+                }
+            }
+            Change::PgTemp { pg, acting } => {
+                let known = self.pools.get(&pg.pool).is_some_and(|p| pg.seed < p.pg_num);
+                if acting.is_empty() {
+                    self.pg_temp.remove(pg);
+                } else if known {
+                    self.pg_temp.insert(*pg, acting.clone());
                 }
             }
             Change::OsdLost { id } => {
@@ -791,8 +813,10 @@ impl OsdMap {
         Ok((pg, mapping))
     }
 
+    /// Where a PG lives: CRUSH's up set, and its acting set (its `pg_temp` if it has one).
     pub fn map_pg(&self, pool: &Pool, pg: PgId) -> Result<PgMapping, MapError> {
-        map_pg(&self.crush, &pool.placement(), pg, self, None).map_err(placement_error)
+        let temp = self.pg_temp.get(&pg).map(Vec::as_slice);
+        map_pg(&self.crush, &pool.placement(), pg, self, temp).map_err(placement_error)
     }
 }
 

@@ -233,7 +233,7 @@ fn from_osd<T>(request: &GrpcRequest<T>, claimed: u32) -> Result<(), Status> {
 /// What a command asks of the monitors.
 fn command_access(cmd: &Command, who: &Authenticated) -> MonAccess {
     match cmd {
-        Command::PgActivated { .. } => MonAccess::OsdDaemon,
+        Command::PgActivated { .. } | Command::PgTemp { .. } => MonAccess::OsdDaemon,
         Command::BlocklistAdd { .. } | Command::BlocklistRm { .. } => MonAccess::Blocklist,
         Command::SnapCreate { .. } | Command::SnapRemove { .. } => MonAccess::Snapshots,
         // An OSD marks itself down when it stops.
@@ -309,6 +309,13 @@ fn command_from(req: CommandRequest) -> Result<Command, Status> {
             },
             interval: a.interval,
             acting: a.acting,
+        },
+        C::PgTemp(t) => Command::PgTemp {
+            pg: basalt_placement::PgId {
+                pool: t.pool,
+                seed: t.seed,
+            },
+            acting: t.acting,
         },
         C::BlocklistAdd(b) => Command::BlocklistAdd {
             entity: b.entity,

@@ -7,7 +7,7 @@
 //! pool in the same batch are caught; the committed incremental is then
 //! applied on every monitor with the total `OsdMap::apply`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use basalt_maps::{
@@ -47,6 +47,12 @@ pub enum Command {
     PgActivated {
         pg: PgId,
         interval: Epoch,
+        acting: Vec<OsdId>,
+    },
+    /// A PG's CRUSH primary asks for a temporary acting set (empty: remove it); see
+    /// `basalt_maps::OsdMap::pg_temp`.
+    PgTemp {
+        pg: PgId,
         acting: Vec<OsdId>,
     },
     BlocklistAdd {
@@ -119,6 +125,44 @@ fn check_activation(
         return stale(format!(
             "members {acting:?} are not of the current acting set {:?}; re-peer",
             mapping.acting
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a requested `pg_temp`: a PG that exists and, unless the request removes the entry,
+/// exactly the members of its CRUSH up set (all up, each once) in another order. Only a
+/// reordering is accepted: it changes who serves, never which OSDs hold the PG.
+fn check_pg_temp(map: &OsdMap, pg: PgId, acting: &[OsdId]) -> Result<(), MapError> {
+    let refuse = |why: String| Err(MapError::InvalidArgument(format!("pg {pg}: {why}")));
+    let Some(pool) = map.pools.get(&pg.pool) else {
+        return refuse(format!("pool {} does not exist", pg.pool));
+    };
+    if pg.seed >= pool.pg_num {
+        return refuse(format!("the pool has {} PGs", pool.pg_num));
+    }
+    if acting.is_empty() {
+        return Ok(());
+    }
+    let up: BTreeSet<OsdId> = map
+        .map_pg(pool, pg)?
+        .up
+        .into_iter()
+        .filter(|&o| o != basalt_placement::NONE)
+        .collect();
+    let asked: BTreeSet<OsdId> = acting.iter().copied().collect();
+    if asked.len() != acting.len() {
+        return refuse(format!("{acting:?} names an OSD twice"));
+    }
+    if let Some(down) = acting
+        .iter()
+        .find(|o| !map.osds.get(o).is_some_and(|i| i.up))
+    {
+        return refuse(format!("osd.{down} is not up"));
+    }
+    if asked != up {
+        return refuse(format!(
+            "{acting:?} is not a reordering of the up set {up:?}; re-peer"
         ));
     }
     Ok(())
@@ -394,6 +438,15 @@ impl OsdMapService {
                     }],
                     format!("pg {pg} active from epoch {interval}"),
                 )
+            }
+            Command::PgTemp { pg, acting } => {
+                check_pg_temp(map, pg, &acting)?;
+                let what = if acting.is_empty() {
+                    format!("pg {pg} back on its CRUSH acting set")
+                } else {
+                    format!("pg {pg} acting set {acting:?} while its CRUSH primary catches up")
+                };
+                (vec![Change::PgTemp { pg, acting }], what)
             }
             Command::BlocklistAdd {
                 entity,
@@ -955,6 +1008,38 @@ mod tests {
         };
         let acting = map.map_pg(&pool, pg).expect("map").acting;
         (svc, map, pg, acting)
+    }
+
+    #[test]
+    fn a_pg_temp_reorders_the_up_set_and_moves_the_acting_primary() {
+        let (mut svc, _, pg, acting) = with_pool_pg();
+        let temp = |acting: Vec<OsdId>| Command::PgTemp { pg, acting };
+        let mut reordered = acting.clone();
+        reordered.rotate_left(1);
+        // A duplicate, a shorter set, an OSD outside the up set: refused.
+        assert!(svc
+            .command(temp(vec![reordered[0], reordered[0], reordered[2]]), 0)
+            .is_err());
+        assert!(svc.command(temp(reordered[..2].to_vec()), 0).is_err());
+        let outsider = (0..6).find(|o| !acting.contains(o)).expect("an outsider");
+        assert!(svc
+            .command(temp(vec![outsider, acting[1], acting[2]]), 0)
+            .is_err());
+        svc.command(temp(reordered.clone()), 0).expect("reordering");
+        commit(&mut svc, 0);
+        let m = svc.committed().clone();
+        let mapping = m.map_pg(&m.pools[&pg.pool], pg).expect("map");
+        assert_eq!(mapping.acting, reordered);
+        assert_eq!(mapping.acting_primary, Some(reordered[0]));
+        assert_eq!(mapping.up_primary, Some(acting[0]));
+        svc.command(temp(vec![]), 0).expect("removal");
+        commit(&mut svc, 0);
+        let m = svc.committed().clone();
+        assert_eq!(
+            m.map_pg(&m.pools[&pg.pool], pg).expect("map").acting,
+            acting
+        );
+        assert!(m.pg_temp.is_empty());
     }
 
     #[test]

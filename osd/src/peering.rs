@@ -251,6 +251,130 @@ pub fn backfill_diff(
     (copy, remove)
 }
 
+/// How a PG's members catch up in one peering: who must be equal to the authority before
+/// the PG serves, and who is filled while it serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ActivationPlan {
+    /// Members copied before activation, the primary first when it is one of them.
+    pub before: Vec<OsdId>,
+    /// Replicas that take the authoritative log at activation and recover the objects it
+    /// names while the PG serves (a write recovers its object on them first).
+    pub log_while_active: BTreeMap<OsdId, BTreeSet<ObjectName>>,
+    /// Replicas backfilled while the PG serves, each resuming after the object given.
+    pub backfill_while_active: BTreeMap<OsdId, Option<ObjectName>>,
+}
+
+/// Splits `plans` (each acting member's [`catchup`]) into what happens before and after
+/// activation.
+///
+/// The primary serves reads, so it is always complete before activation. A replica that
+/// catches up by log is always left for later: it takes every write from activation on in
+/// full (its object is recovered first), so it holds every new write. A replica that needs a
+/// backfill takes writes only for objects the backfill has passed, so the PG serves while it
+/// fills only if at least `min_size` members need no backfill (the primary and replicas
+/// that are current or catch up by log): otherwise a write acknowledged meanwhile would sit
+/// on fewer than `min_size` whole copies, and the backfill runs first, as before.
+pub fn plan_activation(
+    primary: OsdId,
+    min_size: usize,
+    plans: &BTreeMap<OsdId, Catchup>,
+) -> ActivationPlan {
+    let mut plan = ActivationPlan::default();
+    let backfills = plans
+        .iter()
+        .filter(|(o, c)| **o != primary && matches!(c, Catchup::Backfill { .. }))
+        .count();
+    let backfill_later = plans.len().saturating_sub(backfills) >= min_size;
+    if plans.get(&primary).is_some_and(|c| *c != Catchup::UpToDate) {
+        plan.before.push(primary);
+    }
+    for (&osd, c) in plans.iter().filter(|(o, _)| **o != primary) {
+        match c {
+            Catchup::UpToDate => {}
+            Catchup::Log { objects } => {
+                plan.log_while_active
+                    .insert(osd, objects.iter().cloned().collect());
+            }
+            Catchup::Backfill { after } if backfill_later => {
+                plan.backfill_while_active.insert(osd, after.clone());
+            }
+            Catchup::Backfill { .. } => plan.before.push(osd),
+        }
+    }
+    plan
+}
+
+/// The temporary acting set (`pg_temp`) a CRUSH primary that must catch up (`must_wait`:
+/// it is in [`ActivationPlan::before`]) asks for: the same members led by the authority, so
+/// the PG serves at once and this primary catches up as a replica. None when the primary
+/// is current, or the authority is not an acting member (a reordering cannot help: the
+/// primary copies from it before serving, as without `pg_temp`).
+pub fn temp_acting(
+    primary: OsdId,
+    authority: OsdId,
+    acting: &[OsdId],
+    must_wait: bool,
+) -> Option<Vec<OsdId>> {
+    if !must_wait || authority == primary || !acting.contains(&authority) {
+        return None;
+    }
+    Some(
+        std::iter::once(authority)
+            .chain(acting.iter().copied().filter(|&o| o != authority))
+            .collect(),
+    )
+}
+
+/// The members an activation record may list:/// The members an activation record may list: every acting member not still recovering or
+/// backfilling. Peering trusts each listed member to hold every acknowledged write, so a
+/// member is listed only once it is complete.
+pub fn complete_members(acting: &[OsdId], incomplete: &BTreeSet<OsdId>) -> Vec<OsdId> {
+    acting
+        .iter()
+        .copied()
+        .filter(|o| !incomplete.contains(o))
+        .collect()
+}
+
+/// How far a backfill that runs while its PG serves has filled its target, in the store's
+/// listing order (`K` is that order's key). Every object at or below it equals the
+/// primary's and gets each write in full; an object above it gets only the write's log
+/// entry (see `OsdCore::write` for why a write skips it rather than recovering it first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackfillReach<K> {
+    /// Nothing filled yet.
+    Nothing,
+    /// Filled through this object.
+    Through(K),
+    /// Filled: the target is complete.
+    Everything,
+}
+
+impl<K: Ord> BackfillReach<K> {
+    /// Whether a write to the object at `key` reaches the target in full.
+    pub fn covers(&self, key: &K) -> bool {
+        match self {
+            BackfillReach::Nothing => false,
+            BackfillReach::Through(k) => key <= k,
+            BackfillReach::Everything => true,
+        }
+    }
+
+    /// Whether the reach may move on to `to` (an object, or None: everything): only if no
+    /// object in between was changed by a write that skipped the target (`skipped`), since
+    /// moving past it would leave the target with its old copy.
+    pub fn may_advance_to<'a>(
+        &self,
+        to: Option<&K>,
+        mut skipped: impl Iterator<Item = &'a K>,
+    ) -> bool
+    where
+        K: 'a,
+    {
+        skipped.all(|k| self.covers(k) || to.is_some_and(|to| k > to))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,6 +581,102 @@ mod tests {
         let (copy, remove) = backfill_diff(&auth, &target);
         assert_eq!(copy, vec![name("b"), name("d")]);
         assert_eq!(remove, vec![name("c")]);
+    }
+
+    fn backfill(after: Option<&str>) -> Catchup {
+        Catchup::Backfill {
+            after: after.map(name),
+        }
+    }
+
+    #[test]
+    fn backfill_targets_fill_while_active_when_min_size_members_are_whole() {
+        let log = Catchup::Log {
+            objects: vec![name("a")],
+        };
+        // Primary 0 current, 1 behind by log, 2 new: two members need no backfill.
+        let plans: BTreeMap<_, _> = [
+            (0, Catchup::UpToDate),
+            (1, log.clone()),
+            (2, backfill(Some("m"))),
+        ]
+        .into();
+        let plan = plan_activation(0, 2, &plans);
+        assert!(plan.before.is_empty());
+        assert_eq!(
+            plan.log_while_active,
+            [(1, [name("a")].into())].into_iter().collect()
+        );
+        assert_eq!(
+            plan.backfill_while_active,
+            [(2, Some(name("m")))].into_iter().collect()
+        );
+        // min_size 3: a write would sit on two whole copies only, so the backfill runs first.
+        let plan = plan_activation(0, 3, &plans);
+        assert_eq!(plan.before, vec![2]);
+        assert!(plan.backfill_while_active.is_empty());
+        // Two new members and min_size 2: only the primary is whole.
+        let plans: BTreeMap<_, _> = [
+            (0, Catchup::UpToDate),
+            (1, backfill(None)),
+            (2, backfill(None)),
+        ]
+        .into();
+        assert_eq!(plan_activation(0, 2, &plans).before, vec![1, 2]);
+        assert_eq!(plan_activation(0, 1, &plans).before, Vec::<OsdId>::new());
+    }
+
+    #[test]
+    fn the_primary_is_always_complete_before_it_serves() {
+        let plans: BTreeMap<_, _> = [
+            (5, backfill(None)),
+            (1, Catchup::UpToDate),
+            (2, Catchup::UpToDate),
+        ]
+        .into();
+        let plan = plan_activation(5, 1, &plans);
+        assert_eq!(plan.before, vec![5]);
+        assert!(plan.backfill_while_active.is_empty());
+        let plans: BTreeMap<_, _> = [(5, log_of("x")), (1, Catchup::UpToDate)].into();
+        let plan = plan_activation(5, 1, &plans);
+        assert_eq!(plan.before, vec![5]);
+        assert!(plan.log_while_active.is_empty());
+    }
+
+    fn log_of(object: &str) -> Catchup {
+        Catchup::Log {
+            objects: vec![name(object)],
+        }
+    }
+
+    #[test]
+    fn a_primary_that_must_catch_up_hands_the_pg_to_the_authority_meanwhile() {
+        assert_eq!(temp_acting(4, 2, &[4, 1, 2], true), Some(vec![2, 4, 1]));
+        // Current primary, or an authority outside the acting set: no pg_temp.
+        assert_eq!(temp_acting(4, 2, &[4, 1, 2], false), None);
+        assert_eq!(temp_acting(4, 4, &[4, 1, 2], true), None);
+        assert_eq!(temp_acting(4, 7, &[4, 1, 2], true), None);
+    }
+
+    #[test]
+    fn only_complete_members_are_recorded() {
+        let incomplete: BTreeSet<OsdId> = [2, 7].into();
+        assert_eq!(complete_members(&[3, 2, 1, 7], &incomplete), vec![3, 1]);
+    }
+
+    #[test]
+    fn a_write_reaches_a_backfill_target_in_full_only_below_the_reach() {
+        let reach = BackfillReach::Through(10);
+        assert!(reach.covers(&10) && reach.covers(&3) && !reach.covers(&11));
+        assert!(!BackfillReach::Nothing.covers(&0));
+        assert!(BackfillReach::<u32>::Everything.covers(&u32::MAX));
+        // A skipped object between the reach and the next stop holds the reach back.
+        let skipped = [4, 15, 30];
+        assert!(reach.may_advance_to(Some(&14), skipped.iter()));
+        assert!(!reach.may_advance_to(Some(&15), skipped.iter()));
+        assert!(!reach.may_advance_to(None, skipped.iter()));
+        assert!(BackfillReach::Nothing.may_advance_to(Some(&3), skipped.iter()));
+        assert!(!BackfillReach::Nothing.may_advance_to(Some(&4), skipped.iter()));
     }
 
     /// A seeded simulation of one PG's life on three OSDs: OSDs stop and start (each change

@@ -150,6 +150,11 @@ struct PgState {
     scrub_stamps: Option<ScrubStamps>,
     /// Primary of an active PG: objects each replica still lacks (recovering while active).
     missing: BTreeMap<OsdId, BTreeSet<ObjectName>>,
+    /// Primary of an active PG: replicas being backfilled while it serves.
+    backfill: BTreeMap<OsdId, ActiveBackfill>,
+    /// Primary of an active PG: the backfill waits because its target is backfillfull
+    /// (what the reason says).
+    backfill_toofull: Option<String>,
     /// Primary of an active PG: the authority's `last_update` at activation (every member's
     /// `last_update_floor` from then on).
     activated_at: Eversion,
@@ -169,6 +174,33 @@ struct PgState {
     /// new interval even when the monitors never saw it down (as Ceph's `up_from` does):
     /// otherwise the primary's sub-ops to it would be refused forever.
     acting_up_from: Vec<Epoch>,
+}
+
+impl PgState {
+    /// Acting members that do not yet hold every object: an activation record lists none.
+    fn incomplete(&self) -> BTreeSet<OsdId> {
+        self.missing
+            .keys()
+            .chain(self.backfill.keys())
+            .copied()
+            .collect()
+    }
+
+    /// Some member is still recovering or backfilling: scrubs wait (the copies differ).
+    fn healing(&self) -> bool {
+        self.missing.values().any(|m| !m.is_empty()) || !self.backfill.is_empty()
+    }
+}
+
+/// A replica backfilled while its PG serves (see [`peering::BackfillReach`]).
+struct ActiveBackfill {
+    /// How far it is filled, by listing key (`pg::listing_key`).
+    reach: peering::BackfillReach<ObjectId>,
+    /// Objects above `reach` that writes changed while sending it only their log entries:
+    /// the backfill copies each before it moves past it.
+    skipped: BTreeSet<ObjectId>,
+    /// The copy's `les` before this backfill (kept until it is complete).
+    les: Epoch,
 }
 
 /// Wall-clock times (unix ms) of a PG's last scrub and deep scrub on this OSD.
@@ -200,6 +232,10 @@ struct Pg {
     /// interval check to the commit) hold it shared; peering holds it exclusively while it
     /// reads a member's state, so no write of an older interval lands behind its back.
     gate: tokio::sync::RwLock<()>,
+    /// Held while the complete members are worked out and recorded with the monitors, so
+    /// two recordings of one interval (recovery and a backfill finishing) never land out
+    /// of order with a smaller set last.
+    recording: tokio::sync::Mutex<()>,
 }
 
 impl Pg {
@@ -494,7 +530,11 @@ impl OsdCore {
                 .and_then(|m| m.pools.get(&pg.id.pool))
                 .map_or(0, |p| p.size as usize);
             let short = s.acting.len() < size;
+            // Served by a temporary acting set (pg_temp) rather than CRUSH's.
+            let remapped = map.as_ref().is_some_and(|m| m.pg_temp.contains_key(&pg.id));
             let recovering = s.missing.values().any(|m| !m.is_empty());
+            let backfilling = !s.backfill.is_empty();
+            let undersized = if short { "undersized+" } else { "" };
             let damaged = match (s.inconsistent.is_empty(), s.snaptrim) {
                 (true, false) => "",
                 (true, true) => "+snaptrim",
@@ -502,6 +542,12 @@ impl OsdCore {
                 (false, true) => "+snaptrim+inconsistent",
             };
             let state = match &s.status {
+                PgStatus::Active if backfilling && s.backfill_toofull.is_some() => {
+                    format!("active+backfill_toofull+{undersized}degraded{damaged}")
+                }
+                PgStatus::Active if backfilling => {
+                    format!("active+backfilling+{undersized}degraded{damaged}")
+                }
                 PgStatus::Active if recovering && s.recovery_toofull.is_some() => {
                     format!(
                         "active+recovery_toofull+{}degraded{damaged}",
@@ -538,13 +584,32 @@ impl OsdCore {
             if let Some(why) = &s.recovery_toofull {
                 detail.push_str(&format!("{why}; "));
             }
+            if let Some(why) = &s.backfill_toofull {
+                detail.push_str(&format!("{why}; "));
+            }
+            for (osd, b) in &s.backfill {
+                let reach = match &b.reach {
+                    peering::BackfillReach::Nothing => "nothing yet".to_string(),
+                    peering::BackfillReach::Through(k) => format!("filled through {}", k.name()),
+                    peering::BackfillReach::Everything => "filled".to_string(),
+                };
+                detail.push_str(&format!("osd.{osd} backfilling ({reach}); "));
+            }
             for (osd, objects) in s.missing.iter().filter(|(_, m)| !m.is_empty()) {
                 detail.push_str(&format!(
                     "osd.{osd} still lacks {} objects; ",
                     objects.len()
                 ));
             }
+            if remapped {
+                detail.push_str("pg_temp: served by this set while the CRUSH primary catches up; ");
+            }
             let detail = detail.trim_end_matches("; ").to_string();
+            let state = if remapped && state.starts_with("active") {
+                format!("{state}+remapped")
+            } else {
+                state
+            };
             out.push(basalt_ops::PgStat {
                 pgid: pg.id.to_string(),
                 pool: pg.id.pool,
@@ -700,6 +765,8 @@ impl OsdCore {
                                     inconsistent: vec![],
                                     scrub_stamps: None,
                                     missing: BTreeMap::new(),
+                                    backfill: BTreeMap::new(),
+                                    backfill_toofull: None,
                                     activated_at: Eversion::ZERO,
                                     split: false,
                                     recovery_toofull: None,
@@ -711,6 +778,7 @@ impl OsdCore {
                                 objects: Mutex::new(HashMap::new()),
                                 applied: watch::channel(0).0,
                                 gate: tokio::sync::RwLock::new(()),
+                                recording: tokio::sync::Mutex::new(()),
                             })
                         })
                         .clone();
@@ -738,6 +806,8 @@ impl OsdCore {
                     s.generation += 1;
                     s.inconsistent.clear();
                     s.missing.clear();
+                    s.backfill.clear();
+                    s.backfill_toofull = None;
                     s.status = if s.primary == Some(me) {
                         to_peer.push((pg.clone(), s.generation));
                         PgStatus::Peering
@@ -1302,11 +1372,24 @@ impl OsdCore {
             };
             s.next_seq += 1;
             let me = self.me();
-            let replicas: Vec<OsdId> = s
-                .acting
-                .iter()
-                .copied()
+            let key = pg::listing_key(pg.id, &name);
+            let acting = s.acting.clone();
+            // A backfill target whose backfill has not reached this object gets only the
+            // write's log entry, and the object is noted so the backfill copies it when it
+            // gets there. Why skip it rather than recover the object to it first (as a
+            // log-recovering replica's missing object is): the target lacks most objects,
+            // and a VM's 4 KiB write would then wait for a whole 4 MiB object to be pushed;
+            // the backfill copies the object once either way.
+            let replicas: Vec<(OsdId, bool)> = acting
+                .into_iter()
                 .filter(|o| Some(*o) != me)
+                .map(|o| match s.backfill.get_mut(&o) {
+                    Some(b) if !b.reach.covers(&key) => {
+                        b.skipped.insert(key.clone());
+                        (o, false)
+                    }
+                    _ => (o, true),
+                })
                 .collect();
             (v, replicas, s.interval_epoch)
         };
@@ -1338,12 +1421,22 @@ impl OsdCore {
             object: name.1.clone(),
             after_seq: after_seq.unwrap_or(0),
         };
+        let log_only = replicas
+            .iter()
+            .any(|(_, full)| !full)
+            .then(|| pb::SubOpRequest {
+                txn: encode(&txn.log_only()),
+                ..sub_op.clone()
+            });
         let committed = std::time::Instant::now();
         let mut tasks = Vec::with_capacity(replicas.len());
-        for osd in replicas {
+        for (osd, full) in replicas {
             let core = self.clone();
             let pg = pg.clone();
-            let req = sub_op.clone();
+            let req = match (&log_only, full) {
+                (Some(log_only), false) => log_only.clone(),
+                _ => sub_op.clone(),
+            };
             tasks.push(tokio::spawn(async move {
                 core.sub_op_until_done(&pg, generation, osd, req).await
             }));
@@ -1520,6 +1613,7 @@ impl OsdCore {
                 .copied()
                 .filter(|o| Some(*o) != me)
                 .filter(|o| !s.missing.get(o).is_some_and(|m| m.contains(&name)))
+                .filter(|o| !s.backfill.contains_key(o))
                 .collect();
             (r, s.interval_epoch)
         };
@@ -1801,24 +1895,9 @@ impl OsdCore {
                     let end = (wanted.len() >= BACKFILL_SCAN)
                         .then(|| wanted.last().map(|(n, _)| n.clone()))
                         .flatten();
-                    let mut have = Vec::new();
-                    let mut cursor = after.clone();
-                    loop {
-                        let page = self
-                            .scan(id, interval_epoch, target, cursor.as_ref())
-                            .await?;
-                        let full = page.len() >= BACKFILL_SCAN;
-                        cursor = page.last().map(|(n, _)| n.clone());
-                        let past_end = |n: &ObjectName| {
-                            end.as_ref()
-                                .is_some_and(|e| pg::listing_key(id, n) > pg::listing_key(id, e))
-                        };
-                        let beyond = page.iter().any(|(n, _)| past_end(n));
-                        have.extend(page.into_iter().filter(|(n, _)| !past_end(n)));
-                        if !full || beyond {
-                            break;
-                        }
-                    }
+                    let have = self
+                        .scan_range(id, interval_epoch, target, after.as_ref(), end.as_ref())
+                        .await?;
                     let (copy, remove) = peering::backfill_diff(&wanted, &have);
                     let progress = |through: Option<ObjectName>| PgInfo {
                         les: target_state.info.les,
@@ -1960,6 +2039,10 @@ impl OsdCore {
             if s.generation != generation {
                 return Ok(true);
             }
+            // A re-peering in the same interval (`restart_peering`) starts over.
+            s.missing.clear();
+            s.backfill.clear();
+            s.backfill_toofull = None;
             if (s.acting.len() as u32) < s.min_size {
                 s.status = PgStatus::Inactive(format!(
                     "undersized: {} acting, min_size {}",
@@ -2020,26 +2103,39 @@ impl OsdCore {
             .map(|&o| (o, peering::catchup(&auth, &states[&o])))
             .collect();
         // Replicas that can catch up from the log do so after activation, object by object
-        // (a write recovers its object first), so the PG serves meanwhile. The primary (it
-        // serves reads) and copies that need a backfill catch up now.
-        let deferred: BTreeMap<OsdId, BTreeSet<ObjectName>> = plans
-            .iter()
-            .filter_map(|(&o, c)| match c {
-                Catchup::Log { objects } if o != me => Some((o, objects.iter().cloned().collect())),
-                _ => None,
-            })
-            .collect();
-        let blocking: Vec<OsdId> = plans
-            .iter()
-            .filter(|(o, c)| **c != Catchup::UpToDate && !deferred.contains_key(o))
-            .map(|(o, _)| *o)
-            .collect();
+        // (a write recovers its object first); replicas that need a backfill are filled
+        // after activation too while at least min_size members need none. The primary (it
+        // serves reads), and backfill targets the PG cannot do without, catch up now.
+        let min_size = lock(&pg.state).min_size as usize;
+        let plan = peering::plan_activation(me, min_size, &plans);
+        // pg_temp: this CRUSH primary must catch up before it could serve. Rather than make
+        // the PG wait, a complete member serves it meanwhile, and this OSD catches up as its
+        // replica (while the PG serves); that primary gives the PG back once all are complete.
+        let under_temp = map.pg_temp.contains_key(&id);
+        let must_wait = plan.before.contains(&me) && !under_temp;
+        if let Some(temp) = peering::temp_acting(me, authority, &acting, must_wait) {
+            match self.request_pg_temp(id, temp.clone()).await {
+                Ok(()) => {
+                    metrics::counter!("basalt_osd_pg_temp_requests_total").increment(1);
+                    tracing::info!(pg = %id, acting = ?temp, "pg_temp: a complete copy serves while this primary catches up");
+                    return Ok(true);
+                }
+                Err(e) => {
+                    if lock(&pg.state).generation != generation {
+                        return Ok(true);
+                    }
+                    tracing::warn!(pg = %id, error = %e, "no pg_temp; catching up before serving")
+                }
+            }
+        }
+        let deferred = plan.log_while_active.clone();
+        let blocking = plan.before.clone();
         // Backfill pushes nothing to a backfillfull member (Ceph's backfill_toofull): the PG
         // waits, without a recovery slot, until the member has room or the ratio is raised.
-        let backfill_targets: Vec<OsdId> = plans
+        let backfill_targets: Vec<OsdId> = blocking
             .iter()
-            .filter(|(_, c)| matches!(c, Catchup::Backfill { .. }))
-            .map(|(o, _)| *o)
+            .copied()
+            .filter(|o| matches!(plans[o], Catchup::Backfill { .. }))
             .collect();
         if !self
             .wait_backfill_room(pg, generation, &backfill_targets)
@@ -2083,36 +2179,74 @@ impl OsdCore {
             }
         }
         // Activation: complete members record this interval as their les; deferred ones take
-        // the authoritative log and the list of objects they still need (keeping their old
-        // les). The monitors record the complete members, and only then is the first write
-        // accepted.
+        // the authoritative log (keeping their old les, so none is anyone's authority) and
+        // either the list of objects they still need or their backfill cursor. The monitors
+        // record the complete members, and only then is the first write accepted.
         for &osd in &acting {
-            let info = match deferred.get(&osd) {
-                Some(missing) => PgInfo {
+            let (info, log) = if let Some(missing) = deferred.get(&osd) {
+                let info = PgInfo {
                     les: states[&osd].info.les,
                     backfill: None,
                     missing: missing.iter().cloned().collect(),
                     last_update_floor: auth.last_update,
-                },
-                None => PgInfo {
+                };
+                (info, Some(auth.log.clone()))
+            } else if let Some(after) = plan.backfill_while_active.get(&osd) {
+                // The persisted cursor stays valid only while the authority does not move
+                // (`peering::catchup`): a later peering resumes it only if no write came.
+                let info = PgInfo {
+                    les: states[&osd].info.les,
+                    backfill: Some(BackfillProgress {
+                        target: auth.last_update,
+                        done_through: after.clone(),
+                    }),
+                    missing: vec![],
+                    last_update_floor: auth.last_update,
+                };
+                (info, Some(auth.log.clone()))
+            } else {
+                let info = PgInfo {
                     les: interval_epoch,
                     last_update_floor: auth.last_update,
                     ..PgInfo::default()
-                },
+                };
+                (info, None)
             };
             let push = Push {
-                log: deferred.contains_key(&osd).then(|| auth.log.clone()),
+                log,
                 info: Some(info),
                 ..Push::default()
             };
             self.deliver(id, interval_epoch, osd, &push).await?;
         }
-        let complete: Vec<OsdId> = acting
-            .iter()
-            .copied()
-            .filter(|o| !deferred.contains_key(o))
-            .collect();
-        self.record_activation(id, interval_epoch, complete).await?;
+        {
+            let mut s = lock(&pg.state);
+            if s.generation != generation {
+                return Ok(true);
+            }
+            s.missing = deferred.clone();
+            s.backfill = plan
+                .backfill_while_active
+                .iter()
+                .map(|(&osd, after)| {
+                    let reach = match after {
+                        Some(n) => peering::BackfillReach::Through(pg::listing_key(id, n)),
+                        None => peering::BackfillReach::Nothing,
+                    };
+                    let les = states[&osd].info.les;
+                    (
+                        osd,
+                        ActiveBackfill {
+                            reach,
+                            skipped: BTreeSet::new(),
+                            les,
+                        },
+                    )
+                })
+                .collect();
+            s.backfill_toofull = None;
+        }
+        self.record_complete_members(pg, generation).await?;
         let mut s = lock(&pg.state);
         if s.generation != generation {
             return Ok(true);
@@ -2120,7 +2254,6 @@ impl OsdCore {
         s.next_seq = auth.last_update.seq + 1;
         s.activated_at = auth.last_update;
         s.status = PgStatus::Active;
-        s.missing = deferred.clone();
         drop(s);
         pg.bump();
         tracing::debug!(pg = %id, epoch = interval_epoch, last_update = %auth.last_update, "active");
@@ -2134,7 +2267,65 @@ impl OsdCore {
             let osds = deferred.into_keys().collect();
             tokio::spawn(async move { core.recover_while_active(pg, generation, osds).await });
         }
+        if !plan.backfill_while_active.is_empty() {
+            metrics::counter!("basalt_osd_recoveries_total", "kind" => "backfill")
+                .increment(plan.backfill_while_active.len() as u64);
+            tracing::info!(pg = %id, to = ?plan.backfill_while_active, "backfill while active");
+            let core = self.clone();
+            let pg = pg.clone();
+            let targets = plan.backfill_while_active.into_keys().collect();
+            tokio::spawn(async move { core.backfill_while_active(pg, generation, targets).await });
+        }
         Ok(true)
+    }
+
+    /// Records the acting members that are complete now (see [`PgState::incomplete`]) as
+    /// the PG's activation in its current interval.
+    async fn record_complete_members(&self, pg: &Pg, generation: u64) -> Result<(), OpError> {
+        let _one_at_a_time = pg.recording.lock().await;
+        let (interval, members, all_complete) = {
+            let s = lock(&pg.state);
+            if s.generation != generation {
+                return Err(OpError::IntervalChanged {
+                    pg: pg.id.to_string(),
+                    epoch: s.interval_epoch,
+                });
+            }
+            let incomplete = s.incomplete();
+            (
+                s.interval_epoch,
+                peering::complete_members(&s.acting, &incomplete),
+                incomplete.is_empty(),
+            )
+        };
+        self.record_activation(pg.id, interval, members).await?;
+        // Every member is complete, the CRUSH primary too: a temporary acting set has done
+        // its job, and the PG goes back to CRUSH's (whose primary then peers with nothing
+        // left to copy).
+        let temp = self
+            .current_map()
+            .is_some_and(|m| m.pg_temp.contains_key(&pg.id));
+        if all_complete && temp {
+            self.request_pg_temp(pg.id, vec![]).await?;
+            tracing::info!(pg = %pg.id, "pg_temp removed: every member is complete");
+        }
+        Ok(())
+    }
+
+    /// Asks the monitors for `acting` as `id`'s temporary acting set (empty: CRUSH's again)
+    /// and waits for the map that carries it.
+    async fn request_pg_temp(&self, id: PgId, acting: Vec<OsdId>) -> Result<(), OpError> {
+        let mon = self
+            .mon
+            .get()
+            .ok_or_else(|| OpError::Io("no monitor client yet".into()))?;
+        let reply = mon.pg_temp(id, acting).await.map_err(|e| {
+            OpError::Io(format!(
+                "cannot set the PG's temporary acting set with the monitors: {e}"
+            ))
+        })?;
+        self.map_at_least(reply.epoch).await?;
+        Ok(())
     }
 
     /// Records with the monitors that `id` went active in `interval` with `members` holding
@@ -2239,7 +2430,7 @@ impl OsdCore {
     }
 
     /// Recovers, one object at a time under its lock, what the `deferred` replicas of an
-    /// active PG still miss; then marks them complete (les) and records the whole acting set
+    /// active PG still miss; then marks them complete (les) and records the complete members
     /// with the monitors. Stops when the interval ends (the next peering takes over from
     /// the replicas' persisted missing lists).
     async fn recover_while_active(
@@ -2317,12 +2508,12 @@ impl OsdCore {
             }
         }
         loop {
-            let (acting, interval_epoch, activated_at) = {
+            let (interval_epoch, activated_at) = {
                 let s = lock(&pg.state);
                 if s.generation != generation {
                     return;
                 }
-                (s.acting.clone(), s.interval_epoch, s.activated_at)
+                (s.interval_epoch, s.activated_at)
             };
             let complete = Push {
                 info: Some(PgInfo {
@@ -2337,7 +2528,15 @@ impl OsdCore {
                 result = result.and(self.deliver(pg.id, interval_epoch, osd, &complete).await);
             }
             if result.is_ok() {
-                result = self.record_activation(pg.id, interval_epoch, acting).await;
+                {
+                    let mut s = lock(&pg.state);
+                    if s.generation == generation {
+                        for osd in &deferred {
+                            s.missing.remove(osd);
+                        }
+                    }
+                }
+                result = self.record_complete_members(&pg, generation).await;
             }
             match result {
                 Ok(()) => {
@@ -2350,6 +2549,304 @@ impl OsdCore {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(_) => return,
+            }
+        }
+    }
+
+    /// Backfills `targets` of an active PG one after another (Ceph's backfill while
+    /// active): each target's reach (see [`peering::BackfillReach`]) moves through the
+    /// objects in listing order, range by range, copying what differs from this primary;
+    /// at the end the target is marked complete and recorded with the monitors. Stops when
+    /// the interval ends (the next peering resumes from the target's persisted cursor, or
+    /// starts over if writes came meanwhile).
+    async fn backfill_while_active(
+        self: Arc<Self>,
+        pg: Arc<Pg>,
+        generation: u64,
+        targets: Vec<OsdId>,
+    ) {
+        let Ok(_slot) = self.recovery_slots.clone().acquire_owned().await else {
+            return;
+        };
+        for target in targets {
+            loop {
+                match self.backfill_target(&pg, generation, target).await {
+                    Ok(()) => break,
+                    Err(_) if lock(&pg.state).generation != generation => return,
+                    Err(e) => {
+                        tracing::info!(pg = %pg.id, osd = target, error = %e, "backfill round failed; retrying");
+                        if pg.pause_before_retry(generation).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One target's backfill while its PG serves (see [`Self::backfill_while_active`]).
+    async fn backfill_target(
+        &self,
+        pg: &Pg,
+        generation: u64,
+        target: OsdId,
+    ) -> Result<(), OpError> {
+        let id = pg.id;
+        let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
+        let interval_changed = |epoch| OpError::IntervalChanged {
+            pg: id.to_string(),
+            epoch,
+        };
+        let (interval_epoch, activated_at) = {
+            let s = lock(&pg.state);
+            (s.interval_epoch, s.activated_at)
+        };
+        // What the PG's state says about this target, or IntervalChanged once it is over.
+        let with_target = |f: &mut dyn FnMut(&mut ActiveBackfill)| -> Result<(), OpError> {
+            let mut s = lock(&pg.state);
+            if s.generation != generation {
+                return Err(interval_changed(s.interval_epoch));
+            }
+            match s.backfill.get_mut(&target) {
+                Some(b) => {
+                    f(b);
+                    Ok(())
+                }
+                None => Err(interval_changed(s.interval_epoch)),
+            }
+        };
+        loop {
+            self.wait_active_backfill_room(pg, generation, target)
+                .await?;
+            if !lock(&pg.state).backfill.contains_key(&target) {
+                return Ok(());
+            }
+            let mut reach = peering::BackfillReach::Nothing;
+            let mut les = 0;
+            with_target(&mut |b| {
+                reach = b.reach.clone();
+                les = b.les;
+            })?;
+            let after: Option<ObjectName> = match &reach {
+                peering::BackfillReach::Nothing => None,
+                peering::BackfillReach::Through(k) => {
+                    Some((k.namespace().to_string(), k.name().to_string()))
+                }
+                peering::BackfillReach::Everything => break,
+            };
+            let wanted = self.scan(id, interval_epoch, me, after.as_ref()).await?;
+            // This range ends at the last object of the page, or covers the rest of the name
+            // space when the page is the last.
+            let end = (wanted.len() >= BACKFILL_SCAN)
+                .then(|| wanted.last().map(|(n, _)| n.clone()))
+                .flatten();
+            let have = self
+                .scan_range(id, interval_epoch, target, after.as_ref(), end.as_ref())
+                .await?;
+            let (copy, remove) = peering::backfill_diff(&wanted, &have);
+            // Objects that differed when scanned; writes since then that skipped the target
+            // add theirs to its `skipped`, which the loop below takes too.
+            let mut todo: BTreeSet<ObjectId> = copy
+                .iter()
+                .chain(remove.iter())
+                .map(|n| pg::listing_key(id, n))
+                .collect();
+            let end_key = end.as_ref().map(|e| pg::listing_key(id, e));
+            loop {
+                let mut next = None;
+                let mut advanced = false;
+                with_target(&mut |b| {
+                    let in_range = |k: &&ObjectId| {
+                        !b.reach.covers(k) && end_key.as_ref().is_none_or(|e| *k <= e)
+                    };
+                    let skipped = b.skipped.iter().find(in_range);
+                    let differing = todo.iter().find(in_range);
+                    next = skipped.into_iter().chain(differing).min().cloned();
+                    if next.is_none() && b.reach.may_advance_to(end_key.as_ref(), b.skipped.iter())
+                    {
+                        b.reach = match &end_key {
+                            Some(e) => peering::BackfillReach::Through(e.clone()),
+                            None => peering::BackfillReach::Everything,
+                        };
+                        advanced = true;
+                    }
+                })?;
+                if advanced {
+                    break;
+                }
+                if let Some(key) = next {
+                    self.wait_active_backfill_room(pg, generation, target)
+                        .await?;
+                    self.backfill_object(pg, generation, interval_epoch, target, &key)
+                        .await?;
+                    todo.remove(&key);
+                }
+            }
+            // The cursor persists on the target after each range, so a later peering with no
+            // write in between resumes here.
+            if let Some(e) = end {
+                let progress = Push {
+                    info: Some(PgInfo {
+                        les,
+                        backfill: Some(BackfillProgress {
+                            target: activated_at,
+                            done_through: Some(e),
+                        }),
+                        missing: vec![],
+                        last_update_floor: activated_at,
+                    }),
+                    ..Push::default()
+                };
+                self.deliver(id, interval_epoch, target, &progress).await?;
+            }
+        }
+        // Every write now reaches the target in full and every object is equal: it is
+        // complete (its log has been the primary's since activation).
+        let complete = Push {
+            info: Some(PgInfo {
+                les: interval_epoch,
+                last_update_floor: activated_at,
+                ..PgInfo::default()
+            }),
+            ..Push::default()
+        };
+        self.deliver(id, interval_epoch, target, &complete).await?;
+        {
+            let mut s = lock(&pg.state);
+            if s.generation != generation {
+                return Err(interval_changed(s.interval_epoch));
+            }
+            s.backfill.remove(&target);
+            s.backfill_toofull = None;
+        }
+        pg.bump();
+        // Retried here: the target is no longer in the backfill set, so a new round would
+        // not record it.
+        while let Err(e) = self.record_complete_members(pg, generation).await {
+            tracing::info!(pg = %id, error = %e, "recording the complete members failed; retrying");
+            pg.pause_before_retry(generation).await?;
+        }
+        tracing::info!(pg = %id, osd = target, "backfill done");
+        pg.bump();
+        Ok(())
+    }
+
+    /// Copies one object from this primary to a backfill target under the object's order
+    /// lock, once no write to it is in flight, then moves the target's reach up to it
+    /// unless a write skipped an object before it meanwhile (then that one goes first).
+    async fn backfill_object(
+        &self,
+        pg: &Pg,
+        generation: u64,
+        interval_epoch: Epoch,
+        target: OsdId,
+        key: &ObjectId,
+    ) -> Result<(), OpError> {
+        let name: ObjectName = (key.namespace().to_string(), key.name().to_string());
+        self.recovery_sleep().await;
+        let slot = pg.object_slot(&name);
+        let _order = slot.order.write().await;
+        slot.drained().await;
+        if lock(&pg.state).generation != generation {
+            return Err(OpError::IntervalChanged {
+                pg: pg.id.to_string(),
+                epoch: interval_epoch,
+            });
+        }
+        let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
+        let push = match self.fetch(pg.id, interval_epoch, me, &name).await? {
+            Some(st) => Push {
+                objects: vec![st],
+                ..Push::default()
+            },
+            None => Push {
+                remove: vec![name.clone()],
+                ..Push::default()
+            },
+        };
+        self.deliver(pg.id, interval_epoch, target, &push).await?;
+        metrics::counter!("basalt_osd_recovered_objects_total").increment(1);
+        let mut s = lock(&pg.state);
+        if s.generation != generation {
+            return Err(OpError::IntervalChanged {
+                pg: pg.id.to_string(),
+                epoch: s.interval_epoch,
+            });
+        }
+        if let Some(b) = s.backfill.get_mut(&target) {
+            // No write to it can be deciding now (we hold its order lock): its copy there is
+            // current, and a later write that skips the target notes it again.
+            b.skipped.remove(key);
+            if b.reach.may_advance_to(Some(key), b.skipped.iter()) && !b.reach.covers(key) {
+                b.reach = peering::BackfillReach::Through(key.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits while a backfill-while-active target is backfillfull (`pg ls` shows
+    /// `active+backfill_toofull`; the PG keeps serving), re-checked at every new map.
+    async fn wait_active_backfill_room(
+        &self,
+        pg: &Pg,
+        generation: u64,
+        target: OsdId,
+    ) -> Result<(), OpError> {
+        loop {
+            let epoch = self.current_map().map_or(0, |m| m.epoch);
+            let why = self.toofull(&[target]);
+            let changed = {
+                let mut s = lock(&pg.state);
+                if s.generation != generation {
+                    return Err(OpError::IntervalChanged {
+                        pg: pg.id.to_string(),
+                        epoch: s.interval_epoch,
+                    });
+                }
+                let changed = s.backfill_toofull != why;
+                if changed {
+                    if let Some(why) = &why {
+                        tracing::warn!(pg = %pg.id, "backfill_toofull: {why}");
+                    }
+                    s.backfill_toofull = why.clone();
+                }
+                changed
+            };
+            if changed {
+                pg.bump();
+            }
+            if why.is_none() {
+                return Ok(());
+            }
+            tokio::select! {
+                () = self.next_map_or_timeout(epoch) => {}
+                () = pg.left_generation(generation) => {}
+            }
+        }
+    }
+
+    /// `osd`'s objects after `after` through `end` (None: to the end), in listing order,
+    /// read page by page.
+    async fn scan_range(
+        &self,
+        id: PgId,
+        interval_epoch: Epoch,
+        osd: OsdId,
+        after: Option<&ObjectName>,
+        end: Option<&ObjectName>,
+    ) -> Result<Vec<(ObjectName, Eversion)>, OpError> {
+        let past_end =
+            |n: &ObjectName| end.is_some_and(|e| pg::listing_key(id, n) > pg::listing_key(id, e));
+        let mut have = Vec::new();
+        let mut cursor = after.cloned();
+        loop {
+            let page = self.scan(id, interval_epoch, osd, cursor.as_ref()).await?;
+            let full = page.len() >= BACKFILL_SCAN;
+            cursor = page.last().map(|(n, _)| n.clone());
+            let beyond = page.iter().any(|(n, _)| past_end(n));
+            have.extend(page.into_iter().filter(|(n, _)| !past_end(n)));
+            if !full || beyond {
+                return Ok(have);
             }
         }
     }
@@ -2593,9 +3090,9 @@ impl OsdCore {
         deep: bool,
         repair: bool,
     ) -> Result<basalt_ops::ScrubResult, OpError> {
-        if lock(&pg.state).missing.values().any(|m| !m.is_empty()) {
+        if lock(&pg.state).healing() {
             return Err(OpError::Busy(format!(
-                "PG {} is recovering; scrub it once it is clean",
+                "PG {} is recovering or backfilling; scrub it once it is clean",
                 pg.id
             )));
         }
@@ -2677,7 +3174,7 @@ impl OsdCore {
                 }
                 let (generation, todo) = {
                     let mut s = lock(&pg.state);
-                    let recovering = s.missing.values().any(|m| !m.is_empty());
+                    let recovering = s.healing();
                     if s.primary != Some(me) || s.status != PgStatus::Active || recovering {
                         continue;
                     }
@@ -2793,7 +3290,7 @@ impl OsdCore {
             for pg in pgs {
                 let (generation, due_deep, due_shallow) = {
                     let mut s = lock(&pg.state);
-                    let recovering = s.missing.values().any(|m| !m.is_empty());
+                    let recovering = s.healing();
                     if s.primary.is_none()
                         || s.primary != me
                         || s.status != PgStatus::Active

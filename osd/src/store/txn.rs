@@ -172,6 +172,29 @@ impl Transaction {
         self
     }
 
+    /// The PG log and dup record ops of this transaction, without what it does to objects:
+    /// what a backfill target gets of a write to an object its backfill has not reached
+    /// yet, so its log stays the primary's (later writes to the object find the entries
+    /// they follow) while the object itself is copied when the backfill gets to it.
+    pub fn log_only(&self) -> Transaction {
+        Transaction {
+            ops: self
+                .ops
+                .iter()
+                .filter(|op| {
+                    matches!(
+                        op,
+                        Op::PgLogAppend { .. }
+                            | Op::PgLogTrim { .. }
+                            | Op::DupRecord { .. }
+                            | Op::DupTrim { .. }
+                    )
+                })
+                .cloned()
+                .collect(),
+        }
+    }
+
     pub fn create(&mut self, obj: &ObjectId, exclusive: bool) -> &mut Self {
         self.push(Op::Create {
             obj: obj.clone(),
@@ -1503,6 +1526,20 @@ mod tests {
 
     fn built(s: &Store, t: &Transaction) -> Built {
         build(s.engine(), s.data(), DEFAULT_MAX_OBJECT_SIZE, t).unwrap()
+    }
+
+    #[test]
+    fn a_log_only_copy_logs_the_write_and_leaves_the_object_alone() {
+        let (s, o) = store_with_object(8192);
+        let mut t = Transaction::new();
+        t.write(&o, 0, vec![9u8; 4096])
+            .pg_log_append(pg(), 1, vec![1u8])
+            .dup_record(pg(), vec![2u8], 1, vec![3u8]);
+        let log_only = t.log_only();
+        assert_eq!(log_only.ops(), &t.ops()[1..]);
+        s.submit_blocking(&log_only).unwrap();
+        assert_eq!(s.read(&o, 0, 4096).unwrap(), vec![7u8; 4096]);
+        assert_eq!(s.pg_log_scan(pg(), 1, 1).unwrap().len(), 1);
     }
 
     #[test]
