@@ -586,6 +586,8 @@ fn op_error(e: OpError, what: &str) -> ClientError {
         | OpError::NotPrimary { .. }
         | OpError::IntervalChanged { .. }
         | OpError::MapBehind { .. }) => ClientError::Unavailable(format!("{what}: {e}")),
+        // Only OSDs send peer messages; an OSD answering a client with this is a bug there.
+        e @ OpError::BadPeerMessage(_) => ClientError::Internal(format!("{what}: {e}")),
     }
 }
 

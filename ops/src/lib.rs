@@ -537,6 +537,42 @@ pub enum OpError {
     /// `osd 'allow w pool=rbd'`); nothing was applied.
     #[error("{0}")]
     PermissionDenied(String),
+    /// An OSD-to-OSD request this OSD cannot take as it is: no or another message version,
+    /// or a sub-op whose envelope and transaction disagree. Nothing was applied.
+    #[error("refused a peer message: {0}")]
+    BadPeerMessage(PeerMessageError),
+}
+
+/// Why an OSD refused another OSD's peering or replication request before acting on it
+/// ([`OpError::BadPeerMessage`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum PeerMessageError {
+    /// The request has no envelope: the sender runs a basalt from before peer messages were
+    /// versioned.
+    #[error(
+        "the request carries no peer envelope (message version 0, this OSD speaks {want}); \
+         run the same basalt release on every OSD"
+    )]
+    NoEnvelope { want: u32 },
+    /// The sender speaks another version of the peer messages.
+    #[error(
+        "the request is peer message version {have}, this OSD speaks {want}; run the same \
+         basalt release on every OSD"
+    )]
+    Version { have: u32, want: u32 },
+    /// A sub-op lacks a field every sub-op carries (its version or request id).
+    #[error("the sub-op has no {0}")]
+    MissingField(String),
+    /// The sub-op's transaction holds no log entry for its PG, or more than one.
+    #[error("the sub-op's transaction holds {count} log entries for PG {pg}; a write holds one")]
+    LogEntries { pg: String, count: usize },
+    /// The sub-op's envelope and its transaction's log entry disagree about `field`.
+    #[error("the sub-op says {field} {envelope}, its log entry says {logged}")]
+    LogEntryMismatch {
+        field: String,
+        envelope: String,
+        logged: String,
+    },
 }
 
 impl OpError {

@@ -14,6 +14,8 @@
 //!   which copy is authoritative and how each other copy catches up (log or backfill);
 //!   [`service`] runs it all — client ops with primary-copy replication, peering, recovery,
 //!   backfill, scheduled scrubs, watch/notify — over gRPC;
+//! - [`peer_msg`]: the typed OSD-to-OSD messages (a versioned envelope on every peering and
+//!   replication request; sub-ops with their version, request id and transaction explicit);
 //! - the [`data_path`]: client ops and replication sub-ops over `basalt-messenger`, on the
 //!   same port as the gRPC service, answered by the same handlers;
 //! - PG [`split`]ting: when a pool's `pg_num` grows, each copy of a PG divides its objects,
@@ -22,6 +24,7 @@
 
 pub mod daemon;
 pub mod data_path;
+pub mod peer_msg;
 pub mod peering;
 pub mod pg;
 pub mod service;

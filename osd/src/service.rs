@@ -61,6 +61,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::peer_msg::{header_of, PeerHeader, SubOp};
 use crate::peering::{self, BackfillProgress, Catchup, PeerState, PgInfo};
 use crate::pg::{self, ObjectName, Push};
 use crate::split;
@@ -458,6 +459,16 @@ impl OsdCore {
     fn me(&self) -> Option<OsdId> {
         let id = self.whoami.load(Ordering::Relaxed);
         (id != u32::MAX).then_some(id)
+    }
+
+    /// The envelope of this OSD's requests about `pg` in the interval begun at
+    /// `interval_epoch`.
+    fn peer_header(&self, pg: PgId, interval_epoch: Epoch) -> PeerHeader {
+        PeerHeader {
+            pg,
+            interval_epoch,
+            from: self.me().unwrap_or(u32::MAX),
+        }
     }
 
     fn current_map(&self) -> Option<Arc<OsdMap>> {
@@ -1328,24 +1339,25 @@ impl OsdCore {
             now_ns(),
             self.tuning.pg_log_entries,
         );
-        let sub_op = pb::SubOpRequest {
-            pool: pg.id.pool,
-            pg_seed: pg.id.seed,
-            interval_epoch,
-            from: self.me().unwrap_or(u32::MAX),
-            txn: encode(&txn),
-            namespace: name.0.clone(),
-            object: name.1.clone(),
-            after_seq: after_seq.unwrap_or(0),
+        let sub_op = SubOp {
+            header: self.peer_header(pg.id, interval_epoch),
+            version,
+            reqid,
+            object: name.clone(),
+            after_seq,
+            txn,
         };
+        // Encoded once: every replica and every retry gets the same bytes.
+        let sub_op_bytes = Bytes::from(sub_op.to_pb().encode_to_vec());
+        let txn = sub_op.txn;
         let committed = std::time::Instant::now();
         let mut tasks = Vec::with_capacity(replicas.len());
         for osd in replicas {
             let core = self.clone();
             let pg = pg.clone();
-            let req = sub_op.clone();
+            let request = sub_op_bytes.clone();
             tasks.push(tokio::spawn(async move {
-                core.sub_op_until_done(&pg, generation, osd, req).await
+                core.sub_op_until_done(&pg, generation, osd, request).await
             }));
         }
         let started = std::time::Instant::now();
@@ -1446,11 +1458,10 @@ impl OsdCore {
         pg: &Pg,
         generation: u64,
         osd: OsdId,
-        req: pb::SubOpRequest,
+        request: Bytes,
     ) -> Result<(), OpError> {
         let mut warned_full = false;
-        // Encoded once: every retry sends the same bytes.
-        let request = Bytes::from(req.encode_to_vec());
+        let mut warned_refused = false;
         loop {
             let (g, _, epoch) = pg.snapshot();
             if g != generation {
@@ -1487,6 +1498,15 @@ impl OsdCore {
                         warned_full = true;
                         tracing::warn!(pg = %pg.id, osd, reason = %m,
                             "replica has no room for a committed write; retrying until it has");
+                    }
+                }
+                Ok(Err(e @ OpError::BadPeerMessage(_))) => {
+                    // Another release on the replica, or a bug: retrying sends the same bytes,
+                    // so only an interval change (the replica restarted or was replaced) ends it.
+                    if !warned_refused {
+                        warned_refused = true;
+                        tracing::error!(pg = %pg.id, osd, error = %e,
+                            "replica refused the sub-op's envelope; retrying until the interval changes");
                     }
                 }
                 Ok(Err(e)) => {
@@ -1577,10 +1597,14 @@ impl OsdCore {
         self.peer_rpc(osd, "query", |mut c| async move {
             let r = c
                 .pg_query(pb::PgQueryRequest {
-                    pool: id.pool,
-                    pg_seed: id.seed,
-                    interval_epoch,
-                    from: me,
+                    header: Some(
+                        PeerHeader {
+                            pg: id,
+                            interval_epoch,
+                            from: me,
+                        }
+                        .to_pb(),
+                    ),
                 })
                 .await?;
             Ok(Response::new(r.into_inner().result))
@@ -1610,10 +1634,14 @@ impl OsdCore {
             .peer_rpc(source, "pull", |mut c| async move {
                 let r = c
                     .pg_pull(pb::PgPullRequest {
-                        pool: id.pool,
-                        pg_seed: id.seed,
-                        interval_epoch,
-                        from: me,
+                        header: Some(
+                            PeerHeader {
+                                pg: id,
+                                interval_epoch,
+                                from: me,
+                            }
+                            .to_pb(),
+                        ),
                         objects,
                     })
                     .await?;
@@ -1641,10 +1669,14 @@ impl OsdCore {
         self.peer_rpc(target, "push", |mut c| async move {
             let r = c
                 .pg_push(pb::PgPushRequest {
-                    pool: id.pool,
-                    pg_seed: id.seed,
-                    interval_epoch,
-                    from: me,
+                    header: Some(
+                        PeerHeader {
+                            pg: id,
+                            interval_epoch,
+                            from: me,
+                        }
+                        .to_pb(),
+                    ),
                     push,
                 })
                 .await?;
@@ -1672,10 +1704,14 @@ impl OsdCore {
         self.peer_rpc(osd, "scan", |mut c| async move {
             let r = c
                 .pg_scan(pb::PgScanRequest {
-                    pool: id.pool,
-                    pg_seed: id.seed,
-                    interval_epoch,
-                    from: me,
+                    header: Some(
+                        PeerHeader {
+                            pg: id,
+                            interval_epoch,
+                            from: me,
+                        }
+                        .to_pb(),
+                    ),
                     after,
                     max: BACKFILL_SCAN as u32,
                 })
@@ -2354,17 +2390,16 @@ impl OsdCore {
         }
     }
 
-    /// Checks a peering/replication request from `from` for `pg` at `interval_epoch`: this
-    /// OSD's map must be at least that new and show `from` as the PG's primary.
-    async fn check_peer_request(
-        &self,
-        pool: u32,
-        seed: u32,
-        interval_epoch: Epoch,
-        from: OsdId,
-    ) -> Result<Arc<Pg>, OpError> {
+    /// Checks a peering/replication request (its envelope `header`: from `from` for `pg` at
+    /// `interval_epoch`): this OSD's map must be at least that new and show `from` as the
+    /// PG's primary.
+    async fn check_peer_request(&self, header: &PeerHeader) -> Result<Arc<Pg>, OpError> {
+        let PeerHeader {
+            pg: id,
+            interval_epoch,
+            from,
+        } = *header;
         let map = self.map_at_least(interval_epoch).await?;
-        let id = PgId { pool, seed };
         let stale = || OpError::IntervalChanged {
             pg: id.to_string(),
             epoch: map.epoch,
@@ -2376,15 +2411,13 @@ impl OsdCore {
         Ok(pg)
     }
 
-    pub async fn handle_pg_query(&self, req: pb::PgQueryRequest) -> Result<PeerState, OpError> {
-        let pg = self
-            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
-            .await?;
+    pub async fn handle_pg_query(&self, header: PeerHeader) -> Result<PeerState, OpError> {
+        let pg = self.check_peer_request(&header).await?;
         // From here on sub-ops of older intervals are refused, and those already admitted
         // have committed before the state below is read.
         {
             let mut s = lock(&pg.state);
-            s.peered_interval = s.peered_interval.max(req.interval_epoch);
+            s.peered_interval = s.peered_interval.max(header.interval_epoch);
         }
         let _quiesced = pg.gate.write().await;
         let id = pg.id;
@@ -2393,11 +2426,10 @@ impl OsdCore {
 
     pub async fn handle_pg_pull(
         &self,
+        header: PeerHeader,
         req: pb::PgPullRequest,
     ) -> Result<Vec<Option<pg::ObjectState>>, OpError> {
-        let pg = self
-            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
-            .await?;
+        let pg = self.check_peer_request(&header).await?;
         let names: Vec<ObjectName> = decode(&req.objects, "object names")?;
         let id = pg.id;
         self.on_store(move |store| {
@@ -2416,11 +2448,10 @@ impl OsdCore {
 
     pub async fn handle_pg_scan(
         &self,
+        header: PeerHeader,
         req: pb::PgScanRequest,
     ) -> Result<Vec<(ObjectName, Eversion)>, OpError> {
-        let pg = self
-            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
-            .await?;
+        let pg = self.check_peer_request(&header).await?;
         let after: Option<ObjectName> = decode(&req.after, "scan start")?;
         let max = (req.max as usize).clamp(1, 4 * BACKFILL_SCAN);
         let id = pg.id;
@@ -2428,17 +2459,19 @@ impl OsdCore {
             .await
     }
 
-    pub async fn handle_pg_push(&self, req: pb::PgPushRequest) -> Result<(), OpError> {
-        let pg = self
-            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
-            .await?;
+    pub async fn handle_pg_push(
+        &self,
+        header: PeerHeader,
+        req: pb::PgPushRequest,
+    ) -> Result<(), OpError> {
+        let pg = self.check_peer_request(&header).await?;
         // Under the gate, so a split of this PG (which ends the interval first) never runs
         // between the interval check and the commit.
         let _write = pg.gate.read().await;
-        if lock(&pg.state).peered_interval != req.interval_epoch {
+        if lock(&pg.state).peered_interval != header.interval_epoch {
             return Err(OpError::IntervalChanged {
                 pg: pg.id.to_string(),
-                epoch: req.interval_epoch,
+                epoch: header.interval_epoch,
             });
         }
         let push: Push = decode(&req.push, "push")?;
@@ -2452,40 +2485,37 @@ impl OsdCore {
         r
     }
 
-    pub async fn handle_sub_op(&self, req: pb::SubOpRequest) -> Result<(), OpError> {
-        let pg = self
-            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
-            .await?;
-        let started = std::time::Instant::now();
-        let txn: Transaction = decode(&req.txn, "transaction")?;
-        stage("sub_op_decode", started);
+    /// Applies a primary's write (already checked against its envelope by
+    /// [`SubOp::from_pb`]).
+    pub async fn handle_sub_op(&self, sub_op: SubOp) -> Result<(), OpError> {
+        let pg = self.check_peer_request(&sub_op.header).await?;
+        let SubOp {
+            header,
+            version,
+            object,
+            after_seq,
+            txn,
+            ..
+        } = sub_op;
         // A resent sub-op must not apply twice (appends are not idempotent): its log entry
         // tells whether it already landed.
-        let seq = txn.ops().iter().find_map(|op| match op {
-            crate::store::Op::PgLogAppend { pg: p, version, .. } if *p == pg.id => Some(*version),
-            _ => None,
-        });
-        let Some(seq) = seq else {
-            return Err(OpError::InvalidArgument(
-                "sub-op without a log entry".into(),
-            ));
-        };
+        let seq = version.seq;
         let committing = std::time::Instant::now();
         // Writes to one object apply in the primary's order: wait (bounded; the primary
         // resends) until the write in flight before this one has landed here.
-        let slot = pg.object_slot(&(req.namespace.clone(), req.object.clone()));
+        let slot = pg.object_slot(&object);
         let deadline = Instant::now() + PEER_RPC_TIMEOUT / 2;
         let order = loop {
             let mut landed = pg.applied.subscribe();
             let mut changed = pg.changed.subscribe();
             let order = slot.order.clone().write_owned().await;
-            if lock(&pg.state).peered_interval != req.interval_epoch {
+            if lock(&pg.state).peered_interval != header.interval_epoch {
                 return Err(OpError::IntervalChanged {
                     pg: pg.id.to_string(),
-                    epoch: req.interval_epoch,
+                    epoch: header.interval_epoch,
                 });
             }
-            let (id, after) = (pg.id, req.after_seq);
+            let (id, after) = (pg.id, after_seq.unwrap_or(0));
             let (done, ready) = self
                 .on_store(move |store| {
                     let logged = |seq: u64| -> Result<bool, OpError> {
@@ -2527,10 +2557,10 @@ impl OsdCore {
         // of an older interval lands behind its back (not held while waiting above: peering
         // must not wait for a write that may never come).
         let _write = pg.gate.read().await;
-        if lock(&pg.state).peered_interval != req.interval_epoch {
+        if lock(&pg.state).peered_interval != header.interval_epoch {
             return Err(OpError::IntervalChanged {
                 pg: pg.id.to_string(),
-                epoch: req.interval_epoch,
+                epoch: header.interval_epoch,
             });
         }
         let started = std::time::Instant::now();
@@ -2550,11 +2580,10 @@ impl OsdCore {
 
     pub async fn handle_pg_scrub_map(
         &self,
+        header: PeerHeader,
         req: pb::PgScrubMapRequest,
     ) -> Result<pg::ScrubMap, OpError> {
-        let pg = self
-            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
-            .await?;
+        let pg = self.check_peer_request(&header).await?;
         let range: pg::NameRange = decode(&req.range, "scrub range")?;
         let (id, deep) = (pg.id, req.deep);
         self.on_store(move |store| pg::scrub_map(store, id, deep, &range, usize::MAX))
@@ -2895,10 +2924,14 @@ impl OsdCore {
                     .peer_rpc(osd, "scrub map", |mut c| async move {
                         let r = c
                             .pg_scrub_map(pb::PgScrubMapRequest {
-                                pool: id.pool,
-                                pg_seed: id.seed,
-                                interval_epoch,
-                                from: me,
+                                header: Some(
+                                    PeerHeader {
+                                        pg: id,
+                                        interval_epoch,
+                                        from: me,
+                                    }
+                                    .to_pb(),
+                                ),
                                 deep,
                                 range,
                             })
@@ -3304,12 +3337,18 @@ impl OsdCore {
             .map_err(|e| OpError::PermissionDenied(e.to_string()))
     }
 
-    /// Requests only OSD daemons send (sub-ops, peering, pushes): the peer must be `osd.N`
-    /// and `from` (the sender the message names) must be N.
-    pub fn check_osd_peer(peer: &Authenticated, from: OsdId) -> Result<(), OpError> {
-        peer.check_is_osd(Some(from))
-            .map(|_| ())
-            .map_err(|e| OpError::PermissionDenied(e.to_string()))
+    /// The envelope of a request only OSD daemons send (sub-ops, peering, pushes): the peer
+    /// must be `osd.N` (checked first, so nobody else learns anything from the reply), the
+    /// envelope of this message version, and its `from` (the sender it names) N.
+    pub fn osd_peer_header(
+        peer: &Authenticated,
+        header: Option<&pb::PeerHeader>,
+    ) -> Result<PeerHeader, OpError> {
+        let denied = |e: basalt_auth::PermissionDenied| OpError::PermissionDenied(e.to_string());
+        peer.check_is_osd(None).map_err(denied)?;
+        let header = header_of(header)?;
+        peer.check_is_osd(Some(header.from)).map_err(denied)?;
+        Ok(header)
     }
 
     /// Answers a client's op, whichever transport it came on (the data-path messenger, or
@@ -3357,8 +3396,16 @@ impl OsdCore {
         req: pb::SubOpRequest,
     ) -> pb::SubOpReply {
         let started = std::time::Instant::now();
-        let r = match Self::check_osd_peer(peer, req.from) {
-            Ok(()) => self.handle_sub_op(req).await,
+        let r = match Self::osd_peer_header(peer, req.header.as_ref()) {
+            Ok(_) => {
+                let decoding = std::time::Instant::now();
+                let sub_op = SubOp::from_pb(req);
+                stage("sub_op_decode", decoding);
+                match sub_op {
+                    Ok(sub_op) => self.handle_sub_op(sub_op).await,
+                    Err(e) => Err(e),
+                }
+            }
             Err(e) => Err(e),
         };
         metrics::histogram!("basalt_osd_sub_op_seconds").record(started.elapsed().as_secs_f64());
@@ -3492,8 +3539,9 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgQueryRequest>,
     ) -> Result<Response<pb::PgQueryReply>, Status> {
-        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
-            Ok(()) => self.core.handle_pg_query(req.into_inner()).await,
+        let who = peer(&req)?;
+        let r = match OsdCore::osd_peer_header(&who, req.get_ref().header.as_ref()) {
+            Ok(header) => self.core.handle_pg_query(header).await,
             Err(e) => Err(e),
         };
         Ok(Response::new(pb::PgQueryReply { result: encode(&r) }))
@@ -3503,8 +3551,9 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgPullRequest>,
     ) -> Result<Response<pb::PgPullReply>, Status> {
-        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
-            Ok(()) => self.core.handle_pg_pull(req.into_inner()).await,
+        let who = peer(&req)?;
+        let r = match OsdCore::osd_peer_header(&who, req.get_ref().header.as_ref()) {
+            Ok(header) => self.core.handle_pg_pull(header, req.into_inner()).await,
             Err(e) => Err(e),
         };
         Ok(Response::new(pb::PgPullReply { result: encode(&r) }))
@@ -3514,8 +3563,9 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgScanRequest>,
     ) -> Result<Response<pb::PgScanReply>, Status> {
-        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
-            Ok(()) => self.core.handle_pg_scan(req.into_inner()).await,
+        let who = peer(&req)?;
+        let r = match OsdCore::osd_peer_header(&who, req.get_ref().header.as_ref()) {
+            Ok(header) => self.core.handle_pg_scan(header, req.into_inner()).await,
             Err(e) => Err(e),
         };
         Ok(Response::new(pb::PgScanReply { result: encode(&r) }))
@@ -3525,8 +3575,9 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgPushRequest>,
     ) -> Result<Response<pb::PgPushReply>, Status> {
-        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
-            Ok(()) => self.core.handle_pg_push(req.into_inner()).await,
+        let who = peer(&req)?;
+        let r = match OsdCore::osd_peer_header(&who, req.get_ref().header.as_ref()) {
+            Ok(header) => self.core.handle_pg_push(header, req.into_inner()).await,
             Err(e) => Err(e),
         };
         Ok(Response::new(pb::PgPushReply { result: encode(&r) }))
@@ -3536,8 +3587,13 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgScrubMapRequest>,
     ) -> Result<Response<pb::PgScrubMapReply>, Status> {
-        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
-            Ok(()) => self.core.handle_pg_scrub_map(req.into_inner()).await,
+        let who = peer(&req)?;
+        let r = match OsdCore::osd_peer_header(&who, req.get_ref().header.as_ref()) {
+            Ok(header) => {
+                self.core
+                    .handle_pg_scrub_map(header, req.into_inner())
+                    .await
+            }
             Err(e) => Err(e),
         };
         Ok(Response::new(pb::PgScrubMapReply { result: encode(&r) }))
