@@ -927,13 +927,8 @@ impl Daemon {
         .into_iter()
         .map(|s| (s, 0))
         .collect();
-        for (_, state, _) in self.core.pg_summary() {
-            let key = by_state
-                .keys()
-                .copied()
-                .find(|k| state.starts_with(k))
-                .unwrap_or("stray");
-            *by_state.entry(key).or_default() += 1;
+        for (_, kind, _) in self.core.pg_summary() {
+            *by_state.entry(kind).or_default() += 1;
         }
         for (state, n) in by_state {
             metrics::gauge!("basalt_osd_pgs", "state" => state).set(n as f64);

@@ -64,6 +64,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::peer_msg::{header_of, PeerHeader, SubOp};
 use crate::peering::{self, BackfillProgress, Catchup, PeerState, PgInfo};
 use crate::pg::{self, ObjectName, Push};
+use crate::pg_state::{pg_state_flags, PgConditions};
 use crate::split;
 use crate::store::{ObjectId, Store, Transaction};
 
@@ -115,6 +116,23 @@ pub enum PgStatus {
 }
 
 impl PgStatus {
+    /// The status without its reason (a metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PgStatus::Peering => "peering",
+            PgStatus::Recovering => "recovering",
+            PgStatus::Backfilling => "backfilling",
+            PgStatus::BackfillToofull(_) => "backfill_toofull",
+            PgStatus::Down(_) => "down",
+            PgStatus::Incomplete(_) => "incomplete",
+            PgStatus::Active => "active",
+            PgStatus::Inactive(_) => "inactive",
+            PgStatus::Replica => "replica",
+            PgStatus::Stray => "stray",
+        }
+    }
+
+    /// The status with its reason, for logs.
     pub fn name(&self) -> String {
         match self {
             PgStatus::Peering => "peering".into(),
@@ -475,14 +493,14 @@ impl OsdCore {
         self.map_tx.borrow().clone()
     }
 
-    /// PG states for metrics and status: (pg, status name, acting).
-    pub fn pg_summary(&self) -> Vec<(PgId, String, Vec<OsdId>)> {
+    /// PG states for metrics and status: (pg, status kind, acting).
+    pub fn pg_summary(&self) -> Vec<(PgId, &'static str, Vec<OsdId>)> {
         let pgs = lock(&self.pgs);
         let mut v: Vec<_> = pgs
             .values()
             .map(|pg| {
                 let s = lock(&pg.state);
-                (pg.id, s.status.name(), s.acting.clone())
+                (pg.id, s.status.kind(), s.acting.clone())
             })
             .collect();
         v.sort();
@@ -504,41 +522,16 @@ impl OsdCore {
                 .as_ref()
                 .and_then(|m| m.pools.get(&pg.id.pool))
                 .map_or(0, |p| p.size as usize);
-            let short = s.acting.len() < size;
-            let recovering = s.missing.values().any(|m| !m.is_empty());
-            let damaged = match (s.inconsistent.is_empty(), s.snaptrim) {
-                (true, false) => "",
-                (true, true) => "+snaptrim",
-                (false, false) => "+inconsistent",
-                (false, true) => "+snaptrim+inconsistent",
-            };
-            let state = match &s.status {
-                PgStatus::Active if recovering && s.recovery_toofull.is_some() => {
-                    format!(
-                        "active+recovery_toofull+{}degraded{damaged}",
-                        if short { "undersized+" } else { "" }
-                    )
-                }
-                PgStatus::Active if recovering && short => {
-                    format!("active+recovering+undersized+degraded{damaged}")
-                }
-                PgStatus::Active if recovering => format!("active+recovering+degraded{damaged}"),
-                PgStatus::Active if short => format!("active+undersized+degraded{damaged}"),
-                PgStatus::Active => format!("active+clean{damaged}"),
-                PgStatus::Peering => "peering".to_string(),
-                PgStatus::Recovering if short => "recovering+undersized+degraded".to_string(),
-                PgStatus::Recovering => "recovering+degraded".to_string(),
-                PgStatus::Backfilling if short => "backfilling+undersized+degraded".to_string(),
-                PgStatus::Backfilling => "backfilling+degraded".to_string(),
-                PgStatus::BackfillToofull(_) if short => {
-                    "backfill_toofull+undersized+degraded".to_string()
-                }
-                PgStatus::BackfillToofull(_) => "backfill_toofull+degraded".to_string(),
-                PgStatus::Down(_) => "down".to_string(),
-                PgStatus::Incomplete(_) => "incomplete".to_string(),
-                PgStatus::Inactive(_) => "undersized+peered".to_string(),
-                other => other.name(),
-            };
+            let state = pg_state_flags(
+                &s.status,
+                &PgConditions {
+                    undersized: s.acting.len() < size,
+                    recovering: s.missing.values().any(|m| !m.is_empty()),
+                    recovery_toofull: s.recovery_toofull.is_some(),
+                    inconsistent: !s.inconsistent.is_empty(),
+                    snaptrim: s.snaptrim,
+                },
+            );
             let mut detail = match &s.status {
                 PgStatus::Down(why)
                 | PgStatus::Incomplete(why)
@@ -3090,7 +3083,9 @@ impl OsdCore {
         let first = tokio::time::timeout(Duration::from_secs(10), pings.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no watch request within 10 s"))??
-            .ok_or_else(|| Status::invalid_argument("watch stream closed before its request"))?;
+            .ok_or_else(|| {
+                Status::invalid_argument("watch stream closed before its request")
+            })?;
         let (tx, rx) = mpsc::channel(64);
         let refuse = |e: OpError| {
             let _ = tx.try_send(Ok(pb::WatchEvent {
@@ -3449,7 +3444,9 @@ impl pb::osd_server::Osd for OsdService {
     async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
         peer(&req)?.check_is_osd(None).map_err(denied)?;
         let Some(osd_id) = self.core.me() else {
-            return Err(Status::unavailable("this OSD has not booted yet"));
+            return Err(Status::unavailable(
+                "this OSD has not booted yet",
+            ));
         };
         Ok(Response::new(pb::PingReply {
             osd_id,
