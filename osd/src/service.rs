@@ -3082,9 +3082,9 @@ impl OsdCore {
     ) -> Result<mpsc::Receiver<Result<pb::WatchEvent, Status>>, Status> {
         let first = tokio::time::timeout(Duration::from_secs(10), pings.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no watch request within 10 s"))??
+            .map_err(|_| basalt_proto::status::deadline_exceeded("no watch request within 10 s"))??
             .ok_or_else(|| {
-                Status::invalid_argument("watch stream closed before its request")
+                basalt_proto::status::invalid_argument("watch stream closed before its request")
             })?;
         let (tx, rx) = mpsc::channel(64);
         let refuse = |e: OpError| {
@@ -3433,6 +3433,29 @@ pub struct OsdService {
     pub epoch: Arc<AtomicU64>,
 }
 
+/// An OSD refusal as a gRPC error, for the few calls that answer with a bare status rather
+/// than an encoded `OpError` (notify acks); its kind says what the client should do.
+fn op_error_status(e: OpError) -> Status {
+    use basalt_proto::status::ErrorKind;
+    let kind = match &e {
+        OpError::Blocklisted(_) => ErrorKind::Blocklisted,
+        OpError::PermissionDenied(_) => ErrorKind::PermissionDenied,
+        OpError::NotFound | OpError::NoSuchPool(_) => ErrorKind::NotFound,
+        OpError::Exists => ErrorKind::Exists,
+        OpError::InvalidArgument(_) | OpError::BadPeerMessage(_) => ErrorKind::InvalidArgument,
+        OpError::NotPrimary { .. }
+        | OpError::IntervalChanged { .. }
+        | OpError::Inactive { .. }
+        | OpError::MapBehind { .. }
+        | OpError::Busy(_) => ErrorKind::Unavailable,
+        OpError::CmpFailed(_) | OpError::NoSpace(_) | OpError::PoolFull { .. } => {
+            ErrorKind::FailedPrecondition
+        }
+        OpError::Corrupt(_) | OpError::Io(_) => ErrorKind::Internal,
+    };
+    kind.status(e.to_string())
+}
+
 fn reply_epoch(core: &OsdCore) -> u64 {
     core.current_map().map_or(0, |m| m.epoch)
 }
@@ -3444,7 +3467,7 @@ impl pb::osd_server::Osd for OsdService {
     async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
         peer(&req)?.check_is_osd(None).map_err(denied)?;
         let Some(osd_id) = self.core.me() else {
-            return Err(Status::unavailable(
+            return Err(basalt_proto::status::unavailable(
                 "this OSD has not booted yet",
             ));
         };
@@ -3516,7 +3539,7 @@ impl pb::osd_server::Osd for OsdService {
             .check_pool(&who, req.get_ref().pool, 0, Perm::X)
             .await
         {
-            return Err(Status::permission_denied(e.to_string()));
+            return Err(op_error_status(e));
         }
         self.core.handle_notify_ack(req.into_inner());
         Ok(Response::new(pb::NotifyAckReply {}))
