@@ -40,11 +40,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use basalt_auth::{Authenticated, Perm, TicketCell};
-use basalt_client::MonClient;
 use basalt_config::OsdTuning;
 use basalt_maps::PoolId;
 use basalt_maps::{Epoch, Fullness, OsdMap, OsdUsage};
 use basalt_messenger::Peer;
+use basalt_monclient::MonClient;
 use basalt_ops::{
     decode, encode, Eversion, NotifyResult, ObjOp, OpError, OpResult, ReqId, WatcherInfo,
     MAX_MESSAGE_BYTES, MAX_OPS_PER_REQUEST,
@@ -402,7 +402,7 @@ pub fn osd_client(
     connector: &basalt_tls::Connector,
     ticket: Arc<TicketCell>,
 ) -> Result<OsdClient<AuthChannel>, OpError> {
-    let channel = basalt_client::lazy_channel(addr, connector, Duration::from_secs(2))
+    let channel = basalt_monclient::lazy_channel(addr, connector, Duration::from_secs(2))
         .map_err(|e| OpError::Io(format!("OSD: {e}")))?;
     Ok(
         OsdClient::new(basalt_proto::auth::authorized(channel, ticket))
