@@ -545,11 +545,10 @@ fn bootstrap_keyrings(dir: &Path, layout: &Layout) -> anyhow::Result<()> {
 async fn wait_active_clean(rados: &Rados, deadline: Instant) -> anyhow::Result<()> {
     retry(deadline, "every PG active+clean", || async {
         let stats = rados.pg_stats().await?;
-        let (states, line) = crate::pg::summary(&stats);
-        if states.keys().all(|s| s == "active+clean") {
+        if stats.iter().all(|s| s.state.is_active_clean()) {
             Ok(())
         } else {
-            Err(ClientError::Unavailable(line))
+            Err(ClientError::Unavailable(crate::pg::summary(&stats).1))
         }
     })
     .await

@@ -351,10 +351,11 @@ async fn pg_stats(config: ClusterConfig) -> Option<Vec<basalt_client::ops::PgSta
 
 /// Health checks derived from PG states, as Ceph's PG_AVAILABILITY / PG_DEGRADED.
 fn pg_checks(stats: &[basalt_client::ops::PgStat]) -> Vec<HealthCheck> {
+    use basalt_client::ops::PgStateFlag;
     let mut checks = Vec::new();
     let inactive: Vec<String> = stats
         .iter()
-        .filter(|s| !s.state.starts_with("active"))
+        .filter(|s| !s.state.is_active())
         .map(|s| match s.detail.as_str() {
             "" => format!("pg {} is {}", s.pgid, s.state),
             why => format!("pg {} is {}: {why}", s.pgid, s.state),
@@ -370,7 +371,7 @@ fn pg_checks(stats: &[basalt_client::ops::PgStat]) -> Vec<HealthCheck> {
     }
     let damaged: Vec<String> = stats
         .iter()
-        .filter(|s| s.state.contains("inconsistent"))
+        .filter(|s| s.state.contains(PgStateFlag::Inconsistent))
         .map(|s| format!("pg {} is {}", s.pgid, s.state))
         .collect();
     if !damaged.is_empty() {
@@ -383,7 +384,7 @@ fn pg_checks(stats: &[basalt_client::ops::PgStat]) -> Vec<HealthCheck> {
     }
     let degraded: Vec<String> = stats
         .iter()
-        .filter(|s| s.state.contains("degraded"))
+        .filter(|s| s.state.contains(PgStateFlag::Degraded))
         .map(|s| format!("pg {} is {}", s.pgid, s.state))
         .collect();
     if !degraded.is_empty() {

@@ -66,7 +66,9 @@ async fn command(
 
 fn stat_json(s: &PgStat) -> serde_json::Value {
     json!({
-        "pgid": s.pgid, "state": s.state, "acting": s.acting,
+        "pgid": s.pgid, "state": s.state.to_string(),
+        "state_flags": s.state.iter().map(|f| f.name()).collect::<Vec<_>>(),
+        "acting": s.acting,
         "primary": (s.primary != u32::MAX).then_some(s.primary),
         "interval_epoch": s.interval_epoch, "last_seq": s.last_seq,
         "detail": s.detail,
@@ -77,7 +79,7 @@ fn stat_json(s: &PgStat) -> serde_json::Value {
 pub fn summary(stats: &[PgStat]) -> (BTreeMap<String, usize>, String) {
     let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
     for s in stats {
-        *by_state.entry(s.state.clone()).or_default() += 1;
+        *by_state.entry(s.state.to_string()).or_default() += 1;
     }
     let parts: Vec<String> = by_state.iter().map(|(k, v)| format!("{v} {k}")).collect();
     let line = format!("{} pgs: {}", stats.len(), parts.join(", "));
@@ -126,7 +128,7 @@ async fn ls(rados: &Rados, json: bool, pool: Option<String>) -> anyhow::Result<(
         println!(
             "{:8} {:28} {:12} {:8} {:>8}",
             s.pgid,
-            s.state,
+            s.state.to_string(),
             format!("[{}]", acting.join(",")),
             primary,
             s.last_seq

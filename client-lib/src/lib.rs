@@ -1,16 +1,11 @@
 //! `basalt-client`: the Rust client of a basalt cluster (librados-like).
 //!
-//! Owns talking to the cluster on behalf of applications, OSDs and the CLI:
+//! Owns talking to the cluster's objects on behalf of applications and the CLI:
 //!
-//! - [`Credentials`] (a keyring's key) and the session behind every client: the handshake
-//!   with a monitor, the `mon` and `osd` tickets it grants (renewed before they expire),
-//!   and a fresh authorizer on every request and messenger connection. A refusal is
-//!   [`ClientError::Unauthenticated`] (who we are) or [`ClientError::PermissionDenied`]
-//!   (what our caps allow), never a retry.
-//! - [`MonClient`] finds a monitor that can answer, retries on another when one
-//!   is down or without quorum (bounded by the op timeout), maps gRPC failures
-//!   to typed [`ClientError`]s, and keeps a subscribed, always-current OSDMap
-//!   ([`MonClient::subscribe`]).
+//! - [`Credentials`], [`MonClient`] and [`ClientError`] are `basalt-monclient`'s (the
+//!   monitors' client, which the OSD uses without this crate), re-exported here: the
+//!   session and its tickets (also presented on every OSD request and messenger
+//!   connection), monitor commands, maps and subscriptions, typed errors.
 //! - [`Rados`] / [`IoCtx`] are the object side: every op of the OSD (reads,
 //!   writes, xattrs, omap, compound ops, locks, watch/notify, listing), routed
 //!   by placement to the PG's primary and resent with the same request id
@@ -61,48 +56,7 @@
 //! # Ok(()) }
 //! ```
 
-mod auth;
-mod error;
-mod mon;
 mod rados;
-
-use std::time::Duration;
-
-/// A lazily connected gRPC channel to `addr` (`host:port`) as every basalt client and daemon
-/// dials its peers: through `connector` (TLS verified against the cluster CA, or plain text
-/// when `[tls]` is off; it sets TCP_NODELAY), with the data path's HTTP/2 tuning
-/// ([`basalt_proto::transport::tune`]: windows, frame size), and HTTP/2 keepalive so a peer
-/// behind a link that went silent (no RST, as with a cut cable or a hung host) is noticed
-/// within seconds and the caller moves on to another monitor or a newer map, instead of
-/// waiting on it for the whole operation timeout.
-pub fn lazy_channel(
-    addr: &str,
-    connector: &basalt_tls::Connector,
-    connect_timeout: Duration,
-) -> Result<tonic::transport::Channel, String> {
-    // The scheme stays http: TLS, when on, is the connector's, below HTTP/2.
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("bad address {addr}: {e}"))?;
-    let endpoint = basalt_proto::transport::tune(endpoint)
-        .connect_timeout(connect_timeout)
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(2))
-        .keep_alive_while_idle(true);
-    Ok(basalt_tls::channel(endpoint, connector))
-}
-
-/// The connector `[tls]` of `config` asks for, as a client error naming the fix.
-pub fn connector_for(
-    config: &basalt_config::ClusterConfig,
-) -> Result<basalt_tls::Connector, ClientError> {
-    basalt_tls::Connector::for_cluster(&config.tls).map_err(|e| {
-        ClientError::Config(format!(
-            "{e} (TLS is on: [tls] ca_file names the cluster CA certificate, by default \
-             tls/ca-cert.pem beside cluster.toml; copy it from the cluster, or set [tls] \
-             enabled = false on a cluster without TLS)"
-        ))
-    })
-}
 
 /// Register descriptions of this crate's metrics with the installed recorder.
 pub fn describe_metrics() {
@@ -113,8 +67,8 @@ pub fn describe_metrics() {
     );
 }
 
-pub use auth::Credentials;
+pub use basalt_monclient::{
+    connector_for, lazy_channel, ClientError, Credentials, MapSubscription, MonClient,
+};
 pub use basalt_ops as ops;
-pub use error::ClientError;
-pub use mon::{MapSubscription, MonClient};
 pub use rados::{IoCtx, ObjectStat, Rados, Watch, WatchEvent, DEFAULT_WATCH_TIMEOUT};

@@ -19,7 +19,7 @@ use basalt_maps::{Epoch, OsdMap, PoolId};
 use basalt_messenger::{CallError, Peer};
 use basalt_ops::{
     decode, encode, LockKind, LockState, NotifyResult, ObjOp, OpError, OpOutput, OpResult,
-    SnapContext, SnapListing, WatcherInfo, MAX_MESSAGE_BYTES,
+    PgStateFlag, PgStateFlags, SnapContext, SnapListing, WatcherInfo, MAX_MESSAGE_BYTES,
 };
 use basalt_placement::{object_to_pg_ns, PgId};
 use basalt_proto::auth::AuthChannel;
@@ -224,7 +224,11 @@ impl Rados {
                     pgid: pg.to_string(),
                     pool: pool.id,
                     seed,
-                    state: if primary.is_some() { "unknown" } else { "down" }.into(),
+                    state: PgStateFlags::from([if primary.is_some() {
+                        PgStateFlag::Unknown
+                    } else {
+                        PgStateFlag::Down
+                    }]),
                     acting: mapping.map(|m| m.acting).unwrap_or_default(),
                     primary: primary.unwrap_or(u32::MAX),
                     interval_epoch: 0,
@@ -613,6 +617,8 @@ fn op_error(e: OpError, what: &str) -> ClientError {
         | OpError::NotPrimary { .. }
         | OpError::IntervalChanged { .. }
         | OpError::MapBehind { .. }) => ClientError::Unavailable(format!("{what}: {e}")),
+        // Only OSDs send peer messages; an OSD answering a client with this is a bug there.
+        e @ OpError::BadPeerMessage(_) => ClientError::Internal(format!("{what}: {e}")),
     }
 }
 

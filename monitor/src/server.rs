@@ -30,6 +30,7 @@ use basalt_proto::mon::{
     OsdBootReply, OsdBootRequest, OsdFailureRequest, PeerEnvelope, ServiceKeysReply,
     ServiceKeysRequest, StatusReply, StatusRequest, SubscribeRequest,
 };
+use basalt_proto::status::{self, ErrorKind};
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::time::Instant;
@@ -139,9 +140,9 @@ impl MonServer {
         let mon = self
             .config
             .mon(rank)
-            .ok_or_else(|| Status::internal(format!("mon.{rank} is not in the monmap")))?;
+            .ok_or_else(|| status::internal(format!("mon.{rank} is not in the monmap")))?;
         let endpoint = Endpoint::from_shared(format!("http://{}", mon.addr))
-            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| status::internal(e.to_string()))?
             .connect_timeout(Duration::from_millis(500))
             .timeout(self.wait);
         let channel = basalt_tls::channel(endpoint, &self.connector);
@@ -178,16 +179,16 @@ impl MonServer {
                 self.requests
                     .send(local(body.clone(), tx))
                     .await
-                    .map_err(|_| Status::unavailable("monitor is shutting down"))?;
+                    .map_err(|_| status::unavailable("monitor is shutting down"))?;
                 match tokio::time::timeout_at(deadline, rx).await {
                     Ok(Ok(r)) => r.map_err(to_status),
-                    Ok(Err(_)) => Err(Status::unavailable("monitor is shutting down")),
-                    Err(_) => Err(Status::aborted(
+                    Ok(Err(_)) => Err(status::unavailable("monitor is shutting down")),
+                    Err(_) => Err(status::ambiguous(
                         "timed out waiting for the change to commit; it may or may not have been applied — check, then retry",
                     )),
                 }
             } else if forwarded {
-                Err(Status::unavailable(format!(
+                Err(status::unavailable(format!(
                     "mon.{} is not the leader (mon.{leader} is); retry there",
                     self.rank
                 )))
@@ -243,34 +244,34 @@ fn command_access(cmd: &Command, who: &Authenticated) -> MonAccess {
 }
 
 fn no_quorum() -> Status {
-    Status::unavailable(
+    status::unavailable(
         "no quorum: too few monitors are up and talking to each other; start the stopped monitors",
     )
 }
 
 pub fn to_status(e: MonError) -> Status {
     match e {
-        MonError::Unavailable(m) => Status::unavailable(m),
-        MonError::Ambiguous => Status::aborted(e.to_string()),
-        MonError::Store(m) => Status::internal(m),
+        MonError::Unavailable(m) => status::unavailable(m),
+        MonError::Ambiguous => status::ambiguous(e.to_string()),
+        MonError::Store(m) => status::internal(m),
         MonError::Auth(a) => {
-            let code = match &a {
-                AuthCmdError::NotFound(_) => Code::NotFound,
-                AuthCmdError::Exists(_) => Code::AlreadyExists,
-                AuthCmdError::Random(_) => Code::Internal,
+            let kind = match &a {
+                AuthCmdError::NotFound(_) => ErrorKind::NotFound,
+                AuthCmdError::Exists(_) => ErrorKind::Exists,
+                AuthCmdError::Random(_) => ErrorKind::Internal,
             };
-            Status::new(code, a.to_string())
+            kind.status(a.to_string())
         }
         MonError::Map(m) => {
-            let code = match &m {
-                MapError::PoolExists(_) => Code::AlreadyExists,
-                MapError::PoolNotFound(_) | MapError::OsdNotFound(_) => Code::NotFound,
+            let kind = match &m {
+                MapError::PoolExists(_) => ErrorKind::Exists,
+                MapError::PoolNotFound(_) | MapError::OsdNotFound(_) => ErrorKind::NotFound,
                 MapError::OsdStillUp(_) | MapError::OsdStillNeeded { .. } => {
-                    Code::FailedPrecondition
+                    ErrorKind::FailedPrecondition
                 }
-                _ => Code::InvalidArgument,
+                _ => ErrorKind::InvalidArgument,
             };
-            Status::new(code, m.to_string())
+            kind.status(m.to_string())
         }
     }
 }
@@ -279,7 +280,7 @@ fn command_from(req: CommandRequest) -> Result<Command, Status> {
     use command_request::Command as C;
     let cmd = req
         .command
-        .ok_or_else(|| Status::invalid_argument("empty command"))?;
+        .ok_or_else(|| status::invalid_argument("empty command"))?;
     Ok(match cmd {
         C::PoolCreate(p) => Command::PoolCreate {
             name: p.name,
@@ -331,7 +332,7 @@ fn command_from(req: CommandRequest) -> Result<Command, Status> {
         },
         C::SetFullRatio(r) => Command::SetFullRatio {
             kind: basalt_maps::RatioKind::parse(&r.which)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                .map_err(|e| status::invalid_argument(e.to_string()))?,
             ratio: r.ratio,
         },
     })
@@ -339,14 +340,14 @@ fn command_from(req: CommandRequest) -> Result<Command, Status> {
 
 fn entity_from(text: &str) -> Result<basalt_auth::EntityName, Status> {
     text.parse()
-        .map_err(|e: basalt_auth::EntityError| Status::invalid_argument(e.to_string()))
+        .map_err(|e: basalt_auth::EntityError| status::invalid_argument(e.to_string()))
 }
 
 fn caps_from(caps: std::collections::HashMap<String, String>) -> Result<basalt_auth::Caps, Status> {
     let mut pairs: Vec<(String, String)> = caps.into_iter().collect();
     pairs.sort();
     let words: Vec<String> = pairs.into_iter().flat_map(|(s, c)| [s, c]).collect();
-    basalt_auth::Caps::from_pairs(&words).map_err(|e| Status::invalid_argument(e.to_string()))
+    basalt_auth::Caps::from_pairs(&words).map_err(|e| status::invalid_argument(e.to_string()))
 }
 
 fn auth_entity(entity: &basalt_auth::EntityName, entry: &basalt_auth::AuthEntry) -> AuthEntity {
@@ -363,7 +364,7 @@ fn auth_entity(entity: &basalt_auth::EntityName, entry: &basalt_auth::AuthEntry)
 
 /// A forwarded mutation's reply, back in the form the state owner gives it.
 fn outcome_from_reply(reply: AuthReply) -> Result<crate::node::AuthOutcome, Status> {
-    let bad = |what: String| Status::internal(format!("the leader's auth reply {what}"));
+    let bad = |what: String| status::internal(format!("the leader's auth reply {what}"));
     let entity = reply
         .entity
         .parse()
@@ -391,7 +392,7 @@ fn auth_op_from(req: AuthRequest) -> Result<AuthOp, Status> {
     use auth_request::Command as C;
     let cmd = req
         .command
-        .ok_or_else(|| Status::invalid_argument("empty auth command"))?;
+        .ok_or_else(|| status::invalid_argument("empty auth command"))?;
     Ok(match cmd {
         C::Add(a) => AuthOp::Change(AuthCommand::Add {
             entity: entity_from(&a.entity)?,
@@ -400,7 +401,7 @@ fn auth_op_from(req: AuthRequest) -> Result<AuthOp, Status> {
             } else {
                 Some(
                     basalt_auth::Secret::from_base64(&a.key)
-                        .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                        .map_err(|e| status::invalid_argument(e.to_string()))?,
                 )
             },
             caps: caps_from(a.caps)?,
@@ -446,7 +447,7 @@ impl Monitor for MonServer {
             }));
         }
         if req.epoch > view.osdmap.epoch {
-            return Err(Status::not_found(format!(
+            return Err(status::not_found(format!(
                 "osdmap epoch {} does not exist yet (latest is {})",
                 req.epoch, view.osdmap.epoch
             )));
@@ -456,11 +457,11 @@ impl Monitor for MonServer {
                 epoch: map.epoch,
                 full: encode(&map).into(),
             })),
-            Ok(None) => Err(Status::not_found(format!(
+            Ok(None) => Err(status::not_found(format!(
                 "osdmap epoch {} was trimmed (oldest kept is {})",
                 req.epoch, view.first_epoch
             ))),
-            Err(e) => Err(Status::internal(e.to_string())),
+            Err(e) => Err(status::internal(e.to_string())),
         }
     }
 
@@ -633,7 +634,7 @@ impl Monitor for MonServer {
             AuthOp::Get(entity) => {
                 let view = self.readable_view().await?;
                 let entry = view.auth.get(&entity).ok_or_else(|| {
-                    Status::not_found(AuthCmdError::NotFound(entity.clone()).to_string())
+                    status::not_found(AuthCmdError::NotFound(entity.clone()).to_string())
                 })?;
                 return Ok(Response::new(AuthReply {
                     version: view.auth.version,
@@ -686,13 +687,13 @@ impl Monitor for MonServer {
         let session_key = who.session_key.clone();
         let keys = self.keys.accepting(Service::Osd);
         if keys.is_empty() {
-            return Err(Status::unavailable(
+            return Err(status::unavailable(
                 "the osd service's secrets are not committed yet (a new cluster's first commit); retry",
             ));
         }
         let plain =
-            postcard::to_stdvec(&keys).map_err(|e| Status::internal(format!("encode: {e}")))?;
-        let nonce = random::<12>().map_err(|e| Status::internal(e.to_string()))?;
+            postcard::to_stdvec(&keys).map_err(|e| status::internal(format!("encode: {e}")))?;
+        let nonce = random::<12>().map_err(|e| status::internal(e.to_string()))?;
         Ok(Response::new(ServiceKeysReply {
             nonce: nonce.to_vec().into(),
             sealed: basalt_auth::handshake::seal(&session_key, nonce, &plain).into(),
@@ -740,19 +741,19 @@ impl MonPeer for MonServer {
         }
         let env = request.into_inner();
         if env.fsid != self.config.cluster.fsid {
-            return Err(Status::permission_denied(format!(
+            return Err(status::permission_denied(format!(
                 "message from cluster {} dropped: this is cluster {}",
                 env.fsid, self.config.cluster.fsid
             )));
         }
         if env.from as usize >= self.config.mons.len() || env.from == self.rank {
-            return Err(Status::invalid_argument(format!(
+            return Err(status::invalid_argument(format!(
                 "mon.{} is not a peer of mon.{}",
                 env.from, self.rank
             )));
         }
         let msg = decode(&env.message, "paxos message")
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| status::invalid_argument(e.to_string()))?;
         // A full queue means the state owner is behind; dropping is what the network would do.
         let _ = self.requests.try_send(Request::Peer {
             from: env.from,
@@ -769,27 +770,27 @@ impl MonAuth for MonServer {
         request: GrpcRequest<AuthHello>,
     ) -> Result<Response<AuthChallenge>, Status> {
         let hello: Hello = postcard::from_bytes(&request.get_ref().hello)
-            .map_err(|_| Status::invalid_argument("the Hello cannot be decoded"))?;
+            .map_err(|_| status::invalid_argument("the Hello cannot be decoded"))?;
         let view = self.readable_view().await?;
         if view.auth.version == 0 {
             // A new cluster whose first leader has not committed the bootstrap keyring yet.
-            return Err(Status::unavailable(
+            return Err(status::unavailable(
                 "the auth database is not seeded yet (a new cluster's first commit); retry",
             ));
         }
         let entry = view.auth.get(&hello.entity);
-        let server_challenge = random::<16>().map_err(|e| Status::internal(e.to_string()))?;
+        let server_challenge = random::<16>().map_err(|e| status::internal(e.to_string()))?;
         let (handshake, challenge) =
             ServerHandshake::on_hello(&hello, entry.map(|e| (&e.key, &e.caps)), server_challenge)
-                .map_err(|e| Status::unauthenticated(e.to_string()))?;
+                .map_err(|e| status::unauthenticated(e.to_string()))?;
         let handshake_id = self
             .handshakes
             .insert(handshake)
-            .ok_or_else(|| Status::internal("no randomness from the OS"))?;
+            .ok_or_else(|| status::internal("no randomness from the OS"))?;
         Ok(Response::new(AuthChallenge {
             handshake_id,
             challenge: postcard::to_stdvec(&challenge)
-                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| status::internal(e.to_string()))?
                 .into(),
         }))
     }
@@ -800,33 +801,33 @@ impl MonAuth for MonServer {
     ) -> Result<Response<AuthGranted>, Status> {
         let req = request.into_inner();
         let proof: Proof = postcard::from_bytes(&req.proof)
-            .map_err(|_| Status::invalid_argument("the Proof cannot be decoded"))?;
+            .map_err(|_| status::invalid_argument("the Proof cannot be decoded"))?;
         let handshake = self.handshakes.take(req.handshake_id).ok_or_else(|| {
-            Status::unauthenticated(
+            status::unauthenticated(
                 "no such handshake on this monitor (expired, already used, or begun on another monitor); start again",
             )
         })?;
-        let rnd = |_| random::<12>().map_err(|e| Status::internal(e.to_string()));
+        let rnd = |_| random::<12>().map_err(|e| status::internal(e.to_string()));
         let now = now_ms();
         let not_yet = || {
-            Status::unavailable(
+            status::unavailable(
                 "the service secrets are not committed yet (a new cluster's first commit); retry",
             )
         };
         let mon_keys = self.keys.sealing(Service::Mon, now).ok_or_else(not_yet)?;
         let osd_keys = self.keys.sealing(Service::Osd, now).ok_or_else(not_yet)?;
-        let secret = || random_secret().map_err(|e| Status::internal(e.to_string()));
+        let secret = || random_secret().map_err(|e| status::internal(e.to_string()));
         let grants = vec![
             (Service::Mon, &mon_keys, secret()?, rnd(0)?, rnd(1)?),
             (Service::Osd, &osd_keys, secret()?, rnd(2)?, rnd(3)?),
         ];
         let (entity, granted) = handshake
             .on_proof(&proof, now, self.keys.ttl_ms(), grants)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+            .map_err(|e| status::unauthenticated(e.to_string()))?;
         tracing::debug!(%entity, "authenticated");
         Ok(Response::new(AuthGranted {
             granted: postcard::to_stdvec(&granted)
-                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| status::internal(e.to_string()))?
                 .into(),
         }))
     }

@@ -543,6 +543,42 @@ pub enum OpError {
     /// `osd 'allow w pool=rbd'`); nothing was applied.
     #[error("{0}")]
     PermissionDenied(String),
+    /// An OSD-to-OSD request this OSD cannot take as it is: no or another message version,
+    /// or a sub-op whose envelope and transaction disagree. Nothing was applied.
+    #[error("refused a peer message: {0}")]
+    BadPeerMessage(PeerMessageError),
+}
+
+/// Why an OSD refused another OSD's peering or replication request before acting on it
+/// ([`OpError::BadPeerMessage`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum PeerMessageError {
+    /// The request has no envelope: the sender runs a basalt from before peer messages were
+    /// versioned.
+    #[error(
+        "the request carries no peer envelope (message version 0, this OSD speaks {want}); \
+         run the same basalt release on every OSD"
+    )]
+    NoEnvelope { want: u32 },
+    /// The sender speaks another version of the peer messages.
+    #[error(
+        "the request is peer message version {have}, this OSD speaks {want}; run the same \
+         basalt release on every OSD"
+    )]
+    Version { have: u32, want: u32 },
+    /// A sub-op lacks a field every sub-op carries (its version or request id).
+    #[error("the sub-op has no {0}")]
+    MissingField(String),
+    /// The sub-op's transaction holds no log entry for its PG, or more than one.
+    #[error("the sub-op's transaction holds {count} log entries for PG {pg}; a write holds one")]
+    LogEntries { pg: String, count: usize },
+    /// The sub-op's envelope and its transaction's log entry disagree about `field`.
+    #[error("the sub-op says {field} {envelope}, its log entry says {logged}")]
+    LogEntryMismatch {
+        field: String,
+        envelope: String,
+        logged: String,
+    },
 }
 
 impl OpError {
@@ -639,6 +675,40 @@ mod tests {
     }
 
     #[test]
+    fn pg_state_flags_render_in_ceph_order_whatever_the_insert_order() {
+        use PgStateFlag::*;
+        let render =
+            |flags: &[PgStateFlag]| flags.iter().copied().collect::<PgStateFlags>().to_string();
+        assert_eq!(render(&[Clean, Active]), "active+clean");
+        assert_eq!(
+            render(&[
+                Inconsistent,
+                Degraded,
+                Snaptrim,
+                Undersized,
+                RecoveryToofull,
+                Active
+            ]),
+            "active+recovery_toofull+undersized+degraded+snaptrim+inconsistent"
+        );
+        assert_eq!(
+            render(&[Degraded, Undersized, Recovering, Active]),
+            "active+recovering+undersized+degraded"
+        );
+        assert_eq!(render(&[Peered, Undersized]), "undersized+peered");
+        assert_eq!(
+            render(&[Degraded, BackfillToofull, Undersized]),
+            "backfill_toofull+undersized+degraded"
+        );
+        assert_eq!(render(&[]), "unknown");
+        let clean = PgStateFlags::from([Active, Clean]);
+        assert!(clean.is_active_clean());
+        assert!(!PgStateFlags::from([Active, Clean, Inconsistent]).is_active_clean());
+        let back: PgStateFlags = postcard::from_bytes(&encode(&clean)).unwrap();
+        assert_eq!(back, clean);
+    }
+
+    #[test]
     fn garbage_decodes_to_an_error() {
         let e = decode::<Vec<ObjOp>>(&[0xff, 0xff, 0xff], "ops").unwrap_err();
         assert!(matches!(e, OpError::InvalidArgument(_)));
@@ -659,9 +729,9 @@ pub struct PgStat {
     pub pgid: String,
     pub pool: u32,
     pub seed: u32,
-    /// Ceph-style state: `active+clean`, `active+undersized+degraded`, `peering`,
-    /// `undersized+peered` (below min_size), ...
-    pub state: String,
+    /// The PG's state flags; shown Ceph-style (`active+clean`, `active+undersized+degraded`,
+    /// `peering`, `undersized+peered` below min_size, ...) by their `Display`.
+    pub state: PgStateFlags,
     pub acting: Vec<u32>,
     pub primary: u32,
     /// Epoch at which the current interval began (as the primary saw it).
@@ -671,6 +741,136 @@ pub struct PgStat {
     /// Why the PG is not active+clean, in words (what it waits for, what it still copies);
     /// empty when it is.
     pub detail: String,
+}
+
+/// One condition of a PG, as Ceph names it. Declared in the order a state string lists
+/// them (`active+recovering+undersized+degraded+snaptrim+inconsistent`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PgStateFlag {
+    /// Serving I/O.
+    Active,
+    /// Every acting member holds every object (nothing to recover).
+    Clean,
+    /// No member of the last active interval answered: the PG must not serve.
+    Down,
+    /// No complete copy answered: the PG must not serve.
+    Incomplete,
+    /// The primary is gathering the members' states.
+    Peering,
+    /// Objects named in the logs are being copied to members that are behind.
+    Recovering,
+    /// Recovery while active waits: every member it must fill is backfillfull.
+    RecoveryToofull,
+    /// Whole object ranges are being copied to members the log cannot catch up.
+    Backfilling,
+    /// Backfill waits: a target is at or past the backfillfull ratio.
+    BackfillToofull,
+    /// Fewer acting members than the pool's size.
+    Undersized,
+    /// Some objects have fewer copies than the pool's size.
+    Degraded,
+    /// Peered but below min_size: the PG does not serve.
+    Peered,
+    /// The snap trimmer is deleting removed snapshots' clones.
+    Snaptrim,
+    /// A scrub found copies that differ and repair could not fix them.
+    Inconsistent,
+    /// Served by a temporary acting set (`pg_temp`), not CRUSH's, while the CRUSH primary
+    /// catches up.
+    Remapped,
+    /// This OSD holds the PG without being in its acting set.
+    Stray,
+    /// Nobody reported the PG's state (its primary did not answer).
+    Unknown,
+}
+
+impl PgStateFlag {
+    /// The flag's name in a state string.
+    pub fn name(self) -> &'static str {
+        match self {
+            PgStateFlag::Active => "active",
+            PgStateFlag::Clean => "clean",
+            PgStateFlag::Down => "down",
+            PgStateFlag::Incomplete => "incomplete",
+            PgStateFlag::Peering => "peering",
+            PgStateFlag::Recovering => "recovering",
+            PgStateFlag::RecoveryToofull => "recovery_toofull",
+            PgStateFlag::Backfilling => "backfilling",
+            PgStateFlag::BackfillToofull => "backfill_toofull",
+            PgStateFlag::Undersized => "undersized",
+            PgStateFlag::Degraded => "degraded",
+            PgStateFlag::Peered => "peered",
+            PgStateFlag::Snaptrim => "snaptrim",
+            PgStateFlag::Inconsistent => "inconsistent",
+            PgStateFlag::Remapped => "remapped",
+            PgStateFlag::Stray => "stray",
+            PgStateFlag::Unknown => "unknown",
+        }
+    }
+}
+
+/// A PG's state: a set of [`PgStateFlag`]s. Callers test flags ([`PgStateFlags::contains`]);
+/// the Ceph-style string (`active+clean`) is only for people, rendered by `Display`, in this
+/// one place.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PgStateFlags(std::collections::BTreeSet<PgStateFlag>);
+
+impl PgStateFlags {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn contains(&self, flag: PgStateFlag) -> bool {
+        self.0.contains(&flag)
+    }
+    pub fn insert(&mut self, flag: PgStateFlag) -> &mut Self {
+        self.0.insert(flag);
+        self
+    }
+    /// Adds `flag` when `cond` holds.
+    pub fn insert_if(&mut self, cond: bool, flag: PgStateFlag) -> &mut Self {
+        if cond {
+            self.0.insert(flag);
+        }
+        self
+    }
+    pub fn iter(&self) -> impl Iterator<Item = PgStateFlag> + '_ {
+        self.0.iter().copied()
+    }
+    /// Serving I/O.
+    pub fn is_active(&self) -> bool {
+        self.contains(PgStateFlag::Active)
+    }
+    /// `active+clean` and nothing else: what a healthy PG is.
+    pub fn is_active_clean(&self) -> bool {
+        self.0.len() == 2 && self.is_active() && self.contains(PgStateFlag::Clean)
+    }
+}
+
+impl<const N: usize> From<[PgStateFlag; N]> for PgStateFlags {
+    fn from(flags: [PgStateFlag; N]) -> Self {
+        Self(flags.into_iter().collect())
+    }
+}
+
+impl FromIterator<PgStateFlag> for PgStateFlags {
+    fn from_iter<I: IntoIterator<Item = PgStateFlag>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
+impl fmt::Display for PgStateFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str(PgStateFlag::Unknown.name());
+        }
+        for (i, flag) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("+")?;
+            }
+            f.write_str(flag.name())?;
+        }
+        Ok(())
+    }
 }
 
 /// What `basalt pg scrub|deep-scrub|repair` reports.

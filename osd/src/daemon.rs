@@ -32,9 +32,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_auth::Guard;
-use basalt_client::{ClientError, MapSubscription, MonClient};
 use basalt_config::ClusterConfig;
 use basalt_maps::{Epoch, Fullness, OsdId, OsdMap, OsdUsage};
+use basalt_monclient::{ClientError, MapSubscription, MonClient};
 use basalt_proto::auth::AuthChannel;
 use basalt_proto::osd::osd_client::OsdClient;
 use basalt_proto::osd::osd_server::OsdServer;
@@ -301,7 +301,7 @@ pub struct DaemonConfig {
     /// CRUSH weight, 16.16 fixed point.
     pub crush_weight: u32,
     /// The OSD's key (`osd.N`): it authenticates as osd.N and boots as OSD N.
-    pub creds: basalt_client::Credentials,
+    pub creds: basalt_monclient::Credentials,
     /// How the port is served: TLS with this OSD's certificate, or plain text (`[tls]`).
     pub acceptor: basalt_tls::Acceptor,
 }
@@ -719,7 +719,7 @@ impl Daemon {
             if self.peers.contains_key(&id) {
                 continue;
             }
-            let Ok(channel) = basalt_client::lazy_channel(
+            let Ok(channel) = basalt_monclient::lazy_channel(
                 &o.addr,
                 self.mon.connector(),
                 self.heartbeat_grace / 2,
@@ -927,13 +927,8 @@ impl Daemon {
         .into_iter()
         .map(|s| (s, 0))
         .collect();
-        for (_, state, _) in self.core.pg_summary() {
-            let key = by_state
-                .keys()
-                .copied()
-                .find(|k| state.starts_with(k))
-                .unwrap_or("stray");
-            *by_state.entry(key).or_default() += 1;
+        for (_, kind, _) in self.core.pg_summary() {
+            *by_state.entry(kind).or_default() += 1;
         }
         for (state, n) in by_state {
             metrics::gauge!("basalt_osd_pgs", "state" => state).set(n as f64);
@@ -1042,7 +1037,7 @@ mod tests {
             let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             let silent_addr = silent.local_addr().expect("addr").to_string();
             for (addr, refused) in [(closed_addr, true), (silent_addr, false)] {
-                let channel = basalt_client::lazy_channel(
+                let channel = basalt_monclient::lazy_channel(
                     &addr,
                     &basalt_tls::Connector::plain(),
                     Duration::from_millis(500),

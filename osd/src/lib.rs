@@ -10,10 +10,12 @@
 //!   cluster's), boot and get an id, follow the OSDMap (persisting its epoch), beacon, heartbeat
 //!   peers and report the silent ones, boot again when wrongly marked down, stop cleanly;
 //! - the PG layer: [`pg`] turns a compound op into one transaction and holds the store-side
-//!   halves of peering and scrub; [`peering`] decides, without IO, whether a PG may go active,
-//!   which copy is authoritative and how each other copy catches up (log or backfill);
+//!   halves of peering and scrub; [`pg_state`] derives a primary's PG state flags;
+//!   [`peering`] decides, without IO, whether a PG may go active, which copy is authoritative and how each other copy catches up (log or backfill);
 //!   [`service`] runs it all — client ops with primary-copy replication, peering, recovery,
 //!   backfill, scheduled scrubs, watch/notify — over gRPC;
+//! - [`peer_msg`]: the typed OSD-to-OSD messages (a versioned envelope on every peering and
+//!   replication request; sub-ops with their version, request id and transaction explicit);
 //! - the [`data_path`]: client ops and replication sub-ops over `basalt-messenger`, on the
 //!   same port as the gRPC service, answered by the same handlers;
 //! - PG [`split`]ting: when a pool's `pg_num` grows, each copy of a PG divides its objects,
@@ -22,8 +24,10 @@
 
 pub mod daemon;
 pub mod data_path;
+pub mod peer_msg;
 pub mod peering;
 pub mod pg;
+pub mod pg_state;
 pub mod service;
 pub mod snaps;
 pub mod split;

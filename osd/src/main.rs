@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use basalt_auth::{EntityName, Keyring};
-use basalt_client::Credentials;
 use basalt_config::ClusterConfig;
+use basalt_monclient::Credentials;
 use basalt_osd::daemon::{open_or_mkfs, Daemon, DaemonConfig};
 use clap::Parser;
 

@@ -40,11 +40,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use basalt_auth::{Authenticated, Perm, TicketCell};
-use basalt_client::MonClient;
 use basalt_config::OsdTuning;
 use basalt_maps::PoolId;
 use basalt_maps::{Epoch, Fullness, OsdMap, OsdUsage};
 use basalt_messenger::Peer;
+use basalt_monclient::MonClient;
 use basalt_ops::{
     decode, encode, Eversion, NotifyResult, ObjOp, OpError, OpResult, ReqId, WatcherInfo,
     MAX_MESSAGE_BYTES, MAX_OPS_PER_REQUEST,
@@ -61,8 +61,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::peer_msg::{header_of, PeerHeader, SubOp};
 use crate::peering::{self, BackfillProgress, Catchup, PeerState, PgInfo};
 use crate::pg::{self, ObjectName, Push};
+use crate::pg_state::{pg_state_flags, PgConditions};
 use crate::split;
 use crate::store::{ObjectId, Store, Transaction};
 
@@ -114,6 +116,23 @@ pub enum PgStatus {
 }
 
 impl PgStatus {
+    /// The status without its reason (a metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PgStatus::Peering => "peering",
+            PgStatus::Recovering => "recovering",
+            PgStatus::Backfilling => "backfilling",
+            PgStatus::BackfillToofull(_) => "backfill_toofull",
+            PgStatus::Down(_) => "down",
+            PgStatus::Incomplete(_) => "incomplete",
+            PgStatus::Active => "active",
+            PgStatus::Inactive(_) => "inactive",
+            PgStatus::Replica => "replica",
+            PgStatus::Stray => "stray",
+        }
+    }
+
+    /// The status with its reason, for logs.
     pub fn name(&self) -> String {
         match self {
             PgStatus::Peering => "peering".into(),
@@ -419,7 +438,7 @@ pub fn osd_client(
     connector: &basalt_tls::Connector,
     ticket: Arc<TicketCell>,
 ) -> Result<OsdClient<AuthChannel>, OpError> {
-    let channel = basalt_client::lazy_channel(addr, connector, Duration::from_secs(2))
+    let channel = basalt_monclient::lazy_channel(addr, connector, Duration::from_secs(2))
         .map_err(|e| OpError::Io(format!("OSD: {e}")))?;
     Ok(
         OsdClient::new(basalt_proto::auth::authorized(channel, ticket))
@@ -496,18 +515,28 @@ impl OsdCore {
         (id != u32::MAX).then_some(id)
     }
 
+    /// The envelope of this OSD's requests about `pg` in the interval begun at
+    /// `interval_epoch`.
+    fn peer_header(&self, pg: PgId, interval_epoch: Epoch) -> PeerHeader {
+        PeerHeader {
+            pg,
+            interval_epoch,
+            from: self.me().unwrap_or(u32::MAX),
+        }
+    }
+
     fn current_map(&self) -> Option<Arc<OsdMap>> {
         self.map_tx.borrow().clone()
     }
 
-    /// PG states for metrics and status: (pg, status name, acting).
-    pub fn pg_summary(&self) -> Vec<(PgId, String, Vec<OsdId>)> {
+    /// PG states for metrics and status: (pg, status kind, acting).
+    pub fn pg_summary(&self) -> Vec<(PgId, &'static str, Vec<OsdId>)> {
         let pgs = lock(&self.pgs);
         let mut v: Vec<_> = pgs
             .values()
             .map(|pg| {
                 let s = lock(&pg.state);
-                (pg.id, s.status.name(), s.acting.clone())
+                (pg.id, s.status.kind(), s.acting.clone())
             })
             .collect();
         v.sort();
@@ -529,51 +558,21 @@ impl OsdCore {
                 .as_ref()
                 .and_then(|m| m.pools.get(&pg.id.pool))
                 .map_or(0, |p| p.size as usize);
-            let short = s.acting.len() < size;
             // Served by a temporary acting set (pg_temp) rather than CRUSH's.
             let remapped = map.as_ref().is_some_and(|m| m.pg_temp.contains_key(&pg.id));
-            let recovering = s.missing.values().any(|m| !m.is_empty());
-            let backfilling = !s.backfill.is_empty();
-            let undersized = if short { "undersized+" } else { "" };
-            let damaged = match (s.inconsistent.is_empty(), s.snaptrim) {
-                (true, false) => "",
-                (true, true) => "+snaptrim",
-                (false, false) => "+inconsistent",
-                (false, true) => "+snaptrim+inconsistent",
-            };
-            let state = match &s.status {
-                PgStatus::Active if backfilling && s.backfill_toofull.is_some() => {
-                    format!("active+backfill_toofull+{undersized}degraded{damaged}")
-                }
-                PgStatus::Active if backfilling => {
-                    format!("active+backfilling+{undersized}degraded{damaged}")
-                }
-                PgStatus::Active if recovering && s.recovery_toofull.is_some() => {
-                    format!(
-                        "active+recovery_toofull+{}degraded{damaged}",
-                        if short { "undersized+" } else { "" }
-                    )
-                }
-                PgStatus::Active if recovering && short => {
-                    format!("active+recovering+undersized+degraded{damaged}")
-                }
-                PgStatus::Active if recovering => format!("active+recovering+degraded{damaged}"),
-                PgStatus::Active if short => format!("active+undersized+degraded{damaged}"),
-                PgStatus::Active => format!("active+clean{damaged}"),
-                PgStatus::Peering => "peering".to_string(),
-                PgStatus::Recovering if short => "recovering+undersized+degraded".to_string(),
-                PgStatus::Recovering => "recovering+degraded".to_string(),
-                PgStatus::Backfilling if short => "backfilling+undersized+degraded".to_string(),
-                PgStatus::Backfilling => "backfilling+degraded".to_string(),
-                PgStatus::BackfillToofull(_) if short => {
-                    "backfill_toofull+undersized+degraded".to_string()
-                }
-                PgStatus::BackfillToofull(_) => "backfill_toofull+degraded".to_string(),
-                PgStatus::Down(_) => "down".to_string(),
-                PgStatus::Incomplete(_) => "incomplete".to_string(),
-                PgStatus::Inactive(_) => "undersized+peered".to_string(),
-                other => other.name(),
-            };
+            let state = pg_state_flags(
+                &s.status,
+                &PgConditions {
+                    undersized: s.acting.len() < size,
+                    recovering: s.missing.values().any(|m| !m.is_empty()),
+                    recovery_toofull: s.recovery_toofull.is_some(),
+                    backfilling: !s.backfill.is_empty(),
+                    backfill_toofull: s.backfill_toofull.is_some(),
+                    remapped,
+                    inconsistent: !s.inconsistent.is_empty(),
+                    snaptrim: s.snaptrim,
+                },
+            );
             let mut detail = match &s.status {
                 PgStatus::Down(why)
                 | PgStatus::Incomplete(why)
@@ -605,11 +604,6 @@ impl OsdCore {
                 detail.push_str("pg_temp: served by this set while the CRUSH primary catches up; ");
             }
             let detail = detail.trim_end_matches("; ").to_string();
-            let state = if remapped && state.starts_with("active") {
-                format!("{state}+remapped")
-            } else {
-                state
-            };
             out.push(basalt_ops::PgStat {
                 pgid: pg.id.to_string(),
                 pool: pg.id.pool,
@@ -1411,34 +1405,40 @@ impl OsdCore {
             now_ns(),
             self.tuning.pg_log_entries,
         );
-        let sub_op = pb::SubOpRequest {
-            pool: pg.id.pool,
-            pg_seed: pg.id.seed,
-            interval_epoch,
-            from: self.me().unwrap_or(u32::MAX),
-            txn: encode(&txn),
-            namespace: name.0.clone(),
-            object: name.1.clone(),
-            after_seq: after_seq.unwrap_or(0),
+        let sub_op = SubOp {
+            header: self.peer_header(pg.id, interval_epoch),
+            version,
+            reqid,
+            object: name.clone(),
+            after_seq,
+            txn,
         };
-        let log_only = replicas
-            .iter()
-            .any(|(_, full)| !full)
-            .then(|| pb::SubOpRequest {
-                txn: encode(&txn.log_only()),
-                ..sub_op.clone()
-            });
+        // Encoded once: every replica and every retry gets the same bytes. A backfill target
+        // this write skips gets the same envelope with only the write's log entry.
+        let sub_op_bytes = Bytes::from(sub_op.to_pb().encode_to_vec());
+        let log_only_bytes = replicas.iter().any(|(_, full)| !full).then(|| {
+            let log_only = SubOp {
+                header: sub_op.header,
+                version,
+                reqid: sub_op.reqid.clone(),
+                object: sub_op.object.clone(),
+                after_seq,
+                txn: sub_op.txn.log_only(),
+            };
+            Bytes::from(log_only.to_pb().encode_to_vec())
+        });
+        let txn = sub_op.txn;
         let committed = std::time::Instant::now();
         let mut tasks = Vec::with_capacity(replicas.len());
         for (osd, full) in replicas {
             let core = self.clone();
             let pg = pg.clone();
-            let req = match (&log_only, full) {
+            let request = match (&log_only_bytes, full) {
                 (Some(log_only), false) => log_only.clone(),
-                _ => sub_op.clone(),
+                _ => sub_op_bytes.clone(),
             };
             tasks.push(tokio::spawn(async move {
-                core.sub_op_until_done(&pg, generation, osd, req).await
+                core.sub_op_until_done(&pg, generation, osd, request).await
             }));
         }
         let started = std::time::Instant::now();
@@ -1539,11 +1539,10 @@ impl OsdCore {
         pg: &Pg,
         generation: u64,
         osd: OsdId,
-        req: pb::SubOpRequest,
+        request: Bytes,
     ) -> Result<(), OpError> {
         let mut warned_full = false;
-        // Encoded once: every retry sends the same bytes.
-        let request = Bytes::from(req.encode_to_vec());
+        let mut warned_refused = false;
         loop {
             let (g, _, epoch) = pg.snapshot();
             if g != generation {
@@ -1580,6 +1579,15 @@ impl OsdCore {
                         warned_full = true;
                         tracing::warn!(pg = %pg.id, osd, reason = %m,
                             "replica has no room for a committed write; retrying until it has");
+                    }
+                }
+                Ok(Err(e @ OpError::BadPeerMessage(_))) => {
+                    // Another release on the replica, or a bug: retrying sends the same bytes,
+                    // so only an interval change (the replica restarted or was replaced) ends it.
+                    if !warned_refused {
+                        warned_refused = true;
+                        tracing::error!(pg = %pg.id, osd, error = %e,
+                            "replica refused the sub-op's envelope; retrying until the interval changes");
                     }
                 }
                 Ok(Err(e)) => {
@@ -1671,10 +1679,14 @@ impl OsdCore {
         self.peer_rpc(osd, "query", |mut c| async move {
             let r = c
                 .pg_query(pb::PgQueryRequest {
-                    pool: id.pool,
-                    pg_seed: id.seed,
-                    interval_epoch,
-                    from: me,
+                    header: Some(
+                        PeerHeader {
+                            pg: id,
+                            interval_epoch,
+                            from: me,
+                        }
+                        .to_pb(),
+                    ),
                 })
                 .await?;
             Ok(Response::new(r.into_inner().result))
@@ -1704,10 +1716,14 @@ impl OsdCore {
             .peer_rpc(source, "pull", |mut c| async move {
                 let r = c
                     .pg_pull(pb::PgPullRequest {
-                        pool: id.pool,
-                        pg_seed: id.seed,
-                        interval_epoch,
-                        from: me,
+                        header: Some(
+                            PeerHeader {
+                                pg: id,
+                                interval_epoch,
+                                from: me,
+                            }
+                            .to_pb(),
+                        ),
                         objects,
                     })
                     .await?;
@@ -1735,10 +1751,14 @@ impl OsdCore {
         self.peer_rpc(target, "push", |mut c| async move {
             let r = c
                 .pg_push(pb::PgPushRequest {
-                    pool: id.pool,
-                    pg_seed: id.seed,
-                    interval_epoch,
-                    from: me,
+                    header: Some(
+                        PeerHeader {
+                            pg: id,
+                            interval_epoch,
+                            from: me,
+                        }
+                        .to_pb(),
+                    ),
                     push,
                 })
                 .await?;
@@ -1766,10 +1786,14 @@ impl OsdCore {
         self.peer_rpc(osd, "scan", |mut c| async move {
             let r = c
                 .pg_scan(pb::PgScanRequest {
-                    pool: id.pool,
-                    pg_seed: id.seed,
-                    interval_epoch,
-                    from: me,
+                    header: Some(
+                        PeerHeader {
+                            pg: id,
+                            interval_epoch,
+                            from: me,
+                        }
+                        .to_pb(),
+                    ),
                     after,
                     max: BACKFILL_SCAN as u32,
                 })
@@ -2851,17 +2875,16 @@ impl OsdCore {
         }
     }
 
-    /// Checks a peering/replication request from `from` for `pg` at `interval_epoch`: this
-    /// OSD's map must be at least that new and show `from` as the PG's primary.
-    async fn check_peer_request(
-        &self,
-        pool: u32,
-        seed: u32,
-        interval_epoch: Epoch,
-        from: OsdId,
-    ) -> Result<Arc<Pg>, OpError> {
+    /// Checks a peering/replication request (its envelope `header`: from `from` for `pg` at
+    /// `interval_epoch`): this OSD's map must be at least that new and show `from` as the
+    /// PG's primary.
+    async fn check_peer_request(&self, header: &PeerHeader) -> Result<Arc<Pg>, OpError> {
+        let PeerHeader {
+            pg: id,
+            interval_epoch,
+            from,
+        } = *header;
         let map = self.map_at_least(interval_epoch).await?;
-        let id = PgId { pool, seed };
         let stale = || OpError::IntervalChanged {
             pg: id.to_string(),
             epoch: map.epoch,
@@ -2873,15 +2896,13 @@ impl OsdCore {
         Ok(pg)
     }
 
-    pub async fn handle_pg_query(&self, req: pb::PgQueryRequest) -> Result<PeerState, OpError> {
-        let pg = self
-            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
-            .await?;
+    pub async fn handle_pg_query(&self, header: PeerHeader) -> Result<PeerState, OpError> {
+        let pg = self.check_peer_request(&header).await?;
         // From here on sub-ops of older intervals are refused, and those already admitted
         // have committed before the state below is read.
         {
             let mut s = lock(&pg.state);
-            s.peered_interval = s.peered_interval.max(req.interval_epoch);
+            s.peered_interval = s.peered_interval.max(header.interval_epoch);
         }
         let _quiesced = pg.gate.write().await;
         let id = pg.id;
@@ -2890,11 +2911,10 @@ impl OsdCore {
 
     pub async fn handle_pg_pull(
         &self,
+        header: PeerHeader,
         req: pb::PgPullRequest,
     ) -> Result<Vec<Option<pg::ObjectState>>, OpError> {
-        let pg = self
-            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
-            .await?;
+        let pg = self.check_peer_request(&header).await?;
         let names: Vec<ObjectName> = decode(&req.objects, "object names")?;
         let id = pg.id;
         self.on_store(move |store| {
@@ -2913,11 +2933,10 @@ impl OsdCore {
 
     pub async fn handle_pg_scan(
         &self,
+        header: PeerHeader,
         req: pb::PgScanRequest,
     ) -> Result<Vec<(ObjectName, Eversion)>, OpError> {
-        let pg = self
-            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
-            .await?;
+        let pg = self.check_peer_request(&header).await?;
         let after: Option<ObjectName> = decode(&req.after, "scan start")?;
         let max = (req.max as usize).clamp(1, 4 * BACKFILL_SCAN);
         let id = pg.id;
@@ -2925,17 +2944,19 @@ impl OsdCore {
             .await
     }
 
-    pub async fn handle_pg_push(&self, req: pb::PgPushRequest) -> Result<(), OpError> {
-        let pg = self
-            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
-            .await?;
+    pub async fn handle_pg_push(
+        &self,
+        header: PeerHeader,
+        req: pb::PgPushRequest,
+    ) -> Result<(), OpError> {
+        let pg = self.check_peer_request(&header).await?;
         // Under the gate, so a split of this PG (which ends the interval first) never runs
         // between the interval check and the commit.
         let _write = pg.gate.read().await;
-        if lock(&pg.state).peered_interval != req.interval_epoch {
+        if lock(&pg.state).peered_interval != header.interval_epoch {
             return Err(OpError::IntervalChanged {
                 pg: pg.id.to_string(),
-                epoch: req.interval_epoch,
+                epoch: header.interval_epoch,
             });
         }
         let push: Push = decode(&req.push, "push")?;
@@ -2949,40 +2970,37 @@ impl OsdCore {
         r
     }
 
-    pub async fn handle_sub_op(&self, req: pb::SubOpRequest) -> Result<(), OpError> {
-        let pg = self
-            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
-            .await?;
-        let started = std::time::Instant::now();
-        let txn: Transaction = decode(&req.txn, "transaction")?;
-        stage("sub_op_decode", started);
+    /// Applies a primary's write (already checked against its envelope by
+    /// [`SubOp::from_pb`]).
+    pub async fn handle_sub_op(&self, sub_op: SubOp) -> Result<(), OpError> {
+        let pg = self.check_peer_request(&sub_op.header).await?;
+        let SubOp {
+            header,
+            version,
+            object,
+            after_seq,
+            txn,
+            ..
+        } = sub_op;
         // A resent sub-op must not apply twice (appends are not idempotent): its log entry
         // tells whether it already landed.
-        let seq = txn.ops().iter().find_map(|op| match op {
-            crate::store::Op::PgLogAppend { pg: p, version, .. } if *p == pg.id => Some(*version),
-            _ => None,
-        });
-        let Some(seq) = seq else {
-            return Err(OpError::InvalidArgument(
-                "sub-op without a log entry".into(),
-            ));
-        };
+        let seq = version.seq;
         let committing = std::time::Instant::now();
         // Writes to one object apply in the primary's order: wait (bounded; the primary
         // resends) until the write in flight before this one has landed here.
-        let slot = pg.object_slot(&(req.namespace.clone(), req.object.clone()));
+        let slot = pg.object_slot(&object);
         let deadline = Instant::now() + PEER_RPC_TIMEOUT / 2;
         let order = loop {
             let mut landed = pg.applied.subscribe();
             let mut changed = pg.changed.subscribe();
             let order = slot.order.clone().write_owned().await;
-            if lock(&pg.state).peered_interval != req.interval_epoch {
+            if lock(&pg.state).peered_interval != header.interval_epoch {
                 return Err(OpError::IntervalChanged {
                     pg: pg.id.to_string(),
-                    epoch: req.interval_epoch,
+                    epoch: header.interval_epoch,
                 });
             }
-            let (id, after) = (pg.id, req.after_seq);
+            let (id, after) = (pg.id, after_seq.unwrap_or(0));
             let (done, ready) = self
                 .on_store(move |store| {
                     let logged = |seq: u64| -> Result<bool, OpError> {
@@ -3024,10 +3042,10 @@ impl OsdCore {
         // of an older interval lands behind its back (not held while waiting above: peering
         // must not wait for a write that may never come).
         let _write = pg.gate.read().await;
-        if lock(&pg.state).peered_interval != req.interval_epoch {
+        if lock(&pg.state).peered_interval != header.interval_epoch {
             return Err(OpError::IntervalChanged {
                 pg: pg.id.to_string(),
-                epoch: req.interval_epoch,
+                epoch: header.interval_epoch,
             });
         }
         let started = std::time::Instant::now();
@@ -3047,11 +3065,10 @@ impl OsdCore {
 
     pub async fn handle_pg_scrub_map(
         &self,
+        header: PeerHeader,
         req: pb::PgScrubMapRequest,
     ) -> Result<pg::ScrubMap, OpError> {
-        let pg = self
-            .check_peer_request(req.pool, req.pg_seed, req.interval_epoch, req.from)
-            .await?;
+        let pg = self.check_peer_request(&header).await?;
         let range: pg::NameRange = decode(&req.range, "scrub range")?;
         let (id, deep) = (pg.id, req.deep);
         self.on_store(move |store| pg::scrub_map(store, id, deep, &range, usize::MAX))
@@ -3392,10 +3409,14 @@ impl OsdCore {
                     .peer_rpc(osd, "scrub map", |mut c| async move {
                         let r = c
                             .pg_scrub_map(pb::PgScrubMapRequest {
-                                pool: id.pool,
-                                pg_seed: id.seed,
-                                interval_epoch,
-                                from: me,
+                                header: Some(
+                                    PeerHeader {
+                                        pg: id,
+                                        interval_epoch,
+                                        from: me,
+                                    }
+                                    .to_pb(),
+                                ),
                                 deep,
                                 range,
                             })
@@ -3553,8 +3574,10 @@ impl OsdCore {
     ) -> Result<mpsc::Receiver<Result<pb::WatchEvent, Status>>, Status> {
         let first = tokio::time::timeout(Duration::from_secs(10), pings.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no watch request within 10 s"))??
-            .ok_or_else(|| Status::invalid_argument("watch stream closed before its request"))?;
+            .map_err(|_| basalt_proto::status::deadline_exceeded("no watch request within 10 s"))??
+            .ok_or_else(|| {
+                basalt_proto::status::invalid_argument("watch stream closed before its request")
+            })?;
         let (tx, rx) = mpsc::channel(64);
         let refuse = |e: OpError| {
             let _ = tx.try_send(Ok(pb::WatchEvent {
@@ -3801,12 +3824,18 @@ impl OsdCore {
             .map_err(|e| OpError::PermissionDenied(e.to_string()))
     }
 
-    /// Requests only OSD daemons send (sub-ops, peering, pushes): the peer must be `osd.N`
-    /// and `from` (the sender the message names) must be N.
-    pub fn check_osd_peer(peer: &Authenticated, from: OsdId) -> Result<(), OpError> {
-        peer.check_is_osd(Some(from))
-            .map(|_| ())
-            .map_err(|e| OpError::PermissionDenied(e.to_string()))
+    /// The envelope of a request only OSD daemons send (sub-ops, peering, pushes): the peer
+    /// must be `osd.N` (checked first, so nobody else learns anything from the reply), the
+    /// envelope of this message version, and its `from` (the sender it names) N.
+    pub fn osd_peer_header(
+        peer: &Authenticated,
+        header: Option<&pb::PeerHeader>,
+    ) -> Result<PeerHeader, OpError> {
+        let denied = |e: basalt_auth::PermissionDenied| OpError::PermissionDenied(e.to_string());
+        peer.check_is_osd(None).map_err(denied)?;
+        let header = header_of(header)?;
+        peer.check_is_osd(Some(header.from)).map_err(denied)?;
+        Ok(header)
     }
 
     /// Answers a client's op, whichever transport it came on (the data-path messenger, or
@@ -3855,8 +3884,16 @@ impl OsdCore {
         req: pb::SubOpRequest,
     ) -> pb::SubOpReply {
         let started = std::time::Instant::now();
-        let r = match Self::check_osd_peer(peer, req.from) {
-            Ok(()) => self.handle_sub_op(req).await,
+        let r = match Self::osd_peer_header(peer, req.header.as_ref()) {
+            Ok(_) => {
+                let decoding = std::time::Instant::now();
+                let sub_op = SubOp::from_pb(req);
+                stage("sub_op_decode", decoding);
+                match sub_op {
+                    Ok(sub_op) => self.handle_sub_op(sub_op).await,
+                    Err(e) => Err(e),
+                }
+            }
             Err(e) => Err(e),
         };
         metrics::histogram!("basalt_osd_sub_op_seconds").record(started.elapsed().as_secs_f64());
@@ -3889,6 +3926,29 @@ pub struct OsdService {
     pub epoch: Arc<AtomicU64>,
 }
 
+/// An OSD refusal as a gRPC error, for the few calls that answer with a bare status rather
+/// than an encoded `OpError` (notify acks); its kind says what the client should do.
+fn op_error_status(e: OpError) -> Status {
+    use basalt_proto::status::ErrorKind;
+    let kind = match &e {
+        OpError::Blocklisted(_) => ErrorKind::Blocklisted,
+        OpError::PermissionDenied(_) => ErrorKind::PermissionDenied,
+        OpError::NotFound | OpError::NoSuchPool(_) => ErrorKind::NotFound,
+        OpError::Exists => ErrorKind::Exists,
+        OpError::InvalidArgument(_) | OpError::BadPeerMessage(_) => ErrorKind::InvalidArgument,
+        OpError::NotPrimary { .. }
+        | OpError::IntervalChanged { .. }
+        | OpError::Inactive { .. }
+        | OpError::MapBehind { .. }
+        | OpError::Busy(_) => ErrorKind::Unavailable,
+        OpError::CmpFailed(_) | OpError::NoSpace(_) | OpError::PoolFull { .. } => {
+            ErrorKind::FailedPrecondition
+        }
+        OpError::Corrupt(_) | OpError::Io(_) => ErrorKind::Internal,
+    };
+    kind.status(e.to_string())
+}
+
 fn reply_epoch(core: &OsdCore) -> u64 {
     core.current_map().map_or(0, |m| m.epoch)
 }
@@ -3900,7 +3960,9 @@ impl pb::osd_server::Osd for OsdService {
     async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::PingReply>, Status> {
         peer(&req)?.check_is_osd(None).map_err(denied)?;
         let Some(osd_id) = self.core.me() else {
-            return Err(Status::unavailable("this OSD has not booted yet"));
+            return Err(basalt_proto::status::unavailable(
+                "this OSD has not booted yet",
+            ));
         };
         Ok(Response::new(pb::PingReply {
             osd_id,
@@ -3970,7 +4032,7 @@ impl pb::osd_server::Osd for OsdService {
             .check_pool(&who, req.get_ref().pool, 0, Perm::X)
             .await
         {
-            return Err(Status::permission_denied(e.to_string()));
+            return Err(op_error_status(e));
         }
         self.core.handle_notify_ack(req.into_inner());
         Ok(Response::new(pb::NotifyAckReply {}))
@@ -3990,8 +4052,9 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgQueryRequest>,
     ) -> Result<Response<pb::PgQueryReply>, Status> {
-        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
-            Ok(()) => self.core.handle_pg_query(req.into_inner()).await,
+        let who = peer(&req)?;
+        let r = match OsdCore::osd_peer_header(&who, req.get_ref().header.as_ref()) {
+            Ok(header) => self.core.handle_pg_query(header).await,
             Err(e) => Err(e),
         };
         Ok(Response::new(pb::PgQueryReply { result: encode(&r) }))
@@ -4001,8 +4064,9 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgPullRequest>,
     ) -> Result<Response<pb::PgPullReply>, Status> {
-        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
-            Ok(()) => self.core.handle_pg_pull(req.into_inner()).await,
+        let who = peer(&req)?;
+        let r = match OsdCore::osd_peer_header(&who, req.get_ref().header.as_ref()) {
+            Ok(header) => self.core.handle_pg_pull(header, req.into_inner()).await,
             Err(e) => Err(e),
         };
         Ok(Response::new(pb::PgPullReply { result: encode(&r) }))
@@ -4012,8 +4076,9 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgScanRequest>,
     ) -> Result<Response<pb::PgScanReply>, Status> {
-        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
-            Ok(()) => self.core.handle_pg_scan(req.into_inner()).await,
+        let who = peer(&req)?;
+        let r = match OsdCore::osd_peer_header(&who, req.get_ref().header.as_ref()) {
+            Ok(header) => self.core.handle_pg_scan(header, req.into_inner()).await,
             Err(e) => Err(e),
         };
         Ok(Response::new(pb::PgScanReply { result: encode(&r) }))
@@ -4023,8 +4088,9 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgPushRequest>,
     ) -> Result<Response<pb::PgPushReply>, Status> {
-        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
-            Ok(()) => self.core.handle_pg_push(req.into_inner()).await,
+        let who = peer(&req)?;
+        let r = match OsdCore::osd_peer_header(&who, req.get_ref().header.as_ref()) {
+            Ok(header) => self.core.handle_pg_push(header, req.into_inner()).await,
             Err(e) => Err(e),
         };
         Ok(Response::new(pb::PgPushReply { result: encode(&r) }))
@@ -4034,8 +4100,13 @@ impl pb::osd_server::Osd for OsdService {
         &self,
         req: Request<pb::PgScrubMapRequest>,
     ) -> Result<Response<pb::PgScrubMapReply>, Status> {
-        let r = match OsdCore::check_osd_peer(&*peer(&req)?, req.get_ref().from) {
-            Ok(()) => self.core.handle_pg_scrub_map(req.into_inner()).await,
+        let who = peer(&req)?;
+        let r = match OsdCore::osd_peer_header(&who, req.get_ref().header.as_ref()) {
+            Ok(header) => {
+                self.core
+                    .handle_pg_scrub_map(header, req.into_inner())
+                    .await
+            }
             Err(e) => Err(e),
         };
         Ok(Response::new(pb::PgScrubMapReply { result: encode(&r) }))

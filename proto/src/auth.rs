@@ -35,12 +35,12 @@ pub struct Authorize(pub Arc<TicketCell>);
 impl Interceptor for Authorize {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let Some((authorizer, _)) = self.0.authorizer() else {
-            return Err(Status::unauthenticated(
+            return Err(crate::status::unauthenticated(
                 "not authenticated yet: no ticket from the monitors (is the keyring right, and do the monitors have quorum?)",
             ));
         };
         let bytes = postcard::to_stdvec(&authorizer)
-            .map_err(|e| Status::internal(format!("cannot encode the authorizer: {e}")))?;
+            .map_err(|e| crate::status::internal(format!("cannot encode the authorizer: {e}")))?;
         request
             .metadata_mut()
             .insert_bin(AUTHORIZER_KEY, MetadataValue::from_bytes(&bytes));
@@ -61,19 +61,19 @@ pub struct Verify(pub Arc<Guard>);
 impl Interceptor for Verify {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let Some(value) = request.metadata().get_bin(AUTHORIZER_KEY) else {
-            return Err(Status::unauthenticated(
+            return Err(crate::status::unauthenticated(
                 "no authorizer: this cluster requires authentication; pass a keyring (--keyring) holding a key the monitors know",
             ));
         };
         let bytes = value
             .to_bytes()
-            .map_err(|_| Status::unauthenticated("the authorizer is not valid base64"))?;
+            .map_err(|_| crate::status::unauthenticated("the authorizer is not valid base64"))?;
         let authorizer: Authorizer = postcard::from_bytes(&bytes)
-            .map_err(|_| Status::unauthenticated("the authorizer cannot be decoded"))?;
+            .map_err(|_| crate::status::unauthenticated("the authorizer cannot be decoded"))?;
         let (peer, _proof) = self
             .0
             .verify(&authorizer)
-            .map_err(|e| Status::unauthenticated(format!("authentication refused: {e}")))?;
+            .map_err(|e| crate::status::unauthenticated(format!("authentication refused: {e}")))?;
         request.extensions_mut().insert(Arc::new(peer));
         Ok(request)
     }
@@ -85,10 +85,10 @@ pub fn peer<T>(request: &Request<T>) -> Result<Arc<Authenticated>, Status> {
         .extensions()
         .get::<Arc<Authenticated>>()
         .cloned()
-        .ok_or_else(|| Status::unauthenticated("the request was not authenticated"))
+        .ok_or_else(|| crate::status::unauthenticated("the request was not authenticated"))
 }
 
 /// A refused request as gRPC reports it: `PermissionDenied`, the text naming the missing cap.
 pub fn denied(e: PermissionDenied) -> Status {
-    Status::permission_denied(e.to_string())
+    crate::status::permission_denied(e.to_string())
 }

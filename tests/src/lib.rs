@@ -886,7 +886,7 @@ impl DataCluster {
                         seed: s.seed,
                     };
                     let mapped = map.pools.get(&s.pool).and_then(|p| map.map_pg(p, pg).ok());
-                    s.state == "active+clean" && mapped.is_some_and(|m| m.acting == s.acting)
+                    s.state.is_active_clean() && mapped.is_some_and(|m| m.acting == s.acting)
                 })
                 .then_some(())
         })

@@ -218,14 +218,17 @@ use basalt_auth::handshake::{
     AuthError, Authorizer, Challenge, ClientHandshake, ClientTicket, Granted, Proof, Service,
 };
 use basalt_auth::live::now_ms;
-use basalt_client::ops::{decode, OpError};
+use basalt_client::ops::{decode, OpError, PeerMessageError};
 use basalt_client::{ClientError, Credentials, MonClient, Rados};
+use basalt_osd::peer_msg::PEER_MESSAGE_VERSION;
 use basalt_proto::mon::{
     command_request, mon_auth_client::MonAuthClient, mon_peer_client::MonPeerClient,
     monitor_client::MonitorClient, AuthHello, AuthProve, CommandRequest, PeerEnvelope, PoolCreate,
     StatusRequest,
 };
-use basalt_proto::osd::{osd_client::OsdClient, OpRequest, PgQueryRequest, SubOpRequest};
+use basalt_proto::osd::{
+    osd_client::OsdClient, OpRequest, PeerHeader, PgQueryRequest, SubOpRequest,
+};
 use basalt_tests::DataCluster;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -648,8 +651,12 @@ fn the_osds_enforce_caps_and_identities() {
         let mut osd = OsdClient::new(basalt_proto::auth::authorized(ch.clone(), admin_ticket));
         let r = osd
             .sub_op(SubOpRequest {
-                pool,
-                from: 1,
+                header: Some(PeerHeader {
+                    version: PEER_MESSAGE_VERSION,
+                    pool,
+                    from: 1,
+                    ..Default::default()
+                }),
                 object: "hello".into(),
                 ..Default::default()
             })
@@ -669,10 +676,13 @@ fn the_osds_enforce_caps_and_identities() {
         let mut osd = OsdClient::new(basalt_proto::auth::authorized(ch.clone(), as5.osd_ticket()));
         let r = osd
             .pg_query(PgQueryRequest {
-                pool,
-                pg_seed: 0,
-                interval_epoch: 1,
-                from: 3,
+                header: Some(PeerHeader {
+                    version: PEER_MESSAGE_VERSION,
+                    pool,
+                    pg_seed: 0,
+                    interval_epoch: 1,
+                    from: 3,
+                }),
             })
             .await
             .expect("answered")
@@ -682,6 +692,46 @@ fn the_osds_enforce_caps_and_identities() {
         {
             Err(OpError::PermissionDenied(m)) => assert!(m.contains("osd.3"), "{m}"),
             other => panic!("a peering query under another OSD's id was not refused: {other:?}"),
+        }
+
+        // osd.5 as itself, but speaking the layout before the envelope (or another version):
+        // a typed refusal, not a decode failure or a misread request.
+        let r = osd
+            .sub_op(SubOpRequest {
+                object: "hello".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("answered")
+            .into_inner();
+        match decode::<Result<(), OpError>>(&r.result, "sub-op").expect("decode") {
+            Err(OpError::BadPeerMessage(PeerMessageError::NoEnvelope { want })) => {
+                assert_eq!(want, PEER_MESSAGE_VERSION)
+            }
+            other => panic!("a sub-op without an envelope was not refused: {other:?}"),
+        }
+        let r = osd
+            .pg_query(PgQueryRequest {
+                header: Some(PeerHeader {
+                    version: PEER_MESSAGE_VERSION + 1,
+                    pool,
+                    from: 5,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("answered")
+            .into_inner();
+        match decode::<Result<basalt_osd::peering::PeerState, OpError>>(&r.result, "query")
+            .expect("decode")
+        {
+            Err(OpError::BadPeerMessage(PeerMessageError::Version { have, want })) => {
+                assert_eq!(
+                    (have, want),
+                    (PEER_MESSAGE_VERSION + 1, PEER_MESSAGE_VERSION)
+                )
+            }
+            other => panic!("a query of another message version was not refused: {other:?}"),
         }
     });
     // The cluster serves on.

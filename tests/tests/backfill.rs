@@ -130,7 +130,12 @@ fn pgs_serve_while_an_out_osds_copies_are_backfilled_and_end_identical() {
         let stats = d.rt.block_on(d.rados.pg_stats()).ok()?;
         stats
             .iter()
-            .find(|s| s.pool == pool && s.state.starts_with("active+backfilling"))
+            .find(|s| {
+                s.pool == pool
+                    && s.state.is_active()
+                    && s.state
+                        .contains(basalt_client::ops::PgStateFlag::Backfilling)
+            })
             .map(|s| (s.pgid.clone(), s.last_seq))
     })
     .expect("a PG backfilling while active");
@@ -142,7 +147,11 @@ fn pgs_serve_while_an_out_osds_copies_are_backfilled_and_end_identical() {
             stats
                 .iter()
                 .find(|s| {
-                    s.pgid == pgid && s.state.starts_with("active+backfilling") && s.last_seq > seq
+                    s.pgid == pgid
+                        && s.state.is_active()
+                        && s.state
+                            .contains(basalt_client::ops::PgStateFlag::Backfilling)
+                        && s.last_seq > seq
                 })
                 .map(|_| ())
         },

@@ -314,9 +314,10 @@ fn backfill_scenario(f: &mut DataCluster) {
         .expect("osd out");
     let toofull = wait_for("a PG in backfill_toofull", Duration::from_secs(60), || {
         let stats = f.rt.block_on(f.rados.pg_stats()).ok()?;
-        stats
-            .into_iter()
-            .find(|s| s.state.contains("backfill_toofull"))
+        stats.into_iter().find(|s| {
+            s.state
+                .contains(basalt_client::ops::PgStateFlag::BackfillToofull)
+        })
     })
     .expect("backfill waits for the backfillfull OSD");
     assert!(

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use basalt_client::ops::{PgStateFlag, PgStateFlags};
 use basalt_config::OsdTuning;
 use basalt_tests::{
     copies_identical, metric_sum, pattern, stores_after_stop, test_timeouts, wait_for, DataCluster,
@@ -121,7 +122,11 @@ fn stale_copy_alone() -> StaleCopyAlone {
         let stats = d.rt.block_on(d.rados.pg_stats()).ok()?;
         stats
             .iter()
-            .find(|s| s.pgid == pgid && s.acting == vec![a] && s.state == "down")
+            .find(|s| {
+                s.pgid == pgid
+                    && s.acting == vec![a]
+                    && s.state == PgStateFlags::from([PgStateFlag::Down])
+            })
             .map(|_| ())
     })
     .expect("down, not active from the stale copy");
@@ -213,7 +218,7 @@ fn an_operator_can_give_up_a_lost_osds_writes() {
         let stats = d.rt.block_on(d.rados.pg_stats()).ok()?;
         stats
             .iter()
-            .find(|s| s.pgid == pgid && s.acting == vec![a] && s.state.starts_with("active"))
+            .find(|s| s.pgid == pgid && s.acting == vec![a] && s.state.is_active())
             .map(|_| ())
     })
     .expect("active once B is declared lost");
