@@ -1676,19 +1676,9 @@ impl OsdCore {
         if osd == me {
             return self.on_store(move |store| pg::peer_state(store, id)).await;
         }
+        let header = Some(self.peer_header(id, interval_epoch).to_pb());
         self.peer_rpc(osd, "query", |mut c| async move {
-            let r = c
-                .pg_query(pb::PgQueryRequest {
-                    header: Some(
-                        PeerHeader {
-                            pg: id,
-                            interval_epoch,
-                            from: me,
-                        }
-                        .to_pb(),
-                    ),
-                })
-                .await?;
+            let r = c.pg_query(pb::PgQueryRequest { header }).await?;
             Ok(Response::new(r.into_inner().result))
         })
         .await
@@ -1712,21 +1702,10 @@ impl OsdCore {
         // One object per pull: sizes are unknown here and one object may be as large as the
         // message limit allows.
         let objects = encode(&vec![name.clone()]);
+        let header = Some(self.peer_header(id, interval_epoch).to_pb());
         let mut got: Vec<Option<pg::ObjectState>> = self
             .peer_rpc(source, "pull", |mut c| async move {
-                let r = c
-                    .pg_pull(pb::PgPullRequest {
-                        header: Some(
-                            PeerHeader {
-                                pg: id,
-                                interval_epoch,
-                                from: me,
-                            }
-                            .to_pb(),
-                        ),
-                        objects,
-                    })
-                    .await?;
+                let r = c.pg_pull(pb::PgPullRequest { header, objects }).await?;
                 Ok(Response::new(r.into_inner().result))
             })
             .await?;
@@ -1748,20 +1727,9 @@ impl OsdCore {
             return self.store.submit(txn).await.map_err(pg::store_error);
         }
         let push = encode(push);
+        let header = Some(self.peer_header(id, interval_epoch).to_pb());
         self.peer_rpc(target, "push", |mut c| async move {
-            let r = c
-                .pg_push(pb::PgPushRequest {
-                    header: Some(
-                        PeerHeader {
-                            pg: id,
-                            interval_epoch,
-                            from: me,
-                        }
-                        .to_pb(),
-                    ),
-                    push,
-                })
-                .await?;
+            let r = c.pg_push(pb::PgPushRequest { header, push }).await?;
             Ok(Response::new(r.into_inner().result))
         })
         .await
@@ -1783,17 +1751,11 @@ impl OsdCore {
                 .await;
         }
         let after = encode(&after);
+        let header = Some(self.peer_header(id, interval_epoch).to_pb());
         self.peer_rpc(osd, "scan", |mut c| async move {
             let r = c
                 .pg_scan(pb::PgScanRequest {
-                    header: Some(
-                        PeerHeader {
-                            pg: id,
-                            interval_epoch,
-                            from: me,
-                        }
-                        .to_pb(),
-                    ),
+                    header,
                     after,
                     max: BACKFILL_SCAN as u32,
                 })
@@ -3405,18 +3367,12 @@ impl OsdCore {
             maps.insert(me, own);
             for &osd in acting.iter().filter(|o| **o != me) {
                 let range = range.clone();
+                let header = Some(self.peer_header(id, interval_epoch).to_pb());
                 let m: pg::ScrubMap = self
                     .peer_rpc(osd, "scrub map", |mut c| async move {
                         let r = c
                             .pg_scrub_map(pb::PgScrubMapRequest {
-                                header: Some(
-                                    PeerHeader {
-                                        pg: id,
-                                        interval_epoch,
-                                        from: me,
-                                    }
-                                    .to_pb(),
-                                ),
+                                header,
                                 deep,
                                 range,
                             })
