@@ -755,6 +755,48 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
     child.wait_with_output().expect("collect output")
 }
 
+/// One fio pass (`ioengine=nbd`, job `name`) of random 4 KiB writes over the first `size`
+/// bytes of `url`, every block written once and verified (during the run, every 256 writes,
+/// and all of them at the end; `verify_only` only reads and checks what a pass with the same
+/// `seed` wrote): whether it passed, and fio's output.
+pub fn fio_verify_pass(
+    name: &str,
+    url: &str,
+    size: u64,
+    seed: u64,
+    verify_only: bool,
+) -> (bool, String) {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        &format!("--name={name}"),
+        "--ioengine=nbd",
+        &format!("--uri={url}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        &format!("--size={size}"),
+        "--iodepth=4",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_backlog=256",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        &format!("--randseed={seed}"),
+    ]);
+    if verify_only {
+        cmd.arg("--verify_only=1");
+    }
+    let out = run_bounded(&mut cmd, Duration::from_secs(600));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = out.status.success()
+        && !text.contains("verify: bad")
+        && !text.contains("Input/output error");
+    (ok, text)
+}
+
 /// Runs `promtool check metrics` (Debian package `prometheus`, installed by
 /// scripts/setup.sh) on a scraped exposition; `Err` carries promtool's complaint.
 pub fn promtool_check(text: &str) -> anyhow::Result<()> {

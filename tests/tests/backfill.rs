@@ -7,7 +7,6 @@
 //! (a `pg_temp` in the map), writes go on, and the entries are gone at the end.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -15,45 +14,14 @@ use std::time::Duration;
 use basalt_config::{OsdTuning, Timeouts};
 use basalt_rbd::{RadosBackend, Rbd};
 use basalt_tests::{
-    copies_identical, metric_sum, pattern, require_tool, run_bounded, stores_after_stop, wait_for,
-    DataCluster,
+    copies_identical, metric_sum, pattern, require_tool, stores_after_stop, wait_for, DataCluster,
 };
 
 const IMAGE: u64 = 64 << 20;
 const FIO_SIZE: u64 = 16 << 20;
 
-/// One fio pass of random 4 KiB writes over the first FIO_SIZE bytes, every block written
-/// once and verified (during the run, every 256 writes, and all of them at the end).
 fn fio_pass(url: &str, seed: u64, verify_only: bool) -> (bool, String) {
-    let mut cmd = Command::new("fio");
-    cmd.args([
-        "--name=backfill",
-        "--ioengine=nbd",
-        &format!("--uri={url}"),
-        "--rw=randwrite",
-        "--bs=4k",
-        &format!("--size={FIO_SIZE}"),
-        "--iodepth=4",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_backlog=256",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-        &format!("--randseed={seed}"),
-    ]);
-    if verify_only {
-        cmd.arg("--verify_only=1");
-    }
-    let out = run_bounded(&mut cmd, Duration::from_secs(600));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ok = out.status.success()
-        && !text.contains("verify: bad")
-        && !text.contains("Input/output error");
-    (ok, text)
+    basalt_tests::fio_verify_pass("backfill", url, FIO_SIZE, seed, verify_only)
 }
 
 fn backfills(d: &DataCluster) -> f64 {

@@ -20,38 +20,8 @@ const IMAGE: u64 = 64 << 20;
 /// fio writes and verifies the first half; the second half keeps a pattern written before.
 const FIO_SIZE: u64 = 32 << 20;
 
-/// One fio pass of random 4 KiB writes over the first FIO_SIZE bytes, every block written
-/// once and verified (during the run, every 256 writes, and all of them at the end).
 fn fio_pass(url: &str, seed: u64, verify_only: bool) -> (bool, String) {
-    let mut cmd = Command::new("fio");
-    cmd.args([
-        "--name=split",
-        "--ioengine=nbd",
-        &format!("--uri={url}"),
-        "--rw=randwrite",
-        "--bs=4k",
-        &format!("--size={FIO_SIZE}"),
-        "--iodepth=4",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_backlog=256",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-        &format!("--randseed={seed}"),
-    ]);
-    if verify_only {
-        cmd.arg("--verify_only=1");
-    }
-    let out = run_bounded(&mut cmd, Duration::from_secs(600));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ok = out.status.success()
-        && !text.contains("verify: bad")
-        && !text.contains("Input/output error");
-    (ok, text)
+    basalt_tests::fio_verify_pass("split", url, FIO_SIZE, seed, verify_only)
 }
 
 /// The whole image through the gateway, as a new NBD client reads it.
