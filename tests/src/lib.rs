@@ -797,6 +797,47 @@ pub fn fio_verify_pass(
     (ok, text)
 }
 
+/// [`fio_verify_pass`]es one after another in a thread (seeds `first_seed`, `first_seed + 1`,
+/// ...) until [`FioPasses::finish`] asks for the last, or one fails: a VM disk written and
+/// verified all through a test's faults.
+pub struct FioPasses {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::mpsc::Receiver<Vec<(bool, String)>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl FioPasses {
+    pub fn start(name: &str, url: &str, size: u64, first_seed: u64) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, done) = std::sync::mpsc::channel();
+        let (name, url, flag) = (name.to_string(), url.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut results = Vec::new();
+            for seed in first_seed.. {
+                let last = flag.load(std::sync::atomic::Ordering::SeqCst);
+                let (ok, text) = fio_verify_pass(&name, &url, size, seed, false);
+                results.push((ok, text));
+                if last || !ok {
+                    break;
+                }
+            }
+            let _ = tx.send(results);
+        });
+        FioPasses { stop, done, thread }
+    }
+
+    /// Lets the pass under way finish, runs one more, and returns every pass's result.
+    pub fn finish(self) -> Vec<(bool, String)> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let results = self
+            .done
+            .recv_timeout(Duration::from_secs(900))
+            .expect("fio finishes");
+        let _ = self.thread.join();
+        results
+    }
+}
+
 /// Runs `promtool check metrics` (Debian package `prometheus`, installed by
 /// scripts/setup.sh) on a scraped exposition; `Err` carries promtool's complaint.
 pub fn promtool_check(text: &str) -> anyhow::Result<()> {

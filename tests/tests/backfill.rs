@@ -7,8 +7,7 @@
 //! (a `pg_temp` in the map), writes go on, and the entries are gone at the end.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use basalt_config::{OsdTuning, Timeouts};
@@ -57,24 +56,7 @@ fn pgs_serve_while_an_out_osds_copies_are_backfilled_and_end_identical() {
     assert!(ok, "first fio pass:\n{text}");
 
     // fio passes until the backfills are done (and one more).
-    let stop = Arc::new(AtomicBool::new(false));
-    let (done_tx, done_rx) = mpsc::channel::<Vec<(bool, String)>>();
-    let fio = {
-        let stop = stop.clone();
-        let url = url.clone();
-        std::thread::spawn(move || {
-            let mut results = Vec::new();
-            for seed in 2.. {
-                let last = stop.load(Ordering::SeqCst);
-                let (ok, text) = fio_pass(&url, seed, false);
-                results.push((ok, text));
-                if last || !ok {
-                    break;
-                }
-            }
-            let _ = done_tx.send(results);
-        })
-    };
+    let fio = basalt_tests::FioPasses::start("backfill", &url, FIO_SIZE, 2);
     let writes = |d: &DataCluster| {
         d.cluster
             .gateway_metrics(gw)
@@ -132,11 +114,7 @@ fn pgs_serve_while_an_out_osds_copies_are_backfilled_and_end_identical() {
         "no PG was backfilled after osd.{out} went out"
     );
 
-    stop.store(true, Ordering::SeqCst);
-    let results = done_rx
-        .recv_timeout(Duration::from_secs(900))
-        .expect("fio finishes");
-    let _ = fio.join();
+    let results = fio.finish();
     for (i, (ok, text)) in results.iter().enumerate() {
         assert!(
             ok,

@@ -8,8 +8,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_config::Timeouts;
@@ -89,24 +88,7 @@ fn growing_pg_num_under_fio_with_an_osd_killed_loses_nothing() {
     );
 
     // fio passes until the split is healed (and one more).
-    let stop = Arc::new(AtomicBool::new(false));
-    let (done_tx, done_rx) = mpsc::channel::<Vec<(bool, String)>>();
-    let fio = {
-        let stop = stop.clone();
-        let url = url.clone();
-        std::thread::spawn(move || {
-            let mut results = Vec::new();
-            for seed in 1.. {
-                let last = stop.load(Ordering::SeqCst);
-                let (ok, text) = fio_pass(&url, seed, false);
-                results.push((ok, text));
-                if last || !ok {
-                    break;
-                }
-            }
-            let _ = done_tx.send(results);
-        })
-    };
+    let fio = basalt_tests::FioPasses::start("split", &url, FIO_SIZE, 1);
     let writes = |d: &DataCluster| {
         d.cluster
             .gateway_metrics(gw)
@@ -179,11 +161,7 @@ fn growing_pg_num_under_fio_with_an_osd_killed_loses_nothing() {
         .sum();
     assert!(splits >= 16.0, "{splits} PG copies split");
 
-    stop.store(true, Ordering::SeqCst);
-    let results = done_rx
-        .recv_timeout(Duration::from_secs(900))
-        .expect("fio finishes");
-    let _ = fio.join();
+    let results = fio.finish();
     for (i, (ok, text)) in results.iter().enumerate() {
         assert!(
             ok,
