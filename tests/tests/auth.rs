@@ -215,7 +215,7 @@ fn auth_commands_manage_keys_and_caps_through_the_quorum() {
 // ---- authentication on the wire ----
 
 use basalt_auth::handshake::{
-    AuthError, Authorizer, Challenge, ClientHandshake, ClientTicket, Granted, Proof, Service,
+    AuthError, Authorizer, Challenge, ClientHandshake, ClientTicket, Granted, Hello, Proof, Service,
 };
 use basalt_auth::live::now_ms;
 use basalt_client::ops::{decode, OpError, PeerMessageError};
@@ -281,22 +281,28 @@ fn authorized<T>(msg: T, a: &Authorizer) -> tonic::Request<T> {
     r
 }
 
+/// Sends `hello`: the monitor's handshake id and its challenge.
+async fn send_hello(auth: &mut MonAuthClient<Channel>, hello: &Hello) -> (u64, Challenge) {
+    let c = auth
+        .hello(AuthHello { hello: enc(hello) })
+        .await
+        .expect("hello")
+        .into_inner();
+    let challenge = postcard::from_bytes(&c.challenge).expect("challenge");
+    (c.handshake_id, challenge)
+}
+
 /// A whole handshake with the monitor at `ch` as `entity` with `key`: its tickets.
 async fn handshake(ch: Channel, entity: &EntityName, key: &Secret) -> Vec<ClientTicket> {
     let mut auth = MonAuthClient::new(ch);
     let (mut hs, hello) = ClientHandshake::start(entity.clone(), key.clone(), [3; 16]);
-    let c = auth
-        .hello(AuthHello { hello: enc(&hello) })
-        .await
-        .expect("hello")
-        .into_inner();
-    let challenge: Challenge = postcard::from_bytes(&c.challenge).expect("challenge");
+    let (handshake_id, challenge) = send_hello(&mut auth, &hello).await;
     let proof = hs
         .on_challenge(&challenge)
         .expect("the monitor proves the key");
     let g = auth
         .prove(AuthProve {
-            handshake_id: c.handshake_id,
+            handshake_id,
             proof: enc(&proof),
         })
         .await
@@ -363,19 +369,14 @@ fn the_monitors_refuse_the_unauthenticated_wrong_keys_expired_tickets_and_replay
         let mut auth = MonAuthClient::new(ch.clone());
         let (mut hs, hello) =
             ClientHandshake::start(admin.clone(), Secret::from_bytes([7; 32]), [1; 16]);
-        let c = auth
-            .hello(AuthHello { hello: enc(&hello) })
-            .await
-            .expect("hello")
-            .into_inner();
-        let challenge: Challenge = postcard::from_bytes(&c.challenge).expect("challenge");
+        let (handshake_id, challenge) = send_hello(&mut auth, &hello).await;
         assert!(matches!(
             hs.on_challenge(&challenge),
             Err(AuthError::ServerNotAuthentic(_))
         ));
         let e = auth
             .prove(AuthProve {
-                handshake_id: c.handshake_id,
+                handshake_id,
                 proof: enc(&Proof {
                     client_proof: [0; 32],
                 }),
@@ -388,28 +389,19 @@ fn the_monitors_refuse_the_unauthenticated_wrong_keys_expired_tickets_and_replay
         // A replayed handshake: the recorded Proof is worth nothing a second time, nor
         // against the challenge of a new Hello.
         let (mut hs, hello) = ClientHandshake::start(admin.clone(), admin_key.clone(), [2; 16]);
-        let c = auth
-            .hello(AuthHello { hello: enc(&hello) })
-            .await
-            .expect("hello")
-            .into_inner();
-        let challenge: Challenge = postcard::from_bytes(&c.challenge).expect("challenge");
+        let (handshake_id, challenge) = send_hello(&mut auth, &hello).await;
         let proof = hs.on_challenge(&challenge).expect("proof");
         let prove = AuthProve {
-            handshake_id: c.handshake_id,
+            handshake_id,
             proof: enc(&proof),
         };
         auth.prove(prove.clone()).await.expect("the real proof");
         let e = auth.prove(prove).await.expect_err("the same proof again");
         assert_eq!(e.code(), Code::Unauthenticated);
-        let c2 = auth
-            .hello(AuthHello { hello: enc(&hello) })
-            .await
-            .expect("hello")
-            .into_inner();
+        let (second_id, _) = send_hello(&mut auth, &hello).await;
         let e = auth
             .prove(AuthProve {
-                handshake_id: c2.handshake_id,
+                handshake_id: second_id,
                 proof: enc(&proof),
             })
             .await
