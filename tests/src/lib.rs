@@ -620,6 +620,25 @@ impl TestCluster {
         http_get(self.gws[i].0.metrics, "/metrics")
     }
 
+    /// NBD writes gateway `i` has served (its `basalt_nbd_requests_total{op="write"}`; 0 if
+    /// its metrics do not answer).
+    pub fn gateway_writes(&self, i: usize) -> f64 {
+        self.gateway_metrics(i).map_or(0.0, |m| {
+            metric_sum(&m, "basalt_nbd_requests_total", "op=\"write\"")
+        })
+    }
+
+    /// Waits (60 s at most) until gateway `i` has served `more` NBD writes beyond those it had
+    /// served when called: a client is under way.
+    pub fn wait_gateway_writes(&self, i: usize, more: f64) -> anyhow::Result<()> {
+        let before = self.gateway_writes(i);
+        wait_for(
+            "NBD writes through the gateway",
+            Duration::from_secs(60),
+            || (self.gateway_writes(i) >= before + more).then_some(()),
+        )
+    }
+
     /// SIGSTOP / SIGCONT a gateway (a hung hypervisor).
     pub fn pause_gateway(&self, i: usize, paused: bool) {
         if let Some(c) = &self.gws[i].0.child {
@@ -714,11 +733,7 @@ pub fn client_command(tool: &str) -> Command {
 /// succeeded, and its stdout then stderr.
 pub fn run_client(tool: &str, args: &[&str]) -> (bool, String) {
     let out = run_bounded(client_command(tool).args(args), Duration::from_secs(120));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     (out.status.success(), text)
 }
 
@@ -731,6 +746,15 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A finished command's stdout, then its stderr, as text.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Runs a command to completion, killing it after `limit`.
@@ -755,17 +779,11 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
     child.wait_with_output().expect("collect output")
 }
 
-/// One fio pass (`ioengine=nbd`, job `name`) of random 4 KiB writes over the first `size`
-/// bytes of `url`, every block written once and verified (during the run, every 256 writes,
-/// and all of them at the end; `verify_only` only reads and checks what a pass with the same
-/// `seed` wrote): whether it passed, and fio's output.
-pub fn fio_verify_pass(
-    name: &str,
-    url: &str,
-    size: u64,
-    seed: u64,
-    verify_only: bool,
-) -> (bool, String) {
+/// The fio command line of one write-and-verify pass (`ioengine=nbd`, job `name`): random
+/// 4 KiB writes over the first `size` (fio's syntax: bytes, or `16M`) of `url`, every block
+/// written once and verified with crc32c (during the run, every 256 writes, so writes go on
+/// throughout, and all of them at the end), with `seed` choosing the pattern.
+pub fn fio_verify_command(name: &str, url: &str, size: &str, seed: u64) -> Command {
     let mut cmd = Command::new("fio");
     cmd.args([
         &format!("--name={name}"),
@@ -782,15 +800,25 @@ pub fn fio_verify_pass(
         "--verify_state_save=0",
         &format!("--randseed={seed}"),
     ]);
+    cmd
+}
+
+/// Runs one [`fio_verify_command`] pass over the first `size` bytes (`verify_only` only
+/// reads and checks what a pass with the same `seed` wrote): whether it passed, and fio's
+/// output.
+pub fn fio_verify_pass(
+    name: &str,
+    url: &str,
+    size: u64,
+    seed: u64,
+    verify_only: bool,
+) -> (bool, String) {
+    let mut cmd = fio_verify_command(name, url, &size.to_string(), seed);
     if verify_only {
         cmd.arg("--verify_only=1");
     }
     let out = run_bounded(&mut cmd, Duration::from_secs(600));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     let ok = out.status.success()
         && !text.contains("verify: bad")
         && !text.contains("Input/output error");
@@ -856,11 +884,7 @@ pub fn promtool_check(text: &str) -> anyhow::Result<()> {
         .write_all(text.as_bytes())?;
     let out = promtool.wait_with_output()?;
     if !out.status.success() {
-        bail!(
-            "promtool rejects the metrics: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("promtool rejects the metrics: {}", output_text(&out));
     }
     Ok(())
 }
@@ -875,6 +899,42 @@ pub struct DataCluster {
 }
 
 impl DataCluster {
+    /// Every object of `written` reads back through the client as written; `when` names the
+    /// moment in the failure message.
+    pub fn assert_reads_back(
+        &self,
+        written: &std::collections::BTreeMap<String, bytes::Bytes>,
+        when: &str,
+    ) {
+        for (name, data) in written {
+            let got = self
+                .rt
+                .block_on(self.io.read(name, 0, 1 << 20))
+                .expect("read");
+            assert!(got == *data, "{name} reads back wrong {when}");
+        }
+    }
+
+    /// Stops every OSD and asserts that each object of `written` (pool `pool`) has exactly 3
+    /// copies, all identical to what was written; returns the map and the stores for more
+    /// checks.
+    pub fn assert_three_copies_after_stop(
+        &mut self,
+        pool: &str,
+        written: &std::collections::BTreeMap<String, bytes::Bytes>,
+    ) -> (
+        std::sync::Arc<basalt_maps::OsdMap>,
+        Vec<basalt_osd::store::Store>,
+    ) {
+        let map = self.rados.osdmap();
+        let stores = stores_after_stop(&mut self.cluster, 6);
+        for (name, data) in written {
+            let copies = copies_identical(&map, &stores, pool, name, data);
+            assert_eq!(copies, 3, "{name} has {copies} copies, not 3");
+        }
+        (map, stores)
+    }
+
     /// Starts the cluster with `timeouts` and creates `pool` (size 3, min_size 2, 16 PGs).
     pub fn start(timeouts: Timeouts, pool: &str) -> anyhow::Result<Self> {
         Self::start_tuned(timeouts, OsdTuning::default(), pool)
@@ -1053,6 +1113,32 @@ pub fn stores_after_stop(cluster: &mut TestCluster, n: usize) -> Vec<basalt_osd:
             .expect("open store")
         })
         .collect()
+}
+
+/// What [`continuous_writer`] has had acknowledged: each object's name and bytes.
+pub type Acked = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, bytes::Bytes>>>;
+
+/// Writes `p<first>, p<first+1>, ...` (whole objects of varying size) in a loop until the task
+/// is aborted, recording each acknowledged write.
+pub fn continuous_writer(d: &DataCluster, first: u64) -> (tokio::task::JoinHandle<()>, Acked) {
+    let acked: Acked = Default::default();
+    let io = d.io.clone();
+    let log = acked.clone();
+    let task = d.rt.spawn(async move {
+        for i in first.. {
+            let name = format!("p{i}");
+            let data = pattern(10_000 + i, 3000 + (i as usize % 11) * 700);
+            if io.write_full(&name, data.clone()).await.is_ok() {
+                log.lock().expect("lock").insert(name, data);
+            }
+        }
+    });
+    (task, acked)
+}
+
+/// How many writes [`continuous_writer`] has had acknowledged so far.
+pub fn acked_count(acked: &Acked) -> usize {
+    acked.lock().expect("lock").len()
 }
 
 /// Every store holding `name` in its PG has the same bytes; returns how many copies exist.

@@ -6,14 +6,13 @@
 //! written is CRUSH primary of PGs it must catch up; a complete copy serves them meanwhile
 //! (a `pg_temp` in the map), writes go on, and the entries are gone at the end.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use basalt_config::{OsdTuning, Timeouts};
 use basalt_rbd::{RadosBackend, Rbd};
 use basalt_tests::{
-    copies_identical, metric_sum, pattern, require_tool, stores_after_stop, wait_for, DataCluster,
+    acked_count, continuous_writer, metric_sum, require_tool, wait_for, DataCluster,
 };
 
 const IMAGE: u64 = 64 << 20;
@@ -57,17 +56,9 @@ fn pgs_serve_while_an_out_osds_copies_are_backfilled_and_end_identical() {
 
     // fio passes until the backfills are done (and one more).
     let fio = basalt_tests::FioPasses::start("backfill", &url, FIO_SIZE, 2);
-    let writes = |d: &DataCluster| {
-        d.cluster
-            .gateway_metrics(gw)
-            .map(|m| metric_sum(&m, "basalt_nbd_requests_total", "op=\"write\""))
-            .unwrap_or(0.0)
-    };
-    let before = writes(&d);
-    wait_for("fio writing", Duration::from_secs(60), || {
-        (writes(&d) > before + 200.0).then_some(())
-    })
-    .expect("fio under way");
+    d.cluster
+        .wait_gateway_writes(gw, 200.0 + 1.0)
+        .expect("fio under way");
 
     let backfills_before = backfills(&d);
     let out = *d.rados.osdmap().osds.keys().next().expect("an OSD");
@@ -166,28 +157,6 @@ fn pgs_serve_while_an_out_osds_copies_are_backfilled_and_end_identical() {
     .expect("activation records complete");
 }
 
-/// Writes `p0, p1, ...` until aborted, recording each acknowledged write.
-fn continuous_writer(
-    d: &DataCluster,
-) -> (
-    tokio::task::JoinHandle<()>,
-    Arc<Mutex<BTreeMap<String, bytes::Bytes>>>,
-) {
-    let acked: Arc<Mutex<BTreeMap<String, bytes::Bytes>>> = Default::default();
-    let io = d.io.clone();
-    let log = acked.clone();
-    let task = d.rt.spawn(async move {
-        for i in 0u64.. {
-            let name = format!("p{i}");
-            let data = pattern(10_000 + i, 3000 + (i as usize % 11) * 700);
-            if io.write_full(&name, data.clone()).await.is_ok() {
-                log.lock().expect("lock").insert(name, data);
-            }
-        }
-    });
-    (task, acked)
-}
-
 /// pg_temp requests the running OSDs have made.
 fn pg_temp_requests(d: &DataCluster) -> f64 {
     (0..6)
@@ -223,10 +192,9 @@ fn a_returning_primary_hands_its_pgs_to_a_complete_copy_until_it_has_caught_up()
         .expect("an OSD");
     assert!(primary_of(victim) > 0, "osd.{victim} is primary of no PG");
     let idx = d.harness_index(victim);
-    let (writer, acked) = continuous_writer(&d);
-    let count = |acked: &Mutex<BTreeMap<String, bytes::Bytes>>| acked.lock().expect("lock").len();
+    let (writer, acked) = continuous_writer(&d, 0);
     wait_for("writes flowing", Duration::from_secs(60), || {
-        (count(&acked) >= 20).then_some(())
+        (acked_count(&acked) >= 20).then_some(())
     })
     .expect("writes");
     d.cluster.kill_osd(idx);
@@ -238,9 +206,9 @@ fn a_returning_primary_hands_its_pgs_to_a_complete_copy_until_it_has_caught_up()
     })
     .expect("down");
     // Writes while it is away: every PG it is primary of moves on without it.
-    let at_kill = count(&acked);
+    let at_kill = acked_count(&acked);
     wait_for("writes without the victim", Duration::from_secs(60), || {
-        (count(&acked) >= at_kill + 100).then_some(())
+        (acked_count(&acked) >= at_kill + 100).then_some(())
     })
     .expect("writes while away");
     let temps_before = pg_temp_requests(&d);
@@ -266,7 +234,7 @@ fn a_returning_primary_hands_its_pgs_to_a_complete_copy_until_it_has_caught_up()
     .expect("pg_temp set");
     eprintln!("pg {pg} served by {temp:?} while osd.{victim} catches up");
     // I/O continues meanwhile.
-    let at_temp = count(&acked);
+    let at_temp = acked_count(&acked);
     let seqs = |d: &DataCluster| {
         d.rt.block_on(d.rados.pg_stats()).ok().and_then(|s| {
             s.iter()
@@ -278,7 +246,7 @@ fn a_returning_primary_hands_its_pgs_to_a_complete_copy_until_it_has_caught_up()
     wait_for(
         "writes while the pg_temp serves",
         Duration::from_secs(60),
-        || (count(&acked) > at_temp + 20).then_some(()),
+        || (acked_count(&acked) > at_temp + 20).then_some(()),
     )
     .expect("writes continue");
     // Every PG ends active+clean on its CRUSH acting set, with no pg_temp left.
@@ -293,22 +261,11 @@ fn a_returning_primary_hands_its_pgs_to_a_complete_copy_until_it_has_caught_up()
         "no OSD asked for a pg_temp"
     );
     assert!(
-        seqs(&d).unwrap_or(0) > seq_at_temp || count(&acked) > at_temp,
+        seqs(&d).unwrap_or(0) > seq_at_temp || acked_count(&acked) > at_temp,
         "nothing was written after the pg_temp appeared"
     );
     writer.abort();
     let written = acked.lock().expect("lock").clone();
-    for (name, data) in &written {
-        let got = d.rt.block_on(d.io.read(name, 0, 1 << 20)).expect("read");
-        assert!(got == *data, "{name} reads back wrong");
-    }
-    let map = d.rados.osdmap();
-    let stores = stores_after_stop(&mut d.cluster, 6);
-    for (name, data) in &written {
-        assert_eq!(
-            copies_identical(&map, &stores, "data", name, data),
-            3,
-            "{name}"
-        );
-    }
+    d.assert_reads_back(&written, "after the pg_temp");
+    d.assert_three_copies_after_stop("data", &written);
 }

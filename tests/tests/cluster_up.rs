@@ -23,11 +23,7 @@ fn cluster(dir: &Path, args: &[&str]) -> (bool, String) {
             .arg(dir),
         Duration::from_secs(300),
     );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = basalt_tests::output_text(&out);
     (out.status.success(), text)
 }
 

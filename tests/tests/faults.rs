@@ -119,32 +119,15 @@ fn unix_ms() -> u64 {
 /// `log_prefix`. Returns (success, output).
 fn fio_pass(url: &str, size: &str, log_prefix: &Path, seed: u64) -> (bool, String) {
     let out = run_bounded(
-        Command::new("fio")
+        basalt_tests::fio_verify_command("faults", url, size, seed)
             .args([
-                "--name=faults",
-                "--ioengine=nbd",
-                &format!("--uri={url}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                &format!("--size={size}"),
-                "--iodepth=4",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_backlog=256",
-                "--verify_fatal=1",
-                "--verify_state_save=0",
-                &format!("--randseed={seed}"),
                 &format!("--write_lat_log={}", log_prefix.display()),
                 "--log_unix_epoch=1",
             ])
             .current_dir(log_prefix.parent().unwrap_or(Path::new("."))),
         Duration::from_secs(600),
     );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = basalt_tests::output_text(&out);
     (out.status.success(), text)
 }
 

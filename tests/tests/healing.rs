@@ -3,13 +3,13 @@
 //! never serves; a whole-cluster power cut loses no acknowledged write; bit rot is repaired.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use basalt_client::ops::{PgStateFlag, PgStateFlags};
 use basalt_config::OsdTuning;
 use basalt_tests::{
-    copies_identical, metric_sum, pattern, stores_after_stop, test_timeouts, wait_for, DataCluster,
+    acked_count, continuous_writer, copies_identical, metric_sum, pattern, stores_after_stop,
+    test_timeouts, wait_for, DataCluster,
 };
 
 /// SIGKILLs OSD `id` and marks it down at once (rather than waiting out the heartbeat grace).
@@ -341,21 +341,8 @@ fn a_returning_osd_catches_up_by_log_and_after_a_long_absence_by_backfill() {
         recoveries(&d, "backfill") > backfill_before,
         "no PG was backfilled after a long absence"
     );
-    d.rt.block_on(async {
-        for (name, data) in &written {
-            let got = d.io.read(name, 0, 1 << 20).await.expect("read");
-            assert!(got == *data, "{name} reads back wrong");
-        }
-    });
-    let map = d.rados.osdmap();
-    let stores = stores_after_stop(&mut d.cluster, 6);
-    for (name, data) in &written {
-        assert_eq!(
-            copies_identical(&map, &stores, "data", name, data),
-            3,
-            "{name}"
-        );
-    }
+    d.assert_reads_back(&written, "after the backfill");
+    let (map, stores) = d.assert_three_copies_after_stop("data", &written);
     for name in &removed {
         let (pg, _) = map.map_object("data", name).expect("map");
         let obj = basalt_osd::store::ObjectId::new(pg, name.as_str());
@@ -365,33 +352,6 @@ fn a_returning_osd_catches_up_by_log_and_after_a_long_absence_by_backfill() {
             .count();
         assert_eq!(left, 0, "removed {name} survives on {left} OSDs");
     }
-}
-
-/// Writes `p0, p1, ...` in a loop until aborted, recording each acknowledged write.
-fn continuous_writer(
-    d: &DataCluster,
-    first: u64,
-) -> (
-    tokio::task::JoinHandle<()>,
-    Arc<Mutex<BTreeMap<String, bytes::Bytes>>>,
-) {
-    let acked: Arc<Mutex<BTreeMap<String, bytes::Bytes>>> = Default::default();
-    let io = d.io.clone();
-    let log = acked.clone();
-    let task = d.rt.spawn(async move {
-        for i in first.. {
-            let name = format!("p{i}");
-            let data = pattern(10_000 + i, 3000 + (i as usize % 11) * 700);
-            if io.write_full(&name, data.clone()).await.is_ok() {
-                log.lock().expect("lock").insert(name, data);
-            }
-        }
-    });
-    (task, acked)
-}
-
-fn acked_count(acked: &Mutex<BTreeMap<String, bytes::Bytes>>) -> usize {
-    acked.lock().expect("lock").len()
 }
 
 #[test]
@@ -435,10 +395,7 @@ fn a_dead_osd_is_marked_out_and_every_pg_gets_size_copies_again() {
     let written = acked.lock().expect("lock").clone();
     d.wait_active_clean(Duration::from_secs(120))
         .expect("active+clean after recovery");
-    for (name, data) in &written {
-        let got = d.rt.block_on(d.io.read(name, 0, 1 << 20)).expect("read");
-        assert!(got == *data, "{name} reads back wrong after recovery");
-    }
+    d.assert_reads_back(&written, "after recovery");
     // The OSD returns (and is marked in again): its PGs map back to it, it catches up, and
     // the OSDs that stood in for it drop their copies once nothing needs them.
     d.cluster.restart_osd(0).expect("restart");
@@ -460,12 +417,7 @@ fn a_dead_osd_is_marked_out_and_every_pg_gets_size_copies_again() {
     // Stopping OSDs one by one must not mark them out (down_out_interval is 2 s here) and
     // start copying data onto the ones still running.
     d.cluster.cli_ok(&["osd", "set", "noout"]).expect("noout");
-    let map = d.rados.osdmap();
-    let stores = stores_after_stop(&mut d.cluster, 6);
-    for (name, data) in &written {
-        let copies = copies_identical(&map, &stores, "data", name, data);
-        assert_eq!(copies, 3, "{name} has {copies} copies, not 3");
-    }
+    d.assert_three_copies_after_stop("data", &written);
 }
 
 #[test]
@@ -494,15 +446,7 @@ fn whole_cluster_power_loss_keeps_every_acknowledged_write() {
     }
     d.wait_active_clean(Duration::from_secs(120))
         .expect("active+clean after power loss");
-    d.rt.block_on(async {
-        for (name, data) in &acked {
-            let got =
-                d.io.read(name, 0, 1 << 20)
-                    .await
-                    .expect("read after power loss");
-            assert!(got == *data, "{name} lost its acknowledged content");
-        }
-    });
+    d.assert_reads_back(&acked, "after power loss");
 }
 
 #[test]

@@ -460,9 +460,8 @@ fn monitor_metrics_pass_promtool() {
         let out = promtool.wait_with_output().expect("promtool");
         assert!(
             out.status.success(),
-            "promtool rejects mon.{rank}'s metrics: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            "promtool rejects mon.{rank}'s metrics: {}",
+            basalt_tests::output_text(&out)
         );
     }
 }

@@ -62,11 +62,7 @@ fn qemu_io(h: u32, cmds: &[&str]) -> anyhow::Result<()> {
     }
     cmd.arg(&url);
     let out = run_bounded(&mut cmd, Duration::from_secs(120));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = basalt_tests::output_text(&out);
     if !out.status.success() || text.contains("failed") || text.contains("rror") {
         bail!("qemu-io {cmds:?} on {url}: {text}");
     }

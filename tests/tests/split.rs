@@ -89,17 +89,9 @@ fn growing_pg_num_under_fio_with_an_osd_killed_loses_nothing() {
 
     // fio passes until the split is healed (and one more).
     let fio = basalt_tests::FioPasses::start("split", &url, FIO_SIZE, 1);
-    let writes = |d: &DataCluster| {
-        d.cluster
-            .gateway_metrics(gw)
-            .map(|m| metric_sum(&m, "basalt_nbd_requests_total", "op=\"write\""))
-            .unwrap_or(0.0)
-    };
-    let before = writes(&d);
-    wait_for("fio writing", Duration::from_secs(60), || {
-        (writes(&d) > before + 500.0).then_some(())
-    })
-    .expect("fio under way");
+    d.cluster
+        .wait_gateway_writes(gw, 500.0 + 1.0)
+        .expect("fio under way");
 
     // One OSD is down across the change (it splits its copies when it returns, from their
     // layout records, and catches up by log); another is SIGKILLed right after the change,
