@@ -2018,9 +2018,13 @@ impl OsdCore {
     /// One peering round: `Ok(true)` once the PG is active or only a new map can change its
     /// fate (a newer interval began, or too few members to serve); `Ok(false)` when it must
     /// wait (down, incomplete).
+    ///
+    /// The driver of [`peering::PeeringRound`]: it gathers the round's setup from the PG and
+    /// the map, carries out each action (queries and activation pushes concurrently) and
+    /// feeds the results back, until the round finishes or the interval ends.
     async fn peer_once(self: &Arc<Self>, pg: &Arc<Pg>, generation: u64) -> Result<bool, OpError> {
         let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
-        let (acting, interval_epoch) = {
+        let (acting, interval_epoch, min_size) = {
             let mut s = lock(&pg.state);
             if s.generation != generation {
                 return Ok(true);
@@ -2029,240 +2033,247 @@ impl OsdCore {
             s.missing.clear();
             s.backfill.clear();
             s.backfill_toofull = None;
-            if (s.acting.len() as u32) < s.min_size {
-                s.status = PgStatus::Inactive(format!(
-                    "undersized: {} acting, min_size {}",
-                    s.acting.len(),
-                    s.min_size
-                ));
-                drop(s);
-                pg.bump();
-                return Ok(true);
-            }
-            (s.acting.clone(), s.interval_epoch)
+            (s.acting.clone(), s.interval_epoch, s.min_size as usize)
         };
         let id = pg.id;
         let map = self
             .current_map()
             .ok_or_else(|| OpError::Io("no OSDMap yet".into()))?;
         let activation = map.pg_activations.get(&id).cloned();
-        // In-flight writes of the previous interval finish (their replicas refuse them now)
-        // before our own state is read.
-        let _quiesced = pg.gate.write().await;
-        let mut states = BTreeMap::new();
-        for &osd in &acting {
-            states.insert(osd, self.query(id, interval_epoch, osd).await?);
-        }
-        // Members of the last active interval that are up but no longer acting still hold
-        // its writes: hear them too (they are strays, never recovered here).
-        for &osd in activation.iter().flat_map(|a| a.acting.iter()) {
-            let up = map.osds.get(&osd).is_some_and(|o| o.up);
-            if up && !states.contains_key(&osd) {
-                match self.query(id, interval_epoch, osd).await {
-                    Ok(st) => {
-                        states.insert(osd, st);
-                    }
-                    Err(e) => {
-                        tracing::info!(pg = %id, osd, error = %e, "stray copy did not answer")
-                    }
-                }
-            }
-        }
-        let authority = match peering::choose_authority(me, activation.as_ref(), &states) {
-            Ok(a) => a,
-            Err(blocked) => {
-                let why = blocked.to_string();
-                let status = match blocked {
-                    peering::Blocked::Down { .. } => PgStatus::Down(why.clone()),
-                    peering::Blocked::Incomplete { .. } => PgStatus::Incomplete(why.clone()),
-                };
-                if lock(&pg.state).status != status {
-                    tracing::warn!(pg = %id, epoch = interval_epoch, "{}", status.name());
-                }
-                self.set_status(pg, generation, status);
-                return Ok(false);
-            }
+        let strays = activation
+            .iter()
+            .flat_map(|a| a.acting.iter().copied())
+            .filter(|o| !acting.contains(o) && map.osds.get(o).is_some_and(|i| i.up))
+            .collect();
+        let setup = peering::RoundSetup {
+            me,
+            interval_epoch,
+            acting,
+            min_size,
+            activation,
+            strays,
+            under_temp: map.pg_temp.contains_key(&id),
         };
-        let auth = states[&authority].clone();
-        let plans: BTreeMap<OsdId, Catchup> = acting
-            .iter()
-            .map(|&o| (o, peering::catchup(&auth, &states[&o])))
-            .collect();
-        // Replicas that can catch up from the log do so after activation, object by object
-        // (a write recovers its object first); replicas that need a backfill are filled
-        // after activation too while at least min_size members need none. The primary (it
-        // serves reads), and backfill targets the PG cannot do without, catch up now.
-        let min_size = lock(&pg.state).min_size as usize;
-        let plan = peering::plan_activation(me, min_size, &plans);
-        // pg_temp: this CRUSH primary must catch up before it could serve. Rather than make
-        // the PG wait, a complete member serves it meanwhile, and this OSD catches up as its
-        // replica (while the PG serves); that primary gives the PG back once all are complete.
-        let under_temp = map.pg_temp.contains_key(&id);
-        let must_wait = plan.before.contains(&me) && !under_temp;
-        if let Some(temp) = peering::temp_acting(me, authority, &acting, must_wait) {
-            match self.request_pg_temp(id, temp.clone()).await {
-                Ok(()) => {
-                    metrics::counter!("basalt_osd_pg_temp_requests_total").increment(1);
-                    tracing::info!(pg = %id, acting = ?temp, "pg_temp: a complete copy serves while this primary catches up");
-                    return Ok(true);
-                }
-                Err(e) => {
-                    if lock(&pg.state).generation != generation {
-                        return Ok(true);
+        // In-flight writes of the previous interval finish (their replicas refuse them now)
+        // before any member's state is read.
+        let _quiesced = pg.gate.write().await;
+        let (mut round, mut actions) = peering::PeeringRound::start(setup);
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        // Held from AcquireRecoverySlot to ReleaseRecoverySlot (or the round's end).
+        let mut recovery_slot = None;
+        loop {
+            for action in actions.drain(..) {
+                use peering::RoundAction as A;
+                use peering::RoundEvent as E;
+                let core = self.clone();
+                let pg2 = pg.clone();
+                let io: Pin<Box<dyn std::future::Future<Output = Option<E>> + Send>> = match action
+                {
+                    A::Finish(outcome) => {
+                        return self.round_finished(pg, generation, interval_epoch, outcome)
                     }
-                    tracing::warn!(pg = %id, error = %e, "no pg_temp; catching up before serving")
+                    A::Query(osd) => Box::pin(async move {
+                        let state = core.query(id, interval_epoch, osd).await;
+                        Some(E::Queried { osd, state })
+                    }),
+                    A::RequestPgTemp(temp) => Box::pin(async move {
+                        let r = core.request_pg_temp(id, temp.clone()).await;
+                        match &r {
+                            Ok(()) => {
+                                metrics::counter!("basalt_osd_pg_temp_requests_total").increment(1);
+                                tracing::info!(pg = %id, acting = ?temp, "pg_temp: a complete copy serves while this primary catches up");
+                            }
+                            Err(e) => {
+                                tracing::warn!(pg = %id, error = %e, "no pg_temp; catching up before serving")
+                            }
+                        }
+                        Some(E::PgTempSet(r))
+                    }),
+                    // None: the interval ended while it waited (the round is dropped below).
+                    A::WaitBackfillRoom(targets) => Box::pin(async move {
+                        core.wait_backfill_room(&pg2, generation, &targets)
+                            .await
+                            .then_some(E::BackfillRoom)
+                    }),
+                    A::AcquireRecoverySlot => {
+                        let permit = self
+                            .recovery_slots
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .map_err(|_| OpError::Io("recovery throttle closed".into()))?;
+                        recovery_slot.replace(permit);
+                        Box::pin(async { Some(E::RecoverySlot) })
+                    }
+                    A::ReleaseRecoverySlot => {
+                        recovery_slot.take();
+                        continue;
+                    }
+                    A::CatchUp {
+                        source,
+                        target,
+                        auth,
+                        target_state,
+                    } => Box::pin(async move {
+                        let result = core
+                            .catch_up(
+                                &pg2,
+                                generation,
+                                interval_epoch,
+                                source,
+                                target,
+                                &auth,
+                                &target_state,
+                            )
+                            .await;
+                        Some(E::CaughtUp {
+                            osd: target,
+                            result,
+                        })
+                    }),
+                    A::Deliver { osd, info, log } => Box::pin(async move {
+                        let push = Push {
+                            log,
+                            info: Some(info),
+                            ..Push::default()
+                        };
+                        let result = core.deliver(id, interval_epoch, osd, &push).await;
+                        Some(E::Delivered { osd, result })
+                    }),
+                    A::Record { missing, backfill } => Box::pin(async move {
+                        if !core.note_healing(&pg2, generation, missing, backfill) {
+                            return None;
+                        }
+                        Some(E::Recorded(
+                            core.record_complete_members(&pg2, generation).await,
+                        ))
+                    }),
+                };
+                in_flight.push(io);
+            }
+            match in_flight.next().await {
+                Some(Some(event)) => actions = round.handle(event),
+                // The interval ended under the round: a new one peers afresh.
+                Some(None) => return Ok(true),
+                None => {
+                    return Err(OpError::Io(format!(
+                        "peering round of {id} waits for nothing (a bug): {round:?}"
+                    )))
                 }
             }
-        }
-        let deferred = plan.log_while_active.clone();
-        let blocking = plan.before.clone();
-        // Backfill pushes nothing to a backfillfull member (Ceph's backfill_toofull): the PG
-        // waits, without a recovery slot, until the member has room or the ratio is raised.
-        let backfill_targets: Vec<OsdId> = blocking
-            .iter()
-            .copied()
-            .filter(|o| matches!(plans[o], Catchup::Backfill { .. }))
-            .collect();
-        if !self
-            .wait_backfill_room(pg, generation, &backfill_targets)
-            .await
-        {
-            return Ok(true);
-        }
-        if !blocking.is_empty() {
-            // Only PGs with copying to do wait for a slot; the others go active at once.
-            let _slot = self
-                .recovery_slots
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| OpError::Io("recovery throttle closed".into()))?;
-            // This primary first becomes equal to the authority, then serves as the source
-            // for every other member that is behind.
-            if blocking.contains(&me) {
-                self.catch_up(
-                    pg,
-                    generation,
-                    interval_epoch,
-                    authority,
-                    me,
-                    &auth,
-                    &states[&me],
-                )
-                .await?;
-            }
-            for &osd in blocking.iter().filter(|o| **o != me) {
-                self.catch_up(
-                    pg,
-                    generation,
-                    interval_epoch,
-                    me,
-                    osd,
-                    &auth,
-                    &states[&osd],
-                )
-                .await?;
-            }
-        }
-        // Activation: complete members record this interval as their les; deferred ones take
-        // the authoritative log (keeping their old les, so none is anyone's authority) and
-        // either the list of objects they still need or their backfill cursor. The monitors
-        // record the complete members, and only then is the first write accepted.
-        for &osd in &acting {
-            let (info, log) = if let Some(missing) = deferred.get(&osd) {
-                let info = PgInfo {
-                    les: states[&osd].info.les,
-                    backfill: None,
-                    missing: missing.iter().cloned().collect(),
-                    last_update_floor: auth.last_update,
-                };
-                (info, Some(auth.log.clone()))
-            } else if let Some(after) = plan.backfill_while_active.get(&osd) {
-                // The persisted cursor stays valid only while the authority does not move
-                // (`peering::catchup`): a later peering resumes it only if no write came.
-                let info = PgInfo {
-                    les: states[&osd].info.les,
-                    backfill: Some(BackfillProgress {
-                        target: auth.last_update,
-                        done_through: after.clone(),
-                    }),
-                    missing: vec![],
-                    last_update_floor: auth.last_update,
-                };
-                (info, Some(auth.log.clone()))
-            } else {
-                let info = PgInfo {
-                    les: interval_epoch,
-                    last_update_floor: auth.last_update,
-                    ..PgInfo::default()
-                };
-                (info, None)
-            };
-            let push = Push {
-                log,
-                info: Some(info),
-                ..Push::default()
-            };
-            self.deliver(id, interval_epoch, osd, &push).await?;
-        }
-        {
-            let mut s = lock(&pg.state);
-            if s.generation != generation {
+            if lock(&pg.state).generation != generation {
                 return Ok(true);
             }
-            s.missing = deferred.clone();
-            s.backfill = plan
-                .backfill_while_active
-                .iter()
-                .map(|(&osd, after)| {
-                    let reach = match after {
-                        Some(n) => peering::BackfillReach::Through(pg::listing_key(id, n)),
-                        None => peering::BackfillReach::Nothing,
-                    };
-                    let les = states[&osd].info.les;
-                    (
-                        osd,
-                        ActiveBackfill {
-                            reach,
-                            skipped: BTreeSet::new(),
-                            les,
-                        },
-                    )
-                })
-                .collect();
-            s.backfill_toofull = None;
         }
-        self.record_complete_members(pg, generation).await?;
+    }
+
+    /// Notes at activation what the PG still heals while it serves: the objects each
+    /// log-recovering replica lacks, and each backfill target's reach. False when the
+    /// interval is over.
+    fn note_healing(
+        &self,
+        pg: &Pg,
+        generation: u64,
+        missing: BTreeMap<OsdId, BTreeSet<ObjectName>>,
+        backfill: BTreeMap<OsdId, (Option<ObjectName>, Epoch)>,
+    ) -> bool {
         let mut s = lock(&pg.state);
         if s.generation != generation {
-            return Ok(true);
+            return false;
         }
-        s.next_seq = auth.last_update.seq + 1;
-        s.activated_at = auth.last_update;
-        s.status = PgStatus::Active;
-        drop(s);
-        pg.bump();
-        tracing::debug!(pg = %id, epoch = interval_epoch, last_update = %auth.last_update, "active");
-        if !deferred.is_empty() {
-            metrics::counter!("basalt_osd_recoveries_total", "kind" => "log")
-                .increment(deferred.len() as u64);
-            let objects: usize = deferred.values().map(BTreeSet::len).sum();
-            tracing::info!(pg = %id, to = ?deferred.keys().collect::<Vec<_>>(), objects, "log-based recovery while active");
-            let core = self.clone();
-            let pg = pg.clone();
-            let osds = deferred.into_keys().collect();
-            tokio::spawn(async move { core.recover_while_active(pg, generation, osds).await });
+        s.missing = missing;
+        s.backfill = backfill
+            .into_iter()
+            .map(|(osd, (after, les))| {
+                let reach = match after {
+                    Some(n) => peering::BackfillReach::Through(pg::listing_key(pg.id, &n)),
+                    None => peering::BackfillReach::Nothing,
+                };
+                let b = ActiveBackfill {
+                    reach,
+                    skipped: BTreeSet::new(),
+                    les,
+                };
+                (osd, b)
+            })
+            .collect();
+        s.backfill_toofull = None;
+        true
+    }
+
+    /// Applies a finished round to the PG: the answer of [`OsdCore::peer_once`].
+    fn round_finished(
+        self: &Arc<Self>,
+        pg: &Arc<Pg>,
+        generation: u64,
+        epoch: Epoch,
+        outcome: peering::RoundOutcome,
+    ) -> Result<bool, OpError> {
+        use peering::RoundOutcome as O;
+        let id = pg.id;
+        match outcome {
+            O::Active {
+                last_update,
+                recover,
+                backfill,
+            } => {
+                let mut s = lock(&pg.state);
+                if s.generation != generation {
+                    return Ok(true);
+                }
+                s.next_seq = last_update.seq + 1;
+                s.activated_at = last_update;
+                s.status = PgStatus::Active;
+                let objects: usize = s.missing.values().map(BTreeSet::len).sum();
+                drop(s);
+                pg.bump();
+                tracing::debug!(pg = %id, epoch, last_update = %last_update, "active");
+                if !recover.is_empty() {
+                    metrics::counter!("basalt_osd_recoveries_total", "kind" => "log")
+                        .increment(recover.len() as u64);
+                    tracing::info!(pg = %id, to = ?recover, objects, "log-based recovery while active");
+                    let core = self.clone();
+                    let pg = pg.clone();
+                    tokio::spawn(async move {
+                        core.recover_while_active(pg, generation, recover).await
+                    });
+                }
+                if !backfill.is_empty() {
+                    metrics::counter!("basalt_osd_recoveries_total", "kind" => "backfill")
+                        .increment(backfill.len() as u64);
+                    tracing::info!(pg = %id, to = ?backfill, "backfill while active");
+                    let core = self.clone();
+                    let pg = pg.clone();
+                    tokio::spawn(async move {
+                        core.backfill_while_active(pg, generation, backfill).await
+                    });
+                }
+                Ok(true)
+            }
+            O::Undersized { acting, min_size } => {
+                self.set_status(
+                    pg,
+                    generation,
+                    PgStatus::Inactive(format!("undersized: {acting} acting, min_size {min_size}")),
+                );
+                Ok(true)
+            }
+            O::Blocked(blocked) => {
+                let why = blocked.to_string();
+                let status = match blocked {
+                    peering::Blocked::Down { .. } => PgStatus::Down(why),
+                    peering::Blocked::Incomplete { .. } => PgStatus::Incomplete(why),
+                };
+                if lock(&pg.state).status != status {
+                    tracing::warn!(pg = %id, epoch, "{}", status.name());
+                }
+                self.set_status(pg, generation, status);
+                Ok(false)
+            }
+            O::HandedOver(_) => Ok(true),
+            // `peer` pauses and starts another round (or stops if the interval ended).
+            O::Failed(e) => Err(e),
         }
-        if !plan.backfill_while_active.is_empty() {
-            metrics::counter!("basalt_osd_recoveries_total", "kind" => "backfill")
-                .increment(plan.backfill_while_active.len() as u64);
-            tracing::info!(pg = %id, to = ?plan.backfill_while_active, "backfill while active");
-            let core = self.clone();
-            let pg = pg.clone();
-            let targets = plan.backfill_while_active.into_keys().collect();
-            tokio::spawn(async move { core.backfill_while_active(pg, generation, targets).await });
-        }
-        Ok(true)
     }
 
     /// Records the acting members that are complete now (see [`PgState::incomplete`]) as
