@@ -13,7 +13,10 @@
 //!   halves of peering and scrub; [`pg_state`] derives a primary's PG state flags;
 //!   [`peering`] decides, without IO, whether a PG may go active, which copy is authoritative and how each other copy catches up (log or backfill);
 //!   [`service`] runs it all — client ops with primary-copy replication, peering, recovery,
-//!   backfill, scheduled scrubs, watch/notify — over gRPC;
+//!   backfill, scheduled scrubs, watch/notify — over gRPC: `service.rs` holds the PG instances,
+//!   applies maps and peers, and its children in `service/` each do one of the rest (`op`,
+//!   `object_slot`, `peer_client`, `replica`, `recovery`, `scrub`, `snap_trim`,
+//!   `watch_notify`, `serve`, `grpc`);
 //! - [`peer_msg`]: the typed OSD-to-OSD messages (a versioned envelope on every peering and
 //!   replication request; sub-ops with their version, request id and transaction explicit);
 //! - the [`data_path`]: client ops and replication sub-ops over `basalt-messenger`, on the
