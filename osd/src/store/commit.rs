@@ -10,12 +10,19 @@
 //! - the **flusher** writes durable groups' blocks to their homes in the data area (page cache,
 //!   no sync) and gives AUs freed by them back to the allocator.
 //!
-//! Every so often (journal half full, or enough key-value bytes for the memtables) the
-//! committer **checkpoints**: it waits until everything it appended is durable and home, syncs
-//! the data file, writes the checkpoint position and the allocation bitmap, and flushes the
-//! engine. The journal before that position is then free. With RocksDB the three roles are
-//! threads; the in-memory store runs the same steps inline in the caller (deterministic, for
-//! simulations and the crash test).
+//! Every so often (journal half full, or enough key-value bytes for the memtables) the store
+//! **checkpoints** at the last appended position P: once everything up to P is durable and
+//! home, the data file is synced, then the checkpoint position and the allocation bitmap are
+//! written and the engine is flushed. The journal before P is then free. With RocksDB the
+//! roles are threads, and the slow half — waiting for P to be home and syncing the data file
+//! (about 100 ms under random 4 KiB writes, against 40 ms for the engine flush) — runs on a
+//! fourth, the **data syncer**, while the committer goes on appending; the committer finishes
+//! the checkpoint at its next append after the sync. Its engine flush then persists state past
+//! P: harmless, since it first waits until those later records are durable and replaying a
+//! record is idempotent (see `engine`). Only if the journal fills up meanwhile (three quarters,
+//! or no contiguous room) does the committer checkpoint on the spot, waiting. The in-memory
+//! store runs every step inline in the caller (deterministic, for simulations and the crash
+//! test).
 
 use std::collections::BTreeSet;
 use std::sync::mpsc;
@@ -58,6 +65,8 @@ struct Progress {
     durable: u64,
     /// Last seq whose blocks are home.
     home: u64,
+    /// Last seq whose blocks are home and synced in the data file (the data syncer's).
+    synced: u64,
     /// Latched: once the journal or data area failed, every later commit fails with this.
     failed: Option<StoreError>,
 }
@@ -84,6 +93,7 @@ impl Shared {
             progress: Mutex::new(Progress {
                 durable: at,
                 home: at,
+                synced: at,
                 failed: None,
             }),
             changed: Condvar::new(),
@@ -121,6 +131,24 @@ impl Shared {
         }
     }
 
+    /// Waits until the journal is durable through `seq` (its blocks need not be home).
+    fn wait_durable(&self, seq: u64) -> Result<()> {
+        let mut p = self.progress.lock().map_err(poisoned)?;
+        loop {
+            if let Some(e) = &p.failed {
+                return Err(e.clone());
+            }
+            if p.durable >= seq {
+                return Ok(());
+            }
+            p = self.changed.wait(p).map_err(poisoned)?;
+        }
+    }
+
+    fn synced(&self) -> u64 {
+        self.progress.lock().map_or(0, |p| p.synced)
+    }
+
     fn sync_journal(&self) -> Result<()> {
         if !self.sync {
             return Ok(());
@@ -156,6 +184,10 @@ pub(crate) struct Core {
     used: i64,
     /// Inline mode: groups appended but not yet synced and home.
     unsynced: Vec<Group>,
+    /// Threaded mode: where the data syncer gets checkpoint positions to sync through.
+    data_syncer: Option<mpsc::Sender<u64>>,
+    /// A checkpoint at this position waits for the data syncer.
+    pending: Option<Position>,
 }
 
 impl Core {
@@ -168,6 +200,8 @@ impl Core {
             dirty_pages: BTreeSet::new(),
             used,
             unsynced: Vec::new(),
+            data_syncer: None,
+            pending: None,
         }
     }
 
@@ -217,12 +251,7 @@ impl Core {
                 sh.journal_size
             )));
         }
-        if !self.fits(len, sh.journal_size)
-            || self.live_bytes(sh.journal_size) + len > sh.journal_size / 2
-            || self.kv_bytes > CHECKPOINT_KV_BYTES
-        {
-            self.checkpoint(sh, inline)?;
-        }
+        self.checkpoint_in_background(sh, len, inline)?;
         let at = journal::place(self.pos.offset, len, sh.journal_size);
         if rec.direct && sh.sync {
             // Chunks written straight to the data file must be durable before any byte of a
@@ -276,8 +305,61 @@ impl Core {
         Ok(())
     }
 
-    /// Makes the engine's state durable up to the last append and frees the journal before it.
+    /// Journal half full, or enough key-value bytes applied for the memtables.
+    fn checkpoint_due(&self, sh: &Shared, len: u64) -> bool {
+        self.live_bytes(sh.journal_size) + len > sh.journal_size / 2
+            || self.kv_bytes > CHECKPOINT_KV_BYTES
+    }
+
+    /// Before appending `len` bytes: finishes a checkpoint whose data sync is done, asks the
+    /// data syncer for a new one when one is due, and checkpoints on the spot only when the
+    /// journal (or the memtables' budget) is about to run out meanwhile. Inline, the data
+    /// syncer's half runs here at the next append after the request, so the power-loss
+    /// simulation sees the same order: the engine flushed past the checkpoint position.
+    fn checkpoint_in_background(&mut self, sh: &Shared, len: u64, inline: bool) -> Result<()> {
+        if let Some(p) = self.pending.filter(|_| inline) {
+            self.settle_inline(sh)?;
+            data_sync_through(sh, p.seq)?;
+        }
+        if let Some(p) = self.pending.filter(|p| sh.synced() >= p.seq) {
+            self.pending = None;
+            let started = Instant::now();
+            // The flush below persists the engine as of the last append, past P: those
+            // records must be durable in the journal first (replaying them is idempotent).
+            let r = sh
+                .wait_durable(self.pos.seq)
+                .and_then(|()| self.persist_checkpoint(sh, p));
+            super::stage("checkpoint", started);
+            if let Err(e) = &r {
+                sh.fail(e);
+            }
+            r?;
+        }
+        let size = sh.journal_size;
+        let cramped = !self.fits(len, size)
+            || self.live_bytes(size) + len > size / 4 * 3
+            || self.kv_bytes > 2 * CHECKPOINT_KV_BYTES;
+        if cramped {
+            return self.checkpoint(sh, inline);
+        }
+        if self.pending.is_none() && self.checkpoint_due(sh, len) {
+            let asked = inline
+                || self
+                    .data_syncer
+                    .as_ref()
+                    .is_some_and(|tx| tx.send(self.pos.seq).is_ok());
+            if !asked {
+                return self.checkpoint(sh, false);
+            }
+            self.pending = Some(self.pos);
+        }
+        Ok(())
+    }
+
+    /// Makes the engine's state durable up to the last append and frees the journal before
+    /// it, waiting for every step.
     fn checkpoint(&mut self, sh: &Shared, inline: bool) -> Result<()> {
+        self.pending = None;
         let started = Instant::now();
         let r = self.checkpoint_steps(sh, inline);
         if let Err(e) = &r {
@@ -293,10 +375,17 @@ impl Core {
         }
         sh.wait_for(self.pos.seq)?;
         sh.data.sync()?;
+        self.persist_checkpoint(sh, self.pos)
+    }
+
+    /// Records checkpoint `at` (everything through it durable, home and synced), with the
+    /// allocation bitmap as of the last append, and flushes the engine; the journal before
+    /// `at` is then free.
+    fn persist_checkpoint(&mut self, sh: &Shared, at: Position) -> Result<()> {
         let mut kv = vec![KvOp::Put(
             Cf::Meta,
             keys::META_CHECKPOINT.to_vec(),
-            Bytes::from(postcard::to_stdvec(&self.pos).unwrap_or_default()),
+            Bytes::from(postcard::to_stdvec(&at).unwrap_or_default()),
         )];
         for &p in &self.dirty_pages {
             kv.push(KvOp::Put(
@@ -307,7 +396,7 @@ impl Core {
         }
         sh.engine.write(kv)?;
         sh.engine.flush()?;
-        self.tail = self.pos.offset;
+        self.tail = at.offset;
         self.kv_bytes = 0;
         self.dirty_pages.clear();
         Ok(())
@@ -523,10 +612,18 @@ fn run_committer(sh: Arc<Shared>, mut core: Core, rx: mpsc::Receiver<Job>) {
                 }
             })
     };
-    let (syncer, flusher) = match (syncer, flusher) {
-        (Ok(s), Ok(f)) => (s, f),
+    let (data_syncer_tx, data_syncer_rx) = mpsc::channel::<u64>();
+    let data_syncer = {
+        let sh = sh.clone();
+        std::thread::Builder::new()
+            .name("osd-store-dsync".into())
+            .spawn(move || run_data_syncer(&sh, data_syncer_rx))
+    };
+    let (syncer, flusher, data_syncer) = match (syncer, flusher, data_syncer) {
+        (Ok(s), Ok(f), Ok(d)) => (s, f, d),
         _ => {
-            let e = StoreError::Io("cannot start the store's sync and flush threads".into());
+            let e =
+                StoreError::Io("cannot start the store's sync, flush and data sync threads".into());
             sh.fail(&e);
             while let Ok(j) = rx.recv() {
                 let _ = j.applied.send(Err(e.clone()));
@@ -535,6 +632,7 @@ fn run_committer(sh: Arc<Shared>, mut core: Core, rx: mpsc::Receiver<Job>) {
             return;
         }
     };
+    core.data_syncer = Some(data_syncer_tx);
     while let Ok(first) = rx.recv() {
         let mut bytes = first.bytes;
         let mut jobs = vec![first];
@@ -585,9 +683,37 @@ fn run_committer(sh: Arc<Shared>, mut core: Core, rx: mpsc::Receiver<Job>) {
     if sh.failed().is_none() {
         let _ = core.checkpoint(&sh, false);
     }
+    core.data_syncer = None;
+    let _ = data_syncer.join();
     drop(to_syncer);
     let _ = syncer.join();
     let _ = flusher.join();
+}
+
+/// The slow half of a checkpoint, off the committer: waits until everything through the
+/// requested seq is durable and home, then syncs the data file.
+fn run_data_syncer(sh: &Shared, requests: mpsc::Receiver<u64>) {
+    while let Ok(mut seq) = requests.recv() {
+        while let Ok(later) = requests.try_recv() {
+            seq = seq.max(later);
+        }
+        if data_sync_through(sh, seq).is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits until everything through `seq` is durable and home, syncs the data file and says
+/// so (`Progress::synced`).
+fn data_sync_through(sh: &Shared, seq: u64) -> Result<()> {
+    let started = Instant::now();
+    let r = sh.wait_for(seq).and_then(|()| sh.data.sync());
+    super::stage("checkpoint_data_sync", started);
+    match &r {
+        Ok(()) => sh.update(|p| p.synced = p.synced.max(seq)),
+        Err(e) => sh.fail(e),
+    }
+    r
 }
 
 /// One journal fdatasync for every group appended since the last one.
