@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tonic::{Response, Status};
 
 use super::{lock, OsdCore, BACKFILL_SCAN, PEER_RPC_TIMEOUT};
-use crate::peering::PeerState;
+use crate::peering::{self, PeerState};
 use crate::pg::{self, ObjectName, Push};
 use crate::store::ObjectId;
 
@@ -231,4 +231,33 @@ impl OsdCore {
             }
         }
     }
+
+    /// One backfill range after `after`: where it ends (the last object of `source`'s next
+    /// scan page, or None when that page is the last: the rest of the name space), and what
+    /// `target` must copy from `source` and remove to equal it there.
+    pub(super) async fn backfill_range(
+        &self,
+        id: PgId,
+        interval_epoch: Epoch,
+        source: OsdId,
+        target: OsdId,
+        after: Option<&ObjectName>,
+    ) -> Result<BackfillRange, OpError> {
+        let wanted = self.scan(id, interval_epoch, source, after).await?;
+        let end = (wanted.len() >= BACKFILL_SCAN)
+            .then(|| wanted.last().map(|(n, _)| n.clone()))
+            .flatten();
+        let have = self
+            .scan_range(id, interval_epoch, target, after, end.as_ref())
+            .await?;
+        let (copy, remove) = peering::backfill_diff(&wanted, &have);
+        Ok(BackfillRange { end, copy, remove })
+    }
+}
+
+/// See [`OsdCore::backfill_range`].
+pub(super) struct BackfillRange {
+    pub end: Option<ObjectName>,
+    pub copy: Vec<ObjectName>,
+    pub remove: Vec<ObjectName>,
 }

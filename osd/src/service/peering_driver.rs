@@ -14,7 +14,8 @@ use basalt_ops::OpError;
 use basalt_placement::{OsdId, PgId};
 use futures::StreamExt;
 
-use super::{lock, ActiveBackfill, OsdCore, Pg, PgStatus, BACKFILL_SCAN};
+use super::peer_client::BackfillRange;
+use super::{lock, ActiveBackfill, OsdCore, Pg, PgStatus};
 use crate::peering::{self, BackfillProgress, Catchup, PeerState, PgInfo};
 use crate::pg::{self, ObjectName, Push};
 
@@ -85,18 +86,9 @@ impl OsdCore {
                         });
                     }
                     self.set_status(pg, generation, PgStatus::Backfilling);
-                    let wanted = self
-                        .scan(id, interval_epoch, source, after.as_ref())
+                    let BackfillRange { end, copy, remove } = self
+                        .backfill_range(id, interval_epoch, source, target, after.as_ref())
                         .await?;
-                    // This range ends at the last object of the page, or covers the rest
-                    // of the name space when the page is the last.
-                    let end = (wanted.len() >= BACKFILL_SCAN)
-                        .then(|| wanted.last().map(|(n, _)| n.clone()))
-                        .flatten();
-                    let have = self
-                        .scan_range(id, interval_epoch, target, after.as_ref(), end.as_ref())
-                        .await?;
-                    let (copy, remove) = peering::backfill_diff(&wanted, &have);
                     let progress = |through: Option<ObjectName>| PgInfo {
                         les: target_state.info.les,
                         backfill: Some(BackfillProgress {
@@ -167,12 +159,7 @@ impl OsdCore {
 
     /// Waits while any of `targets` is backfillfull, showing `backfill_toofull`; re-checked
     /// at every new map. False when the interval ended meanwhile.
-    async fn wait_backfill_room(
-        &self,
-        pg: &Pg,
-        generation: u64,
-        targets: &[OsdId],
-    ) -> bool {
+    async fn wait_backfill_room(&self, pg: &Pg, generation: u64, targets: &[OsdId]) -> bool {
         loop {
             if lock(&pg.state).generation != generation {
                 return false;
@@ -239,11 +226,7 @@ impl OsdCore {
     /// The driver of [`peering::PeeringRound`]: it gathers the round's setup from the PG and
     /// the map, carries out each action (queries and activation pushes concurrently) and
     /// feeds the results back, until the round finishes or the interval ends.
-    async fn peer_once(
-        self: &Arc<Self>,
-        pg: &Arc<Pg>,
-        generation: u64,
-    ) -> Result<bool, OpError> {
+    async fn peer_once(self: &Arc<Self>, pg: &Arc<Pg>, generation: u64) -> Result<bool, OpError> {
         let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
         let (acting, interval_epoch, min_size) = {
             let mut s = lock(&pg.state);
@@ -536,11 +519,7 @@ impl OsdCore {
 
     /// Asks the monitors for `acting` as `id`'s temporary acting set (empty: CRUSH's again)
     /// and waits for the map that carries it.
-    async fn request_pg_temp(
-        &self,
-        id: PgId,
-        acting: Vec<OsdId>,
-    ) -> Result<(), OpError> {
+    async fn request_pg_temp(&self, id: PgId, acting: Vec<OsdId>) -> Result<(), OpError> {
         let mon = self
             .mon
             .get()

@@ -13,10 +13,8 @@ use basalt_ops::OpError;
 use basalt_placement::{OsdId, PgId};
 use futures::StreamExt;
 
-use super::{
-    lock, ActiveBackfill, OsdCore, Pg, BACKFILL_SCAN, RECOVERY_BATCH_BYTES,
-    RECOVERY_FETCHES_IN_FLIGHT,
-};
+use super::peer_client::BackfillRange;
+use super::{lock, ActiveBackfill, OsdCore, Pg, RECOVERY_BATCH_BYTES, RECOVERY_FETCHES_IN_FLIGHT};
 use crate::peering::{self, BackfillProgress, PgInfo};
 use crate::pg::{self, ObjectName, Push};
 use crate::store::ObjectId;
@@ -356,16 +354,9 @@ impl OsdCore {
                 }
                 peering::BackfillReach::Everything => break,
             };
-            let wanted = self.scan(id, interval_epoch, me, after.as_ref()).await?;
-            // This range ends at the last object of the page, or covers the rest of the name
-            // space when the page is the last.
-            let end = (wanted.len() >= BACKFILL_SCAN)
-                .then(|| wanted.last().map(|(n, _)| n.clone()))
-                .flatten();
-            let have = self
-                .scan_range(id, interval_epoch, target, after.as_ref(), end.as_ref())
+            let BackfillRange { end, copy, remove } = self
+                .backfill_range(id, interval_epoch, me, target, after.as_ref())
                 .await?;
-            let (copy, remove) = peering::backfill_diff(&wanted, &have);
             // Objects that differed when scanned; writes since then that skipped the target
             // add theirs to its `skipped`, which the loop below takes too.
             let mut todo: BTreeSet<ObjectId> = copy
