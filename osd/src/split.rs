@@ -172,23 +172,7 @@ pub fn split_txn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use basalt_ops::ReqId;
-    use bytes::Bytes;
-
-    fn entry(seq: u64, object: &str) -> LogEntry {
-        LogEntry {
-            version: Eversion { epoch: 4, seq },
-            namespace: String::new(),
-            object: object.into(),
-            removed: false,
-            reqid: ReqId {
-                client: "c".into(),
-                incarnation: 1,
-                tid: seq,
-            },
-            result: Bytes::new(),
-        }
-    }
+    use crate::peering::tests::entry;
 
     #[test]
     fn the_plan_routes_each_entry_to_its_objects_pg_and_keeps_the_history() {
@@ -201,7 +185,7 @@ mod tests {
         let log: Vec<LogEntry> = names
             .iter()
             .enumerate()
-            .map(|(i, n)| entry(100 + i as u64, n))
+            .map(|(i, n)| entry(4, 100 + i as u64, n))
             .collect();
         let info = PgInfo {
             les: 7,

@@ -402,7 +402,7 @@ impl<K: Ord> BackfillReach<K> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use basalt_ops::ReqId;
     use bytes::Bytes;
@@ -411,7 +411,8 @@ mod tests {
         Eversion { epoch, seq }
     }
 
-    pub(super) fn entry(epoch: u64, seq: u64, object: &str) -> LogEntry {
+    /// A log entry for tests (peering's and the split's).
+    pub(crate) fn entry(epoch: u64, seq: u64, object: &str) -> LogEntry {
         LogEntry {
             version: ev(epoch, seq),
             namespace: String::new(),

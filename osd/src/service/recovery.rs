@@ -105,17 +105,7 @@ impl OsdCore {
         if targets.is_empty() {
             return Ok(0);
         }
-        let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
-        let push = match self.fetch(pg.id, interval_epoch, me, name).await? {
-            Some(st) => Push {
-                objects: vec![st],
-                ..Push::default()
-            },
-            None => Push {
-                remove: vec![name.clone()],
-                ..Push::default()
-            },
-        };
+        let push = self.own_copy_as_push(pg.id, interval_epoch, name).await?;
         for &osd in &targets {
             // A replica that cannot take the push (dead, restarting, frozen) makes the write
             // wait, as a sub-op to it would, until it answers or the interval changes (the
@@ -466,17 +456,7 @@ impl OsdCore {
                 epoch: interval_epoch,
             });
         }
-        let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
-        let push = match self.fetch(pg.id, interval_epoch, me, &name).await? {
-            Some(st) => Push {
-                objects: vec![st],
-                ..Push::default()
-            },
-            None => Push {
-                remove: vec![name.clone()],
-                ..Push::default()
-            },
-        };
+        let push = self.own_copy_as_push(pg.id, interval_epoch, &name).await?;
         self.deliver(pg.id, interval_epoch, target, &push).await?;
         metrics::counter!("basalt_osd_recovered_objects_total").increment(1);
         let mut s = lock(&pg.state);
@@ -536,5 +516,26 @@ impl OsdCore {
                 () = pg.left_generation(generation) => {}
             }
         }
+    }
+
+    /// This OSD's copy of `name` as a push making a member equal to it: the object, or its
+    /// removal when this OSD does not have it.
+    async fn own_copy_as_push(
+        &self,
+        id: PgId,
+        interval_epoch: Epoch,
+        name: &ObjectName,
+    ) -> Result<Push, OpError> {
+        let me = self.me().ok_or_else(|| OpError::Io("not booted".into()))?;
+        Ok(match self.fetch(id, interval_epoch, me, name).await? {
+            Some(st) => Push {
+                objects: vec![st],
+                ..Push::default()
+            },
+            None => Push {
+                remove: vec![name.clone()],
+                ..Push::default()
+            },
+        })
     }
 }
